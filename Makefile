@@ -1,0 +1,31 @@
+# Two entry points: `make test` and `make demo`. Both create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo venv clean-venv bench flops
+
+venv: $(STAMP)
+
+# torch is pinned: an unpinned torch pulls GBs of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0" onnx onnxruntime numpy pillow safetensors tqdm pytest
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# pytest exits 5 when it collects no tests: treat that as a failure, never as green.
+test: $(STAMP)
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+flops: $(STAMP)
+	$(PY) scripts/model_stats.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""far-export: FAR checkpoints -> ONNX bundles -> TensorRT engines."""

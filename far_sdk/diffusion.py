@@ -1,0 +1,206 @@
+"""DDPM maths shared by training, the reference sampler and every backend (NumPy only).
+
+Everything here is a pure function of plain arguments. Tables are computed in float64
+once (as the official code does) and cast to float32 where a step uses them.
+
+Notation (guided-diffusion / the FAR paper): T = 1000 training steps, beta_i the
+noise schedule, alpha_i = 1 - beta_i, alpha_bar_i = prod_{j<=i} alpha_j.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def cosine_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS, max_beta: float = 0.999) -> np.ndarray:
+    """Cosine schedule (Nichol & Dhariwal 2021), float64 [T].
+
+    f(u) = cos((u + 0.008) / 1.008 * pi / 2)^2,
+    beta_i = min(1 - f((i + 1) / T) / f(i / T), max_beta)   for i = 0 .. T-1.
+    """
+    def f(u: float) -> float:
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array(
+        [min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps), max_beta) for i in range(num_timesteps)],
+        dtype=np.float64,
+    )
+
+
+def respaced_timesteps(num_steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """The original timesteps kept when sampling with ``num_steps`` steps (official rule), ascending.
+
+    stride = (T - 1) / (n - 1) (1 for n = 1); a running value starts at 0.0 and is increased by
+    the stride n - 1 times; each value is rounded with Python's round (half to even).
+    n = 100 keeps 0, 10, 20, 30, 40, 50, 61, ...; n = 10 keeps 0, 111, ..., 999.
+    """
+    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or not 1 <= num_steps <= num_timesteps:
+        raise InvalidArgumentError(f"inner step count must be an integer in 1..{num_timesteps}, got {num_steps!r}")
+    n = int(num_steps)
+    stride = (num_timesteps - 1) / (n - 1) if n > 1 else 1.0
+    kept, cur = [], 0.0
+    for _ in range(n):
+        kept.append(round(cur))  # Python round: half to even, as the official code
+        cur += stride
+    return np.array(kept, dtype=np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class DiffusionTables:
+    """Per-step coefficients of a (possibly respaced) DDPM, float64, indexed by step k = 0 .. n-1.
+
+    ``timesteps[k]`` is the original timestep (0..999) the network receives at step k.
+    Reverse sampling goes k = n-1 down to 0.
+    """
+
+    timesteps: np.ndarray                    # int64 [n]
+    betas: np.ndarray                        # beta'_k = 1 - alpha_bar[t_k] / alpha_bar[t_{k-1}]
+    alphas_cumprod: np.ndarray               # alpha_bar'_k
+    alphas_cumprod_prev: np.ndarray          # [1, alpha_bar'_0, .., alpha_bar'_{n-2}]
+    sqrt_recip_alphas_cumprod: np.ndarray    # sqrt(1 / alpha_bar')
+    sqrt_recipm1_alphas_cumprod: np.ndarray  # sqrt(1 / alpha_bar' - 1)
+    posterior_variance: np.ndarray           # beta' (1 - alpha_bar'_prev) / (1 - alpha_bar')
+    posterior_log_variance_clipped: np.ndarray  # log posterior_variance, entry 0 replaced by entry 1
+    posterior_mean_coef1: np.ndarray         # beta' sqrt(alpha_bar'_prev) / (1 - alpha_bar')
+    posterior_mean_coef2: np.ndarray         # (1 - alpha_bar'_prev) sqrt(alpha') / (1 - alpha_bar')
+    log_betas: np.ndarray                    # log beta' (the "max" end of the learned variance range)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    @cached_property
+    def step_coefficients(self) -> np.ndarray:
+        """float32 [n, 6]: row k holds reverse step k's coefficients in :data:`STEP_COEF_NAMES` order.
+
+        Each float64 value is cast to float32 on its own, as the official code extracts them.
+        """
+        return np.stack([getattr(self, n) for n in STEP_COEF_NAMES], axis=1).astype(np.float32)
+
+
+def tables_from_betas(betas: np.ndarray, timesteps: np.ndarray) -> DiffusionTables:
+    """Derive every per-step table from betas (float64), as guided-diffusion does."""
+    betas = np.asarray(betas, dtype=np.float64)
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas)
+    ac_prev = np.append(1.0, ac[:-1])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    # posterior_variance[0] is 0; the clipped log uses entry 1 in its place.
+    post_log = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(np.maximum(post_var, 1e-20))
+    return DiffusionTables(
+        timesteps=np.asarray(timesteps, dtype=np.int64),
+        betas=betas,
+        alphas_cumprod=ac,
+        alphas_cumprod_prev=ac_prev,
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
+        posterior_variance=post_var,
+        posterior_log_variance_clipped=post_log,
+        posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
+        posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+        log_betas=np.log(betas),
+    )
+
+
+@lru_cache(maxsize=None)
+def _tables_cached(num_steps: int | None, num_timesteps: int) -> DiffusionTables:
+    base = cosine_betas(num_timesteps)
+    if num_steps is None:
+        return tables_from_betas(base, np.arange(num_timesteps))
+    kept = respaced_timesteps(num_steps, num_timesteps)
+    ac = np.cumprod(1.0 - base)
+    # beta'_k = 1 - alpha_bar[t_k] / alpha_bar[t_{k-1}], alpha_bar[t_{-1}] = 1
+    prev = np.append(1.0, ac[kept[:-1]])
+    return tables_from_betas(1.0 - ac[kept] / prev, kept)
+
+
+def diffusion_tables(num_steps: int | None = None, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DiffusionTables:
+    """Tables of the cosine DDPM respaced to ``num_steps`` (None: all T training steps).
+
+    Cached: every caller asking for the same count shares one (read-only) instance.
+    """
+    if num_steps is not None:
+        respaced_timesteps(num_steps, num_timesteps)  # validates
+        num_steps = int(num_steps)
+    return _tables_cached(num_steps, num_timesteps)
+
+
+# Column order of the per-step coefficient vector fed to a fused denoise step.
+STEP_COEF_NAMES = (
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_log_variance_clipped",
+    "log_betas",
+)
+
+
+def learned_range_log_variance(v: np.ndarray, min_log: np.floating, max_log: np.floating) -> np.ndarray:
+    """log sigma^2 = frac * log(beta') + (1 - frac) * log(posterior_var_clipped), frac = (v + 1) / 2 (no clamp)."""
+    frac = (v + 1) / 2
+    return frac * max_log + (1 - frac) * min_log
+
+
+def predict_x0(x: np.ndarray, eps: np.ndarray, sqrt_recip: np.floating, sqrt_recipm1: np.floating) -> np.ndarray:
+    """x0_hat = sqrt(1 / alpha_bar') x - sqrt(1 / alpha_bar' - 1) eps (no clipping)."""
+    return sqrt_recip * x - sqrt_recipm1 * eps
+
+
+def posterior_mean(x0: np.ndarray, x: np.ndarray, coef1: np.floating, coef2: np.floating) -> np.ndarray:
+    """mu = coef1 x0_hat + coef2 x_t  (mean of q(x_{t-1} | x_t, x0_hat))."""
+    return coef1 * x0 + coef2 * x
+
+
+def cfg_combine(eps_cond: np.ndarray, eps_uncond: np.ndarray, scale: float) -> np.ndarray:
+    """Classifier-free guidance as the official code evaluates it: eps_u + s (eps_c - eps_u).
+
+    Equals the paper's (1 + w) eps_c - w eps_u with w = s - 1. Not shortcut at s = 1 (in
+    float32 the two forms differ in the last bit).
+    """
+    return eps_uncond + np.float32(scale) * (eps_cond - eps_uncond)
+
+
+def ddpm_step(
+    x: np.ndarray,
+    eps: np.ndarray,
+    v: np.ndarray,
+    k: int,
+    tables: DiffusionTables,
+    noise: np.ndarray,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """One reverse DDPM step k -> k-1 with a learned-range variance, in float32.
+
+    x_{k-1} = mu(x0_hat(x, eps), x) + [k != 0] * exp(0.5 * log_var(v)) * noise * temperature,
+    evaluated in the official order (mask * std, then * noise, then * temperature).
+    """
+    c = tables.step_coefficients[k]
+    x0 = predict_x0(x, eps, c[0], c[1])
+    mean = posterior_mean(x0, x, c[2], c[3])
+    log_var = learned_range_log_variance(v, c[4], c[5])
+    nonzero = np.float32(k != 0)
+    return (mean + nonzero * np.exp(np.float32(0.5) * log_var) * noise * np.float32(temperature)).astype(np.float32)
+
+
+def denoise_step_table(num_steps: int, cfg_scale: float, temperature: float) -> np.ndarray:
+    """float32 [n, 9]: the denoiser graph's ``step`` input for each call, in execution order
+    (row 0 is the noisiest step k = n-1). Columns follow :data:`far_sdk.graphs.STEP_FIELDS`:
+    t, the six coefficients of :data:`STEP_COEF_NAMES`, cfg scale, [k != 0] * temperature.
+    """
+    tab = diffusion_tables(num_steps)
+    ks = np.arange(tab.num_steps)[::-1]
+    out = np.empty((tab.num_steps, 9), dtype=np.float32)
+    out[:, 0] = tab.timesteps[ks]
+    out[:, 1:7] = tab.step_coefficients[ks]
+    out[:, 7] = np.float32(cfg_scale)
+    out[:, 8] = np.where(ks != 0, np.float32(temperature), np.float32(0.0))
+    return out

@@ -1,0 +1,98 @@
+"""The graph spec: names, inputs and outputs of the three graphs in a bundle.
+
+One spec shared by export (ONNX input/output names, dynamic axes), engine building (optimisation
+profiles over the batch axis) and every backend (buffer allocation, feeds). Shapes use ``"B"``
+for the dynamic batch axis and integers for fixed sizes; symbolic model sizes are filled from the
+manifest's model config by :func:`graph_specs`.
+
+- ``transformer``: tokens [N, L, C], class_ids [N] (id ``num_classes`` = the null/unconditional
+  class, i.e. ``fake_latent``), level [1] -> cond [N, L, W]: the per-token adaLN condition of the
+  diffusion MLP, ``cond_embed(z) + index_cond_embed(level)``, computed once per outer step.
+- ``denoiser``: one whole guided DDPM step. x [B, L, C] (conditional half), noise [B, L, C],
+  cond [2, B, L, W] (conditional rows first), step [9] (see :data:`STEP_FIELDS`) -> x_prev [B, L, C].
+- ``vae_decoder``: latents [B, C, H, W] (sampler scale; the graph divides by the latent scale)
+  -> image [B, 3, 16 H, 16 W] in about [-1, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GRAPH_NAMES = ("transformer", "denoiser", "vae_decoder")
+
+#: Layout of the denoiser's per-step input vector ``step`` (float32 [9]).
+STEP_FIELDS = (
+    "timestep",                      # original timestep t (0..999) fed to the time embedding
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_log_variance_clipped",  # min end of the learned variance range
+    "log_betas",                       # max end
+    "cfg_scale",
+    "noise_scale",                     # [k != 0] * temperature
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                 # numpy dtype name: "float32", "int64"
+    shape: tuple               # ints, or "B" / "N" for the dynamic batch axis
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's ``dynamic_axes`` for this graph."""
+        axes = {}
+        for t in self.inputs + self.outputs:
+            dyn = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            if dyn:
+                axes[t.name] = dyn
+        return axes
+
+    def to_dict(self) -> dict:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+
+def graph_specs(*, seq_len: int, token_channels: int, mlp_width: int, grid_size: int, image_size: int) -> dict[str, GraphSpec]:
+    L, C, W, G = seq_len, token_channels, mlp_width, grid_size
+    f32 = "float32"
+    return {
+        "transformer": GraphSpec(
+            "transformer",
+            (TensorSpec("tokens", f32, ("N", L, C)), TensorSpec("class_ids", "int64", ("N",)), TensorSpec("level", f32, (1,))),
+            (TensorSpec("cond", f32, ("N", L, W)),),
+        ),
+        "denoiser": GraphSpec(
+            "denoiser",
+            (TensorSpec("x", f32, ("B", L, C)), TensorSpec("noise", f32, ("B", L, C)),
+             TensorSpec("cond", f32, (2, "B", L, W)), TensorSpec("step", f32, (len(STEP_FIELDS),))),
+            (TensorSpec("x_prev", f32, ("B", L, C)),),
+        ),
+        "vae_decoder": GraphSpec(
+            "vae_decoder",
+            (TensorSpec("latents", f32, ("B", C, G, G)),),
+            (TensorSpec("image", f32, ("B", 3, image_size, image_size)),),
+        ),
+    }

@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+OFFICIAL_TINY = FIXTURES / "official-tiny"
+
+
+@pytest.fixture(scope="session")
+def official_ref():
+    """The official code's sampler trace (tests/fixtures/official-tiny/reference.npz)."""
+    return dict(np.load(OFFICIAL_TINY / "reference.npz"))
+
+
+@pytest.fixture(scope="session")
+def official_tiny_model():
+    torch = pytest.importorskip("torch")  # noqa: F841
+    from training import load_official_checkpoint
+
+    return load_official_checkpoint(OFFICIAL_TINY / "checkpoint-last.pth", config="far_parity_tiny")
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b| — the comparison the fixture README prescribes for its large latents."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))

@@ -1,0 +1,12 @@
+"""PyTorch side of far-sdk: FAR models under the official parameter names, checkpoint loaders,
+the reference sampler and training."""
+
+from .checkpoint import load_official_checkpoint, save_official_checkpoint
+from .config import FAR_CONFIGS, FARConfig, config_from_official_args, get_config
+from .far import FAR
+from .vae import VAE_CONFIGS, AutoencoderKL, VAEConfig, load_official_vae
+
+__all__ = [
+    "FAR", "FARConfig", "AutoencoderKL", "VAEConfig", "VAE_CONFIGS", "FAR_CONFIGS", "get_config", "config_from_official_args",
+    "load_official_checkpoint", "load_official_vae", "save_official_checkpoint",
+]
