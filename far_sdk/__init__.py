@@ -5,8 +5,11 @@ torch) only when it is chosen.
 """
 
 from . import errors
+from .bundle import Bundle
 from .errors import FarError
+from .noise import ReplayNoise, SeededNoise
+from .pipeline import GenerationOutput, Generator, StepInfo
 
 __version__ = "0.1.0"
 
-__all__ = ["FarError", "errors", "__version__"]
+__all__ = ["Bundle", "FarError", "GenerationOutput", "Generator", "ReplayNoise", "SeededNoise", "StepInfo", "errors", "__version__"]

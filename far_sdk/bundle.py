@@ -167,6 +167,9 @@ def atomic_bundle_dir(dest: str | os.PathLike, *, overwrite: bool = False) -> It
         raise BundleError(f"{dest} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle is readable like any directory
     try:
         yield tmp
         for p in tmp.rglob("*"):

@@ -36,7 +36,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_features(t, self.freq_dim))
+        # features are computed in fp32 (exact for t <= 999), then cast to the weights' dtype
+        return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class ResBlock(nn.Module):
@@ -104,16 +105,16 @@ class SimpleMLPAdaLN(nn.Module):
 
     def forward_with_condition(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Denoiser with a precomputed :meth:`condition` (y = time_embed(t) + cond)."""
-        return self._trunk(x, self.time_embed(t) + cond)
+        return self.trunk(x, self.time_embed(t) + cond)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
         """Official evaluation order: y = time_embed(t) + cond_embed(c) + index_cond_embed(level)."""
         y = self.time_embed(t) + self.cond_embed(c)
         if level is not None:
             y = y + self.index_cond_embed(level)
-        return self._trunk(x, y)
+        return self.trunk(x, y)
 
-    def _trunk(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.input_proj(x)                                               # (N, W)
         for blk in self.res_blocks:
             h = blk(h, y)

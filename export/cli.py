@@ -1,0 +1,155 @@
+"""``far-export``: FAR checkpoints -> verified bundles (-> TensorRT engines).
+
+    far-export onnx --checkpoint checkpoint-last.pth --vae kl16.ckpt --out engines/far_large
+    far-export onnx --random-init --model far_tiny --vae-config kl16-tiny --out engines/tiny
+
+Each subcommand is one entry of :data:`SUBCOMMANDS`: ``name -> (help, add_arguments, run)``.
+``run(args)`` returns the exit status; a far-sdk error ends the command with its message and
+status 1 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from far_sdk.errors import FarError, InvalidArgumentError
+
+_EXPORT_LOGGER = "export"
+
+
+# ---- onnx ----------------------------------------------------------------------------------------
+
+
+def _add_onnx_args(p: argparse.ArgumentParser) -> None:
+    from training.config import FAR_CONFIGS
+    from training.vae import VAE_CONFIGS
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="official FAR checkpoint (checkpoint-last.pth)")
+    src.add_argument("--random-init", action="store_true", help="random weights (tests, benchmarks); needs --model")
+    p.add_argument("--model", "--config", dest="model", choices=sorted(FAR_CONFIGS),
+                   help="architecture preset; with --checkpoint, read from the checkpoint's saved args when omitted")
+    p.add_argument("--no-ema", action="store_true", help="export the live weights instead of the EMA weights")
+    p.add_argument("--vae", type=Path, help="KL-16 tokenizer checkpoint (kl16.ckpt); required with --checkpoint")
+    p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS), help="VAE architecture (default: kl16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights (default: 0)")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write, e.g. engines/far_large")
+    p.add_argument("--name", help="bundle name (default: the --out directory's name)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default: 17)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
+    p.add_argument("--cfg", type=float, default=3.0, help="default guidance scale recorded in the bundle (default: 3.0)")
+    p.add_argument("--latent-scale", type=float, default=0.2325, help="VAE latent scale (default: 0.2325, FAR's)")
+    p.add_argument("--id2label", type=Path, help='JSON file {"0": "tench", ...} of class names')
+    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch check (not recommended)")
+
+
+def _run_onnx(args: argparse.Namespace) -> int:
+    import torch
+
+    from export.onnx_export import checkpoint_source, export_bundle, random_init_source
+    from training.checkpoint import load_official_checkpoint
+    from training.config import get_config
+    from training.far import FAR
+    from training.graph_modules import randomize_for_export
+    from training.vae import VAE_CONFIGS, AutoencoderKL, load_official_vae
+
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise InvalidArgumentError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if args.random_init and args.model is None:
+        raise InvalidArgumentError("--random-init needs --model (one of the presets)")
+    if args.checkpoint is not None and args.vae is None:
+        raise InvalidArgumentError("--checkpoint needs --vae (the KL-16 tokenizer checkpoint, e.g. kl16.ckpt)")
+    id2label = None
+    if args.id2label is not None:
+        try:
+            id2label = json.loads(args.id2label.read_text())
+        except (OSError, ValueError) as e:
+            raise InvalidArgumentError(f"--id2label {args.id2label}: cannot read a JSON object ({e})") from e
+        if not isinstance(id2label, dict):
+            raise InvalidArgumentError(f"--id2label {args.id2label} must hold a JSON object of id -> name")
+
+    vae_cfg = VAE_CONFIGS[args.vae_config]
+    t0 = time.perf_counter()
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        far = randomize_for_export(FAR(get_config(args.model)), args.seed)
+        source = random_init_source(args.seed)
+    else:
+        far = load_official_checkpoint(args.checkpoint, use_ema=not args.no_ema, config=args.model)
+        source = checkpoint_source(args.checkpoint, use_ema=not args.no_ema, vae=args.vae)
+    if args.vae is not None:
+        vae = load_official_vae(args.vae, vae_cfg)
+    else:
+        vae = randomize_for_export(AutoencoderKL(vae_cfg), args.seed + 1)
+    print(f"loaded {'random-init ' if args.random_init else ''}model and VAE in {time.perf_counter() - t0:.1f} s")
+
+    path = export_bundle(
+        far, vae, out, name=args.name or out.resolve().name, latent_scale=args.latent_scale, id2label=id2label,
+        opset=args.opset, overwrite=args.overwrite, source=source, validate=not args.no_validate, defaults={"cfg": args.cfg},
+    )
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(f"{'graph':<12} {'file':<22} {'MB':>9} {'max abs':>10} {'max rel':>10}")
+    for gname, g in manifest["graphs"].items():
+        size = sum(manifest["files"][f]["size"] for f in (g["file"], g.get("external_data")) if f)
+        val = g["validation"]
+        err = f"{val['max_abs']:>10.2e} {val['max_rel']:>10.2e}" if val else f"{'skipped':>10} {'':>10}"
+        print(f"{gname:<12} {g['file']:<22} {size / 1e6:>9.1f} {err}")
+    print(f"bundle written to {path}")
+    return 0
+
+
+# ---- dispatch ------------------------------------------------------------------------------------
+
+Subcommand = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+#: name -> (help, add_arguments, run). Adding a subcommand is adding one entry.
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "onnx": ("export a checkpoint (or random weights) to a verified ONNX bundle", _add_onnx_args, _run_onnx),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="far-export", description="Turn FAR checkpoints into bundles and engines.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary, not per-graph progress")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, add_args, run) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Progress comes from the library's loggers; shown on stderr for the duration of the command.
+    log = logging.getLogger(_EXPORT_LOGGER)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    old_level = log.level
+    if not args.quiet:
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        return args.run(args)
+    except FarError as e:
+        print(f"far-export {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"far-export {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

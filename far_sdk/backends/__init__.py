@@ -1,0 +1,54 @@
+"""Backends run a bundle's graphs. Each imports its runtime only when it is created."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+from ..bundle import Bundle
+from ..errors import BackendUnavailableError, InvalidArgumentError
+from .base import Backend
+
+BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def create_backend(bundle: Bundle, backend: str = "auto", **options) -> Backend:
+    """Create backend ``backend`` for ``bundle``.
+
+    "auto" picks TensorRT when ``tensorrt`` and ``cuda-python`` are installed and plans for this
+    GPU exist in the bundle, else ONNX Runtime, else PyTorch.
+    """
+    if backend == "auto":
+        errors = []
+        for name in BACKENDS:
+            try:
+                return create_backend(bundle, name, **options)
+            except BackendUnavailableError as e:
+                errors.append(f"{name}: {e}")
+        raise BackendUnavailableError("no backend is usable here:\n  " + "\n  ".join(errors))
+    if backend == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle, **options)
+    if backend == "torch":
+        from .torch import TorchBackend
+
+        return TorchBackend(bundle, **options)
+    if backend == "tensorrt":
+        if not _installed("tensorrt"):
+            raise BackendUnavailableError(
+                "backend 'tensorrt' needs the tensorrt and cuda-python packages and an NVIDIA GPU "
+                "(pip install 'far-sdk[gpu]'), then engines built with `far-export trt --bundle ...`"
+            )
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(bundle, **options)
+    raise InvalidArgumentError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+__all__ = ["Backend", "BACKENDS", "create_backend"]

@@ -1,0 +1,139 @@
+"""The ``far`` command: generate images from a bundle, inspect it, benchmark it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import FarError
+
+
+def _grid(images, cols: int):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _inner_steps(v: str):
+    if v in ("frequency-aware", "official"):
+        return v
+    parts = [int(p) for p in v.split(",")]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="bundle directory (engines/NAME)")
+    p.add_argument("--class", dest="classes", action="append", required=True,
+                   help="class id or name; repeat for several (each is generated -n times)")
+    p.add_argument("-n", "--num-per-class", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
+    p.add_argument("--device", default=None, help="backend device (cpu, cuda, ...)")
+    p.add_argument("--steps", type=int, default=None, help="outer steps 1..16 (default: bundle's, 10)")
+    p.add_argument("--cfg", type=float, default=None)
+    p.add_argument("--cfg-schedule", choices=["linear", "constant"], default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--inner-steps", type=_inner_steps, default=None,
+                   help="'frequency-aware' (default), 'official' (100), N, or N1,N2,... per outer step")
+    p.add_argument("--filter", choices=["spatial", "fourier"], default=None)
+    p.add_argument("--out", default="far.png", help="grid image path")
+    p.add_argument("--cols", type=int, default=None)
+    p.add_argument("--preview-gif", default=None, help="write a GIF of each outer step's decoded estimate")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_generate(a: argparse.Namespace) -> int:
+    from .pipeline import Generator
+
+    opts = {"device": a.device} if a.device else {}
+    gen = Generator(a.bundle, backend=a.backend, **opts)
+    labels = [c for c in a.classes for _ in range(a.num_per_class)]
+    frames: list = []
+
+    def on_step(info):
+        if info.preview:
+            frames.append(_grid(info.preview, a.cols or min(len(labels), 8)))
+
+    out = gen.generate(labels, seed=a.seed, num_steps=a.steps, cfg=a.cfg, cfg_schedule=a.cfg_schedule,
+                       temperature=a.temperature, inner_steps=a.inner_steps, filter=a.filter,
+                       progress=not a.no_progress, on_step=on_step if a.preview_gif else None, preview=bool(a.preview_gif))
+    cols = a.cols or min(len(labels), 8)
+    grid = _grid(out.images, cols)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(a.out)
+    if a.preview_gif:
+        # one frame per outer step; the last one is the final image (held longer)
+        frames[0].save(a.preview_gif, save_all=True, append_images=frames[1:], duration=[300] * (len(frames) - 1) + [1500], loop=0)
+    t = out.timings
+    print(f"wrote {a.out} ({len(out.images)} images, classes {list(out.class_labels)}, seeds {out.seeds[0]}..{out.seeds[-1]}) "
+          f"on {gen.backend.describe()['backend']}/{gen.backend.device}")
+    print("  " + "  ".join(f"{k} {v:.3f}s" for k, v in t.items()))
+    if a.preview_gif:
+        print(f"wrote {a.preview_gif} ({len(frames)} frames)")
+    return 0
+
+
+def add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+
+
+def run_info(a: argparse.Namespace) -> int:
+    from .bundle import Bundle
+
+    b = Bundle.load(a.bundle, verify=not a.no_verify)
+    m = b.manifest
+    if a.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    cfg = m["model"]
+    print(f"bundle   {b.path}  ({m.get('name', '')}, format v{m['format_version']}, {'verified' if not a.no_verify else 'not verified'})")
+    print(f"model    D={cfg['encoder_embed_dim']} depth {cfg['encoder_depth']}+{cfg['decoder_depth']} heads {cfg['encoder_num_heads']} "
+          f"MLP {cfg['diffloss_d']}x{cfg['diffloss_w']}  classes {b.num_classes}  grid {cfg['grid_size']}x{cfg['grid_size']}x{cfg['token_channels']}")
+    print(f"vae      {m['vae'].get('ch')}ch x {m['vae'].get('ch_mult')}  latent scale {b.latent_scale}  image {m.get('image_size')}px")
+    print(f"defaults {b.defaults}")
+    print(f"source   {m.get('source')}")
+    for g, spec in m["graphs"].items():
+        val = spec.get("validation", {})
+        print(f"graph    {g:12s} {spec['file']:22s} opset {spec.get('opset')}  max abs err vs torch {val.get('max_abs', 'n/a')}")
+    for name, f in m["files"].items():
+        print(f"file     {name:26s} {f['size'] / 1e6:9.2f} MB  sha256 {f['sha256'][:16]}…")
+    if b.id2label:
+        print("labels   " + ", ".join(f"{k}={v}" for k, v in sorted(b.id2label.items())[:20]))
+    plans = sorted((b.path / "trt").glob("*.plan")) if (b.path / "trt").is_dir() else []
+    print(f"trt      {len(plans)} plan(s) built on this machine" if plans else "trt      no TensorRT plans (build with far-export trt)")
+    return 0
+
+
+COMMANDS = {
+    "generate": (add_generate, run_generate, "generate images into a grid PNG (and a GIF of the steps)"),
+    "info": (add_info, run_info, "print a bundle's manifest summary"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="far", description="FAR image generation from a far-sdk bundle")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, _run, help_) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_, description=help_))
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[a.command][1](a)
+    except FarError as e:
+        print(f"far {a.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

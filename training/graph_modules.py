@@ -1,0 +1,132 @@
+"""The three bundle graphs as PyTorch modules, with exactly the signatures of :mod:`far_sdk.graphs`.
+
+Each wrapper is both what ``far-export onnx`` traces and what the runtime's torch backend runs,
+so a bundle's graphs and the torch backend compute the same function by construction:
+
+- :class:`TransformerGraph`: tokens [N, L, C], class_ids [N] int64, level [1] -> cond [N, L, W].
+- :class:`DenoiserGraph`: x [B, L, C], noise [B, L, C], cond [2, B, L, W], step [9] -> x_prev [B, L, C].
+- :class:`VAEDecoderGraph`: latents [B, C, H, W] -> image [B, 3, f H, f W].
+
+Ops stay ONNX-friendly at opset 17 (one Gather for the class table, LayerNormalization, no
+data-dependent control flow) and keep the reference sampler's float32 evaluation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from far_sdk.graphs import STEP_FIELDS
+
+from .diffloss import SimpleMLPAdaLN, timestep_features
+from .far import FAR
+from .vae import AutoencoderKL
+
+# Column indices of the denoiser's ``step`` vector (far_sdk.graphs.STEP_FIELDS).
+_T, _SQRT_RECIP, _SQRT_RECIPM1, _COEF1, _COEF2, _MIN_LOG, _MAX_LOG, _CFG, _NOISE = range(len(STEP_FIELDS))
+
+
+class TransformerGraph(nn.Module):
+    """cond = cond_embed(far.condition(tokens, emb)) + index_cond_embed(level), per token.
+
+    ``emb`` is row ``class_ids`` of [class_emb.weight; fake_latent], so id ``num_classes`` is the
+    null (unconditional) class. Computed once per outer step for the whole CFG batch.
+    """
+
+    input_names = ("tokens", "class_ids", "level")
+    output_names = ("cond",)
+
+    def __init__(self, far: FAR):
+        super().__init__()
+        self.far = far
+
+    def forward(self, tokens: torch.Tensor, class_ids: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        far, net = self.far, self.far.diffloss.net
+        table = torch.cat([far.class_emb.weight, far.fake_latent])            # (num_classes + 1, D); folded at export
+        emb = F.embedding(class_ids, table)                                  # (N, D): one Gather
+        z = far.condition(tokens, emb)                                       # (N, L, D)
+        # level [1] -> [1, 1, 1]: index_cond_embed gives one [1, 1, W] row, broadcast over all tokens
+        # (the reference applies the same Linear to an identical row per token).
+        return net.condition(z, level.reshape(1, 1, 1))                      # (N, L, W)
+
+
+class DenoiserGraph(nn.Module):
+    """One guided reverse DDPM step of the diffusion MLP, in the reference sampler's order.
+
+    h = [x; x]; (eps, v) = net(h, t, cond); eps = eps_u + cfg (eps_c - eps_u); v from the
+    conditional half; x0 = a x - b eps; mean = c1 x0 + c2 x; frac = (v + 1) / 2;
+    log_var = frac max_log + (1 - frac) min_log; x_prev = mean + exp(log_var / 2) noise s,
+    with every coefficient read from ``step`` (layout :data:`far_sdk.graphs.STEP_FIELDS`).
+    """
+
+    input_names = ("x", "noise", "cond", "step")
+    output_names = ("x_prev",)
+
+    def __init__(self, net: SimpleMLPAdaLN):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        W = cond.shape[-1]
+        xf = x.reshape(B * L, C)                                             # (BL, C)
+        h = torch.cat([xf, xf])                                              # (2BL, C): both CFG halves see x
+        # The time embedding of one [1] timestep is broadcast over the rows: every row of the
+        # reference gets the same t, so computing it once gives the same values (to float32 rounding:
+        # a 1-row GEMM may round differently) at 1/2BL of the cost.
+        # ``step`` stays float32 under reduced precision; the features are cast to the network's
+        # dtype (a no-op in fp32, where this is exactly net.forward_with_condition).
+        net = self.net
+        t = step[_T:_T + 1]                                                  # (1,)
+        temb = net.time_embed.mlp(timestep_features(t, net.time_embed.freq_dim).to(cond.dtype))  # (1, W)
+        out = net.trunk(h, temb + cond.reshape(2 * B * L, W))              # (2BL, 2C)
+        out = out.reshape(2, B * L, 2 * C)                                   # (2, BL, 2C): [cond; uncond]
+        eps_c, eps_u = out[0, :, :C], out[1, :, :C]                          # (BL, C) each
+        eps = eps_u + step[_CFG] * (eps_c - eps_u)
+        v = out[0, :, C:]                                                    # (BL, C): conditional half's v
+        x0 = step[_SQRT_RECIP] * xf - step[_SQRT_RECIPM1] * eps
+        mean = step[_COEF1] * x0 + step[_COEF2] * xf
+        frac = (v + 1) / 2
+        log_var = frac * step[_MAX_LOG] + (1 - frac) * step[_MIN_LOG]
+        x_prev = mean + torch.exp(0.5 * log_var) * noise.reshape(B * L, C) * step[_NOISE]
+        return x_prev.reshape(B, L, C)                                       # (B, L, C)
+
+
+class VAEDecoderGraph(nn.Module):
+    """image = vae.decode(latents / latent_scale): sampler-scale latents -> RGB in about [-1, 1].
+
+    Holds only the decode half (``post_quant_conv``, ``decoder``): its parameters are exactly the
+    graph's weights, so a VAE whose encoder was never materialised (e.g. built on the meta
+    device from a bundle's ``vae.`` weights) can be moved and run.
+    """
+
+    input_names = ("latents",)
+    output_names = ("image",)
+
+    def __init__(self, vae: AutoencoderKL, latent_scale: float):
+        super().__init__()
+        self.post_quant_conv = vae.post_quant_conv
+        self.decoder = vae.decoder
+        self.latent_scale = float(latent_scale)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        # = AutoencoderKL.decode(latents / latent_scale)
+        return self.decoder(self.post_quant_conv(latents / self.latent_scale))  # (B, 3, f H, f W)
+
+
+@torch.no_grad()
+def randomize_for_export(model: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
+    """Re-draw every parameter that is identically zero with N(0, std^2) noise, in place; returns ``model``.
+
+    A freshly initialised FAR has zero adaLN modulations, a zero final layer, a zero mask_token
+    and zero biases, which makes its diffusion MLP output 0 whatever its inputs: useless for
+    validating an export or benchmarking. After this every output depends on every input.
+    Parameters are visited in ``named_parameters`` order with one ``torch.Generator(seed)``, so
+    the result depends only on the model's prior state and ``seed``.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    for _name, p in model.named_parameters():
+        if p.numel() and not p.detach().any():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
+    return model
