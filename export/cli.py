@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from export.trt_build import TRT_HELP, add_trt_args, run_trt
 from far_sdk.errors import FarError, InvalidArgumentError
 
 _EXPORT_LOGGER = "export"
@@ -114,6 +115,7 @@ Subcommand = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[arg
 #: name -> (help, add_arguments, run). Adding a subcommand is adding one entry.
 SUBCOMMANDS: dict[str, Subcommand] = {
     "onnx": ("export a checkpoint (or random weights) to a verified ONNX bundle", _add_onnx_args, _run_onnx),
+    "trt": (TRT_HELP, add_trt_args, run_trt),
 }
 
 

@@ -12,9 +12,11 @@ Finally the VAE decoder turns the last latents into RGB.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -75,8 +77,10 @@ class Generator:
 
     ``backend``: "auto" | "tensorrt" | "onnxruntime" | "torch", or a ready :class:`Backend`.
     ``backend_options`` go to the backend (e.g. ``device="cuda"``, ``threads=4``, ``precision="bf16"``).
-    Thread-safe: several threads may call :meth:`generate` on one Generator (each call keeps its own
-    state; the ONNX Runtime and torch backends' sessions are safe to share).
+    Thread-safe: several threads may call :meth:`generate` on one Generator. With ONNX Runtime and
+    torch the calls run concurrently (each keeps its own state; sessions are shared); with TensorRT,
+    whose context, buffers and CUDA graphs serve one call at a time, they are serialised — use one
+    Generator per thread (or per GPU stream) for parallelism there.
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle, backend: str | Backend = "auto", *, verify: bool = True, **backend_options: Any):
@@ -87,6 +91,7 @@ class Generator:
         self.channels = int(m["token_channels"])
         self.seq_len = self.grid * self.grid
         self._label_ids = {v.lower(): k for k, v in self.bundle.id2label.items()}
+        self._lock = threading.Lock() if not self.backend.concurrent_generate else contextlib.nullcontext()
         log.info("far_sdk.Generator: bundle %s on %s", self.bundle.path, self.backend.describe())
 
     # ---- argument handling ------------------------------------------------------------------------
@@ -229,8 +234,26 @@ class Generator:
         timings: dict[str, float] = {k: 0.0 for k in STAGES}
         t_start = time.perf_counter()
         bar = self._progress(plan, B, progress, chunks=math.ceil(B / chunk))
-        latents_parts = []
-        stopped = False
+        with self._lock:
+            latents_parts, stopped = self._run_chunks(ids, plan, source, chunk, timings, bar, on_step, preview)
+        if bar is not None:
+            bar.close()
+        latents = np.concatenate(latents_parts)
+        images = None
+        if output_type != "latent":
+            t0 = time.perf_counter()
+            with self._lock:
+                rgb = np.concatenate([self.decode(latents[i:i + chunk]) for i in range(0, latents.shape[0], chunk)])
+            timings["vae_decode"] += time.perf_counter() - t0
+            u8 = to_uint8(rgb)
+            images = self._to_pil(u8) if output_type == "pil" else u8
+        timings["total"] = time.perf_counter() - t_start
+        return GenerationOutput(images=images, latents=latents, timings=timings, seeds=seeds,
+                                class_labels=ids[:latents.shape[0]], plan=plan)
+
+    def _run_chunks(self, ids, plan, source, chunk, timings, bar, on_step, preview):
+        latents_parts, stopped = [], False
+        B = len(ids)
         for start in range(0, B, chunk):
             part_ids = ids[start:start + chunk]
             part_noise = source.split(start, start + len(part_ids)) if isinstance(source, SeededNoise) else source
@@ -250,19 +273,7 @@ class Generator:
             latents_parts.append(raw)
             if stopped:
                 break
-        if bar is not None:
-            bar.close()
-        latents = np.concatenate(latents_parts)
-        images = None
-        if output_type != "latent":
-            t0 = time.perf_counter()
-            rgb = np.concatenate([self.decode(latents[i:i + chunk]) for i in range(0, latents.shape[0], chunk)])
-            timings["vae_decode"] += time.perf_counter() - t0
-            u8 = to_uint8(rgb)
-            images = self._to_pil(u8) if output_type == "pil" else u8
-        timings["total"] = time.perf_counter() - t_start
-        return GenerationOutput(images=images, latents=latents, timings=timings, seeds=seeds,
-                                class_labels=ids[:latents.shape[0]], plan=plan)
+        return latents_parts, stopped
 
     @staticmethod
     def _to_pil(u8: np.ndarray) -> list:

@@ -21,6 +21,9 @@ class Backend(ABC):
     """
 
     name: str = "base"
+    #: False when one backend instance cannot serve two generations at once (e.g. TensorRT keeps one
+    #: cond and one CUDA graph per context): the Generator then serialises its calls with a lock.
+    concurrent_generate: bool = True
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
