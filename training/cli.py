@@ -1,0 +1,174 @@
+"""The ``far-train`` command: train FAR, cache VAE latents, train a VAE.
+
+    far-train train --data latents.npz --model far_small --batch-size 64 --steps 10000 --out runs/a
+    torchrun --nproc_per_node 8 -m training.cli train --data latents.safetensors --model far_large --epochs 400 --out runs/b
+    far-train cache-latents --image-root imagenet/train --vae kl16.ckpt --out latents.safetensors
+    far-train train-vae --image-root images/ --vae-config kl16-small --steps 20000 --out vae.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from far_sdk.errors import FarError
+
+#: The official kl16 tokenizer's latent scale (latents = posterior sample * scale).
+OFFICIAL_LATENT_SCALE = 0.2325
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from .config import FAR_CONFIGS
+    from .vae import VAE_CONFIGS
+
+    data = p.add_argument_group("data (one of --data or --image-root)")
+    data.add_argument("--data", help="cached latents (.npz / .safetensors with 'latents' and 'labels')")
+    data.add_argument("--image-root", help="ImageFolder tree, encoded on the fly through --vae")
+    data.add_argument("--vae", help="VAE checkpoint for --image-root (e.g. kl16.ckpt)")
+    data.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS))
+    data.add_argument("--scale", type=float, default=OFFICIAL_LATENT_SCALE, help="latent scale for --image-root")
+    data.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--model", required=True, choices=sorted(FAR_CONFIGS), help="model preset")
+    p.add_argument("--num-classes", type=int, default=None, help="override the preset's class count")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int)
+    length.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: blr * global batch / 256)")
+    p.add_argument("--blr", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.02)
+    p.add_argument("--grad-clip", type=float, default=3.0)
+    p.add_argument("--ema-rate", type=float, default=0.9999)
+    p.add_argument("--label-drop", type=float, default=None, help="default: the preset's (0.1)")
+    p.add_argument("--diffusion-batch-mul", type=int, default=None, help="default: the preset's (4)")
+    p.add_argument("--mask", action="store_true", help="frequency-aware masking (builds the model with mask=True)")
+    p.add_argument("--no-loss-weight", action="store_true", help="train unweighted, like the released models")
+    p.add_argument("--filter", choices=["spatial", "fourier"], default="spatial")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (checkpoint-last.pth)")
+    p.add_argument("--resume", default=None, help="checkpoint file or directory holding checkpoint-last.pth")
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (always at the end)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_train(a: argparse.Namespace) -> int:
+    from .config import get_config
+    from .train import TrainConfig, load_latents_or_images, train
+    from .vae import VAE_CONFIGS, load_official_vae
+
+    model = a.model  # the preset's name goes into the checkpoint's args.model unless overridden
+    if a.mask or a.num_classes is not None:
+        base = get_config(a.model)
+        model = replace(base, mask=base.mask or a.mask,
+                        num_classes=a.num_classes if a.num_classes is not None else base.num_classes)
+    cfg = TrainConfig(
+        model=model, batch_size=a.batch_size, steps=a.steps, epochs=a.epochs, lr=a.lr, blr=a.blr,
+        lr_schedule=a.lr_schedule, warmup_steps=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
+        ema_rate=a.ema_rate, label_drop=a.label_drop, diffusion_batch_mul=a.diffusion_batch_mul, use_mask=a.mask,
+        use_loss_weight=not a.no_loss_weight, filter=a.filter, precision=a.precision, device=a.device, seed=a.seed,
+        out_dir=a.out, save_every=a.save_every, log_every=a.log_every, num_workers=a.num_workers, resume=a.resume,
+        progress=not a.no_progress,
+    )
+    vae = load_official_vae(a.vae, VAE_CONFIGS[a.vae_config]) if a.vae else None
+    result = train(cfg, load_latents_or_images(a.data, a.image_root, vae, a.scale))
+    if result.checkpoint is not None:
+        last = result.history[-1][1] if result.history else float("nan")
+        print(f"trained {result.step} steps (last loss {last:.4f}); checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    from .vae import VAE_CONFIGS
+
+    p.add_argument("--image-root", required=True, help="ImageFolder tree: ROOT/<class>/<images>")
+    p.add_argument("--vae", required=True, help="VAE checkpoint (e.g. kl16.ckpt)")
+    p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS))
+    p.add_argument("--out", required=True, help="output .npz or .safetensors")
+    p.add_argument("--scale", type=float, default=OFFICIAL_LATENT_SCALE)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_cache(a: argparse.Namespace) -> int:
+    import torch
+
+    from .train import cache_latents
+    from .vae import VAE_CONFIGS, load_official_vae
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_official_vae(a.vae, VAE_CONFIGS[a.vae_config]).to(device)
+    out = cache_latents(a.image_root, vae, a.out, a.scale, a.batch_size, seed=a.seed,
+                        num_workers=a.num_workers, progress=not a.no_progress)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_vae(p: argparse.ArgumentParser) -> None:
+    from .vae import VAE_CONFIGS
+
+    p.add_argument("--image-root", required=True, help="ImageFolder tree (labels are ignored)")
+    p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS))
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True, help="output checkpoint ({'model': state_dict}, loadable by load_official_vae)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_vae(a: argparse.Namespace) -> int:
+    from .train import ImageFolderImages, train_vae
+    from .vae import VAE_CONFIGS
+
+    cfg = VAE_CONFIGS[a.vae_config]
+    images = ImageFolderImages(a.image_root, cfg.resolution, flip=True)
+    scale = train_vae(cfg, images, a.steps, a.lr, a.kl_weight, batch_size=a.batch_size, out=a.out, seed=a.seed,
+                      device=a.device, log_every=a.log_every, progress=not a.no_progress)
+    print(f"wrote {a.out}; latent scale estimate {scale:.4f} (train FAR with --scale {scale:.4f})")
+    return 0
+
+
+COMMANDS = {
+    "train": (_add_train, _run_train, "train a class-conditional FAR model"),
+    "cache-latents": (_add_cache, _run_cache, "encode an ImageFolder tree into a latents file"),
+    "train-vae": (_add_vae, _run_vae, "train a KL autoencoder (tokenizer) and estimate its latent scale"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="far-train", description="Train FAR and its tokenizer")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, _run, help_) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_, description=help_))
+    a = parser.parse_args(argv)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    level = logging.INFO if main_rank and not a.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return COMMANDS[a.command][1](a)
+    except FarError as e:
+        print(f"far-train {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"far-train {a.command}: interrupted (the last checkpoint written is intact)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
