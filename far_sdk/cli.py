@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .bench import add_bench_args, run_bench
 from .errors import FarError
 
 
@@ -117,6 +118,7 @@ def run_info(a: argparse.Namespace) -> int:
 COMMANDS = {
     "generate": (add_generate, run_generate, "generate images into a grid PNG (and a GIF of the steps)"),
     "info": (add_info, run_info, "print a bundle's manifest summary"),
+    "bench": (add_bench_args, run_bench, "time each stage per backend and batch (vs the eager PyTorch sampler), FLOPs, memory"),
 }
 
 
