@@ -78,9 +78,9 @@ class Generator:
     ``backend``: "auto" | "tensorrt" | "onnxruntime" | "torch", or a ready :class:`Backend`.
     ``backend_options`` go to the backend (e.g. ``device="cuda"``, ``threads=4``, ``precision="bf16"``).
     Thread-safe: several threads may call :meth:`generate` on one Generator. With ONNX Runtime and
-    torch the calls run concurrently (each keeps its own state; sessions are shared); with TensorRT,
-    whose context, buffers and CUDA graphs serve one call at a time, they are serialised — use one
-    Generator per thread (or per GPU stream) for parallelism there.
+    torch on CPU the calls run concurrently (each keeps its own state; sessions are shared); with
+    TensorRT or torch CUDA graphs, whose buffers and captured graphs serve one call at a time, they are
+    serialised — use one Generator per thread (or per GPU stream) for parallelism there.
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle, backend: str | Backend = "auto", *, verify: bool = True, **backend_options: Any):

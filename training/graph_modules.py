@@ -81,7 +81,10 @@ class DenoiserGraph(nn.Module):
         t = step[_T:_T + 1]                                                  # (1,)
         temb = net.time_embed.mlp(timestep_features(t, net.time_embed.freq_dim).to(cond.dtype))  # (1, W)
         out = net.trunk(h, temb + cond.reshape(2 * B * L, W))              # (2BL, 2C)
-        out = out.reshape(2, B * L, 2 * C)                                   # (2, BL, 2C): [cond; uncond]
+        # The DDPM arithmetic runs in fp32 whatever the network's dtype: at t = 999, x0 = 2e4 x - 2e4 eps
+        # loses everything in bf16. In fp32 these casts are no-ops (nothing changes in the ONNX graph).
+        out = out.float().reshape(2, B * L, 2 * C)                           # (2, BL, 2C): [cond; uncond]
+        xf = xf.float()
         eps_c, eps_u = out[0, :, :C], out[1, :, :C]                          # (BL, C) each
         eps = eps_u + step[_CFG] * (eps_c - eps_u)
         v = out[0, :, C:]                                                    # (BL, C): conditional half's v
@@ -89,8 +92,8 @@ class DenoiserGraph(nn.Module):
         mean = step[_COEF1] * x0 + step[_COEF2] * xf
         frac = (v + 1) / 2
         log_var = frac * step[_MAX_LOG] + (1 - frac) * step[_MIN_LOG]
-        x_prev = mean + torch.exp(0.5 * log_var) * noise.reshape(B * L, C) * step[_NOISE]
-        return x_prev.reshape(B, L, C)                                       # (B, L, C)
+        x_prev = mean + torch.exp(0.5 * log_var) * noise.reshape(B * L, C).float() * step[_NOISE]
+        return x_prev.reshape(B, L, C).to(x.dtype)                                       # (B, L, C)
 
 
 class VAEDecoderGraph(nn.Module):
