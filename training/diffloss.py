@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from far_sdk.diffusion import NUM_TRAIN_TIMESTEPS, diffusion_tables

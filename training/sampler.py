@@ -12,7 +12,6 @@ exactly as the official code does (this is also the "eager" baseline of ``far be
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 

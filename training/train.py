@@ -30,18 +30,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from far_sdk.diffusion import NUM_TRAIN_TIMESTEPS
 from far_sdk.errors import CheckpointError, ConfigError, InvalidArgumentError
 from far_sdk.filters import FILTER_TYPES, FilterType, filter_matrix
 
 from ._io import check_state_dict, safe_torch_load
-from .checkpoint import atomic_torch_save, save_official_checkpoint
+from .checkpoint import save_official_checkpoint
 from .config import FARConfig, config_from_official_args, get_config
 from .far import FAR
 from .schedules import LR_SCHEDULES, LrSchedule, loss_weight, lr_at, sample_mask
-from .vae import VAE_CONFIGS, AutoencoderKL, VAEConfig
+from .data import (  # noqa: F401  (re-exported: training.train was their first home)
+    ImageFolderImages, ImageFolderLatents, LatentDataset, cache_latents, center_crop, load_latents_or_images,
+    scan_image_folder, write_latents,
+)
+from .vae_train import train_vae  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,6 @@ Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 #: FARConfig fields that do not change the weights' layout or meaning: may differ on resume.
 _TRAINING_ONLY_FIELDS = {"mask", "label_drop_prob", "attn_dropout", "proj_dropout", "diffusion_batch_mul", "num_sampling_steps"}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -133,205 +136,6 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = None
     history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, mean loss since last log, lr)
     checkpoint: Path | None = None              # set on rank 0 when a checkpoint was written
-
-
-# ---- data ------------------------------------------------------------------------------------------
-
-
-class LatentDataset(Dataset):
-    """Cached latents: ``.npz`` or ``.safetensors`` with ``latents`` [N, C, H, W] (already times the latent
-    scale) and ``labels`` [N] int. npz is read into memory; safetensors is read per item (large caches)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InvalidArgumentError(f"latents file {self.path} does not exist; write one with `far-train cache-latents`")
-        if self.path.suffix not in (".npz", ".safetensors"):
-            raise InvalidArgumentError(f"latents file {self.path} must end in .npz or .safetensors")
-        self._latents: np.ndarray | None = None
-        self._handle: Any = None
-        try:
-            shape, dtype, labels = self._read_header()
-        except InvalidArgumentError:
-            raise
-        except Exception as e:  # zipfile.BadZipFile, SafetensorError, OSError, ValueError
-            raise InvalidArgumentError(f"latents file {self.path} is unreadable ({type(e).__name__}: {e}); "
-                                       "re-write it with `far-train cache-latents`") from e
-        if len(shape) != 4 or dtype != "float32":
-            raise InvalidArgumentError(f"{self.path}: 'latents' must be float32 [N, C, H, W], found {dtype} {list(shape)}")
-        if labels.ndim != 1 or labels.shape[0] != shape[0] or not np.issubdtype(labels.dtype, np.integer):
-            raise InvalidArgumentError(f"{self.path}: 'labels' must be int [N={shape[0]}], found {labels.dtype} {list(labels.shape)}")
-        if shape[0] == 0 or labels.min() < 0:
-            raise InvalidArgumentError(f"{self.path}: needs at least one sample and labels >= 0")
-        self.labels = labels.astype(np.int64)
-        self.latent_shape = tuple(shape[1:])
-
-    def _read_header(self) -> tuple[tuple[int, ...], str, np.ndarray]:
-        """(latents shape, latents dtype name, labels); npz latents are kept in memory."""
-        if self.path.suffix == ".npz":
-            with np.load(self.path) as f:
-                _check_keys(self.path, list(f.keys()))
-                self._latents, labels = np.asarray(f["latents"]), np.asarray(f["labels"])
-            return self._latents.shape, str(self._latents.dtype), labels
-        from safetensors import safe_open
-
-        with safe_open(self.path, "np") as f:
-            _check_keys(self.path, list(f.keys()))
-            sl = f.get_slice("latents")
-            dtype = "float32" if sl.get_dtype() == "F32" else sl.get_dtype()
-            return tuple(sl.get_shape()), dtype, f.get_tensor("labels")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._latents is not None:
-            x = self._latents[i]
-        else:
-            if self._handle is None:  # opened lazily, once per (worker) process
-                from safetensors import safe_open
-
-                self._handle = safe_open(self.path, "np")
-            x = self._handle.get_slice("latents")[i : i + 1][0]
-        return torch.from_numpy(np.array(x, dtype=np.float32)), torch.tensor(self.labels[i])
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handle": None}
-
-
-def _check_keys(path: Path, keys: list[str]) -> None:
-    missing = [k for k in ("latents", "labels") if k not in keys]
-    if missing:
-        raise InvalidArgumentError(f"latents file {path} lacks {missing} (found {sorted(keys)})")
-
-
-def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
-    """ImageFolder layout: root/<class>/**/<image>. Classes sorted by name -> index; samples sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InvalidArgumentError(f"image root {root} is not a directory (expected root/<class>/<image files>)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    samples = [(p, i) for i, c in enumerate(classes) for p in sorted((root / c).rglob("*"))
-               if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not samples:
-        raise InvalidArgumentError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under class folders of {root}")
-    return classes, samples
-
-
-def center_crop(image: Any, size: int) -> Any:
-    """ADM centre crop: halve (BOX) while the short side >= 2 size, bicubic-resize the short side to size, crop the centre."""
-    from PIL import Image
-
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-class ImageFolderImages(Dataset):
-    """(image [3, R, R] in [-1, 1], label) from an ImageFolder tree; centre crop, optional random h-flip."""
-
-    def __init__(self, root: str | os.PathLike, resolution: int, flip: bool = True):
-        self.classes, self.samples = scan_image_folder(root)
-        self.resolution, self.flip = resolution, flip
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
-
-        path, label = self.samples[i]
-        with Image.open(path) as im:
-            im = center_crop(im.convert("RGB"), self.resolution)
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, R, R)
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x.contiguous(), torch.tensor(label, dtype=torch.int64)
-
-
-class ImageFolderLatents(Dataset):
-    """Latents encoded on the fly: posterior.sample() * scale of each (cropped, randomly flipped) image.
-
-    :func:`train` loads images with workers and encodes whole batches on the training device;
-    indexing encodes one image on the VAE's device.
-    """
-
-    def __init__(self, root: str | os.PathLike, vae: AutoencoderKL, scale: float, flip: bool = True):
-        self.vae, self.scale = vae.eval(), float(scale)
-        self.images = ImageFolderImages(root, vae.config.resolution, flip)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.images.classes)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """images [B, 3, R, R] in [-1, 1] -> latents [B, E, R/f, R/f] = posterior sample * scale."""
-        return self.vae.encode(images).sample(generator) * self.scale
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, label = self.images[i]
-        device = next(self.vae.parameters()).device
-        return self.encode(x[None].to(device))[0].cpu(), label
-
-
-def write_latents(path: str | os.PathLike, latents: np.ndarray, labels: np.ndarray) -> Path:
-    """Write ``latents`` float32 [N, C, H, W] and ``labels`` int64 [N] to .npz or .safetensors, atomically."""
-    import tempfile
-
-    path = Path(path)
-    arrays = {"latents": np.ascontiguousarray(latents, dtype=np.float32),
-              "labels": np.ascontiguousarray(labels, dtype=np.int64)}
-    if path.suffix not in (".npz", ".safetensors"):
-        raise InvalidArgumentError(f"latents output {path} must end in .npz or .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".npz":
-                np.savez(f, **arrays)
-            else:
-                from safetensors.numpy import save
-
-                f.write(save(arrays))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def cache_latents(image_root: str | os.PathLike, vae: AutoencoderKL, out_path: str | os.PathLike, scale: float,
-                  batch: int = 32, *, seed: int = 0, num_workers: int = 0, progress: bool = True) -> Path:
-    """Encode every image of an ImageFolder tree (centre crop, no flip) and write ``posterior.sample() * scale``.
-
-    One fixed sample per image (seeded), unlike the official cache, which stores the posterior moments of the
-    image and its mirror and samples anew each epoch. The VAE runs on the device its parameters are on.
-    """
-    from tqdm import tqdm
-
-    images = ImageFolderImages(image_root, vae.config.resolution, flip=False)
-    device = next(vae.parameters()).device
-    gen = torch.Generator(device).manual_seed(seed)
-    vae.eval()
-    lat, lab = [], []
-    loader = DataLoader(images, batch_size=batch, shuffle=False, num_workers=num_workers)
-    with torch.no_grad():
-        for x, y in tqdm(loader, desc="encode", disable=not progress):
-            z = vae.encode(x.to(device)).sample(gen) * scale          # (B, E, h, w)
-            lat.append(z.float().cpu().numpy())                        # host sync
-            lab.append(y.numpy())
-    out = write_latents(out_path, np.concatenate(lat), np.concatenate(lab))
-    log.info("wrote %d latents of %d classes to %s", len(images), len(images.classes), out)
-    return out
 
 
 # ---- model pieces ------------------------------------------------------------------------------------
@@ -626,97 +430,6 @@ def _check_labels(y: torch.Tensor, mc: FARConfig) -> None:
     if int(y.min()) < 0 or int(y.max()) >= mc.num_classes:                      # CPU tensors: no device sync
         raise InvalidArgumentError(f"labels span {int(y.min())}..{int(y.max())} but the model has "
                                    f"{mc.num_classes} classes: pick a config with num_classes > {int(y.max())}")
-
-
-# ---- VAE training ----------------------------------------------------------------------------------------
-
-
-def train_vae(vae_config: VAEConfig | str, images: torch.Tensor | Dataset, steps: int, lr: float = 1e-4,
-              kl_weight: float = 1e-6, *, batch_size: int = 8, out: str | os.PathLike | None = None, seed: int = 0,
-              device: str | None = None, betas: tuple[float, float] = (0.5, 0.9), log_every: int = 50,
-              progress: bool = True, scale_samples: int = 256) -> float:
-    """Train an :class:`AutoencoderKL` from scratch; return the latent scale estimate 1 / std(posterior samples).
-
-    loss = mean|x - x^| + mean (x - x^)^2 + kl_weight * KL(q || N(0, I)) / (3 H W)
-    (LDM's per-sample sums, divided by the pixel count; no perceptual or adversarial terms). AdamW with
-    LDM's betas (0.5, 0.9), no weight decay. ``images``: a tensor [N, 3, R, R] in [-1, 1] (R = the
-    config's resolution) or a Dataset of images or (image, label). The model is initialised right after
-    ``torch.manual_seed(seed)``. ``out`` gets ``{"model": state_dict, "latent_scale": s}`` atomically,
-    which :func:`training.vae.load_official_vae` reads. The official kl16 tokenizer uses 0.2325.
-    """
-    from tqdm import tqdm
-
-    cfg = VAE_CONFIGS[vae_config] if isinstance(vae_config, str) and vae_config in VAE_CONFIGS else vae_config
-    if not isinstance(cfg, VAEConfig):
-        raise ConfigError(f"unknown VAE config {vae_config!r}; choose one of {sorted(VAE_CONFIGS)} or pass a VAEConfig")
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4 or images.shape[1] != cfg.in_channels or images.shape[2:] != (cfg.resolution,) * 2:
-            raise InvalidArgumentError(f"images must be [N, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}] "
-                                       f"in [-1, 1], got {list(images.shape)}")
-        images = TensorDataset(images.float())
-    if len(images) < 1 or steps < 1:
-        raise InvalidArgumentError(f"need at least one image and one step (got {len(images)} images, {steps} steps)")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(cfg).to(dev).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=betas, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(images, batch_size=min(batch_size, len(images)), shuffle=True, generator=gen, drop_last=True)
-    it, pending = iter(loader), []
-    for step in tqdm(range(1, steps + 1), desc="train-vae", disable=not progress):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
-        x = _first(batch).to(dev)                                                     # (B, 3, R, R)
-        rec, posterior = vae(x)
-        diff = x - rec
-        rec_loss = diff.abs().mean() + diff.pow(2).mean()
-        loss = rec_loss + kl_weight * posterior.kl().mean() / x[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        pending.append(rec_loss.detach())
-        if step % log_every == 0 or step == steps:
-            log.info("vae step %d/%d reconstruction %.4f", step, steps, float(torch.stack(pending).mean()))  # host sync
-            pending.clear()
-    scale = _latent_scale(vae.eval(), images, scale_samples, dev, seed)
-    if out is not None:
-        atomic_torch_save({"model": {k: v.detach().cpu() for k, v in vae.state_dict().items()}, "latent_scale": scale},
-                          Path(out))
-        log.info("saved VAE to %s (latent scale %.4f)", out, scale)
-    return scale
-
-
-def _first(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
-@torch.no_grad()
-def _latent_scale(vae: AutoencoderKL, images: Dataset, n: int, device: torch.device, seed: int) -> float:
-    """1 / std of posterior samples over up to ``n`` images (the factor that makes latents unit-variance)."""
-    gen = torch.Generator(device).manual_seed(seed)
-    loader = DataLoader(images, batch_size=16, shuffle=False)
-    zs, seen = [], 0
-    for batch in loader:
-        zs.append(vae.encode(_first(batch).to(device)).sample(gen).flatten().double())
-        seen += len(_first(batch))
-        if seen >= n:
-            break
-    return float(1.0 / torch.cat(zs).std())                                          # host sync
-
-
-def load_latents_or_images(data: str | None, image_root: str | None, vae: AutoencoderKL | None,
-                           scale: float) -> Dataset:
-    """The CLI's data choice: a latents file, or an ImageFolder encoded on the fly through ``vae``."""
-    if (data is None) == (image_root is None):
-        raise InvalidArgumentError("give exactly one of --data (latents file) or --image-root (ImageFolder + --vae)")
-    if data is not None:
-        return LatentDataset(data)
-    if vae is None:
-        raise InvalidArgumentError("--image-root needs --vae (a VAE checkpoint) to encode the images")
-    return ImageFolderLatents(image_root, vae, scale)
 
 
 __all__ = [
