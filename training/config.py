@@ -70,6 +70,9 @@ FAR_CONFIGS: dict[str, FARConfig] = {
     "far_parity_tiny": _preset(64, 2, 4, 2, 128),
     "far_tiny": _preset(64, 2, 4, 2, 128, num_classes=10),
     "far_small": _preset(256, 4, 4, 3, 256, num_classes=10),
+    # The committed CPU demo (engines/far-demo): sklearn digits, 4-channel 16 x 16 latents of the
+    # digits-f2 VAE, 8 buffer tokens. Small enough to train (and sample in seconds) on a 2-core CPU.
+    "far_demo": _preset(96, 2, 4, 3, 128, num_classes=10, token_channels=4, buffer_size=8),
 }
 
 

@@ -135,6 +135,9 @@ VAE_CONFIGS: dict[str, VAEConfig] = {
     "kl16-tiny": VAEConfig(ch=32, num_res_blocks=1, gn_groups=8),
     # Same layout at half width, 1 res block per level: demos and smoke training (12.6 M params).
     "kl16-small": VAEConfig(ch=64, num_res_blocks=1),
+    # The CPU demo's tokenizer: 32 x 32 digits -> 16 x 16 x 4 latents (downsampling 2), ~0.4 M params.
+    "digits-f2": VAEConfig(embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32,
+                           attn_resolutions=(), gn_groups=8),
 }
 
 
