@@ -66,7 +66,7 @@ def stage_latents(a, work: Path) -> None:
 def stage_far(a, work: Path) -> None:
     cfg = TrainConfig(model=MODEL, batch_size=a.batch, steps=a.far_steps, lr=a.far_lr, warmup_steps=100,
                       ema_rate=a.ema, out_dir=str(work / "far"), save_every=500, log_every=50, seed=a.seed,
-                      diffusion_batch_mul=a.mul, resume=str(work / "far") if (work / "far" / "checkpoint-last.pth").exists() else None)
+                      diffusion_batch_mul=a.mul, high_t_fraction=a.high_t, resume=str(work / "far") if (work / "far" / "checkpoint-last.pth").exists() else None)
     t0 = time.time()
     res = train(cfg, LatentDataset(work / "latents.npz"))
     hist = [(s, round(l, 4)) for s, l, _ in res.history]
@@ -111,14 +111,15 @@ VAE and FAR, 359 are held out for `examples/evaluate_demo.py`.
 ```
 OMP_WAIT_POLICY=PASSIVE .venv/bin/python examples/train_demo.py     # the defaults are this run's settings
 ```
-(equivalently: `--vae-steps {vae["steps"]} --far-steps {far["steps"]} --batch {a.batch} --far-lr {a.far_lr} --mul {a.mul} --ema {a.ema} --samples {a.samples} --seed {a.seed}`;
+(equivalently: `--vae-steps {vae["steps"]} --far-steps {far["steps"]} --batch {a.batch} --far-lr {a.far_lr} --mul {a.mul} --ema {a.ema} --high-t {a.high_t} --samples {a.samples} --seed {a.seed}`;
 the VAE ran with 1 thread, FAR with 2; thread counts change results only at float32 rounding level)
 stages (`examples/train_demo.py`, each skipped when its output exists; run on a 2-core x86-64 CPU, no GPU):
 1. VAE: {vae["steps"]} steps, batch 32, AdamW lr {a.vae_lr} ({vae["seconds"] / 60:.1f} min); latent scale
    1/std = {vae["latent_scale"]:.4f}.
 2. Latents: {a.samples} posterior samples per training image x the scale.
 3. FAR: {far["steps"]} steps, batch {a.batch}, lr {a.far_lr} (100 warm-up steps, then constant), diffusion
-   batch multiplier {a.mul}, EMA {a.ema}, random level per batch, the paper's loss weight, label drop 0.1
+   batch multiplier {a.mul}, EMA {a.ema}, {a.high_t:.0%} of diffusion rows with t in [950, 1000) (sharper eps at the
+   noisiest steps), random level per batch, the paper's loss weight, label drop 0.1
    ({far["seconds"] / 60:.1f} min). Loss (mean of the last logging window): {hist[0][1]} at step {hist[0][0]} ->
    {hist[-1][1]} at step {hist[-1][0]}.
 4. Export: EMA weights -> ONNX graphs validated against PyTorch, `weights.safetensors`, `manifest.json`.
@@ -152,6 +153,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--mul", type=int, default=2, help="diffusion batch multiplier")
     ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--high-t", type=float, default=0.15, help="TrainConfig.high_t_fraction (see far-train --help)")
     ap.add_argument("--cfg", type=float, default=3.0, help="default guidance scale recorded in the bundle")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()

@@ -383,3 +383,20 @@ def test_masked_training_on_images_encoded_on_the_fly_trains_mask_token(tmp_path
     torch.manual_seed(3)
     init = FAR(model).mask_token
     assert result.step == 4 and (result.model.mask_token - init).abs().max() > 1e-4
+
+
+def test_high_t_fraction_draws_the_noisiest_timesteps():
+    from training.diffloss import DiffLoss
+
+    dl = DiffLoss(4, 8, 1, 16)
+    seen = []
+    orig = dl.loss_terms
+    dl.loss_terms = lambda x0, t, noise, c, level: seen.append(t) or orig(x0, t, noise, c, level)
+    x, z = torch.randn(8000, 4), torch.randn(8000, 8)
+    dl(x, z, generator=torch.Generator().manual_seed(0))
+    uniform = torch.randint(0, 1000, (8000,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen[0], uniform), "fraction 0 keeps the official draws"
+    dl.high_t_fraction = 0.5
+    dl(x, z, generator=torch.Generator().manual_seed(0))
+    share = float((seen[1] >= 950).float().mean())
+    assert abs(share - (0.5 + 0.5 * 0.05)) < 0.02  # half the rows from [950, 1000), the rest uniform

@@ -77,6 +77,7 @@ class TrainConfig:
     diffusion_batch_mul: int | None = None   # None: the model config's (4)
     use_mask: bool = False                   # frequency-aware masking; needs a model built with mask=True
     use_loss_weight: bool = True             # the paper's w_r
+    high_t_fraction: float = 0.0             # share of diffusion rows with t in [950, 1000) (0 = official uniform t)
     filter: FilterType = "spatial"           # training low-pass ("spatial" = official area + bicubic)
     precision: Precision = "auto"            # auto: bf16 autocast on CUDA when supported, else fp32
     device: str | None = None                # None: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu
@@ -101,6 +102,8 @@ class TrainConfig:
             raise ConfigError("TrainConfig.warmup_steps and num_workers must be >= 0")
         if not 0.0 <= self.ema_rate <= 1.0:
             raise ConfigError(f"TrainConfig.ema_rate must lie in [0, 1], got {self.ema_rate}")
+        if not 0.0 <= self.high_t_fraction < 1.0:
+            raise ConfigError(f"TrainConfig.high_t_fraction must lie in [0, 1), got {self.high_t_fraction}")
         for name, value, allowed in (("lr_schedule", self.lr_schedule, LR_SCHEDULES),
                                      ("precision", self.precision, PRECISIONS), ("filter", self.filter, FILTER_TYPES)):
             if value not in allowed:
@@ -243,6 +246,7 @@ class Trainer:
         self.lr = config.lr if config.lr is not None else config.blr * config.batch_size * dist_info.world_size / 256
         torch.manual_seed(config.seed)  # same initialisation on every rank
         self.model = FAR(mc).to(self.device).train()
+        self.model.diffloss.high_t_fraction = float(config.high_t_fraction)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=self.lr, betas=config.betas)
         self._params = [p for _, p in self.model.named_parameters()]
         self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()}
