@@ -63,7 +63,7 @@ from . import __version__
 from .bundle import Bundle
 from .errors import FarError, InvalidArgumentError
 from .noise import SeededNoise
-from .pipeline import STAGES, Generator, to_uint8
+from .pipeline import STAGES, Generator, resolve_plan, to_uint8
 from .schedules import InnerSteps, SamplingPlan, make_plan
 
 log = logging.getLogger(__name__)
@@ -287,12 +287,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5, threads: int | None = None) -> 
 
 def bench_plan(bundle: Bundle, num_steps: int | None = None, inner_steps: InnerSteps | None = None) -> SamplingPlan:
     """The plan ``Generator.generate(num_steps=..., inner_steps=...)`` resolves for this bundle."""
-    d = bundle.defaults
-    return make_plan(num_steps=num_steps if num_steps is not None else d.get("num_steps", 10),
-                     cfg=d.get("cfg", 3.0), cfg_schedule_kind=d.get("cfg_schedule", "linear"),
-                     temperature=d.get("temperature", 1.0), temperature_schedule_kind=d.get("temperature_schedule", "official"),
-                     inner_steps=inner_steps if inner_steps is not None else d.get("inner_steps", "frequency-aware"),
-                     filter=d.get("filter", "spatial"))
+    return resolve_plan(bundle.defaults, num_steps=num_steps, inner_steps=inner_steps)
 
 
 def default_cache_dir() -> Path:

@@ -45,6 +45,8 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-steps", type=_inner_steps, default=None,
                    help="'frequency-aware' (default), 'official' (100), N, or N1,N2,... per outer step")
     p.add_argument("--filter", choices=["spatial", "fourier"], default=None)
+    p.add_argument("--x0-clip", type=float, default=None, help="clamp x0 estimates to [-X, X] (default: the bundle's)")
+    p.add_argument("--no-x0-clip", action="store_true", help="never clip x0 (the official sampler)")
     p.add_argument("--out", default="far.png", help="grid image path")
     p.add_argument("--cols", type=int, default=None)
     p.add_argument("--preview-gif", default=None, help="write a GIF of each outer step's decoded estimate")
@@ -65,6 +67,7 @@ def run_generate(a: argparse.Namespace) -> int:
 
     out = gen.generate(labels, seed=a.seed, num_steps=a.steps, cfg=a.cfg, cfg_schedule=a.cfg_schedule,
                        temperature=a.temperature, inner_steps=a.inner_steps, filter=a.filter,
+                       x0_clip=None if a.no_x0_clip else (a.x0_clip if a.x0_clip is not None else ...),
                        progress=not a.no_progress, on_step=on_step if a.preview_gif else None, preview=bool(a.preview_gif))
     cols = a.cols or min(len(labels), 8)
     grid = _grid(out.images, cols)

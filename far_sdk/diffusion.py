@@ -177,30 +177,37 @@ def ddpm_step(
     tables: DiffusionTables,
     noise: np.ndarray,
     temperature: float = 1.0,
+    x0_clip: float | None = None,
 ) -> np.ndarray:
     """One reverse DDPM step k -> k-1 with a learned-range variance, in float32.
 
     x_{k-1} = mu(x0_hat(x, eps), x) + [k != 0] * exp(0.5 * log_var(v)) * noise * temperature,
-    evaluated in the official order (mask * std, then * noise, then * temperature).
+    evaluated in the official order (mask * std, then * noise, then * temperature). ``x0_clip``
+    clamps x0_hat to [-x0_clip, x0_clip] (guided-diffusion's clip_denoised for a latent range; the
+    official FAR sampler does not clip).
     """
     c = tables.step_coefficients[k]
     x0 = predict_x0(x, eps, c[0], c[1])
+    if x0_clip is not None:
+        x0 = np.clip(x0, -np.float32(x0_clip), np.float32(x0_clip))
     mean = posterior_mean(x0, x, c[2], c[3])
     log_var = learned_range_log_variance(v, c[4], c[5])
     nonzero = np.float32(k != 0)
     return (mean + nonzero * np.exp(np.float32(0.5) * log_var) * noise * np.float32(temperature)).astype(np.float32)
 
 
-def denoise_step_table(num_steps: int, cfg_scale: float, temperature: float) -> np.ndarray:
-    """float32 [n, 9]: the denoiser graph's ``step`` input for each call, in execution order
+def denoise_step_table(num_steps: int, cfg_scale: float, temperature: float, x0_clip: float | None = None) -> np.ndarray:
+    """float32 [n, 10]: the denoiser graph's ``step`` input for each call, in execution order
     (row 0 is the noisiest step k = n-1). Columns follow :data:`far_sdk.graphs.STEP_FIELDS`:
-    t, the six coefficients of :data:`STEP_COEF_NAMES`, cfg scale, [k != 0] * temperature.
+    t, the six coefficients of :data:`STEP_COEF_NAMES`, cfg scale, [k != 0] * temperature, and the
+    x0 clip bound (+inf when ``x0_clip`` is None: the official sampler does not clip).
     """
     tab = diffusion_tables(num_steps)
     ks = np.arange(tab.num_steps)[::-1]
-    out = np.empty((tab.num_steps, 9), dtype=np.float32)
+    out = np.empty((tab.num_steps, 10), dtype=np.float32)
     out[:, 0] = tab.timesteps[ks]
     out[:, 1:7] = tab.step_coefficients[ks]
     out[:, 7] = np.float32(cfg_scale)
     out[:, 8] = np.where(ks != 0, np.float32(temperature), np.float32(0.0))
+    out[:, 9] = np.float32(np.inf if x0_clip is None else x0_clip)
     return out

@@ -9,7 +9,7 @@ manifest's model config by :func:`graph_specs`.
   class, i.e. ``fake_latent``), level [1] -> cond [N, L, W]: the per-token adaLN condition of the
   diffusion MLP, ``cond_embed(z) + index_cond_embed(level)``, computed once per outer step.
 - ``denoiser``: one whole guided DDPM step. x [B, L, C] (conditional half), noise [B, L, C],
-  cond [2, B, L, W] (conditional rows first), step [9] (see :data:`STEP_FIELDS`) -> x_prev [B, L, C].
+  cond [2, B, L, W] (conditional rows first), step [10] (see :data:`STEP_FIELDS`) -> x_prev [B, L, C].
 - ``vae_decoder``: latents [B, C, H, W] (sampler scale; the graph divides by the latent scale)
   -> image [B, 3, 16 H, 16 W] in about [-1, 1].
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 GRAPH_NAMES = ("transformer", "denoiser", "vae_decoder")
 
-#: Layout of the denoiser's per-step input vector ``step`` (float32 [9]).
+#: Layout of the denoiser's per-step input vector ``step`` (float32 [10]).
 STEP_FIELDS = (
     "timestep",                      # original timestep t (0..999) fed to the time embedding
     "sqrt_recip_alphas_cumprod",
@@ -31,6 +31,7 @@ STEP_FIELDS = (
     "log_betas",                       # max end
     "cfg_scale",
     "noise_scale",                     # [k != 0] * temperature
+    "x0_clip",                         # x0_hat is clamped to [-x0_clip, x0_clip]; +inf = no clipping (official)
 )
 
 

@@ -68,6 +68,25 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(255.0 * p + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def resolve_plan(defaults: dict[str, Any], *, num_steps=None, levels=None, cfg=None, cfg_schedule=None, temperature=None,
+                 temperature_schedule=None, inner_steps=None, filter=None, x0_clip=...) -> SamplingPlan:
+    """The sampling plan for a bundle's ``defaults`` (manifest "defaults") overridden by the options
+    given (None / omitted = the bundle's default; ``x0_clip=None`` explicitly disables clipping)."""
+    d = defaults
+    pick = lambda v, k, default: v if v is not None else d.get(k, default)  # noqa: E731
+    return make_plan(
+        num_steps=pick(num_steps, "num_steps", 10) if levels is None else num_steps,
+        levels=levels,
+        cfg=pick(cfg, "cfg", 3.0),
+        cfg_schedule_kind=pick(cfg_schedule, "cfg_schedule", "linear"),
+        temperature=pick(temperature, "temperature", 1.0),
+        temperature_schedule_kind=pick(temperature_schedule, "temperature_schedule", "official"),
+        inner_steps=pick(inner_steps, "inner_steps", "frequency-aware"),
+        filter=pick(filter, "filter", "spatial"),
+        x0_clip=d.get("x0_clip") if x0_clip is ... else x0_clip,
+    )
+
+
 class Generator:
     """Generate images from a FAR bundle.
 
@@ -118,21 +137,9 @@ class Generator:
             raise InvalidArgumentError("class_labels is empty: pass at least one class id")
         return tuple(ids)
 
-    def plan(self, *, num_steps=None, levels=None, cfg=None, cfg_schedule=None, temperature=None,
-             temperature_schedule=None, inner_steps=None, filter=None) -> SamplingPlan:
+    def plan(self, **options: Any) -> SamplingPlan:
         """Resolve options (None = the bundle's defaults) into a validated :class:`SamplingPlan`."""
-        d = self.bundle.defaults
-        pick = lambda v, k, default: v if v is not None else d.get(k, default)  # noqa: E731
-        return make_plan(
-            num_steps=pick(num_steps, "num_steps", 10) if levels is None else num_steps,
-            levels=levels,
-            cfg=pick(cfg, "cfg", 3.0),
-            cfg_schedule_kind=pick(cfg_schedule, "cfg_schedule", "linear"),
-            temperature=pick(temperature, "temperature", 1.0),
-            temperature_schedule_kind=pick(temperature_schedule, "temperature_schedule", "official"),
-            inner_steps=pick(inner_steps, "inner_steps", "frequency-aware"),
-            filter=pick(filter, "filter", "spatial"),
-        )
+        return resolve_plan(self.bundle.defaults, **options)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def iter_steps(self, class_ids: Sequence[int], plan: SamplingPlan, noise: NoiseFn,
@@ -154,7 +161,7 @@ class Generator:
             n = plan.inner_steps[s]
             x = noise((B, L, C))
             noises = np.stack([noise((B, L, C)) for _ in range(n)])                          # (n, B, L, C)
-            steps = denoise_step_table(n, plan.cfg[s], plan.temperature[s])
+            steps = denoise_step_table(n, plan.cfg[s], plan.temperature[s], plan.x0_clip)
             x = be.denoise(x, noises, cond, steps)                                           # (B, L, C), host
             t2 = time.perf_counter()
             raw = x.reshape(B, G, G, C).transpose(0, 3, 1, 2)                                # (B, C, H, W)
@@ -189,6 +196,7 @@ class Generator:
         inner_steps: InnerSteps | None = None,
         filter: str | None = None,
         levels: Sequence[int] | None = None,
+        x0_clip: float | None = ...,
         noise: NoiseFn | None = None,
         output_type: OutputType = "pil",
         progress: bool = False,
@@ -205,14 +213,16 @@ class Generator:
           ``guidance_scale``), cfg_schedule ("linear" official | "constant"), temperature,
           temperature_schedule ("official" | "constant"), inner_steps ("frequency-aware" (default),
           "official" = 100, an int, or one int per outer step), filter ("spatial" | "fourier"):
-          None takes the bundle's default.
+          None takes the bundle's default. x0_clip: clamp each step's x0 estimate to [-x0_clip, x0_clip]
+          (omitted: the bundle's default; None: no clipping, the official sampler).
         on_step(StepInfo) after each outer step; returning False stops early (the output then holds
           that step's estimate). preview=True decodes each step's estimate for ``StepInfo.preview``.
         max_batch: most images per backend call (default: the engine's limit); larger batches are split.
         """
         ids = self.class_ids(class_labels)
         plan = self.plan(num_steps=num_steps, levels=levels, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
-                         temperature_schedule=temperature_schedule, inner_steps=inner_steps, filter=filter)
+                         temperature_schedule=temperature_schedule, inner_steps=inner_steps, filter=filter,
+                         x0_clip=x0_clip)
         if output_type not in ("pil", "np", "latent"):
             raise InvalidArgumentError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         B = len(ids)

@@ -140,6 +140,7 @@ class SamplingPlan:
     inner_steps: tuple[int, ...]
     filter: str
     filter_after: tuple[int | None, ...]
+    x0_clip: float | None = None     # clamp x0_hat to [-x0_clip, x0_clip] (None: the official sampler, no clip)
 
     @property
     def num_steps(self) -> int:
@@ -160,6 +161,7 @@ def make_plan(
     inner_steps: InnerSteps = "frequency-aware",
     filter: str = "spatial",
     mode: Mode = "nomask",
+    x0_clip: float | None = None,
 ) -> SamplingPlan:
     """Resolve user-facing sampling options into a :class:`SamplingPlan`.
 
@@ -170,6 +172,11 @@ def make_plan(
         raise InvalidArgumentError(f"mode must be 'nomask' or 'mask', got {mode!r}")
     if filter not in FILTER_TYPES:
         raise InvalidArgumentError(f"filter must be one of {FILTER_TYPES}, got {filter!r}")
+    if x0_clip is not None:
+        _check_finite("x0_clip", x0_clip)
+        if x0_clip <= 0:
+            raise InvalidArgumentError(f"x0_clip must be > 0 (or None for no clipping), got {x0_clip}")
+        x0_clip = float(x0_clip)
     if levels is not None:
         levels = tuple(levels)
         for lv in levels:
@@ -201,6 +208,7 @@ def make_plan(
         inner_steps=inner_step_schedule(inner_steps, S),
         filter=filter,
         filter_after=after,
+        x0_clip=x0_clip,
     )
 
 

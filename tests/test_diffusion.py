@@ -130,3 +130,24 @@ def test_denoise_step_table_rows_follow_execution_order():
     np.testing.assert_array_equal(rows[3, 1:7], tab.step_coefficients[12 - 1 - 3])
     assert (rows[:-1, 8] == np.float32(0.9)).all() and rows[-1, 8] == 0
     assert (rows[:, 7] == np.float32(2.5)).all()
+
+
+def test_ddpm_step_x0_clip_against_float64():
+    rng = np.random.default_rng(4)
+    x, eps, noise = (rng.standard_normal((64, 16)).astype(np.float32) for _ in range(3))
+    v = rng.uniform(-1, 1, (64, 16)).astype(np.float32)
+    n, k, clip = 20, 19, 1.5                               # the noisiest step: x0_hat is huge unclipped
+    tab = D.diffusion_tables(n)
+    out = D.ddpm_step(x, eps, v, k, tab, noise, 1.0, x0_clip=clip)
+    x64, e64 = x.astype(np.float64), eps.astype(np.float64)
+    x0 = np.clip(tab.sqrt_recip_alphas_cumprod[k] * x64 - tab.sqrt_recipm1_alphas_cumprod[k] * e64, -clip, clip)
+    mean = tab.posterior_mean_coef1[k] * x0 + tab.posterior_mean_coef2[k] * x64
+    frac = (v + 1.0) / 2
+    log_var = frac * tab.log_betas[k] + (1 - frac) * tab.posterior_log_variance_clipped[k]
+    np.testing.assert_allclose(out, mean + np.exp(0.5 * log_var) * noise, rtol=1e-5, atol=1e-5)
+    assert np.abs(D.ddpm_step(x, eps, v, k, tab, noise, 1.0)).max() > 100 * np.abs(out).max()
+
+
+def test_step_table_x0_clip_column():
+    assert np.isinf(D.denoise_step_table(5, 1.0, 1.0)[:, 9]).all()
+    assert (D.denoise_step_table(5, 1.0, 1.0, x0_clip=4.0)[:, 9] == 4.0).all()

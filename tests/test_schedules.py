@@ -99,3 +99,11 @@ def test_plan_with_explicit_levels_and_validation():
         S.make_plan(num_steps=4, levels=[0, 4, 8])
     with pytest.raises(InvalidArgumentError, match="filter"):
         S.make_plan(filter="wavelet")
+
+
+def test_plan_x0_clip_validation():
+    assert S.make_plan().x0_clip is None
+    assert S.make_plan(x0_clip=4).x0_clip == 4.0
+    for bad in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(InvalidArgumentError, match="x0_clip"):
+            S.make_plan(x0_clip=bad)

@@ -362,7 +362,7 @@ def test_sample_feeds_shapes_and_null_half(fake_bundle):
     assert f["tokens"].shape == (6, 4, 2) and f["class_ids"].dtype == np.int64 and f["level"].shape == (1,)
     assert (f["class_ids"][3:] == 10).all() and (f["class_ids"][:3] < 10).all()
     d = sample_feeds(fake_bundle.graph_spec("denoiser"), 3, fake_bundle.manifest)
-    assert d["cond"].shape == (2, 3, 4, 8) and d["step"].shape == (9,) and d["step"][-1] > 0
+    assert d["cond"].shape == (2, 3, 4, 8) and d["step"].shape == (10,) and d["step"][-1] > 0
 
 
 def test_format_parser_error_names_the_node():
@@ -865,7 +865,7 @@ class TestSimulatedTensorRT:
         c1 = be.transformer(tok[:2], np.array([1, 10]), 0)
         be.transformer(tok[:2], np.array([2, 10]), 0)
         with pytest.raises(InvalidArgumentError, match="cond is stale"):
-            be.denoise(tok[:1], np.zeros((1, 1, 256, 16), np.float32), c1, np.zeros((1, 9), np.float32))
+            be.denoise(tok[:1], np.zeros((1, 1, 256, 16), np.float32), c1, np.zeros((1, 10), np.float32))
         be.close()
         be.close()  # idempotent
         with pytest.raises(BackendUnavailableError, match="closed"):

@@ -4,7 +4,7 @@ Each wrapper is both what ``far-export onnx`` traces and what the runtime's torc
 so a bundle's graphs and the torch backend compute the same function by construction:
 
 - :class:`TransformerGraph`: tokens [N, L, C], class_ids [N] int64, level [1] -> cond [N, L, W].
-- :class:`DenoiserGraph`: x [B, L, C], noise [B, L, C], cond [2, B, L, W], step [9] -> x_prev [B, L, C].
+- :class:`DenoiserGraph`: x [B, L, C], noise [B, L, C], cond [2, B, L, W], step [10] -> x_prev [B, L, C].
 - :class:`VAEDecoderGraph`: latents [B, C, H, W] -> image [B, 3, f H, f W].
 
 Ops stay ONNX-friendly at opset 17 (one Gather for the class table, LayerNormalization, no
@@ -24,7 +24,7 @@ from .far import FAR
 from .vae import AutoencoderKL
 
 # Column indices of the denoiser's ``step`` vector (far_sdk.graphs.STEP_FIELDS).
-_T, _SQRT_RECIP, _SQRT_RECIPM1, _COEF1, _COEF2, _MIN_LOG, _MAX_LOG, _CFG, _NOISE = range(len(STEP_FIELDS))
+_T, _SQRT_RECIP, _SQRT_RECIPM1, _COEF1, _COEF2, _MIN_LOG, _MAX_LOG, _CFG, _NOISE, _X0_CLIP = range(len(STEP_FIELDS))
 
 
 class TransformerGraph(nn.Module):
@@ -89,6 +89,8 @@ class DenoiserGraph(nn.Module):
         eps = eps_u + step[_CFG] * (eps_c - eps_u)
         v = out[0, :, C:]                                                    # (BL, C): conditional half's v
         x0 = step[_SQRT_RECIP] * xf - step[_SQRT_RECIPM1] * eps
+        clip = step[_X0_CLIP]
+        x0 = torch.minimum(torch.maximum(x0, -clip), clip)                   # +inf (official): exact no-op
         mean = step[_COEF1] * x0 + step[_COEF2] * xf
         frac = (v + 1) / 2
         log_var = frac * step[_MAX_LOG] + (1 - frac) * step[_MIN_LOG]

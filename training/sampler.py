@@ -88,7 +88,7 @@ def iter_reference(
     """Run the reference sampler, yielding each outer step's result.
 
     ``plan`` (or ``plan_options`` for :func:`far_sdk.schedules.make_plan`: num_steps, levels, cfg,
-    cfg_schedule_kind, temperature, temperature_schedule_kind, inner_steps, filter, mode) fixes the
+    cfg_schedule_kind, temperature, temperature_schedule_kind, inner_steps, filter, mode, x0_clip) fixes the
     schedules; the default inner steps are the paper's frequency-aware schedule. ``noise`` replays
     draws (see :mod:`far_sdk.noise` for the order); otherwise they come from ``seed``
     (image i uses seed + i). ``orders`` [B, L] sets mask mode's token orders.
@@ -138,6 +138,8 @@ def iter_reference(
             v = out[: B * L, C:]
             c = coefs[k]
             x0 = c[0] * x - c[1] * eps
+            if plan.x0_clip is not None:
+                x0 = x0.clamp(-plan.x0_clip, plan.x0_clip)
             mean = c[2] * x0 + c[3] * x
             frac = (v + 1) / 2
             log_var = frac * c[5] + (1 - frac) * c[4]

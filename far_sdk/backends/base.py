@@ -60,7 +60,7 @@ class Backend(ABC):
         return out["cond"]
 
     def denoise(self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray) -> np.ndarray:
-        """Run len(steps) guided DDPM steps from x [B, L, C]; noises [n, B, L, C], steps [n, 9] -> x_0 [B, L, C]."""
+        """Run len(steps) guided DDPM steps from x [B, L, C]; noises [n, B, L, C], steps [n, 10] -> x_0 [B, L, C]."""
         B = x.shape[0]
         cond2 = np.asarray(cond).reshape(2, B, *np.asarray(cond).shape[1:])  # [2B, L, W] -> [2, B, L, W], no copy
         for i in range(steps.shape[0]):

@@ -215,7 +215,7 @@ class OnnxRuntimeBackend(Backend):
         return DeviceCond(cond, rows // 2)
 
     def denoise(self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray) -> np.ndarray:
-        """n guided DDPM steps: x [B, L, C], noises [n, B, L, C], cond [2B, L, W], steps [n, 9] -> x_0 [B, L, C] (a new array)."""
+        """n guided DDPM steps: x [B, L, C], noises [n, B, L, C], cond [2B, L, W], steps [n, 10] -> x_0 [B, L, C] (a new array)."""
         if steps.shape[0] == 0:
             return np.array(x, dtype=np.float32)
         if not self._io_binding:

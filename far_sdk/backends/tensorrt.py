@@ -480,7 +480,7 @@ class TensorRTBackend(Backend):
             return DeviceCond(ptr=r.buffers["cond"], images=images, generation=self._cond_generation, owner=id(self))
 
     def denoise(self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray) -> np.ndarray:
-        """n guided DDPM steps on the GPU: x [B, L, C], noises [n, B, L, C], steps [n, 9] -> x_0 [B, L, C] (one host sync)."""
+        """n guided DDPM steps on the GPU: x [B, L, C], noises [n, B, L, C], steps [n, 10] -> x_0 [B, L, C] (one host sync)."""
         with self._lock:
             self._enter()
             r = self._runners["denoiser"]

@@ -7,7 +7,7 @@ loop, and, with ``cuda_graphs=True`` (the default), the whole n-step denoiser lo
 once per (batch, n) into a ``torch.cuda.CUDAGraph`` and replayed:
 
 - static device tensors x [B, L, C], noises [n, B, L, C], cond [2, B, L, W] (network dtype) and
-  steps [n, 9] (fp32) are allocated outside the capture, so they never live in the graph pool;
+  steps [n, 10] (fp32) are allocated outside the capture, so they never live in the graph pool;
 - first use of a (B, n): a few eager steps on a dedicated side stream (lazy cuBLAS/cuDNN set-up must
   not happen inside a capture), then the n-step loop captured on that same stream;
 - every call: copy the inputs into the static tensors, replay, copy x_0 out once (the host sync).
@@ -65,7 +65,7 @@ class _LoopGraph:
     x: Any          # (B, L, C)      network dtype, input
     noises: Any     # (n, B, L, C)   network dtype, input
     cond: Any       # (2, B, L, W)   network dtype, input
-    steps: Any      # (n, 9)         float32, input
+    steps: Any      # (n, 10)        float32, input
     out: Any        # (B, L, C)      network dtype, output (lives in the shared graph pool)
 
 
