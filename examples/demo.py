@@ -1,9 +1,9 @@
 """`make demo`: generate a grid of every class (and a GIF of the coarse-to-fine steps) from the demo bundle.
 
-Uses the committed demo bundle ``engines/far-demo`` when it exists. Until that bundle lands (it is
-trained by the training-pipeline work), this exports a RANDOM-INITIALISED tiny model to
-``build/demo-random`` and runs that instead: the pipeline, the backends and the files are real,
-but the pictures are not recognisable — the weights are untrained.
+Uses the committed demo bundle ``engines/far-demo`` (trained on scikit-learn's digits by
+examples/train_demo.py). Should it be missing (a partial checkout), this exports a RANDOM-INITIALISED
+tiny model to ``build/demo-random`` and runs that instead, saying so: the pipeline is real, the
+pictures are not.
 
     .venv/bin/python examples/demo.py [--bundle DIR] [--backend onnxruntime] [--out out/demo]
 """
@@ -17,6 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from PIL import Image  # noqa: E402
 
 import far_sdk  # noqa: E402
 from far_sdk.cli import _grid  # noqa: E402
@@ -54,14 +56,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     gen = far_sdk.Generator(bundle, backend=a.backend)
+    zoom = max(1, 128 // int(gen.bundle.manifest.get("image_size", 256)))  # show 32 px digits at 128 px
+
+    def grid(images):
+        g = _grid(images, cols=min(len(images), 10))
+        return g.resize((g.width * zoom, g.height * zoom), Image.NEAREST) if zoom > 1 else g
+
     labels = list(range(gen.bundle.num_classes))
     frames = []
     t0 = time.perf_counter()
     res = gen.generate(labels, seed=a.seed, progress=True, preview=True,
-                       on_step=lambda info: frames.append(_grid(info.preview, cols=min(len(labels), 10))))
+                       on_step=lambda info: frames.append(grid(info.preview)))
     dt = time.perf_counter() - t0
-    grid = _grid(res.images, cols=min(len(labels), 10))
-    grid.save(out / "grid.png")
+    grid(res.images).save(out / "grid.png")
     frames[0].save(out / "steps.gif", save_all=True, append_images=frames[1:], duration=[400] * (len(frames) - 1) + [2000], loop=0)
     b = gen.backend.describe()
     print(f"bundle {gen.bundle.name} on {b['backend']}/{b['device']}: {len(labels)} images, {res.plan.num_steps} outer steps, "

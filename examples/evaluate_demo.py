@@ -44,11 +44,15 @@ class DigitNet(nn.Module):
 
     def __init__(self):
         super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(128, 10)
+            block(1, 32), block(32, 32), nn.MaxPool2d(2),
+            block(32, 64), block(64, 64), nn.MaxPool2d(2),
+            block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(128, 10))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -61,24 +65,27 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     return x.mean(1, keepdim=True) if x.shape[1] == 3 else x
 
 
-def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int = 20, seed: int = 0) -> DigitNet:
+def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0) -> DigitNet:
+    """AdamW + cosine decay, per-image random shifts of up to 2 pixels (8 % of the side)."""
     torch.manual_seed(seed)
-    net = DigitNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    net = DigitNet().train()
+    steps = epochs * ((len(x) + 63) // 64)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     x = _grey(x)
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 64):
             idx = perm[i:i + 64]
-            xb = x[idx]
-            # light augmentation: random shifts of up to 2 pixels
-            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
-            xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
+            xb = F.pad(x[idx], (2, 2, 2, 2), value=-1.0)
+            dx, dy = torch.randint(0, 5, (2, len(idx)), generator=gen)
+            xb = torch.stack([im[:, a:a + 32, b:b + 32] for im, a, b in zip(xb, dy.tolist(), dx.tolist())])
             loss = F.cross_entropy(net(xb), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     return net.eval()
 
 

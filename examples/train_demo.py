@@ -67,11 +67,13 @@ def stage_far(a, work: Path) -> None:
     cfg = TrainConfig(model=MODEL, batch_size=a.batch, steps=a.far_steps, lr=a.far_lr, warmup_steps=100,
                       ema_rate=a.ema, out_dir=str(work / "far"), save_every=500, log_every=50, seed=a.seed,
                       diffusion_batch_mul=a.mul, high_t_fraction=a.high_t, resume=str(work / "far") if (work / "far" / "checkpoint-last.pth").exists() else None)
+    prev = json.loads((work / "far.json").read_text()) if cfg.resume and (work / "far.json").exists() else {}
     t0 = time.time()
     res = train(cfg, LatentDataset(work / "latents.npz"))
-    hist = [(s, round(l, 4)) for s, l, _ in res.history]
-    (work / "far.json").write_text(json.dumps({"steps": res.step, "seconds": time.time() - t0, "history": hist}))
-    print(f"far: {res.step} steps in {time.time() - t0:.0f} s; loss {hist[0][1]} -> {hist[-1][1]}")
+    hist = [tuple(h) for h in prev.get("history", [])] + [(s, round(l, 4)) for s, l, _ in res.history]
+    seconds = prev.get("seconds", 0.0) + time.time() - t0        # a resumed run adds to the earlier time
+    (work / "far.json").write_text(json.dumps({"steps": res.step, "seconds": seconds, "history": hist}))
+    print(f"far: {res.step} steps in {seconds:.0f} s in all; loss {hist[0][1]} -> {hist[-1][1]}")
 
 
 def stage_export(a, work: Path) -> None:

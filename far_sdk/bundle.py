@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError, BundleNotFoundError, IncompatibleBundleError, IntegrityError
+from .fileio import atomic_write_bytes
 from .graphs import GRAPH_NAMES, GraphSpec, TensorSpec
 
 MANIFEST_NAME = "manifest.json"
@@ -203,6 +204,4 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
     missing = [g for g in GRAPH_NAMES if g in manifest.get("graphs", {}) and manifest["graphs"][g]["file"] not in files]
     if missing:
         raise BundleError(f"graphs {missing} have no file in {bundle_dir}")
-    tmp = bundle_dir / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, bundle_dir / MANIFEST_NAME)
+    atomic_write_bytes(bundle_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())

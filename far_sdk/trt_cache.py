@@ -25,15 +25,14 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .bundle import sha256_file
+from .fileio import atomic_write_bytes, atomic_write_json, atomic_writer  # noqa: F401  (re-exported)
 from .errors import BackendUnavailableError, IncompatibleBundleError, InvalidArgumentError
 from .graphs import GRAPH_NAMES
 
@@ -367,48 +366,6 @@ def find_plan(bundle: Any, graph: str, *, env: BuildEnv, precision: str | None =
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-
-
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every platform/filesystem
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
-    """A binary file that appears at ``path`` complete or not at all.
-
-    Writes a temporary file in ``path``'s directory (so the rename is atomic), fsyncs it and
-    ``os.replace``s it onto ``path``; on any error or interrupt the temporary is removed and an
-    existing ``path`` is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    with atomic_writer(path) as f:
-        f.write(data)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ pytest.importorskip("onnxruntime")
 
 import far_sdk  # noqa: E402
 from far_sdk.noise import SeededNoise  # noqa: E402
+from far_sdk.pipeline import resolve_plan  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,9 @@ def test_onnxruntime_equals_reference_sampler_to_1e4_abs(gen, far, plan):
 
     labels = [0, 3, 8]
     out = gen.generate(labels, seed=42, output_type="latent", **plan)
-    ref = sample_reference(far, labels, noise=SeededNoise.from_seed(42, len(labels)), cfg=gen.bundle.defaults.get("cfg", 3.0), **plan).numpy()
+    resolved = resolve_plan(gen.bundle.defaults, **plan)    # the bundle's defaults (cfg, x0_clip, ...) + plan
+    assert out.plan == resolved
+    ref = sample_reference(far, labels, noise=SeededNoise.from_seed(42, len(labels)), plan=resolved).numpy()
     assert np.abs(ref).max() < 50, "a trained model's latents stay O(1)"
     err = float(np.abs(out.latents - ref).max())
     assert err <= 1e-4, f"max abs error {err:.3g}"

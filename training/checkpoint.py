@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from far_sdk.errors import CheckpointError, ConfigError
+from far_sdk.fileio import atomic_writer
 
 from ._io import check_state_dict, safe_torch_load
 from .config import FAR_CONFIGS, FARConfig, config_from_official_args
@@ -120,14 +120,5 @@ def save_official_checkpoint(
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save into a temp file beside ``path``, fsync, then os.replace (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        torch.save(obj, f)

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from far_sdk.errors import InvalidArgumentError
+from far_sdk.fileio import atomic_writer
 
 from .vae import AutoencoderKL
 
@@ -168,29 +169,18 @@ class ImageFolderLatents(Dataset):
 
 def write_latents(path: str | os.PathLike, latents: np.ndarray, labels: np.ndarray) -> Path:
     """Write ``latents`` float32 [N, C, H, W] and ``labels`` int64 [N] to .npz or .safetensors, atomically."""
-    import tempfile
-
     path = Path(path)
     arrays = {"latents": np.ascontiguousarray(latents, dtype=np.float32),
               "labels": np.ascontiguousarray(labels, dtype=np.int64)}
     if path.suffix not in (".npz", ".safetensors"):
         raise InvalidArgumentError(f"latents output {path} must end in .npz or .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".npz":
-                np.savez(f, **arrays)
-            else:
-                from safetensors.numpy import save
+    with atomic_writer(path) as f:
+        if path.suffix == ".npz":
+            np.savez(f, **arrays)
+        else:
+            from safetensors.numpy import save
 
-                f.write(save(arrays))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            f.write(save(arrays))
     return path
 
 
