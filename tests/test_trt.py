@@ -305,7 +305,9 @@ def test_atomic_writer_leaves_nothing_on_error(tmp_path):
 
 def test_record_plan_failure_leaves_no_temp_files(fake_bundle, monkeypatch):
     key = _key(fake_bundle)
-    monkeypatch.setattr(tc.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    import far_sdk.fileio as fio  # the atomic writer lives there
+
+    monkeypatch.setattr(fio.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OSError, match="No space"):
         _record(fake_bundle, key)
     assert [p.name for p in (fake_bundle.path / "trt").iterdir()] == []
