@@ -9,6 +9,21 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
+from ..errors import InvalidArgumentError
+
+#: Every option some backend takes. backend="auto" passes the caller's options to each backend it
+#: tries, so a backend ignores the others' options but refuses names no backend knows.
+BACKEND_OPTIONS = frozenset({"device", "threads", "precision", "cuda_graphs", "max_cuda_graphs", "io_binding",
+                             "trt_fp16", "tf32", "vae_precision", "batch", "opt_level"})
+
+
+def check_backend_options(backend: str, own: tuple[str, ...], other: dict[str, Any], log: Any) -> None:
+    """Raise for option names no backend knows; log (and ignore) those meant for other backends."""
+    unknown = sorted(set(other) - BACKEND_OPTIONS)
+    if unknown:
+        raise InvalidArgumentError(f"backend {backend!r} has no option(s) {unknown}; it takes {', '.join(own)}")
+    if other:
+        log.info("%s backend: ignoring options of other backends %s", backend, sorted(other))
 
 
 class Backend(ABC):

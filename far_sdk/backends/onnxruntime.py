@@ -31,7 +31,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError, InvalidArgumentError
 from ..graphs import GRAPH_NAMES
-from .base import Backend
+from .base import Backend, check_backend_options
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ DEVICE_ALIGN = 256
 #: keeps plain ``session.run``, the simpler path. ``scripts/gpu_check.py --io-binding-bench`` re-measures.
 CPU_IO_BINDING_DEFAULT = False
 #: Options other backends take; create_backend("auto", ...) hands every option to each backend it tries.
-_OTHER_BACKENDS_OPTIONS = frozenset({"precision", "cuda_graphs", "max_cuda_graphs", "vae_precision", "batch", "opt_level"})
 
 
 def _import_ort():
@@ -105,12 +104,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int | None = None, io_binding: bool | None = None,
                  trt_fp16: bool = False, tf32: bool = False, **other: Any):
         super().__init__(bundle)
-        unknown = sorted(set(other) - _OTHER_BACKENDS_OPTIONS)
-        if unknown:
-            raise InvalidArgumentError(f"backend 'onnxruntime' has no option(s) {unknown}; it takes device, threads, "
-                                       "io_binding, trt_fp16, tf32")
-        if other:
-            log.info("onnxruntime backend: ignoring options of other backends %s", sorted(other))
+        check_backend_options(self.name, ("device", "threads", "io_binding", "trt_fp16", "tf32"), other, log)
         ort = _import_ort()
         self._ort = ort
         available = ort.get_available_providers()

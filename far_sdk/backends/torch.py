@@ -33,7 +33,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError, InvalidArgumentError
-from .base import Backend
+from .base import Backend, check_backend_options
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ MAX_CUDA_GRAPHS = 32
 #: Eager denoiser steps run on the capture stream before a capture (lazy library set-up, autotuning).
 WARMUP_STEPS = 3
 #: Options other backends take; create_backend("auto", ...) hands every option to each backend it tries.
-_OTHER_BACKENDS_OPTIONS = frozenset({"io_binding", "trt_fp16", "tf32", "vae_precision", "batch", "opt_level"})
 #: PyTorch allows one CUDA graph capture at a time per process (torch.cuda.graph's documented restriction).
 _CAPTURE_LOCK = threading.Lock()
 
@@ -80,12 +79,7 @@ class TorchBackend(Backend):
     def __init__(self, bundle: Bundle, *, device: str = "auto", precision: str = "fp32", threads: int | None = None,
                  cuda_graphs: bool = True, max_cuda_graphs: int = MAX_CUDA_GRAPHS, **other: Any):
         super().__init__(bundle)
-        unknown = sorted(set(other) - _OTHER_BACKENDS_OPTIONS)
-        if unknown:
-            raise InvalidArgumentError(f"backend 'torch' has no option(s) {unknown}; it takes device, precision, threads, "
-                                       "cuda_graphs, max_cuda_graphs")
-        if other:
-            log.info("torch backend: ignoring options of other backends %s", sorted(other))
+        check_backend_options(self.name, ("device", "precision", "threads", "cuda_graphs", "max_cuda_graphs"), other, log)
         torch = _import_torch()
         self._torch = torch
         from safetensors.torch import load_file
