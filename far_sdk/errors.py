@@ -51,3 +51,7 @@ class EngineProfileError(FarError, ValueError):
 
 class ExportError(FarError, RuntimeError):
     """Exporting a model failed, or the exported graph disagrees with PyTorch beyond tolerance."""
+
+
+class NumericalError(FarError, FloatingPointError):
+    """A sampler produced non-finite values (NaN or infinity), e.g. from NaN noise or weights."""

@@ -25,9 +25,10 @@ from typing import Any, Literal
 import numpy as np
 
 from .backends import Backend, create_backend
+from .backends.base import HostDraws, LoopState, SeededDraws
 from .bundle import Bundle
 from .diffusion import denoise_step_table
-from .errors import EngineProfileError, InvalidArgumentError
+from .errors import EngineProfileError, InvalidArgumentError, NumericalError
 from .filters import filter_matrix
 from .noise import NoiseFn, SeededNoise
 from .schedules import InnerSteps, SamplingPlan, make_plan
@@ -143,39 +144,56 @@ class Generator:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def iter_steps(self, class_ids: Sequence[int], plan: SamplingPlan, noise: NoiseFn,
-                   timings: dict[str, float] | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """The sampling loop. Yields (step, raw latents [B, C, H, W], tokens handed on [B, L, C]).
+                   timings: dict[str, float] | None = None) -> Iterator[tuple[int, LoopState]]:
+        """The sampling loop. Yields (step, state) after each outer step; ``self.backend.fetch(state.raw)``
+        is that step's sample [B, L, C] before low-passing, ``state.tokens`` what the next step sees.
 
-        ``noise`` is called in the documented order (far_sdk.noise): per outer step x_T, then one
-        draw per inner step. Stage times are added to ``timings`` (device-synchronised).
+        ``noise`` is drawn in the documented order (far_sdk.noise): per outer step x_T, then one
+        draw per inner step. A :class:`SeededNoise` is handed to the backend as stream positions
+        (:class:`SeededDraws`), so a GPU backend draws the same numbers on the device; any other
+        source is called on the host. Stage times are added to ``timings`` (device-synchronised).
+        Raises :class:`NumericalError` when a step's sample is not finite.
         """
         be, B, L, C, G = self.backend, len(class_ids), self.seq_len, self.channels, self.grid
         t = timings if timings is not None else {}
         ids = np.array(list(class_ids) + [self.bundle.null_class_id] * B, dtype=np.int64)  # [labels; null]
-        tokens = np.zeros((B, L, C), dtype=np.float32)
+        state = be.begin(ids, B, L, C)
+        seeded = isinstance(noise, SeededNoise)
         for s in range(plan.num_steps):
-            t0 = time.perf_counter()
-            cond = be.transformer(np.concatenate([tokens, tokens]), ids, plan.levels[s])    # (2B, L, W)
-            be.synchronize()
-            t1 = time.perf_counter()
             n = plan.inner_steps[s]
-            x = noise((B, L, C))
-            noises = np.stack([noise((B, L, C)) for _ in range(n)])                          # (n, B, L, C)
-            steps = denoise_step_table(n, plan.cfg[s], plan.temperature[s], plan.x0_clip)
-            x = be.denoise(x, noises, cond, steps)                                           # (B, L, C), host
-            t2 = time.perf_counter()
-            raw = x.reshape(B, G, G, C).transpose(0, 3, 1, 2)                                # (B, C, H, W)
-            after = plan.filter_after[s]
-            if after is not None:
-                m = filter_matrix(after, plan.filter, G).astype(np.float32)
-                nxt = m @ raw @ m.T
+            last = [0.0]
+
+            def mark(stage: str, last=last) -> None:
+                be.synchronize()                                  # device work of the stage is done
+                now = time.perf_counter()
+                t[stage] = t.get(stage, 0.0) + now - last[0]
+                last[0] = now
+
+            t0 = time.perf_counter()
+            if seeded:
+                draws: HostDraws | SeededDraws = SeededDraws(noise.seeds, noise.position)
+                noise.skip((n + 1) * L * C)
             else:
-                nxt = raw
-            tokens = np.ascontiguousarray(nxt.transpose(0, 2, 3, 1)).reshape(B, L, C)
-            t3 = time.perf_counter()
-            for k, dt in (("transformer", t1 - t0), ("denoise", t2 - t1), ("filter", t3 - t2)):
-                t[k] = t.get(k, 0.0) + dt
-            yield s, np.ascontiguousarray(raw), tokens
+                x = noise((B, L, C))
+                draws = HostDraws(x=x, noises=np.stack([noise((B, L, C)) for _ in range(n)]).reshape(n, B, L, C))
+            steps = denoise_step_table(n, plan.cfg[s], plan.temperature[s], plan.x0_clip)
+            after = plan.filter_after[s]
+            fm = None if after is None else filter_matrix(after, plan.filter, G).astype(np.float32)
+            t["denoise"] = t.get("denoise", 0.0) + time.perf_counter() - t0   # host-side draws count as "denoise"
+            last[0] = time.perf_counter()
+            be.outer_step(state, level=plan.levels[s], steps=steps, filter_matrix=fm, draws=draws, mark=mark)
+            if not be.all_finite(state.raw):
+                raise NumericalError(
+                    f"outer step {s} (level {plan.levels[s]}) produced non-finite latents (NaN or inf): check the noise "
+                    "source and the bundle's weights; an unclipped sampler on an untrained model can also overflow "
+                    "(try x0_clip=)")
+            yield s, state
+
+    def latents_of(self, state: LoopState) -> np.ndarray:
+        """The sample of the last outer step as host latents [B, C, H, W] (a host sync on GPUs)."""
+        raw = self.backend.fetch(state.raw)
+        G = self.grid
+        return np.ascontiguousarray(raw.reshape(raw.shape[0], G, G, -1).transpose(0, 3, 1, 2))
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """latents [B, C, H, W] -> float RGB [B, 3, H', W'] in about [-1, 1]."""
@@ -267,11 +285,12 @@ class Generator:
         for start in range(0, B, chunk):
             part_ids = ids[start:start + chunk]
             part_noise = source.split(start, start + len(part_ids)) if isinstance(source, SeededNoise) else source
-            raw = None
-            for s, raw, _tokens in self.iter_steps(part_ids, plan, part_noise, timings):
+            state = None
+            for s, state in self.iter_steps(part_ids, plan, part_noise, timings):
                 if bar is not None:
                     bar.update(1)
                 if on_step is not None:
+                    raw = self.latents_of(state)
                     pv = None
                     if preview:
                         t0 = time.perf_counter()
@@ -280,7 +299,7 @@ class Generator:
                     if on_step(StepInfo(step=s, num_steps=plan.num_steps, level=plan.levels[s], latents=raw, preview=pv)) is False:
                         stopped = True
                         break
-            latents_parts.append(raw)
+            latents_parts.append(self.latents_of(state))
             if stopped:
                 break
         return latents_parts, stopped

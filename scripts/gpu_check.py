@@ -3,6 +3,7 @@
     .venv/bin/python scripts/gpu_check.py                                          # far_base + kl16 (minutes)
     .venv/bin/python scripts/gpu_check.py --model far_tiny --vae-config kl16-tiny --quick   # a quick run
     .venv/bin/python scripts/gpu_check.py --bundle engines/NAME --json out.json     # a bundle of real weights
+    .venv/bin/python scripts/gpu_check.py --perf --out DIR     # speed: FAR-L/FAR-H, batch 1/8/64 (scripts/gpu_perf.py)
 
 Exports a random-initialised bundle of ``--model`` / ``--vae-config`` to a temp dir (or takes
 ``--bundle``), computes reference latents on the CPU (the PyTorch reference sampler for small models,
@@ -408,6 +409,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "--perf" in args:   # the performance run (scripts/gpu_perf.py): issue 10's figures
+        import gpu_perf
+
+        return gpu_perf.main(args)
     a = parse_args(argv)
     command = " ".join(shlex.quote(x) for x in ["python", "scripts/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
     env = environment()

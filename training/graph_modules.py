@@ -6,6 +6,8 @@ so a bundle's graphs and the torch backend compute the same function by construc
 - :class:`TransformerGraph`: tokens [N, L, C], class_ids [N] int64, level [1] -> cond [N, L, W].
 - :class:`DenoiserGraph`: x [B, L, C], noise [B, L, C], cond [2, B, L, W], step [10] -> x_prev [B, L, C].
 - :class:`VAEDecoderGraph`: latents [B, C, H, W] -> image [B, 3, f H, f W].
+- :class:`FusedDenoiserStep`: the denoiser step as the torch backend runs it on GPUs (same function,
+  fewer and larger kernels); :func:`ddpm_update` is the guided DDPM arithmetic both share.
 
 Ops stay ONNX-friendly at opset 17 (one Gather for the class table, LayerNormalization, no
 data-dependent control flow) and keep the reference sampler's float32 evaluation order.
@@ -80,22 +82,76 @@ class DenoiserGraph(nn.Module):
         net = self.net
         t = step[_T:_T + 1]                                                  # (1,)
         temb = net.time_embed.mlp(timestep_features(t, net.time_embed.freq_dim).to(cond.dtype))  # (1, W)
-        out = net.trunk(h, temb + cond.reshape(2 * B * L, W))              # (2BL, 2C)
-        # The DDPM arithmetic runs in fp32 whatever the network's dtype: at t = 999, x0 = 2e4 x - 2e4 eps
-        # loses everything in bf16. In fp32 these casts are no-ops (nothing changes in the ONNX graph).
-        out = out.float().reshape(2, B * L, 2 * C)                           # (2, BL, 2C): [cond; uncond]
-        xf = xf.float()
-        eps_c, eps_u = out[0, :, :C], out[1, :, :C]                          # (BL, C) each
-        eps = eps_u + step[_CFG] * (eps_c - eps_u)
-        v = out[0, :, C:]                                                    # (BL, C): conditional half's v
-        x0 = step[_SQRT_RECIP] * xf - step[_SQRT_RECIPM1] * eps
-        clip = step[_X0_CLIP]
-        x0 = torch.minimum(torch.maximum(x0, -clip), clip)                   # +inf (official): exact no-op
-        mean = step[_COEF1] * x0 + step[_COEF2] * xf
-        frac = (v + 1) / 2
-        log_var = frac * step[_MAX_LOG] + (1 - frac) * step[_MIN_LOG]
-        x_prev = mean + torch.exp(0.5 * log_var) * noise.reshape(B * L, C).float() * step[_NOISE]
-        return x_prev.reshape(B, L, C).to(x.dtype)                                       # (B, L, C)
+        out = net.trunk(h.to(cond.dtype), temb + cond.reshape(2 * B * L, W))  # (2BL, 2C)
+        return ddpm_update(out, xf, noise.reshape(B * L, C), step).reshape(B, L, C).to(x.dtype)   # (B, L, C)
+
+
+def ddpm_update(out: torch.Tensor, xf: torch.Tensor, noise: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The guided reverse step from the network output, in fp32 whatever the network's dtype.
+
+    out [2N, 2C] (rows [cond; uncond], columns [eps, v]), xf [N, C], noise [N, C], step [>= 10]
+    (:data:`far_sdk.graphs.STEP_FIELDS`) -> x_prev [N, C] float32:
+    eps = eps_u + cfg (eps_c - eps_u); x0 = clip(a x - b eps); mean = c1 x0 + c2 x;
+    log_var = frac max_log + (1 - frac) min_log, frac = (v_c + 1) / 2; x_prev = mean + exp(log_var / 2) noise s.
+    At t = 999, x0 = 2e4 x - 2e4 eps loses everything in bf16, hence fp32 (no-op casts in an fp32 graph).
+    """
+    C = xf.shape[-1]
+    out = out.float().reshape(2, -1, 2 * C)                                  # (2, N, 2C): [cond; uncond]
+    xf = xf.float()
+    eps_c, eps_u = out[0, :, :C], out[1, :, :C]                              # (N, C) each
+    eps = eps_u + step[_CFG] * (eps_c - eps_u)
+    v = out[0, :, C:]                                                        # (N, C): conditional half's v
+    x0 = step[_SQRT_RECIP] * xf - step[_SQRT_RECIPM1] * eps
+    clip = step[_X0_CLIP]
+    x0 = torch.minimum(torch.maximum(x0, -clip), clip)                       # +inf (official): exact no-op
+    mean = step[_COEF1] * x0 + step[_COEF2] * xf
+    frac = (v + 1) / 2
+    log_var = frac * step[_MAX_LOG] + (1 - frac) * step[_MIN_LOG]
+    return mean + torch.exp(0.5 * log_var) * noise.float() * step[_NOISE]
+
+
+class FusedDenoiserStep(nn.Module):
+    """:class:`DenoiserGraph`'s step restructured for GPUs; the same function to rounding.
+
+    - The time embedding is an input: :meth:`time_table` embeds all n timesteps of an outer step
+      in one call instead of two 1-row GEMMs per step.
+    - Every adaLN modulation (3 W per res block, 2 W for the final layer) is ONE GEMM on SiLU(y):
+      y = temb + cond is shared by all blocks, so the concatenated weights give each block's chunk
+      (4 small GEMMs -> 1 that fills the GPU).
+    - x and noise stay fp32 (the latents never round to bf16); only the network runs in its dtype.
+    The concatenated adaLN weights are copies made at construction: build it after moving ``net``.
+    """
+
+    def __init__(self, net: SimpleMLPAdaLN):
+        super().__init__()
+        self.net = net
+        mods = [blk.adaLN_modulation[1] for blk in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
+        self.register_buffer("ada_weight", torch.cat([m.weight.detach() for m in mods]).clone(), persistent=False)
+        self.register_buffer("ada_bias", torch.cat([m.bias.detach() for m in mods]).clone(), persistent=False)
+
+    def time_table(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """timesteps [n] (float, 0..999) -> time embeddings [n, W] in ``dtype``."""
+        net = self.net
+        return net.time_embed.mlp(timestep_features(timesteps, net.time_embed.freq_dim).to(dtype))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor, temb: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """x, noise [B, L, C] fp32; cond [2, B, L, W]; temb [W] (a :meth:`time_table` row); step [>= 10] fp32 -> x_prev fp32."""
+        B, L, C = x.shape
+        W = cond.shape[-1]
+        net = self.net
+        xf = x.reshape(B * L, C)                                             # (BL, C)
+        y = temb + cond.reshape(2 * B * L, W)                                # (2BL, W): as DenoiserGraph
+        mods = F.linear(F.silu(y), self.ada_weight, self.ada_bias)           # (2BL, (3 depth + 2) W)
+        h = net.input_proj(torch.cat([xf, xf]).to(cond.dtype))               # (2BL, W)
+        off = 0
+        for blk in net.res_blocks:
+            shift, scale, gate = mods[:, off:off + 3 * W].chunk(3, dim=-1)
+            off += 3 * W
+            h = h + gate * blk.mlp(blk.in_ln(h) * (1 + scale) + shift)
+        shift, scale = mods[:, off:off + 2 * W].chunk(2, dim=-1)
+        fl = net.final_layer
+        out = fl.linear(fl.norm_final(h) * (1 + scale) + shift)              # (2BL, 2C)
+        return ddpm_update(out, xf, noise.reshape(B * L, C), step).reshape(B, L, C)
 
 
 class VAEDecoderGraph(nn.Module):

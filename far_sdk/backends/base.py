@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,7 @@ from ..errors import InvalidArgumentError
 
 #: Every option some backend takes. backend="auto" passes the caller's options to each backend it
 #: tries, so a backend ignores the others' options but refuses names no backend knows.
-BACKEND_OPTIONS = frozenset({"device", "threads", "precision", "cuda_graphs", "max_cuda_graphs", "io_binding",
+BACKEND_OPTIONS = frozenset({"device", "threads", "precision", "cuda_graphs", "max_cuda_graphs", "compile", "io_binding",
                              "trt_fp16", "tf32", "vae_precision", "batch", "opt_level"})
 
 
@@ -24,6 +26,52 @@ def check_backend_options(backend: str, own: tuple[str, ...], other: dict[str, A
         raise InvalidArgumentError(f"backend {backend!r} has no option(s) {unknown}; it takes {', '.join(own)}")
     if other:
         log.info("%s backend: ignoring options of other backends %s", backend, sorted(other))
+
+
+@dataclass(frozen=True)
+class HostDraws:
+    """One outer step's noise as host arrays: x_T [B, L, C] and the inner steps' draws [n, B, L, C]
+    (a replayed or user-supplied noise source)."""
+
+    x: np.ndarray
+    noises: np.ndarray
+
+
+@dataclass(frozen=True)
+class SeededDraws:
+    """One outer step's noise as a place in each image's Philox stream (:mod:`far_sdk.noise`):
+    normals ``start .. start + (n + 1) L C - 1`` of every seed — x_T first, then one [L, C] draw per
+    inner step. A backend draws them where its data lives (the torch backend: on the GPU, fused into
+    the denoiser step); the default materialises them with NumPy. Same numbers either way."""
+
+    seeds: tuple[int, ...]
+    start: int
+
+    def materialize(self, n: int, seq_len: int, channels: int) -> HostDraws:
+        from ..noise import philox_normals
+
+        B, L, C = len(self.seeds), seq_len, channels
+        z = philox_normals(self.seeds, self.start, (n + 1) * L * C).reshape(B, n + 1, L, C)
+        z = np.ascontiguousarray(z.transpose(1, 0, 2, 3))                    # (n + 1, B, L, C)
+        return HostDraws(x=z[0], noises=z[1:])
+
+
+@dataclass
+class LoopState:
+    """What one generation carries from outer step to outer step. ``tokens`` and ``raw`` are backend
+    arrays (host NumPy by default; device tensors on the torch backend): read them with
+    :meth:`Backend.fetch`."""
+
+    class_ids: np.ndarray          # [2B] int64: the labels, then B null ids (CFG)
+    batch: int
+    tokens: Any                    # [B, L, C] float32: what the next outer step's transformer sees
+    raw: Any = None                # [B, L, C] float32: the last outer step's sample, before low-passing
+    buffers: Any = None            # backend-private (e.g. the torch backend's static device buffers)
+
+
+#: ``mark(stage)`` is called when a stage of an outer step ends ("transformer", "denoise", "filter");
+#: the pipeline synchronises the device there and books the time since the previous mark.
+Mark = Callable[[str], None]
 
 
 class Backend(ABC):
@@ -82,9 +130,49 @@ class Backend(ABC):
             x = self.run("denoiser", {"x": x, "noise": noises[i], "cond": cond2, "step": steps[i]})["x_prev"]
         return x
 
+    # ---- one outer step (the loop calls these; fast backends override them) ---------------------
+    def begin(self, class_ids: np.ndarray, batch: int, seq_len: int, channels: int) -> LoopState:
+        """State for a generation of ``batch`` images; class_ids [2B] (labels, then null ids); tokens start at 0."""
+        return LoopState(class_ids=np.ascontiguousarray(class_ids, dtype=np.int64), batch=batch,
+                         tokens=np.zeros((batch, seq_len, channels), dtype=np.float32))
+
+    def outer_step(self, state: LoopState, *, level: int, steps: np.ndarray, filter_matrix: np.ndarray | None,
+                   draws: HostDraws | SeededDraws, mark: Mark) -> None:
+        """One outer step, in place on ``state``: cond = transformer([tokens; tokens]); x = n guided DDPM
+        steps from x_T; state.raw = x; state.tokens = M x M^T per channel (``filter_matrix`` M [G, G];
+        None: not filtered). steps [n, 10] (:data:`far_sdk.graphs.STEP_FIELDS` rows, noisiest first)."""
+        tokens = state.tokens
+        B, L, C = tokens.shape
+        cond = self.transformer(np.concatenate([tokens, tokens]), state.class_ids, level)   # (2B, L, W)
+        mark("transformer")
+        n = int(steps.shape[0])
+        host = draws if isinstance(draws, HostDraws) else draws.materialize(n, L, C)
+        x = self.denoise(host.x, host.noises, cond, steps)                                   # (B, L, C), host
+        mark("denoise")
+        state.raw = x
+        state.tokens = x if filter_matrix is None else low_pass_tokens(x, filter_matrix)
+        mark("filter")
+
+    def fetch(self, array: Any) -> np.ndarray:
+        """A backend array (``LoopState.tokens`` / ``.raw``) as a host float32 array (a host sync on devices)."""
+        return np.asarray(array, dtype=np.float32)
+
+    def all_finite(self, array: Any) -> bool:
+        """Whether every element of a backend array is finite (checked after every outer step)."""
+        return bool(np.isfinite(np.asarray(array)).all())
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """latents [B, C, H, W] (sampler scale) -> image [B, 3, 16H, 16W] in about [-1, 1]."""
         return self.run("vae_decoder", {"latents": latents})["image"]
 
     def close(self) -> None:
         """Release sessions/engines. The backend is unusable afterwards."""
+
+
+def low_pass_tokens(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """x [B, L, C] on a G x G grid (row-major) -> M X M^T per image and channel, as tokens [B, L, C]."""
+    B, L, C = x.shape
+    G = m.shape[0]
+    img = x.reshape(B, G, G, C).transpose(0, 3, 1, 2)                       # (B, C, G, G)
+    out = m @ img @ m.T                                                      # (B, C, G, G)
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1)).reshape(B, L, C)

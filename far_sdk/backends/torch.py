@@ -1,23 +1,28 @@
 """PyTorch backend: runs the bundle's weights through the same graph modules the ONNX graphs were
 exported from. Imports torch and ``training`` only when chosen.
 
-On CUDA it is the fallback for users without TensorRT: fp32, bf16 or fp16 weights and activations
-(the step vector and the VAE decoder stay fp32), ``cond`` and ``x`` on the GPU through the inner
-loop, and, with ``cuda_graphs=True`` (the default), the whole n-step denoiser loop of a call captured
-once per (batch, n) into a ``torch.cuda.CUDAGraph`` and replayed:
+The whole generation stays on the device between the class ids going in and the latents coming out
+(one host copy per image at the end, plus a few bytes of plan per outer step):
 
-- static device tensors x [B, L, C], noises [n, B, L, C], cond [2, B, L, W] (network dtype) and
-  steps [n, 10] (fp32) are allocated outside the capture, so they never live in the graph pool;
-- first use of a (B, n): a few eager steps on a dedicated side stream (lazy cuBLAS/cuDNN set-up must
-  not happen inside a capture), then the n-step loop captured on that same stream;
-- every call: copy the inputs into the static tensors, replay, copy x_0 out once (the host sync).
+- per outer step two stages: the transformer (``TransformerGraph``) writes ``cond``; then the n-step
+  inner loop (``FusedDenoiserStep``: one adaLN GEMM for all blocks, the time embeddings of all n steps
+  in one call, latents in fp32) and the low-pass filter on the device;
+- seeded noise (:class:`~far_sdk.backends.base.SeededDraws`) is drawn on the device by the same
+  Philox4x32-10 as :mod:`far_sdk.noise` (``torch_noise.philox_normals_torch``), inside the step, so
+  no noise crosses the bus; replayed noise (:class:`~far_sdk.backends.base.HostDraws`) is uploaded;
+- on CUDA with ``cuda_graphs=True`` (default) each stage is captured once into a
+  ``torch.cuda.CUDAGraph`` — the transformer per batch size, the inner loop per (batch, n, filtered,
+  noise kind) — and replayed (LRU of ``max_cuda_graphs``);
+- with ``compile=True`` (default on CUDA: "auto") the denoiser step (noise, network, DDPM update) is
+  compiled by ``torch.compile`` (Inductor) into a few fused kernels before capture; on the CPU it is
+  off by default (Inductor's C++ build takes a minute there) and may be switched on.
 
-All captured graphs share one memory pool. PyTorch documents pool sharing as safe when graphs are
-never replayed concurrently; they may be replayed in any order here because a replay reads only its
-own static inputs (allocated outside the pool) and the weights, and its output is copied to the host
-before the lock is released, so a later replay of another graph may overwrite it. The lock, the
-static inputs and the graph cache are per backend: such a backend serves one generation at a time
-(``concurrent_generate`` is False), as the TensorRT backend does.
+Static buffers (per batch size: tokens, raw, cond, class ids, seeds, level, the step table, stream
+positions, the filter matrix, uploaded noise) are allocated outside any capture, so the graphs only
+read and write them; intermediates live in one shared graph pool. PyTorch documents pool sharing as
+safe when graphs never replay concurrently: a backend serves one generation at a time
+(``concurrent_generate`` is False with graphs), and a graph's results are copied into the static
+buffers before the next replay may reuse the pool.
 """
 
 from __future__ import annotations
@@ -26,24 +31,28 @@ import collections
 import logging
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError, InvalidArgumentError
-from .base import Backend, check_backend_options
+from .base import Backend, HostDraws, LoopState, Mark, SeededDraws, check_backend_options
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-#: Captured (batch, n) loops kept per backend, least recently used dropped first. The paper's
-#: frequency-aware schedule alone uses 10 distinct n per batch size, so 32 keeps three batch sizes.
-MAX_CUDA_GRAPHS = 32
-#: Eager denoiser steps run on the capture stream before a capture (lazy library set-up, autotuning).
-WARMUP_STEPS = 3
-#: Options other backends take; create_backend("auto", ...) hands every option to each backend it tries.
+#: Captured graphs kept per backend (least recently used dropped first). The paper's frequency-aware
+#: schedule uses 10 distinct n per batch size (+1 transformer graph), so 64 keeps five batch sizes.
+MAX_CUDA_GRAPHS = 64
+#: Eager runs of a stage on the capture stream before its capture (lazy library set-up, autotuning).
+WARMUP_RUNS = 2
+#: Largest inner-step count (far_sdk.diffusion.respaced_timesteps allows 1..1000).
+MAX_INNER_STEPS = 1000
+#: Row stride of the static step table (floats): 64-byte rows keep every row view 16-byte aligned,
+#: which Inductor's kernels assume for their inputs.
+STEP_STRIDE = 16
 #: PyTorch allows one CUDA graph capture at a time per process (torch.cuda.graph's documented restriction).
 _CAPTURE_LOCK = threading.Lock()
 
@@ -57,36 +66,44 @@ def _import_torch():
 
 
 @dataclass
-class _LoopGraph:
-    """One captured n-step denoiser loop and the static tensors its kernels read and write."""
+class _Batch:
+    """Static device buffers of one batch size, shared by that size's graphs and eager runs."""
 
-    graph: Any      # torch.cuda.CUDAGraph
-    x: Any          # (B, L, C)      network dtype, input
-    noises: Any     # (n, B, L, C)   network dtype, input
-    cond: Any       # (2, B, L, W)   network dtype, input
-    steps: Any      # (n, 10)        float32, input
-    out: Any        # (B, L, C)      network dtype, output (lives in the shared graph pool)
+    B: int
+    tokens: Any        # (B, L, C)            fp32: the transformer's input tokens
+    raw: Any           # (B, L, C)            fp32: the last outer step's sample
+    cond: Any          # (2, B, L, W)         network dtype: the transformer's output
+    ids: Any           # (2B,)                int64
+    seeds: Any         # (B,)                 int64
+    level: Any         # (1,)                 fp32
+    steps: Any         # (MAX_INNER_STEPS, STEP_STRIDE) fp32: rows 0..n-1 = this outer step's step table
+    pos: Any           # (MAX_INNER_STEPS + 1, 2) int64: [k, 0] = stream position of draw k (x_T = draw 0)
+    fmat: Any          # (G, G)               fp32
+    noise: Any = None  # (n + 1, B, L, C)     fp32: uploaded host draws (grown on demand)
+    graphs: dict = field(default_factory=dict)
 
 
 class TorchBackend(Backend):
-    """``device``: "cpu", "cuda", "cuda:N" or "auto"; ``precision``: "fp32" | "bf16" | "fp16" (the VAE stays fp32);
-    ``threads``: CPU intra-op threads; ``cuda_graphs``: on CUDA, replay the denoiser loop from captured
-    CUDA graphs (no effect on CPU; falls back to eager launches if a capture fails);
-    ``max_cuda_graphs``: captured loops kept (LRU)."""
+    """``device``: "cpu", "cuda", "cuda:N" or "auto"; ``precision``: "fp32" | "bf16" | "fp16" (networks
+    only: latents, noise and the DDPM arithmetic stay fp32, the VAE decoder runs in fp32);
+    ``threads``: CPU intra-op threads; ``cuda_graphs``: on CUDA, replay captured CUDA graphs (falls back
+    to eager launches if a capture fails); ``max_cuda_graphs``: captured graphs kept (LRU);
+    ``compile``: True | False | "auto" (CUDA only) — compile the denoiser step with torch.compile."""
 
     name = "torch"
 
     def __init__(self, bundle: Bundle, *, device: str = "auto", precision: str = "fp32", threads: int | None = None,
-                 cuda_graphs: bool = True, max_cuda_graphs: int = MAX_CUDA_GRAPHS, **other: Any):
+                 cuda_graphs: bool = True, max_cuda_graphs: int = MAX_CUDA_GRAPHS, compile: bool | str = "auto",
+                 **other: Any):
         super().__init__(bundle)
-        check_backend_options(self.name, ("device", "precision", "threads", "cuda_graphs", "max_cuda_graphs"), other, log)
+        check_backend_options(self.name, ("device", "precision", "threads", "cuda_graphs", "max_cuda_graphs", "compile"), other, log)
         torch = _import_torch()
         self._torch = torch
         from safetensors.torch import load_file
 
         from training.config import FARConfig
         from training.far import FAR
-        from training.graph_modules import DenoiserGraph, TransformerGraph, VAEDecoderGraph
+        from training.graph_modules import DenoiserGraph, FusedDenoiserStep, TransformerGraph, VAEDecoderGraph
         from training.vae import AutoencoderKL, VAEConfig
 
         if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
@@ -107,11 +124,14 @@ class TorchBackend(Backend):
             raise InvalidArgumentError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
         if isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) or max_cuda_graphs < 1:
             raise InvalidArgumentError(f"max_cuda_graphs must be a positive integer, got {max_cuda_graphs!r}")
+        if compile not in (True, False, "auto"):
+            raise InvalidArgumentError(f"compile must be True, False or 'auto', got {compile!r}")
         if threads:
             torch.set_num_threads(int(threads))
         self._device = torch.device(device)
         self._precision = precision
         self._dtype = getattr(torch, _DTYPES[precision])
+        on_cuda = self._device.type == "cuda"
 
         m = bundle.manifest
         state = load_file(str(bundle.file("weights.safetensors")))
@@ -137,18 +157,43 @@ class TorchBackend(Backend):
             # fp16 VAE decoders overflow in many projects: the decoder always runs in fp32.
             "vae_decoder": VAEDecoderGraph(vae, float(m["latent_scale"])).to(dev, torch.float32).eval(),
         }
+        self._fused = FusedDenoiserStep(self._graphs["denoiser"].net).eval()   # after the move: copies in place
+        self._grid = int(m["model"]["grid_size"])
+        self._width = int(m["mlp_width"])
 
-        # CUDA graphs of the denoiser loop (CUDA only).
-        self._use_graphs = bool(cuda_graphs) and self._device.type == "cuda"
+        from .torch_noise import philox_normals_torch
+
+        fused, L, C = self._fused, int(m["model"]["grid_size"]) ** 2, int(m["model"]["token_channels"])
+
+        def step_seeded(x, cond, temb, step, seeds, pos):
+            """One inner step whose noise is drawn on the device (positions pos.. of each seed's stream)."""
+            noise = philox_normals_torch(seeds, pos, L * C).reshape(x.shape)             # (B, L, C) fp32
+            return fused(x, noise, cond, temb, step)
+
+        def step_host(x, noise, cond, temb, step):
+            return fused(x, noise, cond, temb, step)
+
+        self._compiled = (compile is True) or (compile == "auto" and on_cuda)
+        draw = philox_normals_torch
+        if self._compiled:
+            step_seeded = torch.compile(step_seeded, fullgraph=True)
+            step_host = torch.compile(step_host, fullgraph=True)
+            draw = torch.compile(draw, fullgraph=True)   # x_T: one kernel instead of a few hundred
+        self._step_seeded, self._step_host, self._draw = step_seeded, step_host, draw
+
+        # CUDA graphs (CUDA only)
+        self._use_graphs = bool(cuda_graphs) and on_cuda
         self._max_graphs = max_cuda_graphs
-        self._loops: collections.OrderedDict[tuple[int, int], _LoopGraph] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._lru: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+        self._batches: dict[int, _Batch] = {}
+        # graphs: one generation at a time (static buffers); eager: per-generation buffers, no lock needed
+        self._lock = threading.RLock() if self._use_graphs else _nullcontext()
         self._captures = 0
         if self._use_graphs:
             with torch.cuda.device(self._device):
                 self._pool = torch.cuda.graph_pool_handle()
                 self._capture_stream = torch.cuda.Stream(self._device)
-        # The static buffers and graphs serve one call at a time (see the module docstring).
+        # The static buffers and graphs serve one generation at a time (see the module docstring).
         self.concurrent_generate = not self._use_graphs
 
     # ---- properties ----------------------------------------------------------------------------
@@ -163,10 +208,10 @@ class TorchBackend(Backend):
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(torch=self._torch.__version__, dtype=str(self._dtype).replace("torch.", ""), vae_dtype="float32",
-                 cuda_graphs=self._use_graphs)
+                 latents_dtype="float32", cuda_graphs=self._use_graphs, compiled=self._compiled, noise="philox4x32-10 on device")
         if self._device.type == "cuda":
             d.update(gpu=self._torch.cuda.get_device_name(self._device), cuda=self._torch.version.cuda,
-                     cuda_graphs_cached=len(self._loops), cuda_graph_captures=self._captures)
+                     cuda_graphs_cached=len(self._lru), cuda_graph_captures=self._captures)
         return d
 
     def synchronize(self) -> None:
@@ -177,8 +222,11 @@ class TorchBackend(Backend):
         t = self._torch.from_numpy(np.ascontiguousarray(a)).to(self._device)
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
+    # ---- single graph calls (the Backend protocol; not the hot path) -----------------------------
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
+        if graph not in self._graphs:
+            raise InvalidArgumentError(f"graph must be one of {tuple(self._graphs) or '(closed)'}, got {graph!r}")
         mod = self._graphs[graph]
         dt = torch.float32 if graph == "vae_decoder" else self._dtype
         with torch.inference_mode():
@@ -187,100 +235,216 @@ class TorchBackend(Backend):
         name = mod.output_names[0]
         return {name: out.float().cpu().numpy()}  # host sync
 
-    # Keep cond and x on the device through the inner loop (one host copy in, one out).
     def transformer(self, tokens, class_ids, level):
+        """tokens [2B, L, C] -> cond [2B, L, W] as a device tensor (eager: the loop uses :meth:`outer_step`)."""
         torch = self._torch
         with torch.inference_mode():
             lv = torch.tensor([float(level)], device=self._device, dtype=self._dtype)
-            return self._graphs["transformer"](self._t(tokens, self._dtype), self._t(class_ids), lv)  # (2B, L, W), on the device
+            return self._graphs["transformer"](self._t(tokens, self._dtype), self._t(class_ids), lv)  # (2B, L, W)
 
     def denoise(self, x, noises, cond, steps):
+        """n guided steps from host x [B, L, C] with host noises [n, B, L, C] -> host x_0 (through the same
+        captured / compiled inner loop as :meth:`outer_step`)."""
         torch = self._torch
-        B, n = x.shape[0], steps.shape[0]
-        if self._use_graphs and n > 0:
-            with self._lock, torch.inference_mode(), torch.cuda.device(self._device):
-                out = self._denoise_graph(x, noises, cond, steps)
-                if out is not None:
-                    return out
-        mod = self._graphs["denoiser"]
+        B, L, C = x.shape
+        n = int(steps.shape[0])
+        if n == 0:
+            return np.array(x, dtype=np.float32)
+        with self._lock, torch.inference_mode(), self._on_device():
+            bb = self._batch(B, L, C, cached=self._use_graphs)
+            if not isinstance(cond, torch.Tensor):
+                cond = self._t(np.asarray(cond, dtype=np.float32), self._dtype)
+            bb.cond.copy_(cond.reshape(bb.cond.shape))
+            self._upload_plan(bb, steps, None, None)
+            self._upload_noise(bb, HostDraws(x=np.asarray(x), noises=np.asarray(noises)), n)
+            self._run_stage(bb, ("loop", B, n, False, "host"), lambda: self._loop_body(bb, n, False, "host"))
+            return bb.raw.to("cpu", copy=True).numpy()                                    # host sync
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def begin(self, class_ids: np.ndarray, batch: int, seq_len: int, channels: int) -> LoopState:
+        torch = self._torch
+        with self._lock, torch.inference_mode(), self._on_device():
+            # graphs read fixed addresses: one cached set of buffers per batch size (one generation at a
+            # time); eager runs get their own, so concurrent generations on the CPU never share them
+            bb = self._batch(batch, seq_len, channels, cached=self._use_graphs)
+            bb.tokens.zero_()
+            bb.ids.copy_(torch.from_numpy(np.ascontiguousarray(class_ids, dtype=np.int64)))
+        return LoopState(class_ids=class_ids, batch=batch, tokens=bb.tokens, raw=bb.raw, buffers=bb)
+
+    def outer_step(self, state: LoopState, *, level: int, steps: np.ndarray, filter_matrix: np.ndarray | None,
+                   draws: HostDraws | SeededDraws, mark: Mark) -> None:
+        torch = self._torch
+        B, n = state.batch, int(steps.shape[0])
+        L, C = state.tokens.shape[1], state.tokens.shape[2]
+        kind = "host" if isinstance(draws, HostDraws) else ("fused" if self._compiled else "batched")
+        filtered = filter_matrix is not None
+        with self._lock, torch.inference_mode(), self._on_device():
+            bb = state.buffers
+            bb.level.fill_(float(level))
+            self._run_stage(bb, ("transformer", B), lambda: self._transformer_body(bb))
+            mark("transformer")
+            self._upload_plan(bb, steps, filter_matrix, draws)
+            if kind == "host":
+                self._upload_noise(bb, draws, n)
+            elif kind == "batched":
+                self._noise_buffer(bb, n)
+            self._run_stage(bb, ("loop", B, n, filtered, kind), lambda: self._loop_body(bb, n, filtered, kind))
+            mark("denoise")  # the filter runs inside the loop's stage
+        state.tokens, state.raw = bb.tokens, bb.raw
+
+    def fetch(self, array: Any) -> np.ndarray:
+        with self._lock:
+            return array.to("cpu", dtype=self._torch.float32, copy=True).numpy()  # host sync; a copy: the buffer is reused
+
+    def all_finite(self, array: Any) -> bool:
+        with self._lock:
+            return bool(self._torch.isfinite(array).all())  # host sync
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        torch = self._torch
         with torch.inference_mode():
-            xt = self._t(x, self._dtype)
-            nz = self._t(noises, self._dtype)
-            st = self._t(steps, torch.float32)  # timestep and coefficients stay fp32
-            c2 = self._cond(cond, B)
-            for i in range(st.shape[0]):
-                xt = mod(xt, nz[i], c2, st[i])
-            return xt.float().cpu().numpy()  # host sync
+            out = self._graphs["vae_decoder"](self._t(latents, torch.float32))
+        return out.cpu().numpy()  # host sync
 
-    def _cond(self, cond: Any, B: int):
-        """cond [2B, L, W] (a device tensor from :meth:`transformer`, or a host array) -> [2, B, L, W] on the device, no copy."""
-        if not isinstance(cond, self._torch.Tensor):
-            cond = self._t(np.asarray(cond, dtype=np.float32), self._dtype)
-        return cond.reshape(2, B, *cond.shape[-2:])
+    # ---- stage bodies: only static buffers in, static buffers out --------------------------------
+    def _transformer_body(self, bb: _Batch) -> None:
+        torch, dt = self._torch, self._dtype
+        tok = bb.tokens.to(dt)
+        cond = self._graphs["transformer"](torch.cat([tok, tok]), bb.ids, bb.level.to(dt))  # (2B, L, W)
+        bb.cond.copy_(cond.reshape(bb.cond.shape))
 
-    # ---- CUDA graphs (call with the lock held, in inference mode, on the backend's device) --------
-    def _denoise_graph(self, x, noises, cond, steps) -> np.ndarray | None:
-        """Replay (capturing first if new) the n-step loop for x's batch; None if capture failed (eager from now on)."""
+    def _loop_body(self, bb: _Batch, n: int, filtered: bool, kind: str) -> None:
+        """x_T and n inner steps, then the low-pass. kind: "fused" (seeded; each step draws its own noise
+        inside the compiled step), "batched" (seeded; all n + 1 draws in one call first, for eager runs where
+        per-step drawing would cost hundreds of small ops) or "host" (uploaded draws in ``bb.noise``)."""
         torch = self._torch
-        B, n = x.shape[0], steps.shape[0]
-        key = (B, n)
-        loop = self._loops.get(key)
-        if loop is None:
-            loop = self._capture(x.shape, noises.shape, self._cond(cond, B).shape, steps.shape)
-            if loop is None:
-                return None
-            self._loops[key] = loop
-            while len(self._loops) > self._max_graphs:
-                self._loops.popitem(last=False)  # its graph and static tensors go; their pool blocks return to the pool
+        B, L, C = bb.tokens.shape
+        temb = self._fused.time_table(bb.steps[:n, 0], self._dtype)                    # (n, W)
+        if kind == "fused":
+            x = self._draw(bb.seeds, bb.pos[0, :1], L * C).reshape(B, L, C)            # x_T, fp32
+            for i in range(n):
+                x = self._step_seeded(x, bb.cond, temb[i], bb.steps[i, :10], bb.seeds, bb.pos[i + 1, :1])
         else:
-            self._loops.move_to_end(key)
-        # Inputs into the static tensors on the current stream, in the order the replay will see them.
-        # Host sources are pageable, so these copies are staged by CUDA before the calls return.
-        loop.x.copy_(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), non_blocking=True)
-        loop.noises.copy_(torch.from_numpy(np.ascontiguousarray(noises, dtype=np.float32)), non_blocking=True)
-        loop.steps.copy_(torch.from_numpy(np.ascontiguousarray(steps, dtype=np.float32)), non_blocking=True)
-        loop.cond.copy_(self._cond(cond, B), non_blocking=True)  # device to device
-        loop.graph.replay()
-        return loop.out.float().cpu().numpy()  # the one host sync; read before any other replay (lock held)
+            if kind == "batched":                                                     # stream order: image-major
+                z = self._draw(bb.seeds, bb.pos[0, :1], (n + 1) * L * C).reshape(B, n + 1, L, C)
+                bb.noise[:n + 1].copy_(z.transpose(0, 1))                             # (n + 1, B, L, C)
+            x = bb.noise[0]
+            for i in range(n):
+                x = self._step_host(x, bb.noise[i + 1], bb.cond, temb[i], bb.steps[i, :10])
+        bb.raw.copy_(x)
+        if filtered:                                                                  # M X M^T per channel
+            G = self._grid
+            img = x.reshape(B, G, G, C).permute(0, 3, 1, 2)                           # (B, C, G, G)
+            out = torch.matmul(torch.matmul(bb.fmat, img), bb.fmat.t())
+            bb.tokens.copy_(out.permute(0, 2, 3, 1).reshape(B, L, C))
+        else:
+            bb.tokens.copy_(x)
 
-    def _capture(self, x_shape, noises_shape, cond_shape, steps_shape) -> _LoopGraph | None:
+    # ---- buffers, uploads, graphs ------------------------------------------------------------------
+    def _on_device(self):
+        return self._torch.cuda.device(self._device) if self._device.type == "cuda" else _nullcontext()
+
+    def _batch(self, B: int, L: int, C: int, cached: bool) -> _Batch:
+        bb = self._batches.get(B) if cached else None
+        if bb is None:
+            torch, dev, G, W = self._torch, self._device, self._grid, self._width
+            f32 = dict(device=dev, dtype=torch.float32)
+            bb = _Batch(B=B, tokens=torch.zeros(B, L, C, **f32), raw=torch.zeros(B, L, C, **f32),
+                        cond=torch.zeros(2, B, L, W, device=dev, dtype=self._dtype),
+                        ids=torch.zeros(2 * B, device=dev, dtype=torch.long), seeds=torch.zeros(B, device=dev, dtype=torch.long),
+                        level=torch.zeros(1, **f32), steps=torch.zeros(MAX_INNER_STEPS, STEP_STRIDE, **f32),
+                        pos=torch.zeros(MAX_INNER_STEPS + 1, 2, device=dev, dtype=torch.long), fmat=torch.eye(G, **f32))
+            if cached:
+                self._batches[B] = bb
+        return bb
+
+    def _upload_plan(self, bb: _Batch, steps: np.ndarray, fmat: np.ndarray | None, draws: Any) -> None:
+        """Copy this outer step's plan into the static buffers (pageable sources: staged before return)."""
         torch = self._torch
-        dev, dt = self._device, self._dtype
-        mod = self._graphs["denoiser"]
-        n = steps_shape[0]
-        # Static inputs: allocated here, outside any capture, so they are not in the graph pool. Zeros keep the
-        # warm-up finite; the real values are copied in before every replay.
-        loop = _LoopGraph(graph=torch.cuda.CUDAGraph(), x=torch.zeros(x_shape, device=dev, dtype=dt),
-                          noises=torch.zeros(noises_shape, device=dev, dtype=dt), cond=torch.zeros(cond_shape, device=dev, dtype=dt),
-                          steps=torch.zeros(steps_shape, device=dev, dtype=torch.float32), out=None)
+        n, L, C = int(steps.shape[0]), bb.tokens.shape[1], bb.tokens.shape[2]
+        if n > MAX_INNER_STEPS:
+            raise InvalidArgumentError(f"at most {MAX_INNER_STEPS} inner steps per outer step, got {n}")
+        bb.steps[:n, :steps.shape[1]].copy_(torch.from_numpy(np.ascontiguousarray(steps, dtype=np.float32)), non_blocking=True)
+        if fmat is not None:
+            bb.fmat.copy_(torch.from_numpy(np.ascontiguousarray(fmat, dtype=np.float32)), non_blocking=True)
+        if isinstance(draws, SeededDraws):
+            pos = draws.start + np.arange(n + 1, dtype=np.int64) * (L * C)
+            bb.pos[:n + 1, 0].copy_(torch.from_numpy(pos), non_blocking=True)
+            bb.seeds.copy_(torch.tensor(draws.seeds, dtype=torch.long), non_blocking=True)
+
+    def _noise_buffer(self, bb: _Batch, n: int) -> None:
+        """Make ``bb.noise`` hold at least n + 1 draws (a larger buffer drops the graphs that read the old one)."""
+        if bb.noise is None or bb.noise.shape[0] < n + 1:
+            for key in [k for k in bb.graphs if k[0] == "loop" and k[-1] != "fused"]:
+                bb.graphs.pop(key)
+                self._lru.pop(key, None)
+            bb.noise = self._torch.empty((n + 1,) + tuple(bb.tokens.shape), device=self._device, dtype=self._torch.float32)
+
+    def _upload_noise(self, bb: _Batch, draws: HostDraws, n: int) -> None:
+        torch = self._torch
+        shape = (n + 1,) + tuple(bb.tokens.shape)
+        self._noise_buffer(bb, n)
+        bb.noise[0].copy_(torch.from_numpy(np.ascontiguousarray(draws.x, dtype=np.float32)), non_blocking=True)
+        bb.noise[1:n + 1].copy_(torch.from_numpy(np.ascontiguousarray(draws.noises, dtype=np.float32).reshape(shape[0] - 1, *shape[1:])),
+                                non_blocking=True)
+
+    def _run_stage(self, bb: _Batch, key: tuple, body) -> None:
+        """Run ``body`` (static buffers in and out): replay its CUDA graph (capturing it first), or eagerly."""
+        if not self._use_graphs:
+            body()
+            return
+        graph = bb.graphs.get(key)
+        if graph is None:
+            graph = self._capture(body, key)
+            if graph is None:
+                body()
+                return
+            bb.graphs[key] = graph
+            self._lru[key] = None
+            while len(self._lru) > self._max_graphs:
+                old, _ = self._lru.popitem(last=False)
+                self._batches[old[1]].graphs.pop(old, None)   # its graph goes; its pool blocks return to the pool
+        else:
+            self._lru.move_to_end(key)
+        graph.replay()
+
+    def _capture(self, body, key: tuple):
+        torch = self._torch
         s = self._capture_stream
-        s.wait_stream(torch.cuda.current_stream(dev))  # the zero-fills above run before the warm-up reads them
+        g = torch.cuda.CUDAGraph()
+        s.wait_stream(torch.cuda.current_stream(self._device))   # uploads and zero-fills land before the warm-up
         try:
             with _CAPTURE_LOCK:
                 with torch.cuda.stream(s):
-                    xt = loop.x
-                    for i in range(min(n, WARMUP_STEPS)):
-                        xt = mod(xt, loop.noises[i], loop.cond, loop.steps[i])
-                torch.cuda.current_stream(dev).wait_stream(s)
-                del xt
-                # "thread_local": CUDA calls of other threads (e.g. another Generator's eager work) may not
-                # invalidate this capture; captures themselves are serialised by the lock.
-                with torch.cuda.graph(loop.graph, pool=self._pool, stream=s, capture_error_mode="thread_local"):
-                    xt = loop.x
-                    for i in range(n):                                           # x ping-pongs through the pool
-                        xt = mod(xt, loop.noises[i], loop.cond, loop.steps[i])   # (B, L, C)
-                    loop.out = xt
+                    for _ in range(WARMUP_RUNS):   # compiles, lazy cuBLAS set-up: never inside a capture
+                        body()
+                torch.cuda.current_stream(self._device).wait_stream(s)
+                # "thread_local": CUDA calls of other threads may not invalidate this capture.
+                with torch.cuda.graph(g, pool=self._pool, stream=s, capture_error_mode="thread_local"):
+                    body()
         except RuntimeError as e:
-            log.warning("CUDA graph capture of the %d-step denoiser loop (batch %d) failed (%s); running eager launches from now on",
-                        n, x_shape[0], str(e).splitlines()[0] if str(e) else type(e).__name__)
+            log.warning("CUDA graph capture of %s failed (%s); running eager launches from now on",
+                        key, str(e).splitlines()[0] if str(e) else type(e).__name__)
             self._use_graphs = False  # concurrent_generate stays False: the Generator read it at construction
-            self._loops.clear()
+            for bb in self._batches.values():
+                bb.graphs.clear()
+            self._lru.clear()
+            torch.cuda.synchronize(self._device)
             return None
         self._captures += 1
-        log.debug("captured the %d-step denoiser loop for batch %d (%d graphs cached)", n, x_shape[0], len(self._loops) + 1)
-        return loop
+        log.debug("captured %s (%d graphs cached)", key, len(self._lru) + 1)
+        return g
 
     def close(self) -> None:
         with self._lock:
-            self._loops.clear()
+            self._lru.clear()
+            self._batches.clear()
             self._graphs.clear()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

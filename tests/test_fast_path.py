@@ -1,0 +1,189 @@
+"""The torch backend's fast path: the fused denoiser step, device-drawn noise, torch.compile, reduced
+precision per call, and the non-finite check of the loop. CPU tests here; the same checks on a GPU sit
+in the ``gpu``-marked class at the end (and in ``scripts/gpu_check.py --perf``'s smoke stage)."""
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, rel_err
+
+torch = pytest.importorskip("torch")
+
+import far_sdk  # noqa: E402
+from far_sdk.diffusion import denoise_step_table  # noqa: E402
+from far_sdk.errors import NumericalError  # noqa: E402
+from far_sdk.noise import SeededNoise  # noqa: E402
+
+DEMO = ROOT / "engines" / "far-demo"
+PLAN = dict(num_steps=4, inner_steps=[8, 8, 10, 12])
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def far_model():
+    from training import FAR, get_config
+    from training.graph_modules import randomize_for_export
+
+    torch.manual_seed(0)
+    return randomize_for_export(FAR(get_config("far_tiny")).eval(), seed=0)
+
+
+def _step_inputs(B=3, L=256, C=16, W=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, C, generator=g)
+    noise = torch.randn(B, L, C, generator=g)
+    cond = torch.randn(2, B, L, W, generator=g)
+    return x, noise, cond
+
+
+@pytest.mark.parametrize("row", [0, 17, 39])   # t = 999 (x0 amplified 2e4x), a middle step, the last (no noise)
+def test_fused_step_equals_denoiser_graph(far_model, row):
+    from training.graph_modules import DenoiserGraph, FusedDenoiserStep
+
+    net = far_model.diffloss.net
+    ref, fused = DenoiserGraph(net).eval(), FusedDenoiserStep(net).eval()
+    x, noise, cond = _step_inputs()
+    step = torch.from_numpy(denoise_step_table(40, 3.0, 0.9, None)[row])
+    with torch.inference_mode():
+        want = ref(x, noise, cond, step)
+        temb = fused.time_table(step[:1], torch.float32)[0]
+        got = fused(x, noise, cond, temb, step)
+        # float64 copy of the same network: both fp32 results are within fp32 rounding of it
+        net64 = DenoiserGraph(net).double()
+        exact = net64(x.double(), noise.double(), cond.double(), step.double())
+        DenoiserGraph(net).float()
+    assert got.dtype == torch.float32
+    scale = exact.abs().max().item()
+    assert (got.double() - exact).abs().max().item() / scale < 1e-5
+    assert (want.double() - exact).abs().max().item() / scale < 1e-5
+    assert (got - want).abs().max().item() / scale < 1e-5
+
+
+def test_fused_step_keeps_latents_fp32_under_bf16(far_model):
+    from training.graph_modules import DenoiserGraph, FusedDenoiserStep
+
+    import copy
+
+    net16 = copy.deepcopy(far_model.diffloss.net).to(torch.bfloat16)
+    fused = FusedDenoiserStep(net16).eval()
+    x, noise, cond = _step_inputs(seed=1)
+    step = torch.from_numpy(denoise_step_table(40, 3.0, 1.0, None)[20])
+    with torch.inference_mode():
+        got = fused(x, noise, cond.bfloat16(), fused.time_table(step[:1], torch.bfloat16)[0], step)
+        want = DenoiserGraph(far_model.diffloss.net)(x, noise, cond.bfloat16().float(), step)
+    assert got.dtype == torch.float32
+    # one bf16 network evaluation: ~1e-2 relative on eps, much less on x_prev (dominated by the fp32 terms)
+    assert torch.linalg.norm(got - want) / torch.linalg.norm(want) < 2e-2
+
+
+def test_device_noise_equals_uploaded_numpy_noise():
+    """Seeded noise drawn by torch ops (the GPU path's code) vs the same stream drawn by NumPy and uploaded."""
+    gen = far_sdk.Generator(DEMO, backend="torch", device="cpu")
+    a = gen.generate([3, 8], seed=21, output_type="latent", **PLAN).latents
+    src = SeededNoise.from_seed(21, 2)
+    b = gen.generate([3, 8], noise=lambda shape: src(shape), output_type="latent", **PLAN).latents
+    assert src.position == sum(n + 1 for n in PLAN["inner_steps"]) * 256 * 4   # the whole stream was consumed
+    assert rel_err(a, b) < 1e-4
+
+
+def test_torch_and_onnxruntime_agree_on_seeded_noise():
+    kw = dict(seed=4, output_type="latent", **PLAN)
+    a = far_sdk.Generator(DEMO, backend="torch", device="cpu").generate([0, 5], **kw).latents
+    b = far_sdk.Generator(DEMO, backend="onnxruntime").generate([0, 5], **kw).latents
+    assert rel_err(a, b) < 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager_on_cpu():
+    """torch.compile (Inductor's CPU backend) computes the same denoiser step as eager PyTorch."""
+    eager = far_sdk.Generator(DEMO, backend="torch", device="cpu", compile=False).backend
+    comp = far_sdk.Generator(DEMO, backend="torch", device="cpu", compile=True).backend
+    assert comp.describe()["compiled"] is True
+    rng = np.random.default_rng(3)
+    B, L, C = 2, 256, 4
+    x = rng.standard_normal((B, L, C)).astype(np.float32)
+    noises = rng.standard_normal((3, B, L, C)).astype(np.float32)
+    cond = eager.transformer(rng.standard_normal((2 * B, L, C)).astype(np.float32), np.array([1, 2, 10, 10]), 3)
+    steps = denoise_step_table(50, 3.0, 1.0, 4.0)[20:23]
+    a, b = comp.denoise(x, noises, cond, steps), eager.denoise(x, noises, cond, steps)
+    assert rel_err(a, b) < 1e-5
+    # and the fused, device-noise path through a whole (short) generation
+    kw = dict(seed=2, output_type="latent", num_steps=2, inner_steps=[10, 12])
+    ga = far_sdk.Generator(DEMO, backend=comp).generate([6], **kw).latents
+    gb = far_sdk.Generator(DEMO, backend=eager).generate([6], **kw).latents
+    assert rel_err(ga, gb) < 1e-4
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_per_call_within_bounds(precision):
+    """One transformer call and one denoiser step against fp32 (bounds for an 8- / 11-bit mantissa)."""
+    b32 = far_sdk.Generator(DEMO, backend="torch", device="cpu").backend
+    blo = far_sdk.Generator(DEMO, backend="torch", device="cpu", precision=precision).backend
+    rng = np.random.default_rng(5)
+    B, L, C = 2, 256, 4
+    tokens = rng.standard_normal((2 * B, L, C)).astype(np.float32)
+    ids = np.array([4, 9, 10, 10])
+    c32 = b32.transformer(tokens, ids, 5).float().numpy()
+    clo = blo.transformer(tokens, ids, 5).float().numpy()
+    tol = {"bf16": 2e-2, "fp16": 3e-3}[precision]
+    assert np.linalg.norm(clo - c32) / np.linalg.norm(c32) < tol
+    x = rng.standard_normal((B, L, C)).astype(np.float32)
+    noise = rng.standard_normal((1, B, L, C)).astype(np.float32)
+    steps = denoise_step_table(50, 3.0, 1.0, 4.0)[25:26]
+    x32, xlo = b32.denoise(x, noise, c32, steps), blo.denoise(x, noise, c32, steps)
+    assert xlo.dtype == np.float32
+    assert np.linalg.norm(xlo - x32) / np.linalg.norm(x32) < tol
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_nan_noise_is_a_numerical_error_naming_the_step(backend):
+    gen = far_sdk.Generator(DEMO, backend=backend, **({"device": "cpu"} if backend == "torch" else {}))
+    src = SeededNoise.from_seed(0, 1)
+    calls = {"n": 0}
+
+    def noise(shape):
+        calls["n"] += 1
+        z = src(shape)
+        if calls["n"] == 5:          # an inner draw of outer step 0
+            z[0, 7, 1] = np.nan
+        return z
+
+    with pytest.raises(NumericalError, match="outer step 0"):
+        gen.generate([2], noise=noise, output_type="latent", **PLAN)
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+class TestFastPathCuda:
+    @pytest.fixture(scope="class")
+    def cpu_latents(self):
+        return far_sdk.Generator(DEMO, backend="torch", device="cpu").generate([1, 7, 3], seed=3, output_type="latent", **PLAN).latents
+
+    def test_compiled_graphs_fp32_match_cpu(self, cpu_latents):
+        gen = far_sdk.Generator(DEMO, backend="torch", device="cuda", precision="fp32", compile=True, cuda_graphs=True)
+        d = gen.backend.describe()
+        assert d["compiled"] and d["cuda_graphs"]
+        a = gen.generate([1, 7, 3], seed=3, output_type="latent", **PLAN).latents
+        assert rel_err(a, cpu_latents) < 1e-3
+        np.testing.assert_array_equal(a, gen.generate([1, 7, 3], seed=3, output_type="latent", **PLAN).latents)
+
+    def test_device_noise_equals_uploaded_numpy_noise(self):
+        gen = far_sdk.Generator(DEMO, backend="torch", device="cuda", precision="fp32")
+        a = gen.generate([2, 5], seed=8, output_type="latent", **PLAN).latents
+        src = SeededNoise.from_seed(8, 2)
+        b = gen.generate([2, 5], noise=lambda shape: src(shape), output_type="latent", **PLAN).latents
+        assert rel_err(a, b) < 1e-4
+
+    @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+    def test_reduced_precision_per_call(self, precision):
+        b32 = far_sdk.Generator(DEMO, backend="torch", device="cuda", compile=False).backend
+        blo = far_sdk.Generator(DEMO, backend="torch", device="cuda", precision=precision, compile=False).backend
+        rng = np.random.default_rng(5)
+        tokens = rng.standard_normal((4, 256, 4)).astype(np.float32)
+        ids = np.array([4, 9, 10, 10])
+        c32 = b32.transformer(tokens, ids, 5).float().cpu().numpy()
+        clo = blo.transformer(tokens, ids, 5).float().cpu().numpy()
+        assert np.linalg.norm(clo - c32) / np.linalg.norm(c32) < {"bf16": 2e-2, "fp16": 3e-3}[precision]
