@@ -372,3 +372,41 @@ def test_cuda_graph_replays_new_seeds_and_starts():
         np.testing.assert_array_equal(w.cpu().numpy(), philox_uint32(new_seeds, new_start, count).astype(np.int64))
         ref, rad = reference_normals(new_seeds, new_start, count)
         assert float((np.abs(z.cpu().numpy().astype(np.float64) - ref) / (EPS32 * rad)).max()) <= 4.0
+
+
+@needs_torch
+@pytest.mark.gpu
+@pytest.mark.skipif(torch is None or not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_matches_numpy_and_replays_in_a_cuda_graph():
+    """torch.compile (Inductor/Triton) on CUDA: words exact, normals within 4 eps32 rad of float64, and the
+    compiled functions captured in a CUDA graph replay new (seeds, start) values correctly."""
+    from far_sdk.backends.torch_noise import philox_normals_torch, philox_uint32_torch
+
+    dev = torch.device("cuda")
+    words_c = torch.compile(philox_uint32_torch, dynamic=False)
+    normals_c = torch.compile(philox_normals_torch, dynamic=False)
+    seeds = torch.tensor(SEEDS, device=dev)
+    start = torch.full((1,), 5, dtype=torch.int64, device=dev)
+    count = 100_003
+    np.testing.assert_array_equal(words_c(seeds, start, count).cpu().numpy(),
+                                  philox_uint32(SEEDS, 5, count).astype(np.int64))
+    ref, rad = reference_normals(SEEDS, 5, count)
+    z = normals_c(seeds, start, count).cpu().numpy().astype(np.float64)
+    assert float((np.abs(z - ref) / (EPS32 * rad)).max()) <= 4.0
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            words_c(seeds, start, count), normals_c(seeds, start, count)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        w_out = words_c(seeds, start, count)
+        z_out = normals_c(seeds, start, count)
+    for new_seeds, new_start in [(SEEDS[::-1], 4 * 2**32 - 9), (SEEDS, 2)]:
+        seeds.copy_(torch.tensor(new_seeds))
+        start.fill_(new_start)
+        graph.replay()
+        np.testing.assert_array_equal(w_out.cpu().numpy(), philox_uint32(new_seeds, new_start, count).astype(np.int64))
+        ref, rad = reference_normals(new_seeds, new_start, count)
+        assert float((np.abs(z_out.cpu().numpy().astype(np.float64) - ref) / (EPS32 * rad)).max()) <= 4.0
