@@ -92,7 +92,7 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1) -> tuple[np.ndarray, np.ndarray, np.nd
     args = [np.asarray(a) for a in (c0, c1, c2, c3, k0, k1)]
     for name, a in zip(("c0", "c1", "c2", "c3", "k0", "k1"), args):
         if a.dtype.kind not in "ui" or (a.size and (a.min() < 0 or a.max() > 0xFFFFFFFF)):
-            raise InvalidArgumentError(f"philox4x32_10: {name} must hold 32-bit unsigned integers, got dtype {a.dtype}")
+            raise InvalidArgumentError(f"philox4x32_10: {name} must hold integers in [0, 2**32), got {a.dtype} values {a.min() if a.size else None}..{a.max() if a.size else None}")
     shape = np.broadcast_shapes(*(a.shape for a in args))
     c = np.empty((4, *(shape or (1,))), dtype=np.uint32)                    # rows c0..c3 (0-d inputs as (1,))
     for i in range(4):

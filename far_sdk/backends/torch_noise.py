@@ -9,6 +9,10 @@ Written for CUDA-graph capture and torch.compile: no host syncs (no ``.item()``,
 data-dependent shapes or Python branches on tensor values); ``start`` and ``seeds`` are read only
 on the device, so a captured graph can replay with new values copied into those static buffers.
 
+On the CPU, NumPy's :func:`far_sdk.noise.philox_normals` is the one to use: eager torch is several times
+slower (hundreds of int64 kernels per call) and torch.compile, faster once compiled, recompiles for
+seconds per shape (figures in docs/BENCHMARKS.md). This module is for the GPU.
+
 torch has no full uint32 arithmetic, so 32-bit words live in int64 tensors and every intermediate
 stays below 2**63 — no result relies on signed overflow. mulhilo32(a, M) for a 32-bit constant M
 splits a into 16-bit halves:
