@@ -224,8 +224,8 @@ class Generator:
     ) -> GenerationOutput:
         """Generate one image per class label.
 
-        seed: image i draws its noise from PCG64(seed + i), so an image depends only on its seed and
-          settings — on every backend and whatever the batch split. ``noise`` instead replays a noise
+        seed: image i draws its noise from the Philox4x32-10 stream of seed + i (far_sdk.noise), so an
+          image depends only on its seed and settings — on every backend and whatever the batch split. ``noise`` instead replays a noise
           source (far_sdk.noise's documented order); then no batch splitting happens.
         num_steps (1..16, default 10), levels (explicit outer levels), cfg (guidance scale; diffusers'
           ``guidance_scale``), cfg_schedule ("linear" official | "constant"), temperature,
