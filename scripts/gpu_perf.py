@@ -156,7 +156,7 @@ def export_random(model: str, vae_config: str, dest: Path, seed: int = 0) -> Pat
     return export_bundle(far, vae, dest, name=f"random-{model}-{vae_config}", validate=False)
 
 
-def time_generation(gen: far_sdk.Generator, batch: int, plan_kw: dict, warmup: int, iters: int) -> dict[str, Any]:
+def time_generation(gen: far_sdk.Generator, batch: int, plan_kw: dict, warmup: int, iters: int, run: "Run | None" = None) -> dict[str, Any]:
     from far_sdk.bench import analytic_flops, summarize
 
     labels = [i % gen.bundle.num_classes for i in range(batch)]
@@ -167,13 +167,15 @@ def time_generation(gen: far_sdk.Generator, batch: int, plan_kw: dict, warmup: i
         first.append(time.perf_counter() - t)
     its = []
     for i in range(iters):
+        if run is not None and i >= 2 and run.left() < 10:
+            break   # out of budget: keep what was timed (the row says how many)
         t = time.perf_counter()
         out = gen.generate(labels, seed=1000 + i, output_type="np", **plan_kw)
         its.append({**{k: out.timings[k] for k in ("transformer", "denoise", "filter", "vae_decode")}, "total": time.perf_counter() - t})
     tot = [r["total"] / batch * 1e3 for r in its]
     med_total = statistics.median(r["total"] for r in its)
     flops = analytic_flops(gen.bundle.manifest, out.plan, batch)
-    res = {"batch": batch, "warmup_s": first, "iters": iters, "ms_per_image": summarize(tot).__dict__,
+    res = {"batch": batch, "warmup_s": first, "iters": len(its), "ms_per_image": summarize(tot).__dict__,
            "stages_ms_per_image": {k: statistics.median(r[k] for r in its) / batch * 1e3 for k in ("transformer", "denoise", "filter", "vae_decode")},
            "images_per_s": batch / med_total, "backend": gen.backend.describe(), "inner_steps": list(out.plan.inner_steps)}
     if flops is not None:
@@ -271,7 +273,7 @@ def bench_model(model: str, vae_config: str, tmp: Path, batches: list[int], prec
             continue
         warm, iters = (2, 10) if B == 1 else ((1, 5) if B <= 8 else (1, 3))
         try:
-            row = time_generation(gen, B, {}, warm, iters)
+            row = time_generation(gen, B, {}, warm, iters, run)
         except Exception as e:
             row = {"batch": B, "status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
         res["rows"].append(row)
