@@ -276,13 +276,16 @@ class TorchBackend(Backend):
         torch = self._torch
         B, n = state.batch, int(steps.shape[0])
         L, C = state.tokens.shape[1], state.tokens.shape[2]
-        kind = "host" if isinstance(draws, HostDraws) else ("fused" if self._compiled else "batched")
         filtered = filter_matrix is not None
         with self._lock, torch.inference_mode(), self._on_device():
             bb = state.buffers
             bb.level.fill_(float(level))
             self._run_stage(bb, ("transformer", B), lambda: self._transformer_body(bb))
             mark("transformer")
+            if isinstance(draws, SeededDraws) and not self._compiled and self._device.type == "cpu":
+                # eager on the CPU: NumPy draws the stream faster than torch's int64 ops (docs/BENCHMARKS.md, noise)
+                draws = draws.materialize(n, L, C)
+            kind = "host" if isinstance(draws, HostDraws) else ("fused" if self._compiled else "batched")
             self._upload_plan(bb, steps, filter_matrix, draws)
             if kind == "host":
                 self._upload_noise(bb, draws, n)
