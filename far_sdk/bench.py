@@ -488,7 +488,7 @@ def bench_eager(far, dec, batch: int, plan: SamplingPlan, *, warmup: int, iters:
 def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = ("onnxruntime",), batches: Sequence[int] = (1,),
                   num_steps: int | None = None, inner_steps: InnerSteps | None = None, warmup: int = 2, iters: int = 10,
                   baseline: str = "none", threads: int | None = None, device: str | None = None, peak: bool = False,
-                  seed: int = 0, command: str = "") -> BenchResult:
+                  seed: int = 0, command: str = "", backend_options: dict[str, Any] | None = None) -> BenchResult:
     """Benchmark ``backends`` x ``batches`` (and the eager baseline); see the module docstring."""
     if baseline not in BASELINES:
         raise InvalidArgumentError(f"baseline must be one of {BASELINES}, got {baseline!r}")
@@ -501,7 +501,7 @@ def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = (
     bundle = Bundle.load(bundle_path)
     plan = bench_plan(bundle, num_steps, inner_steps)
     peak_info = matmul_peak(threads=threads) if peak else None
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = dict(backend_options or {})
     if threads is not None:
         opts["threads"] = threads
     if device is not None:
@@ -610,6 +610,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="eager-torch: the PyTorch reference sampler at 100 inner steps and at the benchmarked plan")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of onnxruntime / torch (default: all usable cores)")
     p.add_argument("--device", default=None, help="backend device (cpu, cuda, ...; default: each backend's auto)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="network precision of the torch backend (latents stay fp32; default fp32)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default=None,
+                   help="torch backend: compile the denoiser step with torch.compile (auto: on CUDA only)")
+    p.add_argument("--cuda-graphs", choices=["on", "off"], default=None, help="torch backend on CUDA: replay captured CUDA graphs (default on)")
     p.add_argument("--peak", action="store_true", help="measure the CPU fp32 matmul peak (2048^3, best of 5) for %%peak")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write raw per-iteration numbers and summaries here")
@@ -621,8 +626,16 @@ def run_bench(a: argparse.Namespace) -> int:
     if a.random_init:
         print(f"random-init bundle {a.random_init} + {a.vae_config} (exported once, then cached) ...", file=sys.stderr)
         path = random_init_bundle(a.random_init, a.vae_config, cache_dir=a.cache_dir, seed=0)
+    opts: dict[str, Any] = {}
+    if a.precision is not None:
+        opts["precision"] = a.precision
+    if a.compile is not None:
+        opts["compile"] = {"auto": "auto", "on": True, "off": False}[a.compile]
+    if a.cuda_graphs is not None:
+        opts["cuda_graphs"] = a.cuda_graphs == "on"
     res = run_benchmark(path, backends=a.backend, batches=a.batch, num_steps=a.steps, inner_steps=a.inner_steps, warmup=a.warmup,
-                        iters=a.iters, baseline=a.baseline, threads=a.threads, device=a.device, peak=a.peak, seed=a.seed, command=command)
+                        iters=a.iters, baseline=a.baseline, threads=a.threads, device=a.device, peak=a.peak, seed=a.seed, command=command,
+                        backend_options=opts)
     print(format_report(res))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
