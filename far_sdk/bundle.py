@@ -9,8 +9,10 @@ Layout (``engines/NAME/``)::
     weights.safetensors    the weights the graphs came from (for backend="torch" and re-exports)
     trt/                   TensorRT plans built on this machine (never committed; see far-export trt)
 
-Every file listed in the manifest is verified (plain name inside the bundle, size, sha256)
-before any runtime is asked to parse it. Bundles hold no pickles.
+The manifest is checked first, before any field is used: its own digest and layout, format version and
+schema (:mod:`far_sdk.manifest`). Then every file it lists is verified (plain name inside the bundle, not
+a link, size, sha256) before any runtime is asked to parse it, and every file a graph reads as external
+data must be among them (:mod:`far_sdk.onnx_refs`). Bundles hold no pickles.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from .onnx_refs import external_data_files
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-__all__ = ["BUNDLE_FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "Bundle", "atomic_bundle_dir", "sha256_file", "write_manifest"]
+__all__ = ["BUNDLE_FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "Bundle", "atomic_bundle_dir", "clean_stale_partials", "sha256_file",
+           "write_manifest"]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

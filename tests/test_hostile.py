@@ -373,6 +373,16 @@ def test_the_bundle_weights_and_a_minimal_file_pass_the_check(tmp_path):
     assert len(check_safetensors(DEMO / "weights.safetensors")) > 50
 
 
+def test_a_bad_safetensors_vae_checkpoint_is_a_checkpoint_error(tmp_path):
+    pytest.importorskip("torch")
+    from training.vae import load_official_vae
+
+    h, data = two_tensors()
+    (tmp_path / "vae.safetensors").write_bytes(safetensors_bytes(b" " + json.dumps(h).encode(), data))
+    with pytest.raises(CheckpointError, match="vae.safetensors.*does not begin with"):
+        load_official_vae(tmp_path / "vae.safetensors")
+
+
 def test_the_torch_backend_refuses_a_re_hashed_bad_weights_file(bundle):
     pytest.importorskip("torch")
     data = (bundle / "weights.safetensors").read_bytes()

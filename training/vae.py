@@ -415,14 +415,10 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from far_sdk.weights import load_torch_state
 
     if not path.is_file():
         raise CheckpointError(f"VAE checkpoint {path} does not exist or is not a file")
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"VAE checkpoint {path} is not a readable safetensors file: {first}") from e
-
+    # header and layout checked by hand first (safetensors itself lets some malformed files through);
+    # finite values are checked by load_official_vae once names and shapes are known good
+    return load_torch_state(path, error=CheckpointError, finite=False)
