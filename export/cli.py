@@ -4,8 +4,8 @@
     far-export onnx --random-init --model far_tiny --vae-config kl16-tiny --out engines/tiny
 
 Each subcommand is one entry of :data:`SUBCOMMANDS`: ``name -> (help, add_arguments, run)``.
-``run(args)`` returns the exit status; a far-sdk error ends the command with its message and
-status 1 (no traceback).
+``run(args)`` returns the exit status; any failure ends the command with one line on stderr and
+the status of :data:`far_sdk.errors.EXIT_CODES` (see :mod:`far_sdk.clirun`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from export.trt_build import TRT_HELP, add_trt_args, run_trt
-from far_sdk.errors import FarError, InvalidArgumentError
+from far_sdk.clirun import ArgumentParser, check_writable_dir, non_negative_int, run_command
+from far_sdk.errors import InvalidArgumentError
 
 _EXPORT_LOGGER = "export"
 
@@ -39,7 +40,7 @@ def _add_onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="export the live weights instead of the EMA weights")
     p.add_argument("--vae", type=Path, help="KL-16 tokenizer checkpoint (kl16.ckpt); required with --checkpoint")
     p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS), help="VAE architecture (default: kl16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights (default: 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of --random-init weights (default: 0)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write, e.g. engines/far_large")
     p.add_argument("--name", help="bundle name (default: the --out directory's name)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default: 17)")
@@ -65,6 +66,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise InvalidArgumentError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_writable_dir(out.parent if str(out.parent) else Path("."), "--out", shown=out)  # before any loading or tracing
     if args.random_init and args.model is None:
         raise InvalidArgumentError("--random-init needs --model (one of the presets)")
     if args.checkpoint is not None and args.vae is None:
@@ -120,7 +122,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="far-export", description="Turn FAR checkpoints into bundles and engines.")
+    parser = ArgumentParser(prog="far-export", description="Turn FAR checkpoints into bundles and engines.")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary, not per-graph progress")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, add_args, run) in SUBCOMMANDS.items():
@@ -141,13 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     try:
-        return args.run(args)
-    except FarError as e:
-        print(f"far-export {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"far-export {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return run_command(f"far-export {args.command}", lambda: args.run(args), interrupted="interrupted; nothing was written")
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)

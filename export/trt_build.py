@@ -36,7 +36,7 @@ from far_sdk import trt_cache as tc
 from far_sdk.backends.tensorrt import device_env, import_runtime, run_plan_once, select_device, trt_logger
 from far_sdk.bundle import Bundle
 from far_sdk.diffusion import denoise_step_table
-from far_sdk.errors import BackendUnavailableError, ExportError, FarError, IncompatibleBundleError, InvalidArgumentError
+from far_sdk.errors import BackendUnavailableError, ExportError, FarError, IncompatibleBundleError, InvalidArgumentError, exit_code_for
 from far_sdk.graphs import GRAPH_NAMES, GraphSpec
 
 logger = logging.getLogger(__name__)
@@ -351,14 +351,15 @@ def add_trt_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_trt(args: argparse.Namespace) -> int:
-    """``far-export trt``: build, print per-graph build times; 1 with the message on a far-sdk error."""
+    """``far-export trt``: build, print per-graph build times; on a far-sdk error, one line and its exit status
+    (:data:`far_sdk.errors.EXIT_CODES`)."""
     try:
         results = build_engines(args.bundle, precision=args.precision, batch=args.batch, workspace_gb=args.workspace,
                                 opt_level=args.opt_level, graphs=args.graphs, rebuild=args.rebuild,
                                 vae_precision=args.vae_precision, validate=not args.no_validate, device=args.device, progress=print)
     except FarError as e:
-        print(f"far-export trt: error: {e}", file=sys.stderr)
-        return 1
+        print(f"far-export trt: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return exit_code_for(e)
     print(f"{'graph':<12} {'precision':<9} {'batch':<9} {'status':<7} {'seconds':>8} {'max rel':>9}  plan")
     for r in results:
         val = r.validation or {}

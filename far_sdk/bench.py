@@ -399,7 +399,6 @@ def _memory(rss0: float, now0: float | None, cuda_torch) -> dict[str, float | No
 def load_eager(bundle: Bundle, device: str = "cpu"):
     """(FAR, VAEDecoderGraph) in fp32 eval mode on ``device`` from the bundle's weights.safetensors."""
     import torch
-    from safetensors.torch import load_file
 
     from training.config import FARConfig
     from training.far import FAR
@@ -408,7 +407,7 @@ def load_eager(bundle: Bundle, device: str = "cpu"):
 
     m = bundle.manifest
     pre = m.get("weights", {}).get("prefixes", {"far": "far.", "vae": "vae."})
-    state = load_file(str(bundle.file(m.get("weights", {}).get("file", "weights.safetensors"))))
+    state = bundle.load_torch_weights()
     with torch.device("meta"):
         far = FAR(FARConfig.from_dict(m["model"]))
         vae = AutoencoderKL(VAEConfig.from_dict(m["vae"]))
@@ -622,6 +621,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 def run_bench(a: argparse.Namespace) -> int:
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    if a.json:
+        from .clirun import check_writable_file
+
+        check_writable_file(a.json, "--json", suffixes=(".json",))  # before any timing work
     path = a.bundle
     if a.random_init:
         print(f"random-init bundle {a.random_init} + {a.vae_config} (exported once, then cached) ...", file=sys.stderr)
@@ -638,8 +641,9 @@ def run_bench(a: argparse.Namespace) -> int:
                         backend_options=opts)
     print(format_report(res))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res.to_json(), indent=1))
+        from .fileio import atomic_write_bytes
+
+        atomic_write_bytes(Path(a.json), json.dumps(res.to_json(), indent=1).encode())
         print(f"wrote {a.json}")
     return 0
 

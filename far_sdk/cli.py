@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import sys
 from pathlib import Path
 
 from .bench import add_bench_args, run_bench
-from .errors import FarError
+from .clirun import ArgumentParser, check_writable_file, non_negative_int, positive_int, run_command
+from .errors import InvalidArgumentError
+from .fileio import atomic_write_bytes
+
+#: --out formats (Pillow writes each without extra libraries).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def _grid(images, cols: int):
@@ -26,7 +33,10 @@ def _grid(images, cols: int):
 def _inner_steps(v: str):
     if v in ("frequency-aware", "official"):
         return v
-    parts = [int(p) for p in v.split(",")]
+    try:
+        parts = [int(p) for p in v.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'frequency-aware', 'official', N or N1,N2,..., got {v!r}") from None
     return parts[0] if len(parts) == 1 else parts
 
 
@@ -34,11 +44,11 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory (engines/NAME)")
     p.add_argument("--class", dest="classes", action="append", required=True,
                    help="class id or name; repeat for several (each is generated -n times)")
-    p.add_argument("-n", "--num-per-class", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("-n", "--num-per-class", type=positive_int, default=1)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="image i uses seed + i")
     p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
     p.add_argument("--device", default=None, help="backend device (cpu, cuda, ...)")
-    p.add_argument("--steps", type=int, default=None, help="outer steps 1..16 (default: bundle's, 10)")
+    p.add_argument("--steps", type=positive_int, default=None, help="outer steps 1..16 (default: bundle's, 10)")
     p.add_argument("--cfg", type=float, default=None)
     p.add_argument("--cfg-schedule", choices=["linear", "constant"], default=None)
     p.add_argument("--temperature", type=float, default=None)
@@ -47,17 +57,35 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", choices=["spatial", "fourier"], default=None)
     p.add_argument("--x0-clip", type=float, default=None, help="clamp x0 estimates to [-X, X] (default: the bundle's)")
     p.add_argument("--no-x0-clip", action="store_true", help="never clip x0 (the official sampler)")
-    p.add_argument("--out", default="far.png", help="grid image path")
-    p.add_argument("--cols", type=int, default=None)
-    p.add_argument("--preview-gif", default=None, help="write a GIF of each outer step's decoded estimate")
+    p.add_argument("--out", default="far.png", help=f"grid image path ({', '.join(IMAGE_SUFFIXES)})")
+    p.add_argument("--cols", type=positive_int, default=None, help="grid columns (default: up to 8)")
+    p.add_argument("--preview-gif", default=None, help="write a GIF (.gif) of each outer step's decoded estimate")
     p.add_argument("--no-progress", action="store_true")
+
+
+def check_outputs(a: argparse.Namespace) -> None:
+    """Output paths and formats, checked before the bundle is even loaded."""
+    out = check_writable_file(a.out, "--out", suffixes=IMAGE_SUFFIXES)
+    if a.preview_gif:
+        gif = check_writable_file(a.preview_gif, "--preview-gif", suffixes=(".gif",))
+        if gif.resolve() == out.resolve():
+            raise InvalidArgumentError(f"--out and --preview-gif name the same file {out}")
+
+
+def _encode(image, path: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=_FORMATS[Path(path).suffix.lower()], **kw)
+    return buf.getvalue()
+
+
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".gif": "GIF"}
 
 
 def run_generate(a: argparse.Namespace) -> int:
     from .pipeline import Generator
 
+    check_outputs(a)
     opts = {"device": a.device} if a.device else {}
-    gen = Generator(a.bundle, backend=a.backend, **opts)
     labels = [c for c in a.classes for _ in range(a.num_per_class)]
     frames: list = []
 
@@ -65,20 +93,30 @@ def run_generate(a: argparse.Namespace) -> int:
         if info.preview:
             frames.append(_grid(info.preview, a.cols or min(len(labels), 8)))
 
-    out = gen.generate(labels, seed=a.seed, num_steps=a.steps, cfg=a.cfg, cfg_schedule=a.cfg_schedule,
-                       temperature=a.temperature, inner_steps=a.inner_steps, filter=a.filter,
-                       x0_clip=None if a.no_x0_clip else (a.x0_clip if a.x0_clip is not None else ...),
-                       progress=not a.no_progress, on_step=on_step if a.preview_gif else None, preview=bool(a.preview_gif))
+    with Generator(a.bundle, backend=a.backend, **opts) as gen:
+        out = gen.generate(labels, seed=a.seed, num_steps=a.steps, cfg=a.cfg, cfg_schedule=a.cfg_schedule,
+                           temperature=a.temperature, inner_steps=a.inner_steps, filter=a.filter,
+                           x0_clip=None if a.no_x0_clip else (a.x0_clip if a.x0_clip is not None else ...),
+                           progress=not a.no_progress, on_step=on_step if a.preview_gif else None, preview=bool(a.preview_gif))
+        where = f"{gen.backend.describe()['backend']}/{gen.backend.device}"
     cols = a.cols or min(len(labels), 8)
-    grid = _grid(out.images, cols)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(a.out)
-    if a.preview_gif:
-        # one frame per outer step; the last one is the final image (held longer)
-        frames[0].save(a.preview_gif, save_all=True, append_images=frames[1:], duration=[300] * (len(frames) - 1) + [1500], loop=0)
+    # Encode everything first, then write each file atomically: a failure leaves no partial file.
+    png = _encode(_grid(out.images, cols), a.out)
+    # one frame per outer step; the last one is the final image (held longer)
+    gif = _encode(frames[0], a.preview_gif, save_all=True, append_images=frames[1:],
+                  duration=[300] * (len(frames) - 1) + [1500], loop=0) if a.preview_gif else None
+    existed = Path(a.out).exists()
+    atomic_write_bytes(Path(a.out), png)
+    if gif is not None:
+        try:
+            atomic_write_bytes(Path(a.preview_gif), gif)
+        except BaseException:
+            if not existed:
+                with contextlib.suppress(OSError):
+                    Path(a.out).unlink()
+            raise
     t = out.timings
-    print(f"wrote {a.out} ({len(out.images)} images, classes {list(out.class_labels)}, seeds {out.seeds[0]}..{out.seeds[-1]}) "
-          f"on {gen.backend.describe()['backend']}/{gen.backend.device}")
+    print(f"wrote {a.out} ({len(out.images)} images, classes {list(out.class_labels)}, seeds {out.seeds[0]}..{out.seeds[-1]}) on {where}")
     print("  " + "  ".join(f"{k} {v:.3f}s" for k, v in t.items()))
     if a.preview_gif:
         print(f"wrote {a.preview_gif} ({len(frames)} frames)")
@@ -88,7 +126,7 @@ def run_generate(a: argparse.Namespace) -> int:
 def add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True)
     p.add_argument("--json", action="store_true", help="print the whole manifest")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    p.add_argument("--no-verify", action="store_true", help="skip the files' sha256 check (the manifest's own digest is always checked)")
 
 
 def run_info(a: argparse.Namespace) -> int:
@@ -100,7 +138,9 @@ def run_info(a: argparse.Namespace) -> int:
         print(json.dumps(m, indent=2))
         return 0
     cfg = m["model"]
-    print(f"bundle   {b.path}  ({m.get('name', '')}, format v{m['format_version']}, {'verified' if not a.no_verify else 'not verified'})")
+    print(f"bundle   {b.path}  ({m['name']}, format v{m['format_version']}, "
+          f"{'files verified' if not a.no_verify else 'files not verified'})")
+    print(f"manifest sha256 {m['manifest_sha256']} (digest and schema checked)")
     print(f"model    D={cfg['encoder_embed_dim']} depth {cfg['encoder_depth']}+{cfg['decoder_depth']} heads {cfg['encoder_num_heads']} "
           f"MLP {cfg['diffloss_d']}x{cfg['diffloss_w']}  classes {b.num_classes}  grid {cfg['grid_size']}x{cfg['grid_size']}x{cfg['token_channels']}")
     print(f"vae      {m['vae'].get('ch')}ch x {m['vae'].get('ch_mult')}  latent scale {b.latent_scale}  image {m.get('image_size')}px")
@@ -125,19 +165,19 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="far", description="FAR image generation from a far-sdk bundle")
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="far", description="FAR image generation from a far-sdk bundle")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, _run, help_) in COMMANDS.items():
         add(sub.add_parser(name, help=help_, description=help_))
-    a = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return COMMANDS[a.command][1](a)
-    except FarError as e:
-        print(f"far {a.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(f"far {a.command}", lambda: COMMANDS[a.command][1](a))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ class InvalidArgumentError(FarError, ValueError):
     """An argument is outside its allowed values (class id, step count, cfg, ...)."""
 
 
+class DataError(InvalidArgumentError):
+    """An input data file or folder (cached latents, an image tree) is missing, unreadable or malformed."""
+
+
 class CheckpointError(FarError, ValueError):
     """A checkpoint file is unreadable, truncated, unsafe or does not match the model."""
 
@@ -53,5 +57,71 @@ class ExportError(FarError, RuntimeError):
     """Exporting a model failed, or the exported graph disagrees with PyTorch beyond tolerance."""
 
 
-class NumericalError(FarError, FloatingPointError):
-    """A sampler produced non-finite values (NaN or infinity), e.g. from NaN noise or weights."""
+class NumericalError(FarError, ArithmeticError):
+    """An array that must be finite holds NaN or inf (noise, weights, latents after an outer step)."""
+
+    def __init__(self, message: str, *, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+class GeneratorClosedError(FarError, RuntimeError):
+    """A :class:`~far_sdk.Generator` was used after :meth:`~far_sdk.Generator.close`."""
+
+
+def check_finite(array, what: str, *, step: int | None = None) -> None:
+    """Raise :class:`NumericalError` if ``array`` (NumPy or array-like) holds NaN or inf.
+
+    ``what`` names the array in the message ("latents", "noise draw 3", ...); ``step`` is the
+    0-based outer step, reported as "after outer step N". One pass over the array (a reduction
+    of ``isfinite``), cheap next to a network call.
+    """
+    import numpy as np
+
+    a = np.asarray(array)
+    if a.dtype.kind not in "fc" or bool(np.isfinite(a).all()):
+        return
+    n_nan = int(np.isnan(a).sum())
+    n_inf = int(a.size - n_nan - np.isfinite(a).sum())
+    where = f" after outer step {step}" if step is not None else ""
+    raise NumericalError(
+        f"{what}{where} holds non-finite values ({n_nan} NaN, {n_inf} inf of {a.size}); the weights, noise or "
+        "settings (cfg, temperature, x0_clip) produce a diverging sample", step=step)
+
+
+# ---- exit codes ------------------------------------------------------------------------------------
+# One table for the three commands (far, far-export, far-train): the same kind of failure ends every
+# command with the same status, and prints one line on stderr.
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1      #: a bug: an exception far-sdk did not expect (one line; FAR_TRACEBACK=1 shows the traceback)
+EXIT_USAGE = 2         #: bad arguments or options, including output paths that cannot be written
+EXIT_INPUT = 3         #: a bad input file: bundle, checkpoint, data, engine plan
+EXIT_RUNTIME = 4       #: a failure while running: backend unavailable, export/validation failed, non-finite values, I/O error
+EXIT_INTERRUPTED = 130  #: Ctrl-C (SIGINT)
+
+#: exception class -> exit status; the first class in this order that matches wins.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (DataError, EXIT_INPUT),
+    (InvalidArgumentError, EXIT_USAGE),
+    (EngineProfileError, EXIT_USAGE),
+    (BundleError, EXIT_INPUT),
+    (CheckpointError, EXIT_INPUT),
+    (ConfigError, EXIT_INPUT),
+    (BackendUnavailableError, EXIT_RUNTIME),
+    (ExportError, EXIT_RUNTIME),
+    (NumericalError, EXIT_RUNTIME),
+    (GeneratorClosedError, EXIT_RUNTIME),
+    (FarError, EXIT_RUNTIME),
+    (OSError, EXIT_RUNTIME),
+)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit status for ``exc`` (see :data:`EXIT_CODES`)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return EXIT_INTERNAL

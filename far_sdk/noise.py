@@ -57,10 +57,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, check_finite
 
 NoiseFn = Callable[[tuple[int, ...]], np.ndarray]
 
@@ -311,6 +312,26 @@ class ReplayNoise:
     @property
     def remaining(self) -> int:
         return len(self._draws) - self._i
+
+
+class CheckedNoise:
+    """A caller's noise source, each draw checked where it enters: shape, and finite values
+    (:class:`~far_sdk.errors.NumericalError` naming the draw). Other attributes (``orders``) pass through."""
+
+    def __init__(self, source: NoiseFn):
+        self._source = source
+        self._draws = 0
+
+    def __call__(self, shape: tuple[int, ...]) -> np.ndarray:
+        d = np.asarray(self._source(shape), dtype=np.float32)
+        if d.shape != tuple(shape):
+            raise InvalidArgumentError(f"noise draw {self._draws} has shape {d.shape}, the sampler asked for {tuple(shape)}")
+        check_finite(d, f"noise draw {self._draws} (from the noise source)")
+        self._draws += 1
+        return d
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
 
 
 def _check_seed(seed: int) -> int:

@@ -28,9 +28,9 @@ from .backends import Backend, create_backend
 from .backends.base import HostDraws, LoopState, SeededDraws
 from .bundle import Bundle
 from .diffusion import denoise_step_table
-from .errors import EngineProfileError, InvalidArgumentError, NumericalError
+from .errors import EngineProfileError, GeneratorClosedError, InvalidArgumentError, NumericalError
 from .filters import filter_matrix
-from .noise import NoiseFn, SeededNoise
+from .noise import CheckedNoise, NoiseFn, SeededNoise
 from .schedules import InnerSteps, SamplingPlan, make_plan
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class Generator:
                 raise NumericalError(
                     f"outer step {s} (level {plan.levels[s]}) produced non-finite latents (NaN or inf): check the noise "
                     "source and the bundle's weights; an unclipped sampler on an untrained model can also overflow "
-                    "(try x0_clip=)")
+                    "(try x0_clip=)", step=s)
             yield s, state
 
     def latents_of(self, state: LoopState) -> np.ndarray:
@@ -237,6 +237,15 @@ class Generator:
           that step's estimate). preview=True decodes each step's estimate for ``StepInfo.preview``.
         max_batch: most images per backend call (default: the engine's limit); larger batches are split.
         """
+        if self._closed:
+            raise GeneratorClosedError("this Generator is closed; create a new far_sdk.Generator to generate again")
+        if class_labels is None or not isinstance(class_labels, (Sequence, int, str, np.integer, np.ndarray)):
+            raise InvalidArgumentError(f"class_labels must be a class id, a class name or a list of them, got {class_labels!r}")
+        if noise is not None:
+            if not callable(noise):
+                raise InvalidArgumentError(f"noise must be a callable noise(shape) -> float32 array, got {type(noise).__name__}")
+            if not isinstance(noise, SeededNoise):   # a SeededNoise is ours: finite, and drawn on the device where it can be
+                noise = CheckedNoise(noise)
         ids = self.class_ids(class_labels)
         plan = self.plan(num_steps=num_steps, levels=levels, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
                          temperature_schedule=temperature_schedule, inner_steps=inner_steps, filter=filter,
@@ -320,8 +329,14 @@ class Generator:
             return None
         return tqdm(total=plan.num_steps * chunks, desc=f"FAR {plan.num_steps} steps x{batch}", unit="step", leave=False)
 
+    _closed = False
+
     def close(self) -> None:
-        self.backend.close()
+        """Release the backend (sessions, GPU memory). Idempotent; :meth:`generate` afterwards raises
+        :class:`~far_sdk.errors.GeneratorClosedError`."""
+        if not self._closed:
+            self._closed = True
+            self.backend.close()
 
     def __enter__(self) -> "Generator":
         return self

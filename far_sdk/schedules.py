@@ -111,6 +111,8 @@ def inner_step_schedule(inner_steps: InnerSteps, num_steps: int) -> tuple[int, .
     if isinstance(inner_steps, (int, np.integer)) and not isinstance(inner_steps, bool):
         counts = (int(inner_steps),) * num_steps
     else:
+        if not isinstance(inner_steps, (list, tuple, np.ndarray)):
+            raise InvalidArgumentError(f"inner_steps must be 'frequency-aware', 'official', an int or a list of ints, got {inner_steps!r}")
         counts = tuple(inner_steps)
         if len(counts) != num_steps:
             raise InvalidArgumentError(f"inner_steps list has {len(counts)} entries, need one per outer step ({num_steps})")

@@ -19,7 +19,7 @@ from export.cli import main  # noqa: E402
 from export.onnx_export import export_bundle, random_init_source  # noqa: E402
 from far_sdk.bundle import Bundle  # noqa: E402
 from far_sdk.diffusion import denoise_step_table, diffusion_tables  # noqa: E402
-from far_sdk.errors import ExportError  # noqa: E402
+from far_sdk.errors import EXIT_INPUT, EXIT_USAGE, ExportError  # noqa: E402
 from far_sdk.graphs import GRAPH_NAMES, graph_specs  # noqa: E402
 from training.config import get_config  # noqa: E402
 from training.far import FAR  # noqa: E402
@@ -320,7 +320,7 @@ def test_cli_refuses_a_non_empty_out_without_overwrite_and_keeps_the_old_bundle(
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
     rc = main(["onnx", "--random-init", "--model", "far_tiny", "--vae-config", "kl16-tiny", "--seed", "4", "--out", str(out)])
-    assert rc == 1
+    assert rc == EXIT_USAGE
     err = capsys.readouterr().err
     assert "--overwrite" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -330,7 +330,7 @@ def test_cli_refuses_a_non_empty_out_without_overwrite_and_keeps_the_old_bundle(
 def test_cli_reports_a_missing_checkpoint_as_an_error_message(tmp_path, capsys):
     rc = main(["onnx", "--checkpoint", str(tmp_path / "nope.pth"), "--vae", str(tmp_path / "kl16.ckpt"),
                "--model", "far_tiny", "--out", str(tmp_path / "out")])
-    assert rc == 1
+    assert rc == EXIT_INPUT
     err = capsys.readouterr().err
     assert "nope.pth" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()

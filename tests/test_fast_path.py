@@ -136,7 +136,7 @@ def test_reduced_precision_per_call_within_bounds(precision):
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_nan_noise_is_a_numerical_error_naming_the_step(backend):
+def test_nan_noise_is_a_numerical_error_naming_the_draw(backend):
     gen = far_sdk.Generator(DEMO, backend=backend, **({"device": "cpu"} if backend == "torch" else {}))
     src = SeededNoise.from_seed(0, 1)
     calls = {"n": 0}
@@ -148,8 +148,46 @@ def test_nan_noise_is_a_numerical_error_naming_the_step(backend):
             z[0, 7, 1] = np.nan
         return z
 
-    with pytest.raises(NumericalError, match="outer step 0"):
+    with pytest.raises(NumericalError, match="noise draw 4"):
         gen.generate([2], noise=noise, output_type="latent", **PLAN)
+
+
+def test_diverging_latents_are_a_numerical_error_naming_the_outer_step():
+    """Finite but absurd noise (1e37) overflows inside the torch sampler: the loop's check names the step."""
+    gen = far_sdk.Generator(DEMO, backend="torch", device="cpu")
+    src = SeededNoise.from_seed(0, 1)
+    calls = {"n": 0}
+
+    def noise(shape):
+        calls["n"] += 1
+        z = src(shape)
+        return z * np.float32(1e37) if calls["n"] >= 9 + 1 else z     # from outer step 1's x_T on
+
+    with pytest.raises(NumericalError, match="outer step 1") as e:
+        gen.generate([2], noise=noise, output_type="latent", **PLAN)
+    assert e.value.step == 1
+
+
+def test_non_finite_step_output_of_any_backend_is_caught():
+    """The loop checks every outer step's sample whatever the backend computes (here ONNX Runtime whose
+    denoiser output is poisoned from outer step 2 on)."""
+    from far_sdk.backends.onnxruntime import OnnxRuntimeBackend
+
+    class Poisoned(OnnxRuntimeBackend):
+        calls = 0
+
+        def denoise(self, x, noises, cond, steps):
+            Poisoned.calls += 1
+            out = super().denoise(x, noises, cond, steps)
+            if Poisoned.calls >= 3:
+                out = out.copy()
+                out[0, 5, 2] = np.inf
+            return out
+
+    gen = far_sdk.Generator(DEMO, backend=Poisoned(far_sdk.Bundle.load(DEMO)))
+    with pytest.raises(NumericalError, match="outer step 2") as e:
+        gen.generate([2], seed=0, output_type="latent", **PLAN)
+    assert e.value.step == 2
 
 
 # ---- GPU ---------------------------------------------------------------------------------------------

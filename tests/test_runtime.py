@@ -18,6 +18,7 @@ import far_sdk  # noqa: E402
 from far_sdk.errors import (  # noqa: E402
     BundleError, BundleNotFoundError, EngineProfileError, IncompatibleBundleError, IntegrityError, InvalidArgumentError,
 )
+from far_sdk.manifest import dump_manifest  # noqa: E402
 from far_sdk.noise import SeededNoise  # noqa: E402
 
 FAST = dict(num_steps=4, inner_steps=[3, 4, 5, 6])
@@ -204,7 +205,7 @@ def test_incompatible_manifest_version(bundle_dir, tmp_path):
     b = _copy(bundle_dir, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
     m["format_version"] = 99
-    (b / "manifest.json").write_text(json.dumps(m))
+    (b / "manifest.json").write_bytes(dump_manifest(m))  # re-sealed: the version check itself must refuse it
     with pytest.raises(IncompatibleBundleError, match="version 99"):
         far_sdk.Generator(b)
 
@@ -213,8 +214,8 @@ def test_manifest_with_path_escape_is_refused(bundle_dir, tmp_path):
     b = _copy(bundle_dir, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
     m["files"]["../evil.onnx"] = m["files"].pop("denoiser.onnx")
-    (b / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="plain file names"):
+    (b / "manifest.json").write_bytes(dump_manifest(m))  # re-sealed: the schema itself must refuse it
+    with pytest.raises(BundleError, match=r"field files: '\.\./evil\.onnx'"):
         far_sdk.Generator(b, backend="onnxruntime")
 
 

@@ -367,7 +367,7 @@ def test_cli_trains_from_a_latents_file_and_reports_typed_errors(tmp_path, capsy
     rc = main(["-q", "train", "--data", str(tmp_path / "none.npz"), "--model", "far_tiny", "--steps", "1",
                "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "does not exist" in err
+    assert rc == 3 and err.count("\n") == 1 and "does not exist" in err  # a bad input file: EXIT_INPUT
     rc = main(["-q", "train", "--data", str(data), "--model", "far_tiny", "--num-classes", "2", "--steps", "1",
                "--batch-size", "8", "--out", str(tmp_path / "y")])
     assert rc == 2 and "classes" in capsys.readouterr().err

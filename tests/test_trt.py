@@ -52,10 +52,18 @@ def fake_bundle(tmp_path) -> Bundle:
     specs = graph_specs(seq_len=4, token_channels=2, mlp_width=8, grid_size=2, image_size=32)
     graphs = {}
     for i, g in enumerate(GRAPH_NAMES):
-        (d / f"{g}.onnx").write_bytes(b"not really onnx %d" % i)
-        graphs[g] = {"file": f"{g}.onnx", **specs[g].to_dict()}
-    write_manifest(d, {"name": "fake", "model": {"num_classes": 10, "grid_size": 2, "token_channels": 2},
-                       "vae": {}, "latent_scale": 0.2325, "graphs": graphs})
+        # a ModelProto holding only ir_version (field 1) and a doc_string (field 6): well-formed protobuf, no graph
+        doc = b"not really onnx %d" % i
+        (d / f"{g}.onnx").write_bytes(bytes([0x08, 9, 0x32, len(doc)]) + doc)
+        graphs[g] = {"file": f"{g}.onnx", "opset": 17, **specs[g].to_dict(), "validation": None}
+    model = {"encoder_embed_dim": 8, "encoder_depth": 1, "encoder_num_heads": 2, "decoder_embed_dim": 8, "decoder_depth": 1,
+             "decoder_num_heads": 2, "mlp_ratio": 4.0, "token_channels": 2, "grid_size": 2, "buffer_size": 4, "num_classes": 10,
+             "diffloss_d": 1, "diffloss_w": 8, "mask": False, "label_drop_prob": 0.1, "attn_dropout": 0.1, "proj_dropout": 0.1,
+             "diffusion_batch_mul": 1, "num_sampling_steps": 100}
+    vae = {"embed_dim": 2, "z_channels": 2, "ch": 8, "ch_mult": [1, 1, 1, 1, 1], "num_res_blocks": 1, "in_channels": 3, "out_ch": 3,
+           "resolution": 32, "attn_resolutions": [], "dropout": 0.0, "gn_groups": 4, "eps": 1e-6}
+    write_manifest(d, {"name": "fake", "created_by": {"far_sdk": far_sdk.__version__}, "model": model, "vae": vae, "latent_scale": 0.2325, "null_class_id": 10, "mlp_width": 8,
+                       "image_size": 32, "defaults": {}, "graphs": graphs, "source": {"kind": "unspecified"}})
     return Bundle.load(d)
 
 
@@ -99,14 +107,14 @@ class TestWithoutTensorRT:
         with pytest.raises(BackendUnavailableError, match=r"far-export trt needs the tensorrt package and an NVIDIA GPU: pip install 'far-sdk\[gpu\]'"):
             build_engines(tmp_path / "absent")
 
-    def test_cli_returns_1_with_the_message(self, fake_bundle, capsys):
+    def test_cli_returns_the_runtime_status_with_the_message(self, fake_bundle, capsys):
         from export.trt_build import add_trt_subcommand, run_trt
 
         parser = argparse.ArgumentParser(prog="far-export")
         add_trt_subcommand(parser.add_subparsers(dest="command"))
         args = parser.parse_args(["trt", "--bundle", str(fake_bundle.path), "--precision", "fp16", "--batch", "1:4:8"])
         assert args.run is run_trt and args.batch == (1, 4, 8) and args.vae_precision == "fp32"
-        assert run_trt(args) == 1
+        assert run_trt(args) == 4  # far_sdk.errors.EXIT_RUNTIME: the backend is unavailable
         err = capsys.readouterr().err
         assert err.startswith("far-export trt: error: far-export trt needs the tensorrt package") and "far-sdk[gpu]" in err
 

@@ -52,11 +52,31 @@ def safe_torch_load(path: str | os.PathLike, allowed_globals: Iterable[type] = (
             raise CheckpointError(f"checkpoint {path} is truncated or not a torch checkpoint: {msg.splitlines()[0]}") from e
         raise CheckpointError(f"checkpoint {path} could not be read: {msg.splitlines()[0]}") from e
     except Exception as e:  # pickle.UnpicklingError for disallowed globals, among others
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = _unsafe_reason(e)
         raise CheckpointError(
             f"checkpoint {path} could not be loaded safely (weights_only=True): {first}. "
             "far-sdk never unpickles arbitrary objects; re-save the file with plain tensors and dicts."
         ) from e
+
+
+def _unsafe_reason(e: BaseException) -> str:
+    """What torch's weights-only unpickler refused, without its advice to retry with ``weights_only=False``
+    (which would run the file's code: never suggest it)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("WeightsUnpickler error:"):
+            reason = ln.removeprefix("WeightsUnpickler error:").strip()
+            return reason.split(". ")[0].rstrip(".") if "weights_only" in reason.split(". ", 1)[-1] else reason.rstrip(".")
+    safe = [ln for ln in lines if "weights_only" not in ln and "trust" not in ln.lower()]
+    return (safe[0] if safe else type(e).__name__).rstrip(".")
+
+
+def check_finite_state(state: Mapping[str, Any], *, source: str) -> None:
+    """Refuse NaN or inf in any floating-point tensor of ``state`` (a corrupted or diverged checkpoint)."""
+    nonfinite = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"{source} has NaN or inf values in {_short(nonfinite)}: the file is corrupted or the run diverged; "
+                              "use an earlier checkpoint or re-download it")
 
 
 def check_state_dict(

@@ -19,7 +19,7 @@ import torch
 from far_sdk.errors import CheckpointError, ConfigError
 from far_sdk.fileio import atomic_writer
 
-from ._io import check_state_dict, safe_torch_load
+from ._io import check_finite_state, check_state_dict, safe_torch_load
 from .config import FAR_CONFIGS, FARConfig, config_from_official_args
 from .far import FAR
 
@@ -71,6 +71,7 @@ def load_official_checkpoint(
     with torch.device("meta"):
         expected = {k: v.shape for k, v in FAR(cfg).state_dict().items()}
     check_state_dict(state, expected, source=f"{path}[{key!r}]")
+    check_finite_state(state, source=f"{path}[{key!r}]")
     model = FAR(cfg)
     model.load_state_dict(state, strict=True)
     return model.to(device=device, dtype=dtype).eval()

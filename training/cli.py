@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from far_sdk.errors import FarError
+from far_sdk.clirun import ArgumentParser, check_writable_dir, check_writable_file, non_negative_int, positive_int, run_command
 
 #: The official kl16 tokenizer's latent scale (latents = posterior sample * scale).
 OFFICIAL_LATENT_SCALE = 0.2325
@@ -31,22 +31,22 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     data.add_argument("--vae", help="VAE checkpoint for --image-root (e.g. kl16.ckpt)")
     data.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS))
     data.add_argument("--scale", type=float, default=OFFICIAL_LATENT_SCALE, help="latent scale for --image-root")
-    data.add_argument("--num-workers", type=int, default=0)
+    data.add_argument("--num-workers", type=non_negative_int, default=0)
     p.add_argument("--model", required=True, choices=sorted(FAR_CONFIGS), help="model preset")
-    p.add_argument("--num-classes", type=int, default=None, help="override the preset's class count")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="override the preset's class count")
     length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=int)
-    length.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    length.add_argument("--steps", type=positive_int)
+    length.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: blr * global batch / 256)")
     p.add_argument("--blr", type=float, default=1e-4)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--warmup", type=non_negative_int, default=0, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.02)
     p.add_argument("--grad-clip", type=float, default=3.0)
     p.add_argument("--ema-rate", type=float, default=0.9999)
     p.add_argument("--label-drop", type=float, default=None, help="default: the preset's (0.1)")
-    p.add_argument("--diffusion-batch-mul", type=int, default=None, help="default: the preset's (4)")
+    p.add_argument("--diffusion-batch-mul", type=positive_int, default=None, help="default: the preset's (4)")
     p.add_argument("--mask", action="store_true", help="frequency-aware masking (builds the model with mask=True)")
     p.add_argument("--no-loss-weight", action="store_true", help="train unweighted, like the released models")
     p.add_argument("--high-t-fraction", type=float, default=0.0,
@@ -55,11 +55,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", choices=["spatial", "fourier"], default="spatial")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", required=True, help="output directory (checkpoint-last.pth)")
     p.add_argument("--resume", default=None, help="checkpoint file or directory holding checkpoint-last.pth")
-    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (always at the end)")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=positive_int, default=None, help="steps between checkpoints (always at the end)")
+    p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -68,6 +68,7 @@ def _run_train(a: argparse.Namespace) -> int:
     from .train import TrainConfig, load_latents_or_images, train
     from .vae import VAE_CONFIGS, load_official_vae
 
+    check_writable_dir(a.out, "--out")  # before any data is read
     model = a.model  # the preset's name goes into the checkpoint's args.model unless overridden
     if a.mask or a.num_classes is not None:
         base = get_config(a.model)
@@ -97,10 +98,10 @@ def _add_cache(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS))
     p.add_argument("--out", required=True, help="output .npz or .safetensors")
     p.add_argument("--scale", type=float, default=OFFICIAL_LATENT_SCALE)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--num-workers", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -110,6 +111,7 @@ def _run_cache(a: argparse.Namespace) -> int:
     from .train import cache_latents
     from .vae import VAE_CONFIGS, load_official_vae
 
+    check_writable_file(a.out, "--out", suffixes=(".npz", ".safetensors"))
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae = load_official_vae(a.vae, VAE_CONFIGS[a.vae_config]).to(device)
     out = cache_latents(a.image_root, vae, a.out, a.scale, a.batch_size, seed=a.seed,
@@ -123,14 +125,14 @@ def _add_vae(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--image-root", required=True, help="ImageFolder tree (labels are ignored)")
     p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS))
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--steps", type=positive_int, required=True)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--out", required=True, help="output checkpoint ({'model': state_dict}, loadable by load_official_vae)")
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -138,6 +140,7 @@ def _run_vae(a: argparse.Namespace) -> int:
     from .train import ImageFolderImages, train_vae
     from .vae import VAE_CONFIGS
 
+    check_writable_file(a.out, "--out")
     cfg = VAE_CONFIGS[a.vae_config]
     images = ImageFolderImages(a.image_root, cfg.resolution, flip=True)
     scale = train_vae(cfg, images, a.steps, a.lr, a.kl_weight, batch_size=a.batch_size, out=a.out, seed=a.seed,
@@ -154,7 +157,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="far-train", description="Train FAR and its tokenizer")
+    parser = ArgumentParser(prog="far-train", description="Train FAR and its tokenizer")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, _run, help_) in COMMANDS.items():
@@ -163,15 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     level = logging.INFO if main_rank and not a.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        return COMMANDS[a.command][1](a)
-    except FarError as e:
-        print(f"far-train {a.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"far-train {a.command}: interrupted (the last checkpoint written is intact)", file=sys.stderr)
-        return 130
-
+    return run_command(f"far-train {a.command}", lambda: COMMANDS[a.command][1](a),
+                       interrupted="interrupted (the last checkpoint written is intact)")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from far_sdk.errors import InvalidArgumentError
+from far_sdk.errors import DataError, InvalidArgumentError
 from far_sdk.fileio import atomic_writer
 
 from .vae import AutoencoderKL
@@ -31,7 +31,7 @@ class LatentDataset(Dataset):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
-            raise InvalidArgumentError(f"latents file {self.path} does not exist; write one with `far-train cache-latents`")
+            raise DataError(f"latents file {self.path} does not exist; write one with `far-train cache-latents`")
         if self.path.suffix not in (".npz", ".safetensors"):
             raise InvalidArgumentError(f"latents file {self.path} must end in .npz or .safetensors")
         self._latents: np.ndarray | None = None
@@ -41,14 +41,14 @@ class LatentDataset(Dataset):
         except InvalidArgumentError:
             raise
         except Exception as e:  # zipfile.BadZipFile, SafetensorError, OSError, ValueError
-            raise InvalidArgumentError(f"latents file {self.path} is unreadable ({type(e).__name__}: {e}); "
+            raise DataError(f"latents file {self.path} is unreadable ({type(e).__name__}: {e}); "
                                        "re-write it with `far-train cache-latents`") from e
         if len(shape) != 4 or dtype != "float32":
-            raise InvalidArgumentError(f"{self.path}: 'latents' must be float32 [N, C, H, W], found {dtype} {list(shape)}")
+            raise DataError(f"{self.path}: 'latents' must be float32 [N, C, H, W], found {dtype} {list(shape)}")
         if labels.ndim != 1 or labels.shape[0] != shape[0] or not np.issubdtype(labels.dtype, np.integer):
-            raise InvalidArgumentError(f"{self.path}: 'labels' must be int [N={shape[0]}], found {labels.dtype} {list(labels.shape)}")
+            raise DataError(f"{self.path}: 'labels' must be int [N={shape[0]}], found {labels.dtype} {list(labels.shape)}")
         if shape[0] == 0 or labels.min() < 0:
-            raise InvalidArgumentError(f"{self.path}: needs at least one sample and labels >= 0")
+            raise DataError(f"{self.path}: needs at least one sample and labels >= 0")
         self.labels = labels.astype(np.int64)
         self.latent_shape = tuple(shape[1:])
 
@@ -88,19 +88,19 @@ class LatentDataset(Dataset):
 def _check_keys(path: Path, keys: list[str]) -> None:
     missing = [k for k in ("latents", "labels") if k not in keys]
     if missing:
-        raise InvalidArgumentError(f"latents file {path} lacks {missing} (found {sorted(keys)})")
+        raise DataError(f"latents file {path} lacks {missing} (found {sorted(keys)})")
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
     """ImageFolder layout: root/<class>/**/<image>. Classes sorted by name -> index; samples sorted."""
     root = Path(root)
     if not root.is_dir():
-        raise InvalidArgumentError(f"image root {root} is not a directory (expected root/<class>/<image files>)")
+        raise DataError(f"image root {root} is not a directory (expected root/<class>/<image files>)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     samples = [(p, i) for i, c in enumerate(classes) for p in sorted((root / c).rglob("*"))
                if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not samples:
-        raise InvalidArgumentError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under class folders of {root}")
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under class folders of {root}")
     return classes, samples
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from far_sdk.errors import CheckpointError, ConfigError
-from training._io import check_state_dict, safe_torch_load
+from training._io import check_finite_state, check_state_dict, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -390,11 +390,7 @@ def load_official_vae(path: str | os.PathLike, config: VAEConfig | None = None) 
     if dropped:
         logger.info("%s: ignoring %d training-loss entries under %r", path, len(dropped), _LOSS_PREFIX)
     state = {k: v for k, v in state.items() if not k.startswith(_LOSS_PREFIX)}
-    nonfinite = [k for k, v in state.items() if not torch.isfinite(v).all()]
-    if nonfinite:
-        raise CheckpointError(
-            f"VAE checkpoint {path} has NaN or inf values in {nonfinite[:8]}: the file is corrupted; re-download it"
-        )
+    check_finite_state(state, source=f"VAE checkpoint {path}")
 
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
@@ -419,14 +415,10 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from far_sdk.weights import load_torch_state
 
     if not path.is_file():
         raise CheckpointError(f"VAE checkpoint {path} does not exist or is not a file")
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"VAE checkpoint {path} is not a readable safetensors file: {first}") from e
-
+    # header and layout checked by hand first (safetensors itself lets some malformed files through);
+    # finite values are checked by load_official_vae once names and shapes are known good
+    return load_torch_state(path, error=CheckpointError, finite=False)

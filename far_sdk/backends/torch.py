@@ -134,7 +134,7 @@ class TorchBackend(Backend):
         on_cuda = self._device.type == "cuda"
 
         m = bundle.manifest
-        state = load_file(str(bundle.file("weights.safetensors")))
+        state = bundle.load_torch_weights()
         far_sd = {k[4:]: v for k, v in state.items() if k.startswith("far.")}
         vae_sd = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
         with torch.device("meta"):
