@@ -45,8 +45,10 @@ sys.path.insert(0, str(ROOT))
 import far_sdk  # noqa: E402
 from far_sdk.errors import BackendUnavailableError  # noqa: E402
 
-#: Largest accepted max|latents - reference| / max|reference| per precision over a whole generation.
-TOLERANCE = {"fp32": 1e-3, "bf16": 1e-1, "fp16": 1e-1}
+#: Largest accepted max|latents - reference| / max|reference| over a whole generation (fp32 paths). Reduced
+#: precision is judged per call instead (gpu_perf.per_call_precision: one transformer call and one denoiser
+#: step against fp32): a chaotic sampler's final latents say little about a 1e-3 per-call difference.
+TOLERANCE = {"fp32": 1e-3, "bf16": None, "fp16": None}
 #: Bundles with weights up to this size get the reference sampler; larger ones the torch CPU backend.
 SAMPLER_MAX_BYTES = 200e6
 
@@ -79,6 +81,7 @@ class Row:
     stages_s: dict[str, float] = field(default_factory=dict)
     images_per_s: float | None = None
     backend: dict[str, Any] = field(default_factory=dict)
+    per_call: dict[str, Any] | None = None     # reduced precision: per-call errors against fp32
 
 
 def log(msg: str) -> None:
@@ -293,7 +296,15 @@ def run_path(spec: PathSpec, bundle_dir: Path, labels: list[int], seed: int, pla
         row.images_per_s = len(labels) / row.median_s
         row.stages_s = {k: statistics.median(v) for k, v in stages.items() if k != "total"}
     finite = bool(np.isfinite(lat).all())
-    row.status = "ok" if finite and row.rel <= row.tolerance else "over tolerance"
+    if row.tolerance is not None:
+        row.status = "ok" if finite and row.rel <= row.tolerance else "over tolerance"
+    else:   # reduced precision: per call against fp32 (the whole-generation error above is informational)
+        import gpu_perf
+
+        row.per_call = gpu_perf.per_call_precision(bundle_dir, str(row.backend.get("device", "cuda")), spec.precision)
+        row.status = "ok" if finite and row.per_call["ok"] else "over tolerance"
+        row.reason = (f"per call vs fp32: transformer {row.per_call['transformer_rel']:.2g}, denoiser step "
+                      f"{row.per_call['denoiser_step_rel']:.2g} (bound {row.per_call['tolerance']:g})")
     if not finite:
         row.reason = "non-finite latents"
     return row
@@ -364,7 +375,7 @@ def markdown(env: dict, command: str, info: dict, rows: list[Row], bench: list[d
         if r.backend:
             keep = {k: r.backend[k] for k in ("device", "precision", "dtype", "cuda_graphs", "io_binding", "providers") if k in r.backend}
             notes = (notes + " " if notes else "") + ", ".join(f"{k}={v}" for k, v in keep.items())
-        rel = "-" if r.rel is None else f"{r.rel:.3g} ({r.tolerance:g})"
+        rel = "-" if r.rel is None else (f"{r.rel:.3g} ({r.tolerance:g})" if r.tolerance is not None else f"{r.rel:.3g} (per call)")
         lines.append(f"| {r.id} | {r.status} | {_f(r.max_abs)} | {rel} | {_f(r.setup_s, '.2f')} | {_f(r.first_s, '.3f')} | "
                      f"{_f(r.median_s, '.3f')} | {_f(r.stages_s.get('denoise'), '.3f')} | {_f(r.images_per_s, '.2f')} | "
                      f"{'-' if r.deterministic is None else ('yes' if r.deterministic else 'NO')} | {notes.replace('|', '/')} |")
