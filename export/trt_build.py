@@ -33,10 +33,11 @@ import numpy as np
 
 import far_sdk
 from far_sdk import trt_cache as tc
-from far_sdk.backends.tensorrt import device_env, import_runtime, run_plan_once, select_device, trt_logger
+from far_sdk.backends.trt_engine import device_env, import_runtime, run_plan_once, select_device, trt_logger
 from far_sdk.bundle import Bundle
 from far_sdk.diffusion import denoise_step_table
 from far_sdk.errors import BackendUnavailableError, ExportError, FarError, IncompatibleBundleError, InvalidArgumentError, exit_code_for
+from far_sdk.fileio import atomic_write_bytes
 from far_sdk.graphs import GRAPH_NAMES, GraphSpec
 
 logger = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def build_plan(trt: Any, bundle: Bundle, key: tc.EngineKey, workspace_gb: float 
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ExportError(f"TensorRT could not build the {key.graph} engine: {tlog.take_errors() or 'see the TensorRT log above'}")
-    tc.atomic_write_bytes(cache_path, memoryview(config.get_timing_cache().serialize()))
+    atomic_write_bytes(cache_path, memoryview(config.get_timing_cache().serialize()))
     return plan
 
 

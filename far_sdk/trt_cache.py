@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import sha256_file
-from .fileio import atomic_write_bytes, atomic_write_json, atomic_writer  # noqa: F401  (re-exported)
+from .fileio import atomic_write_bytes, atomic_write_json
 from .errors import BackendUnavailableError, IncompatibleBundleError, InvalidArgumentError
 from .graphs import GRAPH_NAMES
 

@@ -1,5 +1,6 @@
 """TensorRT backend: the bundle's engines (built by ``far-export trt``) run with ``tensorrt`` and
-cuda-python (``cuda.bindings.runtime``); no torch.
+cuda-python (``cuda.bindings.runtime``); no torch. One engine's runner and the CUDA helpers live in
+:mod:`far_sdk.backends.trt_engine`; this module runs the three engines as a backend.
 
 Lifecycle per graph, as in the TensorRT demo's ``Engine``: sidecar check (:func:`far_sdk.trt_cache.find_plan`,
 before TensorRT sees the plan) -> deserialize (checked for ``None``) -> one execution context ->
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -31,258 +31,27 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, EngineProfileError, IncompatibleBundleError, InvalidArgumentError
-from ..graphs import GRAPH_NAMES, STEP_FIELDS, GraphSpec
-from ..trt_cache import PRECISIONS, ROWS_PER_IMAGE, BuildEnv, EngineKey, find_plan, format_profile, parse_batch_profile, read_plan
-from .base import Backend
+from ..graphs import GRAPH_NAMES, STEP_FIELDS
+from ..trt_cache import PRECISIONS, ROWS_PER_IMAGE, EngineKey, find_plan, format_profile, parse_batch_profile, read_plan
+from .base import Backend, check_backend_options
+from .trt_engine import (
+    CudaError, EngineRunner, aligned, check_cuda, check_cuda_quietly, copy_to_device, copy_to_host, device_env, import_runtime,
+    select_device,
+)
 
 log = logging.getLogger(__name__)
 
-ALIGN = 256           # bytes; every address handed to TensorRT is a multiple of this
-MAX_CUDA_GRAPHS = 64  # captured (batch, n) loops kept per backend (least recently used dropped)
-_TRT_LOGGER = None
-_TRT_LOGGER_LOCK = threading.Lock()
-
-
-class CudaError(BackendUnavailableError):
-    """A CUDA runtime or TensorRT execution call failed (out of memory, lost device, ...)."""
-
-
-# ---- runtime imports and CUDA helpers ----------------------------------------------------------------
-
-
-def import_runtime() -> tuple[Any, Any]:
-    """(tensorrt, cuda.bindings.runtime), or BackendUnavailableError naming what is missing."""
-    missing = []
-    trt = cudart = None
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not loadable
-        missing.append(f"tensorrt ({type(e).__name__}: {e})")
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6
-        except (ImportError, OSError) as e:
-            missing.append(f"cuda-python ({type(e).__name__}: {e})")
-    if missing:
-        raise BackendUnavailableError(
-            "backend 'tensorrt' needs the tensorrt and cuda-python packages and an NVIDIA GPU "
-            f"(pip install 'far-sdk[gpu]'); missing: {', '.join(missing)}"
-        )
-    return trt, cudart
-
-
-def _check(result: Any, what: str) -> Any:
-    """Unpack a cuda-python result ``(err, *values)``; raise :class:`CudaError` naming ``what`` unless err is cudaSuccess."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise CudaError(f"{what} failed: {getattr(err, 'name', err)} ({int(err)})")
-    return values[0] if len(values) == 1 else (tuple(values) if values else None)
-
-
-def _quiet(result: Any, what: str) -> None:
-    """Like :func:`_check` for cleanup paths: log instead of raising."""
-    try:
-        _check(result, what)
-    except CudaError as e:
-        log.warning("%s", e)
-
-
-def _parse_device(device: Any) -> int:
-    if device is None or device in ("cuda", "gpu", "auto"):
-        return 0
-    if isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
-        return int(device[5:])
-    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
-        return device
-    raise InvalidArgumentError(f"TensorRT device must be 'cuda', 'cuda:N' or a device index, got {device!r}")
-
-
-def select_device(cudart: Any, device: Any) -> int:
-    index = _parse_device(device)
-    try:
-        count = _check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
-    except CudaError as e:
-        raise BackendUnavailableError(f"backend 'tensorrt' needs an NVIDIA GPU, but CUDA reports none ({e})") from e
-    if not 0 <= index < count:
-        raise BackendUnavailableError(f"backend 'tensorrt': CUDA device {index} requested, {count} visible (check CUDA_VISIBLE_DEVICES)")
-    _check(cudart.cudaSetDevice(index), f"cudaSetDevice({index})")
-    return index
-
-
-def device_env(trt: Any, cudart: Any, index: int) -> BuildEnv:
-    """TensorRT version, GPU name and compute capability: the machine half of an engine key."""
-    prop = _check(cudart.cudaGetDeviceProperties(index), f"cudaGetDeviceProperties({index})")
-    name = prop.name.split(b"\0")[0].decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return BuildEnv(str(trt.__version__), name.strip(), f"{prop.major}.{prop.minor}")
-
-
-def trt_logger(trt: Any) -> Any:
-    """The process's one TensorRT logger (TensorRT keeps the first one it sees), routed to :mod:`logging`."""
-    global _TRT_LOGGER
-    with _TRT_LOGGER_LOCK:
-        if _TRT_LOGGER is None:
-            _TRT_LOGGER = _make_logger(trt)
-    return _TRT_LOGGER
-
-
-def _make_logger(trt: Any) -> Any:
-    """A ``trt.ILogger`` that forwards to this module's logger and keeps the last errors for messages."""
-    sev = trt.ILogger.Severity
-    levels = {sev.INTERNAL_ERROR: logging.ERROR, sev.ERROR: logging.ERROR, sev.WARNING: logging.WARNING,
-              sev.INFO: logging.INFO, sev.VERBOSE: logging.DEBUG}
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: collections.deque[str] = collections.deque(maxlen=8)
-
-        def log(self, severity: Any, msg: str) -> None:
-            level = levels.get(severity, logging.INFO)
-            if level >= logging.ERROR:
-                self.errors.append(msg)
-            if log.isEnabledFor(level):
-                log.log(level, "TensorRT: %s", msg)
-
-        def take_errors(self) -> str:
-            text = " | ".join(self.errors)
-            self.errors.clear()
-            return text
-
-    return _Logger()
-
-
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def _h2d(cudart: Any, dst: int, array: np.ndarray, stream: Any, what: str) -> None:
-    """Queue a host-to-device copy; ``array`` must stay alive until the stream is synchronised."""
-    _check(cudart.cudaMemcpyAsync(dst, array.ctypes.data, array.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream),
-           f"copy of {what} to the GPU")
-
-
-def _d2h(cudart: Any, src: int, shape: tuple[int, ...], dtype: str, stream: Any, what: str) -> np.ndarray:
-    """Queue a device-to-host copy into a new array; read it only after the stream is synchronised."""
-    out = np.empty(shape, dtype=dtype)
-    _check(cudart.cudaMemcpyAsync(out.ctypes.data, src, out.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream),
-           f"copy of {what} from the GPU")
-    return out
-
-
-# ---- one engine --------------------------------------------------------------------------------------
-
-
-class EngineRunner:
-    """One graph's engine, execution context and named device buffers (sized for ``max_images``)."""
-
-    def __init__(self, trt: Any, cudart: Any, plan: bytes, spec: GraphSpec, max_images: int, what: str):
-        self.spec, self.what = spec, what
-        self._trt, self._cudart = trt, cudart
-        self.tensors = {t.name: t for t in spec.inputs + spec.outputs}
-        self.buffers: dict[str, int] = {}
-        self.images: int | None = None   # the batch the input shapes are set for
-        self.needs_warmup = True         # no enqueue since the last shape change
-        self.context = self.engine = None
-        self._logger = trt_logger(trt)
-        self._logger.take_errors()
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(plan)
-        if self.engine is None:
-            raise IncompatibleBundleError(
-                f"TensorRT could not deserialize {what} ({self._logger.take_errors() or 'no reason given'}) although its "
-                "sidecar matches this TensorRT and GPU: rebuild it with `far-export trt ... --rebuild`"
-            )
-        self._check_io()
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise CudaError(f"TensorRT could not create an execution context for {what} (out of GPU memory?): {self._logger.take_errors()}")
-        try:
-            for name in self.tensors:
-                self.buffers[name] = int(_check(cudart.cudaMalloc(_align(self.nbytes(name, max_images))), f"cudaMalloc for {spec.name}.{name}"))
-        except BaseException:
-            self.close()
-            raise
-
-    def _check_io(self) -> None:
-        e, trt = self.engine, self._trt
-        names = {e.get_tensor_name(i) for i in range(e.num_io_tensors)}
-        if names != set(self.tensors):
-            raise IncompatibleBundleError(f"{self.what} has tensors {sorted(names)}, the bundle's graph spec {sorted(self.tensors)}: rebuild it")
-        for t in self.spec.inputs + self.spec.outputs:
-            mode = trt.TensorIOMode.INPUT if t in self.spec.inputs else trt.TensorIOMode.OUTPUT
-            dtype = np.dtype(trt.nptype(e.get_tensor_dtype(t.name)))
-            if e.get_tensor_mode(t.name) != mode or dtype != np.dtype(t.dtype):
-                raise IncompatibleBundleError(f"{self.what}: tensor {t.name!r} is a {dtype} {e.get_tensor_mode(t.name)}, the graph spec says {t.dtype} {mode}: rebuild it")
-
-    def shape(self, name: str, images: int) -> tuple[int, ...]:
-        return tuple(ROWS_PER_IMAGE[d] * images if isinstance(d, str) else int(d) for d in self.tensors[name].shape)
-
-    def nbytes(self, name: str, images: int) -> int:
-        return math.prod(self.shape(name, images)) * np.dtype(self.tensors[name].dtype).itemsize
-
-    def set_images(self, images: int) -> bool:
-        """Set the input shapes for ``images`` images; True when they changed (captured graphs are then stale)."""
-        if images == self.images:
-            return False
-        for t in self.spec.inputs:
-            if any(isinstance(d, str) for d in t.shape) and not self.context.set_input_shape(t.name, self.shape(t.name, images)):
-                raise EngineProfileError(f"{self.what} rejects {t.name} of shape {self.shape(t.name, images)}: {self._logger.take_errors()}")
-        for t in self.spec.outputs:
-            got = tuple(self.context.get_tensor_shape(t.name))
-            if got != self.shape(t.name, images):
-                raise IncompatibleBundleError(f"{self.what}: output {t.name} has shape {got}, expected {self.shape(t.name, images)}")
-        self.images, self.needs_warmup = images, True
-        return True
-
-    def bind(self, addresses: dict[str, int] | None = None) -> None:
-        """Point every I/O tensor at ``addresses[name]``, or at this runner's own buffer."""
-        for name, own in self.buffers.items():
-            ptr = own if addresses is None else addresses.get(name, own)
-            if not self.context.set_tensor_address(name, ptr):
-                raise CudaError(f"{self.what}: set_tensor_address({name!r}) failed: {self._logger.take_errors()}")
-
-    def enqueue(self, stream: int) -> None:
-        if not self.context.execute_async_v3(stream):
-            raise CudaError(f"TensorRT failed to enqueue {self.what}: {self._logger.take_errors() or 'no reason given'}")
-        self.needs_warmup = False
-
-    def close(self) -> None:
-        for name, ptr in self.buffers.items():
-            _quiet(self._cudart.cudaFree(ptr), f"cudaFree({self.spec.name}.{name})")
-        self.buffers.clear()
-        self.context = self.engine = self._runtime = None  # context before engine before runtime
-
-
-def run_plan_once(trt: Any, cudart: Any, plan: Any, spec: GraphSpec, images: int, feeds: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
-    """Deserialize ``plan``, run it once on host ``feeds`` for ``images`` images, return its outputs (build-time validation)."""
-    stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
-    runner = None
-    try:
-        runner = EngineRunner(trt, cudart, plan, spec, images, what)
-        runner.set_images(images)
-        keep = [np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in spec.inputs]
-        for t, a in zip(spec.inputs, keep):
-            if a.shape != runner.shape(t.name, images):
-                raise InvalidArgumentError(f"{spec.name}.{t.name}: expected shape {runner.shape(t.name, images)}, got {a.shape}")
-            _h2d(cudart, runner.buffers[t.name], a, stream, f"{spec.name}.{t.name}")
-        runner.bind()
-        runner.enqueue(int(stream))
-        out = {t.name: _d2h(cudart, runner.buffers[t.name], runner.shape(t.name, images), t.dtype, stream, f"{spec.name}.{t.name}")
-               for t in spec.outputs}
-        _check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")  # host sync: outputs are read now
-        return out
-    finally:
-        _quiet(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")  # nothing queued may outlive the buffers
-        if runner is not None:
-            runner.close()
-        _quiet(cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
+#: Captured (batch, n) denoiser loops kept per backend, least recently used dropped first: the same
+#: default bound as the torch backend's ``MAX_CUDA_GRAPHS`` (that module imports torch, so it is
+#: not imported here), and likewise overridable with the ``max_cuda_graphs`` option.
+MAX_CUDA_GRAPHS = 64
 
 
 @dataclass(frozen=True)
-class DeviceCond:
-    """The transformer's ``cond`` [2B, L, W] left in GPU memory; valid until the next transformer call."""
+class TrtCondRef:
+    """A reference to the backend's one ``cond`` buffer [2B, L, W] in GPU memory, as the transformer
+    left it; valid until the next transformer call on the same backend (``generation`` and ``owner``
+    detect a stale or foreign reference)."""
 
     ptr: int
     images: int
@@ -299,22 +68,27 @@ class TensorRTBackend(Backend):
     ``precision``: the transformer's and denoiser's ("fp16" | "bf16" | "fp32"; None: the built one,
     fp16 first); ``vae_precision`` likewise for the VAE decoder (None: fp32 first); ``batch``: the
     profile to load ("MIN:OPT:MAX" or a 3-tuple; None: the largest built); ``cuda_graphs``: replay
-    the denoiser loop from captured CUDA graphs (falls back to plain launches if capture fails).
-    Other options (e.g. ``threads``) are ignored.
+    the denoiser loop from captured CUDA graphs (falls back to plain launches if capture fails);
+    ``max_cuda_graphs``: captured loops kept (LRU). Options of other backends (e.g. ``threads``) are
+    ignored, names no backend knows rejected (:func:`far_sdk.backends.base.check_backend_options`).
     """
 
     name = "tensorrt"
     concurrent_generate = False
 
     def __init__(self, bundle: Bundle, *, device: Any = None, precision: str | None = None, vae_precision: str | None = None,
-                 batch: Any = None, opt_level: int | None = None, cuda_graphs: bool = True, **ignored: Any):
+                 batch: Any = None, opt_level: int | None = None, cuda_graphs: bool = True,
+                 max_cuda_graphs: int = MAX_CUDA_GRAPHS, **other: Any):
         super().__init__(bundle)
         self._closed, self._lock = True, threading.Lock()
-        if ignored:
-            log.info("TensorRT backend: ignoring options %s", sorted(ignored))
+        check_backend_options(self.name, ("device", "precision", "vae_precision", "batch", "opt_level", "cuda_graphs",
+                                          "max_cuda_graphs"), other, log)
         for label, p in (("precision", precision), ("vae_precision", vae_precision)):
             if p is not None and p not in PRECISIONS:
                 raise InvalidArgumentError(f"{label} must be one of {PRECISIONS} or None, got {p!r}")
+        if isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) or max_cuda_graphs < 1:
+            raise InvalidArgumentError(f"max_cuda_graphs must be a positive integer, got {max_cuda_graphs!r}")
+        self._max_graphs = max_cuda_graphs
         self._trt, self._cudart = trt, cudart = import_runtime()
         self._device = select_device(cudart, device)
         self.env = device_env(trt, cudart, self._device)
@@ -337,7 +111,7 @@ class TensorRTBackend(Backend):
         self._use_graphs, self._cond_generation, self._stream = bool(cuda_graphs), 0, None
         self._closed = False
         try:
-            self._stream = _check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+            self._stream = check_cuda(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
             for g in GRAPH_NAMES:
                 key = self.keys[g]
                 self._runners[g] = EngineRunner(trt, cudart, read_plan(bundle, key), bundle.graph_spec(g), key.profile[2],
@@ -367,6 +141,7 @@ class TensorRTBackend(Backend):
         d = super().describe()
         d.update(tensorrt=self.env.tensorrt, gpu=self.env.gpu, compute_capability=self.env.compute_capability,
                  batch=f"{self._min_images}..{self._max_images}", cuda_graphs=self._use_graphs,
+                 cuda_graphs_cached=len(self._graphs),
                  engines={g: {"precision": k.precision, "profile": format_profile(k.profile), "opt_level": k.opt_level,
                               "plan": k.plan_name} for g, k in self.keys.items()})
         return d
@@ -379,11 +154,11 @@ class TensorRTBackend(Backend):
     def _enter(self) -> None:
         if self._closed:
             raise BackendUnavailableError("this TensorRT backend was closed")
-        _check(self._cudart.cudaSetDevice(self._device), "cudaSetDevice")  # the current device is per host thread
+        check_cuda(self._cudart.cudaSetDevice(self._device), "cudaSetDevice")  # the current device is per host thread
 
     def _sync(self) -> None:
         """Host sync: wait for the stream; host arrays handed to copies may go afterwards."""
-        _check(self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        check_cuda(self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         self._pending.clear()
 
     def _check_images(self, images: int, what: str) -> None:
@@ -396,7 +171,7 @@ class TensorRTBackend(Backend):
 
     def _upload(self, dst: int, array: np.ndarray, what: str) -> None:
         self._pending.append(array)
-        _h2d(self._cudart, dst, array, self._stream, what)
+        copy_to_device(self._cudart, dst, array, self._stream, what)
 
     def _upload_input(self, r: EngineRunner, name: str, value: Any, images: int) -> None:
         """Validate ``value``'s shape for ``images`` images and queue its copy into ``r``'s buffer ``name``."""
@@ -406,34 +181,34 @@ class TensorRTBackend(Backend):
         self._upload(r.buffers[name], array, f"{r.spec.name}.{name}")
 
     def _download(self, src: int, shape: tuple[int, ...], dtype: str, what: str) -> np.ndarray:
-        out = _d2h(self._cudart, src, shape, dtype, self._stream, what)
+        out = copy_to_host(self._cudart, src, shape, dtype, self._stream, what)
         self._pending.append(out)
         return out
 
     def _upload_slots(self, name: str, array: np.ndarray) -> tuple[int, int]:
         """Upload array [n, ...] into a device block, one ALIGN-ed slot per row; returns (block ptr, slot stride)."""
         n, row = array.shape[0], array[0].nbytes
-        stride = _align(row)
+        stride = aligned(row)
         ptr, size = self._blocks.get(name, (0, 0))
         if size < n * stride:
             if ptr:
                 self._sync()  # no queued work may still read the old block
                 self._drop_graphs()
-                _check(self._cudart.cudaFree(ptr), f"cudaFree({name} block)")
+                check_cuda(self._cudart.cudaFree(ptr), f"cudaFree({name} block)")
                 del self._blocks[name]
-            size = _align(n * stride)
-            ptr = int(_check(self._cudart.cudaMalloc(size), f"cudaMalloc({size} bytes for {name})"))
+            size = aligned(n * stride)
+            ptr = int(check_cuda(self._cudart.cudaMalloc(size), f"cudaMalloc({size} bytes for {name})"))
             self._blocks[name] = (ptr, size)
         self._pending.append(array)
-        _check(self._cudart.cudaMemcpy2DAsync(ptr, stride, array.ctypes.data, row, row, n,
-                                              self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream),
-               f"copy of {n} {name} rows to the GPU")
+        check_cuda(self._cudart.cudaMemcpy2DAsync(ptr, stride, array.ctypes.data, row, row, n,
+                                                  self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream),
+                   f"copy of {n} {name} rows to the GPU")
         return ptr, stride
 
     def _drop_graphs(self) -> None:
         while self._graphs:
             _, exe = self._graphs.popitem(last=False)
-            _quiet(self._cudart.cudaGraphExecDestroy(exe), "cudaGraphExecDestroy")
+            check_cuda_quietly(self._cudart.cudaGraphExecDestroy(exe), "cudaGraphExecDestroy")
 
     # ---- the stages -------------------------------------------------------------------------------------
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -460,7 +235,7 @@ class TensorRTBackend(Backend):
             self._sync()  # host sync: the outputs are read now
             return out
 
-    def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int) -> DeviceCond:
+    def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int) -> TrtCondRef:
         """tokens [2B, L, C], class_ids [2B] -> cond [2B, L, W], left on the GPU (no host sync)."""
         with self._lock:
             self._enter()
@@ -477,7 +252,7 @@ class TensorRTBackend(Backend):
             r.bind()
             r.enqueue(self._sh)
             self._cond_generation += 1
-            return DeviceCond(ptr=r.buffers["cond"], images=images, generation=self._cond_generation, owner=id(self))
+            return TrtCondRef(ptr=r.buffers["cond"], images=images, generation=self._cond_generation, owner=id(self))
 
     def denoise(self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray) -> np.ndarray:
         """n guided DDPM steps on the GPU: x [B, L, C], noises [n, B, L, C], steps [n, 10] -> x_0 [B, L, C] (one host sync)."""
@@ -512,7 +287,7 @@ class TensorRTBackend(Backend):
             return out
 
     def _cond_ptr(self, r: EngineRunner, cond: Any, images: int) -> int:
-        if isinstance(cond, DeviceCond):
+        if isinstance(cond, TrtCondRef):
             if cond.owner != id(self) or cond.generation != self._cond_generation:
                 raise InvalidArgumentError(
                     "cond is stale: another transformer call on this TensorRT backend ran since it was computed (a backend "
@@ -532,7 +307,7 @@ class TensorRTBackend(Backend):
             else:
                 self._graphs.move_to_end(key)
             if exe is not None:
-                _check(self._cudart.cudaGraphLaunch(exe, self._stream), "cudaGraphLaunch")
+                check_cuda(self._cudart.cudaGraphLaunch(exe, self._stream), "cudaGraphLaunch")
                 return
         self._enqueue_steps(r, n, addresses)
 
@@ -551,13 +326,13 @@ class TensorRTBackend(Backend):
             self._sync()
         graph = None
         try:
-            _check(cudart.cudaStreamBeginCapture(self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
-                   "cudaStreamBeginCapture")
+            check_cuda(cudart.cudaStreamBeginCapture(self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+                       "cudaStreamBeginCapture")
             try:
                 self._enqueue_steps(r, n, addresses)
             finally:
-                graph = _check(cudart.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
-            exe = _check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+                graph = check_cuda(cudart.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
+            exe = check_cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
         except CudaError as e:
             cudart.cudaGetLastError()  # clear the capture's error state
             log.warning("CUDA graph capture of the %d-step denoiser loop failed (%s); running the steps as plain launches", n, e)
@@ -565,11 +340,11 @@ class TensorRTBackend(Backend):
             return None
         finally:
             if graph is not None:
-                _quiet(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")  # the instantiated graph does not need it
+                check_cuda_quietly(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")  # the instantiated graph does not need it
         self._graphs[key] = exe
-        while len(self._graphs) > MAX_CUDA_GRAPHS:
+        while len(self._graphs) > self._max_graphs:
             _, old = self._graphs.popitem(last=False)
-            _quiet(cudart.cudaGraphExecDestroy(old), "cudaGraphExecDestroy")
+            check_cuda_quietly(cudart.cudaGraphExecDestroy(old), "cudaGraphExecDestroy")
         return exe
 
     def synchronize(self) -> None:
@@ -585,15 +360,15 @@ class TensorRTBackend(Backend):
             self._closed = True
             cudart = self._cudart
             if self._stream is not None:
-                _quiet(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+                check_cuda_quietly(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
             self._drop_graphs()
             for r in self._runners.values():
                 r.close()
             self._runners.clear()
             for name, (ptr, _) in self._blocks.items():
-                _quiet(cudart.cudaFree(ptr), f"cudaFree({name} block)")
+                check_cuda_quietly(cudart.cudaFree(ptr), f"cudaFree({name} block)")
             self._blocks.clear()
             self._pending.clear()
             if self._stream is not None:
-                _quiet(cudart.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+                check_cuda_quietly(cudart.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
                 self._stream = None
