@@ -142,7 +142,7 @@ def test_ort_io_binding_denoise_matches_run_and_leaves_inputs_alone(bundle_dir, 
 def test_ort_device_resident_path_logic_in_cpu_memory(bundle_dir, B, n):
     """The GPU path (cond kept as an OrtValue, one upload of padded noise/step blocks, x ping-pong by address)
     run with CPU memory: same results as plain run(), bitwise, for odd and even step counts."""
-    from far_sdk.backends.onnxruntime import DeviceCond
+    from far_sdk.backends.onnxruntime import OrtValueCond
 
     bundle = far_sdk.Bundle.load(bundle_dir)
     emu = create_backend(bundle, "onnxruntime", device="cpu", threads=1, io_binding=True)
@@ -151,7 +151,7 @@ def test_ort_device_resident_path_logic_in_cpu_memory(bundle_dir, B, n):
     x, noises, tokens, ids, steps = _denoise_inputs(bundle, B, n, seed=B + n)
     cond = emu.transformer(tokens, ids, 4)
     host_cond = ref.transformer(tokens, ids, 4)
-    assert isinstance(cond, DeviceCond) and cond.images == B
+    assert isinstance(cond, OrtValueCond) and cond.images == B
     np.testing.assert_array_equal(cond.value.numpy(), host_cond)
     x_before = x.copy()
     want = ref.denoise(x, noises, host_cond, steps)
@@ -162,11 +162,22 @@ def test_ort_device_resident_path_logic_in_cpu_memory(bundle_dir, B, n):
         emu.denoise(np.concatenate([x, x]), np.concatenate([noises, noises], axis=1), cond, steps)
 
 
-def test_ort_cpu_default_is_plain_run(bundle_dir):
-    from far_sdk.backends.onnxruntime import CPU_IO_BINDING_DEFAULT
-
-    gen = far_sdk.Generator(bundle_dir, backend="onnxruntime", device="cpu", threads=1)
-    assert gen.backend.describe()["io_binding"] is CPU_IO_BINDING_DEFAULT
+def test_ort_cpu_default_runs_the_denoiser_with_plain_run_not_io_binding(bundle_dir):
+    """Watches what the default CPU backend does (no IOBinding is made), not the constant that sets it;
+    the io_binding=True backend shows the watch works."""
+    bundle = far_sdk.Bundle.load(bundle_dir)
+    default = create_backend(bundle, "onnxruntime", device="cpu", threads=1)
+    bound = create_backend(bundle, "onnxruntime", device="cpu", threads=1, io_binding=True)
+    bindings = []
+    for be in (default, bound):
+        sess = be._sessions["denoiser"]
+        sess.io_binding = lambda be=be, make=sess.io_binding: bindings.append(be.describe()["io_binding"]) or make()
+    x, noises, tokens, ids, steps = _denoise_inputs(bundle, 2, 3)
+    cond = default.transformer(tokens, ids, 2)
+    a = default.denoise(x, noises, cond, steps)
+    assert bindings == [] and default.describe()["io_binding"] is False
+    np.testing.assert_array_equal(bound.denoise(x, noises, cond, steps), a)
+    assert bindings == [True]  # one binding for the whole n-step call
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "tensorrt"])

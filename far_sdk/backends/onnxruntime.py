@@ -46,7 +46,6 @@ DEVICE_ALIGN = 256
 #: ways took the same time within 2% (a call computes for ~1 ms; binding saves microseconds), so the CPU
 #: keeps plain ``session.run``, the simpler path. ``scripts/gpu_check.py --io-binding-bench`` re-measures.
 CPU_IO_BINDING_DEFAULT = False
-#: Options other backends take; create_backend("auto", ...) hands every option to each backend it tries.
 
 
 def _import_ort():
@@ -60,8 +59,9 @@ def _import_ort():
 
 
 @dataclass(frozen=True)
-class DeviceCond:
-    """The transformer's ``cond`` [2B, L, W] kept in GPU memory (an ``OrtValue``; each call gets its own)."""
+class OrtValueCond:
+    """The transformer's ``cond`` [2B, L, W] kept in GPU memory as an ``OrtValue`` the caller owns
+    (each transformer call makes a new one, so an older one stays valid)."""
 
     value: Any
     images: int
@@ -193,7 +193,7 @@ class OnnxRuntimeBackend(Backend):
         return dict(zip(self._outputs[graph], outs))
 
     def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int) -> Any:
-        """tokens [2B, L, C], class_ids [2B] -> cond [2B, L, W]: host array on CPU, :class:`DeviceCond` on a GPU."""
+        """tokens [2B, L, C], class_ids [2B] -> cond [2B, L, W]: host array on CPU, :class:`OrtValueCond` on a GPU."""
         if not (self._on_gpu and self._io_binding):
             return super().transformer(tokens, class_ids, level)
         sess, ort = self._sessions["transformer"], self._ort
@@ -206,7 +206,7 @@ class OnnxRuntimeBackend(Backend):
         cond = ort.OrtValue.ortvalue_from_shape_and_type([rows, L, W], np.float32, self._mem, self._device_id)  # (2B, L, W)
         b.bind_ortvalue_output("cond", cond)
         self._run_bound(sess, b, "transformer")
-        return DeviceCond(cond, rows // 2)
+        return OrtValueCond(cond, rows // 2)
 
     def denoise(self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray) -> np.ndarray:
         """n guided DDPM steps: x [B, L, C], noises [n, B, L, C], cond [2B, L, W], steps [n, 10] -> x_0 [B, L, C] (a new array)."""
@@ -219,7 +219,7 @@ class OnnxRuntimeBackend(Backend):
         return self._denoise_cpu(x, noises, cond, steps)
 
     def _host_cond(self, cond: Any) -> np.ndarray:
-        return cond.value.numpy() if isinstance(cond, DeviceCond) else cond
+        return cond.value.numpy() if isinstance(cond, OrtValueCond) else cond
 
     def _run_bound(self, sess: Any, binding: Any, graph: str) -> None:
         try:
@@ -263,7 +263,7 @@ class OnnxRuntimeBackend(Backend):
         nz = OrtValue.ortvalue_from_numpy(nz_block, mem, dev)
         st = OrtValue.ortvalue_from_numpy(st_block, mem, dev)
         xs = (OrtValue.ortvalue_from_numpy(x, mem, dev), OrtValue.ortvalue_from_shape_and_type(shape, f32, mem, dev))
-        if isinstance(cond, DeviceCond):
+        if isinstance(cond, OrtValueCond):
             if cond.images != B:
                 raise InvalidArgumentError(f"cond was computed for {cond.images} images, x has {B}")
             cond_value = cond.value
