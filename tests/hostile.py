@@ -1,4 +1,5 @@
-"""Helpers for tests/test_hostile.py: bundles altered the way a hostile user (or a bad disk) would."""
+"""Helpers for tests/test_hostile_bundle.py and tests/test_hostile_runtime.py: bundles altered the way a
+hostile user (or a bad disk) would."""
 
 from __future__ import annotations
 
