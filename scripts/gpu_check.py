@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import json
-import platform
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import far_sdk  # noqa: E402
 from far_sdk.errors import BackendUnavailableError  # noqa: E402
+from gpu_check_report import environment, fmt, markdown  # noqa: E402  (scripts/: the folder of this script)
 
 #: Largest accepted max|latents - reference| / max|reference| over a whole generation (fp32 paths). Reduced
 #: precision is judged per call instead (gpu_perf.per_call_precision: one transformer call and one denoiser
@@ -86,47 +83,6 @@ class Row:
 
 def log(msg: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# ---- the machine --------------------------------------------------------------------------------------
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment() -> dict[str, Any]:
-    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "numpy": np.__version__}
-    try:
-        import torch
-
-        env.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
-        if torch.cuda.is_available():
-            env["gpu"] = torch.cuda.get_device_name(0)
-            env["compute_capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
-            env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
-    except ImportError:
-        env["torch"] = None
-    try:
-        import onnxruntime as ort
-
-        env.update(onnxruntime=ort.__version__, ort_providers=ort.get_available_providers())
-    except ImportError:
-        env["onnxruntime"] = None
-    env["tensorrt"] = _version("tensorrt") or _version("tensorrt-cu12")
-    env["cuda_python"] = _version("cuda-python")
-    if shutil.which("nvidia-smi"):
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=30)
-        env["nvidia_smi"] = r.stdout.strip() or r.stderr.strip()
-        env.setdefault("gpu", env["nvidia_smi"].split(",")[0] if r.returncode == 0 and r.stdout.strip() else None)
-    env.setdefault("gpu", None)
-    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    env["far_sdk_commit"] = r.stdout.strip() or None
-    return env
 
 
 # ---- bundle, plan and reference -----------------------------------------------------------------------
@@ -211,7 +167,7 @@ def _ort_provider(provider: str) -> Callable[[], str | None]:
 
 def _tensorrt() -> str | None:
     try:
-        from far_sdk.backends.tensorrt import import_runtime
+        from far_sdk.backends.trt_engine import import_runtime
 
         import_runtime()
     except BackendUnavailableError as e:
@@ -351,41 +307,6 @@ def bench_io_binding(bundle: far_sdk.Bundle, batches: list[int], calls: int, thr
     return rows
 
 
-# ---- report -------------------------------------------------------------------------------------------
-
-
-def _f(v: float | None, fmt: str = ".3g") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def markdown(env: dict, command: str, info: dict, rows: list[Row], bench: list[dict] | None) -> str:
-    lines = [f"# far-sdk GPU check\n", f"- command: `{command}`", f"- GPU: {env.get('gpu') or 'none'}"
-             + (f" (nvidia-smi: {env['nvidia_smi']})" if env.get("nvidia_smi") else ""),
-             f"- versions: python {env['python']}, torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), onnxruntime "
-             f"{env.get('onnxruntime')} {env.get('ort_providers', [])}, tensorrt {env.get('tensorrt')}, cuda-python {env.get('cuda_python')}, "
-             f"far-sdk {env.get('far_sdk_commit')}",
-             f"- bundle: {info['bundle']}; batch {info['batch']}, seed {info['seed']}, plan {info['plan']}",
-             f"- reference: {info['reference']} ({info['reference_s']:.1f} s)",
-             f"- timings: setup = backend creation (+ engine builds); first run apart; median of {info['repeats']} runs after it "
-             "(transformer + denoise + filter + VAE decode, host arrays out)\n",
-             "| path | status | max abs err | rel err (tol) | setup s | first run s | median s | denoise s | img/s | deterministic | notes |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        notes = r.reason
-        if r.backend:
-            keep = {k: r.backend[k] for k in ("device", "precision", "dtype", "cuda_graphs", "io_binding", "providers") if k in r.backend}
-            notes = (notes + " " if notes else "") + ", ".join(f"{k}={v}" for k, v in keep.items())
-        rel = "-" if r.rel is None else (f"{r.rel:.3g} ({r.tolerance:g})" if r.tolerance is not None else f"{r.rel:.3g} (per call)")
-        lines.append(f"| {r.id} | {r.status} | {_f(r.max_abs)} | {rel} | {_f(r.setup_s, '.2f')} | {_f(r.first_s, '.3f')} | "
-                     f"{_f(r.median_s, '.3f')} | {_f(r.stages_s.get('denoise'), '.3f')} | {_f(r.images_per_s, '.2f')} | "
-                     f"{'-' if r.deterministic is None else ('yes' if r.deterministic else 'NO')} | {notes.replace('|', '/')} |")
-    if bench:
-        lines += ["\n## ONNX Runtime CPU: IOBinding vs session.run (denoiser, median ms per call)\n",
-                  "| batch | calls | threads | io_binding ms | run() ms | bitwise equal |", "|---:|---:|---:|---:|---:|---|"]
-        lines += [f"| {b['batch']} | {b['calls']} | {b['threads'] or 'all'} | {b['io_binding_ms']:.3f} | {b['run_ms']:.3f} | {b['bitwise_equal']} |"
-                  for b in bench]
-    return "\n".join(lines)
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -457,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{spec.id} ...")
             rows.append(run_path(spec, bundle_dir, labels, a.seed, plan_kwargs, ref, a.repeats))
             r = rows[-1]
-            log(f"{spec.id}: {r.status} {r.reason}" + (f" rel err {r.rel:.3g}, median {_f(r.median_s, '.3f')} s" if r.rel is not None else ""))
+            log(f"{spec.id}: {r.status} {r.reason}" + (f" rel err {r.rel:.3g}, median {fmt(r.median_s, '.3f')} s" if r.rel is not None else ""))
         bench = None
         if a.io_binding_bench:
             bench = bench_io_binding(bundle, [int(b) for b in a.bench_batches.split(",")], a.bench_calls, a.threads)
