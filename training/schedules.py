@@ -1,5 +1,9 @@
 """Training schedules of FAR: frequency-aware mask ratio, loss weight per level, learning rate.
 
+Training time only (uses torch). The *sampling* schedules — outer levels, CFG, temperature, inner
+steps, the plan every backend follows at generation time — are :mod:`far_sdk.schedules` (NumPy, no
+torch); nothing here is used when sampling.
+
 Pure functions of plain arguments, each with its formula. These follow the **paper** where it
 and the official code disagree (spec §12, items 2 and 3):
 
