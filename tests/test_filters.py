@@ -6,12 +6,12 @@ import pytest
 from far_sdk import filters as Fl
 from far_sdk.errors import InvalidArgumentError
 
-torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
-
 
 @pytest.mark.parametrize("k", range(1, 17))
 def test_spatial_filter_equals_torch_interpolate(k):
+    torch = pytest.importorskip("torch")  # the reference only: the filters themselves are NumPy
+    import torch.nn.functional as F
+
     x = torch.randn(3, 16, 16, 16, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
     ref = F.interpolate(F.interpolate(x, size=(k, k), mode="area"), size=(16, 16), mode="bicubic", align_corners=False)
     out = Fl.low_pass(x.numpy(), k, "spatial")
