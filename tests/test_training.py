@@ -22,20 +22,11 @@ from far_sdk.errors import ConfigError, InvalidArgumentError
 from training import FAR, load_official_checkpoint, load_official_vae
 from training._io import safe_torch_load
 from training.config import get_config
+from training.data import ImageFolderLatents, LatentDataset, cache_latents, write_latents
 from training.schedules import loss_weight, lr_at, mask_ratio_bounds, sample_mask
-from training.train import (
-    ImageFolderLatents,
-    LatentDataset,
-    TrainConfig,
-    cache_latents,
-    low_pass_latents,
-    param_groups,
-    train,
-    train_vae,
-    validation_loss,
-    write_latents,
-)
+from training.train import TrainConfig, low_pass_latents, param_groups, train, validation_loss
 from training.vae import AutoencoderKL, VAEConfig
+from training.vae_train import train_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = replace(get_config("far_tiny"), num_classes=4)
@@ -331,7 +322,7 @@ def test_cache_latents_writes_a_file_latent_dataset_reads(tmp_path, suffix):
     # the cached sample = posterior mean * scale up to the posterior noise (std * scale)
     from PIL import Image
 
-    from training.train import center_crop
+    from training.data import center_crop
     img = center_crop(Image.open(root / "dog" / "1.png").convert("RGB"), 16)
     t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
     with torch.no_grad():

@@ -65,7 +65,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def _run_train(a: argparse.Namespace) -> int:
     from .config import get_config
-    from .train import TrainConfig, load_latents_or_images, train
+    from .data import load_latents_or_images
+    from .train import TrainConfig, train
     from .vae import VAE_CONFIGS, load_official_vae
 
     check_writable_dir(a.out, "--out")  # before any data is read
@@ -108,7 +109,7 @@ def _add_cache(p: argparse.ArgumentParser) -> None:
 def _run_cache(a: argparse.Namespace) -> int:
     import torch
 
-    from .train import cache_latents
+    from .data import cache_latents
     from .vae import VAE_CONFIGS, load_official_vae
 
     check_writable_file(a.out, "--out", suffixes=(".npz", ".safetensors"))
@@ -137,8 +138,9 @@ def _add_vae(p: argparse.ArgumentParser) -> None:
 
 
 def _run_vae(a: argparse.Namespace) -> int:
-    from .train import ImageFolderImages, train_vae
+    from .data import ImageFolderImages
     from .vae import VAE_CONFIGS
+    from .vae_train import train_vae
 
     check_writable_file(a.out, "--out")
     cfg = VAE_CONFIGS[a.vae_config]
