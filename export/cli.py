@@ -1,6 +1,7 @@
 """``far-export``: FAR checkpoints -> verified bundles (-> TensorRT engines).
 
     far-export onnx --checkpoint checkpoint-last.pth --vae kl16.ckpt --out engines/far_large
+    far-export onnx --checkpoint custom.pth --config custom.json --vae kl16.ckpt --out engines/custom
     far-export onnx --random-init --model far_tiny --vae-config kl16-tiny --out engines/tiny
 
 Each subcommand is one entry of :data:`SUBCOMMANDS`: ``name -> (help, add_arguments, run)``.
@@ -35,8 +36,12 @@ def _add_onnx_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="official FAR checkpoint (checkpoint-last.pth)")
     src.add_argument("--random-init", action="store_true", help="random weights (tests, benchmarks); needs --model")
-    p.add_argument("--model", "--config", dest="model", choices=sorted(FAR_CONFIGS),
-                   help="architecture preset; with --checkpoint, read from the checkpoint's saved args when omitted")
+    arch = p.add_mutually_exclusive_group()
+    arch.add_argument("--model", choices=sorted(FAR_CONFIGS),
+                      help="architecture preset; with --checkpoint, read from the checkpoint's saved args when omitted")
+    arch.add_argument("--config", type=Path, metavar="CFG.JSON",
+                      help="architecture of a custom shape: a JSON object of FARConfig fields (training/config.py), "
+                           "e.g. for a checkpoint whose saved args name no official preset")
     p.add_argument("--no-ema", action="store_true", help="export the live weights instead of the EMA weights")
     p.add_argument("--vae", type=Path, help="KL-16 tokenizer checkpoint (kl16.ckpt); required with --checkpoint")
     p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS), help="VAE architecture (default: kl16)")
@@ -56,7 +61,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
 
     from export.onnx_export import checkpoint_source, export_bundle, random_init_source
     from training.checkpoint import load_official_checkpoint
-    from training.config import get_config
+    from training.config import get_config, read_config_file
     from training.far import FAR
     from training.graph_modules import randomize_for_export
     from training.vae import VAE_CONFIGS, AutoencoderKL, load_official_vae
@@ -67,8 +72,8 @@ def _run_onnx(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise InvalidArgumentError(f"{out} exists and is not empty; pass --overwrite to replace it")
     check_writable_dir(out.parent if str(out.parent) else Path("."), "--out", shown=out)  # before any loading or tracing
-    if args.random_init and args.model is None:
-        raise InvalidArgumentError("--random-init needs --model (one of the presets)")
+    if args.random_init and args.model is None and args.config is None:
+        raise InvalidArgumentError("--random-init needs --model (one of the presets) or --config (a JSON file of FARConfig fields)")
     if args.checkpoint is not None and args.vae is None:
         raise InvalidArgumentError("--checkpoint needs --vae (the KL-16 tokenizer checkpoint, e.g. kl16.ckpt)")
     id2label = None
@@ -80,14 +85,15 @@ def _run_onnx(args: argparse.Namespace) -> int:
         if not isinstance(id2label, dict):
             raise InvalidArgumentError(f"--id2label {args.id2label} must hold a JSON object of id -> name")
 
+    config = read_config_file(args.config) if args.config is not None else args.model  # checked before any loading
     vae_cfg = VAE_CONFIGS[args.vae_config]
     t0 = time.perf_counter()
     if args.random_init:
         torch.manual_seed(args.seed)
-        far = randomize_for_export(FAR(get_config(args.model)), args.seed)
+        far = randomize_for_export(FAR(get_config(config) if isinstance(config, str) else config), args.seed)
         source = random_init_source(args.seed)
     else:
-        far = load_official_checkpoint(args.checkpoint, use_ema=not args.no_ema, config=args.model)
+        far = load_official_checkpoint(args.checkpoint, use_ema=not args.no_ema, config=config)
         source = checkpoint_source(args.checkpoint, use_ema=not args.no_ema, vae=args.vae)
     if args.vae is not None:
         vae = load_official_vae(args.vae, vae_cfg)

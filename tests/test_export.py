@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -333,4 +334,85 @@ def test_cli_reports_a_missing_checkpoint_as_an_error_message(tmp_path, capsys):
     assert rc == EXIT_INPUT
     err = capsys.readouterr().err
     assert "nope.pth" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---- CLI: a checkpoint of custom shape (--config) ----------------------------------------------------------
+
+#: A shape no preset has (3 and 6 heads, 7 classes, 4 buffer tokens); the training-only fields are left out.
+CUSTOM = {"encoder_embed_dim": 48, "encoder_depth": 1, "encoder_num_heads": 3, "decoder_embed_dim": 48, "decoder_depth": 2,
+          "decoder_num_heads": 6, "mlp_ratio": 2, "token_channels": 16, "grid_size": 16, "buffer_size": 4, "num_classes": 7,
+          "diffloss_d": 1, "diffloss_w": 64, "mask": False}
+
+
+@pytest.fixture(scope="module")
+def custom_checkpoint(tmp_path_factory) -> dict[str, Path]:
+    """A custom-shaped FAR saved the way the official training script saves it: its ``args`` name a model
+    ("far_custom") that no preset table knows, so the weights alone cannot say the head counts."""
+    import argparse
+
+    from training.checkpoint import save_official_checkpoint
+    from training.config import FARConfig
+
+    d = tmp_path_factory.mktemp("custom")
+    far = randomize_for_export(FAR(FARConfig(**CUSTOM)), seed=5)
+    args = argparse.Namespace(model="far_custom", img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, buffer_size=4,
+                              class_num=7, diffloss_d=1, diffloss_w=64, mask=False, num_sampling_steps="100")
+    save_official_checkpoint(d / "checkpoint-last.pth", far, args=args)
+    vae = randomize_for_export(AutoencoderKL(VAE_CONFIGS["kl16-tiny"]), seed=6)
+    torch.save({"model": vae.state_dict()}, d / "kl16-tiny.ckpt")  # MAR's kl16.ckpt layout
+    (d / "cfg.json").write_text(json.dumps(CUSTOM))
+    return {"checkpoint": d / "checkpoint-last.pth", "vae": d / "kl16-tiny.ckpt", "config": d / "cfg.json", "dir": d}
+
+
+def _export_custom(files: dict[str, Path], out: Path, *extra: str) -> int:
+    return main(["onnx", "--checkpoint", str(files["checkpoint"]), "--vae", str(files["vae"]), "--vae-config", "kl16-tiny",
+                 "--out", str(out), *extra])
+
+
+def test_cli_exports_a_custom_shaped_official_checkpoint_given_a_config_file(custom_checkpoint, tmp_path, capsys):
+    from far_sdk import Generator
+    from far_sdk.noise import SeededNoise
+    from training.checkpoint import load_official_checkpoint
+    from training.config import FARConfig
+    from training.sampler import sample_reference
+
+    assert _export_custom(custom_checkpoint, tmp_path / "custom", "--config", str(custom_checkpoint["config"])) == 0
+    b = Bundle.load(tmp_path / "custom")
+    assert b.model_config == FARConfig(**CUSTOM).to_dict() and b.num_classes == 7
+    got = Generator(b.path, backend="onnxruntime", threads=1).generate([0, 6], seed=1, output_type="latent", num_steps=2, inner_steps=3)
+    far = load_official_checkpoint(custom_checkpoint["checkpoint"], config=FARConfig(**CUSTOM))
+    ref = sample_reference(far, [0, 6], noise=SeededNoise.from_seed(1, 2), num_steps=2, inner_steps=3).numpy()
+    assert got.latents.shape == (2, 16, 16, 16) and _rel(got.latents, ref) < 1e-4
+
+
+def test_cli_without_the_config_file_says_how_to_give_it(custom_checkpoint, tmp_path, capsys):
+    assert _export_custom(custom_checkpoint, tmp_path / "out") == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "'far_custom'" in err and "far-export onnx --config cfg.json" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit, match", [
+    (dict(encoder_heads=3), r"unknown field\(s\) \['encoder_heads'\]"),
+    (dict(decoder_num_heads=None), r"missing field\(s\) \['decoder_num_heads'\]"),
+    (dict(encoder_depth="1"), r'encoder_depth must be a positive integer, got "1"'),
+    (dict(num_classes=True), "num_classes must be a positive integer, got true"),
+    (dict(mask=0), "mask must be true or false, got 0"),
+    (dict(attn_dropout=1.5), r"attn_dropout must be a number in \[0, 1\), got 1.5"),
+    (dict(encoder_num_heads=5), "encoder_embed_dim 48 is not divisible by encoder_num_heads 5"),
+    ([1, 2], "must hold one JSON object of FARConfig fields, found list"),
+    ("{oops", "is not a JSON file"),
+])
+def test_cli_rejects_a_bad_config_file_naming_the_field_before_loading(custom_checkpoint, tmp_path, capsys, edit, match):
+    cfg = tmp_path / "cfg.json"
+    if isinstance(edit, dict):
+        d = {**CUSTOM, **edit}
+        cfg.write_text(json.dumps({k: v for k, v in d.items() if v is not None}))
+    else:
+        cfg.write_text(edit if isinstance(edit, str) else json.dumps(edit))
+    assert _export_custom(custom_checkpoint, tmp_path / "out", "--config", str(cfg)) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"config file {cfg}" in err, err
+    assert re.search(match, err), err
     assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ from far_sdk.errors import CheckpointError, ConfigError
 from far_sdk.fileio import atomic_writer
 
 from ._io import check_finite_state, check_state_dict, safe_torch_load
-from .config import FAR_CONFIGS, FARConfig, config_from_official_args
+from .config import FAR_CONFIGS, GIVE_THE_CONFIG, FARConfig, config_from_official_args
 from .far import FAR
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def _resolve_config(config: FARConfig | str | None, args: Any, path: Path) -> FA
             raise ConfigError(f"unknown model preset {config!r}; choose one of {sorted(FAR_CONFIGS)}")
         return FAR_CONFIGS[config]
     if args is None:
-        raise ConfigError(f"{path} has no saved 'args', so its architecture is unknown: pass config=FARConfig(...) or a preset name")
+        raise ConfigError(f"{path} has no saved 'args', so its architecture is unknown. {GIVE_THE_CONFIG}")
     return config_from_official_args(args)
 
 

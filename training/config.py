@@ -1,8 +1,12 @@
-"""Model configurations: frozen dataclasses, size presets and the official ``args`` mapping."""
+"""Model configurations: frozen dataclasses, size presets, the official ``args`` mapping and config files."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from far_sdk.errors import ConfigError
@@ -82,6 +86,10 @@ def get_config(name: str, **overrides: Any) -> FARConfig:
     return replace(FAR_CONFIGS[name], **overrides) if overrides else FAR_CONFIGS[name]
 
 
+#: How to name an architecture the checkpoint cannot tell: in Python and on the command line.
+GIVE_THE_CONFIG = ("Pass config=FARConfig(...) (or a preset name) to load_official_checkpoint; on the command line, "
+                   "`far-export onnx --config cfg.json` (a JSON object of FARConfig fields) or `--model PRESET`.")
+
 # Presets the official code knows by name (the heads come from the name alone).
 OFFICIAL_MODEL_NAMES = ("far_base", "far_large", "far_huge")
 
@@ -100,7 +108,7 @@ def config_from_official_args(args: Any) -> FARConfig:
         raise ConfigError(
             f"checkpoint was trained as model {name!r}, which is not an official preset {OFFICIAL_MODEL_NAMES}: "
             "the attention head count cannot be recovered from the weights. "
-            "Pass config=FARConfig(...) (or a preset name) to load_official_checkpoint."
+            f"{GIVE_THE_CONFIG}"
         )
     patch = int(a.get("patch_size", 1))
     if patch != 1:
@@ -118,3 +126,60 @@ def config_from_official_args(args: Any) -> FARConfig:
         if src in a and a[src] is not None:
             over[dst] = conv(a[src])
     return replace(FAR_CONFIGS[name], **over)
+
+
+# ---- config files ------------------------------------------------------------------------------------
+
+#: FARConfig fields a config file may leave out: used only in training, they change no exported graph.
+OPTIONAL_FILE_FIELDS = ("label_drop_prob", "attn_dropout", "proj_dropout", "diffusion_batch_mul", "num_sampling_steps")
+_RATES = ("label_drop_prob", "attn_dropout", "proj_dropout")
+
+
+def _field_problem(name: str, kind: str, value: Any) -> str | None:
+    """Why ``value`` (from JSON) cannot be field ``name`` of type ``kind``, or None when it can."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "bool":
+        ok, want = isinstance(value, bool), "true or false"
+    elif kind == "int":
+        ok, want = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "a positive integer"
+    elif name in _RATES:
+        ok, want = number and 0 <= value < 1, "a number in [0, 1)"
+    else:
+        ok, want = number and value > 0, "a number > 0"
+    return None if ok else f"{name} must be {want}, got {json.dumps(value)}"
+
+
+def config_from_fields(d: dict[str, Any], where: str = "config") -> FARConfig:
+    """A FARConfig from plain values (e.g. parsed JSON), every field checked: one :class:`ConfigError`
+    naming each unknown, missing (all but :data:`OPTIONAL_FILE_FIELDS` are required) or ill-typed field."""
+    kinds = {f.name: str(f.type) for f in fields(FARConfig)}
+    problems = []
+    unknown = sorted(set(d) - set(kinds))
+    if unknown:
+        problems.append(f"unknown field(s) {unknown}")
+    missing = [k for k in kinds if k not in d and k not in OPTIONAL_FILE_FIELDS]
+    if missing:
+        problems.append(f"missing field(s) {missing}")
+    problems += [p for k, v in d.items() if k in kinds and (p := _field_problem(k, kinds[k], v))]
+    if problems:
+        raise ConfigError(f"{where}: {'; '.join(problems)}. FARConfig fields: {', '.join(kinds)} "
+                          f"(optional: {', '.join(OPTIONAL_FILE_FIELDS)})")
+    try:
+        return FARConfig(**{k: float(v) if kinds[k] == "float" else v for k, v in d.items()})
+    except ConfigError as e:  # a rule across fields (heads dividing the width)
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def read_config_file(path: str | os.PathLike) -> FARConfig:
+    """A FARConfig from a JSON file holding one object of its fields (``far-export onnx --config``), e.g.
+    ``{"encoder_embed_dim": 96, "encoder_depth": 2, "encoder_num_heads": 3, ...}``; see :func:`config_from_fields`."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # bad JSON or bad UTF-8
+        raise ConfigError(f"config file {path} is not a JSON file ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {path} must hold one JSON object of FARConfig fields, found {type(d).__name__}")
+    return config_from_fields(d, where=f"config file {path}")
