@@ -29,7 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from training import VAE_CONFIGS, load_official_checkpoint, load_official_vae  # noqa: E402
 from training.demo_data import DIGIT_LABELS, load_digits_images, split_indices  # noqa: E402
-from training.train import TrainConfig, LatentDataset, train, train_vae, write_latents  # noqa: E402
+from training.data import LatentDataset, write_latents  # noqa: E402
+from training.train import TrainConfig, train  # noqa: E402
+from training.vae_train import train_vae  # noqa: E402
 
 VAE_CONFIG = "digits-f2"
 MODEL = "far_demo"

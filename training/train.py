@@ -42,10 +42,6 @@ from .config import FARConfig, config_from_official_args, get_config
 from .far import FAR
 from .schedules import LR_SCHEDULES, LrSchedule, loss_weight, lr_at, sample_mask
 from .data import ImageFolderLatents
-# Re-exported for examples/train_demo.py only (its file belongs to another change); import them from
-# training.data and training.vae_train, and drop these two lines once that example does.
-from .data import LatentDataset, write_latents  # noqa: F401
-from .vae_train import train_vae  # noqa: F401
 
 log = logging.getLogger(__name__)
 
