@@ -47,7 +47,8 @@ class StepInfo:
     num_steps: int
     level: int                     # input frequency level of this step
     latents: np.ndarray            # [B, C, H, W]: this step's full estimate (before low-passing)
-    preview: list | None = None    # decoded RGB previews (PIL images) when preview=True
+    preview: list | None = None    # decoded RGB previews (PIL images) when preview is on
+    handed_on: np.ndarray | None = None  # [B, C, H, W]: what the next step sees (low-passed; the last step: latents)
 
 
 @dataclass(frozen=True)
@@ -189,9 +190,10 @@ class Generator:
                     "(try x0_clip=)", step=s)
             yield s, state
 
-    def latents_of(self, state: LoopState) -> np.ndarray:
-        """The sample of the last outer step as host latents [B, C, H, W] (a host sync on GPUs)."""
-        raw = self.backend.fetch(state.raw)
+    def latents_of(self, state: LoopState, which: str = "raw") -> np.ndarray:
+        """The last outer step's sample ("raw") or what it hands on ("tokens": low-passed) as host latents
+        [B, C, H, W] (a host sync on GPUs)."""
+        raw = self.backend.fetch(state.raw if which == "raw" else state.tokens)
         G = self.grid
         return np.ascontiguousarray(raw.reshape(raw.shape[0], G, G, -1).transpose(0, 3, 1, 2))
 
@@ -219,7 +221,7 @@ class Generator:
         output_type: OutputType = "pil",
         progress: bool = False,
         on_step: Callable[[StepInfo], Any] | None = None,
-        preview: bool = False,
+        preview: bool | str = False,
         max_batch: int | None = None,
     ) -> GenerationOutput:
         """Generate one image per class label.
@@ -234,7 +236,9 @@ class Generator:
           None takes the bundle's default. x0_clip: clamp each step's x0 estimate to [-x0_clip, x0_clip]
           (omitted: the bundle's default; None: no clipping, the official sampler).
         on_step(StepInfo) after each outer step; returning False stops early (the output then holds
-          that step's estimate). preview=True decodes each step's estimate for ``StepInfo.preview``.
+          that step's estimate). preview=True (or "handed-on") decodes what each step hands on — its
+          estimate low-passed to the next level, the paper's coarse-to-fine picture — for
+          ``StepInfo.preview``; preview="raw" decodes the full estimate instead (noisy at low levels).
         max_batch: most images per backend call (default: the engine's limit); larger batches are split.
         """
         if self._closed:
@@ -250,6 +254,8 @@ class Generator:
         plan = self.plan(num_steps=num_steps, levels=levels, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
                          temperature_schedule=temperature_schedule, inner_steps=inner_steps, filter=filter,
                          x0_clip=x0_clip)
+        if preview not in (False, True, "handed-on", "raw"):
+            raise InvalidArgumentError(f"preview must be False, True, 'handed-on' or 'raw', got {preview!r}")
         if output_type not in ("pil", "np", "latent"):
             raise InvalidArgumentError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         B = len(ids)
@@ -300,12 +306,14 @@ class Generator:
                     bar.update(1)
                 if on_step is not None:
                     raw = self.latents_of(state)
+                    handed = self.latents_of(state, "tokens")
                     pv = None
                     if preview:
                         t0 = time.perf_counter()
-                        pv = self._to_pil(to_uint8(self.decode(raw)))
+                        pv = self._to_pil(to_uint8(self.decode(raw if preview == "raw" else handed)))
                         timings["vae_decode"] += time.perf_counter() - t0
-                    if on_step(StepInfo(step=s, num_steps=plan.num_steps, level=plan.levels[s], latents=raw, preview=pv)) is False:
+                    info = StepInfo(step=s, num_steps=plan.num_steps, level=plan.levels[s], latents=raw, preview=pv, handed_on=handed)
+                    if on_step(info) is False:
                         stopped = True
                         break
             latents_parts.append(self.latents_of(state))

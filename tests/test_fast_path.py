@@ -225,3 +225,26 @@ class TestFastPathCuda:
         c32 = b32.transformer(tokens, ids, 5).float().cpu().numpy()
         clo = blo.transformer(tokens, ids, 5).float().cpu().numpy()
         assert np.linalg.norm(clo - c32) / np.linalg.norm(c32) < {"bf16": 2e-2, "fp16": 3e-3}[precision]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_preview_shows_what_each_step_hands_on(backend):
+    """preview=True decodes the low-passed latents the next step sees (coarse to fine), "raw" the full estimate."""
+    from far_sdk.filters import low_pass
+    from far_sdk.pipeline import to_uint8
+
+    gen = far_sdk.Generator(DEMO, backend=backend, **({"device": "cpu"} if backend == "torch" else {}))
+    for mode in (True, "raw"):
+        infos = []
+        out = gen.generate([4], seed=1, preview=mode, on_step=infos.append, output_type="latent", **PLAN)
+        plan = out.plan
+        assert [i.step for i in infos] == list(range(plan.num_steps))
+        for i in infos:
+            after = plan.filter_after[i.step]
+            want = i.latents if after is None else low_pass(i.latents, after, plan.filter)
+            np.testing.assert_allclose(i.handed_on, want, rtol=1e-5, atol=1e-5)
+            shown = i.handed_on if mode is True else i.latents
+            np.testing.assert_array_equal(np.asarray(i.preview[0]), to_uint8(gen.decode(shown))[0])
+        np.testing.assert_array_equal(infos[-1].latents, out.latents)
+    with pytest.raises(far_sdk.errors.InvalidArgumentError, match="preview"):
+        gen.generate([4], preview="blurry")
