@@ -226,7 +226,8 @@ class Generator:
     ) -> GenerationOutput:
         """Generate one image per class label.
 
-        seed: image i draws its noise from the Philox4x32-10 stream of seed + i (far_sdk.noise), so an
+        seed: image i draws its noise from the Philox4x32-10 stream of seed + i (far_sdk.noise); None draws
+          a fresh seed from the OS's entropy (``out.seeds`` reports it, so the images can be regenerated); so an
           image depends only on its seed and settings — on every backend and whatever the batch split. ``noise`` instead replays a noise
           source (far_sdk.noise's documented order); then no batch splitting happens.
         num_steps (1..16, default 10), levels (explicit outer levels), cfg (guidance scale; diffusers'
@@ -267,7 +268,9 @@ class Generator:
                 raise EngineProfileError(f"max_batch={max_batch} exceeds this engine's profile (at most {limit} images per call); rebuild the engine with a larger --batch")
             limit = max_batch
         if noise is None:
-            source = SeededNoise.from_seed(0 if seed is None else seed, B)
+            if seed is None:   # a fresh seed, reported in GenerationOutput.seeds so the images can be made again
+                seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> np.uint64(2))
+            source = SeededNoise.from_seed(seed, B)
             seeds = source.seeds
         else:
             source, seeds = noise, None

@@ -248,3 +248,12 @@ def test_preview_shows_what_each_step_hands_on(backend):
         np.testing.assert_array_equal(infos[-1].latents, out.latents)
     with pytest.raises(far_sdk.errors.InvalidArgumentError, match="preview"):
         gen.generate([4], preview="blurry")
+
+
+def test_seed_none_draws_a_fresh_seed_that_reproduces_the_images():
+    gen = far_sdk.Generator(DEMO, backend="onnxruntime")
+    kw = dict(output_type="latent", num_steps=2, inner_steps=[3, 4])
+    a, b = gen.generate([1, 2], seed=None, **kw), gen.generate([1, 2], seed=None, **kw)
+    assert a.seeds != b.seeds and a.seeds[1] == a.seeds[0] + 1 and a.seeds[1] < 2**63
+    assert not np.array_equal(a.latents, b.latents)
+    np.testing.assert_array_equal(gen.generate([1, 2], seed=a.seeds[0], **kw).latents, a.latents)
