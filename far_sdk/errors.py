@@ -65,6 +65,10 @@ class NumericalError(FarError, ArithmeticError):
         self.step = step
 
 
+class DeviceOutOfMemoryError(FarError, MemoryError):
+    """A backend ran out of host or device memory for the requested batch (lower max_batch or the batch size)."""
+
+
 class GeneratorClosedError(FarError, RuntimeError):
     """A :class:`~far_sdk.Generator` was used after :meth:`~far_sdk.Generator.close`."""
 
@@ -111,6 +115,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (BackendUnavailableError, EXIT_RUNTIME),
     (ExportError, EXIT_RUNTIME),
     (NumericalError, EXIT_RUNTIME),
+    (DeviceOutOfMemoryError, EXIT_RUNTIME),
     (GeneratorClosedError, EXIT_RUNTIME),
     (FarError, EXIT_RUNTIME),
     (OSError, EXIT_RUNTIME),

@@ -112,15 +112,11 @@ def reference_latents(bundle: far_sdk.Bundle, labels: list[int], seed: int, plan
     if kind == "torch-cpu":
         lat = gen.generate(labels, seed=seed, output_type="latent", **plan_kwargs).latents
         return lat, plan, "torch backend, CPU fp32 (far_sdk.Generator)"
-    from safetensors.torch import load_file
-
     from far_sdk.noise import SeededNoise
-    from training import FAR
-    from training.config import FARConfig
+    from training.bundle_io import load_bundle_models
     from training.sampler import sample_reference
 
-    far = FAR(FARConfig.from_dict(bundle.model_config)).eval()
-    far.load_state_dict({k[4:]: v for k, v in load_file(str(bundle.file("weights.safetensors"))).items() if k.startswith("far.")})
+    far, _ = load_bundle_models(bundle)
     lat = sample_reference(far, labels, plan=plan, noise=SeededNoise.from_seed(seed, len(labels))).numpy()
     return lat, plan, "PyTorch reference sampler, CPU fp32 (training/sampler.py)"
 

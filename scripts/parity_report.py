@@ -60,12 +60,10 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         a.bundle = Path(tmp.name) / "tiny"
         export_bundle(far, AutoencoderKL(VAE_CONFIGS["kl16-tiny"]).eval(), a.bundle, name="tiny-random")
-    from safetensors.torch import load_file
-    from training.config import FARConfig
+    from training.bundle_io import load_bundle_models
 
     b = far_sdk.Bundle.load(a.bundle)
-    far = FAR(FARConfig.from_dict(b.model_config)).eval()
-    far.load_state_dict({k[4:]: v for k, v in load_file(str(b.file("weights.safetensors"))).items() if k.startswith("far.")})
+    far, _ = load_bundle_models(b)
     labels = list(range(min(4, b.num_classes)))
     rows = list(official_rows())
     gens = {name: far_sdk.Generator(b, backend=name) for name in ("onnxruntime", "torch")}

@@ -29,14 +29,9 @@ def gen():
 @pytest.fixture(scope="module")
 def far(gen):
     pytest.importorskip("torch")
-    from safetensors.torch import load_file
+    from training.bundle_io import load_bundle_models
 
-    from training import FAR
-    from training.config import FARConfig
-
-    m = FAR(FARConfig.from_dict(gen.bundle.model_config)).eval()
-    m.load_state_dict({k[4:]: v for k, v in load_file(str(gen.bundle.file("weights.safetensors"))).items() if k.startswith("far.")})
-    return m
+    return load_bundle_models(gen.bundle)[0]
 
 
 def test_bundle_is_small_and_verified(gen):

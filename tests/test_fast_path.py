@@ -257,3 +257,15 @@ def test_seed_none_draws_a_fresh_seed_that_reproduces_the_images():
     assert a.seeds != b.seeds and a.seeds[1] == a.seeds[0] + 1 and a.seeds[1] < 2**63
     assert not np.array_equal(a.latents, b.latents)
     np.testing.assert_array_equal(gen.generate([1, 2], seed=a.seeds[0], **kw).latents, a.latents)
+
+
+def test_onnxruntime_out_of_memory_is_reported_as_such():
+    from far_sdk.backends.onnxruntime import _run_error
+    from far_sdk.errors import BundleError, DeviceOutOfMemoryError
+
+    oom = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running MatMul node. "
+                       "Name:'/MatMul' Status Message: Failed to allocate memory for requested buffer of size 17179869184")
+    e = _run_error(oom, "denoiser", {"x": np.zeros((64, 256, 16), np.float32)})
+    assert isinstance(e, DeviceOutOfMemoryError) and "max_batch" in str(e) and "64 rows" in str(e)
+    other = _run_error(RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions"), "transformer", None)
+    assert type(other) is BundleError and "failed running graph 'transformer'" in str(other)

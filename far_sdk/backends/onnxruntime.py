@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import BackendUnavailableError, BundleError, InvalidArgumentError
+from ..errors import DeviceOutOfMemoryError, BackendUnavailableError, BundleError, InvalidArgumentError
 from ..graphs import GRAPH_NAMES
 from .base import Backend, check_backend_options
 
@@ -189,7 +189,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             outs = sess.run(self._outputs[graph], feeds)
         except Exception as e:
-            raise BundleError(f"onnxruntime failed running graph {graph!r}: {str(e).splitlines()[0]}") from e
+            raise _run_error(e, graph, feeds) from e
         return dict(zip(self._outputs[graph], outs))
 
     def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int) -> Any:
@@ -225,7 +225,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             sess.run_with_iobinding(binding)
         except Exception as e:
-            raise BundleError(f"onnxruntime failed running graph {graph!r}: {str(e).splitlines()[0]}") from e
+            raise _run_error(e, graph, None) from e
 
     def _denoise_cpu(self, x, noises, cond, steps) -> np.ndarray:
         sess = self._sessions["denoiser"]
@@ -284,3 +284,18 @@ class OnnxRuntimeBackend(Backend):
 
     def close(self) -> None:
         self._sessions.clear()
+
+
+#: Phrases of onnxruntime's allocation failures (CPU arena, CUDA and TensorRT providers).
+_OOM_PHRASES = ("failed to allocate memory", "bad_alloc", "out of memory", "cudaerrormemoryallocation", "cuda_error_out_of_memory")
+
+
+def _run_error(e: Exception, graph: str, feeds: dict | None) -> Exception:
+    """onnxruntime's exception for a failed run -> the far_sdk error that says what happened."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, MemoryError) or any(p in str(e).lower() for p in _OOM_PHRASES):
+        rows = next((int(v.shape[0]) for v in (feeds or {}).values() if getattr(v, "ndim", 0)), None)
+        at = f" at {rows} rows" if rows else ""
+        return DeviceOutOfMemoryError(f"out of memory running graph {graph!r}{at}: generate fewer images per call "
+                                      f"(max_batch=...) or free memory ({msg})")
+    return BundleError(f"onnxruntime failed running graph {graph!r}: {msg}")

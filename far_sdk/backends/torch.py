@@ -28,6 +28,7 @@ buffers before the next replay may reuse the pool.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import re
 import threading
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import BackendUnavailableError, BundleError, InvalidArgumentError
+from ..errors import BackendUnavailableError, DeviceOutOfMemoryError, InvalidArgumentError
 from .base import Backend, HostDraws, LoopState, Mark, SeededDraws, check_backend_options
 
 log = logging.getLogger(__name__)
@@ -99,12 +100,8 @@ class TorchBackend(Backend):
         check_backend_options(self.name, ("device", "precision", "threads", "cuda_graphs", "max_cuda_graphs", "compile"), other, log)
         torch = _import_torch()
         self._torch = torch
-        from safetensors.torch import load_file
-
-        from training.config import FARConfig
-        from training.far import FAR
+        from training.bundle_io import load_bundle_models
         from training.graph_modules import DenoiserGraph, FusedDenoiserStep, TransformerGraph, VAEDecoderGraph
-        from training.vae import AutoencoderKL, VAEConfig
 
         if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
             raise InvalidArgumentError(f"torch backend device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
@@ -134,22 +131,7 @@ class TorchBackend(Backend):
         on_cuda = self._device.type == "cuda"
 
         m = bundle.manifest
-        state = bundle.load_torch_weights()
-        far_sd = {k[4:]: v for k, v in state.items() if k.startswith("far.")}
-        vae_sd = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
-        with torch.device("meta"):
-            far = FAR(FARConfig.from_dict(m["model"]))
-            vae = AutoencoderKL(VAEConfig.from_dict(m["vae"]))
-        try:
-            far.load_state_dict(far_sd, strict=True, assign=True)
-            missing, unexpected = vae.load_state_dict(vae_sd, strict=False, assign=True)
-        except RuntimeError as e:
-            raise BundleError(f"{bundle.path}/weights.safetensors does not match the manifest's model config: {str(e).splitlines()[0]}") from e
-        bad = [k for k in missing if k.startswith(("decoder.", "post_quant_conv."))]
-        if bad or unexpected:
-            raise BundleError(f"{bundle.path}/weights.safetensors: VAE decoder keys missing {bad[:5]} / unexpected {unexpected[:5]}")
-        far.eval()
-        vae.eval()
+        far, vae = load_bundle_models(bundle)
         dev, dt = self._device, self._dtype
         self._graphs = {
             "transformer": TransformerGraph(far).to(dev, dt).eval(),
@@ -187,7 +169,7 @@ class TorchBackend(Backend):
         self._lru: collections.OrderedDict[tuple, None] = collections.OrderedDict()
         self._batches: dict[int, _Batch] = {}
         # graphs: one generation at a time (static buffers); eager: per-generation buffers, no lock needed
-        self._lock = threading.RLock() if self._use_graphs else _nullcontext()
+        self._lock = threading.RLock() if self._use_graphs else contextlib.nullcontext()
         self._captures = 0
         if self._use_graphs:
             with torch.cuda.device(self._device):
@@ -277,7 +259,7 @@ class TorchBackend(Backend):
         B, n = state.batch, int(steps.shape[0])
         L, C = state.tokens.shape[1], state.tokens.shape[2]
         filtered = filter_matrix is not None
-        with self._lock, torch.inference_mode(), self._on_device():
+        with self._lock, torch.inference_mode(), self._on_device(), _memory_errors(torch, B):
             bb = state.buffers
             bb.level.fill_(float(level))
             self._run_stage(bb, ("transformer", B), lambda: self._transformer_body(bb))
@@ -345,7 +327,7 @@ class TorchBackend(Backend):
 
     # ---- buffers, uploads, graphs ------------------------------------------------------------------
     def _on_device(self):
-        return self._torch.cuda.device(self._device) if self._device.type == "cuda" else _nullcontext()
+        return self._torch.cuda.device(self._device) if self._device.type == "cuda" else contextlib.nullcontext()
 
     def _batch(self, B: int, L: int, C: int, cached: bool) -> _Batch:
         bb = self._batches.get(B) if cached else None
@@ -445,9 +427,21 @@ class TorchBackend(Backend):
             self._graphs.clear()
 
 
-class _nullcontext:
+class _memory_errors:
+    """torch's allocation failures (CUDA OOM, the CPU allocator's RuntimeError) -> DeviceOutOfMemoryError."""
+
+    def __init__(self, torch, batch: int):
+        self._torch, self._batch = torch, batch
+
     def __enter__(self):
         return None
 
-    def __exit__(self, *exc):
+    def __exit__(self, typ, e, tb):
+        if e is None:
+            return False
+        oom = isinstance(e, (MemoryError, self._torch.cuda.OutOfMemoryError)) or (
+            isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower()))
+        if oom:
+            raise DeviceOutOfMemoryError(f"out of memory generating {self._batch} images per call: pass a smaller max_batch "
+                                         f"or fewer labels ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
         return False
