@@ -26,11 +26,10 @@ import numpy as np
 
 from .backends import Backend, create_backend
 from .bundle import Bundle
-from .diffusion import denoise_step_table
 from .errors import EngineProfileError, InvalidArgumentError
 from .filters import filter_matrix
 from .noise import NoiseFn, SeededNoise
-from .schedules import InnerSteps, SamplingPlan, make_plan
+from .schedules import InnerSteps, SamplingPlan, make_plan, preset_options
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +67,18 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(255.0 * p + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def resolve_plan(defaults: dict[str, Any], *, num_steps=None, levels=None, cfg=None, cfg_schedule=None, temperature=None,
-                 temperature_schedule=None, inner_steps=None, filter=None, x0_clip=...) -> SamplingPlan:
-    """The sampling plan for a bundle's ``defaults`` (manifest "defaults") overridden by the options
-    given (None / omitted = the bundle's default; ``x0_clip=None`` explicitly disables clipping)."""
-    d = defaults
+def resolve_plan(defaults: dict[str, Any], *, preset=None, num_steps=None, levels=None, cfg=None, cfg_schedule=None,
+                 temperature=None, temperature_schedule=None, inner_steps=None, filter=None, x0_clip=...,
+                 inner_sampler=None, eta=None) -> SamplingPlan:
+    """The sampling plan for a bundle's ``defaults`` (manifest "defaults"), overridden by the named
+    ``preset`` (far_sdk.schedules.PRESETS), overridden by the options given (None / omitted = the
+    bundle's default; ``x0_clip=None`` explicitly disables clipping). A default or preset ``eta``
+    applies only when the resolved sampler is "ddim"; an explicit one with "ddpm" is an error."""
+    d = {**defaults, **(preset_options(preset) if preset is not None else {})}
     pick = lambda v, k, default: v if v is not None else d.get(k, default)  # noqa: E731
+    sampler = pick(inner_sampler, "inner_sampler", "ddpm")
+    if eta is None and sampler == "ddim":
+        eta = d.get("eta")
     return make_plan(
         num_steps=pick(num_steps, "num_steps", 10) if levels is None else num_steps,
         levels=levels,
@@ -84,6 +89,8 @@ def resolve_plan(defaults: dict[str, Any], *, num_steps=None, levels=None, cfg=N
         inner_steps=pick(inner_steps, "inner_steps", "frequency-aware"),
         filter=pick(filter, "filter", "spatial"),
         x0_clip=d.get("x0_clip") if x0_clip is ... else x0_clip,
+        inner_sampler=sampler,
+        eta=eta,
     )
 
 
@@ -161,7 +168,7 @@ class Generator:
             n = plan.inner_steps[s]
             x = noise((B, L, C))
             noises = np.stack([noise((B, L, C)) for _ in range(n)])                          # (n, B, L, C)
-            steps = denoise_step_table(n, plan.cfg[s], plan.temperature[s], plan.x0_clip)
+            steps = plan.step_table(s)
             x = be.denoise(x, noises, cond, steps)                                           # (B, L, C), host
             t2 = time.perf_counter()
             raw = x.reshape(B, G, G, C).transpose(0, 3, 1, 2)                                # (B, C, H, W)
@@ -188,12 +195,15 @@ class Generator:
         class_labels: Sequence[int | str] | int | str,
         *,
         seed: int | None = 0,
+        preset: str | None = None,
         num_steps: int | None = None,
         cfg: float | None = None,
         cfg_schedule: str | None = None,
         temperature: float | None = None,
         temperature_schedule: str | None = None,
         inner_steps: InnerSteps | None = None,
+        inner_sampler: str | None = None,
+        eta: float | None = None,
         filter: str | None = None,
         levels: Sequence[int] | None = None,
         x0_clip: float | None = ...,
@@ -215,14 +225,19 @@ class Generator:
           "official" = 100, an int, or one int per outer step), filter ("spatial" | "fourier"):
           None takes the bundle's default. x0_clip: clamp each step's x0 estimate to [-x0_clip, x0_clip]
           (omitted: the bundle's default; None: no clipping, the official sampler).
+        inner_sampler: "ddpm" (the official sampler, the default) | "ddim" (``inner_steps`` DDIM steps
+          per outer step, on DDIM's own respacing); eta: DDIM's noise level in [0, 1] (default 0,
+          deterministic; 1 = DDPM's posterior noise). Passing eta with "ddpm" is an error.
+        preset: a named setting from far_sdk.schedules.PRESETS, applied over the bundle's defaults and
+          under the options above: "fast" (DDIM with >= 4x fewer inner steps than "paper"), "paper" (DDPM, frequency-aware 40..100), "official" (DDPM, 100).
         on_step(StepInfo) after each outer step; returning False stops early (the output then holds
           that step's estimate). preview=True decodes each step's estimate for ``StepInfo.preview``.
         max_batch: most images per backend call (default: the engine's limit); larger batches are split.
         """
         ids = self.class_ids(class_labels)
-        plan = self.plan(num_steps=num_steps, levels=levels, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
-                         temperature_schedule=temperature_schedule, inner_steps=inner_steps, filter=filter,
-                         x0_clip=x0_clip)
+        plan = self.plan(preset=preset, num_steps=num_steps, levels=levels, cfg=cfg, cfg_schedule=cfg_schedule,
+                         temperature=temperature, temperature_schedule=temperature_schedule, inner_steps=inner_steps,
+                         inner_sampler=inner_sampler, eta=eta, filter=filter, x0_clip=x0_clip)
         if output_type not in ("pil", "np", "latent"):
             raise InvalidArgumentError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         B = len(ids)
