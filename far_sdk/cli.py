@@ -50,7 +50,7 @@ def add_generate(p: argparse.ArgumentParser) -> None:
                    help="ddpm (the official sampler, default) or ddim (fewer inner steps; see --eta)")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise level in [0, 1] (default 0: deterministic)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="named inner-loop setting (fast: DDIM with >= 4x fewer steps); the options above override it")
+                   help="named inner-loop setting (fast: 4.7x fewer inner steps than paper); the options above override it")
     p.add_argument("--filter", choices=["spatial", "fourier"], default=None)
     p.add_argument("--x0-clip", type=float, default=None, help="clamp x0 estimates to [-X, X] (default: the bundle's)")
     p.add_argument("--no-x0-clip", action="store_true", help="never clip x0 (the official sampler)")

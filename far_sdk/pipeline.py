@@ -229,7 +229,8 @@ class Generator:
           per outer step, on DDIM's own respacing); eta: DDIM's noise level in [0, 1] (default 0,
           deterministic; 1 = DDPM's posterior noise). Passing eta with "ddpm" is an error.
         preset: a named setting from far_sdk.schedules.PRESETS, applied over the bundle's defaults and
-          under the options above: "fast" (DDIM with >= 4x fewer inner steps than "paper"), "paper" (DDPM, frequency-aware 40..100), "official" (DDPM, 100).
+          under the options above: "fast" (15 DDPM steps per outer step: 4.7x fewer than "paper" at
+          the same measured quality on the demo), "paper" (DDPM, frequency-aware 40..100), "official" (DDPM, 100).
         on_step(StepInfo) after each outer step; returning False stops early (the output then holds
           that step's estimate). preview=True decodes each step's estimate for ``StepInfo.preview``.
         max_batch: most images per backend call (default: the engine's limit); larger batches are split.

@@ -200,17 +200,21 @@ def test_bad_sampler_options_raise_typed_errors(kwargs, match):
         S.make_plan(**kwargs)
 
 
-def test_resolve_plan_precedence_defaults_preset_explicit():
+def test_resolve_plan_precedence_defaults_preset_explicit(monkeypatch):
     bundle = {"num_steps": 10, "inner_steps": "frequency-aware", "x0_clip": 4.0}
     assert resolve_plan(bundle).inner_sampler == "ddpm"
     fast = resolve_plan(bundle, preset="fast")
     want = S.PRESETS["fast"]
-    assert (fast.inner_sampler, fast.eta, fast.inner_steps[0]) == (want["inner_sampler"], want["eta"], want["inner_steps"])
+    assert (fast.inner_sampler, fast.inner_steps) == (want["inner_sampler"], (want["inner_steps"],) * 10)
     assert fast.x0_clip == 4.0                                       # a preset keeps the bundle's other defaults
-    assert resolve_plan(bundle, preset="fast", eta=1.0, inner_steps=8).eta == 1.0
-    assert resolve_plan(bundle, preset="fast", inner_steps=8).inner_steps == (8,) * 10
-    assert resolve_plan(bundle, preset="fast", inner_sampler="ddpm").inner_sampler == "ddpm"  # preset eta dropped
+    ddim = resolve_plan(bundle, preset="fast", inner_sampler="ddim", eta=1.0, inner_steps=8)
+    assert (ddim.inner_sampler, ddim.eta, ddim.inner_steps) == ("ddim", 1.0, (8,) * 10)
     assert resolve_plan(bundle, preset="official").inner_steps == (100,) * 10
+    # a preset's eta applies to DDIM only: overriding its sampler drops it
+    monkeypatch.setitem(S.PRESETS, "ddim-test", {"inner_sampler": "ddim", "eta": 0.3, "inner_steps": 6})
+    assert resolve_plan(bundle, preset="ddim-test").eta == 0.3
+    assert resolve_plan(bundle, preset="ddim-test", eta=1.0).eta == 1.0
+    assert resolve_plan(bundle, preset="ddim-test", inner_sampler="ddpm").eta == 0.0
     # a bundle whose default is DDIM: its eta applies to DDIM only
     ddim_bundle = {**bundle, "inner_sampler": "ddim", "eta": 0.5, "inner_steps": 12}
     assert resolve_plan(ddim_bundle).eta == 0.5
@@ -306,3 +310,65 @@ def test_ddim_differs_from_ddpm_and_eta0_ignores_noise_after_x_T(tiny):
     b = gen.generate([4], noise=ZeroAfterFirst(), inner_sampler="ddim", **opts).latents
     np.testing.assert_array_equal(a, b)
     gen.close()
+
+
+def test_far_generate_cli_sampler_options(tiny, tmp_path, capsys):
+    from far_sdk.cli import main
+
+    _, bundle = tiny
+    base = ["generate", "--bundle", str(bundle), "--class", "1", "--steps", "2", "--inner-steps", "3", "--backend", "onnxruntime",
+            "--no-progress", "--out", str(tmp_path / "g.png")]
+    assert main(base + ["--inner-sampler", "ddim", "--eta", "0.5"]) == 0
+    assert "6 ddim eta 0.5 inner steps" in capsys.readouterr().out
+    assert main(base[:7] + ["--preset", "fast", "--backend", "onnxruntime", "--no-progress", "--out", str(tmp_path / "f.png")]) == 0
+    assert f"{2 * S.PRESETS['fast']['inner_steps']} ddpm inner steps" in capsys.readouterr().out
+    assert main(base + ["--eta", "0.5"]) == 2
+    assert "applies only to inner_sampler='ddim'" in capsys.readouterr().err
+
+
+def test_evaluate_demo_caches_its_classifier(tmp_path):
+    """A rerun of examples/evaluate_demo.py loads the classifier instead of training it again."""
+    torch = pytest.importorskip("torch")
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("evaluate_demo", ROOT / "examples" / "evaluate_demo.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 1, 32, 32, generator=g) * 2 - 1, torch.arange(32) % 10
+    a, cached_a = ev.cached_classifier(x, y, tmp_path, epochs=1)
+    b, cached_b = ev.cached_classifier(x, y, tmp_path, epochs=1)
+    c, cached_c = ev.cached_classifier(x, y, tmp_path, epochs=2)            # another recipe: trained again
+    assert (cached_a, cached_b, cached_c) == (False, True, False) and len(list(tmp_path.glob("digitnet-*.pt"))) == 2
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0)
+    rows = [{"setting": "ref", "inner_steps_total": 700, "accuracy": 0.99, "frechet_distance": 3.0},
+            {"setting": "ok", "inner_steps_total": 175, "accuracy": 0.98, "frechet_distance": 3.4},
+            {"setting": "slow", "inner_steps_total": 176, "accuracy": 1.0, "frechet_distance": 2.0},
+            {"setting": "bad", "inner_steps_total": 50, "accuracy": 0.97, "frechet_distance": 3.0}]
+    assert [c["all_ok"] for c in ev.fast_setting_checks(rows)] == [True, False, False]
+
+
+def test_bundle_defaults_can_choose_ddim(tiny, tmp_path):
+    import json
+    import shutil
+
+    import far_sdk
+
+    _, bundle = tiny
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["defaults"]["inner_sampler"] == "ddpm"                   # exported bundles spell out the official sampler
+    m["defaults"].update(inner_sampler="ddim", eta=0.5, inner_steps=4, num_steps=2)
+    (b / "manifest.json").write_text(json.dumps(m))
+    gen = far_sdk.Generator(b, backend="onnxruntime", threads=2)
+    plan = gen.generate([1], seed=0, output_type="latent").plan
+    assert (plan.inner_sampler, plan.eta, plan.inner_steps) == ("ddim", 0.5, (4, 4))
+    assert gen.generate([1], seed=0, output_type="latent", inner_sampler="ddpm").plan.eta == 0.0
+    m["defaults"]["eta"] = 2.0
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(InvalidArgumentError, match=r"eta must be a number in \[0, 1\]"):
+        far_sdk.Generator(b, backend="onnxruntime", threads=2).generate([1], seed=0)
