@@ -64,10 +64,10 @@ import numpy as np
 
 from . import __version__
 from .bundle import Bundle
+from .diffusion import INNER_SAMPLERS
 from .errors import FarError, InvalidArgumentError
 from .noise import SeededNoise
 from .pipeline import STAGES, Generator, resolve_plan, to_uint8
-from .diffusion import INNER_SAMPLERS
 from .schedules import PRESETS, InnerSteps, SamplingPlan, make_plan
 
 log = logging.getLogger(__name__)
@@ -544,7 +544,7 @@ def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = (
     return BenchResult(command=command, machine=machine_info(), versions=versions(),
                        bundle={"path": str(bundle.path), "name": bundle.name, "source": bundle.manifest.get("source"),
                                "model": bundle.model_config, "vae": bundle.manifest["vae"]},
-                       plan={**plan.to_dict(), "num_steps": plan.num_steps, "inner_steps_total": sum(plan.inner_steps)},
+                       plan=_plan_dict(plan),
                        threads=_threads(threads), protocol={"warmup": warmup, "iters": iters, "seed": seed, "output_type": "np",
                                                             "batches": list(batches), "stage_sum_tolerance": STAGE_SUM_TOLERANCE},
                        peak=peak_info, rows=rows,
