@@ -206,7 +206,11 @@ def test_several_presets_in_one_run_with_speedups_against_the_first(bundle, tmp_
     text, data = capsys.readouterr().out, json.loads(out.read_text())
     assert "[paper] 2 outer steps" in text and "[fast] 2 outer steps" in text and "vs paper" in text
     assert set(data["settings"]) == {"paper", "fast"}
-    assert data["settings"]["fast"]["inner_sampler"] == "ddim" and data["settings"]["paper"]["inner_steps"] == [40, 100]
+    from far_sdk.schedules import PRESETS
+
+    fast_steps = PRESETS["fast"]["inner_steps"]
+    assert data["settings"]["fast"]["inner_steps"] == [fast_steps] * 2 and data["settings"]["paper"]["inner_steps"] == [40, 100]
+    assert data["settings"]["fast"]["inner_sampler"] == PRESETS["fast"]["inner_sampler"]
     paper, fast = data["rows"]
     assert (paper["setting"], fast["setting"]) == ("paper", "fast") and fast["inner_steps"] == data["settings"]["fast"]["inner_steps"]
     assert paper["speedup"]["vs paper"] == pytest.approx(1.0)
