@@ -222,3 +222,17 @@ def test_bench_rejects_eta_with_ddpm(bundle):
 
     with pytest.raises(InvalidArgumentError, match="eta"):
         run_benchmark(bundle, eta=0.5, iters=1, warmup=0)
+
+
+def test_bench_runs_ddim_on_the_backends_and_the_eager_reference(bundle):
+    from far_sdk.bench import run_benchmark
+
+    threads = torch.get_num_threads()
+    try:
+        res = run_benchmark(bundle, backends=["onnxruntime"], num_steps=2, inner_steps=3, inner_sampler="ddim", eta=0.5,
+                            iters=1, warmup=0, baseline="eager-torch", threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert (res.plan["inner_sampler"], res.plan["eta"]) == ("ddim", 0.5)
+    assert [r.baseline for r in res.rows] == [None, "eager@100", "eager@equal"]
+    assert res.rows[2].inner_steps == (3, 3) and res.rows[0].speedup["eager@equal"] > 0
