@@ -1,19 +1,33 @@
 """Quality check of the demo bundle: a digits classifier labels generated samples.
 
 1. Train a small CNN on the demo's training split (the same split FAR was trained on) and report its
-   held-out accuracy (the check only means something if this is >= 97 %).
-2. For each sampling setting, generate ``--per-class`` images of every class with far_sdk, classify
-   them, and report the class accuracy and the Fréchet distance between the classifier's penultimate
-   features of the samples and of the held-out real images (lower is better; real-vs-real split halves
-   give the noise floor, printed too).
+   held-out accuracy (the check only means something if this is >= 97 %). The trained classifier is
+   cached (``--cache-dir``, keyed by its data, recipe and torch version), so a rerun skips the training.
+2. For each sampling setting of the chosen ``--table``, generate ``--per-class`` images of every class
+   with far_sdk (same seeds for every setting), classify them, and report the class accuracy and the
+   Fréchet distance between the classifier's penultimate features of the samples and of the held-out
+   real images (lower is better; real-vs-real split halves give the noise floor, printed too).
+3. ``--bench`` (default on for the inner-samplers table): time every setting with ``far bench``'s
+   protocol in the same run (far_sdk.bench.run_benchmark: ``--bench-batch`` images, 1 warm-up,
+   ``--bench-iters`` timed runs, median; ``--bench-rounds`` passes over all settings, median of those)
+   and report seconds per image and the speed-up over the table's first (reference) row.
+
+Tables: "settings" (outer steps, CFG, inner-step schedules) and "inner-samplers" (DDPM at the paper
+schedule vs DDIM at eta 0 and 1 with 5, 10, 20 and 50 steps per outer step, and the fast preset;
+the fast-setting criteria, >= 4x fewer inner steps than the reference with class accuracy within
+1 point and Fréchet distance within 15 %, are checked and printed).
 
     .venv/bin/python examples/evaluate_demo.py [--bundle engines/far-demo] [--per-class 20] [--json out.json]
+    .venv/bin/python examples/evaluate_demo.py --table inner-samplers --per-class 20 --markdown
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import far_sdk  # noqa: E402
+from far_sdk.fileio import atomic_write_bytes  # noqa: E402
+from far_sdk.schedules import PRESETS  # noqa: E402
 from training.demo_data import load_digits_images, split_indices  # noqa: E402
 
 SETTINGS = {
@@ -37,6 +53,20 @@ SETTINGS = {
     "6 outer steps": {"num_steps": 6},
     "16 outer steps": {"num_steps": 16},
 }
+
+_FAST = PRESETS["fast"]
+INNER_SAMPLER_SETTINGS = {
+    "DDPM, paper schedule 40..100 (reference)": {"preset": "paper"},
+    f"fast preset ({_FAST['inner_sampler'].upper()}, {_FAST['inner_steps']} per outer step)": {"preset": "fast"},
+    "DDPM, 10 per outer step": {"inner_sampler": "ddpm", "inner_steps": 10},
+    **{f"DDIM eta {eta:g}, {n} per outer step": {"inner_sampler": "ddim", "eta": eta, "inner_steps": n}
+       for eta, counts in ((0.0, (5, 10, 15, 20, 50)), (1.0, (5, 10, 20, 50))) for n in counts},
+}
+TABLES = {"settings": SETTINGS, "inner-samplers": INNER_SAMPLER_SETTINGS}
+#: The fast-setting criteria of the inner-samplers table, against its first (reference) row.
+FAST_STEP_RATIO, FAST_ACC_POINTS, FAST_FD_RATIO = 4.0, 0.01, 1.15
+#: Bump when DigitNet or train_classifier changes: part of the classifier cache key.
+CLASSIFIER_RECIPE = "digitnet-v1-adamw-onecycle-30ep-shift2"
 
 
 class DigitNet(nn.Module):
@@ -89,6 +119,30 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: i
     return net.eval()
 
 
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "far-sdk" / "evaluate_demo"
+
+
+def cached_classifier(x: torch.Tensor, y: torch.Tensor, cache_dir: Path | None, epochs: int = 30, seed: int = 0) -> tuple[DigitNet, bool]:
+    """train_classifier(x, y), or its cached weights when the same data, recipe and torch version were
+    trained before (``cache_dir`` None: always train). Returns (net in eval mode, whether it was cached)."""
+    h = hashlib.sha256()
+    for part in (x.numpy().tobytes(), y.numpy().tobytes(), f"{CLASSIFIER_RECIPE}|{epochs}|{seed}|{torch.__version__}".encode()):
+        h.update(part)
+    path = cache_dir / f"digitnet-{h.hexdigest()[:16]}.pt" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        net = DigitNet()
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return net.eval(), True
+    net = train_classifier(x, y, epochs=epochs, seed=seed)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(net.state_dict(), buf)
+        atomic_write_bytes(path, buf.getvalue())
+    return net, False
+
+
 @torch.no_grad()
 def classify(net: DigitNet, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     f = net.features(_grey(x))
@@ -111,49 +165,135 @@ def images_to_tensor(u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(u8.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
 
 
+def bench_seconds_per_image(bundle: str, backend: str, settings: dict[str, dict], batch: int, iters: int,
+                            rounds: int) -> dict[str, float]:
+    """``far bench`` (far_sdk.bench.run_benchmark) over every setting, ``rounds`` times in turn: the median
+    over rounds of each setting's median seconds per image (a shared machine's busy spell then hits one
+    round of every setting, not every iteration of one setting)."""
+    from far_sdk.bench import run_benchmark
+
+    per: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(rounds):
+        res = run_benchmark(bundle, backends=[backend], batches=[batch], warmup=1, iters=iters,
+                            settings=[(name, opts) for name, opts in settings.items()])
+        for r in res.rows:
+            per[r.setting].append(r.per_image_s)
+    return {name: float(np.median(v)) for name, v in per.items()}
+
+
+def fast_setting_checks(rows: list[dict]) -> list[dict]:
+    """Per row: does it meet the fast-setting criteria against rows[0] (the reference)?"""
+    ref = rows[0]
+    out = []
+    for r in rows[1:]:
+        steps_ok = FAST_STEP_RATIO * r["inner_steps_total"] <= ref["inner_steps_total"]
+        acc_ok = r["accuracy"] >= ref["accuracy"] - FAST_ACC_POINTS - 1e-12
+        fd_ok = r["frechet_distance"] <= FAST_FD_RATIO * ref["frechet_distance"]
+        out.append({"setting": r["setting"], "steps_ok": steps_ok, "accuracy_ok": acc_ok, "fd_ok": fd_ok,
+                    "all_ok": steps_ok and acc_ok and fd_ok})
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    ref = rows[0]
+    timed = all(r.get("bench_s_per_image") is not None for r in rows)
+    head = ("| setting | inner sampler | inner steps (per outer step) | total inner steps | class accuracy | Fréchet distance "
+            "| FD / reference |" + (" `far bench` s/image | speed-up |" if timed else " generation seconds |"))
+    lines = [head, "|" + "---|" * 3 + "---:|" * (6 if timed else 5)]
+    for r in rows:
+        sampler = r["inner_sampler"] + (f" eta {r['eta']:g}" if r["inner_sampler"] == "ddim" else "")
+        per = r["inner_steps"]
+        per_s = str(per[0]) if len(set(per)) == 1 else f"{per[0]}..{per[-1]}"
+        cells = [r["setting"], sampler, per_s, str(r["inner_steps_total"]), f"{r['accuracy']:.3f}", f"{r['frechet_distance']:.3f}",
+                 f"{r['frechet_distance'] / ref['frechet_distance']:.2f}"]
+        if timed:
+            cells += [f"{r['bench_s_per_image']:.3f}", f"{ref['bench_s_per_image'] / r['bench_s_per_image']:.2f}x"]
+        else:
+            cells.append(f"{r['seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default=str(ROOT / "engines" / "far-demo"))
     ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--table", choices=sorted(TABLES), default="settings")
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1000, help="first sample seed (the classifier uses 0)")
-    ap.add_argument("--settings", default=None, help="comma-separated subset of setting indices (0-based)")
+    ap.add_argument("--settings", default=None, help="comma-separated subset of setting indices (0-based; keep 0, the reference)")
+    ap.add_argument("--bench", action=argparse.BooleanOptionalAction, default=None,
+                    help="time each setting with far bench in the same run (default: on for --table inner-samplers)")
+    ap.add_argument("--bench-batch", type=int, default=1)
+    ap.add_argument("--bench-iters", type=int, default=3)
+    ap.add_argument("--bench-rounds", type=int, default=3, help="far bench passes over all settings (median of the rounds)")
+    ap.add_argument("--max-batch", type=int, default=25, help="images per backend call while sampling (does not change any image)")
+    ap.add_argument("--cache-dir", default=str(default_cache_dir()), help="classifier cache ('' = no cache)")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown (docs/BENCHMARKS.md)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    table = TABLES[a.table]
+    bench = a.bench if a.bench is not None else a.table == "inner-samplers"
 
     x, y = load_digits_images(32)
     tr, te = split_indices(y)
     t0 = time.time()
-    net = train_classifier(x[tr], y[tr])
+    net, cached = cached_classifier(x[tr], y[tr], Path(a.cache_dir) if a.cache_dir else None)
     pred, feat_real = classify(net, x[te])
     clf_acc = float((pred == y[te].numpy()).mean())
     half = len(te) // 2
     floor = frechet_distance(feat_real[:half], feat_real[half:])
-    print(f"classifier: held-out accuracy {clf_acc:.4f} on {len(te)} images (trained in {time.time() - t0:.0f} s); "
+    print(f"classifier: held-out accuracy {clf_acc:.4f} on {len(te)} images ({'cached' if cached else 'trained'} in {time.time() - t0:.1f} s); "
           f"real-vs-real FD floor (two halves of held-out) {floor:.3f}")
 
     gen = far_sdk.Generator(a.bundle, backend=a.backend)
     labels = [c for c in range(10) for _ in range(a.per_class)]
-    names = list(SETTINGS)
+    names = list(table)
     chosen = [names[int(i)] for i in a.settings.split(",")] if a.settings else names
     rows = []
     for name in chosen:
         t0 = time.time()
-        out = gen.generate(labels, seed=a.seed, output_type="np", **SETTINGS[name])
+        out = gen.generate(labels, seed=a.seed, output_type="np", max_batch=a.max_batch, **table[name])
         dt = time.time() - t0
         p, f = classify(net, images_to_tensor(out.images))
         acc = float((p == np.array(labels)).mean())
         fd = frechet_distance(f, feat_real)
-        rows.append({"setting": name, "accuracy": acc, "frechet_distance": fd, "images": len(labels),
-                     "inner_steps_total": int(sum(out.plan.inner_steps)), "seconds": dt})
-        print(f"{name:62s} accuracy {acc:.3f}  FD {fd:8.3f}  ({len(labels)} images, {sum(out.plan.inner_steps)} inner steps, {dt:.0f} s)")
-    result = {"bundle": str(a.bundle), "backend": a.backend, "classifier_heldout_accuracy": clf_acc, "fd_floor": floor,
-              "per_class": a.per_class, "seed": a.seed, "rows": rows}
+        plan = out.plan
+        rows.append({"setting": name, "options": table[name], "inner_sampler": plan.inner_sampler, "eta": plan.eta,
+                     "inner_steps": list(plan.inner_steps), "accuracy": acc, "frechet_distance": fd, "images": len(labels),
+                     "inner_steps_total": int(sum(plan.inner_steps)), "seconds": dt})
+        print(f"{name:62s} accuracy {acc:.3f}  FD {fd:8.3f}  ({len(labels)} images, {sum(plan.inner_steps)} inner steps, {dt:.0f} s)",
+              flush=True)
+    gen.close()
+    if bench:
+        print(f"far bench: {a.backend}, batch {a.bench_batch}, {a.bench_rounds} rounds of 1 warm-up + {a.bench_iters} timed runs "
+              "per setting ...", flush=True)
+        per_image = bench_seconds_per_image(a.bundle, a.backend, {n: table[n] for n in chosen}, a.bench_batch, a.bench_iters,
+                                            a.bench_rounds)
+        for r in rows:
+            r["bench_s_per_image"] = per_image[r["setting"]]
+    result = {"bundle": str(a.bundle), "backend": a.backend, "table": a.table, "classifier_heldout_accuracy": clf_acc, "fd_floor": floor,
+              "per_class": a.per_class, "seed": a.seed,
+              "bench": {"batch": a.bench_batch, "iters": a.bench_iters, "warmup": 1, "rounds": a.bench_rounds} if bench else None,
+              "rows": rows}
+    if a.table == "inner-samplers":
+        result["fast_setting_checks"] = fast_setting_checks(rows)
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2))
-    print("\n| setting | class accuracy | Fréchet distance (classifier features) | inner steps | seconds |\n|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['setting']} | {r['accuracy']:.3f} | {r['frechet_distance']:.3f} | {r['inner_steps_total']} | {r['seconds']:.0f} |")
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    if a.markdown:
+        print(markdown_table(rows))
+    else:
+        for r in rows:
+            t = f"  {r['bench_s_per_image']:.3f} s/image" if bench else ""
+            print(f"{r['setting']:62s} {r['accuracy']:.3f}  FD {r['frechet_distance']:7.3f}  {r['inner_steps_total']:5d} inner steps{t}")
+    if a.table == "inner-samplers":
+        ref = rows[0]
+        print(f"\nfast-setting criteria vs '{ref['setting']}': <= {ref['inner_steps_total'] / FAST_STEP_RATIO:.0f} inner steps, "
+              f"accuracy >= {ref['accuracy'] - FAST_ACC_POINTS:.3f}, FD <= {FAST_FD_RATIO * ref['frechet_distance']:.3f}")
+        for c in result["fast_setting_checks"]:
+            print(f"  {'PASS' if c['all_ok'] else 'fail'}  {c['setting']}  (steps {'ok' if c['steps_ok'] else 'no'}, "
+                  f"accuracy {'ok' if c['accuracy_ok'] else 'no'}, FD {'ok' if c['fd_ok'] else 'no'})")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "cfg_schedule": "linear",
     "temperature": 1.0,
     "inner_steps": "frequency-aware",
+    "inner_sampler": "ddpm",
     "filter": "spatial",
 }
 

@@ -24,6 +24,9 @@ Definitions (all per row, over the timed iterations):
   direct-convolution count, as onnxruntime may for the VAE decoder's 3x3 convolutions;
 - speedup[ref] = baseline per_image_s / row per_image_s, against the eager row of the same batch
   (refs "eager@100": official 100 inner steps, "eager@equal": the benchmarked plan);
+- several settings in one run (``--preset paper,fast``; ``settings=``): every row is run per setting
+  (``RowResult.setting``), eager@equal per setting, and speedup["vs <first setting>"] = the first
+  setting's per_image_s on the same backend and batch / the row's;
 - memory: ru_maxrss of the process (a high-water mark: it never goes down, so a row's
   ``maxrss_increase_mb`` is what it added over every earlier row's peak), the current RSS while
   the model is loaded and its increase over the RSS before loading (``rss_increase_mb``), and on
@@ -61,10 +64,11 @@ import numpy as np
 
 from . import __version__
 from .bundle import Bundle
+from .diffusion import INNER_SAMPLERS
 from .errors import FarError, InvalidArgumentError
 from .noise import SeededNoise
 from .pipeline import STAGES, Generator, resolve_plan, to_uint8
-from .schedules import InnerSteps, SamplingPlan, make_plan
+from .schedules import PRESETS, InnerSteps, SamplingPlan, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +149,7 @@ class RowResult:
     gflops: dict[str, float] | None
     peak_fraction: float | None = None
     speedup: dict[str, float | None] = field(default_factory=dict)
+    setting: str | None = None         # the setting's label when several are benchmarked in one run
 
 
 @dataclass
@@ -158,6 +163,7 @@ class BenchResult:
     protocol: dict[str, Any]
     peak: dict[str, Any] | None
     rows: list[RowResult]
+    settings: dict[str, dict[str, Any]] | None = None   # label -> plan, when several settings were run
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
@@ -285,9 +291,11 @@ def matmul_peak(n: int = 2048, repeats: int = 5, threads: int | None = None) -> 
 # ---- plans and bundles ---------------------------------------------------------------------------
 
 
-def bench_plan(bundle: Bundle, num_steps: int | None = None, inner_steps: InnerSteps | None = None) -> SamplingPlan:
-    """The plan ``Generator.generate(num_steps=..., inner_steps=...)`` resolves for this bundle."""
-    return resolve_plan(bundle.defaults, num_steps=num_steps, inner_steps=inner_steps)
+def bench_plan(bundle: Bundle, num_steps: int | None = None, inner_steps: InnerSteps | None = None, *, preset: str | None = None,
+               inner_sampler: str | None = None, eta: float | None = None) -> SamplingPlan:
+    """The plan ``Generator.generate(preset=..., num_steps=..., inner_steps=..., ...)`` resolves for this bundle."""
+    return resolve_plan(bundle.defaults, preset=preset, num_steps=num_steps, inner_steps=inner_steps, inner_sampler=inner_sampler,
+                        eta=eta)
 
 
 def default_cache_dir() -> Path:
@@ -367,7 +375,8 @@ def bench_backend(bundle_path, backend: str, batch: int, plan: SamplingPlan, *, 
 
     def run() -> dict[str, float]:
         t0 = time.perf_counter()
-        out = gen.generate(labels, seed=seed, num_steps=plan.num_steps, inner_steps=list(plan.inner_steps), output_type="np")
+        out = gen.generate(labels, seed=seed, num_steps=plan.num_steps, inner_steps=list(plan.inner_steps), output_type="np",
+                           inner_sampler=plan.inner_sampler, eta=plan.eta if plan.inner_sampler == "ddim" else None)
         total = time.perf_counter() - t0
         assert out.plan == plan, f"bench_plan drifted from Generator.plan: {out.plan} != {plan}"
         return {**{k: out.timings[k] for k in STAGES}, "total": total, "pipeline_total": out.timings["total"]}
@@ -487,8 +496,15 @@ def bench_eager(far, dec, batch: int, plan: SamplingPlan, *, warmup: int, iters:
 def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = ("onnxruntime",), batches: Sequence[int] = (1,),
                   num_steps: int | None = None, inner_steps: InnerSteps | None = None, warmup: int = 2, iters: int = 10,
                   baseline: str = "none", threads: int | None = None, device: str | None = None, peak: bool = False,
-                  seed: int = 0, command: str = "", backend_options: dict[str, Any] | None = None) -> BenchResult:
-    """Benchmark ``backends`` x ``batches`` (and the eager baseline); see the module docstring."""
+                  seed: int = 0, command: str = "", inner_sampler: str | None = None, eta: float | None = None,
+                  settings: Sequence[tuple[str, dict[str, Any]]] = (), backend_options: dict[str, Any] | None = None) -> BenchResult:
+    """Benchmark ``backends`` x ``batches`` (and the eager baseline); see the module docstring.
+
+    ``settings``: (label, options) pairs, each options a dict of :func:`bench_plan`'s keywords (preset,
+    num_steps, inner_steps, inner_sampler, eta), benchmarked one after the other in this run; the
+    options given directly (num_steps, ...) override every setting's. Empty: one plan from those options.
+    ``backend_options`` go to every backend (e.g. precision, compile, cuda_graphs for the torch backend).
+    """
     if baseline not in BASELINES:
         raise InvalidArgumentError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1 or isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -498,7 +514,13 @@ def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = (
     if not backends and baseline == "none":
         raise InvalidArgumentError("nothing to benchmark: pass at least one backend or a baseline")
     bundle = Bundle.load(bundle_path)
-    plan = bench_plan(bundle, num_steps, inner_steps)
+    given = {k: v for k, v in dict(num_steps=num_steps, inner_steps=inner_steps, inner_sampler=inner_sampler, eta=eta).items()
+             if v is not None}
+    labels = [label for label, _ in settings]
+    if len(set(labels)) != len(labels):
+        raise InvalidArgumentError(f"setting labels must be distinct, got {labels}")
+    plans = [(label, bench_plan(bundle, **{**opts, **given})) for label, opts in settings] or [(None, bench_plan(bundle, **given))]
+    plan = plans[0][1]
     peak_info = matmul_peak(threads=threads) if peak else None
     opts: dict[str, Any] = dict(backend_options or {})
     if threads is not None:
@@ -507,33 +529,44 @@ def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = (
         opts["device"] = device
     rows: list[RowResult] = []
     finish = dict(manifest=bundle.manifest, peak=peak_info)
-    for name in backends:
-        for b in batches:
-            log.info("bench %s batch %d", name, b)
-            raw = bench_backend(bundle.path, name, b, plan, warmup=warmup, iters=iters, seed=seed, backend_options=opts)
-            rows.append(_finish_row(raw, plan=plan, eager=False, **finish))
+    for label, p in plans:
+        for name in backends:
+            for b in batches:
+                log.info("bench %s batch %d%s", name, b, f" ({label})" if label else "")
+                raw = bench_backend(bundle.path, name, b, p, warmup=warmup, iters=iters, seed=seed, backend_options=opts)
+                rows.append(_finish_row(raw, plan=p, eager=False, **finish))
+                rows[-1].setting = label
     if baseline == "eager-torch":
-        rows += _eager_rows(bundle, plan, batches, warmup=warmup, iters=iters, seed=seed, threads=threads, device=device, finish=finish)
+        rows += _eager_rows(bundle, plans, batches, warmup=warmup, iters=iters, seed=seed, threads=threads, device=device, finish=finish)
         _speedups(rows)
+    if len(plans) > 1:
+        _setting_speedups(rows, plans[0][0])
     return BenchResult(command=command, machine=machine_info(), versions=versions(),
                        bundle={"path": str(bundle.path), "name": bundle.name, "source": bundle.manifest.get("source"),
                                "model": bundle.model_config, "vae": bundle.manifest["vae"]},
-                       plan={**plan.to_dict(), "num_steps": plan.num_steps, "inner_steps_total": sum(plan.inner_steps)},
+                       plan=_plan_dict(plan),
                        threads=_threads(threads), protocol={"warmup": warmup, "iters": iters, "seed": seed, "output_type": "np",
                                                             "batches": list(batches), "stage_sum_tolerance": STAGE_SUM_TOLERANCE},
-                       peak=peak_info, rows=rows)
+                       peak=peak_info, rows=rows,
+                       settings={label: _plan_dict(p) for label, p in plans} if len(plans) > 1 else None)
 
 
-def _eager_rows(bundle, plan, batches, *, warmup, iters, seed, threads, device, finish) -> list[RowResult]:
-    """eager@100 (official inner steps) and eager@equal (the benchmarked plan; skipped when identical) per batch."""
+def _plan_dict(plan: SamplingPlan) -> dict[str, Any]:
+    return {**plan.to_dict(), "num_steps": plan.num_steps, "inner_steps_total": sum(plan.inner_steps)}
+
+
+def _eager_rows(bundle, plans, batches, *, warmup, iters, seed, threads, device, finish) -> list[RowResult]:
+    """eager@100 (official inner steps, DDPM) and eager@equal (each benchmarked plan; skipped when identical) per batch."""
     import torch
 
     if threads is not None:
         torch.set_num_threads(int(threads))
     # the backends' device names ("tensorrt" is an onnxruntime EP) -> a torch device for the same hardware
     dev = device if device not in (None, "auto", "tensorrt") else ("cuda" if torch.cuda.is_available() else "cpu")
-    official = dataclasses.replace(plan, inner_steps=make_plan(plan.num_steps, inner_steps="official").inner_steps)
-    variants = [(EAGER_OFFICIAL, official)] + ([(EAGER_EQUAL, plan)] if plan.inner_steps != official.inner_steps else [])
+    plan = plans[0][1]
+    official = dataclasses.replace(plan, inner_steps=make_plan(plan.num_steps, inner_steps="official").inner_steps,
+                                   inner_sampler="ddpm", eta=0.0)
+    variants = [(EAGER_OFFICIAL, official, None)] + [(EAGER_EQUAL, p, label) for label, p in plans if p != official]
     gc.collect()
     rss0, now0 = _maxrss_mb(), _rss_now_mb()
     if dev.startswith("cuda"):
@@ -542,13 +575,14 @@ def _eager_rows(bundle, plan, batches, *, warmup, iters, seed, threads, device, 
     far, dec = load_eager(bundle, dev)
     load_s = time.perf_counter() - t0
     rows = []
-    for label, p in variants:
+    for label, p, setting in variants:
         for b in batches:
             log.info("bench %s batch %d", label, b)
             raw = bench_eager(far, dec, b, p, warmup=warmup, iters=iters, seed=seed)
             raw.update(name=f"eager-torch@{label.split('@')[1]}/{raw['device']}", baseline=label, load_s=load_s,
                        memory=_memory(rss0, now0, torch if dev.startswith("cuda") else None))
             rows.append(_finish_row(raw, plan=p, eager=True, **finish))
+            rows[-1].setting = setting
             rss0 = _maxrss_mb()
             if dev.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -558,11 +592,22 @@ def _eager_rows(bundle, plan, batches, *, warmup, iters, seed, threads, device, 
 def _speedups(rows: list[RowResult]) -> None:
     """speedup[ref] = baseline per-image time / row per-image time, same batch (eager@equal falls back
     to eager@100 when the plan already has 100 inner steps everywhere)."""
-    base = {(r.baseline, r.batch): r for r in rows if r.kind == "baseline"}
+    base = {(r.baseline, r.setting if r.baseline == EAGER_EQUAL else None, r.batch): r for r in rows if r.kind == "baseline"}
     for r in rows:
         for ref in (EAGER_OFFICIAL, EAGER_EQUAL):
-            b = base.get((ref, r.batch)) or (base.get((EAGER_OFFICIAL, r.batch)) if ref == EAGER_EQUAL else None)
+            b = base.get((ref, r.setting if ref == EAGER_EQUAL else None, r.batch))
+            if b is None and ref == EAGER_EQUAL:
+                b = base.get((EAGER_OFFICIAL, None, r.batch))
             r.speedup[ref] = b.per_image_s / r.per_image_s if b is not None else None
+
+
+def _setting_speedups(rows: list[RowResult], first: str) -> None:
+    """speedup["vs <first>"] = the first setting's per-image time (same row name and batch) / the row's."""
+    base = {(r.name, r.batch): r for r in rows if r.setting == first}
+    for r in rows:
+        b = base.get((r.name, r.batch))
+        if r.setting is not None:
+            r.speedup[f"vs {first}"] = b.per_image_s / r.per_image_s if b is not None else None
 
 
 def _threads(threads: int | None) -> dict[str, Any]:
@@ -603,6 +648,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_csv(int), default=[1], help="comma-separated batch sizes (default: 1)")
     p.add_argument("--steps", type=int, default=None, help="outer steps (default: the bundle's, 10)")
     p.add_argument("--inner-steps", type=_inner, default=None, help="'frequency-aware' (default), 'official', N or N1,N2,...")
+    p.add_argument("--inner-sampler", choices=INNER_SAMPLERS, default=None, help="ddpm (official, default) or ddim")
+    p.add_argument("--eta", type=float, default=None, help="DDIM noise level in [0, 1] (default 0)")
+    p.add_argument("--preset", type=_csv(str), default=[], metavar="NAME[,NAME...]",
+                   help=f"named settings ({', '.join(sorted(PRESETS))}), several = one after the other in this run with "
+                        "speed-ups against the first (e.g. paper,fast); --inner-steps etc. override them")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--baseline", choices=BASELINES, default="none",
@@ -638,6 +688,7 @@ def run_bench(a: argparse.Namespace) -> int:
         opts["cuda_graphs"] = a.cuda_graphs == "on"
     res = run_benchmark(path, backends=a.backend, batches=a.batch, num_steps=a.steps, inner_steps=a.inner_steps, warmup=a.warmup,
                         iters=a.iters, baseline=a.baseline, threads=a.threads, device=a.device, peak=a.peak, seed=a.seed, command=command,
+                        inner_sampler=a.inner_sampler, eta=a.eta, settings=[(n, {"preset": n}) for n in a.preset],
                         backend_options=opts)
     print(format_report(res))
     if a.json:
@@ -656,17 +707,22 @@ def _x(v: float | None, fmt: str = "{:.2f}x") -> str:
     return "n/a" if v is None else fmt.format(v)
 
 
+def _plan_line(label: str | None, p: dict[str, Any]) -> str:
+    inner = p["inner_steps"]
+    sampler = p.get("inner_sampler", "ddpm") + (f" eta {p['eta']:g}" if p.get("inner_sampler") == "ddim" else "")
+    return (f"plan      {f'[{label}] ' if label else ''}{p['num_steps']} outer steps, levels {list(p['levels'])}, {sampler} inner steps "
+            f"{list(inner)} (sum {sum(inner)}), filter {p['filter']}; eager@100 uses 100 DDPM inner steps per outer step")
+
+
 def format_report(res: BenchResult) -> str:
     """The terminal report: header, the per-stage table (medians, ms) and per-row details."""
     m, p, th = res.machine, res.plan, res.threads
-    inner = p["inner_steps"]
     lines = [
         f"command   {res.command}",
         f"machine   {m['cpu']} ({m['usable_cpus']} usable / {m['logical_cpus']} logical CPUs); GPU: {', '.join(m['gpus']) or 'none'}",
         "versions  " + ", ".join(f"{k} {v}" for k, v in res.versions.items()),
         f"bundle    {res.bundle['path']} ({res.bundle['name']}; source {res.bundle['source'].get('kind') if res.bundle['source'] else 'n/a'})",
-        f"plan      {p['num_steps']} outer steps, levels {list(p['levels'])}, inner steps {list(inner)} (sum {sum(inner)}), "
-        f"filter {p['filter']}; eager@100 uses 100 inner steps per outer step",
+        *(_plan_line(label, q) for label, q in (res.settings or {None: p}).items()),
         f"threads   requested {th['requested'] or 'default'}; onnxruntime intra-op {th['onnxruntime_intra_op']}; torch {th['torch'] or 'n/a'}",
         f"protocol  warmup {res.protocol['warmup']}, iters {res.protocol['iters']}, output np, seed {res.protocol['seed']}; medians in ms",
     ]
@@ -676,16 +732,18 @@ def format_report(res: BenchResult) -> str:
                      + (f", torch {pk['torch_gflops']:.1f} GFLOP/s ({pk['torch_threads']} threads)" if "torch_gflops" in pk else "") + f" -> peak {pk['gflops']:.1f}")
     else:
         lines.append("peak      not measured (--peak)")
-    head = ("backend", "batch", "transformer", "denoise", "filter", "vae", "overhead", "total", "img/s", "GFLOP/s", "%peak",
-            "vs eager@100", "vs eager@equal")
+    first = next(iter(res.settings)) if res.settings else None
+    head = ("backend", *(("setting",) if first else ()), "batch", "transformer", "denoise", "filter", "vae", "overhead", "total", "img/s",
+            "GFLOP/s", "%peak", "vs eager@100", "vs eager@equal", *((f"vs {first}",) if first else ()))
     table = []
     for r in res.rows:
         s = r.summaries
         flag = "" if r.stage_sum.ok else " !"
-        table.append((r.name, str(r.batch), _ms(s["transformer"].median), _ms(s["denoise"].median), _ms(s["filter"].median),
+        table.append((r.name, *((r.setting or "-",) if first else ()), str(r.batch), _ms(s["transformer"].median), _ms(s["denoise"].median), _ms(s["filter"].median),
                       _ms(s["vae_decode"].median), _ms(s["overhead"].median), _ms(s["total"].median) + flag, f"{r.images_per_s:.2f}",
                       _x(r.gflops and r.gflops["total"], "{:.1f}"), _x(r.peak_fraction and 100 * r.peak_fraction, "{:.1f}%"),
-                      _x(r.speedup.get(EAGER_OFFICIAL)), _x(r.speedup.get(EAGER_EQUAL))))
+                      _x(r.speedup.get(EAGER_OFFICIAL)), _x(r.speedup.get(EAGER_EQUAL)),
+                      *((_x(r.speedup.get(f"vs {first}")),) if first else ())))
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
     lines += ["", fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(row) for row in table] + [""]
@@ -694,7 +752,7 @@ def format_report(res: BenchResult) -> str:
         p90 = f", p90 {_ms(t.p90)}" if t.p90 is not None else ""
         g = r.gflops or {}
         cuda = f", cuda max allocated {mem['cuda_max_allocated_mb']:.0f} MB" if mem.get("cuda_max_allocated_mb") is not None else ""
-        lines.append(f"{r.name} x{r.batch}: load {r.load_s:.2f} s, first run {r.first_run_s * 1e3:.1f} ms; total min {_ms(t.min)} / "
+        lines.append(f"{r.name}{f' [{r.setting}]' if r.setting else ''} x{r.batch}: load {r.load_s:.2f} s, first run {r.first_run_s * 1e3:.1f} ms; total min {_ms(t.min)} / "
                      f"median {_ms(t.median)} / max {_ms(t.max)}{p90} ms; GFLOP/s transformer {_x(g.get('transformer'), '{:.1f}')}, "
                      f"MLP {_x(g.get('diffusion_mlp'), '{:.1f}')}, VAE {_x(g.get('vae_decode'), '{:.1f}')}; "
                      f"maxrss {mem['maxrss_mb']:.0f} MB (+{mem['maxrss_increase_mb']:.0f}), rss {_x(mem['rss_now_mb'], '{:.0f}')} MB "

@@ -1,10 +1,15 @@
-"""DDPM maths shared by training, the reference sampler and every backend (NumPy only).
+"""DDPM and DDIM maths shared by training, the reference sampler and every backend (NumPy only).
 
 Everything here is a pure function of plain arguments. Tables are computed in float64
 once (as the official code does) and cast to float32 where a step uses them.
 
 Notation (guided-diffusion / the FAR paper): T = 1000 training steps, beta_i the
 noise schedule, alpha_i = 1 - beta_i, alpha_bar_i = prod_{j<=i} alpha_j.
+
+Both inner samplers run through the same fused denoiser step (``far_sdk.graphs.STEP_FIELDS``):
+x0 = a x - b eps, optionally clipped; x_prev = c1 x0 + c2 x + exp(log_var / 2) noise noise_scale.
+DDPM (the official sampler) fills it with the posterior of the respaced chain and a learned
+log-variance range; DDIM (:class:`DDIMTables`) with its own coefficients and a fixed variance.
 """
 
 from __future__ import annotations
@@ -12,12 +17,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import Literal
 
 import numpy as np
 
 from .errors import InvalidArgumentError
 
 NUM_TRAIN_TIMESTEPS = 1000
+
+InnerSampler = Literal["ddpm", "ddim"]
+#: The inner (per-token diffusion) samplers: "ddpm" is the official sampler, "ddim" Song et al. 2021.
+INNER_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
 
 
 def cosine_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS, max_beta: float = 0.999) -> np.ndarray:
@@ -196,18 +206,125 @@ def ddpm_step(
     return (mean + nonzero * np.exp(np.float32(0.5) * log_var) * noise * np.float32(temperature)).astype(np.float32)
 
 
-def denoise_step_table(num_steps: int, cfg_scale: float, temperature: float, x0_clip: float | None = None) -> np.ndarray:
+def denoise_step_table(num_steps: int, cfg_scale: float, temperature: float, x0_clip: float | None = None, *,
+                       inner_sampler: InnerSampler = "ddpm", eta: float = 0.0) -> np.ndarray:
     """float32 [n, 10]: the denoiser graph's ``step`` input for each call, in execution order
     (row 0 is the noisiest step k = n-1). Columns follow :data:`far_sdk.graphs.STEP_FIELDS`:
-    t, the six coefficients of :data:`STEP_COEF_NAMES`, cfg scale, [k != 0] * temperature, and the
-    x0 clip bound (+inf when ``x0_clip`` is None: the official sampler does not clip).
+    t, the six coefficients of :data:`STEP_COEF_NAMES`, cfg scale, noise scale, and the x0 clip
+    bound (+inf when ``x0_clip`` is None: the official sampler does not clip).
+
+    "ddpm" (official): the respaced DDPM's coefficients (:func:`diffusion_tables`); noise scale
+    [k != 0] * temperature. "ddim": :func:`ddim_tables` (its own respacing, ``eta``); noise scale
+    [sigma_k > 0] * temperature, so eta = 0 (and every last step) adds no noise.
     """
-    tab = diffusion_tables(num_steps)
+    if inner_sampler == "ddpm":
+        tab = diffusion_tables(num_steps)
+        noisy = np.arange(tab.num_steps) != 0
+    elif inner_sampler == "ddim":
+        tab = ddim_tables(num_steps, eta)
+        noisy = tab.sigmas > 0
+    else:
+        raise InvalidArgumentError(f"inner_sampler must be one of {INNER_SAMPLERS}, got {inner_sampler!r}")
     ks = np.arange(tab.num_steps)[::-1]
     out = np.empty((tab.num_steps, 10), dtype=np.float32)
     out[:, 0] = tab.timesteps[ks]
     out[:, 1:7] = tab.step_coefficients[ks]
     out[:, 7] = np.float32(cfg_scale)
-    out[:, 8] = np.where(ks != 0, np.float32(temperature), np.float32(0.0))
+    out[:, 8] = np.where(noisy[ks], np.float32(temperature), np.float32(0.0))
     out[:, 9] = np.float32(np.inf if x0_clip is None else x0_clip)
     return out
+
+
+# ---- DDIM ------------------------------------------------------------------------------------------
+
+
+def ddim_timesteps(num_steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """DDIM's kept timesteps, ascending: t_k = round((k + 1) T / n) - 1 (half to even), k = 0 .. n-1.
+
+    "Trailing" spacing (diffusers' ``timestep_spacing="trailing"``; Lin et al. 2024): the chain
+    starts at T - 1 = 999 like the official DDPM respacing, but its last step goes from t_0 =
+    T / n - 1 straight to x0 (alpha_bar_prev = 1) instead of ending on t = 0, where a step
+    nearly only returns its input (alpha_bar_0 = 0.99996): every one of the n network calls
+    denoises. n = 1000 keeps every timestep (the DDPM chain); n = 10 keeps 99, 199, ..., 999.
+    """
+    respaced_timesteps(num_steps, num_timesteps)  # the same validation as DDPM's respacing
+    n = int(num_steps)
+    return (np.round(np.arange(1, n + 1, dtype=np.float64) * num_timesteps / n) - 1).astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class DDIMTables:
+    """Per-step coefficients of a DDIM chain (Song et al. 2021, eq. 12), float64, indexed by k = 0 .. n-1.
+
+    With abar = alpha_bar[t_k], abar_prev = alpha_bar[t_{k-1}] (1 for k = 0) and
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev), one step is
+
+        x0 = a x - b eps   (a = sqrt(1 / abar), b = sqrt(1 / abar - 1); then optionally clipped)
+        eps' = (a x - x0) / b                      (eps re-derived from the clipped x0)
+        x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps' + sigma z.
+
+    eps' is linear in x0 and x, so x_prev = c1 x0 + c2 x + sigma z with
+    c1 = sqrt(abar_prev) - d / b, c2 = d a / b = d / sqrt(1 - abar), d = sqrt(1 - abar_prev - sigma^2):
+    the DDPM step's form, so every backend runs DDIM through the same denoiser graph. The fixed
+    variance goes into both ends of the learned range (min_log = max_log = log sigma^2, so the
+    network's v has no effect); where sigma = 0 (eta = 0, and always at k = 0) the log-variance is 0
+    (finite: the graph multiplies exp(log_var / 2) by a zero noise scale; -inf would give NaN).
+    With eta = 1, sigma^2 is the DDPM posterior variance and (c1, c2) its posterior-mean
+    coefficients on the same timesteps (DDPM with the fixed "small" variance).
+    """
+
+    eta: float
+    timesteps: np.ndarray                    # int64 [n], ascending (:func:`ddim_timesteps`)
+    alphas_cumprod: np.ndarray               # abar_k
+    alphas_cumprod_prev: np.ndarray          # abar at t_{k-1}; 1 for k = 0
+    sigmas: np.ndarray                       # sigma_k (0 for k = 0 and for eta = 0)
+    sqrt_recip_alphas_cumprod: np.ndarray    # a
+    sqrt_recipm1_alphas_cumprod: np.ndarray  # b
+    coef_x0: np.ndarray                      # c1
+    coef_xt: np.ndarray                      # c2
+    log_variance: np.ndarray                 # log sigma^2 where sigma > 0, else 0
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    @cached_property
+    def step_coefficients(self) -> np.ndarray:
+        """float32 [n, 6] in :data:`STEP_COEF_NAMES` layout: a, b, c1, c2, log sigma^2, log sigma^2."""
+        cols = (self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod, self.coef_x0, self.coef_xt,
+                self.log_variance, self.log_variance)
+        return np.stack(cols, axis=1).astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def _ddim_cached(num_steps: int, eta: float, num_timesteps: int) -> DDIMTables:
+    ac_full = np.cumprod(1.0 - cosine_betas(num_timesteps))
+    kept = ddim_timesteps(num_steps, num_timesteps)
+    ac = ac_full[kept]
+    ac_prev = np.append(1.0, ac[:-1])
+    sigmas = eta * np.sqrt((1.0 - ac_prev) / (1.0 - ac) * (1.0 - ac / ac_prev))
+    # 1 - abar_prev - sigma^2 = (1 - abar_prev)(1 - eta^2 (1 - abar / abar_prev) / (1 - abar)) >= 0 for
+    # eta <= 1 (abar_prev <= 1); the clamp only guards against a negative float64 rounding.
+    d = np.sqrt(np.maximum(1.0 - ac_prev - sigmas ** 2, 0.0))
+    a, b = np.sqrt(1.0 / ac), np.sqrt(1.0 / ac - 1.0)
+    with np.errstate(divide="ignore"):
+        log_var = np.where(sigmas > 0, np.log(sigmas ** 2), 0.0)
+    return DDIMTables(
+        eta=eta, timesteps=kept, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev, sigmas=sigmas,
+        sqrt_recip_alphas_cumprod=a, sqrt_recipm1_alphas_cumprod=b,
+        coef_x0=np.sqrt(ac_prev) - d / b, coef_xt=d / np.sqrt(1.0 - ac), log_variance=log_var,
+    )
+
+
+def ddim_tables(num_steps: int, eta: float = 0.0, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DDIMTables:
+    """The DDIM chain with ``num_steps`` steps (:func:`ddim_timesteps`) and noise level ``eta`` in [0, 1]
+    (0: deterministic DDIM; 1: DDPM's posterior on these timesteps). Cached like :func:`diffusion_tables`."""
+    ddim_timesteps(num_steps, num_timesteps)  # validates
+    check_eta(eta)
+    return _ddim_cached(int(num_steps), float(eta), num_timesteps)
+
+
+def check_eta(eta: float) -> None:
+    """eta must be a finite number in [0, 1] (above 1, 1 - abar_prev - sigma^2 turns negative)."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)) or not 0.0 <= float(eta) <= 1.0:
+        raise InvalidArgumentError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}")

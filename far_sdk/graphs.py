@@ -8,7 +8,8 @@ manifest's model config by :func:`graph_specs`.
 - ``transformer``: tokens [N, L, C], class_ids [N] (id ``num_classes`` = the null/unconditional
   class, i.e. ``fake_latent``), level [1] -> cond [N, L, W]: the per-token adaLN condition of the
   diffusion MLP, ``cond_embed(z) + index_cond_embed(level)``, computed once per outer step.
-- ``denoiser``: one whole guided DDPM step. x [B, L, C] (conditional half), noise [B, L, C],
+- ``denoiser``: one whole guided DDPM step (or DDIM step: other coefficients in ``step``, see
+  far_sdk.diffusion.DDIMTables). x [B, L, C] (conditional half), noise [B, L, C],
   cond [2, B, L, W] (conditional rows first), step [10] (see :data:`STEP_FIELDS`) -> x_prev [B, L, C].
 - ``vae_decoder``: latents [B, C, H, W] (sampler scale; the graph divides by the latent scale)
   -> image [B, 3, 16 H, 16 W] in about [-1, 1].
@@ -30,7 +31,7 @@ STEP_FIELDS = (
     "posterior_log_variance_clipped",  # min end of the learned variance range
     "log_betas",                       # max end
     "cfg_scale",
-    "noise_scale",                     # [k != 0] * temperature
+    "noise_scale",                     # [k != 0] * temperature (DDIM: [sigma_k > 0] * temperature)
     "x0_clip",                         # x0_hat is clamped to [-x0_clip, x0_clip]; +inf = no clipping (official)
 )
 

@@ -120,7 +120,10 @@ _DEFAULTS = _object({
                               {"type": "array", "items": _STEPS, "minItems": 1, "maxItems": 16}]},
     "filter": {"enum": ["spatial", "fourier"]},
     "x0_clip": {"oneOf": [{"type": "null"}, _num(0.0, 1e6, open_lo=True)]},
-}, optional=("num_steps", "cfg", "cfg_schedule", "temperature", "temperature_schedule", "inner_steps", "filter", "x0_clip"))
+    "inner_sampler": {"enum": ["ddpm", "ddim"]},
+    "eta": _num(0.0, 1.0),
+}, optional=("num_steps", "cfg", "cfg_schedule", "temperature", "temperature_schedule", "inner_steps", "filter", "x0_clip",
+             "inner_sampler", "eta"))
 _TENSOR = _object({
     "name": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z"},
     "dtype": {"enum": ["float32", "float16", "bfloat16", "int64", "int32"]},
@@ -329,7 +332,8 @@ def _check_defaults(defaults: dict[str, Any], where: str) -> None:
     try:
         make_plan(num_steps=d.get("num_steps", 10), cfg=d.get("cfg", 3.0), cfg_schedule_kind=d.get("cfg_schedule", "linear"),
                   temperature=d.get("temperature", 1.0), temperature_schedule_kind=d.get("temperature_schedule", "official"),
-                  inner_steps=d.get("inner_steps", "frequency-aware"), filter=d.get("filter", "spatial"), x0_clip=d.get("x0_clip"))
+                  inner_steps=d.get("inner_steps", "frequency-aware"), filter=d.get("filter", "spatial"), x0_clip=d.get("x0_clip"),
+                  inner_sampler=d.get("inner_sampler", "ddpm"), eta=d.get("eta") if d.get("inner_sampler") == "ddim" else None)
     except InvalidArgumentError as e:
         raise _relation_error(where, "defaults", f"not a valid sampling plan ({e})") from None
 

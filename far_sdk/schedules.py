@@ -1,4 +1,4 @@
-"""Sampling schedules of FAR (NumPy only): outer levels, CFG, temperature, inner steps.
+"""Sampling schedules of FAR (NumPy only): outer levels, CFG, temperature, inner steps and sampler.
 
 All are pure functions of plain arguments. :func:`make_plan` resolves a user's choices once,
 at the boundary, into a :class:`SamplingPlan` that the reference sampler and every backend
@@ -14,6 +14,7 @@ from typing import Literal, Union
 
 import numpy as np
 
+from .diffusion import INNER_SAMPLERS, InnerSampler, check_eta, denoise_step_table
 from .errors import InvalidArgumentError
 from .filters import FILTER_TYPES, GRID
 
@@ -31,6 +32,25 @@ CfgSchedule = Literal["linear", "constant"]
 TemperatureSchedule = Literal["official", "constant"]
 InnerSteps = Union[int, str, Sequence[int]]
 MAX_OUTER_STEPS = GRID
+
+#: Named inner-loop settings (``generate(preset=...)``, ``far generate/bench --preset``). A preset sets
+#: only the keys it lists, over the bundle's defaults; options passed explicitly override it.
+#: "fast" is the measured fast setting (docs/BENCHMARKS.md, "Fewer inner steps"): 4.7x fewer inner steps
+#: than the paper's schedule at its class accuracy and Fréchet distance on the demo bundle. It is the
+#: official DDPM step respaced to 15: with the learned variance it beat DDIM (eta 0 or 1) at every step
+#: count measured there.
+PRESETS: dict[str, dict] = {
+    "paper": {"inner_sampler": "ddpm", "inner_steps": "frequency-aware"},   # 700 DDPM steps (10 outer)
+    "official": {"inner_sampler": "ddpm", "inner_steps": "official"},       # 1000 DDPM steps (10 outer)
+    "fast": {"inner_sampler": "ddpm", "inner_steps": 15},                    # 150 DDPM steps (10 outer)
+}
+
+
+def preset_options(name: str) -> dict:
+    """The options of preset ``name`` (a copy of :data:`PRESETS` [name])."""
+    if name not in PRESETS:
+        raise InvalidArgumentError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dict(PRESETS[name])
 
 
 def outer_levels(num_steps: int = len(OFFICIAL_LEVELS)) -> tuple[int, ...]:
@@ -93,7 +113,7 @@ def temperature_schedule(temperature: float, num_steps: int, kind: TemperatureSc
 
 
 def inner_step_schedule(inner_steps: InnerSteps, num_steps: int) -> tuple[int, ...]:
-    """DDPM steps at each outer step.
+    """Inner (DDPM or DDIM) steps at each outer step.
 
     "frequency-aware" (the paper): n_s = round(40 + 60 s / (S - 1)), 40 at the lowest level to 100
     at the highest (S = 1: 100); "official": 100 everywhere; an int: that count everywhere;
@@ -143,10 +163,18 @@ class SamplingPlan:
     filter: str
     filter_after: tuple[int | None, ...]
     x0_clip: float | None = None     # clamp x0_hat to [-x0_clip, x0_clip] (None: the official sampler, no clip)
+    inner_sampler: str = "ddpm"      # "ddpm" (official) | "ddim" (far_sdk.diffusion.DDIMTables)
+    eta: float = 0.0                 # DDIM's noise level in [0, 1]; always 0.0 (unused) for "ddpm"
 
     @property
     def num_steps(self) -> int:
         return len(self.levels)
+
+    def step_table(self, s: int) -> np.ndarray:
+        """float32 [n_s, 10]: the denoiser's ``step`` rows of outer step ``s`` in execution order, for
+        this plan's inner sampler (:func:`far_sdk.diffusion.denoise_step_table`)."""
+        return denoise_step_table(self.inner_steps[s], self.cfg[s], self.temperature[s], self.x0_clip,
+                                  inner_sampler=self.inner_sampler, eta=self.eta)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,14 +192,29 @@ def make_plan(
     filter: str = "spatial",
     mode: Mode = "nomask",
     x0_clip: float | None = None,
+    inner_sampler: InnerSampler = "ddpm",
+    eta: float | None = None,
 ) -> SamplingPlan:
     """Resolve user-facing sampling options into a :class:`SamplingPlan`.
 
     With ``inner_steps=100`` (or "official") and the defaults otherwise, the plan equals the
     official evaluated sampler (``sample_tokens_nomask``; ``mode="mask"``: ``sample_tokens_mask``).
+    ``inner_sampler="ddim"`` runs each outer step's inner loop as DDIM with ``inner_steps`` steps
+    and noise level ``eta`` in [0, 1] (None: 0, deterministic); ``eta`` is refused with "ddpm".
     """
     if mode not in ("nomask", "mask"):
         raise InvalidArgumentError(f"mode must be 'nomask' or 'mask', got {mode!r}")
+    if inner_sampler not in INNER_SAMPLERS:
+        raise InvalidArgumentError(f"inner_sampler must be one of {INNER_SAMPLERS}, got {inner_sampler!r}")
+    if inner_sampler == "ddpm":
+        if eta is not None:
+            raise InvalidArgumentError(f"eta={eta!r} applies only to inner_sampler='ddim' (DDPM's noise is the model's "
+                                       "learned variance); drop eta or pass inner_sampler='ddim'")
+        eta = 0.0
+    else:
+        eta = 0.0 if eta is None else eta
+        check_eta(eta)
+        eta = float(eta)
     if filter not in FILTER_TYPES:
         raise InvalidArgumentError(f"filter must be one of {FILTER_TYPES}, got {filter!r}")
     if x0_clip is not None:
@@ -211,6 +254,8 @@ def make_plan(
         filter=filter,
         filter_after=after,
         x0_clip=x0_clip,
+        inner_sampler=inner_sampler,
+        eta=eta,
     )
 
 

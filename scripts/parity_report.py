@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import far_sdk  # noqa: E402
 from far_sdk.noise import ReplayNoise, SeededNoise  # noqa: E402
+from far_sdk.pipeline import resolve_plan  # noqa: E402
 from training import FAR, load_official_checkpoint  # noqa: E402
 from training.sampler import sample_reference  # noqa: E402
 
@@ -68,8 +69,11 @@ def main() -> None:
     rows = list(official_rows())
     gens = {name: far_sdk.Generator(b, backend=name) for name in ("onnxruntime", "torch")}
     for plan_name, plan in (("paper defaults (10 steps, frequency-aware 40..100)", {}),
-                            ("official (10 steps, 100 inner)", {"inner_steps": 100})):
-        ref = sample_reference(far, labels, noise=SeededNoise.from_seed(a.seed, len(labels)), **plan).numpy()
+                            ("official (10 steps, 100 inner)", {"inner_steps": 100}),
+                            ("DDIM eta 0 (10 steps, 15 inner)", {"inner_sampler": "ddim", "eta": 0.0, "inner_steps": 15}),
+                            ("DDIM eta 1 (10 steps, 15 inner)", {"inner_sampler": "ddim", "eta": 1.0, "inner_steps": 15})):
+        resolved = resolve_plan(b.defaults, **plan)               # the bundle's defaults (cfg, x0_clip, ...) + plan
+        ref = sample_reference(far, labels, noise=SeededNoise.from_seed(a.seed, len(labels)), plan=resolved).numpy()
         for name, g in gens.items():
             out = g.generate(labels, seed=a.seed, output_type="latent", **plan)
             rows.append((f"{name} vs reference, {plan_name}, batch {len(labels)}", errs(out.latents, ref)))

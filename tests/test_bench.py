@@ -191,3 +191,48 @@ def test_matmul_peak_reports_the_best_library():
         torch.set_num_threads(threads)
     assert p["numpy_gflops"] > 0 and p["torch_gflops"] > 0 and p["torch_threads"] == 1
     assert p["gflops"] == max(p["numpy_gflops"], p["torch_gflops"])
+
+
+def test_several_presets_in_one_run_with_speedups_against_the_first(bundle, tmp_path, capsys):
+    from far_sdk.cli import main
+
+    out = tmp_path / "presets.json"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "--bundle", str(bundle), "--backend", "onnxruntime", "--batch", "1", "--steps", "2",
+                     "--preset", "paper,fast", "--warmup", "0", "--iters", "1", "--threads", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text, data = capsys.readouterr().out, json.loads(out.read_text())
+    assert "[paper] 2 outer steps" in text and "[fast] 2 outer steps" in text and "vs paper" in text
+    assert set(data["settings"]) == {"paper", "fast"}
+    from far_sdk.schedules import PRESETS
+
+    fast_steps = PRESETS["fast"]["inner_steps"]
+    assert data["settings"]["fast"]["inner_steps"] == [fast_steps] * 2 and data["settings"]["paper"]["inner_steps"] == [40, 100]
+    assert data["settings"]["fast"]["inner_sampler"] == PRESETS["fast"]["inner_sampler"]
+    paper, fast = data["rows"]
+    assert (paper["setting"], fast["setting"]) == ("paper", "fast") and fast["inner_steps"] == data["settings"]["fast"]["inner_steps"]
+    assert paper["speedup"]["vs paper"] == pytest.approx(1.0)
+    assert fast["speedup"]["vs paper"] == pytest.approx(paper["per_image_s"] / fast["per_image_s"], rel=1e-9)
+
+
+def test_bench_rejects_eta_with_ddpm(bundle):
+    from far_sdk.bench import run_benchmark
+
+    with pytest.raises(InvalidArgumentError, match="eta"):
+        run_benchmark(bundle, eta=0.5, iters=1, warmup=0)
+
+
+def test_bench_runs_ddim_on_the_backends_and_the_eager_reference(bundle):
+    from far_sdk.bench import run_benchmark
+
+    threads = torch.get_num_threads()
+    try:
+        res = run_benchmark(bundle, backends=["onnxruntime"], num_steps=2, inner_steps=3, inner_sampler="ddim", eta=0.5,
+                            iters=1, warmup=0, baseline="eager-torch", threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert (res.plan["inner_sampler"], res.plan["eta"]) == ("ddim", 0.5)
+    assert [r.baseline for r in res.rows] == [None, "eager@100", "eager@equal"]
+    assert res.rows[2].inner_steps == (3, 3) and res.rows[0].speedup["eager@equal"] > 0

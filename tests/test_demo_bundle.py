@@ -41,8 +41,15 @@ def test_bundle_is_small_and_verified(gen):
     assert gen.bundle.manifest["source"]["kind"] == "checkpoint", "the demo bundle holds trained weights"
 
 
-@pytest.mark.parametrize("plan", [dict(num_steps=10, inner_steps="frequency-aware"), dict(num_steps=4, inner_steps=25)])
-def test_onnxruntime_equals_reference_sampler_to_1e4_abs(gen, far, plan):
+# Few large inner steps amplify float32 rounding more: at 15 steps per outer step the float32 reference
+# itself moves by up to 1.2e-4 (DDPM) and 6e-4 (DDIM eta 0) when run in float64 (the paper's 700: 1e-5),
+# so the runtime is held to that order there. A wrong coefficient moves latents by O(0.1).
+@pytest.mark.parametrize("plan,bound", [(dict(num_steps=10, inner_steps="frequency-aware"), 1e-4),
+                                        (dict(num_steps=4, inner_steps=25), 1e-4),
+                                        (dict(preset="fast"), 1e-3),
+                                        (dict(num_steps=10, inner_steps=15, inner_sampler="ddim", eta=0.0), 2e-3),
+                                        (dict(num_steps=4, inner_steps=10, inner_sampler="ddim", eta=1.0), 1e-3)])
+def test_onnxruntime_equals_reference_sampler(gen, far, plan, bound):
     from training.sampler import sample_reference
 
     labels = [0, 3, 8]
@@ -52,7 +59,7 @@ def test_onnxruntime_equals_reference_sampler_to_1e4_abs(gen, far, plan):
     ref = sample_reference(far, labels, noise=SeededNoise.from_seed(42, len(labels)), plan=resolved).numpy()
     assert np.abs(ref).max() < 50, "a trained model's latents stay O(1)"
     err = float(np.abs(out.latents - ref).max())
-    assert err <= 1e-4, f"max abs error {err:.3g}"
+    assert err <= bound, f"max abs error {err:.3g}"
 
 
 def test_demo_images_differ_by_class(gen):

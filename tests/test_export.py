@@ -109,7 +109,7 @@ def test_manifest_describes_model_graphs_and_defaults(models, manifest):
     assert (manifest["latent_scale"], manifest["null_class_id"], manifest["mlp_width"], manifest["image_size"]) == (SCALE, 10, 128, 256)
     assert manifest["id2label"] == {str(k): v for k, v in LABELS.items()}
     assert manifest["defaults"] == {"num_steps": 10, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 1.0,
-                                    "inner_steps": "frequency-aware", "filter": "spatial"}
+                                    "inner_steps": "frequency-aware", "inner_sampler": "ddpm", "filter": "spatial"}
     assert manifest["source"] == {"kind": "random-init", "seed": 0}
     assert set(manifest["created_by"]) == {"far_sdk", "torch", "onnx", "onnxruntime", "python"}
     for name, spec in _specs(far).items():

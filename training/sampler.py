@@ -6,6 +6,11 @@ filter), driven by a :class:`far_sdk.schedules.SamplingPlan` and a noise source 
 documented in :mod:`far_sdk.noise`. With ``inner_steps=100`` and the official level, CFG and
 temperature schedules it reproduces the official evaluated sampler given the same draws.
 
+``plan.inner_sampler == "ddim"`` runs the inner loop as DDIM, written as the textbook update
+(eps re-derived from the clipped x0, then sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps'
++ sigma z) rather than the folded (c1, c2) coefficients the runtime's denoiser graph uses, so the
+parity tests check the folding too.
+
 Written for clarity, not speed: it recomputes the MLP's condition projection at every inner step
 exactly as the official code does (this is also the "eager" baseline of ``far bench``).
 """
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from far_sdk.diffusion import diffusion_tables
+from far_sdk.diffusion import ddim_tables, diffusion_tables
 from far_sdk.errors import InvalidArgumentError
 from far_sdk.filters import filter_matrix
 from far_sdk.noise import NoiseFn, SeededNoise
@@ -127,8 +132,14 @@ def iter_reference(
         z = model.condition(torch.cat([tokens, tokens]), emb, m2)             # (2B, L, D)
         z = z.reshape(2 * B * L, -1)
         lvl = torch.full((2 * B * L, 1), float(level), device=device, dtype=dtype)
-        tables = diffusion_tables(plan.inner_steps[s])
+        n = plan.inner_steps[s]
+        ddim = plan.inner_sampler == "ddim"
+        tables = ddim_tables(n, plan.eta) if ddim else diffusion_tables(n)
         coefs = torch.from_numpy(tables.step_coefficients).to(device=device, dtype=dtype)  # (n, 6)
+        if ddim:  # float32 per step: sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2), sigma
+            ac_prev, sig = tables.alphas_cumprod_prev, tables.sigmas
+            dd = np.stack([np.sqrt(ac_prev), np.sqrt(np.maximum(1 - ac_prev - sig ** 2, 0)), sig], 1)
+            dd = torch.from_numpy(dd.astype(np.float32)).to(device=device, dtype=dtype)  # (n, 3)
         x = draw()                                                            # (B*L, C): x_T, conditional half
         for k in reversed(range(tables.num_steps)):
             t = torch.full((2 * B * L,), int(tables.timesteps[k]), device=device, dtype=torch.long)
@@ -140,11 +151,15 @@ def iter_reference(
             x0 = c[0] * x - c[1] * eps
             if plan.x0_clip is not None:
                 x0 = x0.clamp(-plan.x0_clip, plan.x0_clip)
-            mean = c[2] * x0 + c[3] * x
-            frac = (v + 1) / 2
-            log_var = frac * c[5] + (1 - frac) * c[4]
             nz = draw()
-            x = mean + float(k != 0) * torch.exp(0.5 * log_var) * nz * temp_s
+            if ddim:
+                eps_x0 = (c[0] * x - x0) / c[1]                               # eps re-derived from the clipped x0
+                x = dd[k, 0] * x0 + dd[k, 1] * eps_x0 + dd[k, 2] * nz * temp_s
+            else:
+                mean = c[2] * x0 + c[3] * x
+                frac = (v + 1) / 2
+                log_var = frac * c[5] + (1 - frac) * c[4]
+                x = mean + float(k != 0) * torch.exp(0.5 * log_var) * nz * temp_s
         raw = tokens_to_image(x.reshape(B, L, C), G)                          # (B, C, H, W)
         nxt = raw
         after = plan.filter_after[s]
