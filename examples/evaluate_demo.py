@@ -218,6 +218,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default=str(ROOT / "engines" / "far-demo"))
     ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="torch backend: network precision")
+    ap.add_argument("--compile", action="store_true", help="torch backend: compile the denoiser step (torch.compile)")
     ap.add_argument("--table", choices=sorted(TABLES), default="settings")
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1000, help="first sample seed (the classifier uses 0)")
@@ -246,7 +248,8 @@ def main() -> None:
     print(f"classifier: held-out accuracy {clf_acc:.4f} on {len(te)} images ({'cached' if cached else 'trained'} in {time.time() - t0:.1f} s); "
           f"real-vs-real FD floor (two halves of held-out) {floor:.3f}")
 
-    gen = far_sdk.Generator(a.bundle, backend=a.backend)
+    opts = {k: v for k, v in (("precision", a.precision), ("compile", True if a.compile else None)) if v is not None}
+    gen = far_sdk.Generator(a.bundle, backend=a.backend, **opts)
     labels = [c for c in range(10) for _ in range(a.per_class)]
     names = list(table)
     chosen = [names[int(i)] for i in a.settings.split(",")] if a.settings else names
@@ -272,7 +275,7 @@ def main() -> None:
                                             a.bench_rounds)
         for r in rows:
             r["bench_s_per_image"] = per_image[r["setting"]]
-    result = {"bundle": str(a.bundle), "backend": a.backend, "table": a.table, "classifier_heldout_accuracy": clf_acc, "fd_floor": floor,
+    result = {"bundle": str(a.bundle), "backend": a.backend, "backend_options": opts, "table": a.table, "classifier_heldout_accuracy": clf_acc, "fd_floor": floor,
               "per_class": a.per_class, "seed": a.seed,
               "bench": {"batch": a.bench_batch, "iters": a.bench_iters, "warmup": 1, "rounds": a.bench_rounds} if bench else None,
               "rows": rows}
