@@ -272,7 +272,13 @@ def _short(text: str, n: int = 300) -> str:
 
 def validate_manifest(m: dict[str, Any], where: str) -> None:
     """:data:`SCHEMA`, then the cross-field relations; raises one BundleError naming the field."""
-    from jsonschema.exceptions import best_match
+    try:
+        from jsonschema.exceptions import best_match
+    except ImportError as e:   # a checkout on PYTHONPATH without far-sdk's dependencies installed
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError("far-sdk validates bundle manifests with jsonschema, which is not installed: "
+                                      "pip install jsonschema (or install far-sdk, which depends on it)") from e
 
     err = best_match(_schema_validator().iter_errors(m))
     if err is not None:
