@@ -196,7 +196,8 @@ def _schema_validator():
 # ---- reading --------------------------------------------------------------------------------------------
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook that refuses a key given twice (JSON allows it; the last would win silently)."""
     d = dict(pairs)
     if len(d) != len(pairs):
         seen: set[str] = set()
@@ -223,7 +224,7 @@ def parse_json(data: bytes, where: str) -> Any:
     except UnicodeDecodeError as e:
         raise BundleError(f"{where} is not UTF-8 text (byte {e.start}): the file is corrupted; re-export or re-copy the bundle") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_float=_finite_float, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=no_duplicate_keys, parse_float=_finite_float, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:
         raise BundleError(f"{where} is not valid JSON ({e}); the file is corrupted: re-export or re-copy the bundle") from None
 

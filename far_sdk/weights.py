@@ -22,21 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError, FarError
+from .manifest import no_duplicate_keys
 
 #: The safetensors library's own limit on the header.
 MAX_HEADER_BYTES = 100_000_000
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _FLOATS = ("F16", "BF16", "F32", "F64")
-
-
-def _no_duplicates(pairs):
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {dup!r}")
-    return d
 
 
 def _is_int(x: Any) -> bool:
@@ -70,7 +62,7 @@ def check_safetensors(path: str | os.PathLike, *, error: type[FarError] = Bundle
     if raw[:1] != b"{":
         raise bad("the header does not begin with '{' (leading bytes or whitespace are not allowed)")
     try:
-        header = json.loads(raw.rstrip(b" ").decode("utf-8"), object_pairs_hook=_no_duplicates,
+        header = json.loads(raw.rstrip(b" ").decode("utf-8"), object_pairs_hook=no_duplicate_keys,
                             parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} in the header")))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise bad(f"its header is not valid JSON ({e})") from None
