@@ -364,19 +364,19 @@ def test_bundle_defaults_can_choose_ddim(tiny, tmp_path):
     import shutil
 
     import far_sdk
+    from far_sdk.errors import BundleError
+    from hostile import reseal
 
     _, bundle = tiny
     b = tmp_path / "b"
     shutil.copytree(bundle, b)
     m = json.loads((b / "manifest.json").read_text())
     assert m["defaults"]["inner_sampler"] == "ddpm"                   # exported bundles spell out the official sampler
-    m["defaults"].update(inner_sampler="ddim", eta=0.5, inner_steps=4, num_steps=2)
-    (b / "manifest.json").write_text(json.dumps(m))
+    reseal(b, lambda m: m["defaults"].update(inner_sampler="ddim", eta=0.5, inner_steps=4, num_steps=2))
     gen = far_sdk.Generator(b, backend="onnxruntime", threads=2)
     plan = gen.generate([1], seed=0, output_type="latent").plan
     assert (plan.inner_sampler, plan.eta, plan.inner_steps) == ("ddim", 0.5, (4, 4))
     assert gen.generate([1], seed=0, output_type="latent", inner_sampler="ddpm").plan.eta == 0.0
-    m["defaults"]["eta"] = 2.0
-    (b / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(InvalidArgumentError, match=r"eta must be a number in \[0, 1\]"):
-        far_sdk.Generator(b, backend="onnxruntime", threads=2).generate([1], seed=0)
+    reseal(b, lambda m: m["defaults"].update(eta=2.0))                # the manifest schema bounds eta to [0, 1]
+    with pytest.raises(BundleError, match=r"field defaults.eta"):
+        far_sdk.Generator(b, backend="onnxruntime", threads=2)
