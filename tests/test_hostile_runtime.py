@@ -206,12 +206,20 @@ def _env():
     return env
 
 
+def _interactive_sigint() -> None:
+    """The child starts as from an interactive shell: SIGINT at its default and not blocked, whatever this
+    test process inherited or changed (a child inherits ignored and blocked signals, and Python installs
+    its KeyboardInterrupt handler only when SIGINT is not ignored at start-up)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_during_far_generate_exits_130_with_one_line(tmp_path):
     bundle = copy_demo(tmp_path)
     out = tmp_path / "grid.png"
     proc = subprocess.Popen([sys.executable, "-m", "far_sdk.cli", "generate", "--bundle", str(bundle), "--class", "1", "-n", "64",
                              "--backend", "onnxruntime", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=tmp_path, env=_env())
+                            cwd=tmp_path, env=_env(), preexec_fn=_interactive_sigint)
     seen = b""
     deadline = time.monotonic() + 120
     while b"FAR 10 steps" not in seen:  # the progress bar: the sampling loop is running
