@@ -6,17 +6,21 @@ once (as the official code does) and cast to float32 where a step uses them.
 Notation (guided-diffusion / the FAR paper): T = 1000 training steps, beta_i the
 noise schedule, alpha_i = 1 - beta_i, alpha_bar_i = prod_{j<=i} alpha_j.
 
-Both inner samplers run through the same fused denoiser step (``far_sdk.graphs.STEP_FIELDS``):
-x0 = a x - b eps, optionally clipped; x_prev = c1 x0 + c2 x + exp(log_var / 2) noise noise_scale.
-DDPM (the official sampler) fills it with the posterior of the respaced chain and a learned
-log-variance range; DDIM (:class:`DDIMTables`) with its own coefficients and a fixed variance.
+Both inner samplers run through the same guided denoiser step, whose per-step inputs are one row
+of :class:`Step` columns (:func:`denoise_step_table`): x0 = a x - b eps, optionally clipped;
+x_prev = c1 x0 + c2 x + exp(log_var / 2) noise noise_scale. DDPM (the official sampler) fills it with
+the posterior of the respaced chain and a learned log-variance range; DDIM (:class:`DDIMTables`) with
+its own coefficients and a fixed variance. The step itself is written once, in torch
+(``training.graph_modules.ddpm_update``), and run by the exported graphs, the torch backend and the
+reference sampler.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from enum import IntEnum
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -87,13 +91,11 @@ class DiffusionTables:
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
-    @cached_property
-    def step_coefficients(self) -> np.ndarray:
-        """float32 [n, 6]: row k holds reverse step k's coefficients in :data:`STEP_COEF_NAMES` order.
-
-        Each float64 value is cast to float32 on its own, as the official code extracts them.
-        """
-        return np.stack([getattr(self, n) for n in STEP_COEF_NAMES], axis=1).astype(np.float32)
+    def columns(self) -> dict["Step", np.ndarray]:
+        """float64 [n] per :class:`Step` coefficient column, indexed by step k (the DDPM posterior)."""
+        return {Step.x0_coef_x: self.sqrt_recip_alphas_cumprod, Step.x0_coef_eps: self.sqrt_recipm1_alphas_cumprod,
+                Step.mean_coef_x0: self.posterior_mean_coef1, Step.mean_coef_xt: self.posterior_mean_coef2,
+                Step.min_log_var: self.posterior_log_variance_clipped, Step.max_log_var: self.log_betas}
 
 
 def tables_from_betas(betas: np.ndarray, timesteps: np.ndarray) -> DiffusionTables:
@@ -143,75 +145,41 @@ def diffusion_tables(num_steps: int | None = None, num_timesteps: int = NUM_TRAI
     return _tables_cached(num_steps, num_timesteps)
 
 
-# Column order of the per-step coefficient vector fed to a fused denoise step.
-STEP_COEF_NAMES = (
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-    "posterior_log_variance_clipped",
-    "log_betas",
-)
+class Step(IntEnum):
+    """The columns of the denoiser's per-step input ``step`` (float32 [len(Step)]; one row per inner
+    step, built by :func:`denoise_step_table`). The one definition of that layout: the graph spec
+    (:mod:`far_sdk.graphs`), the step (``training.graph_modules.ddpm_update``) and the reference sampler
+    index it by these names. One guided step, from the network's (eps, v) on [x; x] with CFG rows
+    [conditional; unconditional]:
 
-
-def learned_range_log_variance(v: np.ndarray, min_log: np.floating, max_log: np.floating) -> np.ndarray:
-    """log sigma^2 = frac * log(beta') + (1 - frac) * log(posterior_var_clipped), frac = (v + 1) / 2 (no clamp)."""
-    frac = (v + 1) / 2
-    return frac * max_log + (1 - frac) * min_log
-
-
-def predict_x0(x: np.ndarray, eps: np.ndarray, sqrt_recip: np.floating, sqrt_recipm1: np.floating) -> np.ndarray:
-    """x0_hat = sqrt(1 / alpha_bar') x - sqrt(1 / alpha_bar' - 1) eps (no clipping)."""
-    return sqrt_recip * x - sqrt_recipm1 * eps
-
-
-def posterior_mean(x0: np.ndarray, x: np.ndarray, coef1: np.floating, coef2: np.floating) -> np.ndarray:
-    """mu = coef1 x0_hat + coef2 x_t  (mean of q(x_{t-1} | x_t, x0_hat))."""
-    return coef1 * x0 + coef2 * x
-
-
-def cfg_combine(eps_cond: np.ndarray, eps_uncond: np.ndarray, scale: float) -> np.ndarray:
-    """Classifier-free guidance as the official code evaluates it: eps_u + s (eps_c - eps_u).
-
-    Equals the paper's (1 + w) eps_c - w eps_u with w = s - 1. Not shortcut at s = 1 (in
-    float32 the two forms differ in the last bit).
+        eps     = eps_u + cfg_scale (eps_c - eps_u)
+        x0      = clamp(x0_coef_x x - x0_coef_eps eps, -x0_clip, x0_clip)
+        log_var = frac max_log_var + (1 - frac) min_log_var,   frac = (v_c + 1) / 2
+        x_prev  = mean_coef_x0 x0 + mean_coef_xt x + exp(log_var / 2) noise noise_scale
     """
-    return eps_uncond + np.float32(scale) * (eps_cond - eps_uncond)
+
+    timestep = 0        # original timestep t (0..999) fed to the time embedding
+    x0_coef_x = 1       # a = sqrt(1 / alpha_bar')
+    x0_coef_eps = 2     # b = sqrt(1 / alpha_bar' - 1)
+    mean_coef_x0 = 3    # c1 (DDPM: posterior_mean_coef1)
+    mean_coef_xt = 4    # c2 (DDPM: posterior_mean_coef2)
+    min_log_var = 5     # DDPM: posterior_log_variance_clipped (the learned range's min end); DDIM: log sigma^2
+    max_log_var = 6     # DDPM: log beta' (max end); DDIM: log sigma^2
+    cfg_scale = 7
+    noise_scale = 8     # [k != 0] * temperature (DDIM: [sigma_k > 0] * temperature)
+    x0_clip = 9         # +inf = no clipping (official)
 
 
-def ddpm_step(
-    x: np.ndarray,
-    eps: np.ndarray,
-    v: np.ndarray,
-    k: int,
-    tables: DiffusionTables,
-    noise: np.ndarray,
-    temperature: float = 1.0,
-    x0_clip: float | None = None,
-) -> np.ndarray:
-    """One reverse DDPM step k -> k-1 with a learned-range variance, in float32.
-
-    x_{k-1} = mu(x0_hat(x, eps), x) + [k != 0] * exp(0.5 * log_var(v)) * noise * temperature,
-    evaluated in the official order (mask * std, then * noise, then * temperature). ``x0_clip``
-    clamps x0_hat to [-x0_clip, x0_clip] (guided-diffusion's clip_denoised for a latent range; the
-    official FAR sampler does not clip).
-    """
-    c = tables.step_coefficients[k]
-    x0 = predict_x0(x, eps, c[0], c[1])
-    if x0_clip is not None:
-        x0 = np.clip(x0, -np.float32(x0_clip), np.float32(x0_clip))
-    mean = posterior_mean(x0, x, c[2], c[3])
-    log_var = learned_range_log_variance(v, c[4], c[5])
-    nonzero = np.float32(k != 0)
-    return (mean + nonzero * np.exp(np.float32(0.5) * log_var) * noise * np.float32(temperature)).astype(np.float32)
+#: Column names of the ``step`` vector, in order (:class:`Step`).
+STEP_FIELDS: tuple[str, ...] = tuple(Step.__members__)
 
 
 def denoise_step_table(num_steps: int, cfg_scale: float, temperature: float, x0_clip: float | None = None, *,
                        inner_sampler: InnerSampler = "ddpm", eta: float = 0.0) -> np.ndarray:
-    """float32 [n, 10]: the denoiser graph's ``step`` input for each call, in execution order
-    (row 0 is the noisiest step k = n-1). Columns follow :data:`far_sdk.graphs.STEP_FIELDS`:
-    t, the six coefficients of :data:`STEP_COEF_NAMES`, cfg scale, noise scale, and the x0 clip
-    bound (+inf when ``x0_clip`` is None: the official sampler does not clip).
+    """float32 [n, len(Step)]: the denoiser's ``step`` input for each call, in execution order (row 0 is
+    the noisiest step k = n-1), columns :class:`Step`: t, the chain's six coefficients (each float64
+    value cast to float32 on its own, as the official code extracts them), cfg scale, noise scale,
+    and the x0 clip bound (+inf when ``x0_clip`` is None: the official sampler does not clip).
 
     "ddpm" (official): the respaced DDPM's coefficients (:func:`diffusion_tables`); noise scale
     [k != 0] * temperature. "ddim": :func:`ddim_tables` (its own respacing, ``eta``); noise scale
@@ -226,12 +194,13 @@ def denoise_step_table(num_steps: int, cfg_scale: float, temperature: float, x0_
     else:
         raise InvalidArgumentError(f"inner_sampler must be one of {INNER_SAMPLERS}, got {inner_sampler!r}")
     ks = np.arange(tab.num_steps)[::-1]
-    out = np.empty((tab.num_steps, 10), dtype=np.float32)
-    out[:, 0] = tab.timesteps[ks]
-    out[:, 1:7] = tab.step_coefficients[ks]
-    out[:, 7] = np.float32(cfg_scale)
-    out[:, 8] = np.where(noisy[ks], np.float32(temperature), np.float32(0.0))
-    out[:, 9] = np.float32(np.inf if x0_clip is None else x0_clip)
+    out = np.empty((tab.num_steps, len(Step)), dtype=np.float32)
+    out[:, Step.timestep] = tab.timesteps[ks]
+    for col, values in tab.columns().items():
+        out[:, col] = values[ks].astype(np.float32)
+    out[:, Step.cfg_scale] = np.float32(cfg_scale)
+    out[:, Step.noise_scale] = np.where(noisy[ks], np.float32(temperature), np.float32(0.0))
+    out[:, Step.x0_clip] = np.float32(np.inf if x0_clip is None else x0_clip)
     return out
 
 
@@ -288,12 +257,11 @@ class DDIMTables:
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
-    @cached_property
-    def step_coefficients(self) -> np.ndarray:
-        """float32 [n, 6] in :data:`STEP_COEF_NAMES` layout: a, b, c1, c2, log sigma^2, log sigma^2."""
-        cols = (self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod, self.coef_x0, self.coef_xt,
-                self.log_variance, self.log_variance)
-        return np.stack(cols, axis=1).astype(np.float32)
+    def columns(self) -> dict[Step, np.ndarray]:
+        """float64 [n] per :class:`Step` coefficient column: a, b, c1, c2 and the fixed log sigma^2 at both ends."""
+        return {Step.x0_coef_x: self.sqrt_recip_alphas_cumprod, Step.x0_coef_eps: self.sqrt_recipm1_alphas_cumprod,
+                Step.mean_coef_x0: self.coef_x0, Step.mean_coef_xt: self.coef_xt,
+                Step.min_log_var: self.log_variance, Step.max_log_var: self.log_variance}
 
 
 @lru_cache(maxsize=None)

@@ -10,7 +10,7 @@ manifest's model config by :func:`graph_specs`.
   diffusion MLP, ``cond_embed(z) + index_cond_embed(level)``, computed once per outer step.
 - ``denoiser``: one whole guided DDPM step (or DDIM step: other coefficients in ``step``, see
   far_sdk.diffusion.DDIMTables). x [B, L, C] (conditional half), noise [B, L, C],
-  cond [2, B, L, W] (conditional rows first), step [10] (see :data:`STEP_FIELDS`) -> x_prev [B, L, C].
+  cond [2, B, L, W] (conditional rows first), step [10] (the columns of :class:`far_sdk.diffusion.Step`) -> x_prev [B, L, C].
 - ``vae_decoder``: latents [B, C, H, W] (sampler scale; the graph divides by the latent scale)
   -> image [B, 3, 16 H, 16 W] in about [-1, 1].
 """
@@ -19,22 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .diffusion import Step
+
 GRAPH_NAMES = ("transformer", "denoiser", "vae_decoder")
-
-#: Layout of the denoiser's per-step input vector ``step`` (float32 [10]).
-STEP_FIELDS = (
-    "timestep",                      # original timestep t (0..999) fed to the time embedding
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-    "posterior_log_variance_clipped",  # min end of the learned variance range
-    "log_betas",                       # max end
-    "cfg_scale",
-    "noise_scale",                     # [k != 0] * temperature (DDIM: [sigma_k > 0] * temperature)
-    "x0_clip",                         # x0_hat is clamped to [-x0_clip, x0_clip]; +inf = no clipping (official)
-)
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -89,7 +76,7 @@ def graph_specs(*, seq_len: int, token_channels: int, mlp_width: int, grid_size:
         "denoiser": GraphSpec(
             "denoiser",
             (TensorSpec("x", f32, ("B", L, C)), TensorSpec("noise", f32, ("B", L, C)),
-             TensorSpec("cond", f32, (2, "B", L, W)), TensorSpec("step", f32, (len(STEP_FIELDS),))),
+             TensorSpec("cond", f32, (2, "B", L, W)), TensorSpec("step", f32, (len(Step),))),
             (TensorSpec("x_prev", f32, ("B", L, C)),),
         ),
         "vae_decoder": GraphSpec(

@@ -10,10 +10,8 @@ import pytest
 from far_sdk import diffusion as D
 from far_sdk import schedules as S
 from far_sdk.errors import InvalidArgumentError
-from far_sdk.graphs import STEP_FIELDS
+from far_sdk.diffusion import Step
 from far_sdk.pipeline import resolve_plan
-
-COL = {name: i for i, name in enumerate(STEP_FIELDS)}
 
 
 def _alpha_bar_reference(T=1000):
@@ -29,12 +27,12 @@ def _alpha_bar_reference(T=1000):
 def _graph_step(row, x, eps, v, noise):
     """The denoiser graph's arithmetic (training/graph_modules.py DenoiserGraph) on one step row, float64."""
     r = row.astype(np.float64)
-    x0 = r[COL["sqrt_recip_alphas_cumprod"]] * x - r[COL["sqrt_recipm1_alphas_cumprod"]] * eps
-    x0 = np.clip(x0, -r[COL["x0_clip"]], r[COL["x0_clip"]])
-    mean = r[COL["posterior_mean_coef1"]] * x0 + r[COL["posterior_mean_coef2"]] * x
+    x0 = r[Step.x0_coef_x] * x - r[Step.x0_coef_eps] * eps
+    x0 = np.clip(x0, -r[Step.x0_clip], r[Step.x0_clip])
+    mean = r[Step.mean_coef_x0] * x0 + r[Step.mean_coef_xt] * x
     frac = (v + 1) / 2
-    log_var = frac * r[COL["log_betas"]] + (1 - frac) * r[COL["posterior_log_variance_clipped"]]
-    return mean + np.exp(0.5 * log_var) * noise * r[COL["noise_scale"]]
+    log_var = frac * r[Step.max_log_var] + (1 - frac) * r[Step.min_log_var]
+    return mean + np.exp(0.5 * log_var) * noise * r[Step.noise_scale]
 
 
 # ---- the coefficients -------------------------------------------------------------------------------
@@ -68,7 +66,7 @@ def test_ddim_step_rows_against_float64_textbook_update(n, eta, clip):
     rows = D.denoise_step_table(n, 2.0, temp, clip, inner_sampler="ddim", eta=eta)
     ab_full = _alpha_bar_reference()
     kept = [round((k + 1) * 1000 / n) - 1 for k in range(n)]
-    assert rows[:, COL["timestep"]].tolist() == kept[::-1]
+    assert rows[:, Step.timestep].tolist() == kept[::-1]
     for i, k in enumerate(reversed(range(n))):
         ab = ab_full[kept[k]]
         ab_prev = ab_full[kept[k - 1]] if k > 0 else 1.0
@@ -110,8 +108,10 @@ def test_ddim_eta1_full_respacing_equals_ddpm_posterior_mean():
     np.testing.assert_allclose(ddim.sigmas[1:] ** 2, ddpm.posterior_variance[1:], rtol=1e-10)
     a = D.denoise_step_table(1000, 3.0, 1.0, inner_sampler="ddim", eta=1.0)
     b = D.denoise_step_table(1000, 3.0, 1.0)
-    np.testing.assert_array_equal(a[:, :3], b[:, :3])                 # t, sqrt(1/ab), sqrt(1/ab - 1)
-    np.testing.assert_allclose(a[:, 3:5], b[:, 3:5], rtol=2 ** -23, atol=0)  # c1, c2: at most 1 float32 ulp
+    cols = [Step.timestep, Step.x0_coef_x, Step.x0_coef_eps]
+    np.testing.assert_array_equal(a[:, cols], b[:, cols])             # t, sqrt(1/ab), sqrt(1/ab - 1)
+    cols = [Step.mean_coef_x0, Step.mean_coef_xt]
+    np.testing.assert_allclose(a[:, cols], b[:, cols], rtol=2 ** -23, atol=0)  # c1, c2: at most 1 float32 ulp
     rng = np.random.default_rng(0)
     x, eps = (rng.standard_normal((64, 16)).astype(np.float32) for _ in range(2))
     for i in (0, 1, 500, 998, 999):                                  # execution order: t = 999 - i
@@ -136,8 +136,8 @@ def test_ddim_eta1_equals_ddpm_with_posterior_variance_on_the_same_timesteps():
 
 def test_ddim_eta0_rows_add_no_noise_and_stay_finite():
     rows = D.denoise_step_table(10, 3.0, 1.0, x0_clip=4.0, inner_sampler="ddim", eta=0.0)
-    assert np.isfinite(rows[:, :9]).all() and (rows[:, COL["noise_scale"]] == 0).all()
-    assert (rows[:, COL["posterior_log_variance_clipped"]] == rows[:, COL["log_betas"]]).all()
+    assert np.isfinite(rows[:, :Step.x0_clip]).all() and (rows[:, Step.noise_scale] == 0).all()
+    assert (rows[:, Step.min_log_var] == rows[:, Step.max_log_var]).all()
     rng = np.random.default_rng(3)
     x, eps, noise = (rng.standard_normal((8, 16)) for _ in range(3))
     v = rng.uniform(-50, 50, (8, 16))
@@ -149,9 +149,9 @@ def test_ddim_eta0_rows_add_no_noise_and_stay_finite():
 
 def test_ddim_noise_scale_is_temperature_where_sigma_is_positive():
     rows = D.denoise_step_table(6, 1.0, 0.8, inner_sampler="ddim", eta=0.5)
-    assert (rows[:-1, COL["noise_scale"]] == np.float32(0.8)).all() and rows[-1, COL["noise_scale"]] == 0
+    assert (rows[:-1, Step.noise_scale] == np.float32(0.8)).all() and rows[-1, Step.noise_scale] == 0
     tab = D.ddim_tables(6, 0.5)
-    np.testing.assert_allclose(np.exp(0.5 * rows[:-1, COL["log_betas"]].astype(np.float64)), tab.sigmas[::-1][:-1], rtol=1e-6)
+    np.testing.assert_allclose(np.exp(0.5 * rows[:-1, Step.max_log_var].astype(np.float64)), tab.sigmas[::-1][:-1], rtol=1e-6)
 
 
 # ---- plans, presets and errors -----------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_ddim_plan_step_table():
     assert plan.eta == 0.25 and plan.to_dict()["eta"] == 0.25
     for s in range(4):
         rows = plan.step_table(s)
-        assert rows.shape == (plan.inner_steps[s], len(STEP_FIELDS)) and rows.dtype == np.float32
+        assert rows.shape == (plan.inner_steps[s], len(Step)) and rows.dtype == np.float32
         np.testing.assert_array_equal(rows, D.denoise_step_table(plan.inner_steps[s], plan.cfg[s], plan.temperature[s],
                                                                  inner_sampler="ddim", eta=0.25))
     assert S.make_plan(inner_sampler="ddim").eta == 0.0

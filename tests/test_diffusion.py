@@ -7,7 +7,7 @@ import pytest
 
 from far_sdk import diffusion as D
 from far_sdk.errors import InvalidArgumentError
-from far_sdk.graphs import STEP_FIELDS
+from far_sdk.diffusion import Step as S
 
 
 def _alpha_bar_reference(T=1000):
@@ -86,18 +86,31 @@ def test_respaced_posterior_against_float64_formulas(n):
     assert tab.posterior_log_variance_clipped[0] == tab.posterior_log_variance_clipped[1]
 
 
+def _ddpm_update(x, eps_c, eps_u, v, row, noise):
+    """training.graph_modules.ddpm_update (the one implementation of the step) on NumPy inputs, float32."""
+    torch = pytest.importorskip("torch")
+    from training.graph_modules import ddpm_update
+
+    out = np.concatenate([np.concatenate([eps_c, v], 1), np.concatenate([eps_u, np.zeros_like(v)], 1)])  # [cond; uncond]
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    return ddpm_update(t(out), t(x), t(noise), t(row)).numpy()
+
+
 def test_ddpm_step_against_float64_gaussian_posterior():
     rng = np.random.default_rng(0)
-    n, k, temp = 40, 17, 0.9
-    x, eps, noise = (rng.standard_normal((64, 16)).astype(np.float32) for _ in range(3))
+    n, k, temp, cfg = 40, 17, 0.9, 2.5
+    x, eps_c, eps_u, noise = (rng.standard_normal((64, 16)).astype(np.float32) for _ in range(4))
     v = rng.uniform(-1.2, 1.2, (64, 16)).astype(np.float32)
-    out = D.ddpm_step(x, eps, v, k, D.diffusion_tables(n), noise, temp)
+    row = D.denoise_step_table(n, cfg, temp)[n - 1 - k]
+    out = _ddpm_update(x, eps_c, eps_u, v, row, noise)
 
     ab = _alpha_bar_reference()
     kept = D.respaced_timesteps(n).tolist()
     a, a_prev = ab[kept[k]], ab[kept[k - 1]]
     beta = 1 - a / a_prev
-    x64, e64, v64 = x.astype(np.float64), eps.astype(np.float64), v.astype(np.float64)
+    x64, v64 = x.astype(np.float64), v.astype(np.float64)
+    w = cfg - 1                                            # the paper's form: (1 + w) eps_c - w eps_u
+    e64 = (1 + w) * eps_c.astype(np.float64) - w * eps_u.astype(np.float64)
     x0 = (x64 - math.sqrt(1 - a) * e64) / math.sqrt(a)
     mean = (math.sqrt(a_prev) * beta * x0 + math.sqrt(1 - beta) * (1 - a_prev) * x64) / (1 - a)
     frac = (v64 + 1) / 2
@@ -109,27 +122,24 @@ def test_ddpm_step_against_float64_gaussian_posterior():
 def test_ddpm_last_step_adds_no_noise():
     rng = np.random.default_rng(1)
     x, eps, v = (rng.standard_normal((8, 16)).astype(np.float32) for _ in range(3))
-    tab = D.diffusion_tables(10)
-    a = D.ddpm_step(x, eps, v, 0, tab, rng.standard_normal((8, 16)).astype(np.float32))
-    b = D.ddpm_step(x, eps, v, 0, tab, np.zeros((8, 16), np.float32))
+    row = D.denoise_step_table(10, 3.0, 1.0)[-1]           # k = 0
+    a = _ddpm_update(x, eps, eps, v, row, rng.standard_normal((8, 16)).astype(np.float32))
+    b = _ddpm_update(x, eps, eps, v, row, np.zeros((8, 16), np.float32))
     np.testing.assert_array_equal(a, b)
-
-
-def test_cfg_combine_is_the_paper_formula():
-    rng = np.random.default_rng(2)
-    c, u = rng.standard_normal((2, 100)).astype(np.float64)
-    w = 2.0
-    np.testing.assert_allclose(D.cfg_combine(c, u, w + 1), (1 + w) * c - w * u, rtol=1e-6, atol=1e-6)
 
 
 def test_denoise_step_table_rows_follow_execution_order():
     tab = D.diffusion_tables(12)
     rows = D.denoise_step_table(12, 2.5, 0.9)
-    assert rows.shape == (12, len(STEP_FIELDS)) and rows.dtype == np.float32
-    assert rows[0, 0] == 999 and rows[-1, 0] == 0
-    np.testing.assert_array_equal(rows[3, 1:7], tab.step_coefficients[12 - 1 - 3])
-    assert (rows[:-1, 8] == np.float32(0.9)).all() and rows[-1, 8] == 0
-    assert (rows[:, 7] == np.float32(2.5)).all()
+    assert rows.shape == (12, len(S)) and rows.dtype == np.float32
+    assert rows[0, S.timestep] == 999 and rows[-1, S.timestep] == 0
+    k = 12 - 1 - 3
+    for col, name in ((S.x0_coef_x, "sqrt_recip_alphas_cumprod"), (S.x0_coef_eps, "sqrt_recipm1_alphas_cumprod"),
+                      (S.mean_coef_x0, "posterior_mean_coef1"), (S.mean_coef_xt, "posterior_mean_coef2"),
+                      (S.min_log_var, "posterior_log_variance_clipped"), (S.max_log_var, "log_betas")):
+        assert rows[3, col] == np.float32(getattr(tab, name)[k]), name
+    assert (rows[:-1, S.noise_scale] == np.float32(0.9)).all() and rows[-1, S.noise_scale] == 0
+    assert (rows[:, S.cfg_scale] == np.float32(2.5)).all()
 
 
 def test_ddpm_step_x0_clip_against_float64():
@@ -138,14 +148,15 @@ def test_ddpm_step_x0_clip_against_float64():
     v = rng.uniform(-1, 1, (64, 16)).astype(np.float32)
     n, k, clip = 20, 19, 1.5                               # the noisiest step: x0_hat is huge unclipped
     tab = D.diffusion_tables(n)
-    out = D.ddpm_step(x, eps, v, k, tab, noise, 1.0, x0_clip=clip)
+    out = _ddpm_update(x, eps, eps, v, D.denoise_step_table(n, 1.0, 1.0, x0_clip=clip)[n - 1 - k], noise)
     x64, e64 = x.astype(np.float64), eps.astype(np.float64)
     x0 = np.clip(tab.sqrt_recip_alphas_cumprod[k] * x64 - tab.sqrt_recipm1_alphas_cumprod[k] * e64, -clip, clip)
     mean = tab.posterior_mean_coef1[k] * x0 + tab.posterior_mean_coef2[k] * x64
     frac = (v + 1.0) / 2
     log_var = frac * tab.log_betas[k] + (1 - frac) * tab.posterior_log_variance_clipped[k]
     np.testing.assert_allclose(out, mean + np.exp(0.5 * log_var) * noise, rtol=1e-5, atol=1e-5)
-    assert np.abs(D.ddpm_step(x, eps, v, k, tab, noise, 1.0)).max() > 100 * np.abs(out).max()
+    unclipped = _ddpm_update(x, eps, eps, v, D.denoise_step_table(n, 1.0, 1.0)[n - 1 - k], noise)
+    assert np.abs(unclipped).max() > 100 * np.abs(out).max()
 
 
 def test_step_table_x0_clip_column():

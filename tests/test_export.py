@@ -19,7 +19,7 @@ from export import onnx_export  # noqa: E402
 from export.cli import main  # noqa: E402
 from export.onnx_export import export_bundle, random_init_source  # noqa: E402
 from far_sdk.bundle import Bundle  # noqa: E402
-from far_sdk.diffusion import denoise_step_table, diffusion_tables  # noqa: E402
+from far_sdk.diffusion import Step, denoise_step_table, diffusion_tables  # noqa: E402
 from far_sdk.errors import EXIT_INPUT, EXIT_USAGE, ExportError  # noqa: E402
 from far_sdk.graphs import GRAPH_NAMES, graph_specs  # noqa: E402
 from training.config import get_config  # noqa: E402
@@ -192,7 +192,7 @@ def test_denoiser_graph_is_one_guided_ddpm_step_in_float64(models, bundle, k):
     n, cfg, temp = 10, 2.5, 0.9
     tab = diffusion_tables(n)
     step = denoise_step_table(n, cfg, temp)[n - 1 - k]                       # rows run k = n-1 .. 0
-    assert step[0] == tab.timesteps[k]
+    assert step[Step.timestep] == tab.timesteps[k]
     rng = np.random.default_rng(100 + k)
     x, noise = (rng.standard_normal((B, L, C), dtype=np.float32) for _ in range(2))
     cond = rng.standard_normal((2, B, L, W), dtype=np.float32)

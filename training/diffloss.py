@@ -168,9 +168,8 @@ class DiffLoss(nn.Module):
         for name, arr in (
             ("sqrt_alphas_cumprod", np.sqrt(tab.alphas_cumprod)),
             ("sqrt_one_minus_alphas_cumprod", np.sqrt(1.0 - tab.alphas_cumprod)),
-            ("coefs", np.stack([getattr(tab, n) for n in (
-                "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-                "posterior_mean_coef2", "posterior_log_variance_clipped", "log_betas")], 1)),
+            *((n, getattr(tab, n)) for n in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+                                              "posterior_mean_coef2", "posterior_log_variance_clipped", "log_betas")),
         ):
             self.register_buffer(name, torch.from_numpy(np.asarray(arr, dtype=np.float32).copy()), persistent=False)
 
@@ -186,10 +185,11 @@ class DiffLoss(nn.Module):
         out = self.net(x_t, t, c, level)
         eps, v = out[:, :C], out[:, C:]
         mse = ((noise - eps) ** 2).mean(dim=1)
-        k = self.coefs[t]                                                    # (N, 6)
-        c1, c2, minlog, maxlog = k[:, 2:3], k[:, 3:4], k[:, 4:5], k[:, 5:6]
+        col = lambda name: getattr(self, name)[t][:, None]                   # noqa: E731  (N, 1) at each row's t
+        c1, c2 = col("posterior_mean_coef1"), col("posterior_mean_coef2")
+        minlog, maxlog = col("posterior_log_variance_clipped"), col("log_betas")
         true_mean = c1 * x0 + c2 * x_t
-        x0_hat = k[:, 0:1] * x_t - k[:, 1:2] * eps.detach()
+        x0_hat = col("sqrt_recip_alphas_cumprod") * x_t - col("sqrt_recipm1_alphas_cumprod") * eps.detach()
         model_mean = c1 * x0_hat + c2 * x_t
         frac = (v + 1) / 2
         model_log_var = frac * maxlog + (1 - frac) * minlog

@@ -19,14 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from far_sdk.graphs import STEP_FIELDS
+from far_sdk.diffusion import Step as S
 
 from .diffloss import SimpleMLPAdaLN, timestep_features
 from .far import FAR
 from .vae import AutoencoderKL
 
-# Column indices of the denoiser's ``step`` vector (far_sdk.graphs.STEP_FIELDS).
-_T, _SQRT_RECIP, _SQRT_RECIPM1, _COEF1, _COEF2, _MIN_LOG, _MAX_LOG, _CFG, _NOISE, _X0_CLIP = range(len(STEP_FIELDS))
 
 
 class TransformerGraph(nn.Module):
@@ -59,7 +57,7 @@ class DenoiserGraph(nn.Module):
     h = [x; x]; (eps, v) = net(h, t, cond); eps = eps_u + cfg (eps_c - eps_u); v from the
     conditional half; x0 = a x - b eps; mean = c1 x0 + c2 x; frac = (v + 1) / 2;
     log_var = frac max_log + (1 - frac) min_log; x_prev = mean + exp(log_var / 2) noise s,
-    with every coefficient read from ``step`` (layout :data:`far_sdk.graphs.STEP_FIELDS`).
+    with every coefficient read from ``step`` (columns :class:`far_sdk.diffusion.Step`).
     """
 
     input_names = ("x", "noise", "cond", "step")
@@ -80,7 +78,7 @@ class DenoiserGraph(nn.Module):
         # ``step`` stays float32 under reduced precision; the features are cast to the network's
         # dtype (a no-op in fp32, where this is exactly net.forward_with_condition).
         net = self.net
-        t = step[_T:_T + 1]                                                  # (1,)
+        t = step[S.timestep:S.timestep + 1]                                                  # (1,)
         temb = net.time_embed.mlp(timestep_features(t, net.time_embed.freq_dim).to(cond.dtype))  # (1, W)
         out = net.trunk(h.to(cond.dtype), temb + cond.reshape(2 * B * L, W))  # (2BL, 2C)
         return ddpm_update(out, xf, noise.reshape(B * L, C), step).reshape(B, L, C).to(x.dtype)   # (B, L, C)
@@ -90,24 +88,25 @@ def ddpm_update(out: torch.Tensor, xf: torch.Tensor, noise: torch.Tensor, step: 
     """The guided reverse step from the network output, in fp32 whatever the network's dtype.
 
     out [2N, 2C] (rows [cond; uncond], columns [eps, v]), xf [N, C], noise [N, C], step [>= 10]
-    (:data:`far_sdk.graphs.STEP_FIELDS`) -> x_prev [N, C] float32:
-    eps = eps_u + cfg (eps_c - eps_u); x0 = clip(a x - b eps); mean = c1 x0 + c2 x;
-    log_var = frac max_log + (1 - frac) min_log, frac = (v_c + 1) / 2; x_prev = mean + exp(log_var / 2) noise s.
+    (one row of :class:`far_sdk.diffusion.Step` columns) -> x_prev [N, C] float32: the formula in
+    ``Step``'s docstring. The one implementation of the step: the exported denoiser graph, the torch
+    backend's fused step and the reference sampler's DDPM path all call it.
     At t = 999, x0 = 2e4 x - 2e4 eps loses everything in bf16, hence fp32 (no-op casts in an fp32 graph).
     """
     C = xf.shape[-1]
-    out = out.float().reshape(2, -1, 2 * C)                                  # (2, N, 2C): [cond; uncond]
-    xf = xf.float()
+    dt = torch.float64 if xf.dtype == torch.float64 else torch.float32        # at least fp32 (a float64 reference stays float64)
+    out = out.to(dt).reshape(2, -1, 2 * C)                                   # (2, N, 2C): [cond; uncond]
+    xf = xf.to(dt)
     eps_c, eps_u = out[0, :, :C], out[1, :, :C]                              # (N, C) each
-    eps = eps_u + step[_CFG] * (eps_c - eps_u)
+    eps = eps_u + step[S.cfg_scale] * (eps_c - eps_u)
     v = out[0, :, C:]                                                        # (N, C): conditional half's v
-    x0 = step[_SQRT_RECIP] * xf - step[_SQRT_RECIPM1] * eps
-    clip = step[_X0_CLIP]
+    x0 = step[S.x0_coef_x] * xf - step[S.x0_coef_eps] * eps
+    clip = step[S.x0_clip]
     x0 = torch.minimum(torch.maximum(x0, -clip), clip)                       # +inf (official): exact no-op
-    mean = step[_COEF1] * x0 + step[_COEF2] * xf
+    mean = step[S.mean_coef_x0] * x0 + step[S.mean_coef_xt] * xf
     frac = (v + 1) / 2
-    log_var = frac * step[_MAX_LOG] + (1 - frac) * step[_MIN_LOG]
-    return mean + torch.exp(0.5 * log_var) * noise.float() * step[_NOISE]
+    log_var = frac * step[S.max_log_var] + (1 - frac) * step[S.min_log_var]
+    return mean + torch.exp(0.5 * log_var) * noise.to(dt) * step[S.noise_scale]
 
 
 class FusedDenoiserStep(nn.Module):

@@ -6,10 +6,12 @@ filter), driven by a :class:`far_sdk.schedules.SamplingPlan` and a noise source 
 documented in :mod:`far_sdk.noise`. With ``inner_steps=100`` and the official level, CFG and
 temperature schedules it reproduces the official evaluated sampler given the same draws.
 
-``plan.inner_sampler == "ddim"`` runs the inner loop as DDIM, written as the textbook update
-(eps re-derived from the clipped x0, then sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps'
-+ sigma z) rather than the folded (c1, c2) coefficients the runtime's denoiser graph uses, so the
-parity tests check the folding too.
+Each DDPM inner step is ``training.graph_modules.ddpm_update`` on one row of the plan's step table
+(``far_sdk.diffusion.Step``): the one implementation of the step, tested against float64 maths and,
+through this sampler, against the official code's traces. ``plan.inner_sampler == "ddim"`` runs the
+inner loop as DDIM, written as the textbook update (eps re-derived from the clipped x0, then
+sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps' + sigma z) rather than the folded (c1, c2)
+coefficients the runtime's denoiser graph uses, so the parity tests check the folding too.
 
 Written for clarity, not speed: it recomputes the MLP's condition projection at every inner step
 exactly as the official code does (this is also the "eager" baseline of ``far bench``).
@@ -24,13 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from far_sdk.diffusion import ddim_tables, diffusion_tables
+from far_sdk.diffusion import DDIMTables, ddim_tables
+from far_sdk.diffusion import Step as S
 from far_sdk.errors import InvalidArgumentError
 from far_sdk.filters import filter_matrix
 from far_sdk.noise import NoiseFn, SeededNoise
 from far_sdk.schedules import SamplingPlan, make_plan, mask_keep_counts
 
 from .far import FAR
+from .graph_modules import ddpm_update
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,25 @@ def _check_labels(labels: Sequence[int] | torch.Tensor, num_classes: int) -> tor
     if bad.numel():
         raise InvalidArgumentError(f"class id {int(bad[0])} is outside 0..{num_classes - 1}")
     return t
+
+
+def _ddim_textbook(out: torch.Tensor, x: torch.Tensor, nz: torch.Tensor, tab: DDIMTables, k: int, cfg: float, temperature: float,
+                   x0_clip: float | None) -> torch.Tensor:
+    """DDIM step k as the textbook update (Song et al. 2021, eq. 12) from the chain's own tables, not the
+    folded (c1, c2) row the denoiser graph runs, so the parity tests check the folding:
+    x0 = a x - b eps (clipped); eps' = (a x - x0) / b; x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps' + sigma z."""
+    C = x.shape[1]
+    f32 = lambda v: float(np.float32(v))                                      # noqa: E731  each float64 value cast on its own
+    eps_c, eps_u = out[:, :C].chunk(2)
+    eps = eps_u + cfg * (eps_c - eps_u)
+    a, b = f32(tab.sqrt_recip_alphas_cumprod[k]), f32(tab.sqrt_recipm1_alphas_cumprod[k])
+    x0 = a * x - b * eps
+    if x0_clip is not None:
+        x0 = x0.clamp(-x0_clip, x0_clip)
+    eps_x0 = (a * x - x0) / b                                                 # eps re-derived from the clipped x0
+    ac_prev, sig = tab.alphas_cumprod_prev[k], tab.sigmas[k]
+    d = np.sqrt(max(1 - ac_prev - sig ** 2, 0.0))
+    return f32(np.sqrt(ac_prev)) * x0 + f32(d) * eps_x0 + f32(sig) * nz * temperature
 
 
 @torch.no_grad()
@@ -133,33 +156,17 @@ def iter_reference(
         z = z.reshape(2 * B * L, -1)
         lvl = torch.full((2 * B * L, 1), float(level), device=device, dtype=dtype)
         n = plan.inner_steps[s]
-        ddim = plan.inner_sampler == "ddim"
-        tables = ddim_tables(n, plan.eta) if ddim else diffusion_tables(n)
-        coefs = torch.from_numpy(tables.step_coefficients).to(device=device, dtype=dtype)  # (n, 6)
-        if ddim:  # float32 per step: sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2), sigma
-            ac_prev, sig = tables.alphas_cumprod_prev, tables.sigmas
-            dd = np.stack([np.sqrt(ac_prev), np.sqrt(np.maximum(1 - ac_prev - sig ** 2, 0)), sig], 1)
-            dd = torch.from_numpy(dd.astype(np.float32)).to(device=device, dtype=dtype)  # (n, 3)
+        rows = torch.from_numpy(plan.step_table(s)).to(device)               # (n, len(Step)) fp32, noisiest first
+        ddim = ddim_tables(n, plan.eta) if plan.inner_sampler == "ddim" else None
         x = draw()                                                            # (B*L, C): x_T, conditional half
-        for k in reversed(range(tables.num_steps)):
-            t = torch.full((2 * B * L,), int(tables.timesteps[k]), device=device, dtype=torch.long)
-            out = net(torch.cat([x, x]), t, z, lvl)                           # (2BL, 2C)
-            eps_c, eps_u = out[:, :C].chunk(2)
-            eps = eps_u + cfg_s * (eps_c - eps_u)
-            v = out[: B * L, C:]
-            c = coefs[k]
-            x0 = c[0] * x - c[1] * eps
-            if plan.x0_clip is not None:
-                x0 = x0.clamp(-plan.x0_clip, plan.x0_clip)
+        for i, row in enumerate(rows):
+            t = torch.full((2 * B * L,), int(row[S.timestep]), device=device, dtype=torch.long)
+            out = net(torch.cat([x, x]), t, z, lvl)                           # (2BL, 2C): the official per-row call
             nz = draw()
-            if ddim:
-                eps_x0 = (c[0] * x - x0) / c[1]                               # eps re-derived from the clipped x0
-                x = dd[k, 0] * x0 + dd[k, 1] * eps_x0 + dd[k, 2] * nz * temp_s
+            if ddim is not None:
+                x = _ddim_textbook(out, x, nz, ddim, n - 1 - i, cfg_s, temp_s, plan.x0_clip)
             else:
-                mean = c[2] * x0 + c[3] * x
-                frac = (v + 1) / 2
-                log_var = frac * c[5] + (1 - frac) * c[4]
-                x = mean + float(k != 0) * torch.exp(0.5 * log_var) * nz * temp_s
+                x = ddpm_update(out, x, nz, row).to(dtype)                     # the one DDPM step (Step's formula)
         raw = tokens_to_image(x.reshape(B, L, C), G)                          # (B, C, H, W)
         nxt = raw
         after = plan.filter_after[s]

@@ -140,7 +140,7 @@ class Backend(ABC):
                    draws: HostDraws | SeededDraws, mark: Mark) -> None:
         """One outer step, in place on ``state``: cond = transformer([tokens; tokens]); x = n guided DDPM
         steps from x_T; state.raw = x; state.tokens = M x M^T per channel (``filter_matrix`` M [G, G];
-        None: not filtered). steps [n, 10] (:data:`far_sdk.graphs.STEP_FIELDS` rows, noisiest first)."""
+        None: not filtered). steps [n, len(Step)] (far_sdk.diffusion.Step rows, noisiest first)."""
         tokens = state.tokens
         B, L, C = tokens.shape
         cond = self.transformer(np.concatenate([tokens, tokens]), state.class_ids, level)   # (2B, L, W)

@@ -31,7 +31,8 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, EngineProfileError, IncompatibleBundleError, InvalidArgumentError
-from ..graphs import GRAPH_NAMES, STEP_FIELDS
+from ..diffusion import Step
+from ..graphs import GRAPH_NAMES
 from ..trt_cache import PRECISIONS, ROWS_PER_IMAGE, EngineKey, find_plan, format_profile, parse_batch_profile, read_plan
 from .base import Backend, check_backend_options
 from .trt_engine import (
@@ -264,8 +265,8 @@ class TensorRTBackend(Backend):
             steps = np.ascontiguousarray(steps, dtype=np.float32)
             B, n = x.shape[0], steps.shape[0]
             self._check_images(B, "denoise")
-            if noises.shape != (n, *x.shape) or steps.shape != (n, len(STEP_FIELDS)):
-                raise InvalidArgumentError(f"denoise: x {x.shape} needs noises {(n, *x.shape)} and steps {(n, len(STEP_FIELDS))}, "
+            if noises.shape != (n, *x.shape) or steps.shape != (n, len(Step)):
+                raise InvalidArgumentError(f"denoise: x {x.shape} needs noises {(n, *x.shape)} and steps {(n, len(Step))}, "
                                            f"got {noises.shape} and {steps.shape}")
             if n == 0:
                 return x.copy()

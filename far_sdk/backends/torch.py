@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
+from ..diffusion import Step
 from ..errors import BackendUnavailableError, DeviceOutOfMemoryError, InvalidArgumentError
 from .base import Backend, HostDraws, LoopState, Mark, SeededDraws, check_backend_options
 
@@ -304,18 +305,18 @@ class TorchBackend(Backend):
         per-step drawing would cost hundreds of small ops) or "host" (uploaded draws in ``bb.noise``)."""
         torch = self._torch
         B, L, C = bb.tokens.shape
-        temb = self._fused.time_table(bb.steps[:n, 0], self._dtype)                    # (n, W)
+        temb = self._fused.time_table(bb.steps[:n, Step.timestep], self._dtype)       # (n, W)
         if kind == "fused":
             x = self._draw(bb.seeds, bb.pos[0, :1], L * C).reshape(B, L, C)            # x_T, fp32
             for i in range(n):
-                x = self._step_seeded(x, bb.cond, temb[i], bb.steps[i, :10], bb.seeds, bb.pos[i + 1, :1])
+                x = self._step_seeded(x, bb.cond, temb[i], bb.steps[i, :len(Step)], bb.seeds, bb.pos[i + 1, :1])
         else:
             if kind == "batched":                                                     # stream order: image-major
                 z = self._draw(bb.seeds, bb.pos[0, :1], (n + 1) * L * C).reshape(B, n + 1, L, C)
                 bb.noise[:n + 1].copy_(z.transpose(0, 1))                             # (n + 1, B, L, C)
             x = bb.noise[0]
             for i in range(n):
-                x = self._step_host(x, bb.noise[i + 1], bb.cond, temb[i], bb.steps[i, :10])
+                x = self._step_host(x, bb.noise[i + 1], bb.cond, temb[i], bb.steps[i, :len(Step)])
         bb.raw.copy_(x)
         if filtered:                                                                  # M X M^T per channel
             G = self._grid
