@@ -28,18 +28,10 @@ def random_demo_bundle(path: Path) -> Path:
     """Export a random-initialised far_tiny + kl16-tiny bundle once (needs torch; ~10 s)."""
     if (path / "manifest.json").exists():
         return path
-    import torch
-
-    from export.onnx_export import export_bundle
-    from training import FAR, VAE_CONFIGS, AutoencoderKL, get_config
-    from training.graph_modules import randomize_for_export
+    from export.random_bundle import random_bundle
 
     print(f"engines/far-demo is not there yet: exporting a random-initialised tiny bundle to {path} (untrained weights)")
-    torch.manual_seed(0)
-    far = randomize_for_export(FAR(get_config("far_tiny")).eval(), seed=0)
-    vae = AutoencoderKL(VAE_CONFIGS["kl16-tiny"]).eval()
-    export_bundle(far, vae, path, name="demo-random-init", id2label={i: str(i) for i in range(10)})
-    return path
+    return random_bundle(path, "far_tiny", "kl16-tiny", seed=0, name="demo-random-init", id2label={i: str(i) for i in range(10)})
 
 
 def main() -> None:

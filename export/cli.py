@@ -50,6 +50,9 @@ def _add_onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="bundle name (default: the --out directory's name)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default: 17)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --random-init: keep a bundle already at --out when it was made from the same model, VAE, seed and "
+                        "far_sdk version (a cache for benchmarks: far-export onnx --random-init --model far_large --out DIR --reuse)")
     p.add_argument("--cfg", type=float, default=3.0, help="default guidance scale recorded in the bundle (default: 3.0)")
     p.add_argument("--latent-scale", type=float, default=0.2325, help="VAE latent scale (default: 0.2325, FAR's)")
     p.add_argument("--id2label", type=Path, help='JSON file {"0": "tench", ...} of class names')
@@ -57,19 +60,18 @@ def _add_onnx_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_onnx(args: argparse.Namespace) -> int:
-    import torch
-
     from export.onnx_export import checkpoint_source, export_bundle, random_init_source
+    from export.random_bundle import random_bundle, random_models
     from training.checkpoint import load_official_checkpoint
-    from training.config import get_config, read_config_file
-    from training.far import FAR
-    from training.graph_modules import randomize_for_export
-    from training.vae import VAE_CONFIGS, AutoencoderKL, load_official_vae
+    from training.config import read_config_file
+    from training.vae import VAE_CONFIGS, load_official_vae
 
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+    if args.reuse and not args.random_init:
+        raise InvalidArgumentError("--reuse applies to --random-init bundles only")
+    if out.is_dir() and any(out.iterdir()) and not (args.overwrite or args.reuse):
         raise InvalidArgumentError(f"{out} exists and is not empty; pass --overwrite to replace it")
     check_writable_dir(out.parent if str(out.parent) else Path("."), "--out", shown=out)  # before any loading or tracing
     if args.random_init and args.model is None and args.config is None:
@@ -88,23 +90,26 @@ def _run_onnx(args: argparse.Namespace) -> int:
     config = read_config_file(args.config) if args.config is not None else args.model  # checked before any loading
     vae_cfg = VAE_CONFIGS[args.vae_config]
     t0 = time.perf_counter()
+    options = dict(name=args.name or out.resolve().name, latent_scale=args.latent_scale, id2label=id2label, opset=args.opset,
+                   validate=not args.no_validate, defaults={"cfg": args.cfg})
+    if args.random_init and args.vae is None:
+        path = random_bundle(out, config, vae_cfg, seed=args.seed, reuse=args.reuse, overwrite=args.overwrite, **options)
+        print(f"random-init model and VAE exported in {time.perf_counter() - t0:.1f} s")
+        return _report(path)
     if args.random_init:
-        torch.manual_seed(args.seed)
-        far = randomize_for_export(FAR(get_config(config) if isinstance(config, str) else config), args.seed)
+        far, _ = random_models(config, vae_cfg, seed=args.seed)
         source = random_init_source(args.seed)
     else:
         far = load_official_checkpoint(args.checkpoint, use_ema=not args.no_ema, config=config)
         source = checkpoint_source(args.checkpoint, use_ema=not args.no_ema, vae=args.vae)
     if args.vae is not None:
         vae = load_official_vae(args.vae, vae_cfg)
-    else:
-        vae = randomize_for_export(AutoencoderKL(vae_cfg), args.seed + 1)
     print(f"loaded {'random-init ' if args.random_init else ''}model and VAE in {time.perf_counter() - t0:.1f} s")
 
-    path = export_bundle(
-        far, vae, out, name=args.name or out.resolve().name, latent_scale=args.latent_scale, id2label=id2label,
-        opset=args.opset, overwrite=args.overwrite, source=source, validate=not args.no_validate, defaults={"cfg": args.cfg},
-    )
+    return _report(export_bundle(far, vae, out, overwrite=args.overwrite, source=source, **options))
+
+
+def _report(path: Path) -> int:
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"{'graph':<12} {'file':<22} {'MB':>9} {'max abs':>10} {'max rel':>10}")
     for gname, g in manifest["graphs"].items():

@@ -89,18 +89,10 @@ def log(msg: str) -> None:
 
 
 def export_random_bundle(model: str, vae_config: str, out: Path, seed: int) -> Path:
-    import torch
+    from export.random_bundle import random_bundle
 
-    from export.onnx_export import export_bundle
-    from training import FAR, VAE_CONFIGS, AutoencoderKL, get_config
-    from training.graph_modules import randomize_for_export
-
-    torch.manual_seed(seed)
-    far = FAR(get_config(model)).eval()
-    randomize_for_export(far, seed=seed)
-    vae = AutoencoderKL(VAE_CONFIGS[vae_config]).eval()
     # No export validation: every path is compared with the reference below anyway.
-    return export_bundle(far, vae, out, name=f"{model}-random", validate=False)
+    return random_bundle(out, model, vae_config, seed=seed, name=f"{model}-random", validate=False)
 
 
 def reference_latents(bundle: far_sdk.Bundle, labels: list[int], seed: int, plan_kwargs: dict, kind: str) -> tuple[np.ndarray, Any, str]:

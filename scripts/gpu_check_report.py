@@ -66,7 +66,7 @@ def fmt(v: float | None, fmt: str = ".3g") -> str:
 
 def markdown(env: dict, command: str, info: dict, rows: list[Any], bench: list[dict] | None) -> str:
     """The report: the machine, the setup, one table row per path (gpu_check.Row), the IOBinding bench if run."""
-    lines = [f"# far-sdk GPU check\n", f"- command: `{command}`", f"- GPU: {env.get('gpu') or 'none'}"
+    lines = ["# far-sdk GPU check\n", f"- command: `{command}`", f"- GPU: {env.get('gpu') or 'none'}"
              + (f" (nvidia-smi: {env['nvidia_smi']})" if env.get("nvidia_smi") else ""),
              f"- versions: python {env['python']}, torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), onnxruntime "
              f"{env.get('onnxruntime')} {env.get('ort_providers', [])}, tensorrt {env.get('tensorrt')}, cuda-python {env.get('cuda_python')}, "

@@ -144,16 +144,9 @@ def measure_peaks() -> dict[str, Any]:
 
 
 def export_random(model: str, vae_config: str, dest: Path, seed: int = 0) -> Path:
-    import torch
+    from export.random_bundle import random_bundle
 
-    from export.onnx_export import export_bundle
-    from training import FAR, VAE_CONFIGS, AutoencoderKL, get_config
-    from training.graph_modules import randomize_for_export
-
-    torch.manual_seed(seed)
-    far = randomize_for_export(FAR(get_config(model)).eval(), seed=seed)
-    vae = randomize_for_export(AutoencoderKL(VAE_CONFIGS[vae_config]).eval(), seed=seed + 1)
-    return export_bundle(far, vae, dest, name=f"random-{model}-{vae_config}", validate=False)
+    return random_bundle(dest, model, vae_config, seed=seed, name=f"random-{model}-{vae_config}", validate=False)
 
 
 def time_generation(gen: far_sdk.Generator, batch: int, plan_kw: dict, warmup: int, iters: int, run: "Run | None" = None) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -22,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import far_sdk  # noqa: E402
 from far_sdk.noise import ReplayNoise, SeededNoise  # noqa: E402
 from far_sdk.pipeline import resolve_plan  # noqa: E402
-from training import FAR, load_official_checkpoint  # noqa: E402
+from training import load_official_checkpoint  # noqa: E402
 from training.sampler import sample_reference  # noqa: E402
 
 
@@ -51,16 +50,10 @@ def main() -> None:
     a = ap.parse_args()
     tmp = None
     if a.bundle is None:
-        from export.onnx_export import export_bundle
-        from training import AutoencoderKL, VAE_CONFIGS, get_config
-        from training.graph_modules import randomize_for_export
+        from export.random_bundle import random_bundle
 
-        torch.manual_seed(0)
-        far = FAR(get_config("far_tiny")).eval()
-        randomize_for_export(far, seed=0)
         tmp = tempfile.TemporaryDirectory()
-        a.bundle = Path(tmp.name) / "tiny"
-        export_bundle(far, AutoencoderKL(VAE_CONFIGS["kl16-tiny"]).eval(), a.bundle, name="tiny-random")
+        a.bundle = random_bundle(Path(tmp.name) / "tiny", "far_tiny", "kl16-tiny", seed=0, name="tiny-random")
     from training.bundle_io import load_bundle_models
 
     b = far_sdk.Bundle.load(a.bundle)

@@ -30,21 +30,16 @@ BF16_REL_TOL = 5e-2
 
 @pytest.fixture(scope="module")
 def far_model():
-    from training import FAR, get_config
-    from training.graph_modules import randomize_for_export
+    from export.random_bundle import random_models
 
-    torch.manual_seed(0)
-    far = FAR(get_config("far_tiny")).eval()
-    return randomize_for_export(far, seed=0)
+    return random_models("far_tiny", "kl16-tiny", seed=0)[0]
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(far_model, tmp_path_factory):
-    from export.onnx_export import export_bundle
-    from training import VAE_CONFIGS, AutoencoderKL
+    from export.random_bundle import random_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    return export_bundle(far_model, AutoencoderKL(VAE_CONFIGS["kl16-tiny"]).eval(), out, name="tiny", validate=False)
+    return random_bundle(tmp_path_factory.mktemp("bundles") / "tiny", "far_tiny", "kl16-tiny", seed=0, name="tiny", validate=False)
 
 
 @pytest.fixture(scope="module")

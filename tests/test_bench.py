@@ -65,10 +65,10 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from far_sdk.bench import random_init_bundle
+    from export.random_bundle import random_bundle
 
     # validate=False: the exporter's own check is tested in test_export; here it would double the run time
-    return random_init_bundle("far_tiny", "kl16-tiny", cache_dir=tmp_path_factory.mktemp("bench-cache"), validate=False)
+    return random_bundle(tmp_path_factory.mktemp("bench-cache") / "tiny", "far_tiny", "kl16-tiny", reuse=True, validate=False)
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +172,18 @@ def test_flops_per_image_equal_generation_flops_for_the_plan(cli_run, bundle):
     assert e["diffusion_mlp"] > b["diffusion_mlp"] and e["transformer"] < b["transformer"]
 
 
-def test_random_init_bundle_is_reused_from_the_cache(bundle):
-    from far_sdk.bench import random_init_bundle
+def test_random_bundle_is_reused_only_when_it_matches(bundle):
+    from export.random_bundle import random_bundle
 
     manifest = bundle / "manifest.json"
     before = manifest.stat().st_mtime_ns
-    again = random_init_bundle("far_tiny", "kl16-tiny", cache_dir=bundle.parent.parent, validate=False)
+    again = random_bundle(bundle, "far_tiny", "kl16-tiny", reuse=True, validate=False)
     assert again == bundle and manifest.stat().st_mtime_ns == before
+    other = random_bundle(bundle.parent / "copy", "far_tiny", "kl16-tiny", seed=1, validate=False)
+    assert random_bundle(other, "far_tiny", "kl16-tiny", seed=1, reuse=True, validate=False) == other
+    t = (other / "manifest.json").stat().st_mtime_ns
+    random_bundle(other, "far_tiny", "kl16-tiny", seed=2, reuse=True, validate=False)    # another seed: re-exported
+    assert (other / "manifest.json").stat().st_mtime_ns != t
 
 
 def test_matmul_peak_reports_the_best_library():

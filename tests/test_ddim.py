@@ -238,17 +238,12 @@ FAST = dict(num_steps=4, inner_steps=[3, 4, 5, 6])
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from export.onnx_export import export_bundle
-    from training import FAR, VAE_CONFIGS, AutoencoderKL, get_config
-    from training.graph_modules import randomize_for_export
+    from export.random_bundle import random_bundle, random_models
 
-    torch.manual_seed(0)
-    far = randomize_for_export(FAR(get_config("far_tiny")).eval(), seed=0)
-    vae = AutoencoderKL(VAE_CONFIGS["kl16-tiny"]).eval()
-    out = export_bundle(far, vae, tmp_path_factory.mktemp("ddim") / "tiny", name="tiny", validate=False)
-    return far, out
+    out = random_bundle(tmp_path_factory.mktemp("ddim") / "tiny", "far_tiny", "kl16-tiny", seed=0, validate=False)
+    return random_models("far_tiny", "kl16-tiny", seed=0)[0], out
 
 
 def _reference(far, labels, seed, **plan):

@@ -18,6 +18,7 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip 
 from export import onnx_export  # noqa: E402
 from export.cli import main  # noqa: E402
 from export.onnx_export import export_bundle, random_init_source  # noqa: E402
+from export.random_bundle import random_models  # noqa: E402
 from far_sdk.bundle import Bundle  # noqa: E402
 from far_sdk.diffusion import Step, denoise_step_table, diffusion_tables  # noqa: E402
 from far_sdk.errors import EXIT_INPUT, EXIT_USAGE, ExportError  # noqa: E402
@@ -25,7 +26,7 @@ from far_sdk.graphs import GRAPH_NAMES, graph_specs  # noqa: E402
 from training.config import get_config  # noqa: E402
 from training.far import FAR  # noqa: E402
 from training.graph_modules import DenoiserGraph, TransformerGraph, VAEDecoderGraph, randomize_for_export  # noqa: E402
-from training.vae import VAE_CONFIGS, AutoencoderKL  # noqa: E402
+from training.vae import AutoencoderKL  # noqa: E402
 
 SCALE = 0.2325
 LABELS = {i: f"class {i}" for i in range(10)}
@@ -39,11 +40,7 @@ def _rel(got: np.ndarray, ref: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def models() -> tuple[FAR, AutoencoderKL]:
-    torch.manual_seed(0)
-    far = randomize_for_export(FAR(get_config("far_tiny")), seed=0).eval()
-    torch.manual_seed(1)
-    vae = randomize_for_export(AutoencoderKL(VAE_CONFIGS["kl16-tiny"]), seed=1).eval()
-    return far, vae
+    return random_models("far_tiny", "kl16-tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -355,11 +352,10 @@ def custom_checkpoint(tmp_path_factory) -> dict[str, Path]:
     from training.config import FARConfig
 
     d = tmp_path_factory.mktemp("custom")
-    far = randomize_for_export(FAR(FARConfig(**CUSTOM)), seed=5)
+    far, vae = random_models(FARConfig(**CUSTOM), "kl16-tiny", seed=5)
     args = argparse.Namespace(model="far_custom", img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, buffer_size=4,
                               class_num=7, diffloss_d=1, diffloss_w=64, mask=False, num_sampling_steps="100")
     save_official_checkpoint(d / "checkpoint-last.pth", far, args=args)
-    vae = randomize_for_export(AutoencoderKL(VAE_CONFIGS["kl16-tiny"]), seed=6)
     torch.save({"model": vae.state_dict()}, d / "kl16-tiny.ckpt")  # MAR's kl16.ckpt layout
     (d / "cfg.json").write_text(json.dumps(CUSTOM))
     return {"checkpoint": d / "checkpoint-last.pth", "vae": d / "kl16-tiny.ckpt", "config": d / "cfg.json", "dir": d}

@@ -21,11 +21,9 @@ HAS_CUDA = torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def far_model():
-    from training import FAR, get_config
-    from training.graph_modules import randomize_for_export
+    from export.random_bundle import random_models
 
-    torch.manual_seed(0)
-    return randomize_for_export(FAR(get_config("far_tiny")).eval(), seed=0)
+    return random_models("far_tiny", "kl16-tiny", seed=0)[0]
 
 
 def _step_inputs(B=3, L=256, C=16, W=128, seed=0):

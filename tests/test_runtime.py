@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, rel_err
+from conftest import rel_err
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -26,24 +26,17 @@ FAST = dict(num_steps=4, inner_steps=[3, 4, 5, 6])
 
 @pytest.fixture(scope="module")
 def models():
-    from training import FAR, AutoencoderKL, VAE_CONFIGS, get_config
-    from training.graph_modules import randomize_for_export
+    from export.random_bundle import random_models
 
-    torch.manual_seed(0)
-    far = FAR(get_config("far_tiny")).eval()
-    randomize_for_export(far, seed=0)
-    vae = AutoencoderKL(VAE_CONFIGS["kl16-tiny"]).eval()
-    return far, vae
+    return random_models("far_tiny", "kl16-tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(models, tmp_path_factory):
-    from export.onnx_export import export_bundle
+    from export.random_bundle import random_bundle
 
-    far, vae = models
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle(far, vae, out, name="tiny", id2label={i: f"digit {i}" for i in range(10)})
-    return out
+    return random_bundle(tmp_path_factory.mktemp("bundles") / "tiny", "far_tiny", "kl16-tiny", seed=0, name="tiny",
+                         id2label={i: f"digit {i}" for i in range(10)})
 
 
 @pytest.fixture(scope="module")

@@ -123,16 +123,9 @@ def test_cli_rejects_a_bad_batch_profile(capsys):
 def tiny_bundle_dir(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    import torch
+    from export.random_bundle import random_bundle
 
-    from export.onnx_export import export_bundle
-    from training import FAR, VAE_CONFIGS, AutoencoderKL, get_config
-    from training.graph_modules import randomize_for_export
-
-    torch.manual_seed(0)
-    far = randomize_for_export(FAR(get_config("far_tiny")), seed=0).eval()
-    vae = randomize_for_export(AutoencoderKL(VAE_CONFIGS["kl16-tiny"]), seed=1).eval()
-    return export_bundle(far, vae, tmp_path_factory.mktemp("trt") / "tiny", name="tiny", validate=False)
+    return random_bundle(tmp_path_factory.mktemp("trt") / "tiny", "far_tiny", "kl16-tiny", seed=0, name="tiny", validate=False)
 
 
 @pytest.fixture
