@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .bench import add_bench_args, run_bench
+from .bench_cli import add_bench_args, run_bench
 from .clirun import ArgumentParser, check_writable_file, non_negative_int, positive_int, run_command
 from .diffusion import INNER_SAMPLERS
 from .errors import InvalidArgumentError

@@ -20,7 +20,7 @@ One seed, one image, on every backend
 :class:`SeededNoise` gives image i of a call the seed ``seed + i`` and draws each image's numbers
 from a counter-based generator, Philox4x32-10, so a GPU can compute the same numbers on the
 device from (seed, position) alone. The definition, which every backend implements
-(:func:`philox_normals` here, ``far_sdk.backends.torch_noise`` on the torch device):
+(:func:`philox_normals` here, ``training.torch_noise`` on the torch device):
 
 - Key: seed s (0 <= s < 2**63) gives k0 = s & 0xFFFFFFFF, k1 = (s >> 32) & 0xFFFFFFFF.
 - Philox4x32-10 (Salmon et al. 2011, Random123 / cuRAND), all arithmetic mod 2**32 on a counter

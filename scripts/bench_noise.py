@@ -1,4 +1,4 @@
-"""Cost of the Philox noise (far_sdk.noise, far_sdk.backends.torch_noise) against the former per-image
+"""Cost of the Philox noise (far_sdk.noise, training.torch_noise) against the former per-image
 PCG64 ``standard_normal``: milliseconds per image for one run's normals, (n + 1) * L * C per outer step,
 700 * L * C in all at the paper's frequency-aware schedule.
 
@@ -99,7 +99,7 @@ def main() -> None:
     if not a.no_torch:
         import torch
 
-        from far_sdk.backends.torch_noise import philox_normals_torch, philox_uint32_torch
+        from training.torch_noise import philox_normals_torch, philox_uint32_torch
 
         torch.set_num_threads(a.threads)
         dev = torch.device(a.device)

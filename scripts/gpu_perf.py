@@ -289,16 +289,14 @@ def eager_baseline(bundle_dir: Path) -> dict[str, Any]:
 
     import torch
 
-    from far_sdk.bench import bench_eager, bench_plan, load_eager, summarize
+    from far_sdk.bench import bench_backend, bench_plan, summarize
     from far_sdk.schedules import make_plan
 
     bundle = far_sdk.Bundle.load(bundle_dir, verify=False)
     plan = bench_plan(bundle)
     official = dataclasses.replace(plan, inner_steps=make_plan(plan.num_steps, inner_steps="official").inner_steps)
-    far, dec = load_eager(bundle, device_name())
-    raw = bench_eager(far, dec, 1, official, warmup=1, iters=3)
+    raw = bench_backend(bundle_dir, "torch-eager", 1, official, warmup=1, iters=3, backend_options={"device": device_name()})
     tot = [r["total"] * 1e3 for r in raw["iterations"]]
-    del far, dec
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"ms_per_image": summarize(tot).__dict__, "inner_steps": list(official.inner_steps),

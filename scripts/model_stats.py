@@ -5,7 +5,7 @@
     .venv/bin/python scripts/model_stats.py --markdown   # the tables of docs/BENCHMARKS.md
 
 Parameter counts are exact: each model is built on the meta device (no memory, no
-initialisation cost) and its parameters' numel summed. FLOPs come from training/flops.py
+initialisation cost) and its parameters' numel summed. FLOPs come from far_sdk/flops.py
 (2 FLOPs per multiply-add; matmuls, convolutions and the attention products; biases, norms,
 activations and softmax excluded — the torch FlopCounterMode convention). Runs in seconds on CPU.
 """
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from far_sdk.schedules import inner_step_schedule  # noqa: E402
 from training.config import FAR_CONFIGS  # noqa: E402
 from training.far import FAR  # noqa: E402
-from training.flops import (  # noqa: E402
+from far_sdk.flops import (  # noqa: E402
     denoiser_step_flops,
     generation_flops,
     transformer_flops,

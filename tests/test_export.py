@@ -325,6 +325,17 @@ def test_cli_refuses_a_non_empty_out_without_overwrite_and_keeps_the_old_bundle(
     Bundle.load(out)
 
 
+def test_cli_reuse_keeps_a_matching_random_bundle_and_refuses_without_random_init(cli_bundle, capsys, tmp_path):
+    out, _ = cli_bundle
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    rc = main(["onnx", "--random-init", "--model", "far_tiny", "--vae-config", "kl16-tiny", "--seed", "3", "--cfg", "2.5",
+               "--out", str(out), "--reuse"])
+    assert rc == 0 and (out / "manifest.json").stat().st_mtime_ns == stamp   # same model, VAE, seed: not exported again
+    rc = main(["onnx", "--checkpoint", str(tmp_path / "x.pth"), "--vae", str(tmp_path / "v.ckpt"), "--model", "far_tiny",
+               "--out", str(tmp_path / "o"), "--reuse"])
+    assert rc == EXIT_USAGE and "--reuse applies to --random-init" in capsys.readouterr().err
+
+
 def test_cli_reports_a_missing_checkpoint_as_an_error_message(tmp_path, capsys):
     rc = main(["onnx", "--checkpoint", str(tmp_path / "nope.pth"), "--vae", str(tmp_path / "kl16.ckpt"),
                "--model", "far_tiny", "--out", str(tmp_path / "out")])

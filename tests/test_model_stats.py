@@ -1,8 +1,8 @@
-"""Exact parameter counts of the released sizes, and the analytic FLOP counts of training/flops.py
+"""Exact parameter counts of the released sizes, and the analytic FLOP counts of far_sdk/flops.py
 checked against torch's FlopCounterMode on the real modules.
 
 FlopCounterMode counts 2 FLOPs per multiply-add for mm/addmm/bmm/convolution (biases ignored) and
-the two attention products for sdpa — the convention of training/flops.py — so the counts must
+the two attention products for sdpa — the convention of far_sdk/flops.py — so the counts must
 agree exactly. Its one gap: on CPU, ``F.scaled_dot_product_attention`` dispatches to
 ``aten._scaled_dot_product_flash_attention_for_cpu``, for which torch has no formula (it would
 count attention as 0); we map that op to torch's own ``sdpa_flop_count``. On the meta device
@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from far_sdk.schedules import make_plan
 from training.config import FAR_CONFIGS
 from training.far import FAR
-from training.flops import (
+from far_sdk.flops import (
     denoiser_step_flops,
     generation_flops,
     transformer_flops,

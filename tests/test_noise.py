@@ -1,4 +1,4 @@
-"""far_sdk.noise's Philox4x32-10 noise (NumPy) and its torch twin (far_sdk.backends.torch_noise) against
+"""far_sdk.noise's Philox4x32-10 noise (NumPy) and its torch twin (training.torch_noise) against
 Random123's known answers, a pure-Python Philox, a float64 Box-Muller, each other, and the draw order
 SeededNoise documents."""
 
@@ -264,7 +264,7 @@ def test_bad_shapes_positions_and_counts_raise_typed_errors():
         philox4x32_10(-1, 0, 0, 0, 0, 0)
 
 
-# --- torch (far_sdk.backends.torch_noise) ------------------------------------------------------------
+# --- torch (training.torch_noise) ------------------------------------------------------------
 
 
 def _torch_args(seeds, start):
@@ -275,7 +275,7 @@ def _torch_args(seeds, start):
 @pytest.mark.parametrize("start", [0, 3, 6, 4 * 2**32 - 5, 2**62 + 1])
 @pytest.mark.parametrize("stream", [0, 1])
 def test_torch_words_equal_numpy_words(start, stream):
-    from far_sdk.backends.torch_noise import philox_uint32_torch
+    from training.torch_noise import philox_uint32_torch
 
     rng = np.random.default_rng(start % 1000 + stream)
     seeds = SEEDS + [int(s) for s in rng.integers(0, 2**63, size=4, dtype=np.int64)]
@@ -288,7 +288,7 @@ def test_torch_words_equal_numpy_words(start, stream):
 @needs_torch
 @pytest.mark.parametrize("start,count", [(0, 4096), (1, 4095), (7, 1), (4 * 2**32 - 2, 64)])
 def test_torch_normals_equal_numpy_normals_to_a_few_ulps(start, count):
-    from far_sdk.backends.torch_noise import philox_normals_torch
+    from training.torch_noise import philox_normals_torch
 
     got = philox_normals_torch(*_torch_args(SEEDS, start), count)
     assert got.dtype == torch.float32 and tuple(got.shape) == (len(SEEDS), count)
@@ -299,7 +299,7 @@ def test_torch_normals_equal_numpy_normals_to_a_few_ulps(start, count):
 
 @needs_torch
 def test_torch_normals_a_million_draws_stay_within_four_eps_rad_of_float64():
-    from far_sdk.backends.torch_noise import philox_normals_torch
+    from training.torch_noise import philox_normals_torch
 
     got = philox_normals_torch(*_torch_args([7, 2**33 + 5], 0), 400_000).numpy().astype(np.float64)
     ref, rad = reference_normals([7, 2**33 + 5], 0, 400_000)
@@ -308,7 +308,7 @@ def test_torch_normals_a_million_draws_stay_within_four_eps_rad_of_float64():
 
 @needs_torch
 def test_torch_inputs_are_checked_without_reading_values():
-    from far_sdk.backends.torch_noise import philox_normals_torch
+    from training.torch_noise import philox_normals_torch
 
     with pytest.raises(InvalidArgumentError, match="int64"):
         philox_normals_torch(torch.tensor([1], dtype=torch.int32), torch.tensor(0), 4)
@@ -324,7 +324,7 @@ def test_torch_compiled_equals_eager():
     """Inductor (CPU, a C++ compiler) on both functions, one static count: words bitwise; normals within
     4 eps32 rad, the bound every implementation meets. Not 1 ulp: Inductor's vectorised log, sqrt, sin and
     cos round differently from ATen's (each up to 1 ulp apart), which moves z by up to ~2.6 eps32 rad."""
-    from far_sdk.backends.torch_noise import philox_normals_torch, philox_uint32_torch
+    from training.torch_noise import philox_normals_torch, philox_uint32_torch
 
     try:
         words_c = torch.compile(philox_uint32_torch, dynamic=False)
@@ -349,7 +349,7 @@ def test_torch_compiled_equals_eager():
 def test_cuda_graph_replays_new_seeds_and_starts():
     """Captured once with static seeds/start buffers; replays after copying new values in give the
     NumPy words exactly and the NumPy normals to 4 eps32 rad."""
-    from far_sdk.backends.torch_noise import philox_normals_torch, philox_uint32_torch
+    from training.torch_noise import philox_normals_torch, philox_uint32_torch
 
     dev = torch.device("cuda")
     seeds = torch.tensor(SEEDS, device=dev)
@@ -380,7 +380,7 @@ def test_cuda_graph_replays_new_seeds_and_starts():
 def test_cuda_compiled_matches_numpy_and_replays_in_a_cuda_graph():
     """torch.compile (Inductor/Triton) on CUDA: words exact, normals within 4 eps32 rad of float64, and the
     compiled functions captured in a CUDA graph replay new (seeds, start) values correctly."""
-    from far_sdk.backends.torch_noise import philox_normals_torch, philox_uint32_torch
+    from training.torch_noise import philox_normals_torch, philox_uint32_torch
 
     dev = torch.device("cuda")
     words_c = torch.compile(philox_uint32_torch, dynamic=False)

@@ -88,6 +88,18 @@ def test_torch_backend_matches_onnxruntime(bundle_dir, ort_gen):
     assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 1
 
 
+def test_torch_eager_baseline_backend_equals_the_reference_sampler(models, bundle_dir):
+    """far bench's eager baseline (backend="torch-eager": the official per-step work) is the reference
+    sampler's computation through the Backend protocol: same draws, same step, same images."""
+    far, _ = models
+    gen = far_sdk.Generator(bundle_dir, backend="torch-eager", device="cpu")
+    out = gen.generate([3, 8], seed=9, output_type="latent", cfg=2.5, **FAST)
+    ref = _reference(far, [3, 8], 9, cfg=2.5, **FAST)
+    assert rel_err(out.latents, ref) < 1e-4
+    assert set(out.timings) >= {"transformer", "denoise", "filter"} and out.timings["denoise"] > 0
+    assert gen.backend.describe()["backend"] == "torch-eager"
+
+
 def test_batch_split_gives_identical_images(ort_gen):
     whole = ort_gen.generate([0, 1, 2, 3, 4], seed=7, output_type="latent", **FAST)
     split = ort_gen.generate([0, 1, 2, 3, 4], seed=7, output_type="latent", max_batch=2, **FAST)

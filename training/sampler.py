@@ -14,7 +14,7 @@ sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps' + sigma z) rather than t
 coefficients the runtime's denoiser graph uses, so the parity tests check the folding too.
 
 Written for clarity, not speed: it recomputes the MLP's condition projection at every inner step
-exactly as the official code does (this is also the "eager" baseline of ``far bench``).
+exactly as the official code does (``far bench``'s eager baseline, :mod:`training.eager`, does the same work).
 """
 
 from __future__ import annotations
@@ -81,6 +81,14 @@ def _check_labels(labels: Sequence[int] | torch.Tensor, num_classes: int) -> tor
     if bad.numel():
         raise InvalidArgumentError(f"class id {int(bad[0])} is outside 0..{num_classes - 1}")
     return t
+
+
+def official_mlp_call(net, x: torch.Tensor, z: torch.Tensor, lvl: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """The diffusion MLP as the official inner step calls it: on [x; x] (both CFG halves see the
+    conditional x), with the condition projections of z [2BL, D] and level [2BL, 1] and the timestep
+    embedding computed on every row. x [BL, C], row: one far_sdk.diffusion.Step row -> (eps, v) [2BL, 2C]."""
+    t = torch.full((z.shape[0],), int(row[S.timestep]), device=x.device, dtype=torch.long)
+    return net(torch.cat([x, x]), t, z, lvl)
 
 
 def _ddim_textbook(out: torch.Tensor, x: torch.Tensor, nz: torch.Tensor, tab: DDIMTables, k: int, cfg: float, temperature: float,
@@ -160,8 +168,7 @@ def iter_reference(
         ddim = ddim_tables(n, plan.eta) if plan.inner_sampler == "ddim" else None
         x = draw()                                                            # (B*L, C): x_T, conditional half
         for i, row in enumerate(rows):
-            t = torch.full((2 * B * L,), int(row[S.timestep]), device=device, dtype=torch.long)
-            out = net(torch.cat([x, x]), t, z, lvl)                           # (2BL, 2C): the official per-row call
+            out = official_mlp_call(net, x, z, lvl, row)                      # (2BL, 2C)
             nz = draw()
             if ddim is not None:
                 x = _ddim_textbook(out, x, nz, ddim, n - 1 - i, cfg_s, temp_s, plan.x0_clip)

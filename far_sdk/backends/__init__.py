@@ -9,8 +9,12 @@ from ..bundle import Bundle
 from ..errors import BackendUnavailableError, InvalidArgumentError
 from .base import Backend
 
-BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch", "torch-eager"]
+#: What backend="auto" tries, in order.
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
+#: Every name create_backend takes: BACKENDS, and "torch-eager", the official-way eager PyTorch
+#: baseline (fp32, the official per-step work; ``far bench``'s eager rows), never chosen by "auto".
+BACKEND_NAMES = ("auto",) + BACKENDS + ("torch-eager",)
 
 
 def _installed(module: str) -> bool:
@@ -39,6 +43,10 @@ def create_backend(bundle: Bundle, backend: str = "auto", **options) -> Backend:
         from .torch import TorchBackend
 
         return TorchBackend(bundle, **options)
+    if backend == "torch-eager":
+        from .torch import eager_backend
+
+        return eager_backend(bundle, **options)
     if backend == "tensorrt":
         if not _installed("tensorrt"):
             raise BackendUnavailableError(
@@ -48,7 +56,7 @@ def create_backend(bundle: Bundle, backend: str = "auto", **options) -> Backend:
         from .tensorrt import TensorRTBackend
 
         return TensorRTBackend(bundle, **options)
-    raise InvalidArgumentError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    raise InvalidArgumentError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
 
 
-__all__ = ["Backend", "BACKENDS", "create_backend"]
+__all__ = ["Backend", "BACKENDS", "BACKEND_NAMES", "create_backend"]

@@ -18,6 +18,11 @@ from ..errors import InvalidArgumentError
 BACKEND_OPTIONS = frozenset({"device", "threads", "precision", "cuda_graphs", "max_cuda_graphs", "compile", "io_binding",
                              "trt_fp16", "tf32", "vae_precision", "batch", "opt_level"})
 
+#: Captured CUDA graphs a GPU backend keeps (least recently used dropped first; the ``max_cuda_graphs``
+#: option overrides it). The paper's frequency-aware schedule uses 10 distinct inner-step counts per batch
+#: size (+1 transformer graph), so 64 keeps five batch sizes warm.
+MAX_CUDA_GRAPHS = 64
+
 
 def check_backend_options(backend: str, own: tuple[str, ...], other: dict[str, Any], log: Any) -> None:
     """Raise for option names no backend knows; log (and ignore) those meant for other backends."""

@@ -34,18 +34,13 @@ from ..errors import BackendUnavailableError, EngineProfileError, IncompatibleBu
 from ..diffusion import Step
 from ..graphs import GRAPH_NAMES
 from ..trt_cache import PRECISIONS, ROWS_PER_IMAGE, EngineKey, find_plan, format_profile, parse_batch_profile, read_plan
-from .base import Backend, check_backend_options
+from .base import MAX_CUDA_GRAPHS, Backend, check_backend_options
 from .trt_engine import (
     CudaError, EngineRunner, aligned, check_cuda, check_cuda_quietly, copy_to_device, copy_to_host, device_env, import_runtime,
     select_device,
 )
 
 log = logging.getLogger(__name__)
-
-#: Captured (batch, n) denoiser loops kept per backend, least recently used dropped first: the same
-#: default bound as the torch backend's ``MAX_CUDA_GRAPHS`` (that module imports torch, so it is
-#: not imported here), and likewise overridable with the ``max_cuda_graphs`` option.
-MAX_CUDA_GRAPHS = 64
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ The whole generation stays on the device between the class ids going in and the 
   inner loop (``FusedDenoiserStep``: one adaLN GEMM for all blocks, the time embeddings of all n steps
   in one call, latents in fp32) and the low-pass filter on the device;
 - seeded noise (:class:`~far_sdk.backends.base.SeededDraws`) is drawn on the device by the same
-  Philox4x32-10 as :mod:`far_sdk.noise` (``torch_noise.philox_normals_torch``), inside the step, so
+  Philox4x32-10 as :mod:`far_sdk.noise` (``training.torch_noise.philox_normals_torch``), inside the step, so
   no noise crosses the bus; replayed noise (:class:`~far_sdk.backends.base.HostDraws`) is uploaded;
 - on CUDA with ``cuda_graphs=True`` (default) each stage is captured once into a
   ``torch.cuda.CUDAGraph`` — the transformer per batch size, the inner loop per (batch, n, filtered,
@@ -17,12 +17,9 @@ The whole generation stays on the device between the class ids going in and the 
   compiled by ``torch.compile`` (Inductor) into a few fused kernels before capture; on the CPU it is
   off by default (Inductor's C++ build takes a minute there) and may be switched on.
 
-Static buffers (per batch size: tokens, raw, cond, class ids, seeds, level, the step table, stream
-positions, the filter matrix, uploaded noise) are allocated outside any capture, so the graphs only
-read and write them; intermediates live in one shared graph pool. PyTorch documents pool sharing as
-safe when graphs never replay concurrently: a backend serves one generation at a time
-(``concurrent_generate`` is False with graphs), and a graph's results are copied into the static
-buffers before the next replay may reuse the pool.
+Static buffers (:class:`_Batch`, per batch size) are allocated outside any capture, so the graphs only
+read and write them; intermediates live in one shared graph pool, safe (PyTorch documents) when graphs
+never replay concurrently: one generation at a time (``concurrent_generate`` is False with graphs).
 """
 
 from __future__ import annotations
@@ -40,14 +37,11 @@ import numpy as np
 from ..bundle import Bundle
 from ..diffusion import Step
 from ..errors import BackendUnavailableError, DeviceOutOfMemoryError, InvalidArgumentError
-from .base import Backend, HostDraws, LoopState, Mark, SeededDraws, check_backend_options
+from .base import MAX_CUDA_GRAPHS, Backend, HostDraws, LoopState, Mark, SeededDraws, check_backend_options
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-#: Captured graphs kept per backend (least recently used dropped first). The paper's frequency-aware
-#: schedule uses 10 distinct n per batch size (+1 transformer graph), so 64 keeps five batch sizes.
-MAX_CUDA_GRAPHS = 64
 #: Eager runs of a stage on the capture stream before its capture (lazy library set-up, autotuning).
 WARMUP_RUNS = 2
 #: Largest inner-step count (far_sdk.diffusion.respaced_timesteps allows 1..1000).
@@ -144,7 +138,7 @@ class TorchBackend(Backend):
         self._grid = int(m["model"]["grid_size"])
         self._width = int(m["mlp_width"])
 
-        from .torch_noise import philox_normals_torch
+        from training.torch_noise import philox_normals_torch
 
         fused, L, C = self._fused, int(m["model"]["grid_size"]) ** 2, int(m["model"]["token_channels"])
 
@@ -446,3 +440,11 @@ class _memory_errors:
             raise DeviceOutOfMemoryError(f"out of memory generating {self._batch} images per call: pass a smaller max_batch "
                                          f"or fewer labels ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
         return False
+
+
+def eager_backend(bundle: Bundle, **options: Any) -> Backend:
+    """``backend="torch-eager"``: the official-way eager baseline (:class:`training.eager.OfficialEagerBackend`)."""
+    _import_torch()
+    from training.eager import OfficialEagerBackend
+
+    return OfficialEagerBackend(bundle, **options)

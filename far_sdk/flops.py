@@ -1,4 +1,6 @@
-"""Analytic FLOP counts of FAR sampling, as pure functions of the configs (no model is built).
+"""Analytic FLOP counts of FAR sampling, as pure functions of the configs (no model is built, no torch):
+a config is ``training.config.FARConfig`` / ``training.vae.VAEConfig`` or the same fields as a dict,
+e.g. a bundle manifest's ``model`` / ``vae``.
 
 Convention
 ----------
@@ -33,14 +35,29 @@ Only the no-mask sampler is modelled (every call sees all K + L = 320 positions)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any, Union
 
-from .config import FARConfig
-from .vae import VAEConfig
+#: A FAR model config: training.config.FARConfig or its dict (a bundle manifest's "model").
+FARConfig = Any
+#: A VAE config: training.vae.VAEConfig or its dict (a bundle manifest's "vae").
+VAEConfig = Any
 
 #: Width of the sinusoidal timestep features fed to ``time_embed.mlp.0``.
 TIME_FREQ_DIM = 256
+
+
+def _config(cfg: Any) -> Any:
+    """A config object, or a manifest dict read as one (with the derived ``seq_len`` / ``downsample_factor``)."""
+    if not isinstance(cfg, Mapping):
+        return cfg
+    ns = SimpleNamespace(**cfg)
+    if "grid_size" in cfg:
+        ns.seq_len = cfg["grid_size"] ** 2
+    if "ch_mult" in cfg:
+        ns.downsample_factor = 2 ** (len(cfg["ch_mult"]) - 1)
+    return ns
 
 
 def _linear(rows: int, fan_in: int, fan_out: int) -> int:
@@ -75,6 +92,7 @@ def _add(acc: dict[str, int], part: dict[str, int], prefix: str = "") -> None:
 
 def transformer_flops_breakdown(cfg: FARConfig, batch_rows: int, *, include_condition: bool = True) -> dict[str, int]:
     """Per-component FLOPs of one transformer call on ``batch_rows`` sequences (see :func:`transformer_flops`)."""
+    cfg = _config(cfg)
     K, L, C = cfg.buffer_size, cfg.seq_len, cfg.token_channels
     N = K + L
     De, Dd, W = cfg.encoder_embed_dim, cfg.decoder_embed_dim, cfg.diffloss_w
@@ -114,6 +132,7 @@ def denoiser_step_flops_breakdown(
     time_embed_per_row: bool = False,
 ) -> dict[str, int]:
     """Per-component FLOPs of one DDPM step of the diffusion MLP (see :func:`denoiser_step_flops`)."""
+    cfg = _config(cfg)
     C, L, W, Dd = cfg.token_channels, cfg.seq_len, cfg.diffloss_w, cfg.decoder_embed_dim
     rows = (2 if cfg_guidance else 1) * batch * L
     t_rows = rows if time_embed_per_row else 1
@@ -157,6 +176,7 @@ def denoiser_step_flops(
 
 def vae_decoder_flops_breakdown(vae_cfg: VAEConfig, batch: int, latent_size: int | None = None) -> dict[str, int]:
     """Per-part FLOPs of ``decode`` = ``decoder(post_quant_conv(z))`` (see :func:`vae_decoder_flops`)."""
+    vae_cfg = _config(vae_cfg)
     h = latent_size if latent_size is not None else vae_cfg.resolution // vae_cfg.downsample_factor
     n = len(vae_cfg.ch_mult)
     c = vae_cfg.ch * vae_cfg.ch_mult[-1]
@@ -206,7 +226,7 @@ PlanLike = Union[Any, tuple[int, Union[int, str, Sequence[int]]]]
 def _inner_steps(plan: PlanLike) -> tuple[int, ...]:
     if hasattr(plan, "inner_steps") and hasattr(plan, "levels"):   # far_sdk.schedules.SamplingPlan
         return tuple(int(n) for n in plan.inner_steps)
-    from far_sdk.schedules import inner_step_schedule
+    from .schedules import inner_step_schedule
 
     num_steps, inner = plan
     return inner_step_schedule(inner, int(num_steps))

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InvalidArgumentError
-from ..noise import NORMAL_STREAM, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, TWO_PI_F32
+from far_sdk.errors import InvalidArgumentError
+from far_sdk.noise import NORMAL_STREAM, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, TWO_PI_F32
 
 _LO16, _LO32 = 0xFFFF, 0xFFFFFFFF
 #: float32(2 pi) as a Python float: exactly representable in float32, so the angle u * 2pi rounds the
