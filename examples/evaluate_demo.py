@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import far_sdk  # noqa: E402
 from far_sdk.fileio import atomic_write_bytes  # noqa: E402
-from far_sdk.schedules import PRESETS  # noqa: E402
+from far_sdk.options import PRESETS, SamplingOptions  # noqa: E402
 from training.demo_data import load_digits_images, split_indices  # noqa: E402
 
 SETTINGS = {
@@ -57,7 +57,7 @@ SETTINGS = {
 _FAST = PRESETS["fast"]
 INNER_SAMPLER_SETTINGS = {
     "DDPM, paper schedule 40..100 (reference)": {"preset": "paper"},
-    f"fast preset ({_FAST['inner_sampler'].upper()}, {_FAST['inner_steps']} per outer step)": {"preset": "fast"},
+    f"fast preset ({_FAST.inner_sampler.upper()}, {_FAST.inner_steps} per outer step)": {"preset": "fast"},
     "DDPM, 10 per outer step": {"inner_sampler": "ddpm", "inner_steps": 10},
     **{f"DDIM eta {eta:g}, {n} per outer step": {"inner_sampler": "ddim", "eta": eta, "inner_steps": n}
        for eta, counts in ((0.0, (5, 10, 15, 20, 50)), (1.0, (5, 10, 20, 50))) for n in counts},
@@ -175,7 +175,8 @@ def bench_seconds_per_image(bundle: str, backend: str, settings: dict[str, dict]
     per: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(rounds):
         res = run_benchmark(bundle, backends=[backend], batches=[batch], warmup=1, iters=iters,
-                            settings=[(name, opts) for name, opts in settings.items()])
+                            settings=[(name, opts.get("preset"), SamplingOptions(**{k: v for k, v in opts.items() if k != "preset"}))
+                                      for name, opts in settings.items()])
         for r in res.rows:
             per[r.setting].append(r.per_image_s)
     return {name: float(np.median(v)) for name, v in per.items()}

@@ -130,7 +130,7 @@ stages (`examples/train_demo.py`, each skipped when its output exists; run on a 
    Sampling default `x0_clip` {a.x0_clip}: each step's x0 estimate is clamped to [-{a.x0_clip}, {a.x0_clip}] (the
    training latents reach |3.6|). A small model's eps error at t = 999 (~1e-2) becomes an x0 error of ~2e2
    (x 1/sqrt(alpha_bar_999) ~ 2e4) that unclipped sampling never recovers from; the official sampler does not
-   clip (`x0_clip=None` reproduces it).
+   clip (`x0_clip=False` reproduces it).
 
 Generate: `far generate --bundle engines/far-demo --class 3 --class 7 -n 4 --out digits.png` or `make demo`.
 Quality: `examples/evaluate_demo.py` (figures in docs/BENCHMARKS.md).

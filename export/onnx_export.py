@@ -36,6 +36,7 @@ from far_sdk.bundle import atomic_bundle_dir, sha256_file, write_manifest
 from far_sdk.diffusion import denoise_step_table
 from far_sdk.errors import ConfigError, ExportError, InvalidArgumentError
 from far_sdk.graphs import GRAPH_NAMES, GraphSpec, graph_specs
+from far_sdk.options import DEFAULTS, SamplingOptions, resolve_plan
 from training.far import FAR
 from training.graph_modules import DenoiserGraph, TransformerGraph, VAEDecoderGraph
 from training.vae import AutoencoderKL
@@ -53,15 +54,6 @@ WEIGHTS_FILE = "weights.safetensors"
 FAR_PREFIX, VAE_PREFIX = "far.", "vae."
 _VAE_DECODE_PREFIXES = ("decoder.", "post_quant_conv.")
 
-DEFAULTS: dict[str, Any] = {
-    "num_steps": 10,
-    "cfg": 3.0,
-    "cfg_schedule": "linear",
-    "temperature": 1.0,
-    "inner_steps": "frequency-aware",
-    "inner_sampler": "ddpm",
-    "filter": "spatial",
-}
 
 
 @dataclass(frozen=True)
@@ -330,16 +322,20 @@ def export_bundle(
     overwrite: bool = False,
     source: Mapping[str, Any] | None = None,
     validate: bool = True,
-    defaults: Mapping[str, Any] | None = None,
+    defaults: SamplingOptions | Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the bundle for ``far`` + ``vae`` to ``out_dir`` atomically; returns its path.
 
     Puts both modules in eval mode. Raises :class:`ExportError` (export, checker or validation
     failure), :class:`~far_sdk.errors.BundleError` (``out_dir`` not empty and not ``overwrite``),
     :class:`ConfigError` / :class:`InvalidArgumentError` (inconsistent arguments); in every case
-    nothing is written.
+    nothing is written. ``defaults``: the bundle's sampling defaults, put over far_sdk.options.DEFAULTS
+    (a misspelt option or a bad value is an InvalidArgumentError here, before any work).
     """
     labels = _check_inputs(far, vae, latent_scale, id2label, opset, name)
+    given = defaults if isinstance(defaults, SamplingOptions) else SamplingOptions.from_dict(defaults or {}, what="defaults")
+    sampling_defaults = given.over(DEFAULTS)
+    resolve_plan(sampling_defaults)   # a valid plan, or a typed error naming the bad value
     cfg = far.config
     image_size = cfg.grid_size * vae.config.downsample_factor
     specs = graph_specs(seq_len=cfg.seq_len, token_channels=cfg.token_channels, mlp_width=cfg.diffloss_w,
@@ -384,7 +380,7 @@ def export_bundle(
         if labels is not None:
             manifest["id2label"] = labels
         manifest.update({
-            "defaults": {**DEFAULTS, **(defaults or {})},
+            "defaults": sampling_defaults.to_dict(),
             "graphs": graphs,
             "weights": {"file": WEIGHTS_FILE, "prefixes": {"far": FAR_PREFIX, "vae": VAE_PREFIX}},
             "source": dict(source) if source is not None else {"kind": "unspecified"},

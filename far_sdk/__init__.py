@@ -8,8 +8,9 @@ from . import errors
 from .bundle import Bundle
 from .errors import FarError
 from .noise import ReplayNoise, SeededNoise
+from .options import SamplingOptions
 from .pipeline import GenerationOutput, Generator, StepInfo
 
 __version__ = "0.1.0"
 
-__all__ = ["Bundle", "FarError", "GenerationOutput", "Generator", "ReplayNoise", "SeededNoise", "StepInfo", "errors", "__version__"]
+__all__ = ["Bundle", "FarError", "GenerationOutput", "Generator", "ReplayNoise", "SamplingOptions", "SeededNoise", "StepInfo", "errors", "__version__"]

@@ -58,8 +58,9 @@ from .bench_env import _cuda_torch, _maxrss_mb, _rss_now_mb, machine_info, matmu
 from .bundle import Bundle
 from .errors import InvalidArgumentError
 from .flops import generation_flops
-from .pipeline import STAGES, Generator, resolve_plan
-from .schedules import InnerSteps, SamplingPlan, make_plan
+from .options import SamplingOptions, plan_options, resolve_plan
+from .pipeline import STAGES, Generator
+from .schedules import SamplingPlan
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +179,24 @@ def analytic_flops(manifest: dict[str, Any], plan: SamplingPlan, batch: int, *, 
 # ---- plans and bundles ---------------------------------------------------------------------------
 
 
-def bench_plan(bundle: Bundle, num_steps: int | None = None, inner_steps: InnerSteps | None = None, *, preset: str | None = None,
-               inner_sampler: str | None = None, eta: float | None = None) -> SamplingPlan:
-    """The plan ``Generator.generate(preset=..., num_steps=..., inner_steps=..., ...)`` resolves for this bundle."""
-    return resolve_plan(bundle.defaults, preset=preset, num_steps=num_steps, inner_steps=inner_steps, inner_sampler=inner_sampler,
-                        eta=eta)
+@dataclass(frozen=True)
+class Setting:
+    """One sampling setting of a run: a preset and options over the bundle's defaults, and the plan they resolve to."""
+
+    label: str | None
+    preset: str | None
+    options: SamplingOptions
+    plan: SamplingPlan
+
+
+def bench_plan(bundle: Bundle, options: SamplingOptions | None = None, *, preset: str | None = None) -> SamplingPlan:
+    """The plan ``Generator.generate(preset=preset, options=options)`` resolves for this bundle."""
+    return resolve_plan(bundle.defaults, options, preset_name=preset)
+
+
+def _setting(bundle: Bundle, label: str | None, preset: str | None, options: SamplingOptions | None) -> Setting:
+    options = options or SamplingOptions()
+    return Setting(label, preset, options, bench_plan(bundle, options, preset=preset))
 
 # ---- the timed runs --------------------------------------------------------------------------------
 
@@ -211,8 +225,11 @@ def _timed(run, warmup: int, iters: int) -> tuple[float, list[float], list[dict[
 
 
 def bench_backend(bundle_path, backend: str, batch: int, plan: SamplingPlan, *, warmup: int, iters: int, seed: int = 0,
-                  backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Time one backend at one batch size (raw fields of a :class:`RowResult`)."""
+                  backend_options: dict[str, Any] | None = None, options: SamplingOptions | None = None,
+                  preset: str | None = None) -> dict[str, Any]:
+    """Time one backend at one batch size (raw fields of a :class:`RowResult`): ``generate(preset=preset,
+    options=options)``, which must resolve to ``plan`` (``options`` None: far_sdk.options.plan_options(plan))."""
+    options = plan_options(plan) if options is None else options
     gc.collect()
     rss0, now0 = _maxrss_mb(), _rss_now_mb()
     torch = sys.modules.get("torch")
@@ -225,8 +242,7 @@ def bench_backend(bundle_path, backend: str, batch: int, plan: SamplingPlan, *, 
 
     def run() -> dict[str, float]:
         t0 = time.perf_counter()
-        out = gen.generate(labels, seed=seed, num_steps=plan.num_steps, inner_steps=list(plan.inner_steps), output_type="np",
-                           inner_sampler=plan.inner_sampler, eta=plan.eta if plan.inner_sampler == "ddim" else None)
+        out = gen.generate(labels, seed=seed, preset=preset, options=options, output_type="np")
         total = time.perf_counter() - t0
         assert out.plan == plan, f"bench_plan drifted from Generator.plan: {out.plan} != {plan}"
         return {**{k: out.timings[k] for k in STAGES}, "total": total, "pipeline_total": out.timings["total"]}
@@ -253,16 +269,16 @@ def _memory(rss0: float, now0: float | None, cuda_torch) -> dict[str, float | No
             "cuda_max_allocated_mb": cuda_torch.cuda.max_memory_allocated() / (1 << 20) if cuda_torch is not None else None}
 
 def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = ("onnxruntime",), batches: Sequence[int] = (1,),
-                  num_steps: int | None = None, inner_steps: InnerSteps | None = None, warmup: int = 2, iters: int = 10,
+                  options: SamplingOptions | None = None, warmup: int = 2, iters: int = 10,
                   baseline: str = "none", threads: int | None = None, device: str | None = None, peak: bool = False,
-                  seed: int = 0, command: str = "", inner_sampler: str | None = None, eta: float | None = None,
-                  settings: Sequence[tuple[str, dict[str, Any]]] = (), backend_options: dict[str, Any] | None = None) -> BenchResult:
+                  seed: int = 0, command: str = "", settings: Sequence[tuple[str, str | None, SamplingOptions | None]] = (),
+                  backend_options: dict[str, Any] | None = None) -> BenchResult:
     """Benchmark ``backends`` x ``batches`` (and the eager baseline); see the module docstring.
 
-    ``settings``: (label, options) pairs, each options a dict of :func:`bench_plan`'s keywords (preset,
-    num_steps, inner_steps, inner_sampler, eta), benchmarked one after the other in this run; the
-    options given directly (num_steps, ...) override every setting's. Empty: one plan from those options.
-    ``backend_options`` go to every backend (e.g. precision, compile, cuda_graphs for the torch backend).
+    ``options``: the sampling options of every row (None: the bundle's defaults). ``settings``: (label,
+    preset, options) triples benchmarked one after the other in this run, ``options`` (given fields)
+    overriding each setting's. ``backend_options`` go to every backend (e.g. precision, compile, cuda_graphs
+    for the torch backend).
     """
     if baseline not in BASELINES:
         raise InvalidArgumentError(f"baseline must be one of {BASELINES}, got {baseline!r}")
@@ -273,13 +289,13 @@ def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = (
     if not backends and baseline == "none":
         raise InvalidArgumentError("nothing to benchmark: pass at least one backend or a baseline")
     bundle = Bundle.load(bundle_path)
-    given = {k: v for k, v in dict(num_steps=num_steps, inner_steps=inner_steps, inner_sampler=inner_sampler, eta=eta).items()
-             if v is not None}
-    labels = [label for label, _ in settings]
+    given = options or SamplingOptions()
+    labels = [label for label, _, _ in settings]
     if len(set(labels)) != len(labels):
         raise InvalidArgumentError(f"setting labels must be distinct, got {labels}")
-    plans = [(label, bench_plan(bundle, **{**opts, **given})) for label, opts in settings] or [(None, bench_plan(bundle, **given))]
-    plan = plans[0][1]
+    plans = ([_setting(bundle, label, preset, given.over(opts or SamplingOptions())) for label, preset, opts in settings]
+             or [_setting(bundle, None, None, given)])
+    plan = plans[0].plan
     peak_info = matmul_peak(threads=threads) if peak else None
     opts: dict[str, Any] = dict(backend_options or {})
     if threads is not None:
@@ -288,18 +304,19 @@ def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = (
         opts["device"] = device
     rows: list[RowResult] = []
     finish = dict(manifest=bundle.manifest, peak=peak_info)
-    for label, p in plans:
+    for st in plans:
         for name in backends:
             for b in batches:
-                log.info("bench %s batch %d%s", name, b, f" ({label})" if label else "")
-                raw = bench_backend(bundle.path, name, b, p, warmup=warmup, iters=iters, seed=seed, backend_options=opts)
-                rows.append(_finish_row(raw, plan=p, eager=name == "torch-eager", **finish))
-                rows[-1].setting = label
+                log.info("bench %s batch %d%s", name, b, f" ({st.label})" if st.label else "")
+                raw = bench_backend(bundle.path, name, b, st.plan, warmup=warmup, iters=iters, seed=seed, backend_options=opts,
+                                    options=st.options, preset=st.preset)
+                rows.append(_finish_row(raw, plan=st.plan, eager=name == "torch-eager", **finish))
+                rows[-1].setting = st.label
     if baseline == "eager-torch":
         rows += _eager_rows(bundle, plans, batches, warmup=warmup, iters=iters, seed=seed, threads=threads, device=device, finish=finish)
         _speedups(rows)
     if len(plans) > 1:
-        _setting_speedups(rows, plans[0][0])
+        _setting_speedups(rows, plans[0].label)
     return BenchResult(command=command, machine=machine_info(), versions=versions(),
                        bundle={"path": str(bundle.path), "name": bundle.name, "source": bundle.manifest.get("source"),
                                "model": bundle.model_config, "vae": bundle.manifest["vae"]},
@@ -307,7 +324,7 @@ def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = (
                        threads=_threads(threads), protocol={"warmup": warmup, "iters": iters, "seed": seed, "output_type": "np",
                                                             "batches": list(batches), "stage_sum_tolerance": STAGE_SUM_TOLERANCE},
                        peak=peak_info, rows=rows,
-                       settings={label: _plan_dict(p) for label, p in plans} if len(plans) > 1 else None)
+                       settings={st.label: _plan_dict(st.plan) for st in plans} if len(plans) > 1 else None)
 
 
 def _plan_dict(plan: SamplingPlan) -> dict[str, Any]:
@@ -321,18 +338,19 @@ def _eager_rows(bundle, plans, batches, *, warmup, iters, seed, threads, device,
     opts: dict[str, Any] = {"device": device if device not in (None, "tensorrt") else "auto"}
     if threads is not None:
         opts["threads"] = threads
-    plan = plans[0][1]
-    official = dataclasses.replace(plan, inner_steps=make_plan(plan.num_steps, inner_steps="official").inner_steps,
-                                   inner_sampler="ddpm", eta=0.0)
-    variants = [(EAGER_OFFICIAL, official, None)] + [(EAGER_EQUAL, p, label) for label, p in plans if p != official]
+    first = plans[0]
+    official = _setting(bundle, None, first.preset,
+                        dataclasses.replace(first.options, inner_steps="official", inner_sampler="ddpm", eta=None))
+    variants = [(EAGER_OFFICIAL, official)] + [(EAGER_EQUAL, st) for st in plans if st.plan != official.plan]
     rows = []
-    for label, p, setting in variants:
+    for label, st in variants:
         for b in batches:
             log.info("bench %s batch %d", label, b)
-            raw = bench_backend(bundle.path, "torch-eager", b, p, warmup=warmup, iters=iters, seed=seed, backend_options=opts)
+            raw = bench_backend(bundle.path, "torch-eager", b, st.plan, warmup=warmup, iters=iters, seed=seed, backend_options=opts,
+                                options=st.options, preset=st.preset)
             raw.update(name=f"eager-torch@{label.split('@')[1]}/{raw['device']}", kind="baseline", baseline=label)
-            rows.append(_finish_row(raw, plan=p, eager=True, **finish))
-            rows[-1].setting = setting
+            rows.append(_finish_row(raw, plan=st.plan, eager=True, **finish))
+            rows[-1].setting = st.label
     return rows
 
 

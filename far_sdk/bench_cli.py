@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import BASELINES, EAGER_EQUAL, EAGER_OFFICIAL, BenchResult, run_benchmark
-from .diffusion import INNER_SAMPLERS
-from .schedules import PRESETS, InnerSteps
+from .options import add_sampling_args, options_from_args
 
 
 def _csv(kind):
@@ -24,13 +23,6 @@ def _csv(kind):
     return parse
 
 
-def _inner(v: str) -> InnerSteps:
-    if v in ("frequency-aware", "official"):
-        return v
-    parts = [int(p) for p in v.split(",")]
-    return parts[0] if len(parts) == 1 else parts
-
-
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True,
                    help="bundle directory (engines/NAME); a random-init one of any size: far-export onnx --random-init --model "
@@ -38,13 +30,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", type=_csv(str), default=["onnxruntime"],
                    help="comma-separated: onnxruntime,torch,tensorrt,torch-eager (default: onnxruntime)")
     p.add_argument("--batch", type=_csv(int), default=[1], help="comma-separated batch sizes (default: 1)")
-    p.add_argument("--steps", type=int, default=None, help="outer steps (default: the bundle's, 10)")
-    p.add_argument("--inner-steps", type=_inner, default=None, help="'frequency-aware' (default), 'official', N or N1,N2,...")
-    p.add_argument("--inner-sampler", choices=INNER_SAMPLERS, default=None, help="ddpm (official, default) or ddim")
-    p.add_argument("--eta", type=float, default=None, help="DDIM noise level in [0, 1] (default 0)")
-    p.add_argument("--preset", type=_csv(str), default=[], metavar="NAME[,NAME...]",
-                   help=f"named settings ({', '.join(sorted(PRESETS))}), several = one after the other in this run with "
-                        "speed-ups against the first (e.g. paper,fast); --inner-steps etc. override them")
+    add_sampling_args(p, presets="list")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--baseline", choices=BASELINES, default="none",
@@ -74,9 +60,9 @@ def run_bench(a: argparse.Namespace) -> int:
         opts["compile"] = {"auto": "auto", "on": True, "off": False}[a.compile]
     if a.cuda_graphs is not None:
         opts["cuda_graphs"] = a.cuda_graphs == "on"
-    res = run_benchmark(a.bundle, backends=a.backend, batches=a.batch, num_steps=a.steps, inner_steps=a.inner_steps, warmup=a.warmup,
+    res = run_benchmark(a.bundle, backends=a.backend, batches=a.batch, options=options_from_args(a), warmup=a.warmup,
                         iters=a.iters, baseline=a.baseline, threads=a.threads, device=a.device, peak=a.peak, seed=a.seed, command=command,
-                        inner_sampler=a.inner_sampler, eta=a.eta, settings=[(n, {"preset": n}) for n in a.preset],
+                        settings=[(n, n, None) for n in a.preset],
                         backend_options=opts)
     print(format_report(res))
     if a.json:

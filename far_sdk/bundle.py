@@ -29,13 +29,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BundleError, BundleNotFoundError, IntegrityError
 from .fileio import atomic_write_bytes
 from .graphs import GRAPH_NAMES, GraphSpec, TensorSpec
 from .manifest import BUNDLE_FORMAT, FORMAT_VERSION, MAX_MANIFEST_BYTES, dump_manifest, read_manifest
 from .onnx_refs import external_data_files
+
+if TYPE_CHECKING:
+    from .options import SamplingOptions
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +174,11 @@ class Bundle:
         return {int(k): v for k, v in self.manifest.get("id2label", {}).items()}
 
     @property
-    def defaults(self) -> dict[str, Any]:
-        return dict(self.manifest.get("defaults", {}))
+    def defaults(self) -> "SamplingOptions":
+        """The bundle's sampling defaults (the manifest's ``defaults``, checked at load)."""
+        from .options import SamplingOptions
+
+        return SamplingOptions.from_dict(self.manifest.get("defaults", {}), what=f"{self.path}/manifest.json defaults")
 
     @property
     def name(self) -> str:

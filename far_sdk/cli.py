@@ -12,10 +12,10 @@ from pathlib import Path
 
 from .bench_cli import add_bench_args, run_bench
 from .clirun import ArgumentParser, check_writable_file, non_negative_int, positive_int, run_command
-from .diffusion import INNER_SAMPLERS
+from .backends import BACKEND_NAMES
 from .errors import InvalidArgumentError
 from .fileio import atomic_write_bytes
-from .schedules import PRESETS
+from .options import add_sampling_args, options_from_args
 
 #: --out formats (Pillow writes each without extra libraries).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -32,38 +32,15 @@ def _grid(images, cols: int):
     return grid
 
 
-def _inner_steps(v: str):
-    if v in ("frequency-aware", "official"):
-        return v
-    try:
-        parts = [int(p) for p in v.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'frequency-aware', 'official', N or N1,N2,..., got {v!r}") from None
-    return parts[0] if len(parts) == 1 else parts
-
-
 def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory (engines/NAME)")
     p.add_argument("--class", dest="classes", action="append", required=True,
                    help="class id or name; repeat for several (each is generated -n times)")
     p.add_argument("-n", "--num-per-class", type=positive_int, default=1)
     p.add_argument("--seed", type=non_negative_int, default=0, help="image i uses seed + i")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
     p.add_argument("--device", default=None, help="backend device (cpu, cuda, ...)")
-    p.add_argument("--steps", type=positive_int, default=None, help="outer steps 1..16 (default: bundle's, 10)")
-    p.add_argument("--cfg", type=float, default=None)
-    p.add_argument("--cfg-schedule", choices=["linear", "constant"], default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--inner-steps", type=_inner_steps, default=None,
-                   help="'frequency-aware' (default), 'official' (100), N, or N1,N2,... per outer step")
-    p.add_argument("--inner-sampler", choices=INNER_SAMPLERS, default=None,
-                   help="ddpm (the official sampler, default) or ddim (fewer inner steps; see --eta)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM noise level in [0, 1] (default 0: deterministic)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="named inner-loop setting (fast: 4.7x fewer inner steps than paper); the options above override it")
-    p.add_argument("--filter", choices=["spatial", "fourier"], default=None)
-    p.add_argument("--x0-clip", type=float, default=None, help="clamp x0 estimates to [-X, X] (default: the bundle's)")
-    p.add_argument("--no-x0-clip", action="store_true", help="never clip x0 (the official sampler)")
+    add_sampling_args(p)
     p.add_argument("--out", default="far.png", help=f"grid image path ({', '.join(IMAGE_SUFFIXES)})")
     p.add_argument("--cols", type=positive_int, default=None, help="grid columns (default: up to 8)")
     p.add_argument("--preview-gif", default=None, help="write a GIF (.gif) of each outer step's decoded estimate")
@@ -101,11 +78,8 @@ def run_generate(a: argparse.Namespace) -> int:
             frames.append(_grid(info.preview, a.cols or min(len(labels), 8)))
 
     with Generator(a.bundle, backend=a.backend, **opts) as gen:
-        out = gen.generate(labels, seed=a.seed, preset=a.preset, num_steps=a.steps, cfg=a.cfg, cfg_schedule=a.cfg_schedule,
-                           temperature=a.temperature, inner_steps=a.inner_steps, inner_sampler=a.inner_sampler, eta=a.eta,
-                           filter=a.filter,
-                           x0_clip=None if a.no_x0_clip else (a.x0_clip if a.x0_clip is not None else ...),
-                           progress=not a.no_progress, on_step=on_step if a.preview_gif else None, preview=bool(a.preview_gif))
+        out = gen.generate(labels, seed=a.seed, preset=a.preset, options=options_from_args(a), progress=not a.no_progress,
+                           on_step=on_step if a.preview_gif else None, preview=bool(a.preview_gif))
         where = f"{gen.backend.describe()['backend']}/{gen.backend.device}"
     cols = a.cols or min(len(labels), 8)
     # Encode everything first, then write each file atomically: a failure leaves no partial file.
@@ -155,7 +129,7 @@ def run_info(a: argparse.Namespace) -> int:
     print(f"model    D={cfg['encoder_embed_dim']} depth {cfg['encoder_depth']}+{cfg['decoder_depth']} heads {cfg['encoder_num_heads']} "
           f"MLP {cfg['diffloss_d']}x{cfg['diffloss_w']}  classes {b.num_classes}  grid {cfg['grid_size']}x{cfg['grid_size']}x{cfg['token_channels']}")
     print(f"vae      {m['vae'].get('ch')}ch x {m['vae'].get('ch_mult')}  latent scale {b.latent_scale}  image {m.get('image_size')}px")
-    print(f"defaults {b.defaults}")
+    print(f"defaults {b.defaults.to_dict()}")
     print(f"source   {m.get('source')}")
     for g, spec in m["graphs"].items():
         val = spec.get("validation", {})

@@ -333,14 +333,10 @@ def _check_relations(m: dict[str, Any], where: str) -> None:
 
 def _check_defaults(defaults: dict[str, Any], where: str) -> None:
     from .errors import InvalidArgumentError
-    from .schedules import make_plan
+    from .options import SamplingOptions, resolve_plan
 
-    d = defaults
     try:
-        make_plan(num_steps=d.get("num_steps", 10), cfg=d.get("cfg", 3.0), cfg_schedule_kind=d.get("cfg_schedule", "linear"),
-                  temperature=d.get("temperature", 1.0), temperature_schedule_kind=d.get("temperature_schedule", "official"),
-                  inner_steps=d.get("inner_steps", "frequency-aware"), filter=d.get("filter", "spatial"), x0_clip=d.get("x0_clip"),
-                  inner_sampler=d.get("inner_sampler", "ddpm"), eta=d.get("eta") if d.get("inner_sampler") == "ddim" else None)
+        resolve_plan(SamplingOptions.from_dict(defaults))
     except InvalidArgumentError as e:
         raise _relation_error(where, "defaults", f"not a valid sampling plan ({e})") from None
 

@@ -30,7 +30,8 @@ from .bundle import Bundle
 from .errors import EngineProfileError, GeneratorClosedError, InvalidArgumentError, NumericalError
 from .filters import filter_matrix
 from .noise import CheckedNoise, NoiseFn, SeededNoise
-from .schedules import InnerSteps, SamplingPlan, make_plan, preset_options
+from .options import SamplingOptions, resolve_plan
+from .schedules import InnerSteps, SamplingPlan
 
 log = logging.getLogger(__name__)
 
@@ -67,33 +68,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     (p = x/2 + 1/2; floor(clamp(255 p + 0.5, 0, 255)))."""
     p = images * 0.5 + 0.5
     return np.clip(255.0 * p + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def resolve_plan(defaults: dict[str, Any], *, preset=None, num_steps=None, levels=None, cfg=None, cfg_schedule=None,
-                 temperature=None, temperature_schedule=None, inner_steps=None, filter=None, x0_clip=...,
-                 inner_sampler=None, eta=None) -> SamplingPlan:
-    """The sampling plan for a bundle's ``defaults`` (manifest "defaults"), overridden by the named
-    ``preset`` (far_sdk.schedules.PRESETS), overridden by the options given (None / omitted = the
-    bundle's default; ``x0_clip=None`` explicitly disables clipping). A default or preset ``eta``
-    applies only when the resolved sampler is "ddim"; an explicit one with "ddpm" is an error."""
-    d = {**defaults, **(preset_options(preset) if preset is not None else {})}
-    pick = lambda v, k, default: v if v is not None else d.get(k, default)  # noqa: E731
-    sampler = pick(inner_sampler, "inner_sampler", "ddpm")
-    if eta is None and sampler == "ddim":
-        eta = d.get("eta")
-    return make_plan(
-        num_steps=pick(num_steps, "num_steps", 10) if levels is None else num_steps,
-        levels=levels,
-        cfg=pick(cfg, "cfg", 3.0),
-        cfg_schedule_kind=pick(cfg_schedule, "cfg_schedule", "linear"),
-        temperature=pick(temperature, "temperature", 1.0),
-        temperature_schedule_kind=pick(temperature_schedule, "temperature_schedule", "official"),
-        inner_steps=pick(inner_steps, "inner_steps", "frequency-aware"),
-        filter=pick(filter, "filter", "spatial"),
-        x0_clip=d.get("x0_clip") if x0_clip is ... else x0_clip,
-        inner_sampler=sampler,
-        eta=eta,
-    )
 
 
 class Generator:
@@ -146,9 +120,11 @@ class Generator:
             raise InvalidArgumentError("class_labels is empty: pass at least one class id")
         return tuple(ids)
 
-    def plan(self, **options: Any) -> SamplingPlan:
-        """Resolve options (None = the bundle's defaults) into a validated :class:`SamplingPlan`."""
-        return resolve_plan(self.bundle.defaults, **options)
+    def plan(self, options: SamplingOptions | None = None, *, preset: str | None = None, **fields: Any) -> SamplingPlan:
+        """The validated :class:`SamplingPlan` for ``options`` (and/or its fields as keywords; None = not given)
+        over ``preset`` over the bundle's defaults (far_sdk.options.resolve_plan)."""
+        given = SamplingOptions(**fields).over(options) if options is not None else SamplingOptions(**fields)
+        return resolve_plan(self.bundle.defaults, given, preset_name=preset)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def iter_steps(self, class_ids: Sequence[int], plan: SamplingPlan, noise: NoiseFn,
@@ -226,7 +202,8 @@ class Generator:
         eta: float | None = None,
         filter: str | None = None,
         levels: Sequence[int] | None = None,
-        x0_clip: float | None = ...,
+        x0_clip: float | bool | None = None,
+        options: SamplingOptions | None = None,
         noise: NoiseFn | None = None,
         output_type: OutputType = "pil",
         progress: bool = False,
@@ -245,11 +222,13 @@ class Generator:
           temperature_schedule ("official" | "constant"), inner_steps ("frequency-aware" (default),
           "official" = 100, an int, or one int per outer step), filter ("spatial" | "fourier"):
           None takes the bundle's default. x0_clip: clamp each step's x0 estimate to [-x0_clip, x0_clip]
-          (omitted: the bundle's default; None: no clipping, the official sampler).
+          (None: the bundle's default; False: no clipping, the official sampler).
+        options: a :class:`~far_sdk.options.SamplingOptions` holding any of the settings above at once (e.g. a
+          saved configuration); the keywords given override its fields.
         inner_sampler: "ddpm" (the official sampler, the default) | "ddim" (``inner_steps`` DDIM steps
           per outer step, on DDIM's own respacing); eta: DDIM's noise level in [0, 1] (default 0,
           deterministic; 1 = DDPM's posterior noise). Passing eta with "ddpm" is an error.
-        preset: a named setting from far_sdk.schedules.PRESETS, applied over the bundle's defaults and
+        preset: a named setting from far_sdk.options.PRESETS, applied over the bundle's defaults and
           under the options above: "fast" (15 DDPM steps per outer step: 4.7x fewer than "paper" at
           the same measured quality on the demo), "paper" (DDPM, frequency-aware 40..100), "official" (DDPM, 100).
         on_step(StepInfo) after each outer step; returning False stops early (the output then holds
@@ -268,7 +247,9 @@ class Generator:
             if not isinstance(noise, SeededNoise):   # a SeededNoise is ours: finite, and drawn on the device where it can be
                 noise = CheckedNoise(noise)
         ids = self.class_ids(class_labels)
-        plan = self.plan(preset=preset, num_steps=num_steps, levels=levels, cfg=cfg, cfg_schedule=cfg_schedule,
+        if options is not None and not isinstance(options, SamplingOptions):
+            raise InvalidArgumentError(f"options must be a far_sdk.SamplingOptions, got {type(options).__name__}")
+        plan = self.plan(options, preset=preset, num_steps=num_steps, levels=levels, cfg=cfg, cfg_schedule=cfg_schedule,
                          temperature=temperature, temperature_schedule=temperature_schedule, inner_steps=inner_steps,
                          inner_sampler=inner_sampler, eta=eta, filter=filter, x0_clip=x0_clip)
         if preview not in (False, True, "handed-on", "raw"):

@@ -33,26 +33,6 @@ TemperatureSchedule = Literal["official", "constant"]
 InnerSteps = Union[int, str, Sequence[int]]
 MAX_OUTER_STEPS = GRID
 
-#: Named inner-loop settings (``generate(preset=...)``, ``far generate/bench --preset``). A preset sets
-#: only the keys it lists, over the bundle's defaults; options passed explicitly override it.
-#: "fast" is the measured fast setting (docs/BENCHMARKS.md, "Fewer inner steps"): 4.7x fewer inner steps
-#: than the paper's schedule at its class accuracy and Fréchet distance on the demo bundle. It is the
-#: official DDPM step respaced to 15: with the learned variance it beat DDIM (eta 0 or 1) at every step
-#: count measured there.
-PRESETS: dict[str, dict] = {
-    "paper": {"inner_sampler": "ddpm", "inner_steps": "frequency-aware"},   # 700 DDPM steps (10 outer)
-    "official": {"inner_sampler": "ddpm", "inner_steps": "official"},       # 1000 DDPM steps (10 outer)
-    "fast": {"inner_sampler": "ddpm", "inner_steps": 15},                    # 150 DDPM steps (10 outer)
-}
-
-
-def preset_options(name: str) -> dict:
-    """The options of preset ``name`` (a copy of :data:`PRESETS` [name])."""
-    if name not in PRESETS:
-        raise InvalidArgumentError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return dict(PRESETS[name])
-
-
 def outer_levels(num_steps: int = len(OFFICIAL_LEVELS)) -> tuple[int, ...]:
     """Input frequency level of each outer step (the level the transformer sees), for 1..16 steps.
 

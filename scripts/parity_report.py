@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import far_sdk  # noqa: E402
 from far_sdk.noise import ReplayNoise, SeededNoise  # noqa: E402
-from far_sdk.pipeline import resolve_plan  # noqa: E402
+from far_sdk.options import SamplingOptions, resolve_plan  # noqa: E402
 from training import load_official_checkpoint  # noqa: E402
 from training.sampler import sample_reference  # noqa: E402
 
@@ -65,7 +65,7 @@ def main() -> None:
                             ("official (10 steps, 100 inner)", {"inner_steps": 100}),
                             ("DDIM eta 0 (10 steps, 15 inner)", {"inner_sampler": "ddim", "eta": 0.0, "inner_steps": 15}),
                             ("DDIM eta 1 (10 steps, 15 inner)", {"inner_sampler": "ddim", "eta": 1.0, "inner_steps": 15})):
-        resolved = resolve_plan(b.defaults, **plan)               # the bundle's defaults (cfg, x0_clip, ...) + plan
+        resolved = resolve_plan(b.defaults, SamplingOptions(**plan))  # the bundle's defaults (cfg, x0_clip, ...) + plan
         ref = sample_reference(far, labels, noise=SeededNoise.from_seed(a.seed, len(labels)), plan=resolved).numpy()
         for name, g in gens.items():
             out = g.generate(labels, seed=a.seed, output_type="latent", **plan)

@@ -10,6 +10,7 @@ import pytest
 
 from far_sdk.bench import STAGES, check_stage_sum, summarize, summarize_iterations
 from far_sdk.errors import InvalidArgumentError
+from far_sdk.options import SamplingOptions
 
 INNER = [2, 3]
 BATCHES = [1, 2]
@@ -219,11 +220,11 @@ def test_several_presets_in_one_run_with_speedups_against_the_first(bundle, tmp_
     text, data = capsys.readouterr().out, json.loads(out.read_text())
     assert "[paper] 2 outer steps" in text and "[fast] 2 outer steps" in text and "vs paper" in text
     assert set(data["settings"]) == {"paper", "fast"}
-    from far_sdk.schedules import PRESETS
+    from far_sdk.options import PRESETS
 
-    fast_steps = PRESETS["fast"]["inner_steps"]
+    fast_steps = PRESETS["fast"].inner_steps
     assert data["settings"]["fast"]["inner_steps"] == [fast_steps] * 2 and data["settings"]["paper"]["inner_steps"] == [40, 100]
-    assert data["settings"]["fast"]["inner_sampler"] == PRESETS["fast"]["inner_sampler"]
+    assert data["settings"]["fast"]["inner_sampler"] == PRESETS["fast"].inner_sampler
     paper, fast = data["rows"]
     assert (paper["setting"], fast["setting"]) == ("paper", "fast") and fast["inner_steps"] == data["settings"]["fast"]["inner_steps"]
     assert paper["speedup"]["vs paper"] == pytest.approx(1.0)
@@ -234,7 +235,7 @@ def test_bench_rejects_eta_with_ddpm(bundle):
     from far_sdk.bench import run_benchmark
 
     with pytest.raises(InvalidArgumentError, match="eta"):
-        run_benchmark(bundle, eta=0.5, iters=1, warmup=0)
+        run_benchmark(bundle, options=SamplingOptions(eta=0.5), iters=1, warmup=0)
 
 
 def test_bench_runs_ddim_on_the_backends_and_the_eager_reference(bundle):
@@ -242,7 +243,7 @@ def test_bench_runs_ddim_on_the_backends_and_the_eager_reference(bundle):
 
     threads = torch.get_num_threads()
     try:
-        res = run_benchmark(bundle, backends=["onnxruntime"], num_steps=2, inner_steps=3, inner_sampler="ddim", eta=0.5,
+        res = run_benchmark(bundle, backends=["onnxruntime"], options=SamplingOptions(num_steps=2, inner_steps=3, inner_sampler="ddim", eta=0.5),
                             iters=1, warmup=0, baseline="eager-torch", threads=1)
     finally:
         torch.set_num_threads(threads)

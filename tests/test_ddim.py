@@ -11,7 +11,7 @@ from far_sdk import diffusion as D
 from far_sdk import schedules as S
 from far_sdk.errors import InvalidArgumentError
 from far_sdk.diffusion import Step
-from far_sdk.pipeline import resolve_plan
+from far_sdk.options import PRESETS, SamplingOptions, resolve_plan
 
 
 def _alpha_bar_reference(T=1000):
@@ -202,32 +202,34 @@ def test_bad_sampler_options_raise_typed_errors(kwargs, match):
 
 def test_resolve_plan_precedence_defaults_preset_explicit(monkeypatch):
     bundle = {"num_steps": 10, "inner_steps": "frequency-aware", "x0_clip": 4.0}
-    assert resolve_plan(bundle).inner_sampler == "ddpm"
-    fast = resolve_plan(bundle, preset="fast")
-    want = S.PRESETS["fast"]
-    assert (fast.inner_sampler, fast.inner_steps) == (want["inner_sampler"], (want["inner_steps"],) * 10)
+    R = lambda defaults, preset=None, **given: resolve_plan(defaults, SamplingOptions(**given), preset_name=preset)  # noqa: E731
+    assert R(bundle).inner_sampler == "ddpm"
+    fast = R(bundle, "fast")
+    want = PRESETS["fast"]
+    assert (fast.inner_sampler, fast.inner_steps) == (want.inner_sampler, (want.inner_steps,) * 10)
     assert fast.x0_clip == 4.0                                       # a preset keeps the bundle's other defaults
-    ddim = resolve_plan(bundle, preset="fast", inner_sampler="ddim", eta=1.0, inner_steps=8)
+    ddim = R(bundle, "fast", inner_sampler="ddim", eta=1.0, inner_steps=8)
     assert (ddim.inner_sampler, ddim.eta, ddim.inner_steps) == ("ddim", 1.0, (8,) * 10)
-    assert resolve_plan(bundle, preset="official").inner_steps == (100,) * 10
+    assert R(bundle, "official").inner_steps == (100,) * 10
+    assert R(bundle, x0_clip=False).x0_clip is None                 # False: no clipping over a clipping default
     # a preset's eta applies to DDIM only: overriding its sampler drops it
-    monkeypatch.setitem(S.PRESETS, "ddim-test", {"inner_sampler": "ddim", "eta": 0.3, "inner_steps": 6})
-    assert resolve_plan(bundle, preset="ddim-test").eta == 0.3
-    assert resolve_plan(bundle, preset="ddim-test", eta=1.0).eta == 1.0
-    assert resolve_plan(bundle, preset="ddim-test", inner_sampler="ddpm").eta == 0.0
+    monkeypatch.setitem(PRESETS, "ddim-test", SamplingOptions(inner_sampler="ddim", eta=0.3, inner_steps=6))
+    assert R(bundle, "ddim-test").eta == 0.3
+    assert R(bundle, "ddim-test", eta=1.0).eta == 1.0
+    assert R(bundle, "ddim-test", inner_sampler="ddpm").eta == 0.0
     # a bundle whose default is DDIM: its eta applies to DDIM only
     ddim_bundle = {**bundle, "inner_sampler": "ddim", "eta": 0.5, "inner_steps": 12}
-    assert resolve_plan(ddim_bundle).eta == 0.5
-    assert resolve_plan(ddim_bundle, inner_sampler="ddpm").eta == 0.0
+    assert R(ddim_bundle).eta == 0.5
+    assert R(ddim_bundle, inner_sampler="ddpm").eta == 0.0
     with pytest.raises(InvalidArgumentError, match="applies only"):
-        resolve_plan(bundle, eta=0.3)
+        R(bundle, eta=0.3)
     with pytest.raises(InvalidArgumentError, match="unknown preset 'turbo'.*fast"):
-        resolve_plan(bundle, preset="turbo")
+        R(bundle, "turbo")
 
 
 def test_fast_preset_meets_the_step_budget():
     """The fast preset: >= 4x fewer inner steps than the paper schedule (700) at 10 outer steps."""
-    fast, paper = resolve_plan({}, preset="fast"), resolve_plan({}, preset="paper")
+    fast, paper = resolve_plan({}, preset_name="fast"), resolve_plan({}, preset_name="paper")
     assert sum(paper.inner_steps) == 700 and 4 * sum(fast.inner_steps) <= sum(paper.inner_steps)
 
 
@@ -324,7 +326,7 @@ def test_far_generate_cli_sampler_options(tiny, tmp_path, capsys):
     assert main(base + ["--inner-sampler", "ddim", "--eta", "0.5"]) == 0
     assert "6 ddim eta 0.5 inner steps" in capsys.readouterr().out
     assert main(base[:7] + ["--preset", "fast", "--backend", "onnxruntime", "--no-progress", "--out", str(tmp_path / "f.png")]) == 0
-    assert f"{2 * S.PRESETS['fast']['inner_steps']} ddpm inner steps" in capsys.readouterr().out
+    assert f"{2 * PRESETS['fast'].inner_steps} ddpm inner steps" in capsys.readouterr().out
     assert main(base + ["--eta", "0.5"]) == 2
     assert "applies only to inner_sampler='ddim'" in capsys.readouterr().err
 

@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 
 import far_sdk  # noqa: E402
 from far_sdk.noise import SeededNoise  # noqa: E402
-from far_sdk.pipeline import resolve_plan  # noqa: E402
+from far_sdk.options import SamplingOptions, resolve_plan  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def test_onnxruntime_equals_reference_sampler(gen, far, plan, bound):
 
     labels = [0, 3, 8]
     out = gen.generate(labels, seed=42, output_type="latent", **plan)
-    resolved = resolve_plan(gen.bundle.defaults, **plan)    # the bundle's defaults (cfg, x0_clip, ...) + plan
+    given = {k: v for k, v in plan.items() if k != "preset"}
+    resolved = resolve_plan(gen.bundle.defaults, SamplingOptions(**given), preset_name=plan.get("preset"))  # bundle defaults + plan
     assert out.plan == resolved
     ref = sample_reference(far, labels, noise=SeededNoise.from_seed(42, len(labels)), plan=resolved).numpy()
     assert np.abs(ref).max() < 50, "a trained model's latents stay O(1)"

@@ -160,5 +160,5 @@ def test_ddpm_step_x0_clip_against_float64():
 
 
 def test_step_table_x0_clip_column():
-    assert np.isinf(D.denoise_step_table(5, 1.0, 1.0)[:, 9]).all()
-    assert (D.denoise_step_table(5, 1.0, 1.0, x0_clip=4.0)[:, 9] == 4.0).all()
+    assert np.isinf(D.denoise_step_table(5, 1.0, 1.0)[:, S.x0_clip]).all()
+    assert (D.denoise_step_table(5, 1.0, 1.0, x0_clip=4.0)[:, S.x0_clip] == 4.0).all()

@@ -106,7 +106,8 @@ def test_manifest_describes_model_graphs_and_defaults(models, manifest):
     assert (manifest["latent_scale"], manifest["null_class_id"], manifest["mlp_width"], manifest["image_size"]) == (SCALE, 10, 128, 256)
     assert manifest["id2label"] == {str(k): v for k, v in LABELS.items()}
     assert manifest["defaults"] == {"num_steps": 10, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 1.0,
-                                    "inner_steps": "frequency-aware", "inner_sampler": "ddpm", "filter": "spatial"}
+                                    "temperature_schedule": "official", "inner_steps": "frequency-aware", "inner_sampler": "ddpm",
+                                    "filter": "spatial", "x0_clip": None}
     assert manifest["source"] == {"kind": "random-init", "seed": 0}
     assert set(manifest["created_by"]) == {"far_sdk", "torch", "onnx", "onnxruntime", "python"}
     for name, spec in _specs(far).items():
@@ -307,7 +308,7 @@ def test_cli_random_init_writes_a_loadable_bundle(cli_bundle, capsys):
     out, rc = cli_bundle
     assert rc == 0
     b = Bundle.load(out)
-    assert b.name == "tiny-cli" and b.null_class_id == 10 and b.defaults["cfg"] == 2.5
+    assert b.name == "tiny-cli" and b.null_class_id == 10 and b.defaults.cfg == 2.5
     assert b.manifest["source"] == {"kind": "random-init", "seed": 3}
     assert set(b.manifest["graphs"]) == set(GRAPH_NAMES)
     assert not [p for p in out.parent.iterdir() if p != out]                 # no temporary directories left
