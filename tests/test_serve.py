@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import socket
 import time
 import urllib.error
@@ -59,17 +58,15 @@ def decode_pngs(body: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def server():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+def server(ray_local):
     port = _free_port()
     cfg = ServeConfig(bundle=str(BUNDLE), backend="onnxruntime", backend_options={"threads": 1}, max_batch=8,
                       batch_wait_ms=20, num_replicas=2, cpus_per_replica=0.5, port=port, max_queued_requests=1000)
-    start(cfg, num_cpus=2)
+    start(cfg)   # joins the session's local Ray (2 CPUs)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
