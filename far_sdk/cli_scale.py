@@ -73,7 +73,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-replicas", type=positive_int, default=1)
     p.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="autoscale between MIN and MAX replicas (instead of --num-replicas)")
     p.add_argument("--target-ongoing-requests", type=float, default=4.0, help="autoscaling target per replica")
-    p.add_argument("--max-ongoing-requests", type=positive_int, default=None, help="requests one replica holds (default 2 x --max-batch)")
+    p.add_argument("--max-ongoing-requests", type=positive_int, default=None, help="requests one replica holds (default 4 x --max-batch)")
     p.add_argument("--max-queued-requests", type=positive_int, default=64, help="queued requests before 503 (a bounded queue)")
     p.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 where the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)

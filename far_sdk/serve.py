@@ -76,7 +76,7 @@ class ServeConfig:
     max_batch: most requests merged into one generate call (1 turns batching off; a call holds up to
     max_batch x max_images_per_request images, split further only where an engine's profile demands);
     batch_wait_ms: how long a replica waits for more requests after the first. max_ongoing_requests: requests one replica
-    holds at once (default 2 x max_batch); max_queued_requests: requests each caller (the HTTP proxy)
+    holds at once (default 4 x max_batch); max_queued_requests: requests each caller (the HTTP proxy)
     queues before answering 503. num_replicas, or autoscaling between min_replicas and max_replicas
     at target_ongoing_requests per replica. gpus_per_replica None: 1 where the cluster has GPUs, else 0.
     """
@@ -224,7 +224,7 @@ def deployment_options(cfg: ServeConfig, cluster_gpus: float = 0.0) -> dict[str,
     opts: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
         "ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus},
-        "max_ongoing_requests": cfg.max_ongoing_requests or 2 * cfg.max_batch,
+        "max_ongoing_requests": cfg.max_ongoing_requests or 4 * cfg.max_batch,
         "max_queued_requests": cfg.max_queued_requests,
         "health_check_period_s": 2.0,
         "health_check_timeout_s": 30.0,
@@ -259,6 +259,8 @@ def build_app(cfg: ServeConfig, cluster_gpus: float = 0.0):
             self.cfg = cfg
             self.gen = Generator(cfg.bundle, backend=cfg.backend, **cfg.backend_options)
             self.batch_sizes: Counter[int] = Counter()   # images per generate call -> calls
+            self._waiting: list = []                     # (request, future) not yet generated
+            self._busy = asyncio.Lock()                  # one generate call at a time per replica
             self.generate_batch.set_max_batch_size(cfg.max_batch)
             self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000.0)
 
@@ -266,9 +268,22 @@ def build_app(cfg: ServeConfig, cluster_gpus: float = 0.0):
             if self.gen._closed:
                 raise RuntimeError("the replica's Generator is closed")
 
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)   # the real values are set per replica in __init__
+        # Ray Serve forms a batch as soon as its wait ends, even while the previous one still runs, so under
+        # load it would queue many small batches. Up to 4 of them enter here at once; whichever holds the
+        # Generator takes every waiting request (max_batch at a time), so they merge into the next call.
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=4)   # sizes set in __init__
         async def generate_batch(self, reqs: list[GenerateRequest]) -> list:
-            results: list = [None] * len(reqs)
+            loop = asyncio.get_running_loop()
+            futures = [loop.create_future() for _ in reqs]
+            self._waiting.extend(zip(reqs, futures))
+            async with self._busy:
+                while not all(f.done() for f in futures):
+                    take, self._waiting = self._waiting[:self.cfg.max_batch], self._waiting[self.cfg.max_batch:]
+                    await self._run(take)
+            return [f.result() for f in futures]
+
+        async def _run(self, take: list) -> None:
+            reqs = [r for r, _ in take]
             for idx in group_by_settings(reqs).values():
                 group = [reqs[i] for i in idx]
                 n = sum(len(r.class_ids) for r in group)
@@ -276,12 +291,11 @@ def build_app(cfg: ServeConfig, cluster_gpus: float = 0.0):
                     images = await asyncio.to_thread(generate_group, self.gen, group)
                     self.batch_sizes[n] += 1
                     for i, im in zip(idx, images):
-                        results[i] = (im, n, len(group))
+                        take[i][1].set_result((im, n, len(group)))
                 except Exception as e:  # noqa: BLE001 - one group's failure is its requests' answer, not the batch's
                     log.exception("generate failed for a group of %d requests", len(group))
                     for i in idx:
-                        results[i] = e
-            return results
+                        take[i][1].set_result(e)
 
         async def __call__(self, request):
             path = request.url.path.rstrip("/").rsplit("/", 1)[-1]
