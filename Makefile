@@ -8,11 +8,13 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# torch is pinned: an unpinned torch pulls GBs of CUDA wheels.
+# torch is pinned: an unpinned torch pulls GBs of CUDA wheels. torch-fidelity goes in with --no-deps: its
+# torchvision requirement is left out (PyPI's torchvision does not import beside a +cpu torch; far eval needs none of it).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==2.13.0" onnx onnxruntime numpy pillow safetensors tqdm pytest scikit-learn jsonschema
+	$(PY) -m pip install -q "torch==2.13.0" onnx onnxruntime numpy pillow safetensors tqdm pytest scikit-learn jsonschema "ray[serve]>=2.40" scipy
+	$(PY) -m pip install -q --no-deps "torch-fidelity==0.4.0"
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -1,4 +1,4 @@
-"""The ``far`` command: generate images from a bundle, inspect it, benchmark it."""
+"""The ``far`` command: generate images from a bundle, inspect it, benchmark it, serve it, evaluate it."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import logging
 import sys
 from pathlib import Path
 
-from .bench_cli import add_bench_args, run_bench
-from .clirun import ArgumentParser, check_writable_file, non_negative_int, positive_int, run_command
 from .backends import BACKEND_NAMES
+from .bench_cli import add_bench_args, run_bench
+from .cli_scale import add_dataset, add_eval, add_serve, run_dataset, run_eval, run_serve
+from .clirun import ArgumentParser, check_writable_file, non_negative_int, positive_int, run_command
 from .errors import InvalidArgumentError
 from .fileio import atomic_write_bytes
 from .options import add_sampling_args, options_from_args
@@ -147,6 +148,9 @@ COMMANDS = {
     "generate": (add_generate, run_generate, "generate images into a grid PNG (and a GIF of the steps)"),
     "info": (add_info, run_info, "print a bundle's manifest summary"),
     "bench": (add_bench_args, run_bench, "time each stage per backend and batch (vs the eager PyTorch sampler), FLOPs, memory"),
+    "serve": (add_serve, run_serve, "serve a bundle over HTTP on Ray Serve (dynamic batching, replicas, bounded queue)"),
+    "generate-dataset": (add_dataset, run_dataset, "generate N images as ADM-format .npz shards (resumable; Ray workers or one process)"),
+    "eval": (add_eval, run_eval, "FID, IS, precision/recall of samples vs a reference through torch-fidelity"),
 }
 
 
