@@ -2,7 +2,9 @@
 
 All are pure functions of plain arguments. :func:`make_plan` resolves a user's choices once,
 at the boundary, into a :class:`SamplingPlan` that the reference sampler and every backend
-follow step by step.
+follow step by step (users set them through :class:`far_sdk.options.SamplingOptions`). The
+*training* schedules (mask ratio, loss weight per level, learning rate) are
+``training/schedules.py``'s; nothing there is used when sampling.
 """
 
 from __future__ import annotations

@@ -48,3 +48,26 @@ def test_no_source_file_is_longer_than_one_sitting():
     files = [p for d in ("far_sdk", "training", "export", "scripts", "examples", "tests") for p in (ROOT / d).rglob("*.py")]
     long = {p.relative_to(ROOT).as_posix(): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert len(files) > 50 and long == {}
+
+
+def test_backend_options_list_is_exactly_what_the_backends_take():
+    """far_sdk.backends.base.BACKEND_OPTIONS (what backend="auto" may pass on) against the constructors' own
+    keyword parameters, read from their signatures: a new option cannot be forgotten in the list."""
+    import importlib.util
+    import inspect
+
+    from far_sdk.backends.base import BACKEND_OPTIONS
+    from far_sdk.backends.onnxruntime import OnnxRuntimeBackend
+    from far_sdk.backends.tensorrt import TensorRTBackend
+    from far_sdk.backends.torch import TorchBackend
+
+    classes = [OnnxRuntimeBackend, TensorRTBackend, TorchBackend]
+    if importlib.util.find_spec("torch") is not None:
+        from training.eager import OfficialEagerBackend
+
+        classes.append(OfficialEagerBackend)
+    taken = set()
+    for cls in classes:
+        params = inspect.signature(cls.__init__).parameters.values()
+        taken |= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    assert taken == set(BACKEND_OPTIONS)
