@@ -215,12 +215,5 @@ class SmallTextEncoder:
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def hidden_states(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Like :meth:`encode` but differentiable (for training the encoder)."""
-        prompts = _check_prompts(prompts)
-        enc = self.tokenizer(prompts, return_tensors="pt", padding="max_length", max_length=self.context_len, truncation=True)
-        ids = enc.input_ids.to(next(self.model.parameters()).device)
-        return self.model(ids, attention_mask=(ids != self.tokenizer.pad_token_id).long()).last_hidden_state.float()
-
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         return encode_prompts(self.model.eval(), self.tokenizer, prompts, self.context_len)
