@@ -144,7 +144,7 @@ def stage_eval(a, work: Path) -> dict:
     x, y = load_digits_images(32)
     tr, _ = split_indices(y)
     net, _ = cached_classifier(x[tr], y[tr], default_cache_dir())
-    far = load_official_checkpoint(work / "far" / "checkpoint-last.pth", use_ema=True)
+    far = load_official_checkpoint(work / "far" / "checkpoint-last.pth", use_ema=a.weights == "ema")
     vae = load_official_vae(work / "vae" / "vae.ckpt", VAE_CONFIGS[VAE_CONFIG]).eval()
     scale = json.loads((work / "vae" / "vae.json").read_text())["latent_scale"]
     enc = SmallTextEncoder.from_pretrained(work / "text_encoder")
@@ -163,7 +163,8 @@ def stage_eval(a, work: Path) -> dict:
                      "predicted": np.bincount(pred, minlength=10).tolist()})
         print(f"  {cap!r}: {rows[-1]['accuracy']:.2f}", flush=True)
     acc = float(np.mean([r["accuracy"] for r in rows]))
-    res = {"accuracy": acc, "prompts": len(rows), "per_prompt": a.per_prompt, "cfg": a.cfg, "inner_steps": a.inner_steps,
+    res = {"accuracy": acc, "prompts": len(rows), "per_prompt": a.per_prompt, "weights": a.weights, "cfg": a.cfg,
+           "inner_steps": a.inner_steps,
            "x0_clip": a.x0_clip, "far_steps": far_steps(work), "seconds": time.time() - t0, "rows": rows}
     (work / a.eval_name).write_text(json.dumps(res, indent=1))
     print(f"eval: held-out paraphrase accuracy {acc:.3f} over {len(rows)} prompts x {a.per_prompt} images "
@@ -205,6 +206,7 @@ def main() -> None:
     ap.add_argument("--per-prompt", type=int, default=20)
     ap.add_argument("--prompts", type=int, default=None, help="eval: only this many held-out prompts, spread evenly")
     ap.add_argument("--eval-name", default="eval.json")
+    ap.add_argument("--weights", choices=["ema", "live"], default="ema", help="eval: the checkpoint's EMA or live weights")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
