@@ -21,12 +21,25 @@ from far_sdk.fileio import atomic_writer
 
 from ._io import check_finite_state, check_state_dict, safe_torch_load
 from .config import FAR_CONFIGS, GIVE_THE_CONFIG, FARConfig, config_from_official_args
+from .config_t2i import T2I_CONFIGS, T2I_KIND, T2IConfig, is_t2i_state, t2i_config_from_checkpoint
 from .far import FAR
+from .far_t2i import FART2I
 
 log = logging.getLogger(__name__)
 
 
-def _resolve_config(config: FARConfig | str | None, args: Any, path: Path) -> FARConfig:
+def _resolve_config(config: FARConfig | T2IConfig | str | None, args: Any, path: Path, state: dict) -> FARConfig | T2IConfig:
+    if is_t2i_state(state):  # FAR-T2I: every shape is in the weights (official head width 64)
+        if isinstance(config, FARConfig):
+            raise ConfigError(f"{path} holds a FAR-T2I model (it has context_embed, no class_emb), but a class-conditional "
+                              "FARConfig was given: pass a T2IConfig, a T2I preset name, or no config")
+        if isinstance(config, str) and config not in T2I_CONFIGS:
+            raise ConfigError(f"unknown FAR-T2I preset {config!r}; choose one of {sorted(T2I_CONFIGS)}")
+        if config is None:
+            return t2i_config_from_checkpoint(state, args, source=str(path))
+        return T2I_CONFIGS[config] if isinstance(config, str) else config
+    if isinstance(config, T2IConfig):
+        raise ConfigError(f"{path} holds a class-conditional FAR model (no context_embed), but a T2IConfig was given")
     if isinstance(config, FARConfig):
         return config
     if isinstance(config, str):
@@ -41,12 +54,13 @@ def _resolve_config(config: FARConfig | str | None, args: Any, path: Path) -> FA
 def load_official_checkpoint(
     path: str | os.PathLike,
     use_ema: bool = True,
-    config: FARConfig | str | None = None,
+    config: FARConfig | T2IConfig | str | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-) -> FAR:
-    """Load an official (or our) ``checkpoint-last.pth`` into :class:`FAR`, strictly, in eval mode.
+) -> FAR | FART2I:
+    """Load an official (or our) ``checkpoint-last.pth`` into :class:`FAR` (or :class:`FART2I` when the
+    weights have ``context_embed``), strictly, in eval mode.
 
     The architecture comes from the file's saved ``args`` (official presets) or from ``config``
     (required for custom shapes: the head count is not in the weights). ``use_ema`` picks the
@@ -67,19 +81,20 @@ def load_official_checkpoint(
     state = ckpt[key]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}[{key!r}] is not a state dict")
-    cfg = _resolve_config(config, ckpt.get("args"), path)
+    cfg = _resolve_config(config, ckpt.get("args"), path, state)
+    build = FART2I if isinstance(cfg, T2IConfig) else FAR
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in FAR(cfg).state_dict().items()}
+        expected = {k: v.shape for k, v in build(cfg).state_dict().items()}
     check_state_dict(state, expected, source=f"{path}[{key!r}]")
     check_finite_state(state, source=f"{path}[{key!r}]")
-    model = FAR(cfg)
+    model = build(cfg)
     model.load_state_dict(state, strict=True)
     return model.to(device=device, dtype=dtype).eval()
 
 
 def save_official_checkpoint(
     path: str | os.PathLike,
-    model: FAR,
+    model: FAR | FART2I,
     *,
     ema_state: dict[str, torch.Tensor] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -95,7 +110,9 @@ def save_official_checkpoint(
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ema = {k: v.detach().cpu() for k, v in (ema_state or state).items()}
-    if args is None:
+    if args is None and isinstance(model, FART2I):
+        args = t2i_checkpoint_args(model.config)
+    elif args is None:
         cfg = model.config
         args = argparse.Namespace(
             model="custom", img_size=cfg.grid_size * 16, vae_stride=16, patch_size=1,
@@ -117,6 +134,15 @@ def save_official_checkpoint(
     }
     atomic_torch_save(obj, path)
     return path
+
+
+def t2i_checkpoint_args(cfg: T2IConfig, **extra: Any) -> argparse.Namespace:
+    """Official ``main_far_t2i.py`` flag names for ``cfg`` plus far-sdk's exact config (``far_sdk_config``)."""
+    return argparse.Namespace(
+        model="custom", img_size=cfg.grid_size * 16, vae_stride=16, patch_size=1, vae_embed_dim=cfg.token_channels,
+        buffer_size=0, diffloss_d=cfg.diffloss_d, diffloss_w=cfg.diffloss_w, mask_ratio_min=cfg.mask_ratio_min,
+        num_sampling_steps=str(cfg.num_sampling_steps), diffusion_batch_mul=cfg.diffusion_batch_mul,
+        label_drop_prob=cfg.label_drop_prob, far_sdk_kind=T2I_KIND, far_sdk_config=cfg.to_dict(), **extra)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

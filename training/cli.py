@@ -2,6 +2,7 @@
 
     far-train train --data latents.npz --model far_small --batch-size 64 --steps 10000 --out runs/a
     torchrun --nproc_per_node 8 -m training.cli train --data latents.safetensors --model far_large --epochs 400 --out runs/b
+    far-train train --data text_latents.npz --model far_t2i_demo --steps 3000 --out runs/t2i   # text-to-image
     far-train cache-latents --image-root imagenet/train --vae kl16.ckpt --out latents.safetensors
     far-train train-vae --image-root images/ --vae-config kl16-small --steps 20000 --out vae.pth
 """
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from far_sdk.clirun import ArgumentParser, check_writable_dir, check_writable_file, non_negative_int, positive_int, run_command
+from far_sdk.errors import ConfigError
 
 #: The official kl16 tokenizer's latent scale (latents = posterior sample * scale).
 OFFICIAL_LATENT_SCALE = 0.2325
@@ -23,16 +25,19 @@ OFFICIAL_LATENT_SCALE = 0.2325
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     from .config import FAR_CONFIGS
+    from .config_t2i import T2I_CONFIGS
     from .vae import VAE_CONFIGS
 
     data = p.add_argument_group("data (one of --data or --image-root)")
-    data.add_argument("--data", help="cached latents (.npz / .safetensors with 'latents' and 'labels')")
+    data.add_argument("--data", help="cached latents (.npz / .safetensors with 'latents' and 'labels'; FAR-T2I: an .npz "
+                                     "with 'latents', 'contexts' (text hidden states) and 'context_index')")
     data.add_argument("--image-root", help="ImageFolder tree, encoded on the fly through --vae")
     data.add_argument("--vae", help="VAE checkpoint for --image-root (e.g. kl16.ckpt)")
     data.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS))
     data.add_argument("--scale", type=float, default=OFFICIAL_LATENT_SCALE, help="latent scale for --image-root")
     data.add_argument("--num-workers", type=non_negative_int, default=0)
-    p.add_argument("--model", required=True, choices=sorted(FAR_CONFIGS), help="model preset")
+    p.add_argument("--model", required=True, choices=sorted(FAR_CONFIGS) + sorted(T2I_CONFIGS),
+                   help="model preset (far_t2i*: text-to-image, trained on text hidden states)")
     p.add_argument("--num-classes", type=positive_int, default=None, help="override the preset's class count")
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=positive_int)
@@ -43,8 +48,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     p.add_argument("--warmup", type=non_negative_int, default=0, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.02)
-    p.add_argument("--grad-clip", type=float, default=3.0)
-    p.add_argument("--ema-rate", type=float, default=0.9999)
+    p.add_argument("--grad-clip", type=float, default=None, help="default: 3.0 (FAR-T2I: 1.0, as the official runs)")
+    p.add_argument("--ema-rate", type=float, default=None, help="default: 0.9999 (FAR-T2I: 0.999)")
     p.add_argument("--label-drop", type=float, default=None, help="default: the preset's (0.1)")
     p.add_argument("--diffusion-batch-mul", type=positive_int, default=None, help="default: the preset's (4)")
     p.add_argument("--mask", action="store_true", help="frequency-aware masking (builds the model with mask=True)")
@@ -69,22 +74,31 @@ def _run_train(a: argparse.Namespace) -> int:
     from .train import TrainConfig, train
     from .vae import VAE_CONFIGS, load_official_vae
 
+    from .config_t2i import T2I_CONFIGS
+    from .train_t2i import TextLatentDataset
+
     check_writable_dir(a.out, "--out")  # before any data is read
     model = a.model  # the preset's name goes into the checkpoint's args.model unless overridden
+    t2i = a.model in T2I_CONFIGS
+    if t2i and (a.mask or a.num_classes is not None or a.image_root or a.data is None):
+        raise ConfigError("FAR-T2I trains from --data (an .npz of latents, contexts and context_index) and always "
+                          "masks: drop --mask / --num-classes / --image-root")
     if a.mask or a.num_classes is not None:
         base = get_config(a.model)
         model = replace(base, mask=base.mask or a.mask,
                         num_classes=a.num_classes if a.num_classes is not None else base.num_classes)
     cfg = TrainConfig(
         model=model, batch_size=a.batch_size, steps=a.steps, epochs=a.epochs, lr=a.lr, blr=a.blr,
-        lr_schedule=a.lr_schedule, warmup_steps=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
-        ema_rate=a.ema_rate, label_drop=a.label_drop, diffusion_batch_mul=a.diffusion_batch_mul, use_mask=a.mask,
+        lr_schedule=a.lr_schedule, warmup_steps=a.warmup, weight_decay=a.weight_decay,
+        grad_clip=a.grad_clip if a.grad_clip is not None else (1.0 if t2i else 3.0),
+        ema_rate=a.ema_rate if a.ema_rate is not None else (0.999 if t2i else 0.9999), label_drop=a.label_drop, diffusion_batch_mul=a.diffusion_batch_mul, use_mask=a.mask,
         use_loss_weight=not a.no_loss_weight, high_t_fraction=a.high_t_fraction, filter=a.filter, precision=a.precision, device=a.device, seed=a.seed,
         out_dir=a.out, save_every=a.save_every, log_every=a.log_every, num_workers=a.num_workers, resume=a.resume,
         progress=not a.no_progress,
     )
     vae = load_official_vae(a.vae, VAE_CONFIGS[a.vae_config]) if a.vae else None
-    result = train(cfg, load_latents_or_images(a.data, a.image_root, vae, a.scale))
+    data = TextLatentDataset(a.data) if t2i else load_latents_or_images(a.data, a.image_root, vae, a.scale)
+    result = train(cfg, data)
     if result.checkpoint is not None:
         last = result.history[-1][1] if result.history else float("nan")
         print(f"trained {result.step} steps (last loss {last:.4f}); checkpoint: {result.checkpoint}")

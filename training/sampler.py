@@ -133,21 +133,29 @@ def iter_reference(
         plan = make_plan(**plan_options)
     elif plan_options:
         raise InvalidArgumentError(f"pass either plan or plan options, not both (got {sorted(plan_options)})")
+    labels = _check_labels(class_labels, model.config.num_classes)
+    emb = model.cfg_class_embedding(labels.to(next(model.parameters()).device))  # (2B, D)
+    yield from iter_conditioned(model, emb, plan, seed=seed, noise=noise, orders=orders)
+
+
+@torch.no_grad()
+def iter_conditioned(model: torch.nn.Module, emb: torch.Tensor, plan: SamplingPlan, *, seed: int = 0,
+                     noise: NoiseFn | None = None, orders: np.ndarray | None = None) -> Iterator[ReferenceStep]:
+    """The sampling loop of :func:`iter_reference` for any FAR whose ``condition(tokens, emb, mask)`` takes
+    the CFG batch's conditioning ``emb`` (2B rows, conditional half first): class embeddings [2B, D]
+    (:class:`FAR`) or projected text contexts [2B, T, D] (:class:`training.far_t2i.FART2I`)."""
     cfg = model.config
-    labels = _check_labels(class_labels, cfg.num_classes)
     if plan.mode == "mask" and not cfg.mask:
         raise InvalidArgumentError("mask mode needs a model built with mask=True (FARConfig(mask=True))")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    B, L, C, G = labels.shape[0], cfg.seq_len, cfg.token_channels, cfg.grid_size
+    B, L, C, G = emb.shape[0] // 2, cfg.seq_len, cfg.token_channels, cfg.grid_size
     noise = noise if noise is not None else SeededNoise.from_seed(seed, B)
     net = model.diffloss.net
 
     def draw() -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(noise((B, L, C)))).to(device=device, dtype=dtype).reshape(B * L, C)
 
-    labels = labels.to(device)
-    emb = model.cfg_class_embedding(labels)                                   # (2B, D)
     tokens = torch.zeros(B, L, C, device=device, dtype=dtype)
     mask = None
     if plan.mode == "mask":

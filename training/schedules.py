@@ -71,6 +71,24 @@ def sample_mask(batch: int, seq_len: int, level: int, generator: torch.Generator
     return mask.to(device)
 
 
+def sample_t2i_mask(batch: int, seq_len: int, generator: torch.Generator | None = None, *, ratio_min: float = 0.7,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    """FAR-T2I's training mask (official ``FAR_T2I.random_masking``): (float [B, L] with 1 = masked, share m).
+
+    One share per call, m ~ normal(1, 0.25) truncated to [ratio_min, 1], drawn by inverting the CDF:
+    m = 1 + 0.25 Phi^-1(Phi(a) + u (Phi(0) - Phi(a))), a = (ratio_min - 1) / 0.25, u ~ U[0, 1) (float64).
+    Every row masks ceil(L m) tokens: the first entries of its own random permutation.
+    """
+    if not 0.0 <= ratio_min <= 1.0:
+        raise InvalidArgumentError(f"ratio_min must lie in [0, 1], got {ratio_min!r}")
+    lo = torch.special.ndtr(torch.tensor((ratio_min - 1.0) / 0.25, dtype=torch.float64))
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    ratio = float(1.0 + 0.25 * torch.special.ndtri(lo + u * (0.5 - lo)))
+    ratio = min(max(ratio, ratio_min), 1.0)              # guard the float64 rounding at the ends
+    mask = sample_mask(batch, seq_len, 0, generator, ratio=ratio, num_levels=1, device=device)
+    return mask, ratio
+
+
 def loss_weight(level: int, num_levels: int = 16) -> float:
     """The paper's loss weight at input level i: w_i = 1 + sin(pi/2 * i / F) (1 at i = 0, < 2 at F - 1)."""
     _check_level(level, num_levels)

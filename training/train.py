@@ -39,7 +39,9 @@ from far_sdk.filters import FILTER_TYPES, FilterType, filter_matrix
 from ._io import check_state_dict, safe_torch_load
 from .checkpoint import save_official_checkpoint
 from .config import FARConfig, config_from_official_args, get_config
+from .config_t2i import T2I_CONFIGS, T2IConfig, get_t2i_config, t2i_config_from_checkpoint
 from .far import FAR
+from .far_t2i import FART2I
 from .schedules import LR_SCHEDULES, LrSchedule, loss_weight, lr_at, sample_mask
 from .data import ImageFolderLatents
 
@@ -48,7 +50,8 @@ log = logging.getLogger(__name__)
 Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 #: FARConfig fields that do not change the weights' layout or meaning: may differ on resume.
-_TRAINING_ONLY_FIELDS = {"mask", "label_drop_prob", "attn_dropout", "proj_dropout", "diffusion_batch_mul", "num_sampling_steps"}
+_TRAINING_ONLY_FIELDS = {"mask", "label_drop_prob", "attn_dropout", "proj_dropout", "diffusion_batch_mul", "num_sampling_steps",
+                         "mask_ratio_min"}
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class TrainConfig:
     """Everything one training run needs. Defaults follow the official ``train.sh`` except
     where the issue asks for the paper (loss weight on; mask off unless requested)."""
 
-    model: str | FARConfig = "far_tiny"     # preset name or an explicit FARConfig
+    model: str | FARConfig | T2IConfig = "far_tiny"  # preset name or an explicit config (T2I: training.train_t2i)
     batch_size: int = 64                     # per process; global batch = batch_size * world size
     steps: int | None = None                 # exactly one of steps / epochs
     epochs: int | None = None
@@ -106,9 +109,10 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
         self.model_config()  # validate the model choice now
 
-    def model_config(self) -> FARConfig:
+    def model_config(self) -> FARConfig | T2IConfig:
         """The architecture to train, with this run's label drop and diffusion batch multiplier folded in."""
-        cfg = self.model if isinstance(self.model, FARConfig) else get_config(self.model)
+        cfg = self.model if isinstance(self.model, (FARConfig, T2IConfig)) else (
+            get_t2i_config(self.model) if self.model in T2I_CONFIGS else get_config(self.model))
         over: dict[str, Any] = {}
         if self.label_drop is not None:
             over["label_drop_prob"] = float(self.label_drop)
@@ -122,14 +126,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["model"] = self.model.to_dict() if isinstance(self.model, FARConfig) else self.model
+        d["model"] = self.model.to_dict() if isinstance(self.model, (FARConfig, T2IConfig)) else self.model
         d["betas"] = list(self.betas)
         return d
 
 
 @dataclass
 class TrainResult:
-    model: FAR                                   # the bare (unwrapped) model, in train mode
+    model: FAR | FART2I                          # the bare (unwrapped) model, in train mode
     ema: dict[str, torch.Tensor]                 # EMA of every parameter, by bare name
     step: int                                    # optimiser steps taken in total (resumed ones included)
     optimizer: torch.optim.Optimizer | None = None
@@ -241,7 +245,7 @@ class Trainer:
             config.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.lr = config.lr if config.lr is not None else config.blr * config.batch_size * dist_info.world_size / 256
         torch.manual_seed(config.seed)  # same initialisation on every rank
-        self.model = FAR(mc).to(self.device).train()
+        self.model = (FART2I if isinstance(mc, T2IConfig) else FAR)(mc).to(self.device).train()
         self.model.diffloss.high_t_fraction = float(config.high_t_fraction)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=self.lr, betas=config.betas)
         self._params = [p for _, p in self.model.named_parameters()]
@@ -249,6 +253,12 @@ class Trainer:
         self.global_step = 0
         self.total_steps = config.steps or 0
         self.net: torch.nn.Module = self.model
+
+    def check_targets(self, y: torch.Tensor) -> None:
+        n = self.model_config.num_classes
+        if int(y.min()) < 0 or int(y.max()) >= n:                               # CPU tensors: no device sync
+            raise InvalidArgumentError(f"labels span {int(y.min())}..{int(y.max())} but the model has "
+                                       f"{n} classes: pick a config with num_classes > {int(y.max())}")
 
     def wrap_ddp(self) -> None:
         """Wrap for DDP (call after any resume). mask_token is unused unless masking, hence find_unused_parameters."""
@@ -323,8 +333,10 @@ class Trainer:
             raise CheckpointError(f"{path} is not a training checkpoint (no 'model' entry)")
         args = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else dict(ckpt.get("args") or {})
         if args:
-            saved = config_from_official_args(args)
-            diff = [f.name for f in fields(FARConfig) if f.name not in _TRAINING_ONLY_FIELDS
+            mc = self.model_config
+            saved = (t2i_config_from_checkpoint(ckpt["model"], args, source=str(path)) if isinstance(mc, T2IConfig)
+                     else config_from_official_args(args))
+            diff = [f.name for f in fields(type(mc)) if f.name not in _TRAINING_ONLY_FIELDS
                     and getattr(saved, f.name) != getattr(self.model_config, f.name)]
             if diff:
                 raise ConfigError(f"{path} was trained with another architecture (differs in {diff}); "
@@ -363,7 +375,7 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     use_cuda = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     info = init_distributed(use_cuda)
     try:
-        trainer = Trainer(config, info)
+        trainer = _trainer_class(config)(config, info)
         source, to_latents = _latent_source(dataset, trainer.device)
         sampler = DistributedSampler(source, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                      seed=config.seed, drop_last=True)
@@ -390,7 +402,7 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
             loader = DataLoader(source, batch_size=config.batch_size, sampler=order, drop_last=True,
                                 num_workers=config.num_workers, pin_memory=trainer.device.type == "cuda")
             for x, y in loader:
-                _check_labels(y, trainer.model_config)
+                trainer.check_targets(y)
                 x = to_latents(x)
                 _check_latents(x, trainer.model_config)
                 loss, lr = trainer.step(x, y)
@@ -420,19 +432,18 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
             dist.destroy_process_group()
 
 
-def _check_latents(x: torch.Tensor, mc: FARConfig) -> None:
+def _trainer_class(config: TrainConfig) -> type[Trainer]:
+    if isinstance(config.model_config(), T2IConfig):
+        from .train_t2i import T2ITrainer  # the T2I step (per-sample levels, text context, fixed masking)
+        return T2ITrainer
+    return Trainer
+
+
+def _check_latents(x: torch.Tensor, mc: FARConfig | T2IConfig) -> None:
     if tuple(x.shape[1:]) != (mc.token_channels, mc.grid_size, mc.grid_size):
         raise ConfigError(f"latents have shape {list(x.shape[1:])} but the model expects "
                           f"[{mc.token_channels}, {mc.grid_size}, {mc.grid_size}]")
 
 
-def _check_labels(y: torch.Tensor, mc: FARConfig) -> None:
-    if int(y.min()) < 0 or int(y.max()) >= mc.num_classes:                      # CPU tensors: no device sync
-        raise InvalidArgumentError(f"labels span {int(y.min())}..{int(y.max())} but the model has "
-                                   f"{mc.num_classes} classes: pick a config with num_classes > {int(y.max())}")
-
-
-__all__ = [
-    "TrainConfig", "TrainResult", "Trainer", "train", "param_groups", "low_pass_latents", "to_tokens", "validation_loss",
-    "init_distributed", "DistInfo",
-]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "param_groups", "low_pass_latents", "to_tokens",
+           "validation_loss", "init_distributed", "DistInfo"]
