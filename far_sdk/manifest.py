@@ -33,7 +33,8 @@ from .errors import BundleError, IncompatibleBundleError, IntegrityError
 BUNDLE_FORMAT = "far-bundle"
 #: Bumped when the manifest or a graph's inputs/outputs change incompatibly.
 #: 2: the manifest carries ``manifest_sha256`` and is checked against :data:`SCHEMA`.
-FORMAT_VERSION = 2
+#: 3: ``sampling_modes`` (mask mode); a model built with mask=True has a transformer that takes ``mask``.
+FORMAT_VERSION = 3
 DIGEST_KEY = "manifest_sha256"
 MAX_MANIFEST_BYTES = 16 << 20
 GRAPH_NAMES = ("transformer", "denoiser", "vae_decoder")  # far_sdk.graphs.GRAPH_NAMES (not imported: no cycle)
@@ -122,7 +123,8 @@ _DEFAULTS = _object({
     "x0_clip": {"oneOf": [{"type": "null"}, _num(0.0, 1e6, open_lo=True)]},
     "inner_sampler": {"enum": ["ddpm", "ddim"]},
     "eta": _num(0.0, 1.0),
-}, optional=("num_steps", "cfg", "cfg_schedule", "temperature", "temperature_schedule", "inner_steps", "filter", "x0_clip",
+    "mode": {"enum": ["nomask", "mask"]},
+}, optional=("mode", "num_steps", "cfg", "cfg_schedule", "temperature", "temperature_schedule", "inner_steps", "filter", "x0_clip",
              "inner_sampler", "eta"))
 _TENSOR = _object({
     "name": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z"},
@@ -165,6 +167,8 @@ SCHEMA: dict[str, Any] = {
         "image_size": _int(1, 16384),
         "id2label": {"type": "object", "maxProperties": 1_000_000,
                      "propertyNames": {"pattern": r"^(0|[1-9][0-9]{0,6})\Z"}, "additionalProperties": _TEXT},
+        "sampling_modes": {"type": "array", "items": {"enum": ["nomask", "mask"]}, "minItems": 1, "maxItems": 2,
+                           "uniqueItems": True},
         "defaults": _DEFAULTS,
         "graphs": _object({g: _GRAPH for g in GRAPH_NAMES}),
         "weights": _object({"file": _FILE, "prefixes": _object({"far": _TEXT, "vae": _TEXT})}),
@@ -293,6 +297,7 @@ def _relation_error(where: str, field: str, message: str) -> BundleError:
 
 def _check_relations(m: dict[str, Any], where: str) -> None:
     from .graphs import graph_specs
+    from .masking import sampling_modes
 
     files, model, vae = m["files"], m["model"], m["vae"]
     for g, entry in m["graphs"].items():
@@ -320,8 +325,15 @@ def _check_relations(m: dict[str, Any], where: str) -> None:
     for k in m.get("id2label", {}):
         if int(k) >= model["num_classes"]:
             raise _relation_error(where, f"id2label.{k}", f"class id {k} is outside 0..{model['num_classes'] - 1}")
+    modes = list(sampling_modes(model["mask"]))
+    if m["sampling_modes"] != modes:
+        raise _relation_error(where, "sampling_modes", f"{m['sampling_modes']} differ from {modes}, the modes of a model built "
+                              f"with mask={model['mask']}")
+    if m["defaults"].get("mode", "nomask") not in modes:
+        raise _relation_error(where, "defaults.mode", f"{m['defaults'].get('mode', 'nomask')!r} (omitted: 'nomask') is not one "
+                              f"of the sampling modes {modes}")
     specs = graph_specs(seq_len=model["grid_size"] ** 2, token_channels=model["token_channels"], mlp_width=m["mlp_width"],
-                        grid_size=model["grid_size"], image_size=m["image_size"])
+                        grid_size=model["grid_size"], image_size=m["image_size"], masked=model["mask"])
     for g in GRAPH_NAMES:
         want = specs[g].to_dict()
         for io in ("inputs", "outputs"):
@@ -336,8 +348,9 @@ def _check_defaults(defaults: dict[str, Any], where: str) -> None:
     from .schedules import make_plan
 
     d = defaults
+    mask = d.get("mode") == "mask"
     try:
-        make_plan(num_steps=d.get("num_steps", 10), cfg=d.get("cfg", 3.0), cfg_schedule_kind=d.get("cfg_schedule", "linear"),
+        make_plan(num_steps=None if mask else d.get("num_steps", 10), mode=d.get("mode", "nomask"), cfg=d.get("cfg", 3.0), cfg_schedule_kind=d.get("cfg_schedule", "linear"),
                   temperature=d.get("temperature", 1.0), temperature_schedule_kind=d.get("temperature_schedule", "official"),
                   inner_steps=d.get("inner_steps", "frequency-aware"), filter=d.get("filter", "spatial"), x0_clip=d.get("x0_clip"),
                   inner_sampler=d.get("inner_sampler", "ddpm"), eta=d.get("eta") if d.get("inner_sampler") == "ddim" else None)

@@ -96,7 +96,9 @@ def iter_reference(
     cfg_schedule_kind, temperature, temperature_schedule_kind, inner_steps, filter, mode, x0_clip) fixes the
     schedules; the default inner steps are the paper's frequency-aware schedule. ``noise`` replays
     draws (see :mod:`far_sdk.noise` for the order); otherwise they come from ``seed``
-    (image i uses seed + i). ``orders`` [B, L] sets mask mode's token orders.
+    (image i uses seed + i). ``orders`` [B, L] sets mask mode's token orders (default: ``noise.orders``).
+    As in the official code, a model built with mask=True samples in mask mode only, and one built
+    with mask=False also runs mask mode, its transformer ignoring the mask (it sees zeros there).
     """
     if plan is None:
         plan = make_plan(**plan_options)
@@ -104,8 +106,9 @@ def iter_reference(
         raise InvalidArgumentError(f"pass either plan or plan options, not both (got {sorted(plan_options)})")
     cfg = model.config
     labels = _check_labels(class_labels, cfg.num_classes)
-    if plan.mode == "mask" and not cfg.mask:
-        raise InvalidArgumentError("mask mode needs a model built with mask=True (FARConfig(mask=True))")
+    if plan.mode == "nomask" and cfg.mask:   # the official sample_tokens_nomask crashes on such a model
+        raise InvalidArgumentError("a model built with mask=True samples in mask mode only (mode='mask')")
+    # mode "mask" on a mask=False model: its transformer ignores the mask and sees the zeroed tokens (official)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     B, L, C, G = labels.shape[0], cfg.seq_len, cfg.token_channels, cfg.grid_size
