@@ -50,7 +50,10 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="image i uses seed + i")
     p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
     p.add_argument("--device", default=None, help="backend device (cpu, cuda, ...)")
-    p.add_argument("--steps", type=positive_int, default=None, help="outer steps 1..16 (default: bundle's, 10)")
+    p.add_argument("--mode", choices=["nomask", "mask"], default=None,
+                   help="nomask (the official evaluated sampler) or mask (the official sample_tokens_mask: 11 steps, "
+                        "tokens unmasked in a seeded random order); default: the bundle's (see `far info`)")
+    p.add_argument("--steps", type=positive_int, default=None, help="outer steps 1..16 (default: bundle's, 10; mask mode: 11)")
     p.add_argument("--cfg", type=float, default=None)
     p.add_argument("--cfg-schedule", choices=["linear", "constant"], default=None)
     p.add_argument("--temperature", type=float, default=None)
@@ -101,7 +104,7 @@ def run_generate(a: argparse.Namespace) -> int:
             frames.append(_grid(info.preview, a.cols or min(len(labels), 8)))
 
     with Generator(a.bundle, backend=a.backend, **opts) as gen:
-        out = gen.generate(labels, seed=a.seed, preset=a.preset, num_steps=a.steps, cfg=a.cfg, cfg_schedule=a.cfg_schedule,
+        out = gen.generate(labels, seed=a.seed, mode=a.mode, preset=a.preset, num_steps=a.steps, cfg=a.cfg, cfg_schedule=a.cfg_schedule,
                            temperature=a.temperature, inner_steps=a.inner_steps, inner_sampler=a.inner_sampler, eta=a.eta,
                            filter=a.filter,
                            x0_clip=None if a.no_x0_clip else (a.x0_clip if a.x0_clip is not None else ...),
@@ -127,7 +130,7 @@ def run_generate(a: argparse.Namespace) -> int:
     p = out.plan
     sampler = p.inner_sampler + (f" eta {p.eta:g}" if p.inner_sampler == "ddim" else "")
     print(f"wrote {a.out} ({len(out.images)} images, classes {list(out.class_labels)}, seeds {out.seeds[0]}..{out.seeds[-1]}) "
-          f"on {where}; {p.num_steps} outer steps, {sum(p.inner_steps)} {sampler} inner steps")
+          f"on {where}; {p.mode} mode, {p.num_steps} outer steps, {sum(p.inner_steps)} {sampler} inner steps")
     print("  " + "  ".join(f"{k} {v:.3f}s" for k, v in t.items()))
     if a.preview_gif:
         print(f"wrote {a.preview_gif} ({len(frames)} frames)")
@@ -155,6 +158,7 @@ def run_info(a: argparse.Namespace) -> int:
     print(f"model    D={cfg['encoder_embed_dim']} depth {cfg['encoder_depth']}+{cfg['decoder_depth']} heads {cfg['encoder_num_heads']} "
           f"MLP {cfg['diffloss_d']}x{cfg['diffloss_w']}  classes {b.num_classes}  grid {cfg['grid_size']}x{cfg['grid_size']}x{cfg['token_channels']}")
     print(f"vae      {m['vae'].get('ch')}ch x {m['vae'].get('ch_mult')}  latent scale {b.latent_scale}  image {m.get('image_size')}px")
+    print(f"modes    {', '.join(b.sampling_modes)} (model built with mask={cfg['mask']})")
     print(f"defaults {b.defaults}")
     print(f"source   {m.get('source')}")
     for g, spec in m["graphs"].items():

@@ -32,14 +32,14 @@ import contextlib
 import logging
 import re
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import BackendUnavailableError, DeviceOutOfMemoryError, InvalidArgumentError
+from ..errors import BackendUnavailableError, InvalidArgumentError
 from .base import Backend, HostDraws, LoopState, Mark, SeededDraws, check_backend_options
+from .torch_state import Batch as _Batch, memory_errors as _memory_errors
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +64,6 @@ def _import_torch():
     except ImportError as e:
         raise BackendUnavailableError("backend 'torch' needs PyTorch: pip install torch (and far-sdk's training package)") from e
     return torch
-
-
-@dataclass
-class _Batch:
-    """Static device buffers of one batch size, shared by that size's graphs and eager runs."""
-
-    B: int
-    tokens: Any        # (B, L, C)            fp32: the transformer's input tokens
-    raw: Any           # (B, L, C)            fp32: the last outer step's sample
-    cond: Any          # (2, B, L, W)         network dtype: the transformer's output
-    ids: Any           # (2B,)                int64
-    seeds: Any         # (B,)                 int64
-    level: Any         # (1,)                 fp32
-    steps: Any         # (MAX_INNER_STEPS, STEP_STRIDE) fp32: rows 0..n-1 = this outer step's step table
-    pos: Any           # (MAX_INNER_STEPS + 1, 2) int64: [k, 0] = stream position of draw k (x_T = draw 0)
-    fmat: Any          # (G, G)               fp32
-    mask: Any          # (2B, L)              fp32: mask mode: 1 = the transformer drops the token
-    keep: Any          # (B, L, 1)            fp32: mask mode: 1 = kept in what the step hands on
-    noise: Any = None  # (n + 1, B, L, C)     fp32: uploaded host draws (grown on demand)
-    graphs: dict = field(default_factory=dict)
 
 
 class TorchBackend(Backend):
@@ -440,23 +420,3 @@ class TorchBackend(Backend):
             self._lru.clear()
             self._batches.clear()
             self._graphs.clear()
-
-
-class _memory_errors:
-    """torch's allocation failures (CUDA OOM, the CPU allocator's RuntimeError) -> DeviceOutOfMemoryError."""
-
-    def __init__(self, torch, batch: int):
-        self._torch, self._batch = torch, batch
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, typ, e, tb):
-        if e is None:
-            return False
-        oom = isinstance(e, (MemoryError, self._torch.cuda.OutOfMemoryError)) or (
-            isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower()))
-        if oom:
-            raise DeviceOutOfMemoryError(f"out of memory generating {self._batch} images per call: pass a smaller max_batch "
-                                         f"or fewer labels ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-        return False
