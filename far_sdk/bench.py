@@ -564,7 +564,7 @@ def _eager_rows(bundle, plans, batches, *, warmup, iters, seed, threads, device,
     # the backends' device names ("tensorrt" is an onnxruntime EP) -> a torch device for the same hardware
     dev = device if device not in (None, "auto", "tensorrt") else ("cuda" if torch.cuda.is_available() else "cpu")
     plan = plans[0][1]
-    official = dataclasses.replace(plan, inner_steps=make_plan(plan.num_steps, inner_steps="official").inner_steps,
+    official = dataclasses.replace(plan, inner_steps=make_plan(levels=plan.levels, inner_steps="official").inner_steps,
                                    inner_sampler="ddpm", eta=0.0)
     variants = [(EAGER_OFFICIAL, official, None)] + [(EAGER_EQUAL, p, label) for label, p in plans if p != official]
     gc.collect()
