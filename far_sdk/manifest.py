@@ -259,7 +259,8 @@ def read_manifest(data: bytes, where: str) -> dict[str, Any]:
         made_by = m.get("created_by", {}).get("far_sdk", "unknown") if isinstance(m.get("created_by"), dict) else "unknown"
         raise IncompatibleBundleError(
             f"{where} has bundle format version {str(m.get('format_version'))[:20]}; this far-sdk reads version {FORMAT_VERSION}. "
-            f"Re-export it with this far-sdk's `far-export onnx` (or install the far-sdk that wrote it: {str(made_by)[:40]}).")
+            f"Re-export it with this far-sdk's `far-export onnx`, or from its own weights with scripts/reexport_bundle.py "
+            f"(or install the far-sdk that wrote it: {str(made_by)[:40]}).")
     validate_manifest(m, where)
     return m
 

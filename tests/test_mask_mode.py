@@ -250,6 +250,19 @@ def test_a_manifest_whose_modes_contradict_its_model_is_refused(masked_bundle, t
         far_sdk.Generator(bundle, backend="onnxruntime")
 
 
+def test_a_bundle_of_format_2_is_refused_with_how_to_re_export(masked_bundle, tmp_path):
+    from far_sdk.errors import IncompatibleBundleError
+
+    bundle = tmp_path / "b"
+    shutil.copytree(masked_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["format_version"] = 2
+    del m["sampling_modes"]
+    (bundle / "manifest.json").write_bytes(dump_manifest(m))
+    with pytest.raises(IncompatibleBundleError, match=r"format version 2; this far-sdk reads version 3.*reexport_bundle.py"):
+        far_sdk.Generator(bundle, backend="onnxruntime")
+
+
 def test_asking_for_an_unsupported_mode_is_a_typed_error_naming_the_supported_ones(masked_bundle, masked_far):
     gen = far_sdk.Generator(masked_bundle, backend="onnxruntime", threads=2)
     with pytest.raises(InvalidArgumentError, match=r"mode\(s\) \['mask'\] only, not 'nomask'.*mask=True.*pass mode='mask'"):
