@@ -12,13 +12,15 @@
    ``--bench-iters`` timed runs, median; ``--bench-rounds`` passes over all settings, median of those)
    and report seconds per image and the speed-up over the table's first (reference) row.
 
-Tables: "settings" (outer steps, CFG, inner-step schedules) and "inner-samplers" (DDPM at the paper
+Tables: "settings" (outer steps, CFG, inner-step schedules), "modes" (no-mask vs mask mode, paper and
+fast inner steps; ``--mode`` instead sets the mode of every row of another table) and "inner-samplers" (DDPM at the paper
 schedule vs DDIM at eta 0 and 1 with 5, 10, 20 and 50 steps per outer step, and the fast preset;
 the fast-setting criteria, >= 4x fewer inner steps than the reference with class accuracy within
 1 point and Fréchet distance within 15 %, are checked and printed).
 
     .venv/bin/python examples/evaluate_demo.py [--bundle engines/far-demo] [--per-class 20] [--json out.json]
     .venv/bin/python examples/evaluate_demo.py --table inner-samplers --per-class 20 --markdown
+    .venv/bin/python examples/evaluate_demo.py --table modes --per-class 20 --markdown
 """
 
 from __future__ import annotations
@@ -62,7 +64,15 @@ INNER_SAMPLER_SETTINGS = {
     **{f"DDIM eta {eta:g}, {n} per outer step": {"inner_sampler": "ddim", "eta": eta, "inner_steps": n}
        for eta, counts in ((0.0, (5, 10, 15, 20, 50)), (1.0, (5, 10, 20, 50))) for n in counts},
 }
-TABLES = {"settings": SETTINGS, "inner-samplers": INNER_SAMPLER_SETTINGS}
+#: No-mask vs mask mode (the official sample_tokens_mask: 11 outer steps, tokens unmasked in a seeded random
+#: order; on the demo, built with mask=False, its transformer sees the masked tokens as zeros, as the official one does).
+MODE_SETTINGS = {
+    "no-mask, paper defaults (10 steps, 40..100)": {"mode": "nomask"},
+    "mask mode, paper defaults (11 steps, 40..100)": {"mode": "mask"},
+    f"no-mask, fast preset ({_FAST['inner_steps']} per outer step)": {"mode": "nomask", "preset": "fast"},
+    f"mask mode, fast preset ({_FAST['inner_steps']} per outer step)": {"mode": "mask", "preset": "fast"},
+}
+TABLES = {"settings": SETTINGS, "inner-samplers": INNER_SAMPLER_SETTINGS, "modes": MODE_SETTINGS}
 #: The fast-setting criteria of the inner-samplers table, against its first (reference) row.
 FAST_STEP_RATIO, FAST_ACC_POINTS, FAST_FD_RATIO = 4.0, 0.01, 1.15
 #: Bump when DigitNet or train_classifier changes: part of the classifier cache key.
@@ -224,6 +234,8 @@ def main() -> None:
     ap.add_argument("--table", choices=sorted(TABLES), default="settings")
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1000, help="first sample seed (the classifier uses 0)")
+    ap.add_argument("--mode", choices=["nomask", "mask"], default=None,
+                    help="sampling mode for every setting of the table (default: each setting's own, else the bundle's)")
     ap.add_argument("--settings", default=None, help="comma-separated subset of setting indices (0-based; keep 0, the reference)")
     ap.add_argument("--bench", action=argparse.BooleanOptionalAction, default=None,
                     help="time each setting with far bench in the same run (default: on for --table inner-samplers)")
@@ -236,6 +248,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     table = TABLES[a.table]
+    if a.mode is not None:
+        table = {(f"{k} [{a.mode}]" if v.get("mode", a.mode) == a.mode else k): {**v, "mode": a.mode} for k, v in table.items()}
     bench = a.bench if a.bench is not None else a.table == "inner-samplers"
 
     x, y = load_digits_images(32)
@@ -263,7 +277,8 @@ def main() -> None:
         acc = float((p == np.array(labels)).mean())
         fd = frechet_distance(f, feat_real)
         plan = out.plan
-        rows.append({"setting": name, "options": table[name], "inner_sampler": plan.inner_sampler, "eta": plan.eta,
+        rows.append({"setting": name, "options": table[name], "mode": plan.mode, "levels": list(plan.levels),
+                     "inner_sampler": plan.inner_sampler, "eta": plan.eta,
                      "inner_steps": list(plan.inner_steps), "accuracy": acc, "frechet_distance": fd, "images": len(labels),
                      "inner_steps_total": int(sum(plan.inner_steps)), "seconds": dt})
         print(f"{name:62s} accuracy {acc:.3f}  FD {fd:8.3f}  ({len(labels)} images, {sum(plan.inner_steps)} inner steps, {dt:.0f} s)",

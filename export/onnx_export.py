@@ -37,6 +37,7 @@ from far_sdk.diffusion import denoise_step_table
 from far_sdk.errors import ConfigError, ExportError, InvalidArgumentError
 from far_sdk.graphs import GRAPH_NAMES, GraphSpec, graph_specs
 from far_sdk.options import DEFAULTS, SamplingOptions, resolve_plan
+from far_sdk.masking import random_mask, sampling_modes
 from training.far import FAR
 from training.graph_modules import DenoiserGraph, TransformerGraph, VAEDecoderGraph
 from training.vae import AutoencoderKL
@@ -110,7 +111,8 @@ def sample_inputs(spec: GraphSpec, batch: int, *, num_classes: int, grid_size: i
     """Seeded, non-trivial inputs for ``spec`` at batch size ``batch`` (dynamic axes set to it).
 
     Floats are N(0, 1); ``class_ids`` covers real classes and ends with the null id
-    ``num_classes``; ``level`` is an integer level; ``step`` is a row from the less noisy half
+    ``num_classes``; ``level`` is an integer level; ``mask`` (1 = dropped) drops a different number of
+    tokens per row, the first row all of them (mask mode's first step); ``step`` is a row from the less noisy half
     of a 10-step, cfg 3 denoise table with a non-zero noise scale (at the noisiest steps
     x0_hat = 2e4 (x - eps) swamps the output of an untrained network).
     """
@@ -124,6 +126,8 @@ def sample_inputs(spec: GraphSpec, batch: int, *, num_classes: int, grid_size: i
             feeds[t.name] = ids
         elif t.name == "level":
             feeds[t.name] = np.full(shape, rng.integers(0, grid_size), dtype=np.float32)
+        elif t.name == "mask":
+            feeds[t.name] = random_mask(rng, shape)
         elif t.name == "step":
             table = denoise_step_table(10, 3.0, 1.0)
             feeds[t.name] = table[rng.integers(len(table) // 2, len(table) - 1)].copy()  # last row: noise scale 0
@@ -326,7 +330,8 @@ def export_bundle(
 ) -> Path:
     """Write the bundle for ``far`` + ``vae`` to ``out_dir`` atomically; returns its path.
 
-    Puts both modules in eval mode. Raises :class:`ExportError` (export, checker or validation
+    Puts both modules in eval mode. The manifest's ``sampling_modes`` follow ``far.config.mask``
+    (:func:`far_sdk.masking.sampling_modes`); the default mode is the first of them. Raises :class:`ExportError` (export, checker or validation
     failure), :class:`~far_sdk.errors.BundleError` (``out_dir`` not empty and not ``overwrite``),
     :class:`ConfigError` / :class:`InvalidArgumentError` (inconsistent arguments); in every case
     nothing is written. ``defaults``: the bundle's sampling defaults, put over far_sdk.options.DEFAULTS
@@ -339,7 +344,7 @@ def export_bundle(
     cfg = far.config
     image_size = cfg.grid_size * vae.config.downsample_factor
     specs = graph_specs(seq_len=cfg.seq_len, token_channels=cfg.token_channels, mlp_width=cfg.diffloss_w,
-                        grid_size=cfg.grid_size, image_size=image_size)
+                        grid_size=cfg.grid_size, image_size=image_size, masked=cfg.mask)
     modules = graph_modules(far, vae, latent_scale)
     dims = {"num_classes": cfg.num_classes, "grid_size": cfg.grid_size}
     graphs: dict[str, Any] = {}
@@ -379,7 +384,9 @@ def export_bundle(
         }
         if labels is not None:
             manifest["id2label"] = labels
+        modes = sampling_modes(cfg.mask)
         manifest.update({
+            "sampling_modes": list(modes),
             "defaults": sampling_defaults.to_dict(),
             "graphs": graphs,
             "weights": {"file": WEIGHTS_FILE, "prefixes": {"far": FAR_PREFIX, "vae": VAE_PREFIX}},

@@ -39,6 +39,7 @@ from far_sdk.diffusion import denoise_step_table
 from far_sdk.errors import BackendUnavailableError, ExportError, FarError, IncompatibleBundleError, InvalidArgumentError, exit_code_for
 from far_sdk.fileio import atomic_write_bytes
 from far_sdk.graphs import GRAPH_NAMES, GraphSpec
+from far_sdk.masking import random_mask
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def format_parser_error(err: Any) -> str:
 
 def sample_feeds(spec: GraphSpec, images: int, manifest: dict[str, Any], seed: int = VALIDATION_SEED) -> dict[str, np.ndarray]:
     """Seeded inputs of ``spec`` for ``images`` images: N(0, 1) floats; class ids with the null class
-    in the unconditional half; an integer level; a step row with non-zero noise (torch-free)."""
+    in the unconditional half; an integer level; a 0 / 1 mask (far_sdk.masking.random_mask); a step row with non-zero noise (torch-free)."""
     rng = np.random.Generator(np.random.PCG64(seed))
     model = manifest["model"]
     num_classes, grid = int(model["num_classes"]), int(model["grid_size"])
@@ -255,6 +256,8 @@ def sample_feeds(spec: GraphSpec, images: int, manifest: dict[str, Any], seed: i
             feeds[t.name] = ids
         elif t.name == "level":
             feeds[t.name] = np.full(shape, rng.integers(0, grid), dtype=np.float32)
+        elif t.name == "mask":
+            feeds[t.name] = random_mask(rng, shape)
         elif t.name == "step":
             table = denoise_step_table(10, 3.0, 1.0)
             feeds[t.name] = table[rng.integers(0, len(table) - 1)].copy()  # the last row has noise scale 0

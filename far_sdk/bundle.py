@@ -158,6 +158,11 @@ class Bundle:
         return self.manifest["model"]
 
     @property
+    def sampling_modes(self) -> tuple[str, ...]:
+        """The modes this bundle samples in ("nomask", "mask"; see :mod:`far_sdk.masking`)."""
+        return tuple(self.manifest["sampling_modes"])
+
+    @property
     def num_classes(self) -> int:
         return int(self.manifest["model"]["num_classes"])
 

@@ -102,7 +102,7 @@ def run_generate(a: argparse.Namespace) -> int:
     p = out.plan
     sampler = p.inner_sampler + (f" eta {p.eta:g}" if p.inner_sampler == "ddim" else "")
     print(f"wrote {a.out} ({len(out.images)} images, classes {list(out.class_labels)}, seeds {out.seeds[0]}..{out.seeds[-1]}) "
-          f"on {where}; {p.num_steps} outer steps, {sum(p.inner_steps)} {sampler} inner steps")
+          f"on {where}; {p.mode} mode, {p.num_steps} outer steps, {sum(p.inner_steps)} {sampler} inner steps")
     print("  " + "  ".join(f"{k} {v:.3f}s" for k, v in t.items()))
     if a.preview_gif:
         print(f"wrote {a.preview_gif} ({len(frames)} frames)")
@@ -130,6 +130,7 @@ def run_info(a: argparse.Namespace) -> int:
     print(f"model    D={cfg['encoder_embed_dim']} depth {cfg['encoder_depth']}+{cfg['decoder_depth']} heads {cfg['encoder_num_heads']} "
           f"MLP {cfg['diffloss_d']}x{cfg['diffloss_w']}  classes {b.num_classes}  grid {cfg['grid_size']}x{cfg['grid_size']}x{cfg['token_channels']}")
     print(f"vae      {m['vae'].get('ch')}ch x {m['vae'].get('ch_mult')}  latent scale {b.latent_scale}  image {m.get('image_size')}px")
+    print(f"modes    {', '.join(b.sampling_modes)} (model built with mask={cfg['mask']})")
     print(f"defaults {b.defaults.to_dict()}")
     print(f"source   {m.get('source')}")
     for g, spec in m["graphs"].items():

@@ -8,6 +8,9 @@ manifest's model config by :func:`graph_specs`.
 - ``transformer``: tokens [N, L, C], class_ids [N] (id ``num_classes`` = the null/unconditional
   class, i.e. ``fake_latent``), level [1] -> cond [N, L, W]: the per-token adaLN condition of the
   diffusion MLP, ``cond_embed(z) + index_cond_embed(level)``, computed once per outer step.
+  A model built for masking (manifest ``model.mask``; it samples in mask mode only) also takes
+  mask [N, L] float32 (1 = the token is dropped by the encoder and refilled with ``mask_token`` by
+  the decoder; 0 = kept), last.
 - ``denoiser``: one whole guided DDPM step (or DDIM step: other coefficients in ``step``, see
   far_sdk.diffusion.DDIMTables). x [B, L, C] (conditional half), noise [B, L, C],
   cond [2, B, L, W] (conditional rows first), step [10] (the columns of :class:`far_sdk.diffusion.Step`) -> x_prev [B, L, C].
@@ -64,15 +67,16 @@ class GraphSpec:
         return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
 
 
-def graph_specs(*, seq_len: int, token_channels: int, mlp_width: int, grid_size: int, image_size: int) -> dict[str, GraphSpec]:
+def graph_specs(*, seq_len: int, token_channels: int, mlp_width: int, grid_size: int, image_size: int,
+                masked: bool = False) -> dict[str, GraphSpec]:
+    """The three graphs' specs; ``masked``: the transformer takes the mask (a model built with mask=True)."""
     L, C, W, G = seq_len, token_channels, mlp_width, grid_size
     f32 = "float32"
+    tf_inputs = (TensorSpec("tokens", f32, ("N", L, C)), TensorSpec("class_ids", "int64", ("N",)), TensorSpec("level", f32, (1,)))
+    if masked:
+        tf_inputs += (TensorSpec("mask", f32, ("N", L)),)
     return {
-        "transformer": GraphSpec(
-            "transformer",
-            (TensorSpec("tokens", f32, ("N", L, C)), TensorSpec("class_ids", "int64", ("N",)), TensorSpec("level", f32, (1,))),
-            (TensorSpec("cond", f32, ("N", L, W)),),
-        ),
+        "transformer": GraphSpec("transformer", tf_inputs, (TensorSpec("cond", f32, ("N", L, W)),)),
         "denoiser": GraphSpec(
             "denoiser",
             (TensorSpec("x", f32, ("B", L, C)), TensorSpec("noise", f32, ("B", L, C)),

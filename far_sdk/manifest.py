@@ -33,7 +33,8 @@ from .errors import BundleError, IncompatibleBundleError, IntegrityError
 BUNDLE_FORMAT = "far-bundle"
 #: Bumped when the manifest or a graph's inputs/outputs change incompatibly.
 #: 2: the manifest carries ``manifest_sha256`` and is checked against :data:`SCHEMA`.
-FORMAT_VERSION = 2
+#: 3: ``sampling_modes`` (mask mode); a model built with mask=True has a transformer that takes ``mask``.
+FORMAT_VERSION = 3
 DIGEST_KEY = "manifest_sha256"
 MAX_MANIFEST_BYTES = 16 << 20
 GRAPH_NAMES = ("transformer", "denoiser", "vae_decoder")  # far_sdk.graphs.GRAPH_NAMES (not imported: no cycle)
@@ -122,7 +123,8 @@ _DEFAULTS = _object({
     "x0_clip": {"oneOf": [{"type": "null"}, _num(0.0, 1e6, open_lo=True)]},
     "inner_sampler": {"enum": ["ddpm", "ddim"]},
     "eta": _num(0.0, 1.0),
-}, optional=("num_steps", "cfg", "cfg_schedule", "temperature", "temperature_schedule", "inner_steps", "filter", "x0_clip",
+    "mode": {"enum": ["nomask", "mask"]},
+}, optional=("mode", "num_steps", "cfg", "cfg_schedule", "temperature", "temperature_schedule", "inner_steps", "filter", "x0_clip",
              "inner_sampler", "eta"))
 _TENSOR = _object({
     "name": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z"},
@@ -165,6 +167,8 @@ SCHEMA: dict[str, Any] = {
         "image_size": _int(1, 16384),
         "id2label": {"type": "object", "maxProperties": 1_000_000,
                      "propertyNames": {"pattern": r"^(0|[1-9][0-9]{0,6})\Z"}, "additionalProperties": _TEXT},
+        "sampling_modes": {"type": "array", "items": {"enum": ["nomask", "mask"]}, "minItems": 1, "maxItems": 2,
+                           "uniqueItems": True},
         "defaults": _DEFAULTS,
         "graphs": _object({g: _GRAPH for g in GRAPH_NAMES}),
         "weights": _object({"file": _FILE, "prefixes": _object({"far": _TEXT, "vae": _TEXT})}),
@@ -255,7 +259,8 @@ def read_manifest(data: bytes, where: str) -> dict[str, Any]:
         made_by = m.get("created_by", {}).get("far_sdk", "unknown") if isinstance(m.get("created_by"), dict) else "unknown"
         raise IncompatibleBundleError(
             f"{where} has bundle format version {str(m.get('format_version'))[:20]}; this far-sdk reads version {FORMAT_VERSION}. "
-            f"Re-export it with this far-sdk's `far-export onnx` (or install the far-sdk that wrote it: {str(made_by)[:40]}).")
+            f"Re-export it with this far-sdk's `far-export onnx`, or from its own weights with scripts/reexport_bundle.py "
+            f"(or install the far-sdk that wrote it: {str(made_by)[:40]}).")
     validate_manifest(m, where)
     return m
 
@@ -293,6 +298,7 @@ def _relation_error(where: str, field: str, message: str) -> BundleError:
 
 def _check_relations(m: dict[str, Any], where: str) -> None:
     from .graphs import graph_specs
+    from .masking import sampling_modes
 
     files, model, vae = m["files"], m["model"], m["vae"]
     for g, entry in m["graphs"].items():
@@ -320,8 +326,15 @@ def _check_relations(m: dict[str, Any], where: str) -> None:
     for k in m.get("id2label", {}):
         if int(k) >= model["num_classes"]:
             raise _relation_error(where, f"id2label.{k}", f"class id {k} is outside 0..{model['num_classes'] - 1}")
+    modes = list(sampling_modes(model["mask"]))
+    if m["sampling_modes"] != modes:
+        raise _relation_error(where, "sampling_modes", f"{m['sampling_modes']} differ from {modes}, the modes of a model built "
+                              f"with mask={model['mask']}")
+    if m["defaults"].get("mode", "nomask") not in modes:
+        raise _relation_error(where, "defaults.mode", f"{m['defaults'].get('mode', 'nomask')!r} (omitted: 'nomask') is not one "
+                              f"of the sampling modes {modes}")
     specs = graph_specs(seq_len=model["grid_size"] ** 2, token_channels=model["token_channels"], mlp_width=m["mlp_width"],
-                        grid_size=model["grid_size"], image_size=m["image_size"])
+                        grid_size=model["grid_size"], image_size=m["image_size"], masked=model["mask"])
     for g in GRAPH_NAMES:
         want = specs[g].to_dict()
         for io in ("inputs", "outputs"):

@@ -26,13 +26,14 @@ from .clirun import positive_int
 from .diffusion import INNER_SAMPLERS
 from .errors import InvalidArgumentError
 from .filters import FILTER_TYPES
-from .schedules import CfgSchedule, InnerSteps, SamplingPlan, TemperatureSchedule, make_plan
+from .schedules import CfgSchedule, InnerSteps, Mode, SamplingPlan, TemperatureSchedule, make_plan
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
     """Sampling settings; ``None`` = not given (a lower layer decides). See :func:`make_plan` for each meaning."""
 
+    mode: Mode | None = None                         # "nomask" (official evaluated sampler) | "mask" (sample_tokens_mask)
     num_steps: int | None = None                     # outer steps 1..16
     levels: tuple[int, ...] | None = None            # explicit outer levels (instead of num_steps' schedule)
     cfg: float | None = None                         # guidance scale (diffusers' guidance_scale)
@@ -86,7 +87,7 @@ FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingOptions))
 
 #: The built-in defaults: the paper's sampler (10 outer steps, frequency-aware 40..100 DDPM inner steps,
 #: the official linear CFG ramp and temperature schedule, the spatial filter, no x0 clipping).
-DEFAULTS = SamplingOptions(num_steps=10, cfg=3.0, cfg_schedule="linear", temperature=1.0, temperature_schedule="official",
+DEFAULTS = SamplingOptions(mode="nomask", num_steps=10, cfg=3.0, cfg_schedule="linear", temperature=1.0, temperature_schedule="official",
                            inner_steps="frequency-aware", inner_sampler="ddpm", filter="spatial", x0_clip=False)
 
 #: Named inner-loop settings (``generate(preset=...)``, ``far generate/bench --preset``). A preset sets only
@@ -113,6 +114,8 @@ def resolve_plan(defaults: SamplingOptions | Mapping[str, Any] = DEFAULTS, given
 
     ``levels`` given at any layer replaces the ``num_steps`` of the layers below it. A default or preset
     ``eta`` applies only when the resolved sampler is "ddim"; an ``eta`` given with "ddpm" is an error.
+    The default step count is a no-mask setting: mask mode takes its official 11 levels unless
+    ``num_steps`` / ``levels`` are given explicitly (``given``).
     """
     if not isinstance(defaults, SamplingOptions):
         defaults = SamplingOptions.from_dict(defaults, what="bundle defaults")
@@ -124,10 +127,12 @@ def resolve_plan(defaults: SamplingOptions | Mapping[str, Any] = DEFAULTS, given
         if layer.num_steps is not None and layer.levels is None:
             o = dataclasses.replace(o, levels=None)
         o = layer.over(o)
+    if o.mode == "mask" and (given is None or (given.num_steps is None and given.levels is None)):
+        o = dataclasses.replace(o, num_steps=None, levels=None)
     eta = o.eta
     if o.inner_sampler != "ddim" and not (given is not None and given.eta is not None):
         eta = None                                           # a default / preset eta is DDIM's only
-    return make_plan(num_steps=o.num_steps, levels=o.levels, cfg=o.cfg, cfg_schedule_kind=o.cfg_schedule,
+    return make_plan(mode=o.mode, num_steps=o.num_steps, levels=o.levels, cfg=o.cfg, cfg_schedule_kind=o.cfg_schedule,
                      temperature=o.temperature, temperature_schedule_kind=o.temperature_schedule, inner_steps=o.inner_steps,
                      filter=o.filter, x0_clip=None if o.x0_clip is False else o.x0_clip, inner_sampler=o.inner_sampler, eta=eta)
 
@@ -154,7 +159,10 @@ def parse_inner_steps(v: str) -> InnerSteps:
 
 def add_sampling_args(p: argparse.ArgumentParser, *, presets: Literal["one", "list"] = "one") -> None:
     """The sampling flags of ``far generate`` and ``far bench`` (``--preset`` takes a comma list with "list")."""
-    p.add_argument("--steps", type=positive_int, default=None, help="outer steps 1..16 (default: the bundle's, 10)")
+    p.add_argument("--mode", choices=["nomask", "mask"], default=None,
+                   help="nomask (the official evaluated sampler) or mask (the official sample_tokens_mask: 11 steps, tokens "
+                        "unmasked in a seeded random order); default: the bundle's (see `far info`)")
+    p.add_argument("--steps", type=positive_int, default=None, help="outer steps 1..16 (default: the bundle's, 10; mask mode: 11)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the bundle's, 3.0)")
     p.add_argument("--cfg-schedule", choices=["linear", "constant"], default=None)
     p.add_argument("--temperature", type=float, default=None)
@@ -179,7 +187,7 @@ def add_sampling_args(p: argparse.ArgumentParser, *, presets: Literal["one", "li
 
 def options_from_args(a: argparse.Namespace) -> SamplingOptions:
     """The :class:`SamplingOptions` the flags of :func:`add_sampling_args` give (unset flags stay None)."""
-    return SamplingOptions(num_steps=a.steps, cfg=a.cfg, cfg_schedule=a.cfg_schedule, temperature=a.temperature,
+    return SamplingOptions(mode=a.mode, num_steps=a.steps, cfg=a.cfg, cfg_schedule=a.cfg_schedule, temperature=a.temperature,
                            inner_steps=a.inner_steps, inner_sampler=a.inner_sampler, eta=a.eta, filter=a.filter,
                            x0_clip=False if a.no_x0_clip else a.x0_clip)
 

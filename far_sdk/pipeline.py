@@ -5,8 +5,10 @@ drains it, so progress bars, ``on_step`` callbacks, previews and early stops nee
 Per outer step s (levels low -> high):
 
 1. transformer on the CFG batch [tokens; tokens] with class ids [labels; null] -> cond [2B, L, W]
+   (mask mode: it drops the step's masked tokens, :mod:`far_sdk.masking`)
 2. x_T = noise; n guided DDPM steps (the denoiser graph), n from the inner-step schedule
 3. low-pass the result to the next level (M X M^T, the exact filter matrices) -> next tokens
+   (mask mode: zeros where the next step's mask is 1)
 Finally the VAE decoder turns the last latents into RGB.
 """
 
@@ -29,6 +31,7 @@ from .backends.base import HostDraws, LoopState, SeededDraws
 from .bundle import Bundle
 from .errors import EngineProfileError, GeneratorClosedError, InvalidArgumentError, NumericalError
 from .filters import filter_matrix
+from .masking import check_mode, source_orders, step_masks
 from .noise import CheckedNoise, NoiseFn, SeededNoise
 from .options import SamplingOptions, resolve_plan
 from .schedules import InnerSteps, SamplingPlan
@@ -122,9 +125,12 @@ class Generator:
 
     def plan(self, options: SamplingOptions | None = None, *, preset: str | None = None, **fields: Any) -> SamplingPlan:
         """The validated :class:`SamplingPlan` for ``options`` (and/or its fields as keywords; None = not given)
-        over ``preset`` over the bundle's defaults (far_sdk.options.resolve_plan)."""
+        over ``preset`` over the bundle's defaults (far_sdk.options.resolve_plan); the mode must be one of the
+        bundle's ``sampling_modes`` (:class:`InvalidArgumentError` naming them)."""
         given = SamplingOptions(**fields).over(options) if options is not None else SamplingOptions(**fields)
-        return resolve_plan(self.bundle.defaults, given, preset_name=preset)
+        plan = resolve_plan(self.bundle.defaults, given, preset_name=preset)
+        check_mode(plan.mode, self.bundle.sampling_modes, f"bundle {self.bundle.name!r}")
+        return plan
 
     # ---- the loop ---------------------------------------------------------------------------------
     def iter_steps(self, class_ids: Sequence[int], plan: SamplingPlan, noise: NoiseFn,
@@ -133,9 +139,9 @@ class Generator:
         is that step's sample [B, L, C] before low-passing, ``state.tokens`` what the next step sees.
 
         ``noise`` is drawn in the documented order (far_sdk.noise): per outer step x_T, then one
-        draw per inner step. A :class:`SeededNoise` is handed to the backend as stream positions
-        (:class:`SeededDraws`), so a GPU backend draws the same numbers on the device; any other
-        source is called on the host. Stage times are added to ``timings`` (device-synchronised).
+        draw per inner step; mask mode first takes one token order per image (``noise.orders``).
+        A :class:`SeededNoise` is handed to the backend as stream positions (:class:`SeededDraws`),
+        so a GPU backend draws the same numbers on the device; any other source is called on the host. Stage times are added to ``timings`` (device-synchronised).
         Raises :class:`NumericalError` when a step's sample is not finite.
         """
         be, B, L, C, G = self.backend, len(class_ids), self.seq_len, self.channels, self.grid
@@ -143,6 +149,7 @@ class Generator:
         ids = np.array(list(class_ids) + [self.bundle.null_class_id] * B, dtype=np.int64)  # [labels; null]
         state = be.begin(ids, B, L, C)
         seeded = isinstance(noise, SeededNoise)
+        masks = list(step_masks(source_orders(noise, B, L), plan.num_steps)) if plan.mode == "mask" else None
         for s in range(plan.num_steps):
             n = plan.inner_steps[s]
             last = [0.0]
@@ -165,7 +172,10 @@ class Generator:
             fm = None if after is None else filter_matrix(after, plan.filter, G).astype(np.float32)
             t["denoise"] = t.get("denoise", 0.0) + time.perf_counter() - t0   # host-side draws count as "denoise"
             last[0] = time.perf_counter()
-            be.outer_step(state, level=plan.levels[s], steps=steps, filter_matrix=fm, draws=draws, mark=mark)
+            mask_kw = {}
+            if masks is not None:   # (B, L) float32: dropped by this step's transformer; kept in what it hands on
+                mask_kw = dict(mask=masks[s], keep_next=1 - masks[s + 1] if s + 1 < plan.num_steps else None)
+            be.outer_step(state, level=plan.levels[s], steps=steps, filter_matrix=fm, draws=draws, mark=mark, **mask_kw)
             if not be.all_finite(state.raw):
                 raise NumericalError(
                     f"outer step {s} (level {plan.levels[s]}) produced non-finite latents (NaN or inf): check the noise "
@@ -191,6 +201,7 @@ class Generator:
         class_labels: Sequence[int | str] | int | str,
         *,
         seed: int | None = 0,
+        mode: str | None = None,
         preset: str | None = None,
         num_steps: int | None = None,
         cfg: float | None = None,
@@ -217,6 +228,11 @@ class Generator:
           a fresh seed from the OS's entropy (``out.seeds`` reports it, so the images can be regenerated); so an
           image depends only on its seed and settings — on every backend and whatever the batch split. ``noise`` instead replays a noise
           source (far_sdk.noise's documented order); then no batch splitting happens.
+        mode: "nomask" (the official evaluated sampler) | "mask" (the official ``sample_tokens_mask``: 11 outer
+          steps (levels 0, 12, 12, 4, ..., 11), tokens unmasked in each image's seeded random order, far_sdk.masking;
+          a replayed ``noise`` must supply the orders too, ReplayNoise(draws, orders=...)); None: the bundle's
+          default. A bundle lists the modes it runs in ``sampling_modes``: a model built with mask=True runs
+          in mask mode only; one built without runs both, its transformer seeing masked tokens as zeros.
         num_steps (1..16, default 10), levels (explicit outer levels), cfg (guidance scale; diffusers'
           ``guidance_scale``), cfg_schedule ("linear" official | "constant"), temperature,
           temperature_schedule ("official" | "constant"), inner_steps ("frequency-aware" (default),
@@ -249,7 +265,7 @@ class Generator:
         ids = self.class_ids(class_labels)
         if options is not None and not isinstance(options, SamplingOptions):
             raise InvalidArgumentError(f"options must be a far_sdk.SamplingOptions, got {type(options).__name__}")
-        plan = self.plan(options, preset=preset, num_steps=num_steps, levels=levels, cfg=cfg, cfg_schedule=cfg_schedule,
+        plan = self.plan(options, preset=preset, mode=mode, num_steps=num_steps, levels=levels, cfg=cfg, cfg_schedule=cfg_schedule,
                          temperature=temperature, temperature_schedule=temperature_schedule, inner_steps=inner_steps,
                          inner_sampler=inner_sampler, eta=eta, filter=filter, x0_clip=x0_clip)
         if preview not in (False, True, "handed-on", "raw"):

@@ -46,6 +46,7 @@ def test_bundle_is_small_and_verified(gen):
 # so the runtime is held to that order there. A wrong coefficient moves latents by O(0.1).
 @pytest.mark.parametrize("plan,bound", [(dict(num_steps=10, inner_steps="frequency-aware"), 1e-4),
                                         (dict(num_steps=4, inner_steps=25), 1e-4),
+                                        (dict(mode="mask", inner_steps=25), 1e-4),   # 11 steps; mask ignored (mask=False)
                                         (dict(preset="fast"), 1e-3),
                                         (dict(num_steps=10, inner_steps=15, inner_sampler="ddim", eta=0.0), 2e-3),
                                         (dict(num_steps=4, inner_steps=10, inner_sampler="ddim", eta=1.0), 1e-3)])

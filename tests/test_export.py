@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -107,7 +108,8 @@ def test_manifest_describes_model_graphs_and_defaults(models, manifest):
     assert manifest["id2label"] == {str(k): v for k, v in LABELS.items()}
     assert manifest["defaults"] == {"num_steps": 10, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 1.0,
                                     "temperature_schedule": "official", "inner_steps": "frequency-aware", "inner_sampler": "ddpm",
-                                    "filter": "spatial", "x0_clip": None}
+                                    "filter": "spatial", "x0_clip": None, "mode": "nomask"}
+    assert manifest["sampling_modes"] == ["nomask", "mask"]  # a mask=False model: both samplers (mask ignored, official)
     assert manifest["source"] == {"kind": "random-init", "seed": 0}
     assert set(manifest["created_by"]) == {"far_sdk", "torch", "onnx", "onnxruntime", "python"}
     for name, spec in _specs(far).items():
@@ -217,6 +219,9 @@ def test_graph_modules_name_their_inputs_and_outputs_as_the_spec(models):
     specs = _specs(models[0])
     for cls, name in ((TransformerGraph, "transformer"), (DenoiserGraph, "denoiser"), (VAEDecoderGraph, "vae_decoder")):
         assert (list(cls.input_names), list(cls.output_names)) == (specs[name].input_names, specs[name].output_names)
+    masked = dataclasses.replace(models[0].config, mask=True)
+    spec = graph_specs(seq_len=256, token_channels=16, mlp_width=128, grid_size=16, image_size=256, masked=True)["transformer"]
+    assert list(TransformerGraph(FAR(masked)).input_names) == spec.input_names == ["tokens", "class_ids", "level", "mask"]
 
 
 def test_denoiser_graph_runs_in_bfloat16_with_a_float32_step(models):

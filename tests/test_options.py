@@ -22,7 +22,7 @@ def test_built_in_defaults_are_the_papers_sampler():
 
 
 def test_a_misspelt_key_is_an_error_naming_the_valid_ones():
-    with pytest.raises(InvalidArgumentError, match=r"unknown option\(s\) \['cfg_scale'\].*valid: num_steps"):
+    with pytest.raises(InvalidArgumentError, match=r"unknown option\(s\) \['cfg_scale'\].*valid: mode, num_steps"):
         SamplingOptions.from_dict({"cfg_scale": 2.0})
     with pytest.raises(TypeError):
         SamplingOptions(cfg_scale=2.0)

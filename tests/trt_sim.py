@@ -41,7 +41,8 @@ def write_fake_bundle(d: Path) -> Bundle:
     vae = {"embed_dim": 2, "z_channels": 2, "ch": 8, "ch_mult": [1, 1, 1, 1, 1], "num_res_blocks": 1, "in_channels": 3, "out_ch": 3,
            "resolution": 32, "attn_resolutions": [], "dropout": 0.0, "gn_groups": 4, "eps": 1e-6}
     write_manifest(d, {"name": "fake", "created_by": {"far_sdk": far_sdk.__version__}, "model": model, "vae": vae, "latent_scale": 0.2325, "null_class_id": 10, "mlp_width": 8,
-                       "image_size": 32, "defaults": {}, "graphs": graphs, "source": {"kind": "unspecified"}})
+                       "image_size": 32, "sampling_modes": ["nomask", "mask"], "defaults": {}, "graphs": graphs,
+                       "source": {"kind": "unspecified"}})
     return Bundle.load(d)
 
 

@@ -26,11 +26,13 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, D]; attn_mask [B, 1, N, N] bool (True = query may attend to key), None = full attention."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)  # (B, H, N, hd)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.attn_drop if self.training else 0.0)  # (B, H, N, hd)
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x))
 
@@ -56,9 +58,36 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
+
+
+# ---- masking with static shapes (the exported graphs; the same function as the gathers below) ------------
+
+
+def kept_rows(mask: torch.Tensor, buffer_size: int) -> torch.Tensor:
+    """mask [B, L] (1 = masked) -> keep [B, K + L] bool: the K buffer rows are always kept."""
+    B = mask.shape[0]
+    return torch.cat([torch.ones(B, buffer_size, dtype=torch.bool, device=mask.device), mask < 0.5], dim=1)
+
+
+def kept_attention_mask(keep: torch.Tensor) -> torch.Tensor:
+    """keep [B, T] bool -> attn_mask [B, 1, T, T] bool: a kept query attends to the kept keys only;
+    a dropped query attends to every key.
+
+    Kept rows then compute exactly what the encoder computes on the gathered kept rows: softmax over
+    the kept keys, the dropped keys' weights exactly 0 (exp(-inf)), and the dropped rows stay finite
+    (their attention is never empty), so 0 x value adds exactly 0. Dropped rows are garbage that no
+    kept row reads and the decoder replaces (:func:`refill`). Every row has at least one allowed key
+    even when nothing is kept (a T2I model has no buffer rows), so no softmax is over an empty set.
+    """
+    return (keep[:, None, :] | ~keep[:, :, None])[:, None]                      # (B, 1, T, T)
+
+
+def refill(x: torch.Tensor, keep: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D], keep [B, T] bool -> x where kept, ``mask_token`` [1, 1, D] elsewhere (one select)."""
+    return torch.where(keep[:, :, None], x, mask_token.to(x.dtype))
 
 
 class FAR(nn.Module):
@@ -117,7 +146,8 @@ class FAR(nn.Module):
 
     # ---- transformer ----------------------------------------------------------------------------
     def forward_encoder(self, tokens: torch.Tensor, class_embedding: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, L, C], class_embedding [B, D] -> [B, K + L_kept, D]. mask [B, L]: 1 = dropped."""
+        """tokens [B, L, C], class_embedding [B, D] -> [B, K + L_kept, D]. mask [B, L]: 1 = dropped
+        (the official gather: needs the same kept count in every row; :meth:`condition_static` has static shapes)."""
         B, L, _ = tokens.shape
         K = self.config.buffer_size
         x = self.z_proj(tokens)                                              # (B, L, D)
@@ -150,6 +180,30 @@ class FAR(nn.Module):
     def condition(self, tokens: torch.Tensor, class_embedding: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The transformer: current tokens [B, L, C] + class embedding [B, D] -> z [B, L, D]."""
         return self.forward_decoder(self.forward_encoder(tokens, class_embedding, mask), mask)
+
+    def condition_static(self, tokens: torch.Tensor, class_embedding: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`condition` with ``mask`` [B, L] (1 = dropped) in static shapes, for exported graphs:
+        the encoder runs on all K + L rows with :func:`kept_attention_mask` instead of gathering the kept
+        ones, and the decoder's refill with ``mask_token`` is :func:`refill` (a select) instead of a
+        scatter. Same function (tests/test_mask_mode.py, float64); any kept count per row. A model
+        built with mask=False ignores the mask, as the official one does."""
+        if not self.config.mask:
+            return self.condition(tokens, class_embedding)
+        B, L, _ = tokens.shape
+        K = self.config.buffer_size
+        x = self.z_proj(tokens)                                              # (B, L, D)
+        buf = class_embedding[:, None, :].expand(B, K, -1).to(x.dtype)
+        x = self.z_proj_ln(torch.cat([buf, x], dim=1) + self.encoder_pos_embed_learned)  # (B, K + L, D)
+        keep = kept_rows(mask, K)                                            # (B, K + L) bool
+        attn_mask = kept_attention_mask(keep)                                # (B, 1, K + L, K + L)
+        for blk in self.encoder_blocks:
+            x = blk(x, attn_mask)
+        x = refill(self.decoder_embed(self.encoder_norm(x)), keep, self.mask_token)  # (B, K + L, Dd)
+        x = x + self.decoder_pos_embed_learned
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        return x[:, K:] + self.diffusion_pos_embed_learned                  # (B, L, Dd)
 
     # ---- training ---------------------------------------------------------------------------------
     def forward(self, tokens_in: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, level: int,

@@ -3,7 +3,8 @@
 Each wrapper is both what ``far-export onnx`` traces and what the runtime's torch backend runs,
 so a bundle's graphs and the torch backend compute the same function by construction:
 
-- :class:`TransformerGraph`: tokens [N, L, C], class_ids [N] int64, level [1] -> cond [N, L, W].
+- :class:`TransformerGraph`: tokens [N, L, C], class_ids [N] int64, level [1] (+ mask [N, L] for a model
+  built with mask=True) -> cond [N, L, W].
 - :class:`DenoiserGraph`: x [B, L, C], noise [B, L, C], cond [2, B, L, W], step [10] -> x_prev [B, L, C].
 - :class:`VAEDecoderGraph`: latents [B, C, H, W] -> image [B, 3, f H, f W].
 - :class:`FusedDenoiserStep`: the denoiser step as the torch backend runs it on GPUs (same function,
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from far_sdk.diffusion import Step as S
+from far_sdk.errors import InvalidArgumentError
 
 from .diffloss import SimpleMLPAdaLN, timestep_features
 from .far import FAR
@@ -28,24 +30,31 @@ from .vae import AutoencoderKL
 
 
 class TransformerGraph(nn.Module):
-    """cond = cond_embed(far.condition(tokens, emb)) + index_cond_embed(level), per token.
+    """cond = cond_embed(far.condition(tokens, emb[, mask])) + index_cond_embed(level), per token.
 
     ``emb`` is row ``class_ids`` of [class_emb.weight; fake_latent], so id ``num_classes`` is the
     null (unconditional) class. Computed once per outer step for the whole CFG batch.
+    A model built with mask=True (mask mode only) takes ``mask`` [N, L] float (1 = dropped), run with
+    static shapes by :meth:`training.far.FAR.condition_static` (a key mask in attention, a select refill).
     """
 
-    input_names = ("tokens", "class_ids", "level")
+    input_names: tuple[str, ...] = ("tokens", "class_ids", "level")
     output_names = ("cond",)
 
     def __init__(self, far: FAR):
         super().__init__()
         self.far = far
+        if far.config.mask:
+            self.input_names = TransformerGraph.input_names + ("mask",)
 
-    def forward(self, tokens: torch.Tensor, class_ids: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, class_ids: torch.Tensor, level: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         far, net = self.far, self.far.diffloss.net
+        if far.config.mask and mask is None:
+            raise InvalidArgumentError("this model was built with mask=True: its transformer needs the mask [N, L] (mask mode)")
         table = torch.cat([far.class_emb.weight, far.fake_latent])            # (num_classes + 1, D); folded at export
         emb = F.embedding(class_ids, table)                                  # (N, D): one Gather
-        z = far.condition(tokens, emb)                                       # (N, L, D)
+        z = far.condition(tokens, emb) if mask is None else far.condition_static(tokens, emb, mask)  # (N, L, D)
         # level [1] -> [1, 1, 1]: index_cond_embed gives one [1, 1, W] row, broadcast over all tokens
         # (the reference applies the same Linear to an identical row per token).
         return net.condition(z, level.reshape(1, 1, 1))                      # (N, L, W)

@@ -127,7 +127,9 @@ def iter_reference(
     cfg_schedule_kind, temperature, temperature_schedule_kind, inner_steps, filter, mode, x0_clip) fixes the
     schedules; the default inner steps are the paper's frequency-aware schedule. ``noise`` replays
     draws (see :mod:`far_sdk.noise` for the order); otherwise they come from ``seed``
-    (image i uses seed + i). ``orders`` [B, L] sets mask mode's token orders.
+    (image i uses seed + i). ``orders`` [B, L] sets mask mode's token orders (default: ``noise.orders``).
+    As in the official code, a model built with mask=True samples in mask mode only, and one built
+    with mask=False also runs mask mode, its transformer ignoring the mask (it sees zeros there).
     """
     if plan is None:
         plan = make_plan(**plan_options)
@@ -145,8 +147,9 @@ def iter_conditioned(model: torch.nn.Module, emb: torch.Tensor, plan: SamplingPl
     the CFG batch's conditioning ``emb`` (2B rows, conditional half first): class embeddings [2B, D]
     (:class:`FAR`) or projected text contexts [2B, T, D] (:class:`training.far_t2i.FART2I`)."""
     cfg = model.config
-    if plan.mode == "mask" and not cfg.mask:
-        raise InvalidArgumentError("mask mode needs a model built with mask=True (FARConfig(mask=True))")
+    if plan.mode == "nomask" and cfg.mask:   # the official sample_tokens_nomask crashes on such a model
+        raise InvalidArgumentError("a model built with mask=True samples in mask mode only (mode='mask')")
+    # mode "mask" on a mask=False model: its transformer ignores the mask and sees the zeroed tokens (official)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     B, L, C, G = emb.shape[0] // 2, cfg.seq_len, cfg.token_channels, cfg.grid_size

@@ -95,6 +95,8 @@ class Backend(ABC):
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
+        #: whether the transformer graph takes ``mask`` (a model built with mask=True; far_sdk.graphs)
+        self.takes_mask = "mask" in bundle.graph_spec("transformer").input_names
 
     # ---- what a backend must provide ----------------------------------------------------------
     @abstractmethod
@@ -121,11 +123,25 @@ class Backend(ABC):
         return {"backend": self.name, "device": self.device, "precision": self.precision}
 
     # ---- the stages the loop calls (default: one graph call each) ------------------------------
-    def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int) -> Any:
-        """tokens [N, L, C], class_ids [N] -> cond [N, L, W] (opaque; see class docstring)."""
-        out = self.run("transformer", {"tokens": tokens, "class_ids": class_ids,
-                                       "level": np.array([level], dtype=np.float32)})
-        return out["cond"]
+    def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int, mask: np.ndarray | None = None) -> Any:
+        """tokens [N, L, C], class_ids [N], mask [N, L] (1 = dropped; only for a transformer that takes it,
+        :attr:`takes_mask`) -> cond [N, L, W] (opaque; see class docstring)."""
+        feeds = {"tokens": tokens, "class_ids": class_ids, "level": np.array([level], dtype=np.float32)}
+        feeds.update(self._mask_feed(mask, tokens.shape[0], tokens.shape[1]))
+        return self.run("transformer", feeds)["cond"]
+
+    def _mask_feed(self, mask: np.ndarray | None, rows: int, length: int) -> dict[str, np.ndarray]:
+        """{"mask": mask [N, L] float32} for a transformer that takes it, {} for one that does not (whose model
+        ignores masks, as the official mask=False model does); a masking transformer without a mask is an error."""
+        if not self.takes_mask:
+            return {}
+        if mask is None:
+            raise InvalidArgumentError(f"bundle {self.bundle.name!r} was exported from a model built with mask=True: its "
+                                       "transformer needs a mask (it samples in mask mode only; pass mode='mask')")
+        mask = np.ascontiguousarray(mask, dtype=np.float32)
+        if mask.shape != (rows, length):
+            raise InvalidArgumentError(f"transformer mask must have shape {(rows, length)}, got {mask.shape}")
+        return {"mask": mask}
 
     def denoise(self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray) -> np.ndarray:
         """Run len(steps) guided DDPM steps from x [B, L, C]; noises [n, B, L, C], steps [n, 10] -> x_0 [B, L, C]."""
@@ -142,20 +158,25 @@ class Backend(ABC):
                          tokens=np.zeros((batch, seq_len, channels), dtype=np.float32))
 
     def outer_step(self, state: LoopState, *, level: int, steps: np.ndarray, filter_matrix: np.ndarray | None,
-                   draws: HostDraws | SeededDraws, mark: Mark) -> None:
+                   draws: HostDraws | SeededDraws, mark: Mark, mask: np.ndarray | None = None,
+                   keep_next: np.ndarray | None = None) -> None:
         """One outer step, in place on ``state``: cond = transformer([tokens; tokens]); x = n guided DDPM
         steps from x_T; state.raw = x; state.tokens = M x M^T per channel (``filter_matrix`` M [G, G];
-        None: not filtered). steps [n, len(Step)] (far_sdk.diffusion.Step rows, noisiest first)."""
+        None: not filtered). steps [n, len(Step)] (far_sdk.diffusion.Step rows, noisiest first).
+        Mask mode (:mod:`far_sdk.masking`): ``mask`` [B, L] (1 = dropped) goes to the transformer as
+        [mask; mask]; ``keep_next`` [B, L] multiplies the handed-on tokens (None: all kept)."""
         tokens = state.tokens
         B, L, C = tokens.shape
-        cond = self.transformer(np.concatenate([tokens, tokens]), state.class_ids, level)   # (2B, L, W)
+        mask2 = None if mask is None else np.concatenate([mask, mask])                       # (2B, L)
+        cond = self.transformer(np.concatenate([tokens, tokens]), state.class_ids, level, mask2)   # (2B, L, W)
         mark("transformer")
         n = int(steps.shape[0])
         host = draws if isinstance(draws, HostDraws) else draws.materialize(n, L, C)
         x = self.denoise(host.x, host.noises, cond, steps)                                   # (B, L, C), host
         mark("denoise")
         state.raw = x
-        state.tokens = x if filter_matrix is None else low_pass_tokens(x, filter_matrix)
+        nxt = x if filter_matrix is None else low_pass_tokens(x, filter_matrix)
+        state.tokens = nxt if keep_next is None else nxt * keep_next[:, :, None].astype(np.float32)
         mark("filter")
 
     def fetch(self, array: Any) -> np.ndarray:

@@ -192,10 +192,11 @@ class OnnxRuntimeBackend(Backend):
             raise _run_error(e, graph, feeds) from e
         return dict(zip(self._outputs[graph], outs))
 
-    def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int) -> Any:
-        """tokens [2B, L, C], class_ids [2B] -> cond [2B, L, W]: host array on CPU, :class:`OrtValueCond` on a GPU."""
+    def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int, mask: np.ndarray | None = None) -> Any:
+        """tokens [2B, L, C], class_ids [2B], mask [2B, L] (a masking transformer) -> cond [2B, L, W]: host array on
+        CPU, :class:`OrtValueCond` on a GPU."""
         if not (self._on_gpu and self._io_binding):
-            return super().transformer(tokens, class_ids, level)
+            return super().transformer(tokens, class_ids, level, mask)
         sess, ort = self._sessions["transformer"], self._ort
         rows, L = int(tokens.shape[0]), int(tokens.shape[1])
         W = int(self.bundle.manifest["mlp_width"])
@@ -203,6 +204,8 @@ class OnnxRuntimeBackend(Backend):
         b.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.float32))   # copied to the GPU by the run
         b.bind_cpu_input("class_ids", np.ascontiguousarray(class_ids, dtype=np.int64))
         b.bind_cpu_input("level", np.array([level], dtype=np.float32))
+        for name, value in self._mask_feed(mask, rows, L).items():
+            b.bind_cpu_input(name, value)
         cond = ort.OrtValue.ortvalue_from_shape_and_type([rows, L, W], np.float32, self._mem, self._device_id)  # (2B, L, W)
         b.bind_ortvalue_output("cond", cond)
         self._run_bound(sess, b, "transformer")

@@ -231,8 +231,9 @@ class TensorRTBackend(Backend):
             self._sync()  # host sync: the outputs are read now
             return out
 
-    def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int) -> TrtCondRef:
-        """tokens [2B, L, C], class_ids [2B] -> cond [2B, L, W], left on the GPU (no host sync)."""
+    def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int, mask: np.ndarray | None = None) -> TrtCondRef:
+        """tokens [2B, L, C], class_ids [2B], mask [2B, L] (a masking transformer) -> cond [2B, L, W], left on the
+        GPU (no host sync)."""
         with self._lock:
             self._enter()
             r = self._runners["transformer"]
@@ -245,6 +246,8 @@ class TensorRTBackend(Backend):
             self._upload_input(r, "tokens", tokens, images)
             self._upload_input(r, "class_ids", class_ids, images)
             self._upload_input(r, "level", np.array([level], dtype=np.float32), images)
+            for name, value in self._mask_feed(mask, rows, int(np.shape(tokens)[1])).items():
+                self._upload_input(r, name, value, images)
             r.bind()
             r.enqueue(self._sh)
             self._cond_generation += 1

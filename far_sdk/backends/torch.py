@@ -29,15 +29,15 @@ import contextlib
 import logging
 import re
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..bundle import Bundle
 from ..diffusion import Step
-from ..errors import BackendUnavailableError, DeviceOutOfMemoryError, InvalidArgumentError
+from ..errors import BackendUnavailableError, InvalidArgumentError
 from .base import MAX_CUDA_GRAPHS, Backend, HostDraws, LoopState, Mark, SeededDraws, check_backend_options
+from .torch_state import Batch as _Batch, memory_errors as _memory_errors
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +59,6 @@ def _import_torch():
     except ImportError as e:
         raise BackendUnavailableError("backend 'torch' needs PyTorch: pip install torch (and far-sdk's training package)") from e
     return torch
-
-
-@dataclass
-class _Batch:
-    """Static device buffers of one batch size, shared by that size's graphs and eager runs."""
-
-    B: int
-    tokens: Any        # (B, L, C)            fp32: the transformer's input tokens
-    raw: Any           # (B, L, C)            fp32: the last outer step's sample
-    cond: Any          # (2, B, L, W)         network dtype: the transformer's output
-    ids: Any           # (2B,)                int64
-    seeds: Any         # (B,)                 int64
-    level: Any         # (1,)                 fp32
-    steps: Any         # (MAX_INNER_STEPS, STEP_STRIDE) fp32: rows 0..n-1 = this outer step's step table
-    pos: Any           # (MAX_INNER_STEPS + 1, 2) int64: [k, 0] = stream position of draw k (x_T = draw 0)
-    fmat: Any          # (G, G)               fp32
-    noise: Any = None  # (n + 1, B, L, C)     fp32: uploaded host draws (grown on demand)
-    graphs: dict = field(default_factory=dict)
 
 
 class TorchBackend(Backend):
@@ -212,12 +194,14 @@ class TorchBackend(Backend):
         name = mod.output_names[0]
         return {name: out.float().cpu().numpy()}  # host sync
 
-    def transformer(self, tokens, class_ids, level):
-        """tokens [2B, L, C] -> cond [2B, L, W] as a device tensor (eager: the loop uses :meth:`outer_step`)."""
+    def transformer(self, tokens, class_ids, level, mask=None):
+        """tokens [2B, L, C], mask [2B, L] (a masking transformer) -> cond [2B, L, W] as a device tensor (eager: the
+        loop uses :meth:`outer_step`)."""
         torch = self._torch
+        extra = [self._t(v) for v in self._mask_feed(mask, tokens.shape[0], tokens.shape[1]).values()]  # fp32: 0 / 1
         with torch.inference_mode():
             lv = torch.tensor([float(level)], device=self._device, dtype=self._dtype)
-            return self._graphs["transformer"](self._t(tokens, self._dtype), self._t(class_ids), lv)  # (2B, L, W)
+            return self._graphs["transformer"](self._t(tokens, self._dtype), self._t(class_ids), lv, *extra)  # (2B, L, W)
 
     def denoise(self, x, noises, cond, steps):
         """n guided steps from host x [B, L, C] with host noises [n, B, L, C] -> host x_0 (through the same
@@ -234,7 +218,7 @@ class TorchBackend(Backend):
             bb.cond.copy_(cond.reshape(bb.cond.shape))
             self._upload_plan(bb, steps, None, None)
             self._upload_noise(bb, HostDraws(x=np.asarray(x), noises=np.asarray(noises)), n)
-            self._run_stage(bb, ("loop", B, n, False, "host"), lambda: self._loop_body(bb, n, False, "host"))
+            self._run_stage(bb, ("loop", B, n, False, False, "host"), lambda: self._loop_body(bb, n, False, False, "host"))
             return bb.raw.to("cpu", copy=True).numpy()                                    # host sync
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -249,14 +233,20 @@ class TorchBackend(Backend):
         return LoopState(class_ids=class_ids, batch=batch, tokens=bb.tokens, raw=bb.raw, buffers=bb)
 
     def outer_step(self, state: LoopState, *, level: int, steps: np.ndarray, filter_matrix: np.ndarray | None,
-                   draws: HostDraws | SeededDraws, mark: Mark) -> None:
+                   draws: HostDraws | SeededDraws, mark: Mark, mask: np.ndarray | None = None,
+                   keep_next: np.ndarray | None = None) -> None:
         torch = self._torch
         B, n = state.batch, int(steps.shape[0])
         L, C = state.tokens.shape[1], state.tokens.shape[2]
-        filtered = filter_matrix is not None
+        filtered, masked = filter_matrix is not None, keep_next is not None
+        mask_feed = self._mask_feed(None if mask is None else np.concatenate([mask, mask]), 2 * B, L)   # {"mask": (2B, L)} or {}
         with self._lock, torch.inference_mode(), self._on_device(), _memory_errors(torch, B):
             bb = state.buffers
             bb.level.fill_(float(level))
+            if mask_feed:
+                bb.mask.copy_(torch.from_numpy(mask_feed["mask"]), non_blocking=True)
+            if masked:
+                bb.keep.copy_(torch.from_numpy(np.ascontiguousarray(keep_next, dtype=np.float32)[:, :, None]), non_blocking=True)
             self._run_stage(bb, ("transformer", B), lambda: self._transformer_body(bb))
             mark("transformer")
             if isinstance(draws, SeededDraws) and not self._compiled and self._device.type == "cpu":
@@ -268,7 +258,7 @@ class TorchBackend(Backend):
                 self._upload_noise(bb, draws, n)
             elif kind == "batched":
                 self._noise_buffer(bb, n)
-            self._run_stage(bb, ("loop", B, n, filtered, kind), lambda: self._loop_body(bb, n, filtered, kind))
+            self._run_stage(bb, ("loop", B, n, filtered, masked, kind), lambda: self._loop_body(bb, n, filtered, masked, kind))
             mark("denoise")  # the filter runs inside the loop's stage
         state.tokens, state.raw = bb.tokens, bb.raw
 
@@ -290,11 +280,13 @@ class TorchBackend(Backend):
     def _transformer_body(self, bb: _Batch) -> None:
         torch, dt = self._torch, self._dtype
         tok = bb.tokens.to(dt)
-        cond = self._graphs["transformer"](torch.cat([tok, tok]), bb.ids, bb.level.to(dt))  # (2B, L, W)
+        extra = (bb.mask,) if self.takes_mask else ()                                      # (2B, L) fp32
+        cond = self._graphs["transformer"](torch.cat([tok, tok]), bb.ids, bb.level.to(dt), *extra)  # (2B, L, W)
         bb.cond.copy_(cond.reshape(bb.cond.shape))
 
-    def _loop_body(self, bb: _Batch, n: int, filtered: bool, kind: str) -> None:
-        """x_T and n inner steps, then the low-pass. kind: "fused" (seeded; each step draws its own noise
+    def _loop_body(self, bb: _Batch, n: int, filtered: bool, masked: bool, kind: str) -> None:
+        """x_T and n inner steps, then the low-pass (and, ``masked``, the zeroing of the tokens the next
+        step masks: ``bb.keep``). kind: "fused" (seeded; each step draws its own noise
         inside the compiled step), "batched" (seeded; all n + 1 draws in one call first, for eager runs where
         per-step drawing would cost hundreds of small ops) or "host" (uploaded draws in ``bb.noise``)."""
         torch = self._torch
@@ -319,6 +311,8 @@ class TorchBackend(Backend):
             bb.tokens.copy_(out.permute(0, 2, 3, 1).reshape(B, L, C))
         else:
             bb.tokens.copy_(x)
+        if masked:
+            bb.tokens.mul_(bb.keep)                                                   # (B, L, C) * (B, L, 1)
 
     # ---- buffers, uploads, graphs ------------------------------------------------------------------
     def _on_device(self):
@@ -333,7 +327,8 @@ class TorchBackend(Backend):
                         cond=torch.zeros(2, B, L, W, device=dev, dtype=self._dtype),
                         ids=torch.zeros(2 * B, device=dev, dtype=torch.long), seeds=torch.zeros(B, device=dev, dtype=torch.long),
                         level=torch.zeros(1, **f32), steps=torch.zeros(MAX_INNER_STEPS, STEP_STRIDE, **f32),
-                        pos=torch.zeros(MAX_INNER_STEPS + 1, 2, device=dev, dtype=torch.long), fmat=torch.eye(G, **f32))
+                        pos=torch.zeros(MAX_INNER_STEPS + 1, 2, device=dev, dtype=torch.long), fmat=torch.eye(G, **f32),
+                        mask=torch.ones(2 * B, L, **f32), keep=torch.ones(B, L, 1, **f32))
             if cached:
                 self._batches[B] = bb
         return bb
@@ -420,26 +415,6 @@ class TorchBackend(Backend):
             self._lru.clear()
             self._batches.clear()
             self._graphs.clear()
-
-
-class _memory_errors:
-    """torch's allocation failures (CUDA OOM, the CPU allocator's RuntimeError) -> DeviceOutOfMemoryError."""
-
-    def __init__(self, torch, batch: int):
-        self._torch, self._batch = torch, batch
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, typ, e, tb):
-        if e is None:
-            return False
-        oom = isinstance(e, (MemoryError, self._torch.cuda.OutOfMemoryError)) or (
-            isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower()))
-        if oom:
-            raise DeviceOutOfMemoryError(f"out of memory generating {self._batch} images per call: pass a smaller max_batch "
-                                         f"or fewer labels ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-        return False
 
 
 def eager_backend(bundle: Bundle, **options: Any) -> Backend:
