@@ -56,6 +56,9 @@ def _add_onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=3.0, help="default guidance scale recorded in the bundle (default: 3.0)")
     p.add_argument("--latent-scale", type=float, default=0.2325, help="VAE latent scale (default: 0.2325, FAR's)")
     p.add_argument("--id2label", type=Path, help='JSON file {"0": "tench", ...} of class names')
+    p.add_argument("--text-encoder", type=Path, metavar="DIR",
+                   help="FAR-T2I: a small text encoder directory (training.text_encoder.SmallTextEncoder.save_pretrained) "
+                        "to bundle as text_encoder.onnx + tokenizer.json (then generate(prompt=...) works torch-free)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch check (not recommended)")
 
 
@@ -106,6 +109,10 @@ def _run_onnx(args: argparse.Namespace) -> int:
         vae = load_official_vae(args.vae, vae_cfg)
     print(f"loaded {'random-init ' if args.random_init else ''}model and VAE in {time.perf_counter() - t0:.1f} s")
 
+    if args.text_encoder is not None:
+        from training.text_encoder import SmallTextEncoder
+
+        options["text_encoder"] = SmallTextEncoder.from_pretrained(args.text_encoder)
     return _report(export_bundle(far, vae, out, overwrite=args.overwrite, source=source, **options))
 
 

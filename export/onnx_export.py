@@ -36,10 +36,11 @@ from far_sdk.bundle import atomic_bundle_dir, sha256_file, write_manifest
 from far_sdk.diffusion import denoise_step_table
 from far_sdk.errors import ConfigError, ExportError, InvalidArgumentError
 from far_sdk.graphs import GRAPH_NAMES, GraphSpec, graph_specs
-from far_sdk.options import DEFAULTS, SamplingOptions, resolve_plan
+from far_sdk.options import DEFAULTS, T2I_DEFAULTS, SamplingOptions, resolve_plan, resolve_text_plan
 from far_sdk.masking import random_mask, sampling_modes
 from training.far import FAR
-from training.graph_modules import DenoiserGraph, TransformerGraph, VAEDecoderGraph
+from training.far_t2i import FART2I
+from training.graph_modules import DenoiserGraph, TextTransformerGraph, TransformerGraph, VAEDecoderGraph
 from training.vae import AutoencoderKL
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def random_init_source(seed: int) -> dict[str, Any]:
 def graph_modules(far: FAR, vae: AutoencoderKL, latent_scale: float) -> dict[str, nn.Module]:
     """The PyTorch module behind each graph, in eval mode."""
     return {
-        "transformer": TransformerGraph(far).eval(),
+        "transformer": (TextTransformerGraph(far) if isinstance(far, FART2I) else TransformerGraph(far)).eval(),
         "denoiser": DenoiserGraph(far.diffloss.net).eval(),
         "vae_decoder": VAEDecoderGraph(vae, latent_scale).eval(),
     }
@@ -124,6 +125,8 @@ def sample_inputs(spec: GraphSpec, batch: int, *, num_classes: int, grid_size: i
             ids = rng.integers(0, num_classes, size=shape, dtype=np.int64)
             ids[-1] = num_classes
             feeds[t.name] = ids
+        elif t.name == "null":   # the last row unconditional (fake_latent), as the CFG batch's second half
+            feeds[t.name] = (np.arange(shape[0]) == shape[0] - 1).astype(np.float32)
         elif t.name == "level":
             feeds[t.name] = np.full(shape, rng.integers(0, grid_size), dtype=np.float32)
         elif t.name == "mask":
@@ -302,6 +305,8 @@ def _check_inputs(far: FAR, vae: AutoencoderKL, latent_scale: float, id2label: M
         raise InvalidArgumentError(f"latent_scale must be a positive finite number, got {latent_scale!r}")
     if id2label is None:
         return None
+    if isinstance(far, FART2I):
+        raise InvalidArgumentError("a FAR-T2I model is text-conditioned: it has no classes, so no id2label")
     labels: dict[str, str] = {}
     for k, v in id2label.items():
         try:
@@ -327,6 +332,7 @@ def export_bundle(
     source: Mapping[str, Any] | None = None,
     validate: bool = True,
     defaults: SamplingOptions | Mapping[str, Any] | None = None,
+    text_encoder: Any = None,
 ) -> Path:
     """Write the bundle for ``far`` + ``vae`` to ``out_dir`` atomically; returns its path.
 
@@ -336,17 +342,25 @@ def export_bundle(
     :class:`ConfigError` / :class:`InvalidArgumentError` (inconsistent arguments); in every case
     nothing is written. ``defaults``: the bundle's sampling defaults, put over far_sdk.options.DEFAULTS
     (a misspelt option or a bad value is an InvalidArgumentError here, before any work).
+    A FAR-T2I model (:class:`training.far_t2i.FART2I`) gives a text-conditioned bundle (export.t2i_export):
+    its defaults go over the official T2I sampler's (far_sdk.options.T2I_DEFAULTS); ``text_encoder`` (a
+    :class:`training.text_encoder.SmallTextEncoder`) is bundled as ``text_encoder.onnx`` + ``tokenizer.json``.
     """
+    from .t2i_export import check_text_encoder, export_text_encoder, text_section
+
+    t2i = isinstance(far, FART2I)
+    check_text_encoder(far, text_encoder)
     labels = _check_inputs(far, vae, latent_scale, id2label, opset, name)
     given = defaults if isinstance(defaults, SamplingOptions) else SamplingOptions.from_dict(defaults or {}, what="defaults")
-    sampling_defaults = given.over(DEFAULTS)
-    resolve_plan(sampling_defaults)   # a valid plan, or a typed error naming the bad value
+    sampling_defaults = given.over(T2I_DEFAULTS if t2i else DEFAULTS)
+    (resolve_text_plan if t2i else resolve_plan)(sampling_defaults)   # a valid plan, or a typed error naming the bad value
     cfg = far.config
     image_size = cfg.grid_size * vae.config.downsample_factor
     specs = graph_specs(seq_len=cfg.seq_len, token_channels=cfg.token_channels, mlp_width=cfg.diffloss_w,
-                        grid_size=cfg.grid_size, image_size=image_size, masked=cfg.mask)
+                        grid_size=cfg.grid_size, image_size=image_size, masked=cfg.mask,
+                        text=(cfg.context_len, cfg.context_dim) if t2i else None)
     modules = graph_modules(far, vae, latent_scale)
-    dims = {"num_classes": cfg.num_classes, "grid_size": cfg.grid_size}
+    dims = {"num_classes": 1 if t2i else cfg.num_classes, "grid_size": cfg.grid_size}
     graphs: dict[str, Any] = {}
     with atomic_bundle_dir(out_dir, overwrite=overwrite) as tmp:
         for gname in GRAPH_NAMES:
@@ -370,6 +384,7 @@ def export_bundle(
                 entry["validation"] = None
             graphs[gname] = entry
         t0 = time.perf_counter()
+        encoder = export_text_encoder(text_encoder, tmp, opset) if text_encoder is not None else None
         n = write_weights(far, vae, tmp / WEIGHTS_FILE)
         logger.info("%s: %d tensors written in %.2f s", WEIGHTS_FILE, n, time.perf_counter() - t0)
         manifest: dict[str, Any] = {
@@ -378,10 +393,13 @@ def export_bundle(
             "model": cfg.to_dict(),
             "vae": vae.config.to_dict(),
             "latent_scale": float(latent_scale),
-            "null_class_id": cfg.num_classes,
             "mlp_width": cfg.diffloss_w,
             "image_size": image_size,
         }
+        if t2i:
+            manifest.update(conditioning="text", text=text_section(far, encoder))
+        else:
+            manifest["null_class_id"] = cfg.num_classes
         if labels is not None:
             manifest["id2label"] = labels
         modes = sampling_modes(cfg.mask)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import BundleError, BundleNotFoundError, IntegrityError
+from .errors import BundleError, BundleNotFoundError, IntegrityError, InvalidArgumentError
 from .fileio import atomic_write_bytes
 from .graphs import GRAPH_NAMES, GraphSpec, TensorSpec
 from .manifest import BUNDLE_FORMAT, FORMAT_VERSION, MAX_MANIFEST_BYTES, dump_manifest, read_manifest
@@ -163,7 +163,20 @@ class Bundle:
         return tuple(self.manifest["sampling_modes"])
 
     @property
+    def conditioning(self) -> str:
+        """"class" (class labels) or "text" (a FAR-T2I bundle: prompts / prompt embeddings; manifest ``text``)."""
+        return str(self.manifest.get("conditioning", "class"))
+
+    @property
+    def text(self) -> dict[str, Any] | None:
+        """A text bundle's text section (hidden_size, max_length, optional bundled encoder); None for a class bundle."""
+        return self.manifest.get("text")
+
+    @property
     def num_classes(self) -> int:
+        if self.conditioning == "text":
+            raise InvalidArgumentError(f"bundle {self.name!r} is text-conditioned (FAR-T2I): it has no classes; pass prompt= "
+                                       "or prompt_embeds=")
         return int(self.manifest["model"]["num_classes"])
 
     @property

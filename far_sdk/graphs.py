@@ -11,6 +11,9 @@ manifest's model config by :func:`graph_specs`.
   A model built for masking (manifest ``model.mask``; it samples in mask mode only) also takes
   mask [N, L] float32 (1 = the token is dropped by the encoder and refilled with ``mask_token`` by
   the decoder; 0 = kept), last.
+  A text-conditioned bundle (FAR-T2I; manifest ``conditioning: "text"``) takes context [N, T, D_text] (text
+  hidden states) and null [N] float32 (1 = the unconditional CFG row: the graph puts its learned null context
+  ``fake_latent`` in place of ``context_embed(context)``) instead of class_ids; it always takes the mask.
 - ``denoiser``: one whole guided DDPM step (or DDIM step: other coefficients in ``step``, see
   far_sdk.diffusion.DDIMTables). x [B, L, C] (conditional half), noise [B, L, C],
   cond [2, B, L, W] (conditional rows first), step [10] (the columns of :class:`far_sdk.diffusion.Step`) -> x_prev [B, L, C].
@@ -68,11 +71,16 @@ class GraphSpec:
 
 
 def graph_specs(*, seq_len: int, token_channels: int, mlp_width: int, grid_size: int, image_size: int,
-                masked: bool = False) -> dict[str, GraphSpec]:
-    """The three graphs' specs; ``masked``: the transformer takes the mask (a model built with mask=True)."""
+                masked: bool = False, text: tuple[int, int] | None = None) -> dict[str, GraphSpec]:
+    """The three graphs' specs; ``masked``: the transformer takes the mask (a model built with mask=True);
+    ``text`` = (max text length T, text hidden size): a text-conditioned transformer (context, null)."""
     L, C, W, G = seq_len, token_channels, mlp_width, grid_size
     f32 = "float32"
-    tf_inputs = (TensorSpec("tokens", f32, ("N", L, C)), TensorSpec("class_ids", "int64", ("N",)), TensorSpec("level", f32, (1,)))
+    if text is not None:
+        cond_in = (TensorSpec("context", f32, ("N", int(text[0]), int(text[1]))), TensorSpec("null", f32, ("N",)))
+    else:
+        cond_in = (TensorSpec("class_ids", "int64", ("N",)),)
+    tf_inputs = (TensorSpec("tokens", f32, ("N", L, C)), *cond_in, TensorSpec("level", f32, (1,)))
     if masked:
         tf_inputs += (TensorSpec("mask", f32, ("N", L)),)
     return {

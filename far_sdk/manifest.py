@@ -124,7 +124,8 @@ _DEFAULTS = _object({
     "inner_sampler": {"enum": ["ddpm", "ddim"]},
     "eta": _num(0.0, 1.0),
     "mode": {"enum": ["nomask", "mask"]},
-}, optional=("mode", "num_steps", "cfg", "cfg_schedule", "temperature", "temperature_schedule", "inner_steps", "filter", "x0_clip",
+    "levels": {"type": "array", "items": _int(0, 128), "minItems": 1, "maxItems": 16},
+}, optional=("mode", "levels", "num_steps", "cfg", "cfg_schedule", "temperature", "temperature_schedule", "inner_steps", "filter", "x0_clip",
              "inner_sampler", "eta"))
 _TENSOR = _object({
     "name": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z"},
@@ -152,6 +153,23 @@ _SOURCE = _object({
     "file": _FILE, "sha256": _SHA256, "use_ema": _BOOL, "seed": _int(0, 2**64 - 1), "vae": _SOURCE_VAE,
 }, optional=("file", "sha256", "use_ema", "seed", "vae"))
 
+#: A FAR-T2I model (training.config_t2i.T2IConfig): no class table, cross-attention to the text.
+_MODEL_T2I = _object({
+    "encoder_embed_dim": _int(1, 16384), "encoder_depth": _int(1, 1024), "encoder_num_heads": _int(1, 1024),
+    "decoder_embed_dim": _int(1, 16384), "decoder_depth": _int(1, 1024), "decoder_num_heads": _int(1, 1024),
+    "attention_head_dim": _int(1, 4096), "mlp_ratio": _num(0.0, 64.0, open_lo=True),
+    "token_channels": _int(1, 256), "grid_size": _int(1, 128),
+    "context_dim": _int(1, 65536), "context_len": _int(1, 65536),
+    "diffloss_d": _int(1, 1024), "diffloss_w": _int(1, 16384),
+    "label_drop_prob": _PROB, "mask_ratio_min": _PROB,
+    "diffusion_batch_mul": _int(1, 1024), "num_sampling_steps": _int(1, 10_000),
+})
+#: A text-conditioned bundle's text side: the context the transformer takes, and optionally a bundled encoder.
+_TEXT_SECTION = _object({
+    "hidden_size": _int(1, 65536),
+    "max_length": _int(1, 65536),
+    "encoder": _object({"file": _FILE, "tokenizer": _FILE, "pad_token_id": _int(0, 2**31 - 1)}),
+}, optional=("encoder",))
 #: The manifest of bundle format :data:`FORMAT_VERSION`, declared once (JSON Schema 2020-12).
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -159,7 +177,9 @@ SCHEMA: dict[str, Any] = {
     **_object({
         "name": {"type": "string", "minLength": 1, "maxLength": 255},
         "created_by": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 200}, "maxProperties": 32},
-        "model": _MODEL,
+        "model": {"oneOf": [_MODEL, _MODEL_T2I]},
+        "conditioning": {"enum": ["class", "text"]},
+        "text": _TEXT_SECTION,
         "vae": _VAE,
         "latent_scale": _num(0.0, 1e6, open_lo=True),
         "null_class_id": _int(0, 1_000_000),
@@ -179,7 +199,7 @@ SCHEMA: dict[str, Any] = {
                   "propertyNames": {"pattern": _PLAIN_NAME},
                   "additionalProperties": _object({"size": _int(0, 2**53), "sha256": _SHA256})},
         DIGEST_KEY: _SHA256,
-    }, optional=("id2label", "weights")),
+    }, optional=("id2label", "weights", "conditioning", "text", "null_class_id")),
 }
 
 _validator = None
@@ -301,6 +321,7 @@ def _check_relations(m: dict[str, Any], where: str) -> None:
     from .masking import sampling_modes
 
     files, model, vae = m["files"], m["model"], m["vae"]
+    text = _check_text(m, where)
     for g, entry in m["graphs"].items():
         for key in ("file", "external_data"):
             if key in entry and entry[key] not in files:
@@ -311,7 +332,7 @@ def _check_relations(m: dict[str, Any], where: str) -> None:
         d, h = model[f"{part}_embed_dim"], model[f"{part}_num_heads"]
         if d % h:
             raise _relation_error(where, f"model.{part}_num_heads", f"{h} does not divide {part}_embed_dim {d}")
-    if m["null_class_id"] != model["num_classes"]:
+    if text is None and m.get("null_class_id") != model["num_classes"]:
         raise _relation_error(where, "null_class_id", f"{m['null_class_id']} differs from model.num_classes {model['num_classes']} (the null class follows the real ones)")
     if m["mlp_width"] != model["diffloss_w"]:
         raise _relation_error(where, "mlp_width", f"{m['mlp_width']} differs from model.diffloss_w {model['diffloss_w']}")
@@ -323,18 +344,20 @@ def _check_relations(m: dict[str, Any], where: str) -> None:
     image_size = model["grid_size"] * 2 ** (len(vae["ch_mult"]) - 1)
     if m["image_size"] != image_size:
         raise _relation_error(where, "image_size", f"{m['image_size']} differs from grid_size x the VAE's downsampling ({image_size})")
-    for k in m.get("id2label", {}):
+    for k in m.get("id2label", {}) if text is None else ():
         if int(k) >= model["num_classes"]:
             raise _relation_error(where, f"id2label.{k}", f"class id {k} is outside 0..{model['num_classes'] - 1}")
-    modes = list(sampling_modes(model["mask"]))
+    masked = text is not None or model["mask"]
+    modes = list(sampling_modes(masked))
     if m["sampling_modes"] != modes:
         raise _relation_error(where, "sampling_modes", f"{m['sampling_modes']} differ from {modes}, the modes of a model built "
-                              f"with mask={model['mask']}")
+                              f"with mask={masked}")
     if m["defaults"].get("mode", "nomask") not in modes:
         raise _relation_error(where, "defaults.mode", f"{m['defaults'].get('mode', 'nomask')!r} (omitted: 'nomask') is not one "
                               f"of the sampling modes {modes}")
     specs = graph_specs(seq_len=model["grid_size"] ** 2, token_channels=model["token_channels"], mlp_width=m["mlp_width"],
-                        grid_size=model["grid_size"], image_size=m["image_size"], masked=model["mask"])
+                        grid_size=model["grid_size"], image_size=m["image_size"], masked=masked,
+                        text=None if text is None else (text["max_length"], text["hidden_size"]))
     for g in GRAPH_NAMES:
         want = specs[g].to_dict()
         for io in ("inputs", "outputs"):
@@ -342,6 +365,28 @@ def _check_relations(m: dict[str, Any], where: str) -> None:
                 raise _relation_error(where, f"graphs.{g}.{io}", f"{_short(json.dumps(m['graphs'][g][io]), 200)} do not match the "
                                       f"model's shapes {json.dumps(want[io])}")
     _check_defaults(m["defaults"], where)
+
+
+def _check_text(m: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """The text section of a text-conditioned bundle (None for a class-conditional one), consistent with the model."""
+    kind, model = m.get("conditioning", "class"), m["model"]
+    t2i = "context_dim" in model
+    if (kind == "text") != t2i or (kind == "text") != ("text" in m):
+        raise _relation_error(where, "conditioning", f"{kind!r} does not match the model (a FAR-T2I model: {t2i}) and the "
+                              f"text section (present: {'text' in m}); a text bundle has both, a class bundle neither")
+    if kind != "text":
+        return None
+    for key in ("null_class_id", "id2label"):
+        if key in m:
+            raise _relation_error(where, key, "a text-conditioned bundle has no class table")
+    text = m["text"]
+    if (text["hidden_size"], text["max_length"]) != (model["context_dim"], model["context_len"]):
+        raise _relation_error(where, "text", f"hidden_size / max_length {text['hidden_size']} / {text['max_length']} differ "
+                              f"from model.context_dim / context_len {model['context_dim']} / {model['context_len']}")
+    for key in ("file", "tokenizer"):
+        if "encoder" in text and text["encoder"][key] not in m["files"]:
+            raise _relation_error(where, f"text.encoder.{key}", f"{text['encoder'][key]!r} is not listed in files")
+    return text
 
 
 def _check_defaults(defaults: dict[str, Any], where: str) -> None:

@@ -137,6 +137,28 @@ def resolve_plan(defaults: SamplingOptions | Mapping[str, Any] = DEFAULTS, given
                      filter=o.filter, x0_clip=None if o.x0_clip is False else o.x0_clip, inner_sampler=o.inner_sampler, eta=eta)
 
 
+#: The official FAR-T2I sampler's settings (training.sampler_t2i.t2i_plan): 10 outer steps at these levels, constant
+#: CFG 3, 100 inner steps; the no-mask temperature ramp and filtering, with mask mode's token masking.
+T2I_DEFAULTS = SamplingOptions(mode="mask", levels=(0, 2, 3, 4, 5, 6, 7, 8, 10, 13), cfg=3.0, cfg_schedule="constant",
+                               inner_steps="official")
+
+
+def resolve_text_plan(defaults: SamplingOptions | Mapping[str, Any], given: SamplingOptions | None = None, *,
+                      preset_name: str | None = None) -> SamplingPlan:
+    """The plan of a text-conditioned (FAR-T2I) bundle: the official T2I sampler is the no-mask schedule (levels,
+    temperature ramp, a filter after every step but the last) run with mask mode's token masking, so the
+    layers resolve as no-mask options (their levels kept) and the plan is then switched to mask mode.
+    Mode "nomask" is refused: FAR-T2I samples in mask mode only."""
+    if not isinstance(defaults, SamplingOptions):
+        defaults = SamplingOptions.from_dict(defaults, what="bundle defaults")
+    if given is not None and given.mode not in (None, "mask"):
+        raise InvalidArgumentError(f"a text-conditioned (FAR-T2I) bundle samples in mask mode only; got mode={given.mode!r} "
+                                   "(pass mode='mask' or leave it out)")
+    plan = resolve_plan(dataclasses.replace(defaults.over(T2I_DEFAULTS), mode="nomask"),
+                        None if given is None else dataclasses.replace(given, mode=None), preset_name=preset_name)
+    return dataclasses.replace(plan, mode="mask")
+
+
 def plan_options(plan: SamplingPlan) -> SamplingOptions:
     """Options that resolve to ``plan``'s levels, inner steps and sampler over the same defaults (for benchmarks
     that re-run a plan: cfg, temperature and clipping still come from the bundle's defaults)."""

@@ -33,8 +33,9 @@ from .errors import EngineProfileError, GeneratorClosedError, InvalidArgumentErr
 from .filters import filter_matrix
 from .masking import check_mode, source_orders, step_masks
 from .noise import CheckedNoise, NoiseFn, SeededNoise
-from .options import SamplingOptions, resolve_plan
+from .options import SamplingOptions, resolve_plan, resolve_text_plan
 from .schedules import InnerSteps, SamplingPlan
+from .text import TextCondition, TextEncoder, refuse_text, text_condition
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class GenerationOutput:
     latents: np.ndarray                # [B, C, H, W] float32, sampler scale (decode divides by latent_scale)
     timings: dict[str, float]          # seconds per stage, plus "total"
     seeds: tuple[int, ...] | None      # per-image seeds, when drawn from a seed
-    class_labels: tuple[int, ...]
+    class_labels: tuple[int, ...]      # () for a text bundle
     plan: SamplingPlan = field(repr=False)
 
 
@@ -96,6 +97,7 @@ class Generator:
         self.channels = int(m["token_channels"])
         self.seq_len = self.grid * self.grid
         self._label_ids = {v.lower(): k for k, v in self.bundle.id2label.items()}
+        self._text_encoder = TextEncoder(self.bundle) if (self.bundle.text or {}).get("encoder") else None
         self._lock = threading.Lock() if not self.backend.concurrent_generate else contextlib.nullcontext()
         log.info("far_sdk.Generator: bundle %s on %s", self.bundle.path, self.backend.describe())
 
@@ -128,12 +130,13 @@ class Generator:
         over ``preset`` over the bundle's defaults (far_sdk.options.resolve_plan); the mode must be one of the
         bundle's ``sampling_modes`` (:class:`InvalidArgumentError` naming them)."""
         given = SamplingOptions(**fields).over(options) if options is not None else SamplingOptions(**fields)
-        plan = resolve_plan(self.bundle.defaults, given, preset_name=preset)
+        text = self.bundle.conditioning == "text"   # FAR-T2I: the official T2I schedule (far_sdk.options.resolve_text_plan)
+        plan = (resolve_text_plan if text else resolve_plan)(self.bundle.defaults, given, preset_name=preset)
         check_mode(plan.mode, self.bundle.sampling_modes, f"bundle {self.bundle.name!r}")
         return plan
 
     # ---- the loop ---------------------------------------------------------------------------------
-    def iter_steps(self, class_ids: Sequence[int], plan: SamplingPlan, noise: NoiseFn,
+    def iter_steps(self, class_ids: Sequence[int] | TextCondition, plan: SamplingPlan, noise: NoiseFn,
                    timings: dict[str, float] | None = None) -> Iterator[tuple[int, LoopState]]:
         """The sampling loop. Yields (step, state) after each outer step; ``self.backend.fetch(state.raw)``
         is that step's sample [B, L, C] before low-passing, ``state.tokens`` what the next step sees.
@@ -146,7 +149,10 @@ class Generator:
         """
         be, B, L, C, G = self.backend, len(class_ids), self.seq_len, self.channels, self.grid
         t = timings if timings is not None else {}
-        ids = np.array(list(class_ids) + [self.bundle.null_class_id] * B, dtype=np.int64)  # [labels; null]
+        if isinstance(class_ids, TextCondition):   # a text bundle: context [2B, T, D] and null flags (far_sdk.text)
+            ids: Any = class_ids.cfg_feeds()
+        else:
+            ids = np.array(list(class_ids) + [self.bundle.null_class_id] * B, dtype=np.int64)  # [labels; null]
         state = be.begin(ids, B, L, C)
         seeded = isinstance(noise, SeededNoise)
         masks = list(step_masks(source_orders(noise, B, L), plan.num_steps)) if plan.mode == "mask" else None
@@ -198,8 +204,11 @@ class Generator:
 
     def generate(
         self,
-        class_labels: Sequence[int | str] | int | str,
+        class_labels: Sequence[int | str] | int | str | None = None,
         *,
+        prompt: str | Sequence[str] | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
         seed: int | None = 0,
         mode: str | None = None,
         preset: str | None = None,
@@ -222,7 +231,11 @@ class Generator:
         preview: bool | str = False,
         max_batch: int | None = None,
     ) -> GenerationOutput:
-        """Generate one image per class label.
+        """Generate one image per class label (class bundles) or per prompt (text bundles, FAR-T2I).
+
+        prompt: text bundles with a bundled text encoder (far_sdk.text); prompt_embeds: [B, T, D] float32 text hidden
+          states instead (diffusers' name); negative_prompt_embeds [B, T, D]: the unconditional rows' context in
+          place of the learned null context. A text bundle samples in mask mode with the official T2I schedule.
 
         seed: image i draws its noise from the Philox4x32-10 stream of seed + i (far_sdk.noise); None draws
           a fresh seed from the OS's entropy (``out.seeds`` reports it, so the images can be regenerated); so an
@@ -255,14 +268,18 @@ class Generator:
         """
         if self._closed:
             raise GeneratorClosedError("this Generator is closed; create a new far_sdk.Generator to generate again")
-        if class_labels is None or not isinstance(class_labels, (Sequence, int, str, np.integer, np.ndarray)):
-            raise InvalidArgumentError(f"class_labels must be a class id, a class name or a list of them, got {class_labels!r}")
+        text = self.bundle.conditioning == "text"
+        if not text:
+            refuse_text(self.bundle, prompt, prompt_embeds, negative_prompt_embeds)
+            if class_labels is None or not isinstance(class_labels, (Sequence, int, str, np.integer, np.ndarray)):
+                raise InvalidArgumentError(f"class_labels must be a class id, a class name or a list of them, got {class_labels!r}")
         if noise is not None:
             if not callable(noise):
                 raise InvalidArgumentError(f"noise must be a callable noise(shape) -> float32 array, got {type(noise).__name__}")
             if not isinstance(noise, SeededNoise):   # a SeededNoise is ours: finite, and drawn on the device where it can be
                 noise = CheckedNoise(noise)
-        ids = self.class_ids(class_labels)
+        ids = (text_condition(self.bundle, self._text_encoder, class_labels, prompt, prompt_embeds, negative_prompt_embeds)
+               if text else self.class_ids(class_labels))
         if options is not None and not isinstance(options, SamplingOptions):
             raise InvalidArgumentError(f"options must be a far_sdk.SamplingOptions, got {type(options).__name__}")
         plan = self.plan(options, preset=preset, mode=mode, num_steps=num_steps, levels=levels, cfg=cfg, cfg_schedule=cfg_schedule,
@@ -308,7 +325,7 @@ class Generator:
             images = self._to_pil(u8) if output_type == "pil" else u8
         timings["total"] = time.perf_counter() - t_start
         return GenerationOutput(images=images, latents=latents, timings=timings, seeds=seeds,
-                                class_labels=ids[:latents.shape[0]], plan=plan)
+                                class_labels=() if text else ids[:latents.shape[0]], plan=plan)
 
     def _run_chunks(self, ids, plan, source, chunk, timings, bar, on_step, preview):
         latents_parts, stopped = [], False

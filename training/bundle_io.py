@@ -30,7 +30,13 @@ def load_bundle_models(bundle: Bundle) -> tuple[FAR, AutoencoderKL]:
     far_sd = {k[len(pf):]: v for k, v in state.items() if k.startswith(pf)}
     vae_sd = {k[len(pv):]: v for k, v in state.items() if k.startswith(pv)}
     with torch.device("meta"):
-        far = FAR(FARConfig.from_dict(m["model"]))
+        if m.get("conditioning") == "text":
+            from .config_t2i import T2IConfig
+            from .far_t2i import FART2I
+
+            far = FART2I(T2IConfig.from_dict(m["model"]))
+        else:
+            far = FAR(FARConfig.from_dict(m["model"]))
         vae = AutoencoderKL(VAEConfig.from_dict(m["vae"]))
     try:
         far.load_state_dict(far_sd, strict=True, assign=True)

@@ -47,14 +47,15 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(kv_dim or dim, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, _ = x.shape
         kv = x if context is None else context                                   # (B, M, Dkv)
         H, hd = self.heads, self.head_dim
         q = self.to_q(x).reshape(B, N, H, hd).transpose(1, 2)                    # (B, H, N, hd)
         k = self.to_k(kv).reshape(B, kv.shape[1], H, hd).transpose(1, 2)         # (B, H, M, hd)
         v = self.to_v(kv).reshape(B, kv.shape[1], H, hd).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(hd))  # (B, H, N, hd)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0 / math.sqrt(hd))  # (B, H, N, hd)
         return self.to_out[0](o.transpose(1, 2).reshape(B, N, H * hd))           # (B, N, D)
 
 
@@ -94,8 +95,8 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS, elementwise_affine=False)
         self.ff = FeedForward(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), attn_mask=attn_mask)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -181,6 +182,24 @@ class FART2I(nn.Module):
     def condition(self, tokens: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The transformer: current tokens [B, L, C] + projected context [B, T, D] -> z [B, L, D]."""
         return self.forward_decoder(self.forward_encoder(tokens, context, mask), context, mask)
+
+    def condition_static(self, tokens: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`condition` with ``mask`` [B, L] (1 = dropped) in static shapes, for exported graphs: the encoder's
+        self-attention runs on all L rows under :func:`training.far.kept_attention_mask` instead of gathering the
+        kept ones, and the decoder's refill with ``mask_token`` is a select (:func:`training.far.refill`). Dropped
+        rows' cross-attention and feed-forward are per row, so no kept row reads them."""
+        from .far import kept_attention_mask, kept_rows, refill
+
+        x = self.z_proj_ln(self.z_proj(tokens) + self.encoder_pos_embed_learned)   # (B, L, D)
+        keep = kept_rows(mask, 0)                                                   # (B, L) bool
+        attn_mask = kept_attention_mask(keep)                                       # (B, 1, L, L)
+        for blk in self.encoder_blocks:
+            x = blk(x, context, attn_mask)
+        x = refill(self.decoder_embed(self.encoder_norm(x)), keep, self.mask_token)  # (B, L, Dd)
+        x = x + self.decoder_pos_embed_learned
+        for blk in self.decoder_blocks:
+            x = blk(x, context)
+        return self.decoder_norm(x) + self.diffusion_pos_embed_learned             # (B, L, Dd)
 
     # ---- training ---------------------------------------------------------------------------------
     def forward(self, tokens_in: torch.Tensor, context: torch.Tensor, target: torch.Tensor, levels: torch.Tensor,

@@ -60,6 +60,31 @@ class TransformerGraph(nn.Module):
         return net.condition(z, level.reshape(1, 1, 1))                      # (N, L, W)
 
 
+class TextTransformerGraph(nn.Module):
+    """The FAR-T2I transformer graph: cond = cond_embed(far.condition_static(tokens, ctx, mask)) + index_cond_embed(level)
+    with ctx = ``fake_latent`` where null > 0.5 (the unconditional CFG rows), else ``context_embed(context)``.
+
+    context [N, T, D_text] text hidden states, null [N] float (1 / 0), mask [N, L] float (1 = dropped): T2I
+    samples in mask mode only. The null context stays inside the graph (its weights), so a caller needs no
+    embedding of its own for the unconditional half (any context rows there are ignored).
+    """
+
+    input_names: tuple[str, ...] = ("tokens", "context", "null", "level", "mask")
+    output_names = ("cond",)
+
+    def __init__(self, far: nn.Module):
+        super().__init__()
+        self.far = far
+
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor, null: torch.Tensor, level: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        far, net = self.far, self.far.diffloss.net
+        emb = far.context_embedding(context)                                 # (N, T, D)
+        emb = torch.where(null.reshape(-1, 1, 1) > 0.5, far.fake_latent.to(emb.dtype), emb)
+        z = far.condition_static(tokens, emb, mask)                          # (N, L, D)
+        return net.condition(z, level.reshape(1, 1, 1))                      # (N, L, W)
+
+
 class DenoiserGraph(nn.Module):
     """One guided reverse DDPM step of the diffusion MLP, in the reference sampler's order.
 

@@ -67,7 +67,7 @@ class LoopState:
     arrays (host NumPy by default; device tensors on the torch backend): read them with
     :meth:`Backend.fetch`."""
 
-    class_ids: np.ndarray          # [2B] int64: the labels, then B null ids (CFG)
+    class_ids: Any                 # [2B] int64: the labels, then B null ids (CFG); text bundles: {"context", "null"} (cond_feeds)
     batch: int
     tokens: Any                    # [B, L, C] float32: what the next outer step's transformer sees
     raw: Any = None                # [B, L, C] float32: the last outer step's sample, before low-passing
@@ -126,7 +126,7 @@ class Backend(ABC):
     def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int, mask: np.ndarray | None = None) -> Any:
         """tokens [N, L, C], class_ids [N], mask [N, L] (1 = dropped; only for a transformer that takes it,
         :attr:`takes_mask`) -> cond [N, L, W] (opaque; see class docstring)."""
-        feeds = {"tokens": tokens, "class_ids": class_ids, "level": np.array([level], dtype=np.float32)}
+        feeds = {"tokens": tokens, **cond_feeds(class_ids), "level": np.array([level], dtype=np.float32)}
         feeds.update(self._mask_feed(mask, tokens.shape[0], tokens.shape[1]))
         return self.run("transformer", feeds)["cond"]
 
@@ -154,7 +154,7 @@ class Backend(ABC):
     # ---- one outer step (the loop calls these; fast backends override them) ---------------------
     def begin(self, class_ids: np.ndarray, batch: int, seq_len: int, channels: int) -> LoopState:
         """State for a generation of ``batch`` images; class_ids [2B] (labels, then null ids); tokens start at 0."""
-        return LoopState(class_ids=np.ascontiguousarray(class_ids, dtype=np.int64), batch=batch,
+        return LoopState(class_ids=cond_feeds(class_ids).get("class_ids", class_ids), batch=batch,
                          tokens=np.zeros((batch, seq_len, channels), dtype=np.float32))
 
     def outer_step(self, state: LoopState, *, level: int, steps: np.ndarray, filter_matrix: np.ndarray | None,
@@ -193,6 +193,15 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release sessions/engines. The backend is unusable afterwards."""
+
+
+def cond_feeds(class_ids: Any) -> dict[str, np.ndarray]:
+    """The transformer's conditioning inputs of the CFG batch: ``{"class_ids": [2B] int64}`` for class ids, or a
+    text bundle's ``{"context": [2B, T, D] float32, "null": [2B] float32}`` (a dict, passed through)."""
+    if isinstance(class_ids, dict):
+        return {"context": np.ascontiguousarray(class_ids["context"], dtype=np.float32),
+                "null": np.ascontiguousarray(class_ids["null"], dtype=np.float32)}
+    return {"class_ids": np.ascontiguousarray(class_ids, dtype=np.int64)}
 
 
 def low_pass_tokens(x: np.ndarray, m: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import DeviceOutOfMemoryError, BackendUnavailableError, BundleError, InvalidArgumentError
 from ..graphs import GRAPH_NAMES
-from .base import Backend, check_backend_options
+from .base import Backend, check_backend_options, cond_feeds
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,8 @@ class OnnxRuntimeBackend(Backend):
         W = int(self.bundle.manifest["mlp_width"])
         b = sess.io_binding()
         b.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.float32))   # copied to the GPU by the run
-        b.bind_cpu_input("class_ids", np.ascontiguousarray(class_ids, dtype=np.int64))
+        for name, value in cond_feeds(class_ids).items():   # class_ids, or a text bundle's context and null
+            b.bind_cpu_input(name, value)
         b.bind_cpu_input("level", np.array([level], dtype=np.float32))
         for name, value in self._mask_feed(mask, rows, L).items():
             b.bind_cpu_input(name, value)

@@ -77,6 +77,9 @@ class TensorRTBackend(Backend):
                  max_cuda_graphs: int = MAX_CUDA_GRAPHS, **other: Any):
         super().__init__(bundle)
         self._closed, self._lock = True, threading.Lock()
+        if bundle.conditioning == "text":
+            raise BackendUnavailableError(f"bundle {bundle.name!r} is text-conditioned (FAR-T2I): the TensorRT backend does not run "
+                                          "T2I bundles yet; use backend='onnxruntime' or backend='torch'")
         check_backend_options(self.name, ("device", "precision", "vae_precision", "batch", "opt_level", "cuda_graphs",
                                           "max_cuda_graphs"), other, log)
         for label, p in (("precision", precision), ("vae_precision", vae_precision)):

@@ -36,7 +36,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..diffusion import Step
 from ..errors import BackendUnavailableError, InvalidArgumentError
-from .base import MAX_CUDA_GRAPHS, Backend, HostDraws, LoopState, Mark, SeededDraws, check_backend_options
+from .base import MAX_CUDA_GRAPHS, Backend, HostDraws, LoopState, Mark, SeededDraws, check_backend_options, cond_feeds
 from .torch_state import Batch as _Batch, memory_errors as _memory_errors
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class TorchBackend(Backend):
         torch = _import_torch()
         self._torch = torch
         from training.bundle_io import load_bundle_models
-        from training.graph_modules import DenoiserGraph, FusedDenoiserStep, TransformerGraph, VAEDecoderGraph
+        from training.graph_modules import DenoiserGraph, FusedDenoiserStep, TextTransformerGraph, TransformerGraph, VAEDecoderGraph
 
         if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
             raise InvalidArgumentError(f"torch backend device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
@@ -111,7 +111,7 @@ class TorchBackend(Backend):
         far, vae = load_bundle_models(bundle)
         dev, dt = self._device, self._dtype
         self._graphs = {
-            "transformer": TransformerGraph(far).to(dev, dt).eval(),
+            "transformer": (TextTransformerGraph(far) if bundle.conditioning == "text" else TransformerGraph(far)).to(dev, dt).eval(),
             "denoiser": DenoiserGraph(far.diffloss.net).to(dev, dt).eval(),
             # fp16 VAE decoders overflow in many projects: the decoder always runs in fp32.
             "vae_decoder": VAEDecoderGraph(vae, float(m["latent_scale"])).to(dev, torch.float32).eval(),
@@ -201,7 +201,8 @@ class TorchBackend(Backend):
         extra = [self._t(v) for v in self._mask_feed(mask, tokens.shape[0], tokens.shape[1]).values()]  # fp32: 0 / 1
         with torch.inference_mode():
             lv = torch.tensor([float(level)], device=self._device, dtype=self._dtype)
-            return self._graphs["transformer"](self._t(tokens, self._dtype), self._t(class_ids), lv, *extra)  # (2B, L, W)
+            cond_in = [self._t(v, self._dtype if k == "context" else None) for k, v in cond_feeds(class_ids).items()]
+            return self._graphs["transformer"](self._t(tokens, self._dtype), *cond_in, lv, *extra)  # (2B, L, W)
 
     def denoise(self, x, noises, cond, steps):
         """n guided steps from host x [B, L, C] with host noises [n, B, L, C] -> host x_0 (through the same
@@ -229,7 +230,16 @@ class TorchBackend(Backend):
             # time); eager runs get their own, so concurrent generations on the CPU never share them
             bb = self._batch(batch, seq_len, channels, cached=self._use_graphs)
             bb.tokens.zero_()
-            bb.ids.copy_(torch.from_numpy(np.ascontiguousarray(class_ids, dtype=np.int64)))
+            feeds = cond_feeds(class_ids)
+            if "class_ids" in feeds:
+                bb.ids.copy_(torch.from_numpy(feeds["class_ids"]))
+            else:   # a text bundle: buffers of this batch's context shape (fixed per bundle), refilled per generation
+                ctx = torch.from_numpy(feeds["context"]).to(self._device, self._dtype)
+                null = torch.from_numpy(feeds["null"]).to(self._device)
+                if bb.text is None or bb.text[0].shape != ctx.shape:
+                    bb.text = (torch.empty_like(ctx), torch.empty_like(null))
+                bb.text[0].copy_(ctx)
+                bb.text[1].copy_(null)
         return LoopState(class_ids=class_ids, batch=batch, tokens=bb.tokens, raw=bb.raw, buffers=bb)
 
     def outer_step(self, state: LoopState, *, level: int, steps: np.ndarray, filter_matrix: np.ndarray | None,
@@ -281,7 +291,8 @@ class TorchBackend(Backend):
         torch, dt = self._torch, self._dtype
         tok = bb.tokens.to(dt)
         extra = (bb.mask,) if self.takes_mask else ()                                      # (2B, L) fp32
-        cond = self._graphs["transformer"](torch.cat([tok, tok]), bb.ids, bb.level.to(dt), *extra)  # (2B, L, W)
+        cond_in = bb.text if bb.text is not None else (bb.ids,)                          # text: (context, null)
+        cond = self._graphs["transformer"](torch.cat([tok, tok]), *cond_in, bb.level.to(dt), *extra)  # (2B, L, W)
         bb.cond.copy_(cond.reshape(bb.cond.shape))
 
     def _loop_body(self, bb: _Batch, n: int, filtered: bool, masked: bool, kind: str) -> None:

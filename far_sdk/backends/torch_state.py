@@ -26,6 +26,7 @@ class Batch:
     mask: Any          # (2B, L)              fp32: mask mode: 1 = the transformer drops the token
     keep: Any          # (B, L, 1)            fp32: mask mode: 1 = kept in what the step hands on
     noise: Any = None  # (n + 1, B, L, C)     fp32: uploaded host draws (grown on demand)
+    text: Any = None   # text bundles: (context (2B, T, D_text), null (2B,)) in the network dtype / fp32
     graphs: dict = field(default_factory=dict)
 
 

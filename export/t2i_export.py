@@ -1,0 +1,94 @@
+"""The text side of a FAR-T2I bundle: the manifest's ``text`` section and the optional bundled text encoder.
+
+A small text encoder (:class:`training.text_encoder.SmallTextEncoder`: a transformers ``Qwen2Model`` and a
+byte-level BPE ``tokenizer.json``) is exported as ``text_encoder.onnx`` (input_ids [B, T] int64,
+attention_mask [B, T] int64 -> hidden_states [B, T, H], the last hidden state as ``encode_prompts`` takes it)
+beside a copy of its ``tokenizer.json``; the runtime (far_sdk.text) tokenises with the ``tokenizers`` library,
+pads / truncates to T with the pad id and masks ``id == pad``, as :func:`training.text_encoder.encode_prompts`.
+The exported graph is validated against PyTorch on prompts of other batch sizes than the traced one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from far_sdk.errors import ExportError, InvalidArgumentError
+from training.far_t2i import FART2I
+
+TEXT_ENCODER_FILE = "text_encoder.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+#: Largest accepted |onnx - torch| / max |torch| of the text encoder's hidden states.
+TEXT_ENCODER_MAX_REL = 1e-4
+_PROBE_PROMPTS = ("a handwritten seven", "the digit 2, thick strokes", "number nine", "", "a zero drawn small and neat")
+
+
+class _LastHidden(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
+
+
+def check_text_encoder(far: Any, text_encoder: Any) -> None:
+    if text_encoder is None:
+        return
+    if not isinstance(far, FART2I):
+        raise InvalidArgumentError("text_encoder= goes with a FAR-T2I model only; a class-conditional bundle has no text side")
+    if not hasattr(text_encoder, "tokenizer") or not hasattr(text_encoder, "context_len"):
+        raise InvalidArgumentError(f"text_encoder must be a training.text_encoder.SmallTextEncoder, got {type(text_encoder).__name__}")
+    cfg = far.config
+    if (text_encoder.context_len, text_encoder.hidden_size) != (cfg.context_len, cfg.context_dim):
+        raise InvalidArgumentError(f"the text encoder gives [B, {text_encoder.context_len}, {text_encoder.hidden_size}] but the model "
+                                   f"takes context [B, {cfg.context_len}, {cfg.context_dim}]")
+
+
+def _ids(text_encoder: Any, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    tok = text_encoder.tokenizer
+    ids = tok(prompts, return_tensors="np", padding="max_length", max_length=text_encoder.context_len, truncation=True).input_ids
+    ids = ids.astype(np.int64)
+    return ids, (ids != tok.pad_token_id).astype(np.int64)
+
+
+def export_text_encoder(text_encoder: Any, bundle_dir: Path, opset: int) -> dict[str, Any]:
+    """Write ``text_encoder.onnx`` and ``tokenizer.json`` into ``bundle_dir``, validated; returns the manifest's
+    ``text.encoder`` entry."""
+    import onnxruntime as ort
+
+    model = _LastHidden(text_encoder.model.eval()).eval()
+    ids, am = _ids(text_encoder, list(_PROBE_PROMPTS[:2]))
+    path = bundle_dir / TEXT_ENCODER_FILE
+    axes = {"input_ids": {0: "B"}, "attention_mask": {0: "B"}, "hidden_states": {0: "B"}}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.from_numpy(ids), torch.from_numpy(am)), str(path),
+                              input_names=["input_ids", "attention_mask"], output_names=["hidden_states"],
+                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export of the text encoder failed: {type(e).__name__}: {e}") from e
+    text_encoder.tokenizer.backend_tokenizer.save(str(bundle_dir / TOKENIZER_FILE))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 3, 5):
+        prompts = list(_PROBE_PROMPTS[:n])
+        got = sess.run(None, dict(zip(("input_ids", "attention_mask"), _ids(text_encoder, prompts))))[0]
+        want = text_encoder.encode(prompts).detach().numpy()
+        rel = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
+        if not rel <= TEXT_ENCODER_MAX_REL:
+            raise ExportError(f"the exported text encoder disagrees with PyTorch at batch {n} (max rel {rel:.3g}); nothing was written")
+    return {"file": TEXT_ENCODER_FILE, "tokenizer": TOKENIZER_FILE, "pad_token_id": int(text_encoder.tokenizer.pad_token_id)}
+
+
+def text_section(far: FART2I, encoder: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's ``text``: the context the transformer takes, and the bundled encoder if any."""
+    out: dict[str, Any] = {"hidden_size": far.config.context_dim, "max_length": far.config.context_len}
+    if encoder is not None:
+        out["encoder"] = encoder
+    return out

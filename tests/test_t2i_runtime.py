@@ -1,0 +1,175 @@
+"""FAR-T2I bundles (issue 13, Deliver 4): export, the runtime's text path, parity with the PyTorch T2I reference sampler.
+
+References are independent of the runtime: training.sampler_t2i (PyTorch, gathering encoder) for the sampler,
+training.text_encoder.SmallTextEncoder (transformers + its tokenizer) for prompt -> hidden states.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import far_sdk
+from far_sdk.errors import InvalidArgumentError
+from far_sdk.noise import ReplayNoise, SeededNoise
+from training.checkpoint import load_official_checkpoint, save_official_checkpoint
+from training.config_t2i import T2I_CONFIGS
+from training.demo_t2i import held_out_captions, train_captions
+from training.far_t2i import FART2I
+from training.graph_modules import randomize_for_export
+from training.sampler_t2i import T2I_LEVELS, sample_reference_t2i, t2i_plan
+from training.text_encoder import SmallTextEncoder
+from training.vae import VAE_CONFIGS, AutoencoderKL
+
+TOL = 1e-4
+FAST = dict(inner_steps=3)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def t2i_far():
+    torch.manual_seed(0)
+    return randomize_for_export(FART2I(T2I_CONFIGS["far_t2i_tiny"]).eval(), seed=1)
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    cfg = T2I_CONFIGS["far_t2i_tiny"]
+    return SmallTextEncoder.build(train_captions()[0], context_len=cfg.context_len, hidden_size=cfg.context_dim,
+                                  layers=1, heads=2, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def t2i_bundle(t2i_far, text_encoder, tmp_path_factory):
+    from export.onnx_export import export_bundle
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAE_CONFIGS["kl16-tiny"]).eval()
+    return export_bundle(t2i_far, vae, tmp_path_factory.mktemp("t2i") / "t2i-tiny", name="t2i-tiny", text_encoder=text_encoder)
+
+
+def _ctx(seed: int, B: int) -> np.ndarray:
+    cfg = T2I_CONFIGS["far_t2i_tiny"]
+    return np.random.default_rng(seed).standard_normal((B, cfg.context_len, cfg.context_dim), dtype=np.float32)
+
+
+def test_manifest_says_text_mask_mode_and_the_t2i_defaults(t2i_bundle):
+    m = json.loads((t2i_bundle / "manifest.json").read_text())
+    assert m["conditioning"] == "text" and m["sampling_modes"] == ["mask"] and "null_class_id" not in m
+    assert m["text"]["hidden_size"] == 32 and m["text"]["max_length"] == 8
+    assert {"text_encoder.onnx", "tokenizer.json"} <= set(m["files"])
+    assert [t["name"] for t in m["graphs"]["transformer"]["inputs"]] == ["tokens", "context", "null", "level", "mask"]
+    assert m["graphs"]["transformer"]["validation"]["max_rel"] < TOL
+    plan = far_sdk.Generator(t2i_bundle, backend="onnxruntime").plan()
+    want = t2i_plan()   # the official T2I sampler's plan (training.sampler_t2i)
+    assert plan.levels == T2I_LEVELS == want.levels and plan.mode == "mask"
+    np.testing.assert_array_equal(plan.cfg, want.cfg)
+    np.testing.assert_array_equal(plan.temperature, want.temperature)
+    assert plan.inner_steps == want.inner_steps and plan.filter_after == want.filter_after
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_backends_equal_the_t2i_reference_sampler_for_replayed_noise(t2i_far, t2i_bundle, backend):
+    B, L, C = 2, 256, 16
+    plan = t2i_plan(cfg=2.5, **FAST)
+    rng = np.random.default_rng(3)
+    draws = [rng.standard_normal((B, L, C), dtype=np.float32) for _ in range(sum(n + 1 for n in plan.inner_steps))]
+    orders = np.stack([rng.permutation(L) for _ in range(B)])
+    ctx = _ctx(4, B)
+    ref = sample_reference_t2i(t2i_far, torch.from_numpy(ctx), plan=plan, noise=ReplayNoise(draws, orders=orders)).numpy()
+    gen = far_sdk.Generator(t2i_bundle, backend=backend, **({"threads": 2} if backend == "onnxruntime" else {"device": "cpu"}))
+    out = gen.generate(prompt_embeds=ctx, noise=ReplayNoise(draws, orders=orders), output_type="latent", cfg=2.5, **FAST)
+    assert out.plan.levels == T2I_LEVELS and out.class_labels == ()
+    assert rel_err(out.latents, ref) <= TOL
+
+
+def test_seeded_batch_split_splits_the_prompt_embeds(t2i_far, t2i_bundle):
+    gen = far_sdk.Generator(t2i_bundle, backend="onnxruntime", threads=2)
+    ctx = _ctx(5, 3)
+    whole = gen.generate(prompt_embeds=ctx, seed=7, output_type="latent", **FAST)
+    split = gen.generate(prompt_embeds=ctx, seed=7, output_type="latent", max_batch=2, **FAST)
+    np.testing.assert_array_equal(whole.latents, split.latents)
+    ref = sample_reference_t2i(t2i_far, torch.from_numpy(ctx), plan=whole.plan, noise=SeededNoise.from_seed(7, 3)).numpy()
+    assert rel_err(whole.latents, ref) <= TOL
+
+
+def test_prompts_through_the_bundled_onnx_text_encoder_equal_the_pytorch_encoder(t2i_bundle, text_encoder):
+    from far_sdk.text import TextEncoder
+
+    prompts = held_out_captions()[0][:7] + ["", "seven " * 20]   # empty, and longer than the context (truncated)
+    got = TextEncoder(far_sdk.Bundle.load(t2i_bundle)).encode(prompts)
+    want = text_encoder.encode(prompts).detach().numpy()
+    assert got.shape == want.shape == (9, 8, 32)
+    assert rel_err(got, want) <= TOL
+    # generate(prompt=...) is generate(prompt_embeds=<those states>)
+    gen = far_sdk.Generator(t2i_bundle, backend="onnxruntime", threads=2)
+    a = gen.generate(prompt=prompts[:2], seed=3, output_type="latent", **FAST).latents
+    b = gen.generate(prompt_embeds=want[:2], seed=3, output_type="latent", **FAST).latents
+    assert rel_err(a, b) <= TOL
+
+
+def test_negative_prompt_embeds_replace_the_null_context(t2i_far, t2i_bundle):
+    gen = far_sdk.Generator(t2i_bundle, backend="onnxruntime", threads=2)
+    ctx, neg = _ctx(6, 2), _ctx(7, 2)
+    out = gen.generate(prompt_embeds=ctx, negative_prompt_embeds=neg, seed=2, output_type="latent", **FAST)
+    # reference: the CFG batch [context_embed(ctx); context_embed(neg)] through the shared loop
+    from training.sampler import iter_conditioned
+
+    emb = torch.cat([t2i_far.context_embedding(torch.from_numpy(ctx)), t2i_far.context_embedding(torch.from_numpy(neg))])
+    with torch.no_grad():
+        *_, last = iter_conditioned(t2i_far, emb, out.plan, noise=SeededNoise.from_seed(2, 2))
+    assert rel_err(out.latents, last.latents.numpy()) <= TOL
+    plain = gen.generate(prompt_embeds=ctx, seed=2, output_type="latent", **FAST)
+    assert rel_err(plain.latents, out.latents) > 1e-3
+
+
+def test_typed_errors_say_what_to_pass(t2i_bundle, tmp_path):
+    gen = far_sdk.Generator(t2i_bundle, backend="onnxruntime")
+    with pytest.raises(InvalidArgumentError, match="prompt"):
+        gen.generate([1, 2])
+    with pytest.raises(InvalidArgumentError, match="exactly one"):
+        gen.generate(prompt=["a one"], prompt_embeds=_ctx(0, 1))
+    with pytest.raises(InvalidArgumentError, match=r"\[B, 8, 32\]"):
+        gen.generate(prompt_embeds=np.zeros((1, 7, 32), np.float32))
+    with pytest.raises(InvalidArgumentError, match="mask mode only"):
+        gen.generate(prompt_embeds=_ctx(0, 1), mode="nomask")
+    with pytest.raises(InvalidArgumentError, match=r"\[1, 8, 32\]"):
+        gen.generate(prompt_embeds=_ctx(0, 1), negative_prompt_embeds=_ctx(0, 2))
+
+
+def test_class_bundle_refuses_prompts(tmp_path):
+    from export.random_bundle import random_bundle
+
+    path = random_bundle(tmp_path / "cls", "far_tiny", "kl16-tiny", seed=0, name="cls", validate=False)
+    gen = far_sdk.Generator(path, backend="onnxruntime")
+    with pytest.raises(InvalidArgumentError, match="class_labels"):
+        gen.generate(prompt=["a seven"])
+
+
+def test_official_t2i_checkpoint_loads_and_exports_without_a_config(t2i_far, tmp_path):
+    from export.cli import main
+
+    ckpt = tmp_path / "checkpoint-last.pth"
+    save_official_checkpoint(ckpt, t2i_far)
+    far = load_official_checkpoint(ckpt)   # no config: every shape from the weights
+    assert isinstance(far, FART2I) and far.config.context_dim == 32
+    torch.manual_seed(0)
+    vae = tmp_path / "vae.ckpt"
+    torch.save({"model": AutoencoderKL(VAE_CONFIGS["kl16-tiny"]).state_dict()}, vae)
+    out = tmp_path / "bundle"
+    assert main(["-q", "onnx", "--checkpoint", str(ckpt), "--vae", str(vae), "--vae-config", "kl16-tiny", "--out", str(out)]) == 0
+    gen = far_sdk.Generator(out, backend="onnxruntime")
+    assert gen.bundle.conditioning == "text"
+    ctx = _ctx(8, 1)
+    got = gen.generate(prompt_embeds=ctx, seed=1, output_type="latent", **FAST)
+    ref = sample_reference_t2i(far, torch.from_numpy(ctx), plan=got.plan, seed=1).numpy()
+    assert rel_err(got.latents, ref) <= TOL
+    with pytest.raises(InvalidArgumentError, match="prompt_embeds"):
+        gen.generate(prompt=["a seven"])
