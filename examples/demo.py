@@ -67,6 +67,26 @@ def main() -> None:
           f"inner steps {list(res.plan.inner_steps)}, {dt:.1f} s (with per-step previews)")
     print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
     print(f"wrote {out / 'grid.png'} and {out / 'steps.gif'} ({len(frames)} frames)")
+    t2i = ROOT / "engines" / "far-t2i-demo"
+    if not a.bundle and (t2i / "manifest.json").exists():
+        text_demo(t2i, out, a.seed, grid)
+
+
+#: Prompts for the text-to-image grid: held-out paraphrases of training/demo_t2i.py (never seen in training).
+T2I_PROMPTS = ("an image of a handwritten 0", "the digit three, drawn by hand", "please draw a 5", "a small seven written in ink",
+               "a photo of the number nine")
+
+
+def text_demo(bundle: Path, out: Path, seed: int, grid) -> None:
+    """engines/far-t2i-demo: 2 images per prompt through the bundled ONNX text encoder (torch-free), its fast defaults."""
+    gen = far_sdk.Generator(bundle, backend="onnxruntime")
+    prompts = [p for p in T2I_PROMPTS for _ in range(2)]
+    t0 = time.perf_counter()
+    res = gen.generate(prompt=prompts, seed=seed)
+    grid(res.images).save(out / "t2i_grid.png")
+    print(f"bundle {gen.bundle.name} (text-to-image): {len(prompts)} images for {len(T2I_PROMPTS)} prompts "
+          f"({', '.join(map(repr, T2I_PROMPTS))}), {res.plan.num_steps} outer steps, {time.perf_counter() - t0:.1f} s; "
+          f"wrote {out / 't2i_grid.png'} (2 per prompt, one row)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ Stages, each skipped when its output exists (``--stage NAME`` reruns one):
    linear head, 15 % random token replacement; the head is discarded) -> WORK/text_encoder/; the training
    captions' hidden states [16, 64] and a caption of the right digit for every latent -> WORK/text_latents.npz
 4. ``far``: FAR-T2I (far_t2i_demo preset) with far-train's loop (T2I step) -> WORK/far/checkpoint-last.pth
+6. ``bundle`` (by name only): the torch-free bundle -> engines/far-t2i-demo (text encoder inside; evaluate it with
+   examples/evaluate_t2i_bundle.py)
 5. ``eval``: the reference T2I sampler (EMA weights) on every held-out paraphrase, ``--per-prompt`` images each,
    decoded and labelled by the demo's digit classifier (examples/evaluate_demo.py) -> WORK/eval.json
 
@@ -172,6 +174,24 @@ def stage_eval(a, work: Path) -> dict:
     return res
 
 
+def stage_bundle(a, work: Path) -> Path:
+    """The torch-free bundle: the FAR-T2I checkpoint (``--weights``), the VAE's decoder and the text encoder as ONNX,
+    with the eval's sampling settings as its defaults (the official T2I levels, constant CFG) -> ``--bundle-out``."""
+    from export.onnx_export import checkpoint_source, export_bundle
+
+    ckpt = work / "far" / "checkpoint-last.pth"
+    use_ema = a.weights == "ema"
+    far = load_official_checkpoint(ckpt, use_ema=use_ema)
+    vae = load_official_vae(work / "vae" / "vae.ckpt", VAE_CONFIGS[VAE_CONFIG]).eval()
+    scale = json.loads((work / "vae" / "vae.json").read_text())["latent_scale"]
+    enc = SmallTextEncoder.from_pretrained(work / "text_encoder")
+    out = export_bundle(far, vae, a.bundle_out, name=a.bundle_out.name, latent_scale=scale, text_encoder=enc, overwrite=True,
+                        defaults={"cfg": a.cfg, "inner_steps": a.inner_steps, "x0_clip": a.x0_clip},
+                        source=checkpoint_source(ckpt, use_ema=use_ema, vae=work / "vae" / "vae.ckpt"))
+    print(f"bundle: {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB, {a.weights} weights)")
+    return out
+
+
 def far_steps(work: Path) -> int | None:
     """Optimiser steps of the evaluated checkpoint (from its saved args)."""
     from training._io import safe_torch_load
@@ -182,11 +202,13 @@ def far_steps(work: Path) -> int | None:
 
 STAGES = {"vae": stage_vae, "latents": stage_latents, "text": stage_text, "far": stage_far, "eval": stage_eval}
 OUTPUTS = {"vae": "vae/vae.ckpt", "latents": "latents.npz", "text": "text_latents.npz", "far": "far.json", "eval": None}
+EXTRA = {"bundle": stage_bundle}   # run by name only (--stage bundle)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=list(STAGES) + ["all"], default="all")
+    ap.add_argument("--stage", choices=list(STAGES) + list(EXTRA) + ["all"], default="all")
+    ap.add_argument("--bundle-out", type=Path, default=ROOT / "engines" / "far-t2i-demo", help="bundle stage: the bundle to write")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "t2i-demo")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=1500)
@@ -212,6 +234,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.stage in EXTRA:
+        EXTRA[a.stage](a, a.work)
+        return
     for name, fn in STAGES.items():
         if a.stage not in ("all", name):
             continue

@@ -35,8 +35,10 @@ def _grid(images, cols: int):
 
 def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory (engines/NAME)")
-    p.add_argument("--class", dest="classes", action="append", required=True,
+    p.add_argument("--class", dest="classes", action="append", default=None,
                    help="class id or name; repeat for several (each is generated -n times)")
+    p.add_argument("--prompt", dest="prompts", action="append", default=None,
+                   help="text prompt for a text-conditioned (FAR-T2I) bundle with a bundled text encoder; repeatable")
     p.add_argument("-n", "--num-per-class", type=positive_int, default=1)
     p.add_argument("--seed", type=non_negative_int, default=0, help="image i uses seed + i")
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
@@ -71,7 +73,10 @@ def run_generate(a: argparse.Namespace) -> int:
 
     check_outputs(a)
     opts = {"device": a.device} if a.device else {}
-    labels = [c for c in a.classes for _ in range(a.num_per_class)]
+    if (a.classes is None) == (a.prompts is None):
+        raise InvalidArgumentError("pass --class (class bundles) or --prompt (text-conditioned bundles), one of them, repeatable")
+    labels = [c for c in (a.classes or a.prompts) for _ in range(a.num_per_class)]
+    cond = {"class_labels": labels} if a.classes else {"prompt": labels}
     frames: list = []
 
     def on_step(info):
@@ -79,7 +84,7 @@ def run_generate(a: argparse.Namespace) -> int:
             frames.append(_grid(info.preview, a.cols or min(len(labels), 8)))
 
     with Generator(a.bundle, backend=a.backend, **opts) as gen:
-        out = gen.generate(labels, seed=a.seed, preset=a.preset, options=options_from_args(a), progress=not a.no_progress,
+        out = gen.generate(**cond, seed=a.seed, preset=a.preset, options=options_from_args(a), progress=not a.no_progress,
                            on_step=on_step if a.preview_gif else None, preview=bool(a.preview_gif))
         where = f"{gen.backend.describe()['backend']}/{gen.backend.device}"
     cols = a.cols or min(len(labels), 8)
@@ -101,7 +106,7 @@ def run_generate(a: argparse.Namespace) -> int:
     t = out.timings
     p = out.plan
     sampler = p.inner_sampler + (f" eta {p.eta:g}" if p.inner_sampler == "ddim" else "")
-    print(f"wrote {a.out} ({len(out.images)} images, classes {list(out.class_labels)}, seeds {out.seeds[0]}..{out.seeds[-1]}) "
+    print(f"wrote {a.out} ({len(out.images)} images, {f'classes {list(out.class_labels)}' if a.classes else f'{len(a.prompts)} prompts'}, seeds {out.seeds[0]}..{out.seeds[-1]}) "
           f"on {where}; {p.mode} mode, {p.num_steps} outer steps, {sum(p.inner_steps)} {sampler} inner steps")
     print("  " + "  ".join(f"{k} {v:.3f}s" for k, v in t.items()))
     if a.preview_gif:
@@ -124,13 +129,16 @@ def run_info(a: argparse.Namespace) -> int:
         print(json.dumps(m, indent=2))
         return 0
     cfg = m["model"]
+    text = b.text
+    cond = (f"text [{text['max_length']} x {text['hidden_size']}]{' + encoder' if 'encoder' in text else ''}" if text
+            else f"classes {b.num_classes}")
     print(f"bundle   {b.path}  ({m['name']}, format v{m['format_version']}, "
           f"{'files verified' if not a.no_verify else 'files not verified'})")
     print(f"manifest sha256 {m['manifest_sha256']} (digest and schema checked)")
     print(f"model    D={cfg['encoder_embed_dim']} depth {cfg['encoder_depth']}+{cfg['decoder_depth']} heads {cfg['encoder_num_heads']} "
-          f"MLP {cfg['diffloss_d']}x{cfg['diffloss_w']}  classes {b.num_classes}  grid {cfg['grid_size']}x{cfg['grid_size']}x{cfg['token_channels']}")
+          f"MLP {cfg['diffloss_d']}x{cfg['diffloss_w']}  {cond}  grid {cfg['grid_size']}x{cfg['grid_size']}x{cfg['token_channels']}")
     print(f"vae      {m['vae'].get('ch')}ch x {m['vae'].get('ch_mult')}  latent scale {b.latent_scale}  image {m.get('image_size')}px")
-    print(f"modes    {', '.join(b.sampling_modes)} (model built with mask={cfg['mask']})")
+    print(f"modes    {', '.join(b.sampling_modes)} (model built with mask={cfg.get('mask', True)})")
     print(f"defaults {b.defaults.to_dict()}")
     print(f"source   {m.get('source')}")
     for g, spec in m["graphs"].items():

@@ -177,3 +177,17 @@ def test_official_t2i_checkpoint_loads_and_exports_without_a_config(t2i_far, tmp
     assert rel_err(got.latents, ref) <= TOL
     with pytest.raises(InvalidArgumentError, match="prompt_embeds"):
         gen.generate(prompt=["a seven"])
+
+
+def test_far_cli_generate_with_prompts(t2i_bundle, tmp_path, capsys):
+    from far_sdk.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--bundle", str(t2i_bundle), "--prompt", "a seven", "--prompt", "please draw a 2",
+                 "--inner-steps", "2", "--out", str(out), "--backend", "onnxruntime", "--no-progress"]) == 0
+    assert "2 prompts" in capsys.readouterr().out and out.is_file()
+    assert main(["generate", "--bundle", str(t2i_bundle), "--class", "1", "--out", str(out), "--backend", "onnxruntime",
+                 "--no-progress"]) == 2
+    assert "prompt" in capsys.readouterr().err
+    assert main(["info", "--bundle", str(t2i_bundle)]) == 0
+    assert "text [8 x 32] + encoder" in capsys.readouterr().out
