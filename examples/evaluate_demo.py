@@ -69,8 +69,8 @@ INNER_SAMPLER_SETTINGS = {
 MODE_SETTINGS = {
     "no-mask, paper defaults (10 steps, 40..100)": {"mode": "nomask"},
     "mask mode, paper defaults (11 steps, 40..100)": {"mode": "mask"},
-    f"no-mask, fast preset ({_FAST['inner_steps']} per outer step)": {"mode": "nomask", "preset": "fast"},
-    f"mask mode, fast preset ({_FAST['inner_steps']} per outer step)": {"mode": "mask", "preset": "fast"},
+    f"no-mask, fast preset ({_FAST.inner_steps} per outer step)": {"mode": "nomask", "preset": "fast"},
+    f"mask mode, fast preset ({_FAST.inner_steps} per outer step)": {"mode": "mask", "preset": "fast"},
 }
 TABLES = {"settings": SETTINGS, "inner-samplers": INNER_SAMPLER_SETTINGS, "modes": MODE_SETTINGS}
 #: The fast-setting criteria of the inner-samplers table, against its first (reference) row.
