@@ -14,6 +14,8 @@ meaningless near zero), each the worst over the validation batch sizes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import os
@@ -352,7 +354,8 @@ def export_bundle(
     check_text_encoder(far, text_encoder)
     labels = _check_inputs(far, vae, latent_scale, id2label, opset, name)
     given = defaults if isinstance(defaults, SamplingOptions) else SamplingOptions.from_dict(defaults or {}, what="defaults")
-    sampling_defaults = given.over(T2I_DEFAULTS if t2i else DEFAULTS)
+    base = T2I_DEFAULTS if t2i else dataclasses.replace(DEFAULTS, mode=sampling_modes(far.config.mask)[0])
+    sampling_defaults = given.over(base)
     (resolve_text_plan if t2i else resolve_plan)(sampling_defaults)   # a valid plan, or a typed error naming the bad value
     cfg = far.config
     image_size = cfg.grid_size * vae.config.downsample_factor

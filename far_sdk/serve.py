@@ -45,6 +45,7 @@ SETTING_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "inner_sampler": ((str,), "'ddpm' or 'ddim'"),
     "eta": ((int, float), "a number"),
     "preset": ((str,), "a preset name"),
+    "mode": ((str,), "'nomask' or 'mask' (one of the bundle's sampling_modes)"),
 }
 REQUEST_FIELDS = ("class_labels", "seed", "output_format", *SETTING_FIELDS)
 OUTPUT_FORMATS = ("json", "png")
