@@ -177,7 +177,7 @@ SCHEMA: dict[str, Any] = {
     **_object({
         "name": {"type": "string", "minLength": 1, "maxLength": 255},
         "created_by": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 200}, "maxProperties": 32},
-        "model": {"oneOf": [_MODEL, _MODEL_T2I]},
+        "model": {"type": "object"},    # _MODEL, or _MODEL_T2I for conditioning "text" (the if / then below)
         "conditioning": {"enum": ["class", "text"]},
         "text": _TEXT_SECTION,
         "vae": _VAE,
@@ -200,6 +200,9 @@ SCHEMA: dict[str, Any] = {
                   "additionalProperties": _object({"size": _int(0, 2**53), "sha256": _SHA256})},
         DIGEST_KEY: _SHA256,
     }, optional=("id2label", "weights", "conditioning", "text", "null_class_id")),
+    "if": {"properties": {"conditioning": {"const": "text"}}, "required": ["conditioning"]},
+    "then": {"properties": {"model": _MODEL_T2I}},
+    "else": {"properties": {"model": _MODEL}},
 }
 
 _validator = None
