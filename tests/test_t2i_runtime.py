@@ -218,3 +218,14 @@ def test_t2i_demo_bundle_is_small_intact_and_prompts_it_torch_free(tmp_path):
         prompt_embeds=embeds, seed=0, output_type="latent").latents   # the bundle's defaults (3 inner steps of a trained
     # model amplify float32 rounding 2e4-fold at t = 999: 5e-3 between backends there, 1e-6 at the default 15)
     assert rel_err(np.load(out), want) <= TOL
+
+
+def test_tensorrt_backend_refuses_a_text_bundle_with_a_typed_error(t2i_bundle, monkeypatch):
+    import trt_sim
+
+    from far_sdk.backends.tensorrt import TensorRTBackend
+    from far_sdk.errors import BackendUnavailableError
+
+    trt_sim.install(monkeypatch)
+    with pytest.raises(BackendUnavailableError, match="backend='onnxruntime' or backend='torch'"):
+        TensorRTBackend(far_sdk.Bundle.load(t2i_bundle))
