@@ -31,7 +31,7 @@ class TextCondition:
     def __len__(self) -> int:
         return int(self.embeds.shape[0])
 
-    def __getitem__(self, sl: slice) -> "TextCondition":
+    def __getitem__(self, sl: slice) -> TextCondition:
         return TextCondition(self.embeds[sl], None if self.negative is None else self.negative[sl])
 
     def cfg_feeds(self) -> dict[str, np.ndarray]:
@@ -47,7 +47,7 @@ def check_embeds(value: Any, bundle: Bundle, name: str, batch: int | None = None
     T, D = bundle.text["max_length"], bundle.text["hidden_size"]
     try:
         a = np.asarray(value)
-    except Exception:
+    except (TypeError, ValueError):
         a = np.empty(0)
     if a.ndim != 3 or a.shape[1:] != (T, D) or a.shape[0] == 0 or (batch is not None and a.shape[0] != batch) \
             or a.dtype.kind != "f":
@@ -75,8 +75,8 @@ class TextEncoder:
 
     def _load(self) -> None:
         try:
-            from tokenizers import Tokenizer
             import onnxruntime as ort
+            from tokenizers import Tokenizer
         except ImportError as e:
             raise BackendUnavailableError(f"prompt= needs the `tokenizers` and `onnxruntime` packages ({e}); pip install tokenizers "
                                           "onnxruntime, or pass prompt_embeds=") from e
@@ -113,7 +113,7 @@ def check_prompts(prompt: Any) -> list[str]:
     return list(prompts)
 
 
-def text_condition(bundle: Bundle, encoder: "TextEncoder | None", class_labels: Any, prompt: Any, prompt_embeds: Any,
+def text_condition(bundle: Bundle, encoder: TextEncoder | None, class_labels: Any, prompt: Any, prompt_embeds: Any,
                    negative_prompt_embeds: Any) -> TextCondition:
     """What a text bundle's ``generate`` was given -> its :class:`TextCondition` (typed errors saying what to pass)."""
     if class_labels is not None:
