@@ -245,7 +245,7 @@ def sample_feeds(spec: GraphSpec, images: int, manifest: dict[str, Any], seed: i
     in the unconditional half; an integer level; a 0 / 1 mask (far_sdk.masking.random_mask); a step row with non-zero noise (torch-free)."""
     rng = np.random.Generator(np.random.PCG64(seed))
     model = manifest["model"]
-    num_classes, grid = int(model["num_classes"]), int(model["grid_size"])
+    num_classes, grid = int(model.get("num_classes", 1)), int(model["grid_size"])
     null = int(manifest.get("null_class_id", num_classes))
     feeds: dict[str, np.ndarray] = {}
     for t in spec.inputs:
@@ -256,6 +256,8 @@ def sample_feeds(spec: GraphSpec, images: int, manifest: dict[str, Any], seed: i
             feeds[t.name] = ids
         elif t.name == "level":
             feeds[t.name] = np.full(shape, rng.integers(0, grid), dtype=np.float32)
+        elif t.name == "null":                                   # text bundles: the unconditional half uses fake_latent
+            feeds[t.name] = (np.arange(shape[0]) >= shape[0] // 2).astype(np.float32)
         elif t.name == "mask":
             feeds[t.name] = random_mask(rng, shape)
         elif t.name == "step":

@@ -220,12 +220,28 @@ def test_t2i_demo_bundle_is_small_intact_and_prompts_it_torch_free(tmp_path):
     assert rel_err(np.load(out), want) <= TOL
 
 
-def test_tensorrt_backend_refuses_a_text_bundle_with_a_typed_error(t2i_bundle, monkeypatch):
+def test_tensorrt_backend_runs_a_text_bundle_on_the_simulator(t2i_bundle, tmp_path, monkeypatch):
+    """Engines built for a T2I bundle (the transformer's context and null inputs validated against onnxruntime at
+    build time) and the TensorRT backend's loop (simulated: tests/trt_sim.py) equal ONNX Runtime."""
+    import shutil
+
     import trt_sim
 
+    from export.trt_build import build_engines
     from far_sdk.backends.tensorrt import TensorRTBackend
-    from far_sdk.errors import BackendUnavailableError
 
+    bundle = tmp_path / "b"
+    shutil.copytree(t2i_bundle, bundle)
     trt_sim.install(monkeypatch)
-    with pytest.raises(BackendUnavailableError, match="backend='onnxruntime' or backend='torch'"):
-        TensorRTBackend(far_sdk.Bundle.load(t2i_bundle))
+    build_engines(bundle, batch=(1, 2, 2), progress=lambda m: None)
+    embeds = np.random.default_rng(0).standard_normal((3, *_embeds_shape(bundle)), dtype=np.float32)
+    gen = far_sdk.Generator(bundle, backend=TensorRTBackend(far_sdk.Bundle.load(bundle)))
+    out = gen.generate(prompt_embeds=embeds, seed=3, output_type="latent")                # 3 images: split 2 + 1
+    ref = far_sdk.Generator(bundle, backend="onnxruntime", threads=2).generate(prompt_embeds=embeds, seed=3, output_type="latent")
+    assert rel_err(out.latents, ref.latents) < 1e-5
+    gen.close()
+
+
+def _embeds_shape(bundle) -> tuple[int, int]:
+    text = far_sdk.Bundle.load(bundle).manifest["text"]
+    return int(text["max_length"]), int(text["hidden_size"])

@@ -34,7 +34,7 @@ from ..errors import BackendUnavailableError, EngineProfileError, IncompatibleBu
 from ..diffusion import Step
 from ..graphs import GRAPH_NAMES
 from ..trt_cache import PRECISIONS, ROWS_PER_IMAGE, EngineKey, find_plan, format_profile, parse_batch_profile, read_plan
-from .base import MAX_CUDA_GRAPHS, Backend, check_backend_options
+from .base import MAX_CUDA_GRAPHS, Backend, check_backend_options, cond_feeds
 from .trt_engine import (
     CudaError, EngineRunner, aligned, check_cuda, check_cuda_quietly, copy_to_device, copy_to_host, device_env, import_runtime,
     select_device,
@@ -77,9 +77,6 @@ class TensorRTBackend(Backend):
                  max_cuda_graphs: int = MAX_CUDA_GRAPHS, **other: Any):
         super().__init__(bundle)
         self._closed, self._lock = True, threading.Lock()
-        if bundle.conditioning == "text":
-            raise BackendUnavailableError(f"bundle {bundle.name!r} is text-conditioned (FAR-T2I): the TensorRT backend does not run "
-                                          "T2I bundles yet; use backend='onnxruntime' or backend='torch'")
         check_backend_options(self.name, ("device", "precision", "vae_precision", "batch", "opt_level", "cuda_graphs",
                                           "max_cuda_graphs"), other, log)
         for label, p in (("precision", precision), ("vae_precision", vae_precision)):
@@ -235,8 +232,8 @@ class TensorRTBackend(Backend):
             return out
 
     def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int, mask: np.ndarray | None = None) -> TrtCondRef:
-        """tokens [2B, L, C], class_ids [2B], mask [2B, L] (a masking transformer) -> cond [2B, L, W], left on the
-        GPU (no host sync)."""
+        """tokens [2B, L, C], class_ids [2B] (a text bundle: {"context", "null"}, far_sdk.backends.base.cond_feeds),
+        mask [2B, L] (a masking transformer) -> cond [2B, L, W], left on the GPU (no host sync)."""
         with self._lock:
             self._enter()
             r = self._runners["transformer"]
@@ -247,7 +244,8 @@ class TensorRTBackend(Backend):
             self._check_images(images, "transformer")
             r.set_images(images)
             self._upload_input(r, "tokens", tokens, images)
-            self._upload_input(r, "class_ids", class_ids, images)
+            for name, value in cond_feeds(class_ids).items():   # class ids, or a text bundle's context and null flags
+                self._upload_input(r, name, value, images)
             self._upload_input(r, "level", np.array([level], dtype=np.float32), images)
             for name, value in self._mask_feed(mask, rows, int(np.shape(tokens)[1])).items():
                 self._upload_input(r, name, value, images)
