@@ -136,7 +136,7 @@ def format_report(res: BenchResult) -> str:
                          f"(outside {100 * r.stage_sum.tolerance:.0f}%): host overhead is significant or a timer is missing")
     flops = next((r.flops_per_image for r in res.rows if r.kind == "backend" and r.flops_per_image), None)
     if flops:
-        lines.append(f"FLOPs/image (analytic, training.flops): total {flops['total'] / 1e9:.2f} G (transformer {flops['transformer'] / 1e9:.2f}, "
+        lines.append(f"FLOPs/image (analytic, far_sdk.flops): total {flops['total'] / 1e9:.2f} G (transformer {flops['transformer'] / 1e9:.2f}, "
                      f"MLP {flops['diffusion_mlp'] / 1e9:.2f}, VAE {flops['vae_decode'] / 1e9:.2f})")
     elif res.rows and all(r.flops_per_image is None for r in res.rows):
         lines.append("FLOPs/image: n/a (training / torch not importable)")
