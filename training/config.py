@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,16 @@ class FARConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FARConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown FARConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
+
+
+def strict_from_dict(cls, d: Mapping[str, Any]):
+    """``cls(**d)`` for a config dataclass, refusing unknown fields with a :class:`ConfigError` naming the known ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
 
 
 def _preset(d: int, depth: int, heads: int, mlp_d: int, mlp_w: int, **kw: Any) -> FARConfig:

@@ -9,10 +9,12 @@ head count is ``attn1.to_q`` rows / 64. Training-only settings come from the sav
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from far_sdk.errors import CheckpointError, ConfigError
+
+from .config import strict_from_dict
 
 #: Marker in a far-sdk checkpoint's ``args.far_sdk_kind`` (class-conditional checkpoints have none).
 T2I_KIND = "t2i"
@@ -75,11 +77,7 @@ class T2IConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "T2IConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown T2IConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 def _preset(d: int, depth: int, heads: int, head_dim: int, mlp_d: int, mlp_w: int, **kw: Any) -> T2IConfig:

@@ -90,6 +90,20 @@ def refill(x: torch.Tensor, keep: torch.Tensor, mask_token: torch.Tensor) -> tor
     return torch.where(keep[:, :, None], x, mask_token.to(x.dtype))
 
 
+def init_transformer_layers(model: nn.Module, stop_at: nn.Module) -> None:
+    """The official transformer initialisation of ``model``'s modules before ``stop_at`` (the diffusion MLP,
+    which keeps its own): Xavier-uniform Linears with zero bias, unit / zero affine LayerNorms."""
+    for m in model.modules():
+        if m is stop_at:
+            break
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class FAR(nn.Module):
     """Class-conditional FAR: transformer -> per-token condition z, plus the diffusion MLP ``diffloss``."""
 
@@ -123,15 +137,7 @@ class FAR(nn.Module):
             nn.init.normal_(p, std=0.02)
         if self.config.mask:
             nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if m is self.diffloss:
-                break
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer_layers(self, stop_at=self.diffloss)
 
     # ---- conditioning -------------------------------------------------------------------------
     def class_embedding(self, labels: torch.Tensor | None, batch: int | None = None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from torch import nn
 
 from .config_t2i import T2IConfig
 from .diffloss import DiffLoss
+from .far import init_transformer_layers
 
 #: diffusers' BasicTransformerBlock LayerNorm epsilon (norm_eps=1e-5, elementwise_affine=False).
 BLOCK_NORM_EPS = 1e-5
@@ -134,15 +135,7 @@ class FART2I(nn.Module):
         for p in (self.fake_latent, self.mask_token, self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,
                   self.diffusion_pos_embed_learned):
             nn.init.normal_(p, std=0.02)
-        for m in self.modules():
-            if m is self.diffloss:
-                break
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer_layers(self, stop_at=self.diffloss)
 
     # ---- conditioning -------------------------------------------------------------------------
     def context_embedding(self, context: torch.Tensor) -> torch.Tensor:
