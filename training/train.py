@@ -9,11 +9,8 @@ One optimiser step (official ``engine_far.py``, with the paper's mask ratio and 
     loss = w_r * mean over all B*L*mul rows of (mse + vb)   w_r = 1 + sin(pi/2 r / F), or 1
     backward; clip the global grad norm (3.0); AdamW; EMA (0.9999) over all parameters
 
-Every random draw of step s (level, mask, label drop, dropout, t, noise) comes from a seed derived
-from (seed, rank, s), and the data order from (seed, epoch): a run resumed from a checkpoint takes
-the same steps as one never interrupted. Under torchrun each process draws its own level; DDP
-averages the gradients; only rank 0 logs, shows progress and writes checkpoints, whose ``model``
-and ``model_ema`` hold the bare model's names (no ``module.`` prefix).
+Step s draws from a seed of (seed, rank, s), the data order from (seed, epoch): a resumed run repeats an uninterrupted
+one. Under torchrun each process draws its own level; only rank 0 logs and writes checkpoints (bare model names).
 """
 
 from __future__ import annotations
@@ -285,9 +282,13 @@ class Trainer:
             loss = self.net(to_tokens(x_in), labels.to(self.device), to_tokens(x), level, mask=mask, drop_labels=drop)
         if cfg.use_loss_weight:
             loss = loss * loss_weight(level, F)
+        return self._apply(loss, lr)
+
+    def _apply(self, loss: torch.Tensor, lr: float) -> tuple[torch.Tensor, float]:
+        """Backward, clip, optimiser step and EMA (the class and T2I trainers' shared end of a step)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self._params, self.config.grad_clip)
         self.optimizer.step()
         self._update_ema()
         self.global_step += 1

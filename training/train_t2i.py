@@ -70,13 +70,7 @@ class T2ITrainer(Trainer):
         ctx = context.to(self.device, torch.float32, non_blocking=True)                    # (B, T, Dtxt)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             loss = self.net(to_tokens(x_in), ctx, to_tokens(x), levels.to(self.device), mask=mask, drop_context=drop)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
-        self.optimizer.step()
-        self._update_ema()
-        self.global_step += 1
-        return loss.detach(), lr
+        return self._apply(loss, lr)
 
     def checkpoint_args(self, epoch: int) -> argparse.Namespace:
         cfg = self.config
