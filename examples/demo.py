@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from PIL import Image  # noqa: E402
 
 import far_sdk  # noqa: E402
-from far_sdk.cli import _grid  # noqa: E402
+from far_sdk.images import make_image_grid  # noqa: E402
 
 
 def random_demo_bundle(path: Path) -> Path:
@@ -51,7 +51,7 @@ def main() -> None:
     zoom = max(1, 128 // int(gen.bundle.manifest.get("image_size", 256)))  # show 32 px digits at 128 px
 
     def grid(images):
-        g = _grid(images, cols=min(len(images), 10))
+        g = make_image_grid(images, cols=min(len(images), 10))
         return g.resize((g.width * zoom, g.height * zoom), Image.NEAREST) if zoom > 1 else g
 
     labels = list(range(gen.bundle.num_classes))

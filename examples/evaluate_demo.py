@@ -8,7 +8,7 @@
    Fréchet distance between the classifier's penultimate features of the samples and of the held-out
    real images (lower is better; real-vs-real split halves give the noise floor, printed too).
 3. ``--bench`` (default on for the inner-samplers table): time every setting with ``far bench``'s
-   protocol in the same run (far_sdk.bench.run_benchmark: ``--bench-batch`` images, 1 warm-up,
+   protocol in the same run (far_sdk.bench.protocol.run_benchmark: ``--bench-batch`` images, 1 warm-up,
    ``--bench-iters`` timed runs, median; ``--bench-rounds`` passes over all settings, median of those)
    and report seconds per image and the speed-up over the table's first (reference) row.
 
@@ -177,10 +177,10 @@ def images_to_tensor(u8: np.ndarray) -> torch.Tensor:
 
 def bench_seconds_per_image(bundle: str, backend: str, settings: dict[str, dict], batch: int, iters: int,
                             rounds: int) -> dict[str, float]:
-    """``far bench`` (far_sdk.bench.run_benchmark) over every setting, ``rounds`` times in turn: the median
+    """``far bench`` (far_sdk.bench.protocol.run_benchmark) over every setting, ``rounds`` times in turn: the median
     over rounds of each setting's median seconds per image (a shared machine's busy spell then hits one
     round of every setting, not every iteration of one setting)."""
-    from far_sdk.bench import run_benchmark
+    from far_sdk.bench.protocol import run_benchmark
 
     per: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(rounds):

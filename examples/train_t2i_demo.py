@@ -194,7 +194,7 @@ def stage_bundle(a, work: Path) -> Path:
 
 def far_steps(work: Path) -> int | None:
     """Optimiser steps of the evaluated checkpoint (from its saved args)."""
-    from training._io import safe_torch_load
+    from training.safe_load import safe_torch_load
 
     ckpt = safe_torch_load(work / "far" / "checkpoint-last.pth", allowed_globals=[argparse.Namespace])
     return getattr(ckpt.get("args"), "far_sdk_step", None)

@@ -6,7 +6,7 @@
 
 Each subcommand is one entry of :data:`SUBCOMMANDS`: ``name -> (help, add_arguments, run)``.
 ``run(args)`` returns the exit status; any failure ends the command with one line on stderr and
-the status of :data:`far_sdk.errors.EXIT_CODES` (see :mod:`far_sdk.clirun`).
+the status of :data:`far_sdk.errors.EXIT_CODES` (see :mod:`far_sdk.cli.run`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from export.trt_build import TRT_HELP, add_trt_args, run_trt
-from far_sdk.clirun import ArgumentParser, check_writable_dir, non_negative_int, run_command
+from far_sdk.cli.run import ArgumentParser, check_writable_dir, non_negative_int, run_command
 from far_sdk.errors import InvalidArgumentError
 
 _EXPORT_LOGGER = "export"

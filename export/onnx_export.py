@@ -2,9 +2,9 @@
 
 :func:`export_bundle` traces the modules of :mod:`training.graph_modules` with the TorchScript
 exporter (``dynamo=False``: no onnxscript dependency) under the names and dynamic axes of
-:mod:`far_sdk.graphs`, checks every graph with ``onnx.checker``, runs it in onnxruntime (CPU) on
+:mod:`far_sdk.bundle.graphs`, checks every graph with ``onnx.checker``, runs it in onnxruntime (CPU) on
 seeded random inputs at two batch sizes other than the traced one and compares with PyTorch.
-Everything is written inside :func:`far_sdk.bundle.atomic_bundle_dir`: a failure at any point
+Everything is written inside :func:`far_sdk.bundle.bundle.atomic_bundle_dir`: a failure at any point
 leaves no directory behind and an existing bundle untouched.
 
 Error measures (recorded per graph in the manifest): ``max_abs = max |onnx - torch|`` and
@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 import far_sdk
-from far_sdk.bundle import atomic_bundle_dir, sha256_file, write_manifest
-from far_sdk.diffusion import denoise_step_table
+from far_sdk.bundle.bundle import atomic_bundle_dir, sha256_file, write_manifest
+from far_sdk.maths.diffusion import denoise_step_table
 from far_sdk.errors import ConfigError, ExportError, InvalidArgumentError
-from far_sdk.graphs import GRAPH_NAMES, GraphSpec, graph_specs
+from far_sdk.bundle.graphs import GRAPH_NAMES, GraphSpec, graph_specs
 from far_sdk.options import DEFAULTS, T2I_DEFAULTS, SamplingOptions, resolve_plan, resolve_text_plan
-from far_sdk.masking import random_mask, sampling_modes
+from far_sdk.maths.masking import random_mask, sampling_modes
 from training.far import FAR
 from training.far_t2i import FART2I
 from training.graph_modules import DenoiserGraph, TextTransformerGraph, TransformerGraph, VAEDecoderGraph
@@ -339,7 +339,7 @@ def export_bundle(
     """Write the bundle for ``far`` + ``vae`` to ``out_dir`` atomically; returns its path.
 
     Puts both modules in eval mode. The manifest's ``sampling_modes`` follow ``far.config.mask``
-    (:func:`far_sdk.masking.sampling_modes`); the default mode is the first of them. Raises :class:`ExportError` (export, checker or validation
+    (:func:`far_sdk.maths.masking.sampling_modes`); the default mode is the first of them. Raises :class:`ExportError` (export, checker or validation
     failure), :class:`~far_sdk.errors.BundleError` (``out_dir`` not empty and not ``overwrite``),
     :class:`ConfigError` / :class:`InvalidArgumentError` (inconsistent arguments); in every case
     nothing is written. ``defaults``: the bundle's sampling defaults, put over far_sdk.options.DEFAULTS

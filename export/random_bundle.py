@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from far_sdk import __version__
-from far_sdk.bundle import Bundle
+from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import FarError, InvalidArgumentError
 from training.config import FARConfig, get_config
 from training.far import FAR

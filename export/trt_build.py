@@ -3,7 +3,7 @@
     far-export trt --bundle engines/far_large --precision fp16 --batch 1:4:8
 
 Per graph: verify the bundle (sha256 of every file), then, under a file lock on ``bundle/trt/.lock``,
-reuse the plan whose sidecar matches the :class:`~far_sdk.trt_cache.EngineKey` (ONNX sha256,
+reuse the plan whose sidecar matches the :class:`~far_sdk.backends.tensorrt.cache.EngineKey` (ONNX sha256,
 precision, batch profile, optimisation level, TensorRT version, GPU) unless ``rebuild``, or build it:
 TensorRT's ONNX parser on the verified file path (external weights resolve next to it), an
 explicit-batch network, one optimisation profile over the batch axis (the transformer's holds the
@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 
 import far_sdk
-from far_sdk import trt_cache as tc
-from far_sdk.backends.trt_engine import device_env, import_runtime, run_plan_once, select_device, trt_logger
-from far_sdk.bundle import Bundle
-from far_sdk.diffusion import denoise_step_table
+from far_sdk.backends.tensorrt import cache as tc
+from far_sdk.backends.tensorrt.engine import device_env, import_runtime, run_plan_once, select_device, trt_logger
+from far_sdk.bundle.bundle import Bundle
+from far_sdk.maths.diffusion import denoise_step_table
 from far_sdk.errors import BackendUnavailableError, ExportError, FarError, IncompatibleBundleError, InvalidArgumentError, exit_code_for
 from far_sdk.fileio import atomic_write_bytes
-from far_sdk.graphs import GRAPH_NAMES, GraphSpec
-from far_sdk.masking import random_mask
+from far_sdk.bundle.graphs import GRAPH_NAMES, GraphSpec
+from far_sdk.maths.masking import random_mask
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def format_parser_error(err: Any) -> str:
 
 def sample_feeds(spec: GraphSpec, images: int, manifest: dict[str, Any], seed: int = VALIDATION_SEED) -> dict[str, np.ndarray]:
     """Seeded inputs of ``spec`` for ``images`` images: N(0, 1) floats; class ids with the null class
-    in the unconditional half; an integer level; a 0 / 1 mask (far_sdk.masking.random_mask); a step row with non-zero noise (torch-free)."""
+    in the unconditional half; an integer level; a 0 / 1 mask (far_sdk.maths.masking.random_mask); a step row with non-zero noise (torch-free)."""
     rng = np.random.Generator(np.random.PCG64(seed))
     model = manifest["model"]
     num_classes, grid = int(model.get("num_classes", 1)), int(model["grid_size"])

@@ -4,12 +4,12 @@
 torch) only when it is chosen.
 """
 
-from . import errors
-from .bundle import Bundle
-from .errors import FarError
-from .noise import ReplayNoise, SeededNoise
-from .options import SamplingOptions
-from .pipeline import GenerationOutput, Generator, StepInfo
+from far_sdk import errors
+from far_sdk.bundle.bundle import Bundle
+from far_sdk.errors import FarError
+from far_sdk.maths.noise import ReplayNoise, SeededNoise
+from far_sdk.options import SamplingOptions
+from far_sdk.pipeline import GenerationOutput, Generator, StepInfo
 
 __version__ = "0.1.0"
 

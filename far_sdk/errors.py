@@ -8,6 +8,10 @@ one class; each also derives from the closest builtin (``ValueError``,
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 
 class FarError(Exception):
     """Base class of every error raised by far-sdk."""
@@ -80,8 +84,6 @@ def check_finite(array, what: str, *, step: int | None = None) -> None:
     0-based outer step, reported as "after outer step N". One pass over the array (a reduction
     of ``isfinite``), cheap next to a network call.
     """
-    import numpy as np
-
     a = np.asarray(array)
     if a.dtype.kind not in "fc" or bool(np.isfinite(a).all()):
         return
@@ -91,6 +93,35 @@ def check_finite(array, what: str, *, step: int | None = None) -> None:
     raise NumericalError(
         f"{what}{where} holds non-finite values ({n_nan} NaN, {n_inf} inf of {a.size}); the weights, noise or "
         "settings (cfg, temperature, x0_clip) produce a diverging sample", step=step)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``; else :class:`InvalidArgumentError` naming them."""
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidArgumentError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_range(name: str, value: object, lo: float | None, hi: float | None, *, lo_open: bool = False,
+                integer: bool = False) -> float | int:
+    """``value`` if it is a finite number (an integer with ``integer``) in [lo, hi] ((lo, hi] with ``lo_open``)."""
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    ok = not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        if integer and lo is not None and hi is not None:
+            want = f"an integer in {lo:g}..{hi:g}"
+        elif lo is not None and hi is not None:
+            want = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        else:
+            bound = "" if lo is None else (f" > {lo:g}" if lo_open else f" >= {lo:g}")
+            bound += "" if hi is None else f"{' and' if bound else ''} <= {hi:g}"
+            want = ("an integer" if integer else "a finite number") + bound
+        raise InvalidArgumentError(f"{name} must be {want}, got {value!r}")
+    return value
 
 
 # ---- exit codes ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Cost of the Philox noise (far_sdk.noise, training.torch_noise) against the former per-image
+"""Cost of the Philox noise (far_sdk.maths.noise, training.torch_noise) against the former per-image
 PCG64 ``standard_normal``: milliseconds per image for one run's normals, (n + 1) * L * C per outer step,
 700 * L * C in all at the paper's frequency-aware schedule.
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from far_sdk.noise import SeededNoise, philox_normals, philox_uint32
+from far_sdk.maths.noise import SeededNoise, philox_normals, philox_uint32
 
 DRAWS = 700
 SIZES = {"real model (L*C = 4096)": 4096, "demo (L*C = 1024)": 1024}

@@ -104,8 +104,8 @@ def reference_latents(bundle: far_sdk.Bundle, labels: list[int], seed: int, plan
     if kind == "torch-cpu":
         lat = gen.generate(labels, seed=seed, output_type="latent", **plan_kwargs).latents
         return lat, plan, "torch backend, CPU fp32 (far_sdk.Generator)"
-    from far_sdk.noise import SeededNoise
-    from training.bundle_io import load_bundle_models
+    from far_sdk.maths.noise import SeededNoise
+    from training.from_bundle import load_bundle_models
     from training.sampler import sample_reference
 
     far, _ = load_bundle_models(bundle)
@@ -155,7 +155,7 @@ def _ort_provider(provider: str) -> Callable[[], str | None]:
 
 def _tensorrt() -> str | None:
     try:
-        from far_sdk.backends.trt_engine import import_runtime
+        from far_sdk.backends.tensorrt.engine import import_runtime
 
         import_runtime()
     except BackendUnavailableError as e:
@@ -267,7 +267,7 @@ def _free_gpu_memory() -> None:
 def bench_io_binding(bundle: far_sdk.Bundle, batches: list[int], calls: int, threads: int | None, reps: int = 7) -> list[dict]:
     """Time ``calls`` denoiser calls (one denoise of n=calls steps) both ways, interleaved; median ms per call."""
     from far_sdk.backends import create_backend
-    from far_sdk.diffusion import denoise_step_table
+    from far_sdk.maths.diffusion import denoise_step_table
 
     bes = {mode: create_backend(bundle, "onnxruntime", device="cpu", threads=threads, io_binding=mode) for mode in (True, False)}
     m = bundle.model_config

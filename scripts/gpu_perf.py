@@ -150,7 +150,7 @@ def export_random(model: str, vae_config: str, dest: Path, seed: int = 0) -> Pat
 
 
 def time_generation(gen: far_sdk.Generator, batch: int, plan_kw: dict, warmup: int, iters: int, run: "Run | None" = None) -> dict[str, Any]:
-    from far_sdk.bench import analytic_flops, summarize
+    from far_sdk.bench.protocol import analytic_flops, summarize
 
     labels = [i % gen.bundle.num_classes for i in range(batch)]
     first = []
@@ -184,7 +184,7 @@ def smoke(tmp: Path, precision: str) -> dict[str, Any]:
     """Correctness of the fast path on a tiny random model (see the module docstring)."""
     import torch
 
-    from far_sdk.noise import SeededNoise
+    from far_sdk.maths.noise import SeededNoise
 
     dev = device_name()
     bundle = export_random("far_tiny", "kl16-tiny", tmp / "smoke")
@@ -222,7 +222,7 @@ def smoke(tmp: Path, precision: str) -> dict[str, Any]:
 
 def per_call_precision(bundle_dir: Path, dev: str, precision: str) -> dict[str, Any]:
     """One transformer call and one denoiser step in ``precision`` vs fp32, on random non-trivial inputs."""
-    from far_sdk.diffusion import denoise_step_table
+    from far_sdk.maths.diffusion import denoise_step_table
 
     gens = {p: far_sdk.Generator(bundle_dir, backend="torch", device=dev, precision=p, cuda_graphs=False, compile=False)
             for p in ("fp32", precision)}
@@ -289,8 +289,8 @@ def eager_baseline(bundle_dir: Path) -> dict[str, Any]:
 
     import torch
 
-    from far_sdk.bench import bench_backend, bench_plan, summarize
-    from far_sdk.schedules import make_plan
+    from far_sdk.bench.protocol import bench_backend, bench_plan, summarize
+    from far_sdk.maths.schedules import make_plan
 
     bundle = far_sdk.Bundle.load(bundle_dir, verify=False)
     plan = bench_plan(bundle)

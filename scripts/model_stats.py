@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from far_sdk.schedules import inner_step_schedule  # noqa: E402
+from far_sdk.maths.schedules import inner_step_schedule  # noqa: E402
 from training.config import FAR_CONFIGS  # noqa: E402
 from training.far import FAR  # noqa: E402
-from far_sdk.flops import (  # noqa: E402
+from far_sdk.bench.flops import (  # noqa: E402
     denoiser_step_flops,
     generation_flops,
     transformer_flops,

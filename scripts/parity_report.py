@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import far_sdk  # noqa: E402
-from far_sdk.noise import ReplayNoise, SeededNoise  # noqa: E402
+from far_sdk.maths.noise import ReplayNoise, SeededNoise  # noqa: E402
 from far_sdk.options import SamplingOptions, resolve_plan  # noqa: E402
 import torch  # noqa: E402
 
@@ -95,7 +95,7 @@ def main() -> None:
 
         tmp = tempfile.TemporaryDirectory()
         a.bundle = random_bundle(Path(tmp.name) / "tiny", "far_tiny", "kl16-tiny", seed=0, name="tiny-random")
-    from training.bundle_io import load_bundle_models
+    from training.from_bundle import load_bundle_models
 
     b = far_sdk.Bundle.load(a.bundle)
     far, _ = load_bundle_models(b)

@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from far_sdk.bundle import Bundle  # noqa: E402
+from far_sdk.bundle.bundle import Bundle  # noqa: E402
 from far_sdk.errors import BundleError  # noqa: E402
-from far_sdk.manifest import BUNDLE_FORMAT, DIGEST_KEY, manifest_digest, parse_json  # noqa: E402
+from far_sdk.bundle.manifest import BUNDLE_FORMAT, DIGEST_KEY, manifest_digest, parse_json  # noqa: E402
 
 
 def tensor_hashes(path: Path) -> dict[str, str]:
@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="default: replace the bundle in place")
     a = ap.parse_args()
     from export.onnx_export import export_bundle
-    from training.bundle_io import load_bundle_models
+    from training.from_bundle import load_bundle_models
 
     old = old_bundle(a.bundle)
     m = old.manifest

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from far_sdk.fileio import atomic_write_json  # noqa: E402
-from far_sdk.serve import ServeConfig, build_app  # noqa: E402
+from far_sdk.scale.serve import ServeConfig, build_app  # noqa: E402
 
 
 def post(url: str, body: dict) -> tuple[int, float, int]:

@@ -40,3 +40,10 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def plan_of(**options):
+    """The plan of these :class:`far_sdk.SamplingOptions` fields over the built-in defaults (far_sdk.options.resolve_plan)."""
+    from far_sdk.options import SamplingOptions, resolve_plan
+
+    return resolve_plan(given=SamplingOptions(**options))

@@ -14,8 +14,8 @@ from typing import Any
 
 from conftest import ROOT
 
-from far_sdk.bundle import sha256_file
-from far_sdk.manifest import dump_manifest
+from far_sdk.bundle.bundle import sha256_file
+from far_sdk.bundle.manifest import dump_manifest
 
 DEMO = ROOT / "engines" / "far-demo"
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from far_sdk.bench import STAGES, check_stage_sum, summarize, summarize_iterations
+from far_sdk.bench.protocol import STAGES, check_stage_sum, summarize, summarize_iterations
 from far_sdk.errors import InvalidArgumentError
 from far_sdk.options import SamplingOptions
 
@@ -74,7 +74,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli_run(bundle, tmp_path_factory):
-    from far_sdk.cli import main
+    from far_sdk.cli.main import main
 
     out = tmp_path_factory.mktemp("bench") / "out.json"
     argv = ["bench", "--bundle", str(bundle), "--backend", "onnxruntime,torch", "--batch", ",".join(map(str, BATCHES)),
@@ -196,7 +196,7 @@ def test_random_bundle_is_reused_only_when_it_matches(bundle):
 
 
 def test_matmul_peak_reports_the_best_library():
-    from far_sdk.bench import matmul_peak
+    from far_sdk.bench.protocol import matmul_peak
 
     threads = torch.get_num_threads()
     try:
@@ -208,7 +208,7 @@ def test_matmul_peak_reports_the_best_library():
 
 
 def test_several_presets_in_one_run_with_speedups_against_the_first(bundle, tmp_path, capsys):
-    from far_sdk.cli import main
+    from far_sdk.cli.main import main
 
     out = tmp_path / "presets.json"
     threads = torch.get_num_threads()
@@ -232,14 +232,14 @@ def test_several_presets_in_one_run_with_speedups_against_the_first(bundle, tmp_
 
 
 def test_bench_rejects_eta_with_ddpm(bundle):
-    from far_sdk.bench import run_benchmark
+    from far_sdk.bench.protocol import run_benchmark
 
     with pytest.raises(InvalidArgumentError, match="eta"):
         run_benchmark(bundle, options=SamplingOptions(eta=0.5), iters=1, warmup=0)
 
 
 def test_bench_runs_ddim_on_the_backends_and_the_eager_reference(bundle):
-    from far_sdk.bench import run_benchmark
+    from far_sdk.bench.protocol import run_benchmark
 
     threads = torch.get_num_threads()
     try:

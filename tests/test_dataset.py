@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT
 
 import far_sdk
-from far_sdk.dataset import DatasetJob, balanced_labels, generate_dataset
+from far_sdk.scale.dataset import DatasetJob, balanced_labels, generate_dataset
 
 BUNDLE = ROOT / "engines" / "far-demo"
 SETTINGS = {"num_steps": 2, "inner_steps": 2}
@@ -58,7 +58,7 @@ def test_two_ray_workers_write_the_bytes_of_one_process(tmp_path, ray_local):
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
     out = tmp_path / "job"
-    cmd = [sys.executable, "-m", "far_sdk.cli", "generate-dataset", "--bundle", str(BUNDLE), "-n", "40", "--shard-size", "10",
+    cmd = [sys.executable, "-m", "far_sdk.cli.main", "generate-dataset", "--bundle", str(BUNDLE), "-n", "40", "--shard-size", "10",
            "--batch", "5", "--seed", "7", "--steps", "3", "--inner-steps", "3", "--out", str(out), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from far_sdk import diffusion as D
-from far_sdk import schedules as S
+from far_sdk.maths import diffusion as D
+from far_sdk.maths import schedules as S
 from far_sdk.errors import InvalidArgumentError
-from far_sdk.diffusion import Step
+from conftest import plan_of
+from far_sdk.maths.diffusion import Step
 from far_sdk.options import PRESETS, SamplingOptions, resolve_plan
 
 
@@ -157,28 +158,61 @@ def test_ddim_noise_scale_is_temperature_where_sigma_is_positive():
 # ---- plans, presets and errors -----------------------------------------------------------------------
 
 
-def test_default_plan_is_ddpm_and_its_step_table_is_unchanged():
-    plan = S.make_plan(x0_clip=4.0)
-    assert plan.inner_sampler == "ddpm" and plan.to_dict()["inner_sampler"] == "ddpm" and "eta" in plan.to_dict()
-    for s in range(plan.num_steps):
-        want = D.denoise_step_table(plan.inner_steps[s], plan.cfg[s], plan.temperature[s], plan.x0_clip)
-        np.testing.assert_array_equal(plan.step_table(s), want)
+def _official_respacing(n, T=1000):
+    """The official respacing rule (shared/spec): stride (T - 1) / (n - 1), a running sum from 0, Python's round."""
+    stride, cur, kept = (T - 1) / (n - 1) if n > 1 else 1.0, 0.0, []
+    for _ in range(n):
+        kept.append(round(cur))
+        cur += stride
+    return kept
 
 
-def test_ddim_plan_step_table():
-    plan = S.make_plan(inner_sampler="ddim", eta=0.25, inner_steps=[3, 4, 5, 6], num_steps=4, temperature=0.9)
-    assert plan.eta == 0.25 and plan.to_dict()["eta"] == 0.25
-    for s in range(4):
+def test_ddpm_plan_rows_follow_the_plan_schedules():
+    """Each outer step's rows, against the schedules' formulas (not the code's own table builder): its inner-step
+    count, the official respaced timesteps noisiest first with a = sqrt(1 / abar), b = sqrt(1 / abar - 1) of the
+    cosine chain, the linear CFG ramp 1 + (cfg - 1) s / S, the official temperature ramp as the noise scale on every
+    row but the last, and the x0 bound."""
+    counts = [5, 10, 20, 40, 100, 3, 7, 9, 11, 1]
+    plan = plan_of(x0_clip=4.0, cfg=3.0, inner_steps=counts)
+    ab_full = _alpha_bar_reference()
+    for s, n in enumerate(counts):
         rows = plan.step_table(s)
-        assert rows.shape == (plan.inner_steps[s], len(Step)) and rows.dtype == np.float32
-        np.testing.assert_array_equal(rows, D.denoise_step_table(plan.inner_steps[s], plan.cfg[s], plan.temperature[s],
-                                                                 inner_sampler="ddim", eta=0.25))
-    assert S.make_plan(inner_sampler="ddim").eta == 0.0
+        t = _official_respacing(n)[::-1]
+        assert rows.shape == (n, len(Step)) and rows.dtype == np.float32
+        assert rows[:, Step.timestep].tolist() == t
+        ab = np.array([ab_full[i] for i in t])
+        np.testing.assert_allclose(rows[:, Step.x0_coef_x], np.sqrt(1 / ab), rtol=2e-6)
+        np.testing.assert_allclose(rows[:, Step.x0_coef_eps], np.sqrt(1 / ab - 1), rtol=2e-6)
+        assert (rows[:, Step.cfg_scale] == np.float32(1 + 2.0 * s / 10)).all()
+        tau = np.float32(0.8 + 0.2 * (1 - math.cos(math.pi / 2 * (s + 1) / 10)))
+        assert (rows[:-1, Step.noise_scale] == tau).all() and rows[-1, Step.noise_scale] == 0
+        assert (rows[:, Step.x0_clip] == 4.0).all()
+
+
+def test_ddim_plan_rows_use_trailing_timesteps_and_one_fixed_variance():
+    """DDIM rows: trailing timesteps round((k + 1) 1000 / n) - 1, sigma^2 = eta^2 (1 - abar_prev) / (1 - abar)
+    (1 - abar / abar_prev) in float64 at both ends of the variance range, temperature where sigma > 0."""
+    plan = plan_of(inner_sampler="ddim", eta=0.25, inner_steps=[3, 4, 5, 6], num_steps=4, temperature=0.9)
+    assert plan.eta == 0.25 and plan.to_dict()["eta"] == 0.25
+    ab_full = _alpha_bar_reference()
+    for s, n in enumerate([3, 4, 5, 6]):
+        rows = plan.step_table(s)
+        t = [round((k + 1) * 1000 / n) - 1 for k in range(n)]
+        assert rows[:, Step.timestep].tolist() == t[::-1]
+        ab = np.array([ab_full[i] for i in t])
+        ab_prev = np.append(1.0, ab[:-1])
+        var = 0.25 ** 2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+        noisy = var[::-1] > 0
+        np.testing.assert_allclose(rows[noisy, Step.min_log_var], np.log(var[::-1][noisy]), rtol=1e-5)
+        np.testing.assert_array_equal(rows[:, Step.min_log_var], rows[:, Step.max_log_var])
+        tau = np.float32(0.9 * (0.8 + 0.2 * (1 - math.cos(math.pi / 2 * (s + 1) / 4))))
+        assert (rows[noisy, Step.noise_scale] == tau).all() and (rows[~noisy, Step.noise_scale] == 0).all()
+    assert plan_of(inner_sampler="ddim").eta == 0.0
 
 
 @pytest.mark.parametrize("inner_steps", ["frequency-aware", "official", 7, [5, 6, 7, 8]])
 def test_ddim_accepts_every_inner_step_form(inner_steps):
-    plan = S.make_plan(num_steps=4, inner_sampler="ddim", inner_steps=inner_steps)
+    plan = plan_of(num_steps=4, inner_sampler="ddim", inner_steps=inner_steps)
     assert [plan.step_table(s).shape[0] for s in range(4)] == list(plan.inner_steps)
     assert all(plan.step_table(s)[0, 0] == 999 for s in range(4))
 
@@ -193,11 +227,11 @@ def test_ddim_accepts_every_inner_step_form(inner_steps):
     (dict(inner_sampler="ddim", eta=float("nan")), r"\[0, 1\]"),
     (dict(inner_sampler="ddim", eta=True), r"\[0, 1\]"),
     (dict(inner_sampler="ddim", eta="0"), r"\[0, 1\]"),
-    (dict(inner_sampler="ddim", inner_steps=0), "inner step count"),
+    (dict(inner_sampler="ddim", inner_steps=0), r"inner_steps must be an integer in 1\.\.1000"),
 ])
 def test_bad_sampler_options_raise_typed_errors(kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
-        S.make_plan(**kwargs)
+        plan_of(**kwargs)
 
 
 def test_resolve_plan_precedence_defaults_preset_explicit(monkeypatch):
@@ -249,7 +283,7 @@ def tiny(tmp_path_factory):
 
 
 def _reference(far, labels, seed, **plan):
-    from far_sdk.noise import SeededNoise
+    from far_sdk.maths.noise import SeededNoise
     from training.sampler import sample_reference
 
     return sample_reference(far, labels, noise=SeededNoise.from_seed(seed, len(labels)), **plan).numpy()
@@ -287,7 +321,7 @@ def test_backend_equals_reference_sampler_for_ddim(tiny, backend, opts):
 def test_ddim_differs_from_ddpm_and_eta0_ignores_noise_after_x_T(tiny):
     """eta = 0 is deterministic given x_T: only the first draw of each outer step matters."""
     import far_sdk
-    from far_sdk.noise import SeededNoise
+    from far_sdk.maths.noise import SeededNoise
 
     far, bundle = tiny
     gen = far_sdk.Generator(bundle, backend="onnxruntime", threads=2)
@@ -318,7 +352,7 @@ def test_ddim_differs_from_ddpm_and_eta0_ignores_noise_after_x_T(tiny):
 
 
 def test_far_generate_cli_sampler_options(tiny, tmp_path, capsys):
-    from far_sdk.cli import main
+    from far_sdk.cli.main import main
 
     _, bundle = tiny
     base = ["generate", "--bundle", str(bundle), "--class", "1", "--steps", "2", "--inner-steps", "3", "--backend", "onnxruntime",

@@ -16,7 +16,7 @@ BUNDLE = ROOT / "engines" / "far-demo"
 pytest.importorskip("onnxruntime")
 
 import far_sdk  # noqa: E402
-from far_sdk.noise import SeededNoise  # noqa: E402
+from far_sdk.maths.noise import SeededNoise  # noqa: E402
 from far_sdk.options import SamplingOptions, resolve_plan  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def gen():
 @pytest.fixture(scope="module")
 def far(gen):
     pytest.importorskip("torch")
-    from training.bundle_io import load_bundle_models
+    from training.from_bundle import load_bundle_models
 
     return load_bundle_models(gen.bundle)[0]
 

@@ -1,13 +1,13 @@
-"""far_sdk.diffusion against an independent float64 computation and the official code's arrays."""
+"""far_sdk.maths.diffusion against an independent float64 computation and the official code's arrays."""
 
 import math
 
 import numpy as np
 import pytest
 
-from far_sdk import diffusion as D
+from far_sdk.maths import diffusion as D
 from far_sdk.errors import InvalidArgumentError
-from far_sdk.diffusion import Step as S
+from far_sdk.maths.diffusion import Step as S
 
 
 def _alpha_bar_reference(T=1000):

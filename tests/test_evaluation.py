@@ -14,9 +14,9 @@ scipy_linalg = pytest.importorskip("scipy.linalg")
 
 from conftest import ROOT  # noqa: E402
 
-from far_sdk.cli import main  # noqa: E402
+from far_sdk.cli.main import main  # noqa: E402
 from far_sdk.errors import EXIT_INPUT  # noqa: E402
-from far_sdk.evaluation import INCEPTION_WEIGHTS_URL, InceptionWeightsError, fid_from_features, import_torch_fidelity, load_inception  # noqa: E402
+from far_sdk.scale.evaluation import INCEPTION_WEIGHTS_URL, InceptionWeightsError, fid_from_features, import_torch_fidelity, load_inception  # noqa: E402
 
 BUNDLE = ROOT / "engines" / "far-demo"
 
@@ -89,7 +89,7 @@ def test_far_eval_end_to_end_matches_independent_metrics_on_the_same_features(tm
                                                                                monkeypatch, torch_one_thread):
     from PIL import Image
 
-    import far_sdk.evaluation as ev
+    import far_sdk.scale.evaluation as ev
 
     samples, ref = _images(0), _images(100)
     np.savez(tmp_path / "samples.npz", arr_0=samples)

@@ -20,10 +20,10 @@ from export import onnx_export  # noqa: E402
 from export.cli import main  # noqa: E402
 from export.onnx_export import export_bundle, random_init_source  # noqa: E402
 from export.random_bundle import random_models  # noqa: E402
-from far_sdk.bundle import Bundle  # noqa: E402
-from far_sdk.diffusion import Step, denoise_step_table, diffusion_tables  # noqa: E402
+from far_sdk.bundle.bundle import Bundle  # noqa: E402
+from far_sdk.maths.diffusion import Step, denoise_step_table, diffusion_tables  # noqa: E402
 from far_sdk.errors import EXIT_INPUT, EXIT_USAGE, ExportError  # noqa: E402
-from far_sdk.graphs import GRAPH_NAMES, graph_specs  # noqa: E402
+from far_sdk.bundle.graphs import GRAPH_NAMES, graph_specs  # noqa: E402
 from training.config import get_config  # noqa: E402
 from training.far import FAR  # noqa: E402
 from training.graph_modules import DenoiserGraph, TransformerGraph, VAEDecoderGraph, randomize_for_export  # noqa: E402
@@ -385,7 +385,7 @@ def _export_custom(files: dict[str, Path], out: Path, *extra: str) -> int:
 
 def test_cli_exports_a_custom_shaped_official_checkpoint_given_a_config_file(custom_checkpoint, tmp_path, capsys):
     from far_sdk import Generator
-    from far_sdk.noise import SeededNoise
+    from far_sdk.maths.noise import SeededNoise
     from training.checkpoint import load_official_checkpoint
     from training.config import FARConfig
     from training.sampler import sample_reference

@@ -10,9 +10,9 @@ from conftest import ROOT, rel_err
 torch = pytest.importorskip("torch")
 
 import far_sdk  # noqa: E402
-from far_sdk.diffusion import denoise_step_table  # noqa: E402
+from far_sdk.maths.diffusion import denoise_step_table  # noqa: E402
 from far_sdk.errors import NumericalError  # noqa: E402
-from far_sdk.noise import SeededNoise  # noqa: E402
+from far_sdk.maths.noise import SeededNoise  # noqa: E402
 
 DEMO = ROOT / "engines" / "far-demo"
 PLAN = dict(num_steps=4, inner_steps=[8, 8, 10, 12])
@@ -101,7 +101,7 @@ def test_compiled_step_equals_eager_on_cpu():
     B, L, C = 2, 256, 4
     x = rng.standard_normal((B, L, C)).astype(np.float32)
     noises = rng.standard_normal((3, B, L, C)).astype(np.float32)
-    cond = eager.transformer(rng.standard_normal((2 * B, L, C)).astype(np.float32), np.array([1, 2, 10, 10]), 3)
+    cond = eager.transformer(rng.standard_normal((2 * B, L, C)).astype(np.float32), {"class_ids": np.array([1, 2, 10, 10])}, 3)
     steps = denoise_step_table(50, 3.0, 1.0, 4.0)[20:23]
     a, b = comp.denoise(x, noises, cond, steps), eager.denoise(x, noises, cond, steps)
     assert rel_err(a, b) < 1e-5
@@ -120,7 +120,7 @@ def test_reduced_precision_per_call_within_bounds(precision):
     rng = np.random.default_rng(5)
     B, L, C = 2, 256, 4
     tokens = rng.standard_normal((2 * B, L, C)).astype(np.float32)
-    ids = np.array([4, 9, 10, 10])
+    ids = {"class_ids": np.array([4, 9, 10, 10])}
     c32 = b32.transformer(tokens, ids, 5).float().numpy()
     clo = blo.transformer(tokens, ids, 5).float().numpy()
     tol = {"bf16": 2e-2, "fp16": 3e-3}[precision]
@@ -219,7 +219,7 @@ class TestFastPathCuda:
         blo = far_sdk.Generator(DEMO, backend="torch", device="cuda", precision=precision, compile=False).backend
         rng = np.random.default_rng(5)
         tokens = rng.standard_normal((4, 256, 4)).astype(np.float32)
-        ids = np.array([4, 9, 10, 10])
+        ids = {"class_ids": np.array([4, 9, 10, 10])}
         c32 = b32.transformer(tokens, ids, 5).float().cpu().numpy()
         clo = blo.transformer(tokens, ids, 5).float().cpu().numpy()
         assert np.linalg.norm(clo - c32) / np.linalg.norm(c32) < {"bf16": 2e-2, "fp16": 3e-3}[precision]
@@ -228,7 +228,7 @@ class TestFastPathCuda:
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_preview_shows_what_each_step_hands_on(backend):
     """preview=True decodes the low-passed latents the next step sees (coarse to fine), "raw" the full estimate."""
-    from far_sdk.filters import low_pass
+    from far_sdk.maths.filters import low_pass
     from far_sdk.pipeline import to_uint8
 
     gen = far_sdk.Generator(DEMO, backend=backend, **({"device": "cpu"} if backend == "torch" else {}))

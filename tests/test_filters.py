@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from far_sdk import filters as Fl
+from far_sdk.maths import filters as Fl
 from far_sdk.errors import InvalidArgumentError
 
 
@@ -70,3 +70,25 @@ def test_bad_level_raises(bad):
 def test_unknown_filter_type_names_choices():
     with pytest.raises(InvalidArgumentError, match="spatial"):
         Fl.filter_matrix(3, "gaussian")
+
+
+def test_token_layout_is_row_major_and_the_numpy_and_torch_twins_agree():
+    """Token t of a G x G grid is row t // G, column t % G (the official ``flatten(2).transpose(1, 2)``); the NumPy
+    (far_sdk.maths.filters) and torch (training.filters) helpers are inverses and low-pass tokens alike, equal to the
+    official interpolate pair in image layout."""
+    torch = pytest.importorskip("torch")
+    from training import filters as T
+
+    G, C = 16, 3
+    img = np.random.default_rng(5).standard_normal((2, C, G, G)).astype(np.float32)
+    tok = Fl.grid_to_tokens(img)
+    assert tok.shape == (2, G * G, C) and tok[1, 5 * G + 7, 2] == img[1, 2, 5, 7]
+    np.testing.assert_array_equal(Fl.tokens_to_grid(tok, G), img)
+    np.testing.assert_array_equal(T.grid_to_tokens(torch.from_numpy(img)).numpy(), tok)
+    np.testing.assert_array_equal(T.tokens_to_grid(torch.from_numpy(tok), G).numpy(), img)
+    for k in (1, 4, 11):
+        m = Fl.filter_matrix(k, "spatial").astype(np.float32)
+        ref = T.official_low_pass(torch.from_numpy(img), k).numpy()                   # F.interpolate area + bicubic
+        np.testing.assert_allclose(Fl.tokens_to_grid(Fl.low_pass_tokens(tok, m), G), ref, atol=2e-6)
+        out = T.low_pass_tokens(torch.from_numpy(tok), torch.from_numpy(m)).numpy()
+        np.testing.assert_allclose(T.tokens_to_grid(torch.from_numpy(out), G).numpy(), ref, atol=2e-6)

@@ -24,8 +24,8 @@ from hostile import (
 import far_sdk
 from far_sdk import Bundle
 from far_sdk.errors import EXIT_INPUT, BundleError, CheckpointError, IncompatibleBundleError, IntegrityError
-from far_sdk.manifest import DIGEST_KEY, SCHEMA, canonical_json, manifest_digest
-from far_sdk.weights import check_safetensors
+from far_sdk.bundle.manifest import DIGEST_KEY, SCHEMA, canonical_json, manifest_digest
+from far_sdk.bundle.weights import check_safetensors
 
 FLIP_OFFSETS = 200
 
@@ -113,7 +113,7 @@ def test_malformed_manifest_bytes_are_typed_errors(bundle, data, match):
 
 
 def test_far_info_shows_the_digest_and_rejects_a_flipped_manifest_in_one_line(bundle):
-    from far_sdk.cli import main
+    from far_sdk.cli.main import main
 
     rc, out, err = run_cli(main, ["info", "--bundle", str(bundle)])
     assert rc == 0 and f"manifest sha256 {manifest(bundle)[DIGEST_KEY]}" in out
@@ -207,7 +207,7 @@ SCHEMA_CASES = {
 
 @pytest.mark.parametrize("case", list(SCHEMA_CASES))
 def test_a_malformed_manifest_is_one_bundle_error_naming_the_field(bundle, case):
-    from far_sdk.cli import main
+    from far_sdk.cli.main import main
 
     mutate, match = SCHEMA_CASES[case]
     reseal(bundle, mutate)
@@ -264,7 +264,7 @@ def test_external_data_locations_are_read_without_onnx_as_onnx_reads_them(tmp_pa
     onnx = pytest.importorskip("onnx")
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-    from far_sdk.onnx_refs import external_data_files
+    from far_sdk.bundle.onnx_external_data import external_data_files
 
     model = onnx.load(str(DEMO / "denoiser.onnx"))
     onnx.save_model(model, str(tmp_path / "d.onnx"), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
@@ -275,7 +275,7 @@ def test_external_data_locations_are_read_without_onnx_as_onnx_reads_them(tmp_pa
 
 
 def test_a_truncated_graph_protobuf_is_a_bundle_error(tmp_path):
-    from far_sdk.onnx_refs import external_data_files
+    from far_sdk.bundle.onnx_external_data import external_data_files
 
     data = (DEMO / "vae_decoder.onnx").read_bytes()
     (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])

@@ -25,8 +25,8 @@ from conftest import OFFICIAL_TINY, ROOT
 from hostile import DEMO, copy_demo, one_line_error, run_cli
 
 import far_sdk
-from far_sdk.bundle import atomic_bundle_dir, clean_stale_partials
-from far_sdk.clirun import run_command
+from far_sdk.bundle.bundle import atomic_bundle_dir, clean_stale_partials
+from far_sdk.cli.run import run_command
 from far_sdk.errors import (
     EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, CheckpointError, GeneratorClosedError,
     InvalidArgumentError, NumericalError, check_finite,
@@ -129,7 +129,7 @@ def test_generate_after_close_says_the_generator_is_closed():
 
 
 def _far(argv):
-    from far_sdk.cli import main
+    from far_sdk.cli.main import main
 
     return run_cli(main, argv)
 
@@ -153,7 +153,7 @@ def no_generation(monkeypatch):
     (["--cols", "-1"], "--cols: expected a positive integer"),
     (["-n", "0"], "--num-per-class: expected a positive integer"),
     (["--seed", "-3"], "--seed: expected a non-negative integer"),
-    (["--steps", "x"], "--steps: expected a positive integer"),
+    (["--steps", "x"], "--steps: expected an integer, got 'x'"),
     (["--inner-steps", "1,x"], "--inner-steps: expected"),
     (["--backend", "cuda"], "invalid choice"),
     (["--out", "{tmp}/grid.xyz"], "unsupported file type '.xyz'"),
@@ -172,11 +172,11 @@ def test_far_generate_usage_errors_are_one_line_before_any_work(tmp_path, no_gen
 
 
 def test_an_unwritable_out_is_refused_before_generation(tmp_path, no_generation, monkeypatch):
-    import far_sdk.clirun
+    import far_sdk.cli.run
 
     def read_only(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
-    monkeypatch.setattr(far_sdk.clirun.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(far_sdk.cli.run.tempfile, "mkstemp", read_only)
     rc, out, err = _far(_gen_args(DEMO, tmp_path, "--out", str(tmp_path / "g.png")))
     assert rc == EXIT_USAGE and one_line_error(err) and "--out" in err and "Read-only file system" in err
     assert list(tmp_path.iterdir()) == []
@@ -192,7 +192,7 @@ def test_far_info_into_a_closed_pipe_is_not_an_error(tmp_path):
     r, w = os.pipe()
     os.close(r)  # the reader is gone before the first write: every write is EPIPE
     try:
-        proc = subprocess.run([sys.executable, "-m", "far_sdk.cli", "info", "--bundle", str(DEMO)], stdout=w,
+        proc = subprocess.run([sys.executable, "-m", "far_sdk.cli.main", "info", "--bundle", str(DEMO)], stdout=w,
                               stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=_env(), timeout=120)
     finally:
         os.close(w)
@@ -217,7 +217,7 @@ def _interactive_sigint() -> None:
 def test_ctrl_c_during_far_generate_exits_130_with_one_line(tmp_path):
     bundle = copy_demo(tmp_path)
     out = tmp_path / "grid.png"
-    proc = subprocess.Popen([sys.executable, "-m", "far_sdk.cli", "generate", "--bundle", str(bundle), "--class", "1", "-n", "64",
+    proc = subprocess.Popen([sys.executable, "-m", "far_sdk.cli.main", "generate", "--bundle", str(bundle), "--class", "1", "-n", "64",
                              "--backend", "onnxruntime", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=tmp_path, env=_env(), preexec_fn=_interactive_sigint)
     seen = b""
@@ -245,11 +245,11 @@ def _export(argv):
 
 def test_far_export_onto_a_read_only_destination_is_one_line(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    import far_sdk.clirun
+    import far_sdk.cli.run
 
     def read_only(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
-    monkeypatch.setattr(far_sdk.clirun.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(far_sdk.cli.run.tempfile, "mkstemp", read_only)
     argv = ["onnx", "--random-init", "--model", "far_tiny", "--vae-config", "kl16-tiny", "--out", str(tmp_path / "ro" / "b")]
     rc, out, err = _export(argv)
     assert rc == EXIT_USAGE and one_line_error(err) and "Read-only file system" in err, err
@@ -263,7 +263,7 @@ def test_an_interrupted_export_leaves_nothing_and_its_partial_is_cleaned_later(t
     dest = tmp_path / "b"
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(done.stdout)
-    from far_sdk.bundle import _HOST
+    from far_sdk.bundle.bundle import _HOST
 
     stale = tmp_path / f".b.far-{dead}@{_HOST}.abc123.partial"
     live = tmp_path / f".b.far-{os.getppid()}@{_HOST}.def456.partial"        # a running writer: kept

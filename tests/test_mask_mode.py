@@ -24,9 +24,9 @@ pytest.importorskip("onnxruntime")
 
 import far_sdk  # noqa: E402
 from far_sdk.errors import BundleError, InvalidArgumentError  # noqa: E402
-from far_sdk.manifest import dump_manifest  # noqa: E402
-from far_sdk.masking import check_orders, step_masks  # noqa: E402
-from far_sdk.noise import ReplayNoise, SeededNoise  # noqa: E402
+from far_sdk.bundle.manifest import dump_manifest  # noqa: E402
+from far_sdk.maths.masking import check_orders, step_masks  # noqa: E402
+from far_sdk.maths.noise import ReplayNoise, SeededNoise  # noqa: E402
 from training import FAR, VAE_CONFIGS, AutoencoderKL, get_config, load_official_checkpoint  # noqa: E402
 from training.graph_modules import randomize_for_export  # noqa: E402
 from training.sampler import iter_reference, sample_reference  # noqa: E402
@@ -211,8 +211,8 @@ def test_tensorrt_backend_mask_mode_on_the_simulator(masked_bundle, tmp_path, mo
     import trt_sim
 
     from export.trt_build import build_engines
-    from far_sdk.backends.tensorrt import TensorRTBackend
-    from far_sdk.bundle import Bundle
+    from far_sdk.backends.tensorrt.backend import TensorRTBackend
+    from far_sdk.bundle.bundle import Bundle
 
     bundle = tmp_path / "b"
     shutil.copytree(masked_bundle, bundle)
@@ -277,11 +277,11 @@ def test_asking_for_an_unsupported_mode_is_a_typed_error_naming_the_supported_on
     with pytest.raises(InvalidArgumentError, match="mask mode only"):      # the reference sampler: the same rule
         next(iter_reference(masked_far, [1], mode="nomask", **FAST))
     with pytest.raises(InvalidArgumentError, match="needs a mask"):        # the backend, called directly
-        gen.backend.transformer(np.zeros((2, 256, 16), np.float32), np.array([1, 10]), 0)
+        gen.backend.transformer(np.zeros((2, 256, 16), np.float32), {"class_ids": np.array([1, 10])}, 0)
 
 
 def test_far_cli_generate_in_mask_mode(masked_bundle, tmp_path, capsys):
-    from far_sdk.cli import main
+    from far_sdk.cli.main import main
 
     out = tmp_path / "grid.png"
     assert main(["generate", "--bundle", str(masked_bundle), "--class", "1", "--mode", "mask", "--inner-steps", "2",

@@ -18,10 +18,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from far_sdk.schedules import make_plan
+from conftest import plan_of
 from training.config import FAR_CONFIGS
 from training.far import FAR
-from far_sdk.flops import (
+from far_sdk.bench.flops import (
     denoiser_step_flops,
     generation_flops,
     transformer_flops,
@@ -164,7 +164,7 @@ def test_generation_flops_equal_a_counted_reference_sample(tiny_far):
     torch.manual_seed(0)
     vae_cfg = VAE_CONFIGS["kl16-tiny"]
     vae = AutoencoderKL(vae_cfg).eval()
-    plan = make_plan(2, inner_steps=[3, 4])
+    plan = plan_of(num_steps=2, inner_steps=[3, 4])
     batch = 2
 
     def run():
@@ -182,7 +182,7 @@ def test_generation_flops_composition():
     assert f["transformer"] == 10 * transformer_flops(cfg, 2)
     assert f["diffusion_mlp"] == 1000 * denoiser_step_flops(cfg, 1)
     assert f["vae_decode"] == vae_decoder_flops(vae_cfg, 1)
-    fa = generation_flops(cfg, vae_cfg, make_plan(10, inner_steps="frequency-aware"))
+    fa = generation_flops(cfg, vae_cfg, plan_of(num_steps=10, inner_steps="frequency-aware"))
     assert fa["diffusion_mlp"] == 700 * denoiser_step_flops(cfg, 1)  # 40, 47, ..., 100 sum to 700
     assert fa["transformer"] == f["transformer"]
     # Per image at batch 4: the batch's FLOPs / 4. Everything scales with the batch except the one-row

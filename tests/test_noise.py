@@ -1,4 +1,4 @@
-"""far_sdk.noise's Philox4x32-10 noise (NumPy) and its torch twin (training.torch_noise) against
+"""far_sdk.maths.noise's Philox4x32-10 noise (NumPy) and its torch twin (training.torch_noise) against
 Random123's known answers, a pure-Python Philox, a float64 Box-Muller, each other, and the draw order
 SeededNoise documents."""
 
@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from far_sdk import noise as noise_mod
+from far_sdk.maths import noise as noise_mod
 from far_sdk.errors import InvalidArgumentError
-from far_sdk.noise import SeededNoise, philox4x32_10, philox_normals, philox_uint32
+from far_sdk.maths.noise import SeededNoise, philox4x32_10, philox_normals, philox_uint32
 
 try:
     import torch

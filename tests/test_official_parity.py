@@ -13,7 +13,7 @@ from conftest import rel_err
 
 torch = pytest.importorskip("torch")
 
-from far_sdk.noise import ReplayNoise  # noqa: E402
+from far_sdk.maths.noise import ReplayNoise  # noqa: E402
 from training import FAR  # noqa: E402
 from training.sampler import iter_reference  # noqa: E402
 

@@ -18,8 +18,8 @@ import far_sdk  # noqa: E402
 from far_sdk.errors import (  # noqa: E402
     BundleError, BundleNotFoundError, EngineProfileError, IncompatibleBundleError, IntegrityError, InvalidArgumentError,
 )
-from far_sdk.manifest import dump_manifest  # noqa: E402
-from far_sdk.noise import SeededNoise  # noqa: E402
+from far_sdk.bundle.manifest import dump_manifest  # noqa: E402
+from far_sdk.maths.noise import SeededNoise  # noqa: E402
 
 FAST = dict(num_steps=4, inner_steps=[3, 4, 5, 6])
 
@@ -149,8 +149,8 @@ def test_preview_images_are_decoded(ort_gen):
     (dict(class_labels=[]), "empty"),
     (dict(class_labels=[1], num_steps=0), "1..16"),
     (dict(class_labels=[1], num_steps=17), "1..16"),
-    (dict(class_labels=[1], cfg=float("nan")), "finite"),
-    (dict(class_labels=[1], cfg=float("inf")), "finite"),
+    (dict(class_labels=[1], cfg=float("nan")), r"cfg must be a number in \[0, 1000\], got nan"),
+    (dict(class_labels=[1], cfg=float("inf")), r"cfg must be a number in \[0, 1000\], got inf"),
     (dict(class_labels=[1], inner_steps="fast"), "inner_steps"),
     (dict(class_labels=[1], filter="box"), "filter"),
     (dict(class_labels=[1], output_type="tensor"), "output_type"),
@@ -241,7 +241,7 @@ print('ok')
 
 
 def test_far_cli_generate_and_info(bundle_dir, tmp_path, capsys):
-    from far_sdk.cli import main
+    from far_sdk.cli.main import main
 
     out = tmp_path / "grid.png"
     gif = tmp_path / "steps.gif"

@@ -5,12 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from far_sdk import schedules as S
+from far_sdk.maths import schedules as S
 from far_sdk.errors import InvalidArgumentError
+from conftest import plan_of
 
 
 def test_official_plan_matches_official_trace(official_ref):
-    plan = S.make_plan(inner_steps=100)
+    plan = plan_of(inner_steps=100)
     assert plan.levels == tuple(int(v) for v in official_ref["levels"])
     np.testing.assert_allclose(plan.cfg, official_ref["cfgs"], rtol=0, atol=1e-15)
     np.testing.assert_allclose(plan.temperature, official_ref["temperatures"], rtol=0, atol=1e-15)
@@ -19,7 +20,7 @@ def test_official_plan_matches_official_trace(official_ref):
 
 
 def test_official_mask_plan_matches_official_trace(official_ref):
-    plan = S.make_plan(inner_steps=100, mode="mask")
+    plan = plan_of(inner_steps=100, mode="mask")
     assert plan.levels == tuple(int(v) for v in official_ref["mask_levels"])
     np.testing.assert_allclose(plan.cfg, official_ref["mask_cfgs"], atol=1e-15)
     np.testing.assert_allclose(plan.temperature, official_ref["mask_temperatures"], atol=1e-15)
@@ -74,36 +75,36 @@ def test_outer_levels_reject(bad):
 
 
 def test_cfg_schedules():
-    np.testing.assert_allclose(S.cfg_schedule(4.0, 8, "linear"), [1 + 3.0 * s / 8 for s in range(8)])
-    np.testing.assert_allclose(S.cfg_schedule(4.0, 8, "constant"), [4.0] * 8)
+    np.testing.assert_allclose(S.cfg_schedule_values(4.0, 8, "linear"), [1 + 3.0 * s / 8 for s in range(8)])
+    np.testing.assert_allclose(S.cfg_schedule_values(4.0, 8, "constant"), [4.0] * 8)
     for bad in (float("nan"), float("inf"), "3"):
         with pytest.raises(InvalidArgumentError):
-            S.cfg_schedule(bad, 8)
+            S.cfg_schedule_values(bad, 8)
 
 
 def test_temperature_schedules():
     ramp = [0.8 + 0.2 * (1 - math.cos(math.pi / 2 * (s + 1) / 6)) for s in range(6)]
-    np.testing.assert_allclose(S.temperature_schedule(1.0, 6), ramp, rtol=0, atol=0)
-    np.testing.assert_allclose(S.temperature_schedule(0.5, 6), [0.5 * r for r in ramp], rtol=1e-15)
-    np.testing.assert_allclose(S.temperature_schedule(0.7, 6, "constant"), [0.7] * 6)
+    np.testing.assert_allclose(S.temperature_schedule_values(1.0, 6), ramp, rtol=0, atol=0)
+    np.testing.assert_allclose(S.temperature_schedule_values(0.5, 6), [0.5 * r for r in ramp], rtol=1e-15)
+    np.testing.assert_allclose(S.temperature_schedule_values(0.7, 6, "constant"), [0.7] * 6)
     with pytest.raises(InvalidArgumentError):
-        S.temperature_schedule(-1.0, 6)
+        S.temperature_schedule_values(-1.0, 6)
 
 
 def test_plan_with_explicit_levels_and_validation():
-    plan = S.make_plan(levels=[0, 4, 8], inner_steps=20, cfg=2.0, cfg_schedule_kind="constant", filter="fourier")
+    plan = plan_of(levels=[0, 4, 8], inner_steps=20, cfg=2.0, cfg_schedule="constant", filter="fourier")
     assert plan.filter_after == (4, 8, None) and plan.cfg == (2.0, 2.0, 2.0) and plan.filter == "fourier"
     with pytest.raises(InvalidArgumentError):
-        S.make_plan(levels=[0, 16])
+        plan_of(levels=[0, 16])
     with pytest.raises(InvalidArgumentError):
-        S.make_plan(num_steps=4, levels=[0, 4, 8])
+        plan_of(num_steps=4, levels=[0, 4, 8])
     with pytest.raises(InvalidArgumentError, match="filter"):
-        S.make_plan(filter="wavelet")
+        plan_of(filter="wavelet")
 
 
 def test_plan_x0_clip_validation():
-    assert S.make_plan().x0_clip is None
-    assert S.make_plan(x0_clip=4).x0_clip == 4.0
+    assert plan_of().x0_clip is None
+    assert plan_of(x0_clip=4).x0_clip == 4.0
     for bad in (0, -1.0, float("inf"), float("nan")):
         with pytest.raises(InvalidArgumentError, match="x0_clip"):
-            S.make_plan(x0_clip=bad)
+            plan_of(x0_clip=bad)

@@ -24,7 +24,7 @@ from conftest import ROOT  # noqa: E402
 
 import far_sdk  # noqa: E402
 from far_sdk.errors import InvalidArgumentError  # noqa: E402
-from far_sdk.serve import DEPLOYMENT_NAME, ServeConfig, build_app, start  # noqa: E402
+from far_sdk.scale.serve import DEPLOYMENT_NAME, ServeConfig, build_app, start  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

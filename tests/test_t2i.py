@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from far_sdk.errors import ConfigError, InvalidArgumentError
-from far_sdk.noise import ReplayNoise
+from far_sdk.maths.noise import ReplayNoise
 from training import load_official_checkpoint
 from training.config_t2i import T2I_CONFIGS, T2IConfig, t2i_config_from_checkpoint
 from training.far_t2i import FART2I

@@ -16,16 +16,18 @@ import torch
 
 import far_sdk
 from far_sdk.errors import InvalidArgumentError
-from far_sdk.noise import ReplayNoise, SeededNoise
+from far_sdk.maths.noise import ReplayNoise, SeededNoise
 from training.checkpoint import load_official_checkpoint, save_official_checkpoint
 from training.config_t2i import T2I_CONFIGS
 from training.demo_t2i import held_out_captions, train_captions
 from training.far_t2i import FART2I
 from training.graph_modules import randomize_for_export
-from training.sampler_t2i import T2I_LEVELS, sample_reference_t2i, t2i_plan
+from training.sampler_t2i import sample_reference_t2i, t2i_plan
 from training.text_encoder import SmallTextEncoder
 from training.vae import VAE_CONFIGS, AutoencoderKL
 
+#: The official T2I sampler's input levels (shared/spec §11).
+T2I_LEVELS = (0, 2, 3, 4, 5, 6, 7, 8, 10, 13)
 TOL = 1e-4
 FAST = dict(inner_steps=3)
 #: far_t2i_tiny with the digits VAE's 4 latent channels (32 x 32 images: fast exports)
@@ -73,12 +75,15 @@ def test_manifest_says_text_mask_mode_and_the_t2i_defaults(t2i_bundle):
     assert {"text_encoder.onnx", "tokenizer.json"} <= set(m["files"])
     assert [t["name"] for t in m["graphs"]["transformer"]["inputs"]] == ["tokens", "context", "null", "level", "mask"]
     assert m["graphs"]["transformer"]["validation"]["max_rel"] < TOL
-    plan = far_sdk.Generator(t2i_bundle, backend="onnxruntime").plan()
-    want = t2i_plan()   # the official T2I sampler's plan (training.sampler_t2i)
-    assert plan.levels == T2I_LEVELS == want.levels and plan.mode == "mask"
-    np.testing.assert_array_equal(plan.cfg, want.cfg)
-    np.testing.assert_array_equal(plan.temperature, want.temperature)
-    assert plan.inner_steps == want.inner_steps and plan.filter_after == want.filter_after
+    with far_sdk.Generator(t2i_bundle, backend="onnxruntime") as gen:
+        plan = gen.plan()
+    # the official FAR-T2I sampler (shared/spec §11): these levels, constant CFG 3, 100 DDPM steps, a filter after
+    # every step but the last, the no-mask temperature ramp 0.8 + 0.2 (1 - cos(pi/2 (s + 1) / 10))
+    assert plan.mode == "mask" and plan.levels == T2I_LEVELS
+    assert plan.cfg == (3.0,) * 10 and plan.inner_steps == (100,) * 10
+    assert plan.filter_after == T2I_LEVELS[1:] + (None,)
+    np.testing.assert_allclose(plan.temperature, [0.8 + 0.2 * (1 - np.cos(np.pi / 2 * (s + 1) / 10)) for s in range(10)],
+                               rtol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
@@ -180,7 +185,7 @@ def test_official_t2i_checkpoint_loads_and_exports_without_a_config(t2i_far, tmp
 
 
 def test_far_cli_generate_with_prompts(t2i_bundle, tmp_path, capsys):
-    from far_sdk.cli import main
+    from far_sdk.cli.main import main
 
     out = tmp_path / "grid.png"
     assert main(["generate", "--bundle", str(t2i_bundle), "--prompt", "a seven", "--prompt", "please draw a 2",
@@ -228,7 +233,7 @@ def test_tensorrt_backend_runs_a_text_bundle_on_the_simulator(t2i_bundle, tmp_pa
     import trt_sim
 
     from export.trt_build import build_engines
-    from far_sdk.backends.tensorrt import TensorRTBackend
+    from far_sdk.backends.tensorrt.backend import TensorRTBackend
 
     bundle = tmp_path / "b"
     shutil.copytree(t2i_bundle, bundle)

@@ -20,11 +20,13 @@ import torch.nn.functional as F
 
 from far_sdk.errors import ConfigError, InvalidArgumentError
 from training import FAR, load_official_checkpoint, load_official_vae
-from training._io import safe_torch_load
+from training.safe_load import safe_torch_load
 from training.config import get_config
 from training.data import ImageFolderLatents, LatentDataset, cache_latents, write_latents
-from training.schedules import loss_weight, lr_at, mask_ratio_bounds, sample_mask
-from training.train import TrainConfig, low_pass_latents, param_groups, train, validation_loss
+from training.train_schedules import loss_weight, lr_at, mask_ratio_bounds, sample_mask
+from training.filters import low_pass
+from training.train import TrainConfig, train, validation_loss
+from training.trainer import param_groups
 from training.vae import AutoencoderKL, VAEConfig
 from training.vae_train import train_vae
 
@@ -135,12 +137,12 @@ def test_schedules_reject_levels_out_of_range():
 # ---- pieces of one step -----------------------------------------------------------------------------
 
 
-def test_low_pass_latents_equals_area_then_bicubic_interpolate():
+def test_low_pass_equals_area_then_bicubic_interpolate():
     x = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for k in (1, 5, 10, 15):
         ref = F.interpolate(F.interpolate(x, size=(k, k), mode="area"), size=(16, 16), mode="bicubic", align_corners=False)
-        torch.testing.assert_close(low_pass_latents(x, k), ref, rtol=0, atol=1e-12)
-    assert low_pass_latents(x, 0).abs().max() == 0
+        torch.testing.assert_close(low_pass(x, k), ref, rtol=0, atol=1e-12)
+    assert low_pass(x, 0).abs().max() == 0
 
 
 def test_param_groups_follow_the_official_decay_rule():

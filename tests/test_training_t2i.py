@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from far_sdk.errors import DataError, InvalidArgumentError
 from training import load_official_checkpoint
 from training.far_t2i import FART2I
-from training.schedules import sample_t2i_mask
+from training.train_schedules import sample_t2i_mask
 from training.train import TrainConfig, train
-from training.train_t2i import TextLatentDataset, low_pass_per_sample, write_text_latents
+from training.filters import low_pass_per_sample
+from training.train_t2i import TextLatentDataset, write_text_latents
 
 ROOT = Path(__file__).resolve().parents[1]
 

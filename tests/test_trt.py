@@ -23,12 +23,12 @@ from conftest import ROOT, rel_err
 from trt_sim import ENV, write_fake_bundle
 
 import far_sdk
-from far_sdk import trt_cache as tc
-from far_sdk.bundle import Bundle
+from far_sdk.backends.tensorrt import cache as tc
+from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import (
     BackendUnavailableError, EngineProfileError, ExportError, IncompatibleBundleError, InvalidArgumentError,
 )
-from far_sdk.graphs import GRAPH_NAMES
+from far_sdk.bundle.graphs import GRAPH_NAMES
 
 OTHER_GPU = tc.BuildEnv("10.8.0.43", "NVIDIA A100-SXM4-80GB", "8.0")
 
@@ -54,13 +54,13 @@ class TestWithoutTensorRT:
             far_sdk.Generator(fake_bundle.path, backend="tensorrt")
 
     def test_backend_class_names_what_is_missing(self, fake_bundle):
-        from far_sdk.backends.tensorrt import TensorRTBackend
+        from far_sdk.backends.tensorrt.backend import TensorRTBackend
 
         with pytest.raises(BackendUnavailableError, match=r"tensorrt.*pip install 'far-sdk\[gpu\]'"):
             TensorRTBackend(fake_bundle)
 
     def test_backend_names_cuda_python_when_only_it_is_missing(self, fake_bundle, monkeypatch):
-        from far_sdk.backends.tensorrt import TensorRTBackend
+        from far_sdk.backends.tensorrt.backend import TensorRTBackend
 
         monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.8.0"))
         monkeypatch.setitem(sys.modules, "cuda", None)  # import cuda... -> ImportError
@@ -88,7 +88,7 @@ class TestWithoutTensorRT:
 
 
 def test_modules_import_without_tensorrt_or_torch():
-    code = ("import sys, export.trt_build, far_sdk.trt_cache, far_sdk.backends.tensorrt, far_sdk.backends.trt_engine; "
+    code = ("import sys, export.trt_build, far_sdk.backends.tensorrt.cache, far_sdk.backends.tensorrt.backend, far_sdk.backends.tensorrt.engine; "
             "print(sorted(m for m in ('tensorrt', 'torch', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -103,7 +103,7 @@ def test_modules_import_without_tensorrt_or_torch():
 def test_backend_rejects_bad_options_before_needing_tensorrt(fake_bundle, kwargs, match):
     """The rule of the other backends (far_sdk.backends.base.check_backend_options): an option no backend
     knows is an error, raised before the runtime is imported, so it is the same with or without tensorrt."""
-    from far_sdk.backends.tensorrt import TensorRTBackend
+    from far_sdk.backends.tensorrt.backend import TensorRTBackend
 
     with pytest.raises(InvalidArgumentError, match=match):
         TensorRTBackend(fake_bundle, **kwargs)
@@ -225,7 +225,7 @@ class TestSimulatedTensorRT:
 
     def test_generator_matches_onnxruntime_with_cuda_graphs(self, sim):
         from export.trt_build import build_engines
-        from far_sdk.backends.tensorrt import TensorRTBackend
+        from far_sdk.backends.tensorrt.backend import TensorRTBackend
 
         build_engines(sim.bundle, batch=(1, 2, 2), progress=lambda m: None)
         be = TensorRTBackend(Bundle.load(sim.bundle))
@@ -243,7 +243,7 @@ class TestSimulatedTensorRT:
 
     def test_other_backends_options_are_ignored_and_the_graph_cache_is_bounded(self, sim):
         from export.trt_build import build_engines
-        from far_sdk.backends.tensorrt import TensorRTBackend
+        from far_sdk.backends.tensorrt.backend import TensorRTBackend
 
         build_engines(sim.bundle, batch=(1, 1, 1), progress=lambda m: None)
         be = TensorRTBackend(Bundle.load(sim.bundle), threads=2, io_binding=True, max_cuda_graphs=2)
@@ -257,7 +257,7 @@ class TestSimulatedTensorRT:
 
     def test_one_host_sync_per_denoise_and_plain_fallback(self, sim):
         from export.trt_build import build_engines
-        from far_sdk.backends.tensorrt import TensorRTBackend
+        from far_sdk.backends.tensorrt.backend import TensorRTBackend
 
         build_engines(sim.bundle, batch=(1, 2, 2), progress=lambda m: None)
         outs = {}
@@ -266,11 +266,11 @@ class TestSimulatedTensorRT:
             be = TensorRTBackend(Bundle.load(sim.bundle))
             rng = np.random.default_rng(0)
             x, noises = rng.standard_normal((2, 256, 16), dtype=np.float32), rng.standard_normal((5, 2, 256, 16), dtype=np.float32)
-            from far_sdk.diffusion import denoise_step_table
+            from far_sdk.maths.diffusion import denoise_step_table
 
             steps = denoise_step_table(5, 3.0, 1.0)
             tokens = rng.standard_normal((4, 256, 16), dtype=np.float32)
-            cond = be.transformer(tokens, np.array([1, 2, 10, 10]), 3)
+            cond = be.transformer(tokens, {"class_ids": np.array([1, 2, 10, 10])}, 3)
             be.denoise(x, noises, cond, steps)  # first call: capture (or fail and fall back)
             syncs, launches = cuda.syncs, cuda.launches
             outs[fail] = be.denoise(x, noises, cond, steps)
@@ -286,17 +286,17 @@ class TestSimulatedTensorRT:
 
     def test_profile_stale_cond_and_closed_errors(self, sim):
         from export.trt_build import build_engines
-        from far_sdk.backends.tensorrt import TensorRTBackend
+        from far_sdk.backends.tensorrt.backend import TensorRTBackend
 
         build_engines(sim.bundle, batch=(1, 2, 2), progress=lambda m: None)
         be = TensorRTBackend(Bundle.load(sim.bundle))
         tok = np.zeros((6, 256, 16), np.float32)
         with pytest.raises(EngineProfileError, match=r"3 images per call.*take 1\.\.2.*far-export trt --bundle .* --batch 1:2:3"):
-            be.transformer(tok, np.zeros(6, np.int64), 0)
+            be.transformer(tok, {"class_ids": np.zeros(6, np.int64)}, 0)
         with pytest.raises(EngineProfileError, match="max_batch=5 exceeds"):
             far_sdk.Generator(sim.bundle, backend=be).generate([1], max_batch=5)
-        c1 = be.transformer(tok[:2], np.array([1, 10]), 0)
-        be.transformer(tok[:2], np.array([2, 10]), 0)
+        c1 = be.transformer(tok[:2], {"class_ids": np.array([1, 10])}, 0)
+        be.transformer(tok[:2], {"class_ids": np.array([2, 10])}, 0)
         with pytest.raises(InvalidArgumentError, match="cond is stale"):
             be.denoise(tok[:1], np.zeros((1, 1, 256, 16), np.float32), c1, np.zeros((1, 10), np.float32))
         be.close()
@@ -306,7 +306,7 @@ class TestSimulatedTensorRT:
 
     def test_sidecars_are_checked_before_any_plan_is_deserialized(self, sim):
         from export.trt_build import build_engines
-        from far_sdk.backends.tensorrt import TensorRTBackend
+        from far_sdk.backends.tensorrt.backend import TensorRTBackend
 
         build_engines(sim.bundle, progress=lambda m: None, validate=False)
         loads = sim.stats.deserialized
@@ -323,7 +323,7 @@ class TestSimulatedTensorRT:
         assert sim.cuda.mem == {}
 
     def test_a_plan_tensorrt_refuses_is_reported(self, sim):
-        from far_sdk.backends.tensorrt import TensorRTBackend
+        from far_sdk.backends.tensorrt.backend import TensorRTBackend
 
         bundle = Bundle.load(sim.bundle)
         for g in GRAPH_NAMES:  # sidecars that match, plans TensorRT cannot read
@@ -339,7 +339,7 @@ class TestSimulatedTensorRT:
 
 def _gpu_ready() -> str | None:
     try:
-        from far_sdk.backends.tensorrt import import_runtime, select_device
+        from far_sdk.backends.tensorrt.backend import import_runtime, select_device
 
         _, cudart = import_runtime()
         select_device(cudart, 0)

@@ -1,4 +1,4 @@
-"""The TensorRT engine cache (far_sdk.trt_cache) and the builder's pure helpers: batch profiles, cache
+"""The TensorRT engine cache (far_sdk.backends.tensorrt.cache) and the builder's pure helpers: batch profiles, cache
 keys, sidecars and their error messages, atomic writes and locking, build-time validation helpers. Pure
 Python: no tensorrt, no GPU (the flow against a simulated TensorRT is in tests/test_trt.py)."""
 
@@ -16,8 +16,9 @@ import pytest
 
 from trt_sim import ENV, write_fake_bundle
 
-from far_sdk import fileio, trt_cache as tc
-from far_sdk.bundle import Bundle
+from far_sdk import fileio
+from far_sdk.backends.tensorrt import cache as tc
+from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import BackendUnavailableError, ExportError, IncompatibleBundleError, InvalidArgumentError
 from far_sdk.fileio import atomic_write_bytes, atomic_writer
 

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import numpy as np
 
 import far_sdk
-from far_sdk import trt_cache as tc
-from far_sdk.bundle import Bundle, write_manifest
-from far_sdk.graphs import GRAPH_NAMES, graph_specs
+from far_sdk.backends.tensorrt import cache as tc
+from far_sdk.bundle.bundle import Bundle, write_manifest
+from far_sdk.bundle.graphs import GRAPH_NAMES, graph_specs
 
 #: The machine the simulator claims to be (and the one the cache tests build keys for).
 ENV = tc.BuildEnv("10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")
@@ -326,8 +326,8 @@ def install(monkeypatch, **opts) -> SimpleNamespace:
     """Patch a fresh simulated tensorrt + cuda-python into the TensorRT backend and builder.
     ``fail_capture``: CUDA graph capture fails; other options go to :func:`make_fake_trt`."""
     import export.trt_build as trt_build
-    import far_sdk.backends.tensorrt as trt_backend
-    import far_sdk.backends.trt_engine as trt_engine
+    import far_sdk.backends.tensorrt.backend as trt_backend
+    import far_sdk.backends.tensorrt.engine as trt_engine
 
     cuda = FakeCuda(fail_capture=opts.pop("fail_capture", False))
     trt, stats = make_fake_trt(cuda, **opts)

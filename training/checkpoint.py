@@ -19,7 +19,7 @@ import torch
 from far_sdk.errors import CheckpointError, ConfigError
 from far_sdk.fileio import atomic_writer
 
-from ._io import check_finite_state, check_state_dict, safe_torch_load
+from .safe_load import check_finite_state, check_state_dict, safe_torch_load
 from .config import FAR_CONFIGS, GIVE_THE_CONFIG, FARConfig, config_from_official_args
 from .config_t2i import T2I_CONFIGS, T2I_KIND, T2IConfig, is_t2i_state, t2i_config_from_checkpoint
 from .far import FAR

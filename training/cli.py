@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from far_sdk.clirun import ArgumentParser, check_writable_dir, check_writable_file, non_negative_int, positive_int, run_command
+from far_sdk.cli.run import ArgumentParser, check_writable_dir, check_writable_file, non_negative_int, positive_int, run_command
 from far_sdk.errors import ConfigError
 
 #: The official kl16 tokenizer's latent scale (latents = posterior sample * scale).

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from far_sdk.diffusion import NUM_TRAIN_TIMESTEPS, diffusion_tables
+from far_sdk.maths.diffusion import NUM_TRAIN_TIMESTEPS, diffusion_tables
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ times it through the same pipeline, stage marks and timers as every other backen
 
 Numerically it is the reference sampler (:func:`training.sampler.iter_reference`): same draws, same
 order, same step; tests hold the two together. It is created through the torch backend's module
-(``far_sdk.backends.torch.eager_backend``), the only place ``far_sdk`` reaches into ``training``.
+(``far_sdk.backends.torch.backend.eager_backend``), the only place ``far_sdk`` reaches into ``training``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from far_sdk.backends.base import Backend, HostDraws, LoopState, Mark, SeededDraws, check_backend_options
-from far_sdk.bundle import Bundle
+from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import InvalidArgumentError
 
-from .bundle_io import load_bundle_decoder, load_bundle_models
+from .filters import low_pass_tokens
+from .from_bundle import load_bundle_decoder, load_bundle_models
 from .graph_modules import ddpm_update
 from .sampler import official_mlp_call
 
@@ -73,10 +74,10 @@ class OfficialEagerBackend(Backend):
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise InvalidArgumentError("the torch-eager backend runs whole outer steps (Generator.generate), not single graph calls")
 
-    def begin(self, class_ids: np.ndarray, batch: int, seq_len: int, channels: int) -> LoopState:
-        ids = torch.from_numpy(np.ascontiguousarray(class_ids, dtype=np.int64)).to(self._device)
+    def begin(self, conditioning: dict[str, np.ndarray], batch: int, seq_len: int, channels: int) -> LoopState:
+        ids = torch.from_numpy(np.ascontiguousarray(conditioning["class_ids"], dtype=np.int64)).to(self._device)
         tokens = torch.zeros(batch, seq_len, channels, device=self._device)
-        return LoopState(class_ids=class_ids, batch=batch, tokens=tokens, raw=tokens, buffers=self._emb_table[ids])  # (2B, D)
+        return LoopState(conditioning=conditioning, batch=batch, tokens=tokens, raw=tokens, buffers=self._emb_table[ids])  # (2B, D)
 
     @torch.inference_mode()
     def outer_step(self, state: LoopState, *, level: int, steps: np.ndarray, filter_matrix: np.ndarray | None,
@@ -97,10 +98,7 @@ class OfficialEagerBackend(Backend):
         raw = x.reshape(B, L, C)
         mark("denoise")
         if filter_matrix is not None:
-            G = filter_matrix.shape[0]
-            m = torch.from_numpy(np.ascontiguousarray(filter_matrix, dtype=np.float32)).to(dev)
-            img = raw.reshape(B, G, G, C).permute(0, 3, 1, 2)                                 # (B, C, G, G)
-            tokens = (m @ img @ m.T).permute(0, 2, 3, 1).reshape(B, L, C)
+            tokens = low_pass_tokens(raw, torch.from_numpy(np.ascontiguousarray(filter_matrix, dtype=np.float32)).to(dev))
         else:
             tokens = raw
         mark("filter")

@@ -1,4 +1,4 @@
-"""The three bundle graphs as PyTorch modules, with exactly the signatures of :mod:`far_sdk.graphs`.
+"""The three bundle graphs as PyTorch modules, with exactly the signatures of :mod:`far_sdk.bundle.graphs`.
 
 Each wrapper is both what ``far-export onnx`` traces and what the runtime's torch backend runs,
 so a bundle's graphs and the torch backend compute the same function by construction:
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from far_sdk.diffusion import Step as S
+from far_sdk.maths.diffusion import Step as S
 from far_sdk.errors import InvalidArgumentError
 
 from .diffloss import SimpleMLPAdaLN, timestep_features
@@ -91,7 +91,7 @@ class DenoiserGraph(nn.Module):
     h = [x; x]; (eps, v) = net(h, t, cond); eps = eps_u + cfg (eps_c - eps_u); v from the
     conditional half; x0 = a x - b eps; mean = c1 x0 + c2 x; frac = (v + 1) / 2;
     log_var = frac max_log + (1 - frac) min_log; x_prev = mean + exp(log_var / 2) noise s,
-    with every coefficient read from ``step`` (columns :class:`far_sdk.diffusion.Step`).
+    with every coefficient read from ``step`` (columns :class:`far_sdk.maths.diffusion.Step`).
     """
 
     input_names = ("x", "noise", "cond", "step")
@@ -122,7 +122,7 @@ def ddpm_update(out: torch.Tensor, xf: torch.Tensor, noise: torch.Tensor, step: 
     """The guided reverse step from the network output, in fp32 whatever the network's dtype.
 
     out [2N, 2C] (rows [cond; uncond], columns [eps, v]), xf [N, C], noise [N, C], step [>= 10]
-    (one row of :class:`far_sdk.diffusion.Step` columns) -> x_prev [N, C] float32: the formula in
+    (one row of :class:`far_sdk.maths.diffusion.Step` columns) -> x_prev [N, C] float32: the formula in
     ``Step``'s docstring. The one implementation of the step: the exported denoiser graph, the torch
     backend's fused step and the reference sampler's DDPM path all call it.
     At t = 999, x0 = 2e4 x - 2e4 eps loses everything in bf16, hence fp32 (no-op casts in an fp32 graph).

@@ -2,12 +2,12 @@
 
 It follows the official ``sample_tokens_nomask`` / ``sample_tokens_mask`` step for step (both CFG
 branches in one batch, the official float32 evaluation order, ``F.interpolate`` for the spatial
-filter), driven by a :class:`far_sdk.schedules.SamplingPlan` and a noise source called in the order
-documented in :mod:`far_sdk.noise`. With ``inner_steps=100`` and the official level, CFG and
+filter), driven by a :class:`far_sdk.maths.schedules.SamplingPlan` and a noise source called in the order
+documented in :mod:`far_sdk.maths.noise`. With ``inner_steps=100`` and the official level, CFG and
 temperature schedules it reproduces the official evaluated sampler given the same draws.
 
 Each DDPM inner step is ``training.graph_modules.ddpm_update`` on one row of the plan's step table
-(``far_sdk.diffusion.Step``): the one implementation of the step, tested against float64 maths and,
+(``far_sdk.maths.diffusion.Step``): the one implementation of the step, tested against float64 maths and,
 through this sampler, against the official code's traces. ``plan.inner_sampler == "ddim"`` runs the
 inner loop as DDIM, written as the textbook update (eps re-derived from the clipped x0, then
 sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps' + sigma z) rather than the folded (c1, c2)
@@ -26,14 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from far_sdk.diffusion import DDIMTables, ddim_tables
-from far_sdk.diffusion import Step as S
+from far_sdk.maths.diffusion import DDIMTables, ddim_tables
+from far_sdk.maths.diffusion import Step as S
 from far_sdk.errors import InvalidArgumentError
-from far_sdk.filters import filter_matrix
-from far_sdk.noise import NoiseFn, SeededNoise
-from far_sdk.schedules import SamplingPlan, make_plan, mask_keep_counts
+from far_sdk.maths.noise import NoiseFn, SeededNoise
+from far_sdk.maths.schedules import SamplingPlan, mask_keep_counts
+from far_sdk.options import SamplingOptions, resolve_plan
 
 from .far import FAR
+from .filters import grid_to_tokens, official_low_pass, tokens_to_grid
 from .graph_modules import ddpm_update
 
 
@@ -45,32 +46,6 @@ class ReferenceStep:
     level: int
     raw: torch.Tensor        # the inner loop's output
     latents: torch.Tensor    # what is handed to the next step (filtered / masked), or the final output
-
-
-def low_pass_torch(x: torch.Tensor, level: int, kind: str = "spatial") -> torch.Tensor:
-    """Low-pass latents [B, C, H, W] to ``level``: spatial = F.interpolate area then bicubic (official)."""
-    H = x.shape[-1]
-    if level == 0:
-        return torch.zeros_like(x)
-    if kind == "spatial":
-        if level == H:
-            return x
-        down = F.interpolate(x, size=(level, level), mode="area")
-        return F.interpolate(down, size=(H, H), mode="bicubic", align_corners=False)
-    m = torch.from_numpy(filter_matrix(level, kind, H)).to(x.dtype)
-    return m @ x @ m.T
-
-
-def tokens_to_image(tokens: torch.Tensor, grid: int) -> torch.Tensor:
-    """[B, L, C] -> [B, C, H, W] (token index = row * W + column)."""
-    B, L, C = tokens.shape
-    return tokens.reshape(B, grid, grid, C).permute(0, 3, 1, 2)
-
-
-def image_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, L, C]."""
-    B, C, H, W = x.shape
-    return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
 
 
 def _check_labels(labels: Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -86,7 +61,7 @@ def _check_labels(labels: Sequence[int] | torch.Tensor, num_classes: int) -> tor
 def official_mlp_call(net, x: torch.Tensor, z: torch.Tensor, lvl: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     """The diffusion MLP as the official inner step calls it: on [x; x] (both CFG halves see the
     conditional x), with the condition projections of z [2BL, D] and level [2BL, 1] and the timestep
-    embedding computed on every row. x [BL, C], row: one far_sdk.diffusion.Step row -> (eps, v) [2BL, 2C]."""
+    embedding computed on every row. x [BL, C], row: one far_sdk.maths.diffusion.Step row -> (eps, v) [2BL, 2C]."""
     t = torch.full((z.shape[0],), int(row[S.timestep]), device=x.device, dtype=torch.long)
     return net(torch.cat([x, x]), t, z, lvl)
 
@@ -123,16 +98,16 @@ def iter_reference(
 ) -> Iterator[ReferenceStep]:
     """Run the reference sampler, yielding each outer step's result.
 
-    ``plan`` (or ``plan_options`` for :func:`far_sdk.schedules.make_plan`: num_steps, levels, cfg,
-    cfg_schedule_kind, temperature, temperature_schedule_kind, inner_steps, filter, mode, x0_clip) fixes the
-    schedules; the default inner steps are the paper's frequency-aware schedule. ``noise`` replays
-    draws (see :mod:`far_sdk.noise` for the order); otherwise they come from ``seed``
+    ``plan`` (or ``plan_options``: :class:`far_sdk.SamplingOptions` fields over the built-in defaults, e.g.
+    num_steps, levels, cfg, inner_steps, mode, x0_clip) fixes the schedules; the default inner steps are the
+    paper's frequency-aware schedule. ``noise`` replays
+    draws (see :mod:`far_sdk.maths.noise` for the order); otherwise they come from ``seed``
     (image i uses seed + i). ``orders`` [B, L] sets mask mode's token orders (default: ``noise.orders``).
     As in the official code, a model built with mask=True samples in mask mode only, and one built
     with mask=False also runs mask mode, its transformer ignoring the mask (it sees zeros there).
     """
     if plan is None:
-        plan = make_plan(**plan_options)
+        plan = resolve_plan(given=SamplingOptions(**plan_options))
     elif plan_options:
         raise InvalidArgumentError(f"pass either plan or plan options, not both (got {sorted(plan_options)})")
     labels = _check_labels(class_labels, model.config.num_classes)
@@ -185,18 +160,18 @@ def iter_conditioned(model: torch.nn.Module, emb: torch.Tensor, plan: SamplingPl
                 x = _ddim_textbook(out, x, nz, ddim, n - 1 - i, cfg_s, temp_s, plan.x0_clip)
             else:
                 x = ddpm_update(out, x, nz, row).to(dtype)                     # the one DDPM step (Step's formula)
-        raw = tokens_to_image(x.reshape(B, L, C), G)                          # (B, C, H, W)
+        raw = tokens_to_grid(x.reshape(B, L, C), G)                          # (B, C, H, W)
         nxt = raw
         after = plan.filter_after[s]
         if after is not None:
-            nxt = low_pass_torch(raw, after, plan.filter)
+            nxt = official_low_pass(raw, after, plan.filter)
         if mask is not None and s < plan.num_steps - 1:
             m = still_masked[s]
             mask = torch.zeros(B, L, device=device, dtype=dtype)
             mask.scatter_(1, orders_t[:, :m], 1.0)
-            nxt_tok = image_to_tokens(nxt) * (1 - mask)[:, :, None]
-            nxt = tokens_to_image(nxt_tok, G)
-        tokens = image_to_tokens(nxt)
+            nxt_tok = grid_to_tokens(nxt) * (1 - mask)[:, :, None]
+            nxt = tokens_to_grid(nxt_tok, G)
+        tokens = grid_to_tokens(nxt)
         yield ReferenceStep(step=s, level=level, raw=raw, latents=nxt)
 
 

@@ -12,43 +12,28 @@ with T2I's schedule and conditioning:
 
 What the published code cannot do and this does: call the inner DDPM loop without the stray ``device``
 argument and feed the level as a float. Noise and orders come from a far_sdk noise source in the order
-documented in :mod:`far_sdk.noise` (SeededNoise: image i uses seed + i; ReplayNoise replays draws).
+documented in :mod:`far_sdk.maths.noise` (SeededNoise: image i uses seed + i; ReplayNoise replays draws).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 
 import numpy as np
 import torch
 
 from far_sdk.errors import InvalidArgumentError
-from far_sdk.noise import NoiseFn
-from far_sdk.schedules import InnerSteps, SamplingPlan, make_plan
+from far_sdk.maths.noise import NoiseFn
+from far_sdk.maths.schedules import SamplingPlan
+from far_sdk.options import T2I_DEFAULTS, SamplingOptions, resolve_text_plan
 
 from .far_t2i import FART2I
 from .sampler import ReferenceStep, iter_conditioned
 
-#: The official T2I sampler's input level at each of its 10 outer steps.
-T2I_LEVELS: tuple[int, ...] = (0, 2, 3, 4, 5, 6, 7, 8, 10, 13)
-#: The official inner DDPM step count (``num_sampling_steps`` "100").
-T2I_INNER_STEPS = 100
-
-
-def t2i_plan(cfg: float = 3.0, *, temperature: float = 1.0, inner_steps: InnerSteps = T2I_INNER_STEPS,
-             levels: tuple[int, ...] = T2I_LEVELS, x0_clip: float | None = None, **options) -> SamplingPlan:
-    """The official T2I schedule as a mask-mode :class:`SamplingPlan` (defaults: the published sampler).
-
-    Built as the no-mask plan (its temperature ramp and filter after every step but the last are T2I's)
-    with constant CFG, then switched to mask mode, whose only effect in the loop is the token masking.
-    ``options`` go to :func:`far_sdk.schedules.make_plan` (e.g. inner_sampler, eta, filter).
-    """
-    if "mode" in options or "cfg_schedule_kind" in options:
-        raise InvalidArgumentError("the T2I plan is always mask mode with constant CFG; drop mode / cfg_schedule_kind")
-    plan = make_plan(levels=levels, cfg=cfg, cfg_schedule_kind="constant", temperature=temperature,
-                     inner_steps=inner_steps, x0_clip=x0_clip, mode="nomask", **options)
-    return replace(plan, mode="mask")
+def t2i_plan(**options) -> SamplingPlan:
+    """The official T2I schedule (:data:`far_sdk.options.T2I_DEFAULTS`; mask mode, constant CFG) with ``options``
+    (:class:`far_sdk.SamplingOptions` fields: cfg, temperature, inner_steps, ...) put over it."""
+    return resolve_text_plan(T2I_DEFAULTS, SamplingOptions(**options))
 
 
 def _check_context(model: FART2I, context: torch.Tensor | np.ndarray) -> torch.Tensor:

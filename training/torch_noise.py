@@ -1,6 +1,6 @@
-"""The Philox noise of :mod:`far_sdk.noise` in pure torch ops, so the torch backend draws it on its device.
+"""The Philox noise of :mod:`far_sdk.maths.noise` in pure torch ops, so the torch backend draws it on its device.
 
-Imported only by the torch backend. Same definition as :func:`far_sdk.noise.philox_normals` (see that
+Imported only by the torch backend. Same definition as :func:`far_sdk.maths.noise.philox_normals` (see that
 module's docstring): Philox4x32-10 keyed by the seed, counter (b & 0xFFFFFFFF, b >> 32, stream, 0),
 uniforms u = ((r >> 9) + 1/2) 2**-23, float32 Box-Muller. The integer words equal NumPy's bit for bit;
 the normals agree to a few float32 ulps (ln, sqrt, cos and sin come from different libraries).
@@ -9,7 +9,7 @@ Written for CUDA-graph capture and torch.compile: no host syncs (no ``.item()``,
 data-dependent shapes or Python branches on tensor values); ``start`` and ``seeds`` are read only
 on the device, so a captured graph can replay with new values copied into those static buffers.
 
-On the CPU, NumPy's :func:`far_sdk.noise.philox_normals` is the one to use: eager torch is several times
+On the CPU, NumPy's :func:`far_sdk.maths.noise.philox_normals` is the one to use: eager torch is several times
 slower (hundreds of int64 kernels per call) and torch.compile, faster once compiled, recompiles for
 seconds per shape (figures in docs/BENCHMARKS.md). This module is for the GPU.
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from far_sdk.errors import InvalidArgumentError
-from far_sdk.noise import NORMAL_STREAM, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, TWO_PI_F32
+from far_sdk.maths.noise import NORMAL_STREAM, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, TWO_PI_F32
 
 _LO16, _LO32 = 0xFFFF, 0xFFFFFFFF
 #: float32(2 pi) as a Python float: exactly representable in float32, so the angle u * 2pi rounds the
@@ -90,7 +90,7 @@ def _span(start: torch.Tensor, count: int) -> tuple[torch.Tensor, int, torch.Ten
 def philox_uint32_torch(seeds: torch.Tensor, start: torch.Tensor, count: int, stream: int = NORMAL_STREAM) -> torch.Tensor:
     """int64 [B, count] holding uint32 words start..start+count-1 of stream ``stream`` of each seed.
 
-    Equal, bit for bit, to :func:`far_sdk.noise.philox_uint32`. seeds: int64 [B] in [0, 2**63); start:
+    Equal, bit for bit, to :func:`far_sdk.maths.noise.philox_uint32`. seeds: int64 [B] in [0, 2**63); start:
     int64 [] or [1] on seeds' device (>= 0; not checked: that would sync); count: a Python int.
     """
     start = _check(seeds, start, count)
@@ -106,7 +106,7 @@ def philox_normals_torch(seeds: torch.Tensor, start: torch.Tensor, count: int) -
 
     Block b's words r0..r3 give u_i = ((r_i >> 9) + 1/2) 2**-23 (exact) and, in float32,
     z_{4b..4b+3} = sqrt(-2 ln u0) (cos 2pi u1, sin 2pi u1), sqrt(-2 ln u2) (cos 2pi u3, sin 2pi u3).
-    Equals :func:`far_sdk.noise.philox_normals` to a few float32 ulps. Arguments as for
+    Equals :func:`far_sdk.maths.noise.philox_normals` to a few float32 ulps. Arguments as for
     :func:`philox_uint32_torch`; safe to capture in a CUDA graph and to compile.
     """
     start = _check(seeds, start, count)

@@ -25,24 +25,16 @@ from far_sdk.errors import DataError, InvalidArgumentError
 from far_sdk.fileio import atomic_writer
 
 from .checkpoint import t2i_checkpoint_args
-from .schedules import lr_at, sample_t2i_mask
-from .train import Trainer, _step_seed, low_pass_latents, to_tokens
+from .train_schedules import lr_at, sample_t2i_mask
+from .filters import grid_to_tokens, low_pass_per_sample
+from .trainer import Trainer, step_seed
 
 #: The keys of a T2I latents file.
 TEXT_LATENT_KEYS = ("latents", "contexts", "context_index")
 
 
-def low_pass_per_sample(latents: torch.Tensor, levels: torch.Tensor, kind: str = "spatial") -> torch.Tensor:
-    """Row b of latents [B, C, H, W] low-passed to its own level levels[b] (all zeros at level 0)."""
-    out = torch.empty_like(latents)
-    for lv in torch.unique(levels).tolist():                                   # CPU levels: no device sync
-        rows = (levels == lv).nonzero().flatten().to(latents.device)
-        out[rows] = low_pass_latents(latents[rows], int(lv), kind)
-    return out
-
-
 class T2ITrainer(Trainer):
-    """:class:`training.train.Trainer` with the FAR-T2I step; targets are text hidden states [B, T, Dtxt]."""
+    """:class:`training.trainer.Trainer` with the FAR-T2I step; targets are text hidden states [B, T, Dtxt]."""
 
     def check_targets(self, context: torch.Tensor) -> None:
         mc = self.model_config
@@ -55,7 +47,7 @@ class T2ITrainer(Trainer):
     def step(self, latents: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, float]:
         """One optimiser step on latents [B, C, H, W] (scaled) and text hidden states [B, T, Dtxt]; (loss, lr)."""
         cfg, mc = self.config, self.model_config
-        seed = _step_seed(cfg.seed, self.dist.rank, self.global_step)
+        seed = step_seed(cfg.seed, self.dist.rank, self.global_step)
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)                                  # t and noise inside the model
         B, F = latents.shape[0], mc.grid_size
@@ -69,7 +61,7 @@ class T2ITrainer(Trainer):
         x_in = low_pass_per_sample(x, levels, cfg.filter)
         ctx = context.to(self.device, torch.float32, non_blocking=True)                    # (B, T, Dtxt)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = self.net(to_tokens(x_in), ctx, to_tokens(x), levels.to(self.device), mask=mask, drop_context=drop)
+            loss = self.net(grid_to_tokens(x_in), ctx, grid_to_tokens(x), levels.to(self.device), mask=mask, drop_context=drop)
         return self._apply(loss, lr)
 
     def checkpoint_args(self, epoch: int) -> argparse.Namespace:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from far_sdk.errors import CheckpointError, ConfigError
-from training._io import check_finite_state, check_state_dict, safe_torch_load
+from training.safe_load import check_finite_state, check_state_dict, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
-    from far_sdk.weights import load_torch_state
+    from far_sdk.bundle.weights import load_torch_state
 
     if not path.is_file():
         raise CheckpointError(f"VAE checkpoint {path} does not exist or is not a file")

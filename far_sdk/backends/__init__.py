@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib.util
 from typing import Literal
 
-from ..bundle import Bundle
-from ..errors import BackendUnavailableError, InvalidArgumentError
-from .base import Backend
+from far_sdk.bundle.bundle import Bundle
+from far_sdk.errors import BackendUnavailableError, InvalidArgumentError
+from far_sdk.backends.base import Backend
 
 BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch", "torch-eager"]
 #: What backend="auto" tries, in order.
@@ -36,15 +36,15 @@ def create_backend(bundle: Bundle, backend: str = "auto", **options) -> Backend:
                 errors.append(f"{name}: {e}")
         raise BackendUnavailableError("no backend is usable here:\n  " + "\n  ".join(errors))
     if backend == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeBackend
+        from far_sdk.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(bundle, **options)
     if backend == "torch":
-        from .torch import TorchBackend
+        from far_sdk.backends.torch.backend import TorchBackend
 
         return TorchBackend(bundle, **options)
     if backend == "torch-eager":
-        from .torch import eager_backend
+        from far_sdk.backends.torch.backend import eager_backend
 
         return eager_backend(bundle, **options)
     if backend == "tensorrt":
@@ -53,7 +53,7 @@ def create_backend(bundle: Bundle, backend: str = "auto", **options) -> Backend:
                 "backend 'tensorrt' needs the tensorrt and cuda-python packages and an NVIDIA GPU "
                 "(pip install 'far-sdk[gpu]'), then engines built with `far-export trt --bundle ...`"
             )
-        from .tensorrt import TensorRTBackend
+        from far_sdk.backends.tensorrt.backend import TensorRTBackend
 
         return TensorRTBackend(bundle, **options)
     raise InvalidArgumentError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")

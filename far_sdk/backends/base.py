@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle
-from ..errors import InvalidArgumentError
+from far_sdk.bundle.bundle import Bundle
+from far_sdk.errors import InvalidArgumentError
+from far_sdk.maths.filters import low_pass_tokens
+from far_sdk.maths.noise import philox_normals
 
 #: Every option some backend takes. backend="auto" passes the caller's options to each backend it
 #: tries, so a backend ignores the others' options but refuses names no backend knows.
@@ -44,7 +46,7 @@ class HostDraws:
 
 @dataclass(frozen=True)
 class SeededDraws:
-    """One outer step's noise as a place in each image's Philox stream (:mod:`far_sdk.noise`):
+    """One outer step's noise as a place in each image's Philox stream (:mod:`far_sdk.maths.noise`):
     normals ``start .. start + (n + 1) L C - 1`` of every seed — x_T first, then one [L, C] draw per
     inner step. A backend draws them where its data lives (the torch backend: on the GPU, fused into
     the denoiser step); the default materialises them with NumPy. Same numbers either way."""
@@ -53,8 +55,6 @@ class SeededDraws:
     start: int
 
     def materialize(self, n: int, seq_len: int, channels: int) -> HostDraws:
-        from ..noise import philox_normals
-
         B, L, C = len(self.seeds), seq_len, channels
         z = philox_normals(self.seeds, self.start, (n + 1) * L * C).reshape(B, n + 1, L, C)
         z = np.ascontiguousarray(z.transpose(1, 0, 2, 3))                    # (n + 1, B, L, C)
@@ -67,7 +67,8 @@ class LoopState:
     arrays (host NumPy by default; device tensors on the torch backend): read them with
     :meth:`Backend.fetch`."""
 
-    class_ids: Any                 # [2B] int64: the labels, then B null ids (CFG); text bundles: {"context", "null"} (cond_feeds)
+    conditioning: dict[str, np.ndarray]  # the transformer's conditioning inputs for the CFG batch (far_sdk.conditioning):
+    #                                      {"class_ids": [2B] int64} or a text bundle's {"context": [2B, T, D], "null": [2B]}
     batch: int
     tokens: Any                    # [B, L, C] float32: what the next outer step's transformer sees
     raw: Any = None                # [B, L, C] float32: the last outer step's sample, before low-passing
@@ -95,7 +96,7 @@ class Backend(ABC):
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
-        #: whether the transformer graph takes ``mask`` (a model built with mask=True; far_sdk.graphs)
+        #: whether the transformer graph takes ``mask`` (a model built with mask=True; far_sdk.bundle.graphs)
         self.takes_mask = "mask" in bundle.graph_spec("transformer").input_names
 
     # ---- what a backend must provide ----------------------------------------------------------
@@ -123,10 +124,10 @@ class Backend(ABC):
         return {"backend": self.name, "device": self.device, "precision": self.precision}
 
     # ---- the stages the loop calls (default: one graph call each) ------------------------------
-    def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int, mask: np.ndarray | None = None) -> Any:
-        """tokens [N, L, C], class_ids [N], mask [N, L] (1 = dropped; only for a transformer that takes it,
+    def transformer(self, tokens: np.ndarray, conditioning: dict[str, np.ndarray], level: int, mask: np.ndarray | None = None) -> Any:
+        """tokens [N, L, C], conditioning (named inputs of N rows, :class:`LoopState`), mask [N, L] (1 = dropped; only for a transformer that takes it,
         :attr:`takes_mask`) -> cond [N, L, W] (opaque; see class docstring)."""
-        feeds = {"tokens": tokens, **cond_feeds(class_ids), "level": np.array([level], dtype=np.float32)}
+        feeds = {"tokens": tokens, **conditioning, "level": np.array([level], dtype=np.float32)}
         feeds.update(self._mask_feed(mask, tokens.shape[0], tokens.shape[1]))
         return self.run("transformer", feeds)["cond"]
 
@@ -152,9 +153,10 @@ class Backend(ABC):
         return x
 
     # ---- one outer step (the loop calls these; fast backends override them) ---------------------
-    def begin(self, class_ids: np.ndarray, batch: int, seq_len: int, channels: int) -> LoopState:
-        """State for a generation of ``batch`` images; class_ids [2B] (labels, then null ids); tokens start at 0."""
-        return LoopState(class_ids=cond_feeds(class_ids).get("class_ids", class_ids), batch=batch,
+    def begin(self, conditioning: dict[str, np.ndarray], batch: int, seq_len: int, channels: int) -> LoopState:
+        """State for a generation of ``batch`` images; ``conditioning``: the CFG batch's conditioning inputs
+        (:class:`LoopState`); tokens start at 0."""
+        return LoopState(conditioning=conditioning, batch=batch,
                          tokens=np.zeros((batch, seq_len, channels), dtype=np.float32))
 
     def outer_step(self, state: LoopState, *, level: int, steps: np.ndarray, filter_matrix: np.ndarray | None,
@@ -162,13 +164,13 @@ class Backend(ABC):
                    keep_next: np.ndarray | None = None) -> None:
         """One outer step, in place on ``state``: cond = transformer([tokens; tokens]); x = n guided DDPM
         steps from x_T; state.raw = x; state.tokens = M x M^T per channel (``filter_matrix`` M [G, G];
-        None: not filtered). steps [n, len(Step)] (far_sdk.diffusion.Step rows, noisiest first).
-        Mask mode (:mod:`far_sdk.masking`): ``mask`` [B, L] (1 = dropped) goes to the transformer as
+        None: not filtered). steps [n, len(Step)] (far_sdk.maths.diffusion.Step rows, noisiest first).
+        Mask mode (:mod:`far_sdk.maths.masking`): ``mask`` [B, L] (1 = dropped) goes to the transformer as
         [mask; mask]; ``keep_next`` [B, L] multiplies the handed-on tokens (None: all kept)."""
         tokens = state.tokens
         B, L, C = tokens.shape
         mask2 = None if mask is None else np.concatenate([mask, mask])                       # (2B, L)
-        cond = self.transformer(np.concatenate([tokens, tokens]), state.class_ids, level, mask2)   # (2B, L, W)
+        cond = self.transformer(np.concatenate([tokens, tokens]), state.conditioning, level, mask2)   # (2B, L, W)
         mark("transformer")
         n = int(steps.shape[0])
         host = draws if isinstance(draws, HostDraws) else draws.materialize(n, L, C)
@@ -193,21 +195,3 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release sessions/engines. The backend is unusable afterwards."""
-
-
-def cond_feeds(class_ids: Any) -> dict[str, np.ndarray]:
-    """The transformer's conditioning inputs of the CFG batch: ``{"class_ids": [2B] int64}`` for class ids, or a
-    text bundle's ``{"context": [2B, T, D] float32, "null": [2B] float32}`` (a dict, passed through)."""
-    if isinstance(class_ids, dict):
-        return {"context": np.ascontiguousarray(class_ids["context"], dtype=np.float32),
-                "null": np.ascontiguousarray(class_ids["null"], dtype=np.float32)}
-    return {"class_ids": np.ascontiguousarray(class_ids, dtype=np.int64)}
-
-
-def low_pass_tokens(x: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """x [B, L, C] on a G x G grid (row-major) -> M X M^T per image and channel, as tokens [B, L, C]."""
-    B, L, C = x.shape
-    G = m.shape[0]
-    img = x.reshape(B, G, G, C).transpose(0, 3, 1, 2)                       # (B, C, G, G)
-    out = m @ img @ m.T                                                      # (B, C, G, G)
-    return np.ascontiguousarray(out.transpose(0, 2, 3, 1)).reshape(B, L, C)

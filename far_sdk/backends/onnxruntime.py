@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle
-from ..errors import DeviceOutOfMemoryError, BackendUnavailableError, BundleError, InvalidArgumentError
-from ..graphs import GRAPH_NAMES
-from .base import Backend, check_backend_options, cond_feeds
+from far_sdk.bundle.bundle import Bundle
+from far_sdk.errors import DeviceOutOfMemoryError, BackendUnavailableError, BundleError, InvalidArgumentError
+from far_sdk.bundle.graphs import GRAPH_NAMES
+from far_sdk.backends.base import Backend, check_backend_options
 
 log = logging.getLogger(__name__)
 
@@ -192,17 +192,17 @@ class OnnxRuntimeBackend(Backend):
             raise _run_error(e, graph, feeds) from e
         return dict(zip(self._outputs[graph], outs))
 
-    def transformer(self, tokens: np.ndarray, class_ids: np.ndarray, level: int, mask: np.ndarray | None = None) -> Any:
-        """tokens [2B, L, C], class_ids [2B], mask [2B, L] (a masking transformer) -> cond [2B, L, W]: host array on
+    def transformer(self, tokens: np.ndarray, conditioning: dict[str, np.ndarray], level: int, mask: np.ndarray | None = None) -> Any:
+        """tokens [2B, L, C], conditioning (the CFG batch's inputs), mask [2B, L] (a masking transformer) -> cond [2B, L, W]: host array on
         CPU, :class:`OrtValueCond` on a GPU."""
         if not (self._on_gpu and self._io_binding):
-            return super().transformer(tokens, class_ids, level, mask)
+            return super().transformer(tokens, conditioning, level, mask)
         sess, ort = self._sessions["transformer"], self._ort
         rows, L = int(tokens.shape[0]), int(tokens.shape[1])
         W = int(self.bundle.manifest["mlp_width"])
         b = sess.io_binding()
         b.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.float32))   # copied to the GPU by the run
-        for name, value in cond_feeds(class_ids).items():   # class_ids, or a text bundle's context and null
+        for name, value in conditioning.items():   # class_ids, or a text bundle's context and null
             b.bind_cpu_input(name, value)
         b.bind_cpu_input("level", np.array([level], dtype=np.float32))
         for name, value in self._mask_feed(mask, rows, L).items():

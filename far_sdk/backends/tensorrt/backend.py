@@ -1,0 +1,374 @@
+"""TensorRT backend: the bundle's engines (built by ``far-export trt``) run with ``tensorrt`` and
+cuda-python (``cuda.bindings.runtime``); no torch. One engine's runner and the CUDA helpers live in
+:mod:`far_sdk.backends.tensorrt.engine`; this module runs the three engines as a backend.
+
+Lifecycle per graph, as in the TensorRT demo's ``Engine``: sidecar check (:func:`far_sdk.backends.tensorrt.cache.find_plan`,
+before TensorRT sees the plan) -> deserialize (checked for ``None``) -> one execution context ->
+device buffers preallocated for the profile's max batch, named after the graph spec. All work goes
+to one CUDA stream.
+
+The inner loop stays on the GPU: :meth:`TensorRTBackend.transformer` leaves ``cond`` in device
+memory; :meth:`TensorRTBackend.denoise` uploads x, all n noises and the n-row step table once, runs
+the n denoiser steps back to back (ping-pong x buffers; ``noise``/``step`` bound to slots of the
+uploaded blocks), replayed from a captured CUDA graph per (batch, n) when capture works, and
+downloads x once: one host sync per call.
+
+Concurrency: one backend owns one stream, one context per graph and its captured graphs, none of
+which may run twice at once, so every public call holds one lock; and ``cond`` lives in one device
+buffer, valid until the next transformer call. Run generations in parallel with one backend (one
+Generator) per thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from far_sdk.bundle.bundle import Bundle
+from far_sdk.errors import BackendUnavailableError, EngineProfileError, IncompatibleBundleError, InvalidArgumentError
+from far_sdk.maths.diffusion import Step
+from far_sdk.bundle.graphs import GRAPH_NAMES
+from far_sdk.backends.tensorrt.cache import PRECISIONS, ROWS_PER_IMAGE, EngineKey, find_plan, format_profile, parse_batch_profile, read_plan
+from far_sdk.backends.base import MAX_CUDA_GRAPHS, Backend, check_backend_options
+from far_sdk.backends.tensorrt.engine import (
+    CudaError, EngineRunner, aligned, check_cuda, check_cuda_quietly, copy_to_device, copy_to_host, device_env, import_runtime,
+    select_device,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrtCondRef:
+    """A reference to the backend's one ``cond`` buffer [2B, L, W] in GPU memory, as the transformer
+    left it; valid until the next transformer call on the same backend (``generation`` and ``owner``
+    detect a stale or foreign reference)."""
+
+    ptr: int
+    images: int
+    generation: int
+    owner: int
+
+
+# ---- the backend -------------------------------------------------------------------------------------
+
+
+class TensorRTBackend(Backend):
+    """Engines from ``bundle/trt`` built for this GPU and TensorRT (see ``far-export trt``).
+
+    ``precision``: the transformer's and denoiser's ("fp16" | "bf16" | "fp32"; None: the built one,
+    fp16 first); ``vae_precision`` likewise for the VAE decoder (None: fp32 first); ``batch``: the
+    profile to load ("MIN:OPT:MAX" or a 3-tuple; None: the largest built); ``cuda_graphs``: replay
+    the denoiser loop from captured CUDA graphs (falls back to plain launches if capture fails);
+    ``max_cuda_graphs``: captured loops kept (LRU). Options of other backends (e.g. ``threads``) are
+    ignored, names no backend knows rejected (:func:`far_sdk.backends.base.check_backend_options`).
+    """
+
+    name = "tensorrt"
+    concurrent_generate = False
+
+    def __init__(self, bundle: Bundle, *, device: Any = None, precision: str | None = None, vae_precision: str | None = None,
+                 batch: Any = None, opt_level: int | None = None, cuda_graphs: bool = True,
+                 max_cuda_graphs: int = MAX_CUDA_GRAPHS, **other: Any):
+        super().__init__(bundle)
+        self._closed, self._lock = True, threading.Lock()
+        check_backend_options(self.name, ("device", "precision", "vae_precision", "batch", "opt_level", "cuda_graphs",
+                                          "max_cuda_graphs"), other, log)
+        for label, p in (("precision", precision), ("vae_precision", vae_precision)):
+            if p is not None and p not in PRECISIONS:
+                raise InvalidArgumentError(f"{label} must be one of {PRECISIONS} or None, got {p!r}")
+        if isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) or max_cuda_graphs < 1:
+            raise InvalidArgumentError(f"max_cuda_graphs must be a positive integer, got {max_cuda_graphs!r}")
+        self._max_graphs = max_cuda_graphs
+        self._trt, self._cudart = trt, cudart = import_runtime()
+        self._device = select_device(cudart, device)
+        self.env = device_env(trt, cudart, self._device)
+        profile = None if batch is None else parse_batch_profile(batch)
+        # Every sidecar is checked before any plan reaches TensorRT.
+        self.keys: dict[str, EngineKey] = {}
+        for g in GRAPH_NAMES:
+            vae = g == "vae_decoder"
+            self.keys[g], _ = find_plan(bundle, g, env=self.env, precision=vae_precision if vae else precision, profile=profile,
+                                        opt_level=opt_level, prefer=("fp32", "bf16", "fp16") if vae else ("fp16", "bf16", "fp32"),
+                                        verify_sha=False)  # read_plan below hashes the bytes it loads
+        self._min_images = max(k.profile[0] for k in self.keys.values())
+        self._max_images = min(k.profile[2] for k in self.keys.values())
+        if self._min_images > self._max_images:
+            raise IncompatibleBundleError(f"the engines' batch profiles do not overlap ({self._profiles()}): rebuild them with one --batch")
+        self._runners: dict[str, EngineRunner] = {}
+        self._blocks: dict[str, tuple[int, int]] = {}          # name -> (device ptr, bytes)
+        self._graphs: collections.OrderedDict = collections.OrderedDict()  # loop key -> cudaGraphExec_t
+        self._pending: list[np.ndarray] = []                   # host arrays kept alive until the next sync
+        self._use_graphs, self._cond_generation, self._stream = bool(cuda_graphs), 0, None
+        self._closed = False
+        try:
+            self._stream = check_cuda(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+            for g in GRAPH_NAMES:
+                key = self.keys[g]
+                self._runners[g] = EngineRunner(trt, cudart, read_plan(bundle, key), bundle.graph_spec(g), key.profile[2],
+                                                what=f"the {g} engine {key.plan_name}")
+        except BaseException:
+            self.close()
+            raise
+        log.info("TensorRT backend on %s: %s", self.env.describe(), self._profiles())
+
+    # ---- properties ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        return f"cuda:{self._device}"
+
+    @property
+    def precision(self) -> str:
+        return self.keys["denoiser"].precision
+
+    @property
+    def max_batch(self) -> int:
+        return self._max_images
+
+    def _profiles(self) -> str:
+        return ", ".join(f"{g} {k.precision} batch {format_profile(k.profile)}" for g, k in self.keys.items())
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(tensorrt=self.env.tensorrt, gpu=self.env.gpu, compute_capability=self.env.compute_capability,
+                 batch=f"{self._min_images}..{self._max_images}", cuda_graphs=self._use_graphs,
+                 cuda_graphs_cached=len(self._graphs),
+                 engines={g: {"precision": k.precision, "profile": format_profile(k.profile), "opt_level": k.opt_level,
+                              "plan": k.plan_name} for g, k in self.keys.items()})
+        return d
+
+    # ---- small steps (call with the lock held) ----------------------------------------------------------
+    @property
+    def _sh(self) -> int:
+        return int(self._stream)
+
+    def _enter(self) -> None:
+        if self._closed:
+            raise BackendUnavailableError("this TensorRT backend was closed")
+        check_cuda(self._cudart.cudaSetDevice(self._device), "cudaSetDevice")  # the current device is per host thread
+
+    def _sync(self) -> None:
+        """Host sync: wait for the stream; host arrays handed to copies may go afterwards."""
+        check_cuda(self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        self._pending.clear()
+
+    def _check_images(self, images: int, what: str) -> None:
+        if not self._min_images <= images <= self._max_images:
+            raise EngineProfileError(
+                f"{what}: {images} images per call, but this bundle's engines take {self._min_images}..{self._max_images} "
+                f"({self._profiles()}). Split the batch (generate(max_batch=...)) or rebuild with "
+                f"`far-export trt --bundle {self.bundle.path} --batch 1:{max(1, min(images, self._max_images))}:{max(images, self._max_images)} --rebuild`"
+            )
+
+    def _upload(self, dst: int, array: np.ndarray, what: str) -> None:
+        self._pending.append(array)
+        copy_to_device(self._cudart, dst, array, self._stream, what)
+
+    def _upload_input(self, r: EngineRunner, name: str, value: Any, images: int) -> None:
+        """Validate ``value``'s shape for ``images`` images and queue its copy into ``r``'s buffer ``name``."""
+        array = np.ascontiguousarray(value, dtype=r.tensors[name].dtype)
+        if array.shape != r.shape(name, images):
+            raise InvalidArgumentError(f"{r.spec.name}.{name}: expected shape {r.shape(name, images)} for {images} images, got {array.shape}")
+        self._upload(r.buffers[name], array, f"{r.spec.name}.{name}")
+
+    def _download(self, src: int, shape: tuple[int, ...], dtype: str, what: str) -> np.ndarray:
+        out = copy_to_host(self._cudart, src, shape, dtype, self._stream, what)
+        self._pending.append(out)
+        return out
+
+    def _upload_slots(self, name: str, array: np.ndarray) -> tuple[int, int]:
+        """Upload array [n, ...] into a device block, one ALIGN-ed slot per row; returns (block ptr, slot stride)."""
+        n, row = array.shape[0], array[0].nbytes
+        stride = aligned(row)
+        ptr, size = self._blocks.get(name, (0, 0))
+        if size < n * stride:
+            if ptr:
+                self._sync()  # no queued work may still read the old block
+                self._drop_graphs()
+                check_cuda(self._cudart.cudaFree(ptr), f"cudaFree({name} block)")
+                del self._blocks[name]
+            size = aligned(n * stride)
+            ptr = int(check_cuda(self._cudart.cudaMalloc(size), f"cudaMalloc({size} bytes for {name})"))
+            self._blocks[name] = (ptr, size)
+        self._pending.append(array)
+        check_cuda(self._cudart.cudaMemcpy2DAsync(ptr, stride, array.ctypes.data, row, row, n,
+                                                  self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream),
+                   f"copy of {n} {name} rows to the GPU")
+        return ptr, stride
+
+    def _drop_graphs(self) -> None:
+        while self._graphs:
+            _, exe = self._graphs.popitem(last=False)
+            check_cuda_quietly(self._cudart.cudaGraphExecDestroy(exe), "cudaGraphExecDestroy")
+
+    # ---- the stages -------------------------------------------------------------------------------------
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if graph not in GRAPH_NAMES:
+            raise InvalidArgumentError(f"graph must be one of {GRAPH_NAMES}, got {graph!r}")
+        with self._lock:
+            self._enter()
+            r = self._runners[graph]
+            first = next(t for t in r.spec.inputs if any(isinstance(d, str) for d in t.shape))
+            axis, sym = next((i, d) for i, d in enumerate(first.shape) if isinstance(d, str))
+            images, rem = divmod(int(np.shape(feeds[first.name])[axis]), ROWS_PER_IMAGE[sym])
+            if rem:
+                raise InvalidArgumentError(f"{graph}.{first.name}: the batch axis must hold {ROWS_PER_IMAGE[sym]} rows per image")
+            self._check_images(images, f"graph {graph!r}")
+            if r.set_images(images):
+                self._drop_graphs()
+            for t in r.spec.inputs:
+                self._upload_input(r, t.name, feeds[t.name], images)
+            r.bind()
+            r.enqueue(self._sh)
+            if graph == "transformer":
+                self._cond_generation += 1  # its cond buffer was overwritten
+            out = {t.name: self._download(r.buffers[t.name], r.shape(t.name, images), t.dtype, f"{graph}.{t.name}") for t in r.spec.outputs}
+            self._sync()  # host sync: the outputs are read now
+            return out
+
+    def transformer(self, tokens: np.ndarray, conditioning: dict[str, np.ndarray], level: int, mask: np.ndarray | None = None) -> TrtCondRef:
+        """tokens [2B, L, C], conditioning (the CFG batch's inputs: class ids, or a text bundle's context and null),
+        mask [2B, L] (a masking transformer) -> cond [2B, L, W], left on the GPU (no host sync)."""
+        with self._lock:
+            self._enter()
+            r = self._runners["transformer"]
+            rows = int(np.shape(tokens)[0])
+            if rows % 2:
+                raise InvalidArgumentError(f"the transformer takes the CFG batch [cond; uncond]: an even number of rows, got {rows}")
+            images = rows // 2
+            self._check_images(images, "transformer")
+            r.set_images(images)
+            self._upload_input(r, "tokens", tokens, images)
+            for name, value in conditioning.items():   # class ids, or a text bundle's context and null flags
+                self._upload_input(r, name, value, images)
+            self._upload_input(r, "level", np.array([level], dtype=np.float32), images)
+            for name, value in self._mask_feed(mask, rows, int(np.shape(tokens)[1])).items():
+                self._upload_input(r, name, value, images)
+            r.bind()
+            r.enqueue(self._sh)
+            self._cond_generation += 1
+            return TrtCondRef(ptr=r.buffers["cond"], images=images, generation=self._cond_generation, owner=id(self))
+
+    def denoise(self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray) -> np.ndarray:
+        """n guided DDPM steps on the GPU: x [B, L, C], noises [n, B, L, C], steps [n, 10] -> x_0 [B, L, C] (one host sync)."""
+        with self._lock:
+            self._enter()
+            r = self._runners["denoiser"]
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            noises = np.ascontiguousarray(noises, dtype=np.float32)
+            steps = np.ascontiguousarray(steps, dtype=np.float32)
+            B, n = x.shape[0], steps.shape[0]
+            self._check_images(B, "denoise")
+            if noises.shape != (n, *x.shape) or steps.shape != (n, len(Step)):
+                raise InvalidArgumentError(f"denoise: x {x.shape} needs noises {(n, *x.shape)} and steps {(n, len(Step))}, "
+                                           f"got {noises.shape} and {steps.shape}")
+            if n == 0:
+                return x.copy()
+            if r.set_images(B):
+                self._drop_graphs()
+            cond_ptr = self._cond_ptr(r, cond, B)
+            self._upload_input(r, "x", x, B)
+            noise_ptr, noise_stride = self._upload_slots("noise", noises)
+            step_ptr, step_stride = self._upload_slots("step", steps)
+            xs = (r.buffers["x"], r.buffers["x_prev"])  # ping-pong: step i reads xs[i % 2], writes the other
+
+            def addresses(i: int) -> dict[str, int]:
+                return {"x": xs[i % 2], "x_prev": xs[(i + 1) % 2], "cond": cond_ptr,
+                        "noise": noise_ptr + i * noise_stride, "step": step_ptr + i * step_stride}
+
+            self._run_steps(r, n, (B, n, cond_ptr, noise_ptr, noise_stride, step_ptr, step_stride), addresses)
+            out = self._download(xs[n % 2], x.shape, "float32", "denoiser.x_prev")
+            self._sync()  # the one host sync of the inner loop
+            return out
+
+    def _cond_ptr(self, r: EngineRunner, cond: Any, images: int) -> int:
+        if isinstance(cond, TrtCondRef):
+            if cond.owner != id(self) or cond.generation != self._cond_generation:
+                raise InvalidArgumentError(
+                    "cond is stale: another transformer call on this TensorRT backend ran since it was computed (a backend "
+                    "keeps one cond on the GPU; run concurrent generations with one Generator per thread)")
+            if cond.images != images:
+                raise InvalidArgumentError(f"cond was computed for {cond.images} images, x has {images}")
+            return cond.ptr
+        host = np.asarray(cond, dtype=np.float32).reshape(r.shape("cond", images))  # a host cond [2B, L, W] or [2, B, L, W]
+        self._upload_input(r, "cond", host, images)
+        return r.buffers["cond"]
+
+    def _run_steps(self, r: EngineRunner, n: int, key: tuple, addresses) -> None:
+        if self._use_graphs:
+            exe = self._graphs.get(key)
+            if exe is None:
+                exe = self._capture(r, n, key, addresses)
+            else:
+                self._graphs.move_to_end(key)
+            if exe is not None:
+                check_cuda(self._cudart.cudaGraphLaunch(exe, self._stream), "cudaGraphLaunch")
+                return
+        self._enqueue_steps(r, n, addresses)
+
+    def _enqueue_steps(self, r: EngineRunner, n: int, addresses) -> None:
+        for i in range(n):
+            r.bind(addresses(i))
+            r.enqueue(self._sh)
+
+    def _capture(self, r: EngineRunner, n: int, key: tuple, addresses) -> Any:
+        """Capture the n-step loop into a CUDA graph; None (and plain launches from now on) if capture fails."""
+        cudart = self._cudart
+        if r.needs_warmup:
+            # TensorRT finishes shape-dependent setup in the first enqueue after a shape change, which must
+            # not happen inside a capture. Step 0 reads xs[0] and writes xs[1]: harmless, the graph redoes it.
+            self._enqueue_steps(r, 1, addresses)
+            self._sync()
+        graph = None
+        try:
+            check_cuda(cudart.cudaStreamBeginCapture(self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+                       "cudaStreamBeginCapture")
+            try:
+                self._enqueue_steps(r, n, addresses)
+            finally:
+                graph = check_cuda(cudart.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
+            exe = check_cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        except CudaError as e:
+            cudart.cudaGetLastError()  # clear the capture's error state
+            log.warning("CUDA graph capture of the %d-step denoiser loop failed (%s); running the steps as plain launches", n, e)
+            self._use_graphs = False
+            return None
+        finally:
+            if graph is not None:
+                check_cuda_quietly(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")  # the instantiated graph does not need it
+        self._graphs[key] = exe
+        while len(self._graphs) > self._max_graphs:
+            _, old = self._graphs.popitem(last=False)
+            check_cuda_quietly(cudart.cudaGraphExecDestroy(old), "cudaGraphExecDestroy")
+        return exe
+
+    def synchronize(self) -> None:
+        with self._lock:
+            self._enter()
+            self._sync()
+
+    def close(self) -> None:
+        """Free graphs, buffers, contexts, engines and the stream. Idempotent; the backend is unusable afterwards."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            cudart = self._cudart
+            if self._stream is not None:
+                check_cuda_quietly(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+            self._drop_graphs()
+            for r in self._runners.values():
+                r.close()
+            self._runners.clear()
+            for name, (ptr, _) in self._blocks.items():
+                check_cuda_quietly(cudart.cudaFree(ptr), f"cudaFree({name} block)")
+            self._blocks.clear()
+            self._pending.clear()
+            if self._stream is not None:
+                check_cuda_quietly(cudart.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+                self._stream = None

@@ -1,0 +1,64 @@
+"""Images in and out: decoded RGB to uint8 and PIL (as the official evaluation saves them), grids, and encoding
+to the file formats the CLI writes. Pillow is imported on first use, so ``import far_sdk`` stays light."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from far_sdk.errors import InvalidArgumentError
+
+#: File suffix -> Pillow format, for every image file far-sdk writes.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF", ".gif": "GIF"}
+#: Still-image suffixes (every format but GIF, which the CLI keeps for the coarse-to-fine animation).
+IMAGE_SUFFIXES = tuple(s for s in IMAGE_FORMATS if s != ".gif")
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], as the official evaluation saves them
+    (p = x/2 + 1/2; floor(clamp(255 p + 0.5, 0, 255)))."""
+    p = images * 0.5 + 0.5
+    return np.clip(255.0 * p + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def to_pil(u8: np.ndarray) -> list:
+    """uint8 [B, H, W, 3] -> a list of PIL images."""
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in u8]
+
+
+def make_image_grid(images: Sequence[Any], cols: int | None = None, *, scale: int = 1) -> Any:
+    """PIL images (all one size) pasted row by row into one RGB image on white, ``cols`` per row (default: up to 8),
+    each enlarged ``scale`` times with nearest-neighbour sampling (small images stay crisp)."""
+    from PIL import Image
+
+    images = list(images)
+    if not images:
+        raise InvalidArgumentError("make_image_grid needs at least one image")
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise InvalidArgumentError(f"scale must be a positive integer, got {scale!r}")
+    cols = cols or min(len(images), 8)
+    if scale > 1:
+        images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def encode_image(image: Any, path: str | Path, **save_options: Any) -> bytes:
+    """The bytes of ``image`` in the format of ``path``'s suffix (write them atomically with far_sdk.fileio)."""
+    fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise InvalidArgumentError(f"{path}: unsupported image type; use one of {', '.join(IMAGE_FORMATS)}")
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save_options)
+    return buf.getvalue()

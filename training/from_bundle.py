@@ -1,0 +1,54 @@
+"""A bundle's weights as PyTorch modules: the one loader from ``weights.safetensors`` + manifest to models.
+
+Used by the torch backend, ``far bench``'s eager baseline, the GPU checks, the parity report and the tests,
+so every one of them reads the manifest's own weight prefixes the same way and fails the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from far_sdk.bundle.bundle import Bundle
+from far_sdk.errors import BundleError
+
+from .config import FARConfig
+from .far import FAR
+from .graph_modules import VAEDecoderGraph
+from .vae import AutoencoderKL, VAEConfig
+
+
+def load_bundle_models(bundle: Bundle) -> tuple[FAR, AutoencoderKL]:
+    """(FAR, VAE) in eval mode on the CPU, fp32, built on the meta device and given the bundle's tensors
+    (checked by :meth:`Bundle.load_torch_weights`: header, layout, finite values). The FAR must match
+    strictly; the VAE needs only its decode half (``decoder.``, ``post_quant_conv.``): bundles carry no encoder."""
+    m = bundle.manifest
+    prefixes: dict[str, Any] = m.get("weights", {}).get("prefixes", {"far": "far.", "vae": "vae."})
+    state = bundle.load_torch_weights()
+    pf, pv = prefixes["far"], prefixes["vae"]
+    far_sd = {k[len(pf):]: v for k, v in state.items() if k.startswith(pf)}
+    vae_sd = {k[len(pv):]: v for k, v in state.items() if k.startswith(pv)}
+    with torch.device("meta"):
+        if m.get("conditioning") == "text":
+            from .config_t2i import T2IConfig
+            from .far_t2i import FART2I
+
+            far = FART2I(T2IConfig.from_dict(m["model"]))
+        else:
+            far = FAR(FARConfig.from_dict(m["model"]))
+        vae = AutoencoderKL(VAEConfig.from_dict(m["vae"]))
+    try:
+        far.load_state_dict(far_sd, strict=True, assign=True)
+        missing, unexpected = vae.load_state_dict(vae_sd, strict=False, assign=True)
+    except RuntimeError as e:
+        raise BundleError(f"{bundle.path}/weights.safetensors does not match the manifest's model config: {str(e).splitlines()[0]}") from e
+    bad = [k for k in missing if k.startswith(("decoder.", "post_quant_conv."))]
+    if bad or unexpected:
+        raise BundleError(f"{bundle.path}/weights.safetensors: VAE decoder keys missing {bad[:5]} / unexpected {unexpected[:5]}")
+    return far.eval(), vae.eval()
+
+
+def load_bundle_decoder(bundle: Bundle, vae: AutoencoderKL) -> VAEDecoderGraph:
+    """The bundle's decode graph module (sampler-scale latents -> RGB) around ``vae``."""
+    return VAEDecoderGraph(vae, bundle.latent_scale).eval()
