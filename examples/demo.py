@@ -30,8 +30,12 @@ def random_demo_bundle(path: Path) -> Path:
         return path
     from export.random_bundle import random_bundle
 
-    print(f"engines/far-demo is not there yet: exporting a random-initialised tiny bundle to {path} (untrained weights)")
-    return random_bundle(path, "far_tiny", "kl16-tiny", seed=0, name="demo-random-init", id2label={i: str(i) for i in range(10)})
+    print(
+        f"engines/far-demo is not there yet: exporting a random-initialised tiny bundle to {path} (untrained weights)"
+    )
+    return random_bundle(
+        path, "far_tiny", "kl16-tiny", seed=0, name="demo-random-init", id2label={i: str(i) for i in range(10)}
+    )
 
 
 def main() -> None:
@@ -57,14 +61,20 @@ def main() -> None:
     labels = list(range(gen.bundle.num_classes))
     frames = []
     t0 = time.perf_counter()
-    res = gen.generate(labels, seed=a.seed, progress=True, preview=True,
-                       on_step=lambda info: frames.append(grid(info.preview)))
+    res = gen.generate(
+        labels, seed=a.seed, progress=True, preview=True, on_step=lambda info: frames.append(grid(info.preview))
+    )
     dt = time.perf_counter() - t0
     grid(res.images).save(out / "grid.png")
-    frames[0].save(out / "steps.gif", save_all=True, append_images=frames[1:], duration=[400] * (len(frames) - 1) + [2000], loop=0)
+    frames[0].save(
+        out / "steps.gif", save_all=True, append_images=frames[1:], duration=[400] * (len(frames) - 1) + [2000], loop=0
+    )
     b = gen.backend.describe()
-    print(f"bundle {gen.bundle.name} on {b['backend']}/{b['device']}: {len(labels)} images, {res.plan.num_steps} outer steps, "
-          f"inner steps {list(res.plan.inner_steps)}, {dt:.1f} s (with per-step previews)")
+    print(
+        f"bundle {gen.bundle.name} on {b['backend']}/{b['device']}: {len(labels)} images, {res.plan.num_steps} outer "
+        "steps, "
+        f"inner steps {list(res.plan.inner_steps)}, {dt:.1f} s (with per-step previews)"
+    )
     print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
     print(f"wrote {out / 'grid.png'} and {out / 'steps.gif'} ({len(frames)} frames)")
     t2i = ROOT / "engines" / "far-t2i-demo"
@@ -73,20 +83,28 @@ def main() -> None:
 
 
 #: Prompts for the text-to-image grid: held-out paraphrases of training/demo_t2i.py (never seen in training).
-T2I_PROMPTS = ("an image of a handwritten 0", "the digit three, drawn by hand", "please draw a 5", "a small seven written in ink",
-               "a photo of the number nine")
+T2I_PROMPTS = (
+    "an image of a handwritten 0",
+    "the digit three, drawn by hand",
+    "please draw a 5",
+    "a small seven written in ink",
+    "a photo of the number nine",
+)
 
 
 def text_demo(bundle: Path, out: Path, seed: int, grid) -> None:
-    """engines/far-t2i-demo: 2 images per prompt through the bundled ONNX text encoder (torch-free), its fast defaults."""
+    """engines/far-t2i-demo: 2 images per prompt through the bundled ONNX text encoder (torch-free), its fast
+    defaults."""
     gen = far_sdk.Generator(bundle, backend="onnxruntime")
     prompts = [p for p in T2I_PROMPTS for _ in range(2)]
     t0 = time.perf_counter()
     res = gen.generate(prompt=prompts, seed=seed)
     grid(res.images).save(out / "t2i_grid.png")
-    print(f"bundle {gen.bundle.name} (text-to-image): {len(prompts)} images for {len(T2I_PROMPTS)} prompts "
-          f"({', '.join(map(repr, T2I_PROMPTS))}), {res.plan.num_steps} outer steps, {time.perf_counter() - t0:.1f} s; "
-          f"wrote {out / 't2i_grid.png'} (2 per prompt, one row)")
+    print(
+        f"bundle {gen.bundle.name} (text-to-image): {len(prompts)} images for {len(T2I_PROMPTS)} prompts "
+        f"({', '.join(map(repr, T2I_PROMPTS))}), {res.plan.num_steps} outer steps, {time.perf_counter() - t0:.1f} s; "
+        f"wrote {out / 't2i_grid.png'} (2 per prompt, one row)"
+    )
 
 
 if __name__ == "__main__":

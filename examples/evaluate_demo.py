@@ -13,8 +13,8 @@
    and report seconds per image and the speed-up over the table's first (reference) row.
 
 Tables: "settings" (outer steps, CFG, inner-step schedules), "modes" (no-mask vs mask mode, paper and
-fast inner steps; ``--mode`` instead sets the mode of every row of another table) and "inner-samplers" (DDPM at the paper
-schedule vs DDIM at eta 0 and 1 with 5, 10, 20 and 50 steps per outer step, and the fast preset;
+fast inner steps; ``--mode`` instead sets the mode of every row of another table) and "inner-samplers" (DDPM at
+the paper schedule vs DDIM at eta 0 and 1 with 5, 10, 20 and 50 steps per outer step, and the fast preset;
 the fast-setting criteria, >= 4x fewer inner steps than the reference with class accuracy within
 1 point and Fréchet distance within 15 %, are checked and printed).
 
@@ -26,26 +26,22 @@ the fast-setting criteria, >= 4x fewer inner steps than the reference with class
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import far_sdk  # noqa: E402
-from far_sdk.fileio import atomic_write_bytes  # noqa: E402
 from far_sdk.options import PRESETS, SamplingOptions  # noqa: E402
 from training.demo_data import load_digits_images, split_indices  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "examples"))
+from digit_classifier import cached_classifier, classify, default_cache_dir, frechet_distance, images_to_tensor  # noqa: E402
 
 SETTINGS = {
     "paper defaults (10 steps, frequency-aware 40..100, linear CFG 3)": {},
@@ -61,11 +57,15 @@ INNER_SAMPLER_SETTINGS = {
     "DDPM, paper schedule 40..100 (reference)": {"preset": "paper"},
     f"fast preset ({_FAST.inner_sampler.upper()}, {_FAST.inner_steps} per outer step)": {"preset": "fast"},
     "DDPM, 10 per outer step": {"inner_sampler": "ddpm", "inner_steps": 10},
-    **{f"DDIM eta {eta:g}, {n} per outer step": {"inner_sampler": "ddim", "eta": eta, "inner_steps": n}
-       for eta, counts in ((0.0, (5, 10, 15, 20, 50)), (1.0, (5, 10, 20, 50))) for n in counts},
+    **{
+        f"DDIM eta {eta:g}, {n} per outer step": {"inner_sampler": "ddim", "eta": eta, "inner_steps": n}
+        for eta, counts in ((0.0, (5, 10, 15, 20, 50)), (1.0, (5, 10, 20, 50)))
+        for n in counts
+    },
 }
 #: No-mask vs mask mode (the official sample_tokens_mask: 11 outer steps, tokens unmasked in a seeded random
-#: order; on the demo, built with mask=False, its transformer sees the masked tokens as zeros, as the official one does).
+#: order; on the demo, built with mask=False, its transformer sees the masked tokens as zeros, as the official one
+#: does).
 MODE_SETTINGS = {
     "no-mask, paper defaults (10 steps, 40..100)": {"mode": "nomask"},
     "mask mode, paper defaults (11 steps, 40..100)": {"mode": "mask"},
@@ -75,108 +75,11 @@ MODE_SETTINGS = {
 TABLES = {"settings": SETTINGS, "inner-samplers": INNER_SAMPLER_SETTINGS, "modes": MODE_SETTINGS}
 #: The fast-setting criteria of the inner-samplers table, against its first (reference) row.
 FAST_STEP_RATIO, FAST_ACC_POINTS, FAST_FD_RATIO = 4.0, 0.01, 1.15
-#: Bump when DigitNet or train_classifier changes: part of the classifier cache key.
-CLASSIFIER_RECIPE = "digitnet-v1-adamw-onecycle-30ep-shift2"
 
 
-class DigitNet(nn.Module):
-    """A small CNN on 32 x 32 grey digits; ``features`` is the 128-d penultimate layer."""
-
-    def __init__(self):
-        super().__init__()
-
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
-
-        self.body = nn.Sequential(
-            block(1, 32), block(32, 32), nn.MaxPool2d(2),
-            block(32, 64), block(64, 64), nn.MaxPool2d(2),
-            block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(128, 10))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    return x.mean(1, keepdim=True) if x.shape[1] == 3 else x
-
-
-def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0) -> DigitNet:
-    """AdamW + cosine decay, per-image random shifts of up to 2 pixels (8 % of the side)."""
-    torch.manual_seed(seed)
-    net = DigitNet().train()
-    steps = epochs * ((len(x) + 63) // 64)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    x = _grey(x)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            xb = F.pad(x[idx], (2, 2, 2, 2), value=-1.0)
-            dx, dy = torch.randint(0, 5, (2, len(idx)), generator=gen)
-            xb = torch.stack([im[:, a:a + 32, b:b + 32] for im, a, b in zip(xb, dy.tolist(), dx.tolist())])
-            loss = F.cross_entropy(net(xb), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return net.eval()
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "far-sdk" / "evaluate_demo"
-
-
-def cached_classifier(x: torch.Tensor, y: torch.Tensor, cache_dir: Path | None, epochs: int = 30, seed: int = 0) -> tuple[DigitNet, bool]:
-    """train_classifier(x, y), or its cached weights when the same data, recipe and torch version were
-    trained before (``cache_dir`` None: always train). Returns (net in eval mode, whether it was cached)."""
-    h = hashlib.sha256()
-    for part in (x.numpy().tobytes(), y.numpy().tobytes(), f"{CLASSIFIER_RECIPE}|{epochs}|{seed}|{torch.__version__}".encode()):
-        h.update(part)
-    path = cache_dir / f"digitnet-{h.hexdigest()[:16]}.pt" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        net = DigitNet()
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return net.eval(), True
-    net = train_classifier(x, y, epochs=epochs, seed=seed)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        torch.save(net.state_dict(), buf)
-        atomic_write_bytes(path, buf.getvalue())
-    return net, False
-
-
-@torch.no_grad()
-def classify(net: DigitNet, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    f = net.features(_grey(x))
-    return net.head(f).argmax(1).numpy(), f.double().numpy()
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) (matrix square root via eigen-decomposition)."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # (S_a S_b)^1/2 has the same trace as (S_a^1/2 S_b S_a^1/2)^1/2, which is symmetric PSD
-    w, v = np.linalg.eigh(sa)
-    ra = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = ra @ sb @ ra
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * tr_sqrt)
-
-
-def images_to_tensor(u8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(u8.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
-
-
-def bench_seconds_per_image(bundle: str, backend: str, settings: dict[str, dict], batch: int, iters: int,
-                            rounds: int) -> dict[str, float]:
+def bench_seconds_per_image(
+    bundle: str, backend: str, settings: dict[str, dict], batch: int, iters: int, rounds: int
+) -> dict[str, float]:
     """``far bench`` (far_sdk.bench.protocol.run_benchmark) over every setting, ``rounds`` times in turn: the median
     over rounds of each setting's median seconds per image (a shared machine's busy spell then hits one
     round of every setting, not every iteration of one setting)."""
@@ -184,9 +87,17 @@ def bench_seconds_per_image(bundle: str, backend: str, settings: dict[str, dict]
 
     per: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(rounds):
-        res = run_benchmark(bundle, backends=[backend], batches=[batch], warmup=1, iters=iters,
-                            settings=[(name, opts.get("preset"), SamplingOptions(**{k: v for k, v in opts.items() if k != "preset"}))
-                                      for name, opts in settings.items()])
+        res = run_benchmark(
+            bundle,
+            backends=[backend],
+            batches=[batch],
+            warmup=1,
+            iters=iters,
+            settings=[
+                (name, opts.get("preset"), SamplingOptions(**{k: v for k, v in opts.items() if k != "preset"}))
+                for name, opts in settings.items()
+            ],
+        )
         for r in res.rows:
             per[r.setting].append(r.per_image_s)
     return {name: float(np.median(v)) for name, v in per.items()}
@@ -200,23 +111,40 @@ def fast_setting_checks(rows: list[dict]) -> list[dict]:
         steps_ok = FAST_STEP_RATIO * r["inner_steps_total"] <= ref["inner_steps_total"]
         acc_ok = r["accuracy"] >= ref["accuracy"] - FAST_ACC_POINTS - 1e-12
         fd_ok = r["frechet_distance"] <= FAST_FD_RATIO * ref["frechet_distance"]
-        out.append({"setting": r["setting"], "steps_ok": steps_ok, "accuracy_ok": acc_ok, "fd_ok": fd_ok,
-                    "all_ok": steps_ok and acc_ok and fd_ok})
+        out.append(
+            {
+                "setting": r["setting"],
+                "steps_ok": steps_ok,
+                "accuracy_ok": acc_ok,
+                "fd_ok": fd_ok,
+                "all_ok": steps_ok and acc_ok and fd_ok,
+            }
+        )
     return out
 
 
 def markdown_table(rows: list[dict]) -> str:
     ref = rows[0]
     timed = all(r.get("bench_s_per_image") is not None for r in rows)
-    head = ("| setting | inner sampler | inner steps (per outer step) | total inner steps | class accuracy | Fréchet distance "
-            "| FD / reference |" + (" `far bench` s/image | speed-up |" if timed else " generation seconds |"))
+    head = (
+        "| setting | inner sampler | inner steps (per outer step) | total inner steps | class accuracy | Fréchet "
+        "distance "
+        "| FD / reference |" + (" `far bench` s/image | speed-up |" if timed else " generation seconds |")
+    )
     lines = [head, "|" + "---|" * 3 + "---:|" * (6 if timed else 5)]
     for r in rows:
         sampler = r["inner_sampler"] + (f" eta {r['eta']:g}" if r["inner_sampler"] == "ddim" else "")
         per = r["inner_steps"]
         per_s = str(per[0]) if len(set(per)) == 1 else f"{per[0]}..{per[-1]}"
-        cells = [r["setting"], sampler, per_s, str(r["inner_steps_total"]), f"{r['accuracy']:.3f}", f"{r['frechet_distance']:.3f}",
-                 f"{r['frechet_distance'] / ref['frechet_distance']:.2f}"]
+        cells = [
+            r["setting"],
+            sampler,
+            per_s,
+            str(r["inner_steps_total"]),
+            f"{r['accuracy']:.3f}",
+            f"{r['frechet_distance']:.3f}",
+            f"{r['frechet_distance'] / ref['frechet_distance']:.2f}",
+        ]
         if timed:
             cells += [f"{r['bench_s_per_image']:.3f}", f"{ref['bench_s_per_image'] / r['bench_s_per_image']:.2f}x"]
         else:
@@ -229,27 +157,46 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default=str(ROOT / "engines" / "far-demo"))
     ap.add_argument("--backend", default="onnxruntime")
-    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="torch backend: network precision")
+    ap.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default=None, help="torch backend: network precision"
+    )
     ap.add_argument("--compile", action="store_true", help="torch backend: compile the denoiser step (torch.compile)")
     ap.add_argument("--table", choices=sorted(TABLES), default="settings")
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1000, help="first sample seed (the classifier uses 0)")
-    ap.add_argument("--mode", choices=["nomask", "mask"], default=None,
-                    help="sampling mode for every setting of the table (default: each setting's own, else the bundle's)")
-    ap.add_argument("--settings", default=None, help="comma-separated subset of setting indices (0-based; keep 0, the reference)")
-    ap.add_argument("--bench", action=argparse.BooleanOptionalAction, default=None,
-                    help="time each setting with far bench in the same run (default: on for --table inner-samplers)")
+    ap.add_argument(
+        "--mode",
+        choices=["nomask", "mask"],
+        default=None,
+        help="sampling mode for every setting of the table (default: each setting's own, else the bundle's)",
+    )
+    ap.add_argument(
+        "--settings", default=None, help="comma-separated subset of setting indices (0-based; keep 0, the reference)"
+    )
+    ap.add_argument(
+        "--bench",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time each setting with far bench in the same run (default: on for --table inner-samplers)",
+    )
     ap.add_argument("--bench-batch", type=int, default=1)
     ap.add_argument("--bench-iters", type=int, default=3)
-    ap.add_argument("--bench-rounds", type=int, default=3, help="far bench passes over all settings (median of the rounds)")
-    ap.add_argument("--max-batch", type=int, default=25, help="images per backend call while sampling (does not change any image)")
+    ap.add_argument(
+        "--bench-rounds", type=int, default=3, help="far bench passes over all settings (median of the rounds)"
+    )
+    ap.add_argument(
+        "--max-batch", type=int, default=25, help="images per backend call while sampling (does not change any image)"
+    )
     ap.add_argument("--cache-dir", default=str(default_cache_dir()), help="classifier cache ('' = no cache)")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown (docs/BENCHMARKS.md)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     table = TABLES[a.table]
     if a.mode is not None:
-        table = {(f"{k} [{a.mode}]" if v.get("mode", a.mode) == a.mode else k): {**v, "mode": a.mode} for k, v in table.items()}
+        table = {
+            (f"{k} [{a.mode}]" if v.get("mode", a.mode) == a.mode else k): {**v, "mode": a.mode}
+            for k, v in table.items()
+        }
     bench = a.bench if a.bench is not None else a.table == "inner-samplers"
 
     x, y = load_digits_images(32)
@@ -260,8 +207,11 @@ def main() -> None:
     clf_acc = float((pred == y[te].numpy()).mean())
     half = len(te) // 2
     floor = frechet_distance(feat_real[:half], feat_real[half:])
-    print(f"classifier: held-out accuracy {clf_acc:.4f} on {len(te)} images ({'cached' if cached else 'trained'} in {time.time() - t0:.1f} s); "
-          f"real-vs-real FD floor (two halves of held-out) {floor:.3f}")
+    print(
+        f"classifier: held-out accuracy {clf_acc:.4f} on {len(te)} images ({'cached' if cached else 'trained'} in "
+        f"{time.time() - t0:.1f} s); "
+        f"real-vs-real FD floor (two halves of held-out) {floor:.3f}"
+    )
 
     opts = {k: v for k, v in (("precision", a.precision), ("compile", True if a.compile else None)) if v is not None}
     gen = far_sdk.Generator(a.bundle, backend=a.backend, **opts)
@@ -277,24 +227,54 @@ def main() -> None:
         acc = float((p == np.array(labels)).mean())
         fd = frechet_distance(f, feat_real)
         plan = out.plan
-        rows.append({"setting": name, "options": table[name], "mode": plan.mode, "levels": list(plan.levels),
-                     "inner_sampler": plan.inner_sampler, "eta": plan.eta,
-                     "inner_steps": list(plan.inner_steps), "accuracy": acc, "frechet_distance": fd, "images": len(labels),
-                     "inner_steps_total": int(sum(plan.inner_steps)), "seconds": dt})
-        print(f"{name:62s} accuracy {acc:.3f}  FD {fd:8.3f}  ({len(labels)} images, {sum(plan.inner_steps)} inner steps, {dt:.0f} s)",
-              flush=True)
+        rows.append(
+            {
+                "setting": name,
+                "options": table[name],
+                "mode": plan.mode,
+                "levels": list(plan.levels),
+                "inner_sampler": plan.inner_sampler,
+                "eta": plan.eta,
+                "inner_steps": list(plan.inner_steps),
+                "accuracy": acc,
+                "frechet_distance": fd,
+                "images": len(labels),
+                "inner_steps_total": int(sum(plan.inner_steps)),
+                "seconds": dt,
+            }
+        )
+        print(
+            f"{name:62s} accuracy {acc:.3f}  FD {fd:8.3f}  ({len(labels)} images, {sum(plan.inner_steps)} inner "
+            f"steps, {dt:.0f} s)",
+            flush=True,
+        )
     gen.close()
     if bench:
-        print(f"far bench: {a.backend}, batch {a.bench_batch}, {a.bench_rounds} rounds of 1 warm-up + {a.bench_iters} timed runs "
-              "per setting ...", flush=True)
-        per_image = bench_seconds_per_image(a.bundle, a.backend, {n: table[n] for n in chosen}, a.bench_batch, a.bench_iters,
-                                            a.bench_rounds)
+        print(
+            f"far bench: {a.backend}, batch {a.bench_batch}, {a.bench_rounds} rounds of 1 warm-up + {a.bench_iters} "
+            "timed runs "
+            "per setting ...",
+            flush=True,
+        )
+        per_image = bench_seconds_per_image(
+            a.bundle, a.backend, {n: table[n] for n in chosen}, a.bench_batch, a.bench_iters, a.bench_rounds
+        )
         for r in rows:
             r["bench_s_per_image"] = per_image[r["setting"]]
-    result = {"bundle": str(a.bundle), "backend": a.backend, "backend_options": opts, "table": a.table, "classifier_heldout_accuracy": clf_acc, "fd_floor": floor,
-              "per_class": a.per_class, "seed": a.seed,
-              "bench": {"batch": a.bench_batch, "iters": a.bench_iters, "warmup": 1, "rounds": a.bench_rounds} if bench else None,
-              "rows": rows}
+    result = {
+        "bundle": str(a.bundle),
+        "backend": a.backend,
+        "backend_options": opts,
+        "table": a.table,
+        "classifier_heldout_accuracy": clf_acc,
+        "fd_floor": floor,
+        "per_class": a.per_class,
+        "seed": a.seed,
+        "bench": {"batch": a.bench_batch, "iters": a.bench_iters, "warmup": 1, "rounds": a.bench_rounds}
+        if bench
+        else None,
+        "rows": rows,
+    }
     if a.table == "inner-samplers":
         result["fast_setting_checks"] = fast_setting_checks(rows)
     if a.json:
@@ -305,14 +285,22 @@ def main() -> None:
     else:
         for r in rows:
             t = f"  {r['bench_s_per_image']:.3f} s/image" if bench else ""
-            print(f"{r['setting']:62s} {r['accuracy']:.3f}  FD {r['frechet_distance']:7.3f}  {r['inner_steps_total']:5d} inner steps{t}")
+            print(
+                f"{r['setting']:62s} {r['accuracy']:.3f}  FD {r['frechet_distance']:7.3f}  "
+                f"{r['inner_steps_total']:5d} inner steps{t}"
+            )
     if a.table == "inner-samplers":
         ref = rows[0]
-        print(f"\nfast-setting criteria vs '{ref['setting']}': <= {ref['inner_steps_total'] / FAST_STEP_RATIO:.0f} inner steps, "
-              f"accuracy >= {ref['accuracy'] - FAST_ACC_POINTS:.3f}, FD <= {FAST_FD_RATIO * ref['frechet_distance']:.3f}")
+        print(
+            f"\nfast-setting criteria vs '{ref['setting']}': <= {ref['inner_steps_total'] / FAST_STEP_RATIO:.0f} "
+            "inner steps, "
+            f"accuracy >= {ref['accuracy'] - FAST_ACC_POINTS:.3f}, FD <= {FAST_FD_RATIO * ref['frechet_distance']:.3f}"
+        )
         for c in result["fast_setting_checks"]:
-            print(f"  {'PASS' if c['all_ok'] else 'fail'}  {c['setting']}  (steps {'ok' if c['steps_ok'] else 'no'}, "
-                  f"accuracy {'ok' if c['accuracy_ok'] else 'no'}, FD {'ok' if c['fd_ok'] else 'no'})")
+            print(
+                f"  {'PASS' if c['all_ok'] else 'fail'}  {c['setting']}  (steps {'ok' if c['steps_ok'] else 'no'}, "
+                f"accuracy {'ok' if c['accuracy_ok'] else 'no'}, FD {'ok' if c['fd_ok'] else 'no'})"
+            )
 
 
 if __name__ == "__main__":

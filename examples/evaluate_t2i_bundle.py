@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     a = ap.parse_args()
-    from evaluate_demo import cached_classifier, classify, default_cache_dir
+    from digit_classifier import cached_classifier, classify, default_cache_dir
 
     torch.set_num_threads(a.threads)
     x, y = load_digits_images(32)
@@ -53,19 +53,38 @@ def main() -> None:
         out = gen.generate(prompt=[cap] * a.per_prompt, seed=a.seed + 1000 * i, output_type="np")
         img = torch.from_numpy(out.images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
         pred, _ = classify(net, img)
-        rows.append({"prompt": cap, "digit": int(digit), "accuracy": float((pred == digit).mean()),
-                     "predicted": np.bincount(pred, minlength=10).tolist()})
+        rows.append(
+            {
+                "prompt": cap,
+                "digit": int(digit),
+                "accuracy": float((pred == digit).mean()),
+                "predicted": np.bincount(pred, minlength=10).tolist(),
+            }
+        )
         print(f"  {cap!r}: {rows[-1]['accuracy']:.2f}", flush=True)
-    per_digit = {str(d): float(np.mean([r["accuracy"] for r in rows if r["digit"] == d]))
-                 for d in sorted({r["digit"] for r in rows})}
+    per_digit = {
+        str(d): float(np.mean([r["accuracy"] for r in rows if r["digit"] == d]))
+        for d in sorted({r["digit"] for r in rows})
+    }
     acc = float(np.mean([r["accuracy"] for r in rows]))
-    res = {"bundle": a.bundle.name, "backend": a.backend, "accuracy": acc, "per_digit": per_digit, "prompts": len(rows),
-           "per_prompt": a.per_prompt, "plan": {"levels": list(out.plan.levels), "inner_steps": list(out.plan.inner_steps)},
-           "seconds": time.time() - t0, "rows": rows}
+    res = {
+        "bundle": a.bundle.name,
+        "backend": a.backend,
+        "accuracy": acc,
+        "per_digit": per_digit,
+        "prompts": len(rows),
+        "per_prompt": a.per_prompt,
+        "plan": {"levels": list(out.plan.levels), "inner_steps": list(out.plan.inner_steps)},
+        "seconds": time.time() - t0,
+        "rows": rows,
+    }
     if a.out:
         a.out.write_text(json.dumps(res, indent=1))
     print("per digit: " + "  ".join(f"{d}: {v:.2f}" for d, v in per_digit.items()))
-    print(f"held-out paraphrase accuracy {acc:.3f} over {len(rows)} prompts x {a.per_prompt} images ({time.time() - t0:.0f} s)")
+    print(
+        f"held-out paraphrase accuracy {acc:.3f} over {len(rows)} prompts x {a.per_prompt} images "
+        f"({time.time() - t0:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

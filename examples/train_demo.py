@@ -8,7 +8,7 @@ held-out 20 % is only used by examples/evaluate_demo.py). Stages, each skipped w
 3. ``far``: FAR (far_demo preset) with far-train's loop -> build/demo/far/checkpoint-last.pth
 4. ``export``: far-export's export_bundle -> engines/far-demo (EMA weights, id2label "0".."9")
 
-    .venv/bin/python examples/train_demo.py            # all stages, the committed bundle's settings (times: engines/far-demo/README.md)
+    .venv/bin/python examples/train_demo.py            # all stages (times: engines/far-demo/README.md)
     .venv/bin/python examples/train_demo.py --stage far --far-steps 4000   # one stage (resumes from build/demo/far)
 """
 
@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training import VAE_CONFIGS, load_official_checkpoint, load_official_vae  # noqa: E402
-from training.demo_data import DIGIT_LABELS, load_digits_images, split_indices  # noqa: E402
 from training.data import LatentDataset, write_latents  # noqa: E402
+from training.demo_data import DIGIT_LABELS, load_digits_images, split_indices  # noqa: E402
 from training.train import TrainConfig, train  # noqa: E402
 from training.vae_train import train_vae  # noqa: E402
 
@@ -41,8 +41,12 @@ def stage_vae(a, work: Path) -> None:
     x, y = load_digits_images(32)
     tr, _ = split_indices(y)
     t0 = time.time()
-    scale = train_vae(VAE_CONFIG, x[tr], steps=a.vae_steps, lr=a.vae_lr, batch_size=32, out=work / "vae.ckpt", seed=a.seed)
-    (work / "vae.json").write_text(json.dumps({"latent_scale": scale, "steps": a.vae_steps, "seconds": time.time() - t0}))
+    scale = train_vae(
+        VAE_CONFIG, x[tr], steps=a.vae_steps, lr=a.vae_lr, batch_size=32, out=work / "vae.ckpt", seed=a.seed
+    )
+    (work / "vae.json").write_text(
+        json.dumps({"latent_scale": scale, "steps": a.vae_steps, "seconds": time.time() - t0})
+    )
     print(f"vae: {a.vae_steps} steps in {time.time() - t0:.0f} s, latent scale {scale:.4f}")
 
 
@@ -66,14 +70,26 @@ def stage_latents(a, work: Path) -> None:
 
 
 def stage_far(a, work: Path) -> None:
-    cfg = TrainConfig(model=MODEL, batch_size=a.batch, steps=a.far_steps, lr=a.far_lr, warmup_steps=100,
-                      ema_rate=a.ema, out_dir=str(work / "far"), save_every=500, log_every=50, seed=a.seed,
-                      diffusion_batch_mul=a.mul, high_t_fraction=a.high_t, resume=str(work / "far") if (work / "far" / "checkpoint-last.pth").exists() else None)
+    cfg = TrainConfig(
+        model=MODEL,
+        batch_size=a.batch,
+        steps=a.far_steps,
+        lr=a.far_lr,
+        warmup_steps=100,
+        ema_rate=a.ema,
+        out_dir=str(work / "far"),
+        save_every=500,
+        log_every=50,
+        seed=a.seed,
+        diffusion_batch_mul=a.mul,
+        high_t_fraction=a.high_t,
+        resume=str(work / "far") if (work / "far" / "checkpoint-last.pth").exists() else None,
+    )
     prev = json.loads((work / "far.json").read_text()) if cfg.resume and (work / "far.json").exists() else {}
     t0 = time.time()
     res = train(cfg, LatentDataset(work / "latents.npz"))
-    hist = [tuple(h) for h in prev.get("history", [])] + [(s, round(l, 4)) for s, l, _ in res.history]
-    seconds = prev.get("seconds", 0.0) + time.time() - t0        # a resumed run adds to the earlier time
+    hist = [tuple(h) for h in prev.get("history", [])] + [(s, round(loss, 4)) for s, loss, _ in res.history]
+    seconds = prev.get("seconds", 0.0) + time.time() - t0  # a resumed run adds to the earlier time
     (work / "far.json").write_text(json.dumps({"steps": res.step, "seconds": seconds, "history": hist}))
     print(f"far: {res.step} steps in {seconds:.0f} s in all; loss {hist[0][1]} -> {hist[-1][1]}")
 
@@ -85,9 +101,25 @@ def stage_export(a, work: Path) -> None:
     vae = load_official_vae(work / "vae.ckpt", VAE_CONFIGS[VAE_CONFIG])
     scale = json.loads((work / "vae.json").read_text())["latent_scale"]
     source = checkpoint_source(work / "far" / "checkpoint-last.pth", use_ema=True, vae=work / "vae.ckpt")
-    export_bundle(far, vae, a.out, name="far-demo", latent_scale=scale, id2label=DIGIT_LABELS, overwrite=True, source=source,
-                  defaults={"num_steps": 10, "cfg": a.cfg, "cfg_schedule": "linear", "temperature": 1.0,
-                            "inner_steps": "frequency-aware", "filter": "spatial", "x0_clip": a.x0_clip})
+    export_bundle(
+        far,
+        vae,
+        a.out,
+        name="far-demo",
+        latent_scale=scale,
+        id2label=DIGIT_LABELS,
+        overwrite=True,
+        source=source,
+        defaults={
+            "num_steps": 10,
+            "cfg": a.cfg,
+            "cfg_schedule": "linear",
+            "temperature": 1.0,
+            "inner_steps": "frequency-aware",
+            "filter": "spatial",
+            "x0_clip": a.x0_clip,
+        },
+    )
     write_bundle_readme(a, work)
     print(f"export: {a.out}")
 
@@ -115,7 +147,8 @@ VAE and FAR, 359 are held out for `examples/evaluate_demo.py`.
 ```
 OMP_WAIT_POLICY=PASSIVE .venv/bin/python examples/train_demo.py     # the defaults are this run's settings
 ```
-(equivalently: `--vae-steps {vae["steps"]} --far-steps {far["steps"]} --batch {a.batch} --far-lr {a.far_lr} --mul {a.mul} --ema {a.ema} --high-t {a.high_t} --samples {a.samples} --seed {a.seed}`;
+(equivalently: `--vae-steps {vae["steps"]} --far-steps {far["steps"]} --batch {a.batch} --far-lr {a.far_lr} --mul
+{a.mul} --ema {a.ema} --high-t {a.high_t} --samples {a.samples} --seed {a.seed}`;
 the VAE ran with 1 thread, FAR with 2; thread counts change results only at float32 rounding level)
 stages (`examples/train_demo.py`, each skipped when its output exists; run on a 2-core x86-64 CPU, no GPU):
 1. VAE: {vae["steps"]} steps, batch 32, AdamW lr {a.vae_lr} ({vae["seconds"] / 60:.1f} min); latent scale
@@ -163,8 +196,12 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--high-t", type=float, default=0.15, help="TrainConfig.high_t_fraction (see far-train --help)")
     ap.add_argument("--cfg", type=float, default=3.0, help="default guidance scale recorded in the bundle")
-    ap.add_argument("--x0-clip", type=float, default=4.0,
-                    help="default x0 clip recorded in the bundle (training latents reach |3.6|; see README)")
+    ap.add_argument(
+        "--x0-clip",
+        type=float,
+        default=4.0,
+        help="default x0 clip recorded in the bundle (training latents reach |3.6|; see README)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

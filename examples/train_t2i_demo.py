@@ -81,14 +81,18 @@ def stage_latents(a, work: Path) -> None:
     print(f"latents: {lat.shape} (std {lat.std():.3f})")
 
 
-def pretrain_text_encoder(enc: SmallTextEncoder, captions: list[str], labels: np.ndarray, steps: int, seed: int) -> float:
+def pretrain_text_encoder(
+    enc: SmallTextEncoder, captions: list[str], labels: np.ndarray, steps: int, seed: int
+) -> float:
     """Teach the encoder which digit a caption names: CE of a linear head on the masked mean of the last hidden
     state, with 15 % of the tokens replaced at random (robustness to unseen words). Returns the last accuracy."""
     torch.manual_seed(seed)
     tok, model = enc.tokenizer, enc.model.train()
     head = torch.nn.Linear(enc.hidden_size, 10)
     opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=3e-3, weight_decay=0.01)
-    ids = tok(captions, return_tensors="pt", padding="max_length", max_length=enc.context_len, truncation=True).input_ids
+    ids = tok(
+        captions, return_tensors="pt", padding="max_length", max_length=enc.context_len, truncation=True
+    ).input_ids
     real = ids != tok.pad_token_id
     y = torch.from_numpy(labels)
     gen = torch.Generator().manual_seed(seed)
@@ -96,7 +100,7 @@ def pretrain_text_encoder(enc: SmallTextEncoder, captions: list[str], labels: np
     for _ in range(steps):
         swap = (torch.rand(ids.shape, generator=gen) < 0.15) & real
         noisy = torch.where(swap, torch.randint(1, len(tok), ids.shape, generator=gen), ids)
-        h = model(noisy, attention_mask=real.long()).last_hidden_state                      # (N, T, H)
+        h = model(noisy, attention_mask=real.long()).last_hidden_state  # (N, T, H)
         pooled = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True)
         logits = head(pooled)
         loss = F.cross_entropy(logits, y)
@@ -111,37 +115,58 @@ def pretrain_text_encoder(enc: SmallTextEncoder, captions: list[str], labels: np
 def stage_text(a, work: Path) -> None:
     caps, cap_labels = train_captions()
     t0 = time.time()
-    enc = SmallTextEncoder.build(caps, context_len=16, hidden_size=64, layers=2, heads=4, vocab_size=a.vocab, seed=a.seed)
+    enc = SmallTextEncoder.build(
+        caps, context_len=16, hidden_size=64, layers=2, heads=4, vocab_size=a.vocab, seed=a.seed
+    )
     acc = pretrain_text_encoder(enc, caps, cap_labels, a.text_steps, a.seed)
     enc.save_pretrained(work / "text_encoder")
-    contexts = enc.encode(caps).numpy()                                                     # (M, 16, 64)
+    contexts = enc.encode(caps).numpy()  # (M, 16, 64)
     with np.load(work / "latents.npz") as f:
         lat, lab = f["latents"], f["labels"]
     write_text_latents(work / "text_latents.npz", lat, contexts, caption_pairs(lab, cap_labels, a.seed))
-    print(f"text: vocab {len(enc.tokenizer)}, pre-training accuracy {acc:.3f}, contexts {contexts.shape} "
-          f"({time.time() - t0:.0f} s)")
+    print(
+        f"text: vocab {len(enc.tokenizer)}, pre-training accuracy {acc:.3f}, contexts {contexts.shape} "
+        f"({time.time() - t0:.0f} s)"
+    )
 
 
 def stage_far(a, work: Path) -> None:
     out = work / "far"
     resume = str(out) if (out / "checkpoint-last.pth").exists() else None
-    cfg = TrainConfig(model=MODEL, batch_size=a.batch, steps=a.far_steps, lr=a.far_lr, warmup_steps=100, ema_rate=a.ema,
-                      grad_clip=1.0, out_dir=str(out), save_every=a.save_every, log_every=50, seed=a.seed,
-                      diffusion_batch_mul=a.mul, high_t_fraction=a.high_t, resume=resume, progress=False)
+    cfg = TrainConfig(
+        model=MODEL,
+        batch_size=a.batch,
+        steps=a.far_steps,
+        lr=a.far_lr,
+        warmup_steps=100,
+        ema_rate=a.ema,
+        grad_clip=1.0,
+        out_dir=str(out),
+        save_every=a.save_every,
+        log_every=50,
+        seed=a.seed,
+        diffusion_batch_mul=a.mul,
+        high_t_fraction=a.high_t,
+        resume=resume,
+        progress=False,
+    )
     t0 = time.time()
     res = train(cfg, TextLatentDataset(work / "text_latents.npz"))
     hist = [(s, round(loss, 4)) for s, loss, _ in res.history]
     log = work / "far.json"
     prev = json.loads(log.read_text()) if resume and log.exists() else {"history": [], "seconds": 0.0}
-    log.write_text(json.dumps({"steps": res.step, "seconds": prev["seconds"] + time.time() - t0,
-                               "history": prev["history"] + hist}))
+    log.write_text(
+        json.dumps(
+            {"steps": res.step, "seconds": prev["seconds"] + time.time() - t0, "history": prev["history"] + hist}
+        )
+    )
     print(f"far: {res.step} steps; loss {hist[0][1] if hist else '-'} -> {hist[-1][1] if hist else '-'}")
 
 
 @torch.no_grad()
 def stage_eval(a, work: Path) -> dict:
     sys.path.insert(0, str(ROOT / "examples"))
-    from evaluate_demo import cached_classifier, classify, default_cache_dir
+    from digit_classifier import cached_classifier, classify, default_cache_dir
 
     x, y = load_digits_images(32)
     tr, _ = split_indices(y)
@@ -161,16 +186,33 @@ def stage_eval(a, work: Path) -> dict:
         lat = sample_reference_t2i(far, ctx, plan=plan, seed=a.seed + 1000 * i)
         img = vae.decode(lat / scale).clamp(-1, 1)
         pred, _ = classify(net, img)
-        rows.append({"prompt": cap, "digit": int(digit), "accuracy": float((pred == digit).mean()),
-                     "predicted": np.bincount(pred, minlength=10).tolist()})
+        rows.append(
+            {
+                "prompt": cap,
+                "digit": int(digit),
+                "accuracy": float((pred == digit).mean()),
+                "predicted": np.bincount(pred, minlength=10).tolist(),
+            }
+        )
         print(f"  {cap!r}: {rows[-1]['accuracy']:.2f}", flush=True)
     acc = float(np.mean([r["accuracy"] for r in rows]))
-    res = {"accuracy": acc, "prompts": len(rows), "per_prompt": a.per_prompt, "weights": a.weights, "cfg": a.cfg,
-           "inner_steps": a.inner_steps,
-           "x0_clip": a.x0_clip, "far_steps": far_steps(work), "seconds": time.time() - t0, "rows": rows}
+    res = {
+        "accuracy": acc,
+        "prompts": len(rows),
+        "per_prompt": a.per_prompt,
+        "weights": a.weights,
+        "cfg": a.cfg,
+        "inner_steps": a.inner_steps,
+        "x0_clip": a.x0_clip,
+        "far_steps": far_steps(work),
+        "seconds": time.time() - t0,
+        "rows": rows,
+    }
     (work / a.eval_name).write_text(json.dumps(res, indent=1))
-    print(f"eval: held-out paraphrase accuracy {acc:.3f} over {len(rows)} prompts x {a.per_prompt} images "
-          f"({time.time() - t0:.0f} s)")
+    print(
+        f"eval: held-out paraphrase accuracy {acc:.3f} over {len(rows)} prompts x {a.per_prompt} images "
+        f"({time.time() - t0:.0f} s)"
+    )
     return res
 
 
@@ -185,9 +227,17 @@ def stage_bundle(a, work: Path) -> Path:
     vae = load_official_vae(work / "vae" / "vae.ckpt", VAE_CONFIGS[VAE_CONFIG]).eval()
     scale = json.loads((work / "vae" / "vae.json").read_text())["latent_scale"]
     enc = SmallTextEncoder.from_pretrained(work / "text_encoder")
-    out = export_bundle(far, vae, a.bundle_out, name=a.bundle_out.name, latent_scale=scale, text_encoder=enc, overwrite=True,
-                        defaults={"cfg": a.cfg, "inner_steps": a.inner_steps, "x0_clip": a.x0_clip},
-                        source=checkpoint_source(ckpt, use_ema=use_ema, vae=work / "vae" / "vae.ckpt"))
+    out = export_bundle(
+        far,
+        vae,
+        a.bundle_out,
+        name=a.bundle_out.name,
+        latent_scale=scale,
+        text_encoder=enc,
+        overwrite=True,
+        defaults={"cfg": a.cfg, "inner_steps": a.inner_steps, "x0_clip": a.x0_clip},
+        source=checkpoint_source(ckpt, use_ema=use_ema, vae=work / "vae" / "vae.ckpt"),
+    )
     print(f"bundle: {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB, {a.weights} weights)")
     return out
 
@@ -202,13 +252,15 @@ def far_steps(work: Path) -> int | None:
 
 STAGES = {"vae": stage_vae, "latents": stage_latents, "text": stage_text, "far": stage_far, "eval": stage_eval}
 OUTPUTS = {"vae": "vae/vae.ckpt", "latents": "latents.npz", "text": "text_latents.npz", "far": "far.json", "eval": None}
-EXTRA = {"bundle": stage_bundle}   # run by name only (--stage bundle)
+EXTRA = {"bundle": stage_bundle}  # run by name only (--stage bundle)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=list(STAGES) + list(EXTRA) + ["all"], default="all")
-    ap.add_argument("--bundle-out", type=Path, default=ROOT / "engines" / "far-t2i-demo", help="bundle stage: the bundle to write")
+    ap.add_argument(
+        "--bundle-out", type=Path, default=ROOT / "engines" / "far-t2i-demo", help="bundle stage: the bundle to write"
+    )
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "t2i-demo")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=1500)
@@ -228,7 +280,9 @@ def main() -> None:
     ap.add_argument("--per-prompt", type=int, default=20)
     ap.add_argument("--prompts", type=int, default=None, help="eval: only this many held-out prompts, spread evenly")
     ap.add_argument("--eval-name", default="eval.json")
-    ap.add_argument("--weights", choices=["ema", "live"], default="ema", help="eval: the checkpoint's EMA or live weights")
+    ap.add_argument(
+        "--weights", choices=["ema", "live"], default="ema", help="eval: the checkpoint's EMA or live weights"
+    )
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

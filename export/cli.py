@@ -31,17 +31,24 @@ _EXPORT_LOGGER = "export"
 
 def _add_onnx_args(p: argparse.ArgumentParser) -> None:
     from training.config import FAR_CONFIGS
-    from training.vae import VAE_CONFIGS
+    from training.config_vae import VAE_CONFIGS
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="official FAR checkpoint (checkpoint-last.pth)")
     src.add_argument("--random-init", action="store_true", help="random weights (tests, benchmarks); needs --model")
     arch = p.add_mutually_exclusive_group()
-    arch.add_argument("--model", choices=sorted(FAR_CONFIGS),
-                      help="architecture preset; with --checkpoint, read from the checkpoint's saved args when omitted")
-    arch.add_argument("--config", type=Path, metavar="CFG.JSON",
-                      help="architecture of a custom shape: a JSON object of FARConfig fields (training/config.py), "
-                           "e.g. for a checkpoint whose saved args name no official preset")
+    arch.add_argument(
+        "--model",
+        choices=sorted(FAR_CONFIGS),
+        help="architecture preset; with --checkpoint, read from the checkpoint's saved args when omitted",
+    )
+    arch.add_argument(
+        "--config",
+        type=Path,
+        metavar="CFG.JSON",
+        help="architecture of a custom shape: a JSON object of FARConfig fields (training/config.py), "
+        "e.g. for a checkpoint whose saved args name no official preset",
+    )
     p.add_argument("--no-ema", action="store_true", help="export the live weights instead of the EMA weights")
     p.add_argument("--vae", type=Path, help="KL-16 tokenizer checkpoint (kl16.ckpt); required with --checkpoint")
     p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS), help="VAE architecture (default: kl16)")
@@ -50,15 +57,24 @@ def _add_onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="bundle name (default: the --out directory's name)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default: 17)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
-    p.add_argument("--reuse", action="store_true",
-                   help="with --random-init: keep a bundle already at --out when it was made from the same model, VAE, seed and "
-                        "far_sdk version (a cache for benchmarks: far-export onnx --random-init --model far_large --out DIR --reuse)")
-    p.add_argument("--cfg", type=float, default=3.0, help="default guidance scale recorded in the bundle (default: 3.0)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --random-init: keep a bundle already at --out when it was made from the same model, VAE, seed and "
+        "far_sdk version (a cache for benchmarks: far-export onnx --random-init --model far_large --out DIR --reuse)",
+    )
+    p.add_argument(
+        "--cfg", type=float, default=3.0, help="default guidance scale recorded in the bundle (default: 3.0)"
+    )
     p.add_argument("--latent-scale", type=float, default=0.2325, help="VAE latent scale (default: 0.2325, FAR's)")
     p.add_argument("--id2label", type=Path, help='JSON file {"0": "tench", ...} of class names')
-    p.add_argument("--text-encoder", type=Path, metavar="DIR",
-                   help="FAR-T2I: a small text encoder directory (training.text_encoder.SmallTextEncoder.save_pretrained) "
-                        "to bundle as text_encoder.onnx + tokenizer.json (then generate(prompt=...) works torch-free)")
+    p.add_argument(
+        "--text-encoder",
+        type=Path,
+        metavar="DIR",
+        help="FAR-T2I: a small text encoder directory (training.text_encoder.SmallTextEncoder.save_pretrained) "
+        "to bundle as text_encoder.onnx + tokenizer.json (then generate(prompt=...) works torch-free)",
+    )
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch check (not recommended)")
 
 
@@ -67,7 +83,8 @@ def _run_onnx(args: argparse.Namespace) -> int:
     from export.random_bundle import random_bundle, random_models
     from training.checkpoint import load_official_checkpoint
     from training.config import read_config_file
-    from training.vae import VAE_CONFIGS, load_official_vae
+    from training.config_vae import VAE_CONFIGS
+    from training.vae import load_official_vae
 
     out: Path = args.out
     if out.exists() and not out.is_dir():
@@ -76,9 +93,13 @@ def _run_onnx(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--reuse applies to --random-init bundles only")
     if out.is_dir() and any(out.iterdir()) and not (args.overwrite or args.reuse):
         raise InvalidArgumentError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    check_writable_dir(out.parent if str(out.parent) else Path("."), "--out", shown=out)  # before any loading or tracing
+    check_writable_dir(
+        out.parent if str(out.parent) else Path("."), "--out", shown=out
+    )  # before any loading or tracing
     if args.random_init and args.model is None and args.config is None:
-        raise InvalidArgumentError("--random-init needs --model (one of the presets) or --config (a JSON file of FARConfig fields)")
+        raise InvalidArgumentError(
+            "--random-init needs --model (one of the presets) or --config (a JSON file of FARConfig fields)"
+        )
     if args.checkpoint is not None and args.vae is None:
         raise InvalidArgumentError("--checkpoint needs --vae (the KL-16 tokenizer checkpoint, e.g. kl16.ckpt)")
     id2label = None
@@ -93,10 +114,18 @@ def _run_onnx(args: argparse.Namespace) -> int:
     config = read_config_file(args.config) if args.config is not None else args.model  # checked before any loading
     vae_cfg = VAE_CONFIGS[args.vae_config]
     t0 = time.perf_counter()
-    options = dict(name=args.name or out.resolve().name, latent_scale=args.latent_scale, id2label=id2label, opset=args.opset,
-                   validate=not args.no_validate, defaults={"cfg": args.cfg})
+    options = dict(
+        name=args.name or out.resolve().name,
+        latent_scale=args.latent_scale,
+        id2label=id2label,
+        opset=args.opset,
+        validate=not args.no_validate,
+        defaults={"cfg": args.cfg},
+    )
     if args.random_init and args.vae is None:
-        path = random_bundle(out, config, vae_cfg, seed=args.seed, reuse=args.reuse, overwrite=args.overwrite, **options)
+        path = random_bundle(
+            out, config, vae_cfg, seed=args.seed, reuse=args.reuse, overwrite=args.overwrite, **options
+        )
         print(f"random-init model and VAE exported in {time.perf_counter() - t0:.1f} s")
         return _report(path)
     if args.random_init:
@@ -161,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     try:
-        return run_command(f"far-export {args.command}", lambda: args.run(args), interrupted="interrupted; nothing was written")
+        return run_command(
+            f"far-export {args.command}", lambda: args.run(args), interrupted="interrupted; nothing was written"
+        )
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)

@@ -24,9 +24,10 @@ from far_sdk import __version__
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import FarError, InvalidArgumentError
 from training.config import FARConfig, get_config
+from training.config_vae import VAE_CONFIGS, VAEConfig
 from training.far import FAR
 from training.graph_modules import randomize_for_export
-from training.vae import VAE_CONFIGS, AutoencoderKL, VAEConfig
+from training.vae import AutoencoderKL
 
 from .onnx_export import export_bundle, random_init_source
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def _configs(model: str | FARConfig, vae_config: str | VAEConfig) -> tuple[FARConfig, VAEConfig]:
-    cfg = get_config(model) if isinstance(model, str) else model       # ConfigError naming the presets
+    cfg = get_config(model) if isinstance(model, str) else model  # ConfigError naming the presets
     if isinstance(vae_config, str):
         if vae_config not in VAE_CONFIGS:
             raise InvalidArgumentError(f"unknown VAE config {vae_config!r}; choose one of {sorted(VAE_CONFIGS)}")
@@ -42,8 +43,9 @@ def _configs(model: str | FARConfig, vae_config: str | VAEConfig) -> tuple[FARCo
     return cfg, vae_config
 
 
-def random_models(model: str | FARConfig = "far_tiny", vae_config: str | VAEConfig = "kl16-tiny", *,
-                  seed: int = 0) -> tuple[FAR, AutoencoderKL]:
+def random_models(
+    model: str | FARConfig = "far_tiny", vae_config: str | VAEConfig = "kl16-tiny", *, seed: int = 0
+) -> tuple[FAR, AutoencoderKL]:
     """(FAR, AutoencoderKL) in eval mode with random weights: ``model`` a preset name
     (training.config.FAR_CONFIGS) or a FARConfig, ``vae_config`` a name of VAE_CONFIGS or a VAEConfig."""
     cfg, vcfg = _configs(model, vae_config)
@@ -53,9 +55,18 @@ def random_models(model: str | FARConfig = "far_tiny", vae_config: str | VAEConf
     return far, vae
 
 
-def random_bundle(out: str | os.PathLike, model: str | FARConfig = "far_tiny", vae_config: str | VAEConfig = "kl16-tiny", *,
-                  seed: int = 0, name: str | None = None, reuse: bool = False, overwrite: bool = False, validate: bool = True,
-                  **export_options: Any) -> Path:
+def random_bundle(
+    out: str | os.PathLike,
+    model: str | FARConfig = "far_tiny",
+    vae_config: str | VAEConfig = "kl16-tiny",
+    *,
+    seed: int = 0,
+    name: str | None = None,
+    reuse: bool = False,
+    overwrite: bool = False,
+    validate: bool = True,
+    **export_options: Any,
+) -> Path:
     """Export :func:`random_models` to a bundle at ``out`` and return its path.
 
     ``reuse=True`` returns an existing bundle at ``out`` unchanged when its manifest records the same
@@ -68,8 +79,12 @@ def random_bundle(out: str | os.PathLike, model: str | FARConfig = "far_tiny", v
     if reuse:
         try:
             m = Bundle.load(out, verify=False).manifest
-            if (m["source"] == random_init_source(seed) and m["model"] == cfg.to_dict() and m["vae"] == vcfg.to_dict()
-                    and m["created_by"].get("far_sdk") == __version__):
+            if (
+                m["source"] == random_init_source(seed)
+                and m["model"] == cfg.to_dict()
+                and m["vae"] == vcfg.to_dict()
+                and m["created_by"].get("far_sdk") == __version__
+            ):
                 log.info("reusing the random-init bundle at %s", out)
                 return out
         except (FarError, KeyError):
@@ -77,5 +92,13 @@ def random_bundle(out: str | os.PathLike, model: str | FARConfig = "far_tiny", v
         overwrite = True
     far, vae = random_models(cfg, vcfg, seed=seed)
     label = model if isinstance(model, str) else "custom"
-    return export_bundle(far, vae, out, name=name or f"random-{label}", source=random_init_source(seed), overwrite=overwrite,
-                         validate=validate, **export_options)
+    return export_bundle(
+        far,
+        vae,
+        out,
+        name=name or f"random-{label}",
+        source=random_init_source(seed),
+        overwrite=overwrite,
+        validate=validate,
+        **export_options,
+    )

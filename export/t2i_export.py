@@ -41,18 +41,26 @@ def check_text_encoder(far: Any, text_encoder: Any) -> None:
     if text_encoder is None:
         return
     if not isinstance(far, FART2I):
-        raise InvalidArgumentError("text_encoder= goes with a FAR-T2I model only; a class-conditional bundle has no text side")
+        raise InvalidArgumentError(
+            "text_encoder= goes with a FAR-T2I model only; a class-conditional bundle has no text side"
+        )
     if not hasattr(text_encoder, "tokenizer") or not hasattr(text_encoder, "context_len"):
-        raise InvalidArgumentError(f"text_encoder must be a training.text_encoder.SmallTextEncoder, got {type(text_encoder).__name__}")
+        raise InvalidArgumentError(
+            f"text_encoder must be a training.text_encoder.SmallTextEncoder, got {type(text_encoder).__name__}"
+        )
     cfg = far.config
     if (text_encoder.context_len, text_encoder.hidden_size) != (cfg.context_len, cfg.context_dim):
-        raise InvalidArgumentError(f"the text encoder gives [B, {text_encoder.context_len}, {text_encoder.hidden_size}] but the model "
-                                   f"takes context [B, {cfg.context_len}, {cfg.context_dim}]")
+        raise InvalidArgumentError(
+            f"the text encoder gives [B, {text_encoder.context_len}, {text_encoder.hidden_size}] but the model "
+            f"takes context [B, {cfg.context_len}, {cfg.context_dim}]"
+        )
 
 
 def _ids(text_encoder: Any, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     tok = text_encoder.tokenizer
-    ids = tok(prompts, return_tensors="np", padding="max_length", max_length=text_encoder.context_len, truncation=True).input_ids
+    ids = tok(
+        prompts, return_tensors="np", padding="max_length", max_length=text_encoder.context_len, truncation=True
+    ).input_ids
     ids = ids.astype(np.int64)
     return ids, (ids != tok.pad_token_id).astype(np.int64)
 
@@ -60,7 +68,7 @@ def _ids(text_encoder: Any, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]
 def export_text_encoder(text_encoder: Any, bundle_dir: Path, opset: int) -> dict[str, Any]:
     """Write ``text_encoder.onnx`` and ``tokenizer.json`` into ``bundle_dir``, validated; returns the manifest's
     ``text.encoder`` entry."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # noqa: PLC0415 - the backend's runtime: loaded when chosen
 
     model = _LastHidden(text_encoder.model.eval()).eval()
     ids, am = _ids(text_encoder, list(_PROBE_PROMPTS[:2]))
@@ -69,9 +77,17 @@ def export_text_encoder(text_encoder: Any, bundle_dir: Path, opset: int) -> dict
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.from_numpy(ids), torch.from_numpy(am)), str(path),
-                              input_names=["input_ids", "attention_mask"], output_names=["hidden_states"],
-                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+            torch.onnx.export(
+                model,
+                (torch.from_numpy(ids), torch.from_numpy(am)),
+                str(path),
+                input_names=["input_ids", "attention_mask"],
+                output_names=["hidden_states"],
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
     except Exception as e:
         raise ExportError(f"torch.onnx.export of the text encoder failed: {type(e).__name__}: {e}") from e
     text_encoder.tokenizer.backend_tokenizer.save(str(bundle_dir / TOKENIZER_FILE))
@@ -82,8 +98,15 @@ def export_text_encoder(text_encoder: Any, bundle_dir: Path, opset: int) -> dict
         want = text_encoder.encode(prompts).detach().numpy()
         rel = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
         if not rel <= TEXT_ENCODER_MAX_REL:
-            raise ExportError(f"the exported text encoder disagrees with PyTorch at batch {n} (max rel {rel:.3g}); nothing was written")
-    return {"file": TEXT_ENCODER_FILE, "tokenizer": TOKENIZER_FILE, "pad_token_id": int(text_encoder.tokenizer.pad_token_id)}
+            raise ExportError(
+                f"the exported text encoder disagrees with PyTorch at batch {n} (max rel {rel:.3g}); nothing was "
+                "written"
+            )
+    return {
+        "file": TEXT_ENCODER_FILE,
+        "tokenizer": TOKENIZER_FILE,
+        "pad_token_id": int(text_encoder.tokenizer.pad_token_id),
+    }
 
 
 def text_section(far: FART2I, encoder: dict[str, Any] | None) -> dict[str, Any]:

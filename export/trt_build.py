@@ -35,10 +35,17 @@ import far_sdk
 from far_sdk.backends.tensorrt import cache as tc
 from far_sdk.backends.tensorrt.engine import device_env, import_runtime, run_plan_once, select_device, trt_logger
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.maths.diffusion import denoise_step_table
-from far_sdk.errors import BackendUnavailableError, ExportError, FarError, IncompatibleBundleError, InvalidArgumentError, exit_code_for
-from far_sdk.fileio import atomic_write_bytes
 from far_sdk.bundle.graphs import GRAPH_NAMES, GraphSpec
+from far_sdk.errors import (
+    BackendUnavailableError,
+    ExportError,
+    FarError,
+    IncompatibleBundleError,
+    InvalidArgumentError,
+    exit_code_for,
+)
+from far_sdk.fileio import atomic_write_bytes
+from far_sdk.maths.diffusion import denoise_step_table
 from far_sdk.maths.masking import random_mask
 
 logger = logging.getLogger(__name__)
@@ -70,7 +77,9 @@ class BuildOptions:
         if isinstance(self.opt_level, bool) or not isinstance(self.opt_level, int) or not 0 <= self.opt_level <= 5:
             raise InvalidArgumentError(f"opt_level must be an integer 0..5, got {self.opt_level!r}")
         w = self.workspace_gb
-        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0)):
+        if w is not None and (
+            isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0)
+        ):
             raise InvalidArgumentError(f"workspace_gb must be a positive number of GiB or None, got {w!r}")
         graphs = tuple(self.graphs)
         bad = [g for g in graphs if g not in GRAPH_NAMES]
@@ -106,10 +115,20 @@ def require_tensorrt() -> tuple[Any, Any]:
 # ---- the build -------------------------------------------------------------------------------------
 
 
-def build_engines(bundle_dir: str | Path, precision: str = "fp16", batch: Any = tc.DEFAULT_PROFILE, workspace_gb: float | None = None,
-                  opt_level: int = tc.DEFAULT_OPT_LEVEL, graphs: Sequence[str] = GRAPH_NAMES, rebuild: bool = False, *,
-                  vae_precision: str = "fp32", validate: bool = True, device: int = 0,
-                  progress: Callable[[str], Any] | None = None) -> list[BuildResult]:
+def build_engines(
+    bundle_dir: str | Path,
+    precision: str = "fp16",
+    batch: Any = tc.DEFAULT_PROFILE,
+    workspace_gb: float | None = None,
+    opt_level: int = tc.DEFAULT_OPT_LEVEL,
+    graphs: Sequence[str] = GRAPH_NAMES,
+    rebuild: bool = False,
+    *,
+    vae_precision: str = "fp32",
+    validate: bool = True,
+    device: int = 0,
+    progress: Callable[[str], Any] | None = None,
+) -> list[BuildResult]:
     """Build (or reuse) the TensorRT plan of each graph in ``graphs``; see the module docstring.
 
     ``batch``: images per call, (min, opt, max) or "MIN:OPT:MAX"; ``progress(message)`` receives
@@ -118,21 +137,36 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp16", batch: Any = 
     validation fails (nothing is written for that graph).
     """
     trt, cudart = require_tensorrt()
-    opts = BuildOptions(precision=precision, vae_precision=vae_precision, profile=batch, opt_level=opt_level,
-                        workspace_gb=workspace_gb, graphs=tuple(graphs), rebuild=rebuild, validate=validate)
+    opts = BuildOptions(
+        precision=precision,
+        vae_precision=vae_precision,
+        profile=batch,
+        opt_level=opt_level,
+        workspace_gb=workspace_gb,
+        graphs=tuple(graphs),
+        rebuild=rebuild,
+        validate=validate,
+    )
     say = progress or (lambda msg: logger.info("%s", msg))
     env = device_env(trt, cudart, select_device(cudart, device))
     bundle = Bundle.load(bundle_dir)  # every file's sha256 is checked before TensorRT parses any
-    say(f"TensorRT engines for {bundle.path} on {env.describe()}, batch {tc.format_profile(opts.profile)} images per call")
+    say(
+        f"TensorRT engines for {bundle.path} on {env.describe()}, batch {tc.format_profile(opts.profile)} images per "
+        "call"
+    )
     results = []
     for g in opts.graphs:
-        key = tc.key_for(bundle, g, precision=opts.precision_of(g), profile=opts.profile, opt_level=opts.opt_level, env=env)
+        key = tc.key_for(
+            bundle, g, precision=opts.precision_of(g), profile=opts.profile, opt_level=opts.opt_level, env=env
+        )
         with tc.build_lock(bundle):  # a second builder waits here, then finds the plan built
             results.append(_build_one(trt, cudart, bundle, key, opts, say))
     return results
 
 
-def _build_one(trt: Any, cudart: Any, bundle: Bundle, key: tc.EngineKey, opts: BuildOptions, say: Callable[[str], Any]) -> BuildResult:
+def _build_one(
+    trt: Any, cudart: Any, bundle: Bundle, key: tc.EngineKey, opts: BuildOptions, say: Callable[[str], Any]
+) -> BuildResult:
     g = key.graph
     if not opts.rebuild:
         try:
@@ -150,10 +184,19 @@ def _build_one(trt: Any, cudart: Any, bundle: Bundle, key: tc.EngineKey, opts: B
     plan = build_plan(trt, bundle, key, opts.workspace_gb)
     seconds = time.perf_counter() - t0
     validation = validate_plan(trt, cudart, bundle, key, plan) if opts.validate else None
-    path = tc.record_plan(bundle, key, plan, build_seconds=seconds, validation=validation, far_sdk_version=far_sdk.__version__)
-    check = "" if validation is None else (
-        f", validated at {validation['images']} images: max abs {validation['max_abs']:.2e}, max rel {validation['max_rel']:.2e}"
-        if validation.get("max_rel") is not None else ", outputs finite (onnxruntime not installed: not compared)")
+    path = tc.record_plan(
+        bundle, key, plan, build_seconds=seconds, validation=validation, far_sdk_version=far_sdk.__version__
+    )
+    check = (
+        ""
+        if validation is None
+        else (
+            f", validated at {validation['images']} images: max abs {validation['max_abs']:.2e}, max rel "
+            f"{validation['max_rel']:.2e}"
+            if validation.get("max_rel") is not None
+            else ", outputs finite (onnxruntime not installed: not compared)"
+        )
+    )
     say(f"{g}: built in {seconds:.1f} s -> {path.name} ({path.stat().st_size / 1e6:.1f} MB){check}")
     return BuildResult(g, key, path, False, seconds, validation)
 
@@ -170,7 +213,10 @@ def build_plan(trt: Any, bundle: Bundle, key: tc.EngineKey, workspace_gb: float 
     parser = trt.OnnxParser(network, tlog)
     if not parser.parse_from_file(str(path)):  # from the path: external weights resolve beside it
         errors = [format_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ExportError(f"TensorRT {trt.__version__}'s ONNX parser rejected {path.name}:\n  " + "\n  ".join(errors or ["no error reported"]))
+        raise ExportError(
+            f"TensorRT {trt.__version__}'s ONNX parser rejected {path.name}:\n  "
+            + "\n  ".join(errors or ["no error reported"])
+        )
     config = builder.create_builder_config()
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
@@ -179,16 +225,24 @@ def build_plan(trt: Any, bundle: Bundle, key: tc.EngineKey, workspace_gb: float 
     profile = builder.create_optimization_profile()
     for t in spec.inputs:
         if any(isinstance(d, str) for d in t.shape):
-            profile.set_shape(t.name, *(tuple(tc.ROWS_PER_IMAGE[d] * n if isinstance(d, str) else d for d in t.shape) for n in key.profile))
+            profile.set_shape(
+                t.name,
+                *(tuple(tc.ROWS_PER_IMAGE[d] * n if isinstance(d, str) else d for d in t.shape) for n in key.profile),
+            )
     if config.add_optimization_profile(profile) < 0:
-        raise ExportError(f"TensorRT rejected the batch profile {tc.format_profile(key.graph_profile)} of {key.graph}: {tlog.take_errors()}")
+        raise ExportError(
+            f"TensorRT rejected the batch profile {tc.format_profile(key.graph_profile)} of {key.graph}: "
+            f"{tlog.take_errors()}"
+        )
     cache_path = tc.trt_dir(bundle) / tc.TIMING_CACHE_NAME
     if not config.set_timing_cache(load_timing_cache(config, cache_path), False):
         logger.warning("the timing cache %s comes from another GPU or TensorRT: starting a fresh one", cache_path)
         config.set_timing_cache(config.create_timing_cache(b""), False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise ExportError(f"TensorRT could not build the {key.graph} engine: {tlog.take_errors() or 'see the TensorRT log above'}")
+        raise ExportError(
+            f"TensorRT could not build the {key.graph} engine: {tlog.take_errors() or 'see the TensorRT log above'}"
+        )
     atomic_write_bytes(cache_path, memoryview(config.get_timing_cache().serialize()))
     return plan
 
@@ -201,8 +255,10 @@ def set_precision(trt: Any, config: Any, precision: str) -> None:
     flag = getattr(trt.BuilderFlag, precision.upper(), None)
     if flag is None:
         raise ExportError(
-            f"TensorRT {trt.__version__} has no BuilderFlag.{precision.upper()}: TensorRT 11 builds strongly typed networks only "
-            f"(reduced precision must come from the ONNX types). Build with --precision fp32, or use TensorRT 10 for {precision} engines."
+            f"TensorRT {trt.__version__} has no BuilderFlag.{precision.upper()}: TensorRT 11 builds strongly typed "
+            "networks only "
+            "(reduced precision must come from the ONNX types). Build with --precision fp32, or use TensorRT 10 for "
+            f"{precision} engines."
         )
     config.set_flag(flag)
 
@@ -214,7 +270,7 @@ def load_timing_cache(config: Any, path: Path) -> Any:
         data = path.read_bytes()
     try:
         cache = config.create_timing_cache(data)
-    except Exception as e:  # a corrupt cache file: TensorRT's own exception types
+    except Exception as e:  # noqa: BLE001 - a corrupt cache file: TensorRT's own exception types
         logger.warning("ignoring the unreadable timing cache %s (%s)", path, e)
         cache = None
     return cache if cache is not None else config.create_timing_cache(b"")
@@ -222,11 +278,12 @@ def load_timing_cache(config: Any, path: Path) -> Any:
 
 def format_parser_error(err: Any) -> str:
     """One line for a TensorRT ONNX parser error: description, node index, name and operator."""
+
     def get(attr: str) -> Any:
         fn = getattr(err, attr, None)
         try:
             return fn() if callable(fn) else fn
-        except Exception:  # accessors missing from older TensorRT versions
+        except Exception:  # noqa: BLE001 - accessors missing from older TensorRT versions
             return None
 
     text = str(get("desc") or err)
@@ -240,9 +297,12 @@ def format_parser_error(err: Any) -> str:
 # ---- build-time validation ---------------------------------------------------------------------------
 
 
-def sample_feeds(spec: GraphSpec, images: int, manifest: dict[str, Any], seed: int = VALIDATION_SEED) -> dict[str, np.ndarray]:
+def sample_feeds(
+    spec: GraphSpec, images: int, manifest: dict[str, Any], seed: int = VALIDATION_SEED
+) -> dict[str, np.ndarray]:
     """Seeded inputs of ``spec`` for ``images`` images: N(0, 1) floats; class ids with the null class
-    in the unconditional half; an integer level; a 0 / 1 mask (far_sdk.maths.masking.random_mask); a step row with non-zero noise (torch-free)."""
+    in the unconditional half; an integer level; a 0 / 1 mask (far_sdk.maths.masking.random_mask); a step row with
+    non-zero noise (torch-free)."""
     rng = np.random.Generator(np.random.PCG64(seed))
     model = manifest["model"]
     num_classes, grid = int(model.get("num_classes", 1)), int(model["grid_size"])
@@ -252,11 +312,11 @@ def sample_feeds(spec: GraphSpec, images: int, manifest: dict[str, Any], seed: i
         shape = tuple(tc.ROWS_PER_IMAGE[d] * images if isinstance(d, str) else d for d in t.shape)
         if t.name == "class_ids":
             ids = rng.integers(0, num_classes, size=shape, dtype=np.int64)
-            ids[shape[0] // 2:] = null
+            ids[shape[0] // 2 :] = null
             feeds[t.name] = ids
         elif t.name == "level":
             feeds[t.name] = np.full(shape, rng.integers(0, grid), dtype=np.float32)
-        elif t.name == "null":                                   # text bundles: the unconditional half uses fake_latent
+        elif t.name == "null":  # text bundles: the unconditional half uses fake_latent
             feeds[t.name] = (np.arange(shape[0]) >= shape[0] // 2).astype(np.float32)
         elif t.name == "mask":
             feeds[t.name] = random_mask(rng, shape)
@@ -270,7 +330,7 @@ def sample_feeds(spec: GraphSpec, images: int, manifest: dict[str, Any], seed: i
 
 def onnxruntime_reference(bundle: Bundle, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # noqa: PLC0415 - the backend's runtime: loaded when chosen
     except ImportError:
         logger.warning("onnxruntime is not installed: the %s engine is checked for finite outputs only", graph)
         return None
@@ -281,7 +341,9 @@ def onnxruntime_reference(bundle: Bundle, graph: str, feeds: dict[str, np.ndarra
     return dict(zip(spec.output_names, session.run(spec.output_names, feeds)))
 
 
-def compare_outputs(graph: str, precision: str, got: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None) -> dict[str, Any]:
+def compare_outputs(
+    graph: str, precision: str, got: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None
+) -> dict[str, Any]:
     """Check an engine's outputs: all finite, and within :data:`TOLERANCE_REL` of ``ref`` (when given).
 
     ``max_abs = max |got - ref|``, ``max_rel = max_abs / max |ref|`` (worst over the outputs).
@@ -290,10 +352,14 @@ def compare_outputs(graph: str, precision: str, got: dict[str, np.ndarray], ref:
     for name, g in got.items():
         if not np.isfinite(g).all():
             if graph == "vae_decoder" and precision != "fp32":
-                raise ExportError(f"the VAE decoder overflows in {precision} ({name} has NaN/inf at build-time validation): "
-                                  "rebuild with --vae-precision fp32. Nothing was written.")
-            raise ExportError(f"the {graph} engine ({precision}) produced NaN/inf in {name} at build-time validation: "
-                              f"rebuild with {flag} fp32. Nothing was written.")
+                raise ExportError(
+                    f"the VAE decoder overflows in {precision} ({name} has NaN/inf at build-time validation): "
+                    "rebuild with --vae-precision fp32. Nothing was written."
+                )
+            raise ExportError(
+                f"the {graph} engine ({precision}) produced NaN/inf in {name} at build-time validation: "
+                f"rebuild with {flag} fp32. Nothing was written."
+            )
     if ref is None:
         return {"max_abs": None, "max_rel": None, "reference": None}
     worst_abs = worst_rel = 0.0
@@ -308,7 +374,8 @@ def compare_outputs(graph: str, precision: str, got: dict[str, np.ndarray], ref:
     tol = TOLERANCE_REL[precision]
     if not worst_rel <= tol:
         raise ExportError(
-            f"the {graph} engine ({precision}) disagrees with onnxruntime (CPU): max abs {worst_abs:.3g}, max rel {worst_rel:.3g} "
+            f"the {graph} engine ({precision}) disagrees with onnxruntime (CPU): max abs {worst_abs:.3g}, max rel "
+            f"{worst_rel:.3g} "
             f"> {tol:g}. Rebuild with {flag} fp32, or pass --no-validate to keep it anyway. Nothing was written."
         )
     return {"max_abs": worst_abs, "max_rel": worst_rel, "tolerance_rel": tol, "reference": "onnxruntime-cpu"}
@@ -335,15 +402,36 @@ def _profile_arg(text: str) -> tuple[int, int, int]:
 
 def add_trt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory, e.g. engines/far_large")
-    p.add_argument("--precision", choices=tc.PRECISIONS, default="fp16", help="transformer and denoiser precision (default: fp16)")
-    p.add_argument("--vae-precision", choices=tc.PRECISIONS, default="fp32",
-                   help="VAE decoder precision (default: fp32; fp16 VAE decoders overflow)")
-    p.add_argument("--batch", type=_profile_arg, default=tc.DEFAULT_PROFILE, metavar="MIN:OPT:MAX",
-                   help="images per call (default: 1:1:8); one number builds a static batch, the fastest engine")
-    p.add_argument("--workspace", type=float, metavar="GB", help="TensorRT workspace limit in GiB (default: TensorRT's)")
-    p.add_argument("--opt-level", type=int, default=tc.DEFAULT_OPT_LEVEL, choices=range(6), metavar="0-5",
-                   help="builder optimisation level (default: 3; 5 builds slowest, may run fastest)")
-    p.add_argument("--graphs", nargs="+", choices=GRAPH_NAMES, default=list(GRAPH_NAMES), help="graphs to build (default: all)")
+    p.add_argument(
+        "--precision", choices=tc.PRECISIONS, default="fp16", help="transformer and denoiser precision (default: fp16)"
+    )
+    p.add_argument(
+        "--vae-precision",
+        choices=tc.PRECISIONS,
+        default="fp32",
+        help="VAE decoder precision (default: fp32; fp16 VAE decoders overflow)",
+    )
+    p.add_argument(
+        "--batch",
+        type=_profile_arg,
+        default=tc.DEFAULT_PROFILE,
+        metavar="MIN:OPT:MAX",
+        help="images per call (default: 1:1:8); one number builds a static batch, the fastest engine",
+    )
+    p.add_argument(
+        "--workspace", type=float, metavar="GB", help="TensorRT workspace limit in GiB (default: TensorRT's)"
+    )
+    p.add_argument(
+        "--opt-level",
+        type=int,
+        default=tc.DEFAULT_OPT_LEVEL,
+        choices=range(6),
+        metavar="0-5",
+        help="builder optimisation level (default: 3; 5 builds slowest, may run fastest)",
+    )
+    p.add_argument(
+        "--graphs", nargs="+", choices=GRAPH_NAMES, default=list(GRAPH_NAMES), help="graphs to build (default: all)"
+    )
     p.add_argument("--rebuild", action="store_true", help="build even when a matching plan exists")
     p.add_argument("--no-validate", action="store_true", help="skip the engine-vs-onnxruntime check (not recommended)")
     p.add_argument("--device", type=int, default=0, help="CUDA device index (default: 0)")
@@ -360,9 +448,19 @@ def run_trt(args: argparse.Namespace) -> int:
     """``far-export trt``: build, print per-graph build times; on a far-sdk error, one line and its exit status
     (:data:`far_sdk.errors.EXIT_CODES`)."""
     try:
-        results = build_engines(args.bundle, precision=args.precision, batch=args.batch, workspace_gb=args.workspace,
-                                opt_level=args.opt_level, graphs=args.graphs, rebuild=args.rebuild,
-                                vae_precision=args.vae_precision, validate=not args.no_validate, device=args.device, progress=print)
+        results = build_engines(
+            args.bundle,
+            precision=args.precision,
+            batch=args.batch,
+            workspace_gb=args.workspace,
+            opt_level=args.opt_level,
+            graphs=args.graphs,
+            rebuild=args.rebuild,
+            vae_precision=args.vae_precision,
+            validate=not args.no_validate,
+            device=args.device,
+            progress=print,
+        )
     except FarError as e:
         print(f"far-export trt: error: {' '.join(str(e).split())}", file=sys.stderr)
         return exit_code_for(e)
@@ -370,6 +468,9 @@ def run_trt(args: argparse.Namespace) -> int:
     for r in results:
         val = r.validation or {}
         rel = f"{val['max_rel']:>9.2e}" if val.get("max_rel") is not None else f"{'-':>9}"
-        print(f"{r.graph:<12} {r.key.precision:<9} {tc.format_profile(r.key.profile):<9} {'reused' if r.reused else 'built':<7} "
-              f"{r.seconds:>8.1f} {rel}  {r.plan}")
+        print(
+            f"{r.graph:<12} {r.key.precision:<9} {tc.format_profile(r.key.profile):<9} "
+            f"{'reused' if r.reused else 'built':<7} "
+            f"{r.seconds:>8.1f} {rel}  {r.plan}"
+        )
     return 0

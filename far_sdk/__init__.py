@@ -13,4 +13,15 @@ from far_sdk.pipeline import GenerationOutput, Generator, StepInfo
 
 __version__ = "0.1.0"
 
-__all__ = ["Bundle", "FarError", "GenerationOutput", "Generator", "ReplayNoise", "SamplingOptions", "SeededNoise", "StepInfo", "errors", "__version__"]
+__all__ = [
+    "Bundle",
+    "FarError",
+    "GenerationOutput",
+    "Generator",
+    "ReplayNoise",
+    "SamplingOptions",
+    "SeededNoise",
+    "StepInfo",
+    "errors",
+    "__version__",
+]

@@ -47,7 +47,9 @@ def class_ids(bundle: Bundle, class_labels: Sequence[int | str] | int | str) -> 
     if isinstance(class_labels, (int, str, np.integer)):
         class_labels = [class_labels]
     if not isinstance(class_labels, (Sequence, np.ndarray)):
-        raise InvalidArgumentError(f"class_labels must be a class id, a class name or a list of them, got {class_labels!r}")
+        raise InvalidArgumentError(
+            f"class_labels must be a class id, a class name or a list of them, got {class_labels!r}"
+        )
     names = {v.lower(): k for k, v in bundle.id2label.items()}
     n = bundle.num_classes
     ids = []
@@ -59,8 +61,6 @@ def class_ids(bundle: Bundle, class_labels: Sequence[int | str] | int | str) -> 
             elif key in names:
                 lab = names[key]
             else:
-                import difflib
-
                 close = difflib.get_close_matches(key, list(names), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 known = ", ".join(sorted(names)[:10]) or "none: this bundle has no id2label table"
@@ -90,23 +90,33 @@ class TextCondition:
         """The CFG batch's transformer inputs: context [2B, T, D] (conditional rows first), null [2B]."""
         B = len(self)
         neg = self.negative if self.negative is not None else np.zeros_like(self.embeds)
-        null = np.concatenate([np.zeros(B, np.float32), np.full(B, 0.0 if self.negative is not None else 1.0, np.float32)])
+        null = np.concatenate(
+            [np.zeros(B, np.float32), np.full(B, 0.0 if self.negative is not None else 1.0, np.float32)]
+        )
         return {"context": np.ascontiguousarray(np.concatenate([self.embeds, neg]), dtype=np.float32), "null": null}
 
 
 def check_embeds(value: Any, bundle: Bundle, name: str, batch: int | None = None) -> np.ndarray:
-    """``value`` as float32 [B, T, D] of this bundle's text shape, finite; else InvalidArgumentError saying the shape."""
+    """``value`` as float32 [B, T, D] of this bundle's text shape, finite; else InvalidArgumentError saying the
+    shape."""
     T, D = bundle.text["max_length"], bundle.text["hidden_size"]
     try:
         a = np.asarray(value)
     except (TypeError, ValueError):
         a = np.empty(0)
-    if a.ndim != 3 or a.shape[1:] != (T, D) or a.shape[0] == 0 or (batch is not None and a.shape[0] != batch) \
-            or a.dtype.kind != "f":
+    if (
+        a.ndim != 3
+        or a.shape[1:] != (T, D)
+        or a.shape[0] == 0
+        or (batch is not None and a.shape[0] != batch)
+        or a.dtype.kind != "f"
+    ):
         want = f"[{batch if batch is not None else 'B'}, {T}, {D}]"
-        raise InvalidArgumentError(f"{name} must be a float array {want} (text hidden states, padded/truncated to {T} tokens) "
-                                   f"for bundle {bundle.name!r}, got {getattr(value, 'shape', type(value).__name__)} "
-                                   f"{getattr(a, 'dtype', '')}")
+        raise InvalidArgumentError(
+            f"{name} must be a float array {want} (text hidden states, padded/truncated to {T} tokens) "
+            f"for bundle {bundle.name!r}, got {getattr(value, 'shape', type(value).__name__)} "
+            f"{getattr(a, 'dtype', '')}"
+        )
     a = np.ascontiguousarray(a, dtype=np.float32)
     if not np.isfinite(a).all():
         raise InvalidArgumentError(f"{name} holds NaN or inf values")
@@ -120,14 +130,24 @@ def check_prompts(prompt: Any) -> list[str]:
     return list(prompts)
 
 
-def text_condition(bundle: Bundle, encoder: TextEncoder | None, class_labels: Any, prompt: Any, prompt_embeds: Any,
-                   negative_prompt_embeds: Any) -> TextCondition:
+def text_condition(
+    bundle: Bundle,
+    encoder: TextEncoder | None,
+    class_labels: Any,
+    prompt: Any,
+    prompt_embeds: Any,
+    negative_prompt_embeds: Any,
+) -> TextCondition:
     """What a text bundle's ``generate`` was given -> its :class:`TextCondition` (typed errors saying what to pass)."""
     if class_labels is not None:
-        raise InvalidArgumentError(f"bundle {bundle.name!r} is text-conditioned (FAR-T2I): pass prompt=[...] or "
-                                   "prompt_embeds= [B, T, D], not class labels")
+        raise InvalidArgumentError(
+            f"bundle {bundle.name!r} is text-conditioned (FAR-T2I): pass prompt=[...] or "
+            "prompt_embeds= [B, T, D], not class labels"
+        )
     if (prompt is None) == (prompt_embeds is None):
-        raise InvalidArgumentError("pass exactly one of prompt= (needs the bundle's text encoder) and prompt_embeds= [B, T, D]")
+        raise InvalidArgumentError(
+            "pass exactly one of prompt= (needs the bundle's text encoder) and prompt_embeds= [B, T, D]"
+        )
     if prompt is not None:
         embeds = (encoder or TextEncoder(bundle)).encode(check_prompts(prompt))
     else:
@@ -141,17 +161,26 @@ def text_condition(bundle: Bundle, encoder: TextEncoder | None, class_labels: An
 def refuse_text(bundle: Bundle, prompt: Any, prompt_embeds: Any, negative_prompt_embeds: Any) -> None:
     """A class bundle given text conditioning: InvalidArgumentError saying to pass class labels."""
     if prompt is not None or prompt_embeds is not None or negative_prompt_embeds is not None:
-        raise InvalidArgumentError(f"bundle {bundle.name!r} is class-conditional: pass class_labels=[...], not "
-                                   "prompt / prompt_embeds / negative_prompt_embeds (those need a FAR-T2I bundle)")
+        raise InvalidArgumentError(
+            f"bundle {bundle.name!r} is class-conditional: pass class_labels=[...], not "
+            "prompt / prompt_embeds / negative_prompt_embeds (those need a FAR-T2I bundle)"
+        )
 
 
 #: What a generation is conditioned on.
 Condition = Union[ClassCondition, TextCondition]
 
 
-def condition_for(bundle: Bundle, encoder: TextEncoder | None, class_labels: Any, prompt: Any, prompt_embeds: Any,
-                  negative_prompt_embeds: Any) -> Condition:
-    """The :class:`Condition` of one ``generate`` call, by the bundle's conditioning; typed errors saying what to pass."""
+def condition_for(
+    bundle: Bundle,
+    encoder: TextEncoder | None,
+    class_labels: Any,
+    prompt: Any,
+    prompt_embeds: Any,
+    negative_prompt_embeds: Any,
+) -> Condition:
+    """The :class:`Condition` of one ``generate`` call, by the bundle's conditioning; typed errors saying what to
+    pass."""
     if bundle.conditioning == "text":
         return text_condition(bundle, encoder, class_labels, prompt, prompt_embeds, negative_prompt_embeds)
     refuse_text(bundle, prompt, prompt_embeds, negative_prompt_embeds)

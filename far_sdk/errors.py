@@ -92,7 +92,9 @@ def check_finite(array, what: str, *, step: int | None = None) -> None:
     where = f" after outer step {step}" if step is not None else ""
     raise NumericalError(
         f"{what}{where} holds non-finite values ({n_nan} NaN, {n_inf} inf of {a.size}); the weights, noise or "
-        "settings (cfg, temperature, x0_clip) produce a diverging sample", step=step)
+        "settings (cfg, temperature, x0_clip) produce a diverging sample",
+        step=step,
+    )
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
@@ -102,8 +104,9 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_range(name: str, value: object, lo: float | None, hi: float | None, *, lo_open: bool = False,
-                integer: bool = False) -> float | int:
+def check_range(
+    name: str, value: object, lo: float | None, hi: float | None, *, lo_open: bool = False, integer: bool = False
+) -> float | int:
     """``value`` if it is a finite number (an integer with ``integer``) in [lo, hi] ((lo, hi] with ``lo_open``)."""
     kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
     ok = not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
@@ -129,10 +132,12 @@ def check_range(name: str, value: object, lo: float | None, hi: float | None, *,
 # command with the same status, and prints one line on stderr.
 
 EXIT_OK = 0
-EXIT_INTERNAL = 1      #: a bug: an exception far-sdk did not expect (one line; FAR_TRACEBACK=1 shows the traceback)
-EXIT_USAGE = 2         #: bad arguments or options, including output paths that cannot be written
-EXIT_INPUT = 3         #: a bad input file: bundle, checkpoint, data, engine plan
-EXIT_RUNTIME = 4       #: a failure while running: backend unavailable, export/validation failed, non-finite values, I/O error
+EXIT_INTERNAL = 1  #: a bug: an exception far-sdk did not expect (one line; FAR_TRACEBACK=1 shows the traceback)
+EXIT_USAGE = 2  #: bad arguments or options, including output paths that cannot be written
+EXIT_INPUT = 3  #: a bad input file: bundle, checkpoint, data, engine plan
+EXIT_RUNTIME = (
+    4  #: a failure while running: backend unavailable, export/validation failed, non-finite values, I/O error
+)
 EXIT_INTERRUPTED = 130  #: Ctrl-C (SIGINT)
 
 #: exception class -> exit status; the first class in this order that matches wins.

@@ -13,8 +13,16 @@ import numpy as np
 from far_sdk.errors import InvalidArgumentError
 
 #: File suffix -> Pillow format, for every image file far-sdk writes.
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
-                 ".tiff": "TIFF", ".gif": "GIF"}
+IMAGE_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".gif": "GIF",
+}
 #: Still-image suffixes (every format but GIF, which the CLI keeps for the coarse-to-fine animation).
 IMAGE_SUFFIXES = tuple(s for s in IMAGE_FORMATS if s != ".gif")
 
@@ -28,7 +36,7 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def to_pil(u8: np.ndarray) -> list:
     """uint8 [B, H, W, 3] -> a list of PIL images."""
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
 
     return [Image.fromarray(a) for a in u8]
 
@@ -36,7 +44,7 @@ def to_pil(u8: np.ndarray) -> list:
 def make_image_grid(images: Sequence[Any], cols: int | None = None, *, scale: int = 1) -> Any:
     """PIL images (all one size) pasted row by row into one RGB image on white, ``cols`` per row (default: up to 8),
     each enlarged ``scale`` times with nearest-neighbour sampling (small images stay crisp)."""
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
 
     images = list(images)
     if not images:

@@ -26,12 +26,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from far_sdk.backends import Backend, create_backend
-from far_sdk.backends.base import HostDraws, LoopState, SeededDraws
+from far_sdk.backends.base import Backend, HostDraws, LoopState, SeededDraws
+from far_sdk.backends.create import create_backend
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.conditioning import ClassCondition, Condition, condition_for
-from far_sdk.images import to_pil, to_uint8
 from far_sdk.errors import EngineProfileError, GeneratorClosedError, InvalidArgumentError, NumericalError, check_choice
+from far_sdk.images import to_pil, to_uint8
 from far_sdk.maths.filters import filter_matrix, tokens_to_grid
 from far_sdk.maths.masking import check_mode, source_orders, step_masks
 from far_sdk.maths.noise import CheckedNoise, NoiseFn, SeededNoise
@@ -51,11 +51,11 @@ PREVIEWS = (False, True, "handed-on", "raw")
 class StepInfo:
     """What ``on_step`` receives after each outer step."""
 
-    step: int                      # 0-based outer step
+    step: int  # 0-based outer step
     num_steps: int
-    level: int                     # input frequency level of this step
-    latents: np.ndarray            # [B, C, H, W]: this step's full estimate (before low-passing)
-    preview: list | None = None    # decoded RGB previews (PIL images) when preview is on
+    level: int  # input frequency level of this step
+    latents: np.ndarray  # [B, C, H, W]: this step's full estimate (before low-passing)
+    preview: list | None = None  # decoded RGB previews (PIL images) when preview is on
     handed_on: np.ndarray | None = None  # [B, C, H, W]: what the next step sees (low-passed; the last step: latents)
 
 
@@ -63,11 +63,11 @@ class StepInfo:
 class GenerationOutput:
     """Result of :meth:`Generator.generate`."""
 
-    images: list | np.ndarray | None   # list[PIL.Image] ("pil"), uint8 [B, H, W, 3] ("np"), None ("latent")
-    latents: np.ndarray                # [B, C, H, W] float32 (C: the model's token channels), sampler scale
-    timings: dict[str, float]          # seconds per stage, plus "total"
-    seeds: tuple[int, ...] | None      # per-image seeds, when drawn from a seed
-    class_labels: tuple[int, ...]      # () for a text bundle
+    images: list | np.ndarray | None  # list[PIL.Image] ("pil"), uint8 [B, H, W, 3] ("np"), None ("latent")
+    latents: np.ndarray  # [B, C, H, W] float32 (C: the model's token channels), sampler scale
+    timings: dict[str, float]  # seconds per stage, plus "total"
+    seeds: tuple[int, ...] | None  # per-image seeds, when drawn from a seed
+    class_labels: tuple[int, ...]  # () for a text bundle
     plan: SamplingPlan = field(repr=False)
 
 
@@ -86,10 +86,18 @@ class Generator:
     serialised — use one Generator per thread (or per GPU stream) for parallelism there.
     """
 
-    def __init__(self, bundle: str | os.PathLike | Bundle, backend: str | Backend = "auto", *, verify: bool = True,
-                 **backend_options: Any):
+    def __init__(
+        self,
+        bundle: str | os.PathLike | Bundle,
+        backend: str | Backend = "auto",
+        *,
+        verify: bool = True,
+        **backend_options: Any,
+    ):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=verify)
-        self.backend = backend if isinstance(backend, Backend) else create_backend(self.bundle, backend, **backend_options)
+        self.backend = (
+            backend if isinstance(backend, Backend) else create_backend(self.bundle, backend, **backend_options)
+        )
         m = self.bundle.model_config
         self.grid = int(m["grid_size"])
         self.channels = int(m["token_channels"])
@@ -105,14 +113,17 @@ class Generator:
         if options is not None and not isinstance(options, SamplingOptions):
             raise InvalidArgumentError(f"options must be a far_sdk.SamplingOptions, got {type(options).__name__}")
         given = options_from_keywords(fields, base=options, where="plan()")
-        text = self.bundle.conditioning == "text"   # FAR-T2I: the official T2I schedule (far_sdk.options.resolve_text_plan)
+        text = (
+            self.bundle.conditioning == "text"
+        )  # FAR-T2I: the official T2I schedule (far_sdk.options.resolve_text_plan)
         plan = (resolve_text_plan if text else resolve_plan)(self.bundle.defaults, given, preset_name=preset)
         check_mode(plan.mode, self.bundle.sampling_modes, f"bundle {self.bundle.name!r}")
         return plan
 
     # ---- the loop ---------------------------------------------------------------------------------
-    def iter_steps(self, condition: Condition, plan: SamplingPlan, noise: NoiseFn,
-                   timings: dict[str, float] | None = None) -> Iterator[tuple[int, LoopState]]:
+    def iter_steps(
+        self, condition: Condition, plan: SamplingPlan, noise: NoiseFn, timings: dict[str, float] | None = None
+    ) -> Iterator[tuple[int, LoopState]]:
         """The sampling loop. Yields (step, state) after each outer step; ``self.backend.fetch(state.raw)``
         is that step's sample [B, L, C] before low-passing, ``state.tokens`` what the next step sees.
 
@@ -131,7 +142,7 @@ class Generator:
             last = [0.0]
 
             def mark(stage: str, last=last) -> None:
-                be.synchronize()                                  # device work of the stage is done
+                be.synchronize()  # device work of the stage is done
                 now = time.perf_counter()
                 t[stage] = t.get(stage, 0.0) + now - last[0]
                 last[0] = now
@@ -140,18 +151,28 @@ class Generator:
             draws = self._draws(noise, plan.inner_steps[s], B)
             after = plan.filter_after[s]
             fm = None if after is None else filter_matrix(after, plan.filter, self.grid).astype(np.float32)
-            t["denoise"] = t.get("denoise", 0.0) + time.perf_counter() - t0   # host-side draws count as "denoise"
+            t["denoise"] = t.get("denoise", 0.0) + time.perf_counter() - t0  # host-side draws count as "denoise"
             last[0] = time.perf_counter()
             mask_kw = {}
-            if masks is not None:   # (B, L) float32: dropped by this step's transformer; kept in what it hands on
+            if masks is not None:  # (B, L) float32: dropped by this step's transformer; kept in what it hands on
                 mask_kw = dict(mask=masks[s], keep_next=1 - masks[s + 1] if s + 1 < plan.num_steps else None)
-            be.outer_step(state, level=plan.levels[s], steps=plan.step_table(s), filter_matrix=fm, draws=draws, mark=mark,
-                          **mask_kw)
+            be.outer_step(
+                state,
+                level=plan.levels[s],
+                steps=plan.step_table(s),
+                filter_matrix=fm,
+                draws=draws,
+                mark=mark,
+                **mask_kw,
+            )
             if not be.all_finite(state.raw):
                 raise NumericalError(
-                    f"outer step {s} (level {plan.levels[s]}) produced non-finite latents (NaN or inf): check the noise "
+                    f"outer step {s} (level {plan.levels[s]}) produced non-finite latents (NaN or inf): check the "
+                    "noise "
                     "source and the bundle's weights; an unclipped sampler on an untrained model can also overflow "
-                    "(try x0_clip=)", step=s)
+                    "(try x0_clip=)",
+                    step=s,
+                )
             yield s, state
 
     def _draws(self, noise: NoiseFn, n: int, batch: int) -> HostDraws | SeededDraws:
@@ -222,9 +243,13 @@ class Generator:
         check_choice("output_type", output_type, OUTPUT_TYPES)
         if preview not in PREVIEWS:
             raise InvalidArgumentError(f"preview must be one of {PREVIEWS}, got {preview!r}")
-        condition = condition_for(self.bundle, self._text_encoder, class_labels, prompt, prompt_embeds, negative_prompt_embeds)
-        plan = self.plan(options_from_keywords(sampling, base=options, where="generate()", other_names=_GENERATE_NAMES),
-                         preset=preset)
+        condition = condition_for(
+            self.bundle, self._text_encoder, class_labels, prompt, prompt_embeds, negative_prompt_embeds
+        )
+        plan = self.plan(
+            options_from_keywords(sampling, base=options, where="generate()", other_names=_GENERATE_NAMES),
+            preset=preset,
+        )
         chunk = self._chunk_size(len(condition), max_batch, replayed=noise is not None)
         source, seeds = self._noise_source(noise, seed, len(condition))
         timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
@@ -236,8 +261,10 @@ class Generator:
             bar.close()
         images = None if output_type == "latent" else self._images(latents, chunk, output_type, timings)
         timings["total"] = time.perf_counter() - t_start
-        labels = condition.ids[:latents.shape[0]] if isinstance(condition, ClassCondition) else ()
-        return GenerationOutput(images=images, latents=latents, timings=timings, seeds=seeds, class_labels=labels, plan=plan)
+        labels = condition.ids[: latents.shape[0]] if isinstance(condition, ClassCondition) else ()
+        return GenerationOutput(
+            images=images, latents=latents, timings=timings, seeds=seeds, class_labels=labels, plan=plan
+        )
 
     def _chunk_size(self, batch: int, max_batch: int | None, *, replayed: bool) -> int:
         limit = self.backend.max_batch
@@ -245,11 +272,15 @@ class Generator:
             if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
                 raise InvalidArgumentError(f"max_batch must be a positive integer, got {max_batch!r}")
             if limit is not None and max_batch > limit:
-                raise EngineProfileError(f"max_batch={max_batch} exceeds this engine's profile (at most {limit} images per "
-                                         "call); rebuild the engine with a larger --batch")
+                raise EngineProfileError(
+                    f"max_batch={max_batch} exceeds this engine's profile (at most {limit} images per "
+                    "call); rebuild the engine with a larger --batch"
+                )
             limit = max_batch
         if replayed and limit is not None and batch > limit:
-            raise EngineProfileError(f"a replayed noise source cannot be split across calls; give at most {limit} images")
+            raise EngineProfileError(
+                f"a replayed noise source cannot be split across calls; give at most {limit} images"
+            )
         return batch if limit is None else limit
 
     @staticmethod
@@ -257,27 +288,32 @@ class Generator:
         """(the noise source, the per-image seeds or None for a replayed source)."""
         if noise is not None:
             if not callable(noise):
-                raise InvalidArgumentError(f"noise must be a callable noise(shape) -> float32 array, got {type(noise).__name__}")
+                raise InvalidArgumentError(
+                    f"noise must be a callable noise(shape) -> float32 array, got {type(noise).__name__}"
+                )
             # a SeededNoise is ours: finite, and drawn on the device where it can be
             return (noise if isinstance(noise, SeededNoise) else CheckedNoise(noise)), None
-        if seed is None:   # a fresh seed, reported in GenerationOutput.seeds so the images can be made again
+        if seed is None:  # a fresh seed, reported in GenerationOutput.seeds so the images can be made again
             seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> np.uint64(2))
         source = SeededNoise.from_seed(seed, batch)
         return source, source.seeds
 
-    def _images(self, latents: np.ndarray, chunk: int, output_type: str, timings: dict[str, float]) -> list | np.ndarray:
+    def _images(
+        self, latents: np.ndarray, chunk: int, output_type: str, timings: dict[str, float]
+    ) -> list | np.ndarray:
         t0 = time.perf_counter()
         with self._lock:
-            rgb = np.concatenate([self.decode(latents[i:i + chunk]) for i in range(0, latents.shape[0], chunk)])
+            rgb = np.concatenate([self.decode(latents[i : i + chunk]) for i in range(0, latents.shape[0], chunk)])
         timings["vae_decode"] += time.perf_counter() - t0
         u8 = to_uint8(rgb)
         return to_pil(u8) if output_type == "pil" else u8
 
     def _run_chunks(self, condition, plan, source, chunk, timings, bar, on_step, preview) -> np.ndarray:
-        """The loop over batches of at most ``chunk`` images; their final latents [B', C, H, W] (B' < B after a stop)."""
+        """The loop over batches of at most ``chunk`` images; their final latents [B', C, H, W] (B' < B after a
+        stop)."""
         parts = []
         for start in range(0, len(condition), chunk):
-            part = condition[start:start + chunk]
+            part = condition[start : start + chunk]
             part_noise = source.split(start, start + len(part)) if isinstance(source, SeededNoise) else source
             state, stopped = None, False
             for s, state in self.iter_steps(part, plan, part_noise, timings):
@@ -298,15 +334,19 @@ class Generator:
             t0 = time.perf_counter()
             pv = to_pil(to_uint8(self.decode(raw if preview == "raw" else handed)))
             timings["vae_decode"] += time.perf_counter() - t0
-        return StepInfo(step=s, num_steps=plan.num_steps, level=plan.levels[s], latents=raw, preview=pv, handed_on=handed)
+        return StepInfo(
+            step=s, num_steps=plan.num_steps, level=plan.levels[s], latents=raw, preview=pv, handed_on=handed
+        )
 
     @staticmethod
     def _progress(plan: SamplingPlan, batch: int, enabled: bool, chunks: int):
         if not enabled:
             return None
-        from tqdm.auto import tqdm  # imported on first use: `import far_sdk` stays light
+        from tqdm.auto import tqdm  # imported on first use: `import far_sdk` stays light  # noqa: PLC0415 - loaded on first use: `import far_sdk` stays light
 
-        return tqdm(total=plan.num_steps * chunks, desc=f"FAR {plan.num_steps} steps x{batch}", unit="step", leave=False)
+        return tqdm(
+            total=plan.num_steps * chunks, desc=f"FAR {plan.num_steps} steps x{batch}", unit="step", leave=False
+        )
 
     _closed = False
 
@@ -325,11 +365,26 @@ class Generator:
 
     def __repr__(self) -> str:
         d = self.backend.describe()
-        return (f"far_sdk.Generator(bundle={str(self.bundle.path)!r}, backend={d['backend']!r}, device={d['device']!r}, "
-                f"precision={d['precision']!r})")
+        return (
+            f"far_sdk.Generator(bundle={str(self.bundle.path)!r}, backend={d['backend']!r}, device={d['device']!r}, "
+            f"precision={d['precision']!r})"
+        )
 
 
 #: generate()'s own keyword names (an unknown keyword's "did you mean" looks among these and the sampling options).
-_GENERATE_NAMES = ("class_labels", "prompt", "prompt_embeds", "negative_prompt_embeds", "seed", "preset", "options", "noise",
-                   "output_type", "progress", "on_step", "preview", "max_batch")
+_GENERATE_NAMES = (
+    "class_labels",
+    "prompt",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "seed",
+    "preset",
+    "options",
+    "noise",
+    "output_type",
+    "progress",
+    "on_step",
+    "preview",
+    "max_batch",
+)
 Generator.generate.__doc__ += "\n" + options_doc(" " * 10) + "\n"

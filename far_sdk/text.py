@@ -25,26 +25,32 @@ class TextEncoder:
     def __init__(self, bundle: Bundle):
         enc = (bundle.text or {}).get("encoder")
         if enc is None:
-            raise InvalidArgumentError(f"bundle {bundle.name!r} carries no text encoder: compute the prompts' text hidden states "
-                                       "elsewhere and pass prompt_embeds= [B, T, D] (or export with far-export onnx --text-encoder)")
+            raise InvalidArgumentError(
+                f"bundle {bundle.name!r} carries no text encoder: compute the prompts' text hidden states "
+                "elsewhere and pass prompt_embeds= [B, T, D] (or export with far-export onnx --text-encoder)"
+            )
         self.bundle, self._enc = bundle, enc
         self._lock = threading.Lock()
         self._tok = self._sess = None
 
     def _load(self) -> None:
         try:
-            import onnxruntime as ort
-            from tokenizers import Tokenizer
+            import onnxruntime as ort  # noqa: PLC0415 - the backend's runtime: loaded when chosen
+            from tokenizers import Tokenizer  # noqa: PLC0415 - text-encoder dependency: loaded when used
         except ImportError as e:
-            raise BackendUnavailableError(f"prompt= needs the `tokenizers` and `onnxruntime` packages ({e}); pip install tokenizers "
-                                          "onnxruntime, or pass prompt_embeds=") from e
+            raise BackendUnavailableError(
+                f"prompt= needs the `tokenizers` and `onnxruntime` packages ({e}); pip install tokenizers "
+                "onnxruntime, or pass prompt_embeds="
+            ) from e
         self.bundle.verify([self._enc["file"], self._enc["tokenizer"]])
         tok = Tokenizer.from_file(str(self.bundle.file(self._enc["tokenizer"])))
         tok.no_padding()
         tok.no_truncation()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self._sess = ort.InferenceSession(str(self.bundle.file(self._enc["file"])), opts, providers=["CPUExecutionProvider"])
+        self._sess = ort.InferenceSession(
+            str(self.bundle.file(self._enc["file"])), opts, providers=["CPUExecutionProvider"]
+        )
         self._tok = tok
 
     def token_ids(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +59,7 @@ class TextEncoder:
         ids = np.full((len(prompts), T), pad, dtype=np.int64)
         for i, p in enumerate(prompts):
             row = self._tok.encode(p, add_special_tokens=False).ids[:T]
-            ids[i, :len(row)] = row
+            ids[i, : len(row)] = row
         return ids, (ids != pad).astype(np.int64)
 
     def encode(self, prompts: list[str]) -> np.ndarray:
@@ -61,6 +67,6 @@ class TextEncoder:
             if self._sess is None:
                 self._load()
         ids, mask = self.token_ids(prompts)
-        return np.ascontiguousarray(self._sess.run(None, {"input_ids": ids, "attention_mask": mask})[0], dtype=np.float32)
-
-
+        return np.ascontiguousarray(
+            self._sess.run(None, {"input_ids": ids, "attention_mask": mask})[0], dtype=np.float32
+        )

@@ -59,8 +59,15 @@ def _float64_normals(seeds, start: int, count: int):
     u = u.reshape(len(seeds), -1, 4)
     rad = np.sqrt(-2 * np.log(u[..., 0::2]))
     theta = float(np.float32(2 * np.pi)) * u[..., 1::2]
-    z = np.stack([rad[..., 0] * np.cos(theta[..., 0]), rad[..., 0] * np.sin(theta[..., 0]),
-                  rad[..., 1] * np.cos(theta[..., 1]), rad[..., 1] * np.sin(theta[..., 1])], -1).reshape(len(seeds), -1)
+    z = np.stack(
+        [
+            rad[..., 0] * np.cos(theta[..., 0]),
+            rad[..., 0] * np.sin(theta[..., 0]),
+            rad[..., 1] * np.cos(theta[..., 1]),
+            rad[..., 1] * np.sin(theta[..., 1]),
+        ],
+        -1,
+    ).reshape(len(seeds), -1)
     rad = np.repeat(rad, 2, axis=-1).reshape(len(seeds), -1)
     sl = slice(start - first, start - first + count)
     return z[:, sl], rad[:, sl]
@@ -69,8 +76,10 @@ def _float64_normals(seeds, start: int, count: int):
 def _accuracy(name: str, z: np.ndarray, ref: np.ndarray, rad: np.ndarray, numpy_z: np.ndarray) -> str:
     e64 = np.abs(z.astype(np.float64) - ref) / (2.0**-23 * rad)
     enp = np.abs(z.astype(np.float64) - numpy_z) / (2.0**-23 * rad)
-    return (f"{name:40s} max |z - z64| = {e64.max():.2f} eps32*rad, max |z - numpy| = {enp.max():.2f} eps32*rad, "
-            f"bitwise equal to numpy: {np.mean(z == numpy_z):.1%}")
+    return (
+        f"{name:40s} max |z - z64| = {e64.max():.2f} eps32*rad, max |z - numpy| = {enp.max():.2f} eps32*rad, "
+        f"bitwise equal to numpy: {np.mean(z == numpy_z):.1%}"
+    )
 
 
 def main() -> None:
@@ -80,7 +89,9 @@ def main() -> None:
     p.add_argument("--no-torch", action="store_true", help="NumPy rows only")
     p.add_argument("--device", default="cpu", help="torch rows' device")
     p.add_argument("--check", action="store_true", help="also report accuracy against float64 and NumPy (1e6 normals)")
-    p.add_argument("--numpy-rows", action=argparse.BooleanOptionalAction, default=True, help="time the NumPy/PCG64 rows")
+    p.add_argument(
+        "--numpy-rows", action=argparse.BooleanOptionalAction, default=True, help="time the NumPy/PCG64 rows"
+    )
     p.add_argument("--torch-batches", default="1", help="comma-separated batch sizes for the torch rows")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (NumPy's rows use one core)")
     a = p.parse_args()
@@ -88,14 +99,30 @@ def main() -> None:
     for name, lc in SIZES.items() if a.numpy_rows else ():
         n = DRAWS * lc
         g = np.random.Generator(np.random.PCG64(0))
-        rows.append((name, "PCG64 standard_normal, one call", _median_ms(lambda: g.standard_normal(n, dtype=np.float32), a.repeats)))
+        rows.append(
+            (
+                name,
+                "PCG64 standard_normal, one call",
+                _median_ms(lambda: g.standard_normal(n, dtype=np.float32), a.repeats),
+            )
+        )
         rows.append((name, "philox_normals, one call", _median_ms(lambda: philox_normals([0], 0, n), a.repeats)))
         for B in (1, 8):
             seeds = list(range(B))
-            rows.append((name, f"former SeededNoise (PCG64), {DRAWS} draws, batch {B}, per image",
-                         _median_ms(lambda: _pcg64_draws(seeds, lc), a.repeats) / B))
-            rows.append((name, f"SeededNoise (Philox), {DRAWS} draws, batch {B}, per image",
-                         _median_ms(lambda: _philox_draws(seeds, lc), a.repeats) / B))
+            rows.append(
+                (
+                    name,
+                    f"former SeededNoise (PCG64), {DRAWS} draws, batch {B}, per image",
+                    _median_ms(lambda: _pcg64_draws(seeds, lc), a.repeats) / B,
+                )
+            )
+            rows.append(
+                (
+                    name,
+                    f"SeededNoise (Philox), {DRAWS} draws, batch {B}, per image",
+                    _median_ms(lambda: _philox_draws(seeds, lc), a.repeats) / B,
+                )
+            )
     if not a.no_torch:
         import torch
 
@@ -119,7 +146,14 @@ def main() -> None:
                     sync()
                     first = time.perf_counter() - t0
                     ms = _median_ms(lambda: fn(seeds, start, n), a.repeats, sync) / B
-                    rows.append((name, f"philox_normals_torch {kind} ({where}), one call, batch {B}, per image; first call {first:.1f} s", ms))
+                    rows.append(
+                        (
+                            name,
+                            f"philox_normals_torch {kind} ({where}), one call, batch {B}, per image; first call "
+                            f"{first:.1f} s",
+                            ms,
+                        )
+                    )
     checks = []
     if a.check:
         seeds_l, start_i, count = [7, 2**33 + 5, 2**63 - 1], 3, 1_000_001
@@ -129,10 +163,16 @@ def main() -> None:
         if not a.no_torch:
             st = torch.tensor(start_i, device=dev)
             for kind, fn in fns.items():
-                words_ok = bool((philox_uint32_torch(torch.tensor(seeds_l, device=dev), st, count).cpu().numpy()
-                                 == philox_uint32(seeds_l, start_i, count).astype(np.int64)).all())
+                words_ok = bool(
+                    (
+                        philox_uint32_torch(torch.tensor(seeds_l, device=dev), st, count).cpu().numpy()
+                        == philox_uint32(seeds_l, start_i, count).astype(np.int64)
+                    ).all()
+                )
                 z = fn(torch.tensor(seeds_l, device=dev), st, count).cpu().numpy()
-                checks.append(_accuracy(f"torch {kind} on {dev}", z, ref, rad, zn) + f"; eager words == numpy words: {words_ok}")
+                checks.append(
+                    _accuracy(f"torch {kind} on {dev}", z, ref, rad, zn) + f"; eager words == numpy words: {words_ok}"
+                )
     width = max((len(r[1]) for r in rows), default=0)
     for name, what, ms in rows:
         print(f"{name:24s}  {what:{width}s}  {ms:9.2f} ms/image")

@@ -29,18 +29,20 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gpu_check_report import environment, fmt, markdown  # noqa: E402  (scripts/: the folder of this script)
+
 import far_sdk  # noqa: E402
 from far_sdk.errors import BackendUnavailableError  # noqa: E402
-from gpu_check_report import environment, fmt, markdown  # noqa: E402  (scripts/: the folder of this script)
 
 #: Largest accepted max|latents - reference| / max|reference| over a whole generation (fp32 paths). Reduced
 #: precision is judged per call instead (gpu_perf.per_call_precision: one transformer call and one denoiser
@@ -57,15 +59,15 @@ class PathSpec:
     options: dict[str, Any]
     precision: str
     on_gpu: bool
-    check: Callable[[], str | None]           # None when available, else why not
+    check: Callable[[], str | None]  # None when available, else why not
     prepare: Callable[[], None] | None = None  # e.g. build TensorRT engines (counted in setup)
-    default: bool = True                       # run without --paths
+    default: bool = True  # run without --paths
 
 
 @dataclass
 class Row:
     id: str
-    status: str                    # ok | over tolerance | failed | skipped
+    status: str  # ok | over tolerance | failed | skipped
     reason: str = ""
     precision: str = ""
     tolerance: float | None = None
@@ -78,7 +80,7 @@ class Row:
     stages_s: dict[str, float] = field(default_factory=dict)
     images_per_s: float | None = None
     backend: dict[str, Any] = field(default_factory=dict)
-    per_call: dict[str, Any] | None = None     # reduced precision: per-call errors against fp32
+    per_call: dict[str, Any] | None = None  # reduced precision: per-call errors against fp32
 
 
 def log(msg: str) -> None:
@@ -95,7 +97,9 @@ def export_random_bundle(model: str, vae_config: str, out: Path, seed: int) -> P
     return random_bundle(out, model, vae_config, seed=seed, name=f"{model}-random", validate=False)
 
 
-def reference_latents(bundle: far_sdk.Bundle, labels: list[int], seed: int, plan_kwargs: dict, kind: str) -> tuple[np.ndarray, Any, str]:
+def reference_latents(
+    bundle: far_sdk.Bundle, labels: list[int], seed: int, plan_kwargs: dict, kind: str
+) -> tuple[np.ndarray, Any, str]:
     """(latents, resolved plan, what computed them) on the CPU in fp32."""
     gen = far_sdk.Generator(bundle, backend="torch", device="cpu", precision="fp32")
     plan = gen.plan(**plan_kwargs)
@@ -137,7 +141,10 @@ def _torch_cuda() -> str | None:
     import torch
 
     if not torch.cuda.is_available():
-        return f"no CUDA GPU: torch.cuda.is_available() is False (torch {torch.__version__}, CUDA build {torch.version.cuda})"
+        return (
+            f"no CUDA GPU: torch.cuda.is_available() is False (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda})"
+        )
     return None
 
 
@@ -148,8 +155,12 @@ def _ort_provider(provider: str) -> Callable[[], str | None]:
         except ImportError:
             return "onnxruntime is not installed"
         if provider not in ort.get_available_providers():
-            return f"onnxruntime {ort.__version__} offers {ort.get_available_providers()}, not {provider} (install onnxruntime-gpu)"
+            return (
+                f"onnxruntime {ort.__version__} offers {ort.get_available_providers()}, not {provider} "
+                "(install onnxruntime-gpu)"
+            )
         return None
+
     return check
 
 
@@ -163,36 +174,105 @@ def _tensorrt() -> str | None:
     return None  # the TensorRT runtime needs no torch; the GPU itself is checked when the backend starts
 
 
-def path_specs(bundle_dir: Path, batch: int, trt_precisions: list[str], cpu_threads: int | None, cpu_paths: bool) -> list[PathSpec]:
+def path_specs(
+    bundle_dir: Path, batch: int, trt_precisions: list[str], cpu_threads: int | None, cpu_paths: bool
+) -> list[PathSpec]:
     cpu_ok = (lambda: None) if cpu_paths else (lambda: "CPU path off for a large model (pass --cpu-paths to time it)")
     specs = [
-        PathSpec("torch-cpu-fp32", "torch", dict(device="cpu", threads=cpu_threads), "fp32", False,
-                 lambda: _torch_installed() or cpu_ok()),
-        PathSpec("ort-cpu", "onnxruntime", dict(device="cpu", threads=cpu_threads, io_binding=False), "fp32", False,
-                 lambda: _ort_provider("CPUExecutionProvider")() or cpu_ok()),
-        PathSpec("ort-cpu-iobinding", "onnxruntime", dict(device="cpu", threads=cpu_threads, io_binding=True), "fp32", False,
-                 lambda: _ort_provider("CPUExecutionProvider")() or cpu_ok()),
-        PathSpec("torch-cuda-fp32-eager", "torch", dict(device="cuda", precision="fp32", cuda_graphs=False), "fp32", True, _torch_cuda),
-        PathSpec("torch-cuda-fp32-graphs", "torch", dict(device="cuda", precision="fp32", cuda_graphs=True), "fp32", True, _torch_cuda),
-        PathSpec("torch-cuda-bf16-graphs", "torch", dict(device="cuda", precision="bf16", cuda_graphs=True), "bf16", True, _torch_cuda),
+        PathSpec(
+            "torch-cpu-fp32",
+            "torch",
+            dict(device="cpu", threads=cpu_threads),
+            "fp32",
+            False,
+            lambda: _torch_installed() or cpu_ok(),
+        ),
+        PathSpec(
+            "ort-cpu",
+            "onnxruntime",
+            dict(device="cpu", threads=cpu_threads, io_binding=False),
+            "fp32",
+            False,
+            lambda: _ort_provider("CPUExecutionProvider")() or cpu_ok(),
+        ),
+        PathSpec(
+            "ort-cpu-iobinding",
+            "onnxruntime",
+            dict(device="cpu", threads=cpu_threads, io_binding=True),
+            "fp32",
+            False,
+            lambda: _ort_provider("CPUExecutionProvider")() or cpu_ok(),
+        ),
+        PathSpec(
+            "torch-cuda-fp32-eager",
+            "torch",
+            dict(device="cuda", precision="fp32", cuda_graphs=False),
+            "fp32",
+            True,
+            _torch_cuda,
+        ),
+        PathSpec(
+            "torch-cuda-fp32-graphs",
+            "torch",
+            dict(device="cuda", precision="fp32", cuda_graphs=True),
+            "fp32",
+            True,
+            _torch_cuda,
+        ),
+        PathSpec(
+            "torch-cuda-bf16-graphs",
+            "torch",
+            dict(device="cuda", precision="bf16", cuda_graphs=True),
+            "bf16",
+            True,
+            _torch_cuda,
+        ),
         # Opt-in: a random-init model's latents reach ~1e5, past fp16's range (65504), so fp16 state overflows.
-        PathSpec("torch-cuda-fp16-graphs", "torch", dict(device="cuda", precision="fp16", cuda_graphs=True), "fp16", True, _torch_cuda,
-                 default=False),
+        PathSpec(
+            "torch-cuda-fp16-graphs",
+            "torch",
+            dict(device="cuda", precision="fp16", cuda_graphs=True),
+            "fp16",
+            True,
+            _torch_cuda,
+            default=False,
+        ),
         PathSpec("ort-cuda", "onnxruntime", dict(device="cuda"), "fp32", True, _ort_provider("CUDAExecutionProvider")),
-        PathSpec("ort-cuda-no-iobinding", "onnxruntime", dict(device="cuda", io_binding=False), "fp32", True,
-                 _ort_provider("CUDAExecutionProvider")),
-        PathSpec("ort-tensorrt-ep-fp32", "onnxruntime", dict(device="tensorrt"), "fp32", True, _ort_provider("TensorrtExecutionProvider")),
+        PathSpec(
+            "ort-cuda-no-iobinding",
+            "onnxruntime",
+            dict(device="cuda", io_binding=False),
+            "fp32",
+            True,
+            _ort_provider("CUDAExecutionProvider"),
+        ),
+        PathSpec(
+            "ort-tensorrt-ep-fp32",
+            "onnxruntime",
+            dict(device="tensorrt"),
+            "fp32",
+            True,
+            _ort_provider("TensorrtExecutionProvider"),
+        ),
     ]
     for p in trt_precisions:
+
         def build(p: str = p) -> None:
             from export.trt_build import build_engines
 
             build_engines(bundle_dir, precision=p, batch=(batch, batch, batch), progress=log)
-        specs.append(PathSpec(f"tensorrt-{p}", "tensorrt", dict(precision=p, batch=(batch, batch, batch)), p, True, _tensorrt, build))
+
+        specs.append(
+            PathSpec(
+                f"tensorrt-{p}", "tensorrt", dict(precision=p, batch=(batch, batch, batch)), p, True, _tensorrt, build
+            )
+        )
     return specs
 
 
-def run_path(spec: PathSpec, bundle_dir: Path, labels: list[int], seed: int, plan_kwargs: dict, ref: np.ndarray, repeats: int) -> Row:
+def run_path(
+    spec: PathSpec, bundle_dir: Path, labels: list[int], seed: int, plan_kwargs: dict, ref: np.ndarray, repeats: int
+) -> Row:
     row = Row(spec.id, "skipped", precision=spec.precision, tolerance=TOLERANCE[spec.precision])
     reason = spec.check()
     if reason:
@@ -222,7 +302,7 @@ def run_path(spec: PathSpec, bundle_dir: Path, labels: list[int], seed: int, pla
     except BackendUnavailableError as e:  # e.g. onnxruntime-gpu installed but its CUDA libraries missing
         row.reason = f"unavailable at setup: {str(e).splitlines()[0]}"
         return row
-    except Exception as e:  # one broken path must not hide the others
+    except Exception as e:  # noqa: BLE001 - one broken path must not hide the others
         row.status, row.reason = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return row
     finally:
@@ -242,13 +322,15 @@ def run_path(spec: PathSpec, bundle_dir: Path, labels: list[int], seed: int, pla
     finite = bool(np.isfinite(lat).all())
     if row.tolerance is not None:
         row.status = "ok" if finite and row.rel <= row.tolerance else "over tolerance"
-    else:   # reduced precision: per call against fp32 (the whole-generation error above is informational)
+    else:  # reduced precision: per call against fp32 (the whole-generation error above is informational)
         import gpu_perf
 
         row.per_call = gpu_perf.per_call_precision(bundle_dir, str(row.backend.get("device", "cuda")), spec.precision)
         row.status = "ok" if finite and row.per_call["ok"] else "over tolerance"
-        row.reason = (f"per call vs fp32: transformer {row.per_call['transformer_rel']:.2g}, denoiser step "
-                      f"{row.per_call['denoiser_step_rel']:.2g} (bound {row.per_call['tolerance']:g})")
+        row.reason = (
+            f"per call vs fp32: transformer {row.per_call['transformer_rel']:.2g}, denoiser step "
+            f"{row.per_call['denoiser_step_rel']:.2g} (bound {row.per_call['tolerance']:g})"
+        )
     if not finite:
         row.reason = "non-finite latents"
     return row
@@ -264,12 +346,17 @@ def _free_gpu_memory() -> None:
 # ---- ONNX Runtime CPU: IOBinding vs session.run ----------------------------------------------------------
 
 
-def bench_io_binding(bundle: far_sdk.Bundle, batches: list[int], calls: int, threads: int | None, reps: int = 7) -> list[dict]:
+def bench_io_binding(
+    bundle: far_sdk.Bundle, batches: list[int], calls: int, threads: int | None, reps: int = 7
+) -> list[dict]:
     """Time ``calls`` denoiser calls (one denoise of n=calls steps) both ways, interleaved; median ms per call."""
-    from far_sdk.backends import create_backend
+    from far_sdk.backends.create import create_backend
     from far_sdk.maths.diffusion import denoise_step_table
 
-    bes = {mode: create_backend(bundle, "onnxruntime", device="cpu", threads=threads, io_binding=mode) for mode in (True, False)}
+    bes = {
+        mode: create_backend(bundle, "onnxruntime", device="cpu", threads=threads, io_binding=mode)
+        for mode in (True, False)
+    }
     m = bundle.model_config
     L, C = int(m["grid_size"]) ** 2, int(m["token_channels"])
     rng = np.random.default_rng(0)
@@ -284,31 +371,50 @@ def bench_io_binding(bundle: far_sdk.Bundle, batches: list[int], calls: int, thr
         times: dict[bool, list[float]] = {True: [], False: []}
         out = {}
         for r in range(reps):
-            for mode in ((True, False) if r % 2 else (False, True)):
+            for mode in (True, False) if r % 2 else (False, True):
                 t0 = time.perf_counter()
                 out[mode] = bes[mode].denoise(x, noises, cond, steps)
                 times[mode].append(time.perf_counter() - t0)
-        rows.append({"batch": B, "calls": calls, "threads": threads, "io_binding_ms": 1e3 * statistics.median(times[True]) / calls,
-                     "run_ms": 1e3 * statistics.median(times[False]) / calls, "bitwise_equal": bool(np.array_equal(out[True], out[False]))})
+        rows.append(
+            {
+                "batch": B,
+                "calls": calls,
+                "threads": threads,
+                "io_binding_ms": 1e3 * statistics.median(times[True]) / calls,
+                "run_ms": 1e3 * statistics.median(times[False]) / calls,
+                "bitwise_equal": bool(np.array_equal(out[True], out[False])),
+            }
+        )
     for be in bes.values():
         be.close()
     return rows
 
 
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="far_base", help="FAR preset for the random-init bundle (default far_base)")
     ap.add_argument("--vae-config", default="kl16", help="VAE preset (default kl16; kl16-tiny for a quick run)")
     ap.add_argument("--bundle", default=None, help="use this bundle instead of exporting a random-init one")
-    ap.add_argument("--quick", action="store_true", help="batch 2, 4 outer steps with 3..6 inner steps, 2 repeats, TensorRT fp32 only")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 2, 4 outer steps with 3..6 inner steps, 2 repeats, TensorRT fp32 only",
+    )
     ap.add_argument("--batch", type=int, default=None, help="images per call (default 4; --quick 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="outer steps (default: the bundle's, 10)")
-    ap.add_argument("--inner-steps", default=None, help="'frequency-aware', 'official', N or N1,N2,... (default: the bundle's)")
+    ap.add_argument(
+        "--inner-steps", default=None, help="'frequency-aware', 'official', N or N1,N2,... (default: the bundle's)"
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed runs after the first (default 5; --quick 2)")
-    ap.add_argument("--paths", default=None, help="comma-separated path ids to run (default: all but torch-cuda-fp16-graphs)")
-    ap.add_argument("--trt-precisions", default=None, help="TensorRT backend precisions (default fp16,fp32; --quick fp32)")
+    ap.add_argument(
+        "--paths", default=None, help="comma-separated path ids to run (default: all but torch-cuda-fp16-graphs)"
+    )
+    ap.add_argument(
+        "--trt-precisions", default=None, help="TensorRT backend precisions (default fp16,fp32; --quick fp32)"
+    )
     ap.add_argument("--reference", choices=["auto", "sampler", "torch-cpu"], default="auto")
     ap.add_argument("--cpu-paths", action="store_true", help="time the CPU paths even for a large model")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for the CPU paths (default: all)")
@@ -330,12 +436,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if "--perf" in args:   # the performance run (scripts/gpu_perf.py): issue 10's figures
+    if "--perf" in args:  # the performance run (scripts/gpu_perf.py): issue 10's figures
         import gpu_perf
 
         return gpu_perf.main(args)
     a = parse_args(argv)
-    command = " ".join(shlex.quote(x) for x in ["python", "scripts/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(
+        shlex.quote(x) for x in ["python", "scripts/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     env = environment()
     log(f"GPU: {env.get('gpu') or 'none'}; torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}")
     with tempfile.TemporaryDirectory(prefix="far-gpu-check-") as tmp:
@@ -348,7 +456,11 @@ def main(argv: list[str] | None = None) -> int:
             bundle_dir, bundle_name = Path(a.bundle), a.bundle
         bundle = far_sdk.Bundle.load(bundle_dir)
         labels = [i % bundle.num_classes for i in range(a.batch)]
-        plan_kwargs = {k: v for k, v in (("num_steps", a.steps), ("inner_steps", parse_inner_steps(a.inner_steps))) if v is not None}
+        plan_kwargs = {
+            k: v
+            for k, v in (("num_steps", a.steps), ("inner_steps", parse_inner_steps(a.inner_steps)))
+            if v is not None
+        }
         t0 = time.perf_counter()
         ref, plan, ref_what = reference_latents(bundle, labels, a.seed, plan_kwargs, a.reference)
         ref_s = time.perf_counter() - t0
@@ -357,7 +469,10 @@ def main(argv: list[str] | None = None) -> int:
         specs = path_specs(bundle_dir, a.batch, a.trt_precisions, a.threads, cpu_paths=a.cpu_paths or small)
         wanted = set(a.paths.split(",")) if a.paths else None
         if wanted and wanted - {s.id for s in specs}:
-            print(f"unknown path ids {sorted(wanted - {s.id for s in specs})}; known: {[s.id for s in specs]}", file=sys.stderr)
+            print(
+                f"unknown path ids {sorted(wanted - {s.id for s in specs})}; known: {[s.id for s in specs]}",
+                file=sys.stderr,
+            )
             return 2
         rows = []
         for spec in specs:
@@ -366,16 +481,37 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{spec.id} ...")
             rows.append(run_path(spec, bundle_dir, labels, a.seed, plan_kwargs, ref, a.repeats))
             r = rows[-1]
-            log(f"{spec.id}: {r.status} {r.reason}" + (f" rel err {r.rel:.3g}, median {fmt(r.median_s, '.3f')} s" if r.rel is not None else ""))
+            log(
+                f"{spec.id}: {r.status} {r.reason}"
+                + (f" rel err {r.rel:.3g}, median {fmt(r.median_s, '.3f')} s" if r.rel is not None else "")
+            )
         bench = None
         if a.io_binding_bench:
             bench = bench_io_binding(bundle, [int(b) for b in a.bench_batches.split(",")], a.bench_calls, a.threads)
-    info = {"bundle": bundle_name, "batch": a.batch, "seed": a.seed, "repeats": a.repeats, "reference": ref_what, "reference_s": ref_s,
-            "plan": {"num_steps": plan.num_steps, "inner_steps": list(plan.inner_steps), "cfg": list(plan.cfg)}}
+    info = {
+        "bundle": bundle_name,
+        "batch": a.batch,
+        "seed": a.seed,
+        "repeats": a.repeats,
+        "reference": ref_what,
+        "reference_s": ref_s,
+        "plan": {"num_steps": plan.num_steps, "inner_steps": list(plan.inner_steps), "cfg": list(plan.cfg)},
+    }
     print(markdown(env, command, info, rows, bench))
     if a.json:
-        Path(a.json).write_text(json.dumps({"command": command, "environment": env, "setup": info,
-                                            "paths": [asdict(r) for r in rows], "io_binding_bench": bench}, indent=2, default=str))
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "command": command,
+                    "environment": env,
+                    "setup": info,
+                    "paths": [asdict(r) for r in rows],
+                    "io_binding_bench": bench,
+                },
+                indent=2,
+                default=str,
+            )
+        )
     return 1 if any(r.status in ("failed", "over tolerance") for r in rows) else 0
 
 

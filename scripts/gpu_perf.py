@@ -82,10 +82,13 @@ class Run:
         try:
             res = fn(*args, **kw)
             res.setdefault("status", "ok")
-        except Exception as e:  # a stage's failure is a result, not the end of the run
+        except Exception as e:  # noqa: BLE001 - a stage's failure is a result, not the end of the run
             res = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
         res["seconds"] = time.perf_counter() - t
-        log(f"{name}: {res['status']} in {res['seconds']:.1f} s" + (f" — {res.get('error')}" if res["status"] == "failed" else ""))
+        log(
+            f"{name}: {res['status']} in {res['seconds']:.1f} s"
+            + (f" — {res.get('error')}" if res["status"] == "failed" else "")
+        )
         self.record(name, res)
         return res
 
@@ -123,9 +126,16 @@ def measure_peaks() -> dict[str, Any]:
         sync()
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    out = {"matmul": {"n": n, "dtype": str(dt), "tflops_median": 2 * n**3 / med / 1e12, "tflops_best": 2 * n**3 / min(times) / 1e12}}
+    out = {
+        "matmul": {
+            "n": n,
+            "dtype": str(dt),
+            "tflops_median": 2 * n**3 / med / 1e12,
+            "tflops_best": 2 * n**3 / min(times) / 1e12,
+        }
+    }
     del a, b
-    x = torch.randn(256 << 20, device=dev)   # 1 GiB fp32
+    x = torch.randn(256 << 20, device=dev)  # 1 GiB fp32
     y = torch.empty_like(x)
     y.copy_(x)
     sync()
@@ -149,8 +159,11 @@ def export_random(model: str, vae_config: str, dest: Path, seed: int = 0) -> Pat
     return random_bundle(dest, model, vae_config, seed=seed, name=f"random-{model}-{vae_config}", validate=False)
 
 
-def time_generation(gen: far_sdk.Generator, batch: int, plan_kw: dict, warmup: int, iters: int, run: "Run | None" = None) -> dict[str, Any]:
-    from far_sdk.bench.protocol import analytic_flops, summarize
+def time_generation(
+    gen: far_sdk.Generator, batch: int, plan_kw: dict, warmup: int, iters: int, run: Run | None = None
+) -> dict[str, Any]:
+    from far_sdk.bench.protocol import analytic_flops
+    from far_sdk.bench.results import summarize
 
     labels = [i % gen.bundle.num_classes for i in range(batch)]
     first = []
@@ -161,16 +174,31 @@ def time_generation(gen: far_sdk.Generator, batch: int, plan_kw: dict, warmup: i
     its = []
     for i in range(iters):
         if run is not None and i >= 2 and run.left() < 10:
-            break   # out of budget: keep what was timed (the row says how many)
+            break  # out of budget: keep what was timed (the row says how many)
         t = time.perf_counter()
         out = gen.generate(labels, seed=1000 + i, output_type="np", **plan_kw)
-        its.append({**{k: out.timings[k] for k in ("transformer", "denoise", "filter", "vae_decode")}, "total": time.perf_counter() - t})
+        its.append(
+            {
+                **{k: out.timings[k] for k in ("transformer", "denoise", "filter", "vae_decode")},
+                "total": time.perf_counter() - t,
+            }
+        )
     tot = [r["total"] / batch * 1e3 for r in its]
     med_total = statistics.median(r["total"] for r in its)
     flops = analytic_flops(gen.bundle.manifest, out.plan, batch)
-    res = {"batch": batch, "warmup_s": first, "iters": len(its), "ms_per_image": summarize(tot).__dict__,
-           "stages_ms_per_image": {k: statistics.median(r[k] for r in its) / batch * 1e3 for k in ("transformer", "denoise", "filter", "vae_decode")},
-           "images_per_s": batch / med_total, "backend": gen.backend.describe(), "inner_steps": list(out.plan.inner_steps)}
+    res = {
+        "batch": batch,
+        "warmup_s": first,
+        "iters": len(its),
+        "ms_per_image": summarize(tot).__dict__,
+        "stages_ms_per_image": {
+            k: statistics.median(r[k] for r in its) / batch * 1e3
+            for k in ("transformer", "denoise", "filter", "vae_decode")
+        },
+        "images_per_s": batch / med_total,
+        "backend": gen.backend.describe(),
+        "inner_steps": list(out.plan.inner_steps),
+    }
     if flops is not None:
         res["tflop_per_image"] = flops["total"] / 1e12
         res["achieved_tflops"] = flops["total"] * batch / med_total / 1e12
@@ -205,14 +233,20 @@ def smoke(tmp: Path, precision: str) -> dict[str, Any]:
     checks["fast fp32 vs onnxruntime cpu"] = rel(a, ref)
     checks["fast fp32 replay bitwise"] = float(np.abs(a - b).max())
     src = SeededNoise.from_seed(3, len(labels))
-    c = fast.generate(labels, noise=lambda shape: src(shape), **kw).latents      # the same draws, uploaded from NumPy
+    c = fast.generate(labels, noise=lambda shape: src(shape), **kw).latents  # the same draws, uploaded from NumPy
     checks["fast fp32 device noise vs uploaded NumPy noise"] = rel(a, c)
     res["describe"] = fast.backend.describe()
-    eager_dev = far_sdk.Generator(bundle, backend="torch", device=dev, precision="fp32", compile=False, cuda_graphs=False)
+    eager_dev = far_sdk.Generator(
+        bundle, backend="torch", device=dev, precision="fp32", compile=False, cuda_graphs=False
+    )
     checks["eager fp32 on device vs onnxruntime cpu"] = rel(eager_dev.generate(labels, seed=3, **kw).latents, ref)
     res["per_call"] = per_call_precision(bundle, dev, precision)
-    ok = (checks["fast fp32 vs onnxruntime cpu"] < 1e-3 and checks["fast fp32 replay bitwise"] == 0.0
-          and checks["fast fp32 device noise vs uploaded NumPy noise"] < 1e-3 and res["per_call"]["ok"])
+    ok = (
+        checks["fast fp32 vs onnxruntime cpu"] < 1e-3
+        and checks["fast fp32 replay bitwise"] == 0.0
+        and checks["fast fp32 device noise vs uploaded NumPy noise"] < 1e-3
+        and res["per_call"]["ok"]
+    )
     res["status"] = "ok" if ok else "failed"
     for g in (fast, eager_dev):
         g.close()
@@ -224,8 +258,10 @@ def per_call_precision(bundle_dir: Path, dev: str, precision: str) -> dict[str, 
     """One transformer call and one denoiser step in ``precision`` vs fp32, on random non-trivial inputs."""
     from far_sdk.maths.diffusion import denoise_step_table
 
-    gens = {p: far_sdk.Generator(bundle_dir, backend="torch", device=dev, precision=p, cuda_graphs=False, compile=False)
-            for p in ("fp32", precision)}
+    gens = {
+        p: far_sdk.Generator(bundle_dir, backend="torch", device=dev, precision=p, cuda_graphs=False, compile=False)
+        for p in ("fp32", precision)
+    }
     b32, blo = gens["fp32"].backend, gens[precision].backend
     m = gens["fp32"].bundle.manifest["model"]
     B, L, C = 2, m["grid_size"] ** 2, m["token_channels"]
@@ -236,14 +272,19 @@ def per_call_precision(bundle_dir: Path, dev: str, precision: str) -> dict[str, 
     clo = blo.transformer(tokens, ids, 4).float().cpu().numpy()
     x = rng.standard_normal((B, L, C)).astype(np.float32)
     noise = rng.standard_normal((1, B, L, C)).astype(np.float32)
-    steps = denoise_step_table(50, 3.0, 1.0, None)[25:26]                 # a mid-schedule step
+    steps = denoise_step_table(50, 3.0, 1.0, None)[25:26]  # a mid-schedule step
     x32 = b32.denoise(x, noise, c32, steps)
-    xlo = blo.denoise(x, noise, c32, steps)                                # same cond: the step's own error
+    xlo = blo.denoise(x, noise, c32, steps)  # same cond: the step's own error
 
     def nrel(a, b):
         return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
-    out = {"precision": precision, "transformer_rel": nrel(clo, c32), "denoiser_step_rel": nrel(xlo, x32), "tolerance": CALL_TOL[precision]}
+    out = {
+        "precision": precision,
+        "transformer_rel": nrel(clo, c32),
+        "denoiser_step_rel": nrel(xlo, x32),
+        "tolerance": CALL_TOL[precision],
+    }
     out["ok"] = out["transformer_rel"] < CALL_TOL[precision] and out["denoiser_step_rel"] < CALL_TOL[precision]
     for g in gens.values():
         g.close()
@@ -258,7 +299,9 @@ def bench_model(model: str, vae_config: str, tmp: Path, batches: list[int], prec
     res: dict[str, Any] = {"model": model, "vae": vae_config, "export_s": time.perf_counter() - t, "rows": []}
     log(f"{model}: exported in {res['export_s']:.0f} s")
     t = time.perf_counter()
-    gen = far_sdk.Generator(bundle, backend="torch", device=device_name(), precision=precision, compile=True, cuda_graphs=True)
+    gen = far_sdk.Generator(
+        bundle, backend="torch", device=device_name(), precision=precision, compile=True, cuda_graphs=True
+    )
     res["load_s"] = time.perf_counter() - t
     for B in batches:
         if run.left() < 20:
@@ -267,11 +310,22 @@ def bench_model(model: str, vae_config: str, tmp: Path, batches: list[int], prec
         warm, iters = (2, 10) if B == 1 else ((1, 5) if B <= 8 else (1, 3))
         try:
             row = time_generation(gen, B, {}, warm, iters, run)
-        except Exception as e:
-            row = {"batch": B, "status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+        except Exception as e:  # noqa: BLE001 - a failed row is recorded, the run goes on
+            row = {
+                "batch": B,
+                "status": "failed",
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-2000:],
+            }
         res["rows"].append(row)
-        log(f"{model} batch {B}: " + (f"{row['ms_per_image']['median']:.1f} ms/image, {row['images_per_s']:.1f} img/s"
-                                      if "ms_per_image" in row else row.get("error", row.get("reason", ""))))
+        log(
+            f"{model} batch {B}: "
+            + (
+                f"{row['ms_per_image']['median']:.1f} ms/image, {row['images_per_s']:.1f} img/s"
+                if "ms_per_image" in row
+                else row.get("error", row.get("reason", ""))
+            )
+        )
         run.record(f"model {model} (partial)", res)
     gen.close()
     del gen
@@ -289,18 +343,27 @@ def eager_baseline(bundle_dir: Path) -> dict[str, Any]:
 
     import torch
 
-    from far_sdk.bench.protocol import bench_backend, bench_plan, summarize
+    from far_sdk.bench.protocol import bench_backend, bench_plan
+    from far_sdk.bench.results import summarize
     from far_sdk.maths.schedules import make_plan
 
     bundle = far_sdk.Bundle.load(bundle_dir, verify=False)
     plan = bench_plan(bundle)
     official = dataclasses.replace(plan, inner_steps=make_plan(plan.num_steps, inner_steps="official").inner_steps)
-    raw = bench_backend(bundle_dir, "torch-eager", 1, official, warmup=1, iters=3, backend_options={"device": device_name()})
+    raw = bench_backend(
+        bundle_dir, "torch-eager", 1, official, warmup=1, iters=3, backend_options={"device": device_name()}
+    )
     tot = [r["total"] * 1e3 for r in raw["iterations"]]
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {"ms_per_image": summarize(tot).__dict__, "inner_steps": list(official.inner_steps),
-            "stages_ms": {k: statistics.median(r[k] for r in raw["iterations"]) * 1e3 for k in ("transformer", "denoise", "filter", "vae_decode")}}
+    return {
+        "ms_per_image": summarize(tot).__dict__,
+        "inner_steps": list(official.inner_steps),
+        "stages_ms": {
+            k: statistics.median(r[k] for r in raw["iterations"]) * 1e3
+            for k in ("transformer", "denoise", "filter", "vae_decode")
+        },
+    }
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -311,11 +374,16 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [f"# GPU perf ({data.get('command', '')})", ""]
     env = st.get("machine", {})
     if env:
-        lines.append("machine: " + ", ".join(f"{k}={env[k]}" for k in ("gpu", "torch", "torch_cuda", "triton") if k in env))
+        lines.append(
+            "machine: " + ", ".join(f"{k}={env[k]}" for k in ("gpu", "torch", "torch_cuda", "triton") if k in env)
+        )
         pk = env.get("peaks", {})
         if pk.get("matmul"):
-            lines.append(f"measured matmul peak: {pk['matmul']['tflops_median']:.0f} TFLOP/s ({pk['matmul']['dtype']}, n={pk['matmul']['n']}); "
-                         f"copy {pk['copy']['tb_per_s_median']:.2f} TB/s")
+            lines.append(
+                f"measured matmul peak: {pk['matmul']['tflops_median']:.0f} TFLOP/s ({pk['matmul']['dtype']}, "
+                f"n={pk['matmul']['n']}); "
+                f"copy {pk['copy']['tb_per_s_median']:.2f} TB/s"
+            )
     sm = st.get("smoke")
     if sm:
         lines += ["", f"smoke: {sm.get('status')} {sm.get('error', '')}"]
@@ -324,14 +392,21 @@ def markdown(data: dict[str, Any]) -> str:
         if sm.get("per_call"):
             lines.append(f"- per call {sm['per_call']}")
     peak = (env.get("peaks") or {}).get("matmul", {}).get("tflops_median")
-    lines += ["", "| model | batch | ms/image median (min-max) | transformer | denoise | VAE | img/s | TFLOP/s | % peak | target |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [
+        "",
+        "| model | batch | ms/image median (min-max) | transformer | denoise | VAE | img/s | TFLOP/s | % peak | "
+        "target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for name, m in st.items():
         if not name.startswith("model ") or "(partial)" in name and name.replace(" (partial)", "") in st:
             continue
         for r in m.get("rows", []):
             if "ms_per_image" not in r:
-                lines.append(f"| {m.get('model')} | {r.get('batch')} | {r.get('status')}: {r.get('error', r.get('reason', ''))[:80]} | | | | | | | |")
+                lines.append(
+                    f"| {m.get('model')} | {r.get('batch')} | {r.get('status')}: "
+                    f"{r.get('error', r.get('reason', ''))[:80]} | | | | | | | |"
+                )
                 continue
             s, sg = r["ms_per_image"], r["stages_ms_per_image"]
             tf = r.get("achieved_tflops")
@@ -341,21 +416,29 @@ def markdown(data: dict[str, Any]) -> str:
                 tgt = f"<= {TARGETS[m['model']]:.0f} ms: {'met' if s['median'] <= TARGETS[m['model']] else 'MISSED'}"
             elif r["batch"] >= 64 and share is not None:
                 tgt = f">= 50% peak: {'met' if share >= PEAK_SHARE_TARGET else 'MISSED'}"
-            lines.append(f"| {m.get('model')} | {r['batch']} | {s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f}) | {sg['transformer']:.1f} | "
-                         f"{sg['denoise']:.1f} | {sg['vae_decode']:.1f} | {r['images_per_s']:.1f} | {tf or 0:.0f} | "
-                         f"{(share or 0) * 100:.0f}% | {tgt} |")
+            lines.append(
+                f"| {m.get('model')} | {r['batch']} | {s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f}) | "
+                f"{sg['transformer']:.1f} | "
+                f"{sg['denoise']:.1f} | {sg['vae_decode']:.1f} | {r['images_per_s']:.1f} | {tf or 0:.0f} | "
+                f"{(share or 0) * 100:.0f}% | {tgt} |"
+            )
         eb = m.get("eager_official_b1")
         if eb and m.get("rows") and "ms_per_image" in m["rows"][0]:
             sp = eb["ms_per_image"]["median"] / m["rows"][0]["ms_per_image"]["median"]
-            lines.append(f"| {m.get('model')} eager official (fp32, 100 inner) | 1 | {eb['ms_per_image']['median']:.1f} | | | | | | | "
-                         f"speed-up {sp:.1f}x (>= 12x: {'met' if sp >= SPEEDUP_TARGET else 'MISSED'}) |")
+            lines.append(
+                f"| {m.get('model')} eager official (fp32, 100 inner) | 1 | {eb['ms_per_image']['median']:.1f} | | | "
+                "| | | | "
+                f"speed-up {sp:.1f}x (>= 12x: {'met' if sp >= SPEEDUP_TARGET else 'MISSED'}) |"
+            )
         if m.get("per_call"):
             lines.append(f"| {m.get('model')} per call {m['per_call']} | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--perf", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--models", default="far_large,far_huge")
     ap.add_argument("--vae-config", default="kl16")
@@ -372,7 +455,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def environment() -> dict[str, Any]:
     import torch
 
-    env: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda, "numpy": np.__version__}
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "numpy": np.__version__,
+    }
     try:
         import triton
 
@@ -381,7 +469,7 @@ def environment() -> dict[str, Any]:
         env["triton"] = None
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
-        env["capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
+        env["capability"] = "{}.{}".format(*torch.cuda.get_device_capability(0))
     env["peaks"] = measure_peaks()
     return env
 
@@ -401,8 +489,17 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         if not a.smoke_only:
             for model in a.models.split(","):
-                run.stage(f"model {model}", bench_model, model, a.vae_config, tmp, [int(b) for b in a.batches.split(",")],
-                          a.precision, run, need_s=60)
+                run.stage(
+                    f"model {model}",
+                    bench_model,
+                    model,
+                    a.vae_config,
+                    tmp,
+                    [int(b) for b in a.batches.split(",")],
+                    a.precision,
+                    run,
+                    need_s=60,
+                )
     print(markdown(run.data))
     return 0 if all(v.get("status") in ("ok", "skipped") for v in run.data["stages"].values()) else 1
 

@@ -20,16 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from far_sdk.maths.schedules import inner_step_schedule  # noqa: E402
-from training.config import FAR_CONFIGS  # noqa: E402
-from training.far import FAR  # noqa: E402
 from far_sdk.bench.flops import (  # noqa: E402
     denoiser_step_flops,
     generation_flops,
     transformer_flops,
     vae_decoder_flops,
 )
-from training.vae import VAE_CONFIGS, AutoencoderKL  # noqa: E402
+from far_sdk.maths.schedules import inner_step_schedule  # noqa: E402
+from training.config import FAR_CONFIGS  # noqa: E402
+from training.config_vae import VAE_CONFIGS  # noqa: E402
+from training.far import FAR  # noqa: E402
+from training.vae import AutoencoderKL  # noqa: E402
 
 MODELS = ("far_base", "far_large", "far_huge")
 LABELS = {"far_base": "FAR-B", "far_large": "FAR-L", "far_huge": "FAR-H"}
@@ -69,8 +70,13 @@ def vae_param_counts(name: str = "kl16") -> dict[str, int]:
 
 def collect() -> dict:
     vae_cfg = VAE_CONFIGS["kl16"]
-    out = {"params": {n: far_param_counts(n) for n in MODELS}, "vae": vae_param_counts("kl16"),
-           "per_call": {}, "generation": [], "schedules": {}}
+    out = {
+        "params": {n: far_param_counts(n) for n in MODELS},
+        "vae": vae_param_counts("kl16"),
+        "per_call": {},
+        "generation": [],
+        "schedules": {},
+    }
     for label, inner, _ in SCHEDULES:
         out["schedules"][label] = inner_step_schedule(inner, OUTER_STEPS)
     for n in MODELS:
@@ -92,10 +98,14 @@ def check(stats: dict) -> list[str]:
     for n, (total, mlp) in EXPECTED_PARAMS.items():
         got = stats["params"][n]
         if (got["total"], got["diffusion_mlp"]) != (total, mlp):
-            errors.append(f"{n}: got total {got['total']:,} / MLP {got['diffusion_mlp']:,}, expected {total:,} / {mlp:,}")
+            errors.append(
+                f"{n}: got total {got['total']:,} / MLP {got['diffusion_mlp']:,}, expected {total:,} / {mlp:,}"
+            )
     v = stats["vae"]
     if (v["total"], v["decode"]) != EXPECTED_VAE:
-        errors.append(f"kl16: got {v['total']:,} / decode {v['decode']:,}, expected {EXPECTED_VAE[0]:,} / {EXPECTED_VAE[1]:,}")
+        errors.append(
+            f"kl16: got {v['total']:,} / decode {v['decode']:,}, expected {EXPECTED_VAE[0]:,} / {EXPECTED_VAE[1]:,}"
+        )
     return errors
 
 
@@ -113,33 +123,52 @@ def markdown(stats: dict) -> str:
     L.append("|---|---:|---:|---:|")
     for n in MODELS:
         p, cfg = stats["params"][n], FAR_CONFIGS[n]
-        L.append(f"| {LABELS[n]} (`{n}`) | {p['total']:,} | {p['transformer']:,} | "
-                 f"{p['diffusion_mlp']:,} ({cfg.diffloss_d} x {cfg.diffloss_w}) |")
+        L.append(
+            f"| {LABELS[n]} (`{n}`) | {p['total']:,} | {p['transformer']:,} | "
+            f"{p['diffusion_mlp']:,} ({cfg.diffloss_d} x {cfg.diffloss_w}) |"
+        )
     v = stats["vae"]
     L.append(f"| VAE `kl16` | {v['total']:,} | — | decode path (decoder + post_quant_conv): {v['decode']:,} |")
     L.append("")
-    L.append(f"FLOPs per image, {OUTER_STEPS} outer steps, CFG on (transformer on 2 rows per outer step, diffusion MLP "
-             "on 2 x 256 rows per inner step), one kl16 decode at 256 x 256. TFLOP = 1e12 FLOPs, "
-             "1 multiply-add = 2 FLOPs.")
+    L.append(
+        f"FLOPs per image, {OUTER_STEPS} outer steps, CFG on (transformer on 2 rows per outer step, diffusion MLP "
+        "on 2 x 256 rows per inner step), one kl16 decode at 256 x 256. TFLOP = 1e12 FLOPs, "
+        "1 multiply-add = 2 FLOPs."
+    )
     L.append("")
-    L.append("| model | inner schedule | inner steps (sum) | transformer TFLOP | diffusion MLP TFLOP | VAE decode TFLOP | total TFLOP |")
+    L.append(
+        "| model | inner schedule | inner steps (sum) | transformer TFLOP | diffusion MLP TFLOP | VAE decode TFLOP | "
+        "total TFLOP |"
+    )
     L.append("|---|---|---:|---:|---:|---:|---:|")
     for n, label, steps, f in stats["generation"]:
-        L.append(f"| {LABELS[n]} | {label} | {steps} | {_t(f['transformer'])} | {_t(f['diffusion_mlp'])} | "
-                 f"{_t(f['vae_decode'])} | {_t(f['total'])} |")
+        L.append(
+            f"| {LABELS[n]} | {label} | {steps} | {_t(f['transformer'])} | {_t(f['diffusion_mlp'])} | "
+            f"{_t(f['vae_decode'])} | {_t(f['total'])} |"
+        )
     L.append("")
-    L.append("Inner steps per outer step: " + "; ".join(
-        f"{label.split(' (')[0].split(',')[0]}: {', '.join(map(str, s))}"
-        for label, s in list(stats["schedules"].items())[:2]) + ".")
+    L.append(
+        "Inner steps per outer step: "
+        + "; ".join(
+            f"{label.split(' (')[0].split(',')[0]}: {', '.join(map(str, s))}"
+            for label, s in list(stats["schedules"].items())[:2]
+        )
+        + "."
+    )
     L.append("")
     L.append("Per call (batch 1 image, CFG on):")
     L.append("")
-    L.append("| model | transformer call (2 rows, incl. cond_embed) GFLOP | denoiser step GFLOP | denoiser step, eager GFLOP | kl16 decode GFLOP |")
+    L.append(
+        "| model | transformer call (2 rows, incl. cond_embed) GFLOP | denoiser step GFLOP | denoiser step, eager "
+        "GFLOP | kl16 decode GFLOP |"
+    )
     L.append("|---|---:|---:|---:|---:|")
     for n in MODELS:
         c = stats["per_call"][n]
-        L.append(f"| {LABELS[n]} | {_g(c['transformer'])} | {_g(c['denoiser'])} | {_g(c['denoiser_eager'])} | "
-                 f"{_g(stats['vae_decode'])} |")
+        L.append(
+            f"| {LABELS[n]} | {_g(c['transformer'])} | {_g(c['denoiser'])} | {_g(c['denoiser_eager'])} | "
+            f"{_g(stats['vae_decode'])} |"
+        )
     return "\n".join(L)
 
 
@@ -147,15 +176,22 @@ def text(stats: dict) -> str:
     L = ["Parameters (exact, built on the meta device):"]
     for n in MODELS:
         p = stats["params"][n]
-        L.append(f"  {n:10s} total {p['total']:>13,}  transformer {p['transformer']:>13,}  diffusion MLP {p['diffusion_mlp']:>11,}")
+        L.append(
+            f"  {n:10s} total {p['total']:>13,}  transformer {p['transformer']:>13,}  diffusion MLP "
+            f"{p['diffusion_mlp']:>11,}"
+        )
     v = stats["vae"]
     L.append(f"  {'kl16 VAE':10s} total {v['total']:>13,}  decoder + post_quant_conv {v['decode']:>11,}")
     L.append("")
     L.append(f"FLOPs per image ({OUTER_STEPS} outer steps, CFG on, kl16 decode), TFLOP:")
-    L.append(f"  {'model':9s} {'inner schedule':45s} {'steps':>5s} {'transf.':>8s} {'MLP':>8s} {'VAE':>7s} {'total':>8s}")
+    L.append(
+        f"  {'model':9s} {'inner schedule':45s} {'steps':>5s} {'transf.':>8s} {'MLP':>8s} {'VAE':>7s} {'total':>8s}"
+    )
     for n, label, steps, f in stats["generation"]:
-        L.append(f"  {LABELS[n]:9s} {label:45s} {steps:5d} {_t(f['transformer']):>8s} {_t(f['diffusion_mlp']):>8s} "
-                 f"{_t(f['vae_decode']):>7s} {_t(f['total']):>8s}")
+        L.append(
+            f"  {LABELS[n]:9s} {label:45s} {steps:5d} {_t(f['transformer']):>8s} {_t(f['diffusion_mlp']):>8s} "
+            f"{_t(f['vae_decode']):>7s} {_t(f['total']):>8s}"
+        )
     L.append("")
     for label, s in stats["schedules"].items():
         L.append(f"  inner steps, {label}: {list(s)}")
@@ -163,8 +199,10 @@ def text(stats: dict) -> str:
     L.append("Per call (1 image, CFG on), GFLOP:")
     for n in MODELS:
         c = stats["per_call"][n]
-        L.append(f"  {LABELS[n]:9s} transformer {_g(c['transformer'])}  denoiser step {_g(c['denoiser'])} "
-                 f"(eager {_g(c['denoiser_eager'])})  kl16 decode {_g(stats['vae_decode'])}")
+        L.append(
+            f"  {LABELS[n]:9s} transformer {_g(c['transformer'])}  denoiser step {_g(c['denoiser'])} "
+            f"(eager {_g(c['denoiser_eager'])})  kl16 decode {_g(stats['vae_decode'])}"
+        )
     return "\n".join(L)
 
 

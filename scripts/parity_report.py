@@ -20,11 +20,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 import far_sdk  # noqa: E402
 from far_sdk.maths.noise import ReplayNoise, SeededNoise  # noqa: E402
 from far_sdk.options import SamplingOptions, resolve_plan  # noqa: E402
-import torch  # noqa: E402
-
 from training import FAR, load_official_checkpoint  # noqa: E402
 from training.sampler import sample_reference  # noqa: E402
 
@@ -56,7 +56,8 @@ def _mask_draws(ref):
 
 
 def official_mask_rows(tmp: Path):
-    """Mask mode: the reference sampler and each backend (replaying the official draws and orders) vs the official trace."""
+    """Mask mode: the reference sampler and each backend (replaying the official draws and orders) vs the official
+    trace."""
     import dataclasses
 
     from export.onnx_export import export_bundle
@@ -65,17 +66,24 @@ def official_mask_rows(tmp: Path):
     fx = ROOT / "tests" / "fixtures" / "official-tiny"
     ref = dict(np.load(fx / "reference.npz"))
     m = load_official_checkpoint(fx / "checkpoint-last.pth", config="far_parity_tiny")
-    far = FAR(dataclasses.replace(m.config, mask=True)).eval()   # the same weights, built for masking
+    far = FAR(dataclasses.replace(m.config, mask=True)).eval()  # the same weights, built for masking
     far.load_state_dict(m.state_dict())
     opts = dict(inner_steps=10, cfg=3.0, mode="mask")
     out = sample_reference(far, [3], noise=ReplayNoise(_mask_draws(ref), ref["mask_orders"]), **opts).numpy()
     yield "reference sampler vs official `sample_tokens_mask` (replayed draws and orders)", errs(out, ref["mask_final"])
     torch.manual_seed(0)
-    bundle = export_bundle(far, AutoencoderKL(VAE_CONFIGS["kl16-tiny"]).eval(), tmp / "official-mask", name="official-tiny-mask")
+    bundle = export_bundle(
+        far, AutoencoderKL(VAE_CONFIGS["kl16-tiny"]).eval(), tmp / "official-mask", name="official-tiny-mask"
+    )
     for name in ("onnxruntime", "torch"):
         g = far_sdk.Generator(bundle, backend=name)
-        got = g.generate([3], noise=ReplayNoise(_mask_draws(ref), ref["mask_orders"]), output_type="latent", **opts).latents
-        yield f"{name} vs official `sample_tokens_mask` (replayed draws and orders, mask=True bundle)", errs(got, ref["mask_final"])
+        got = g.generate(
+            [3], noise=ReplayNoise(_mask_draws(ref), ref["mask_orders"]), output_type="latent", **opts
+        ).latents
+        yield (
+            f"{name} vs official `sample_tokens_mask` (replayed draws and orders, mask=True bundle)",
+            errs(got, ref["mask_final"]),
+        )
         yield f"{name} vs reference sampler, mask mode (same replay)", errs(got, out)
 
 
@@ -103,10 +111,12 @@ def main() -> None:
     mask_dir = tempfile.TemporaryDirectory()
     rows = list(official_rows()) + list(official_mask_rows(Path(mask_dir.name)))
     gens = {name: far_sdk.Generator(b, backend=name) for name in ("onnxruntime", "torch")}
-    for plan_name, plan in (("paper defaults (10 steps, frequency-aware 40..100)", {}),
-                            ("official (10 steps, 100 inner)", {"inner_steps": 100}),
-                            ("DDIM eta 0 (10 steps, 15 inner)", {"inner_sampler": "ddim", "eta": 0.0, "inner_steps": 15}),
-                            ("DDIM eta 1 (10 steps, 15 inner)", {"inner_sampler": "ddim", "eta": 1.0, "inner_steps": 15})):
+    for plan_name, plan in (
+        ("paper defaults (10 steps, frequency-aware 40..100)", {}),
+        ("official (10 steps, 100 inner)", {"inner_steps": 100}),
+        ("DDIM eta 0 (10 steps, 15 inner)", {"inner_sampler": "ddim", "eta": 0.0, "inner_steps": 15}),
+        ("DDIM eta 1 (10 steps, 15 inner)", {"inner_sampler": "ddim", "eta": 1.0, "inner_steps": 15}),
+    ):
         resolved = resolve_plan(b.defaults, SamplingOptions(**plan))  # the bundle's defaults (cfg, x0_clip, ...) + plan
         ref = sample_reference(far, labels, noise=SeededNoise.from_seed(a.seed, len(labels)), plan=resolved).numpy()
         for name, g in gens.items():

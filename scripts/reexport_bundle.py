@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from far_sdk.bundle.bundle import Bundle  # noqa: E402
+from far_sdk.bundle.manifest import manifest_digest, parse_json  # noqa: E402
+from far_sdk.bundle.schema import BUNDLE_FORMAT, DIGEST_KEY  # noqa: E402
 from far_sdk.errors import BundleError  # noqa: E402
-from far_sdk.bundle.manifest import BUNDLE_FORMAT, DIGEST_KEY, manifest_digest, parse_json  # noqa: E402
 
 
 def tensor_hashes(path: Path) -> dict[str, str]:
@@ -52,24 +53,36 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="default: replace the bundle in place")
     a = ap.parse_args()
     from export.onnx_export import export_bundle
+    from training.config_vae import VAEConfig
     from training.from_bundle import load_bundle_models
+    from training.vae import AutoencoderKL
 
     old = old_bundle(a.bundle)
     m = old.manifest
     before = tensor_hashes(old.file(m["weights"]["file"]))
-    far, vae = load_bundle_models(old)   # the VAE's encoder stays on the meta device: a bundle carries none
-    from training.vae import AutoencoderKL, VAEConfig
-
+    far, vae = load_bundle_models(old)  # the VAE's encoder stays on the meta device: a bundle carries none
     decode = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
-    vae = AutoencoderKL(VAEConfig.from_dict(m["vae"])).eval()   # encoder: unused fresh init, not exported
+    vae = AutoencoderKL(VAEConfig.from_dict(m["vae"])).eval()  # encoder: unused fresh init, not exported
     missing, unexpected = vae.load_state_dict(decode, strict=False)
     assert not unexpected and not [k for k in missing if k.startswith(("decoder.", "post_quant_conv."))]
     out = a.out or a.bundle
     # files the manifest does not list (a README) are carried over; the export replaces the directory
-    extras = {p.name: p.read_bytes() for p in a.bundle.iterdir()
-              if p.is_file() and not p.is_symlink() and p.name not in m["files"] and p.name != "manifest.json"}
-    export_bundle(far, vae, out, name=m["name"], latent_scale=m["latent_scale"], id2label=m.get("id2label"),
-                  source=m["source"], defaults=m["defaults"], overwrite=True)
+    extras = {
+        p.name: p.read_bytes()
+        for p in a.bundle.iterdir()
+        if p.is_file() and not p.is_symlink() and p.name not in m["files"] and p.name != "manifest.json"
+    }
+    export_bundle(
+        far,
+        vae,
+        out,
+        name=m["name"],
+        latent_scale=m["latent_scale"],
+        id2label=m.get("id2label"),
+        source=m["source"],
+        defaults=m["defaults"],
+        overwrite=True,
+    )
     for name, data in extras.items():
         if not (out / name).exists():
             (out / name).write_bytes(data)
@@ -78,8 +91,18 @@ def main() -> int:
     if before != after:
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
         raise SystemExit(f"weights differ after re-export: {changed[:10]}")
-    print(json.dumps({"bundle": str(out), "kept": sorted(extras), "format_version": new.manifest["format_version"], "tensors": len(after),
-                      "weights_identical": True, "sampling_modes": new.manifest["sampling_modes"]}))
+    print(
+        json.dumps(
+            {
+                "bundle": str(out),
+                "kept": sorted(extras),
+                "format_version": new.manifest["format_version"],
+                "tensors": len(after),
+                "weights_identical": True,
+                "sampling_modes": new.manifest["sampling_modes"],
+            }
+        )
+    )
     return 0
 
 

@@ -51,9 +51,16 @@ def load(url: str, n: int, clients: int, settings: dict) -> dict:
     ok = [r for r in res if r[0] == 200]
     lat = np.array([r[1] for r in ok]) * 1000
     sizes = np.array([r[2] for r in ok])
-    return {"requests": n, "ok": len(ok), "wall_s": round(wall, 3), "requests_per_s": round(len(ok) / wall, 3),
-            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
-            "mean_batch_images": round(float(sizes.mean()), 2), "max_batch_images": int(sizes.max())}
+    return {
+        "requests": n,
+        "ok": len(ok),
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(len(ok) / wall, 3),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "mean_batch_images": round(float(sizes.mean()), 2),
+        "max_batch_images": int(sizes.max()),
+    }
 
 
 def main() -> int:
@@ -84,10 +91,16 @@ def main() -> int:
     results = {}
     try:
         for name, max_batch in (("batching on", a.max_batch), ("batching off", 1)):
-            cfg = ServeConfig(bundle=str(Path(a.bundle).resolve()), backend="onnxruntime", backend_options={"threads": a.threads},
-                              max_batch=max_batch, batch_wait_ms=a.batch_wait_ms if max_batch > 1 else 0.0,
-                              max_ongoing_requests=max(2 * max_batch, a.clients), max_queued_requests=4 * a.requests,
-                              cpus_per_replica=float(a.cpus))
+            cfg = ServeConfig(
+                bundle=str(Path(a.bundle).resolve()),
+                backend="onnxruntime",
+                backend_options={"threads": a.threads},
+                max_batch=max_batch,
+                batch_wait_ms=a.batch_wait_ms if max_batch > 1 else 0.0,
+                max_ongoing_requests=max(2 * max_batch, a.clients),
+                max_queued_requests=4 * a.requests,
+                cpus_per_replica=float(a.cpus),
+            )
             app = name.replace(" ", "-")
             serve.run(build_app(cfg), name=app, route_prefix=f"/{app}")
             url = f"http://127.0.0.1:{port}/{app}/generate"
@@ -97,12 +110,24 @@ def main() -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    out = {"bundle": a.bundle, "settings": settings, "clients": a.clients, "max_batch": a.max_batch,
-           "batch_wait_ms": a.batch_wait_ms, "replica_threads": a.threads, "ray_cpus": a.cpus,
-           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "command": " ".join(sys.argv), "results": results}
+    out = {
+        "bundle": a.bundle,
+        "settings": settings,
+        "clients": a.clients,
+        "max_batch": a.max_batch,
+        "batch_wait_ms": a.batch_wait_ms,
+        "replica_threads": a.threads,
+        "ray_cpus": a.cpus,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "command": " ".join(sys.argv),
+        "results": results,
+    }
     print(f"{'':14s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean batch':>11s}")
     for name, r in results.items():
-        print(f"{name:14s} {r['requests_per_s']:8.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['mean_batch_images']:11.2f}")
+        print(
+            f"{name:14s} {r['requests_per_s']:8.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
+            f"{r['mean_batch_images']:11.2f}"
+        )
     if a.json:
         atomic_write_json(Path(a.json), out)
     return 0

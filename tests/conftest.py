@@ -43,7 +43,36 @@ def ray_local():
 
 
 def plan_of(**options):
-    """The plan of these :class:`far_sdk.SamplingOptions` fields over the built-in defaults (far_sdk.options.resolve_plan)."""
+    """The plan of these :class:`far_sdk.SamplingOptions` fields over the built-in defaults
+    (far_sdk.options.resolve_plan)."""
     from far_sdk.options import SamplingOptions, resolve_plan
 
     return resolve_plan(given=SamplingOptions(**options))
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """(FAR, AutoencoderKL): random far_tiny and kl16-tiny (seed 0), the models every backend test compares against."""
+    pytest.importorskip("torch")
+    from export.random_bundle import random_models
+
+    return random_models("far_tiny", "kl16-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_models, tmp_path_factory):
+    """Those models exported once per session (name "tiny", an id2label table, the exporter's validation skipped: it
+    has tests of its own). Read-only: a test that changes a bundle copies it first."""
+    pytest.importorskip("onnxruntime")
+    from export.random_bundle import random_bundle
+
+    labels = {i: f"digit {i}" for i in range(10)}
+    return random_bundle(
+        tmp_path_factory.mktemp("tiny") / "tiny",
+        "far_tiny",
+        "kl16-tiny",
+        seed=0,
+        name="tiny",
+        validate=False,
+        id2label=labels,
+    )

@@ -40,9 +40,11 @@ def reseal(bundle: Path, mutate: Callable[[dict[str, Any]], Any]) -> None:
 
 def rehash(bundle: Path, *names: str) -> None:
     """Record the current size and sha256 of ``names`` in the manifest and re-seal it."""
+
     def update(m):
         for n in names:
             m["files"][n] = {"size": (bundle / n).stat().st_size, "sha256": sha256_file(bundle / n)}
+
     reseal(bundle, update)
 
 
@@ -73,6 +75,8 @@ def safetensors_bytes(header: dict[str, Any] | bytes, data: bytes, *, n: int | N
 
 def two_tensors() -> tuple[dict[str, Any], bytes]:
     """A valid header and data: a [2, 2] and a [3] float32 tensor."""
-    header = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-              "b": {"dtype": "F32", "shape": [3], "data_offsets": [16, 28]}}
+    header = {
+        "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [3], "data_offsets": [16, 28]},
+    }
     return header, bytes(range(28))

@@ -8,16 +8,15 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, rel_err
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
 import far_sdk  # noqa: E402
-from far_sdk.backends import create_backend  # noqa: E402
-from far_sdk.maths.diffusion import denoise_step_table  # noqa: E402
+from far_sdk.backends.create import create_backend  # noqa: E402
 from far_sdk.errors import BackendUnavailableError, InvalidArgumentError  # noqa: E402
+from far_sdk.maths.diffusion import denoise_step_table  # noqa: E402
 from far_sdk.maths.noise import SeededNoise  # noqa: E402
 
 FAST = dict(num_steps=4, inner_steps=[3, 4, 5, 6])
@@ -29,17 +28,13 @@ BF16_REL_TOL = 5e-2
 
 
 @pytest.fixture(scope="module")
-def far_model():
-    from export.random_bundle import random_models
-
-    return random_models("far_tiny", "kl16-tiny", seed=0)[0]
+def far_model(tiny_models):
+    return tiny_models[0]
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(far_model, tmp_path_factory):
-    from export.random_bundle import random_bundle
-
-    return random_bundle(tmp_path_factory.mktemp("bundles") / "tiny", "far_tiny", "kl16-tiny", seed=0, name="tiny", validate=False)
+def bundle_dir(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +55,9 @@ def _denoise_inputs(bundle: far_sdk.Bundle, B: int, n: int, seed: int = 0):
     x = rng.standard_normal((B, L, C), dtype=np.float32)
     noises = rng.standard_normal((n, B, L, C), dtype=np.float32)
     tokens = rng.standard_normal((2 * B, L, C), dtype=np.float32)
-    ids = {"class_ids": np.array([i % bundle.num_classes for i in range(B)] + [bundle.null_class_id] * B, dtype=np.int64)}
+    ids = {
+        "class_ids": np.array([i % bundle.num_classes for i in range(B)] + [bundle.null_class_id] * B, dtype=np.int64)
+    }
     return x, noises, tokens, ids, denoise_step_table(n, 2.5, 1.0)
 
 
@@ -76,11 +73,11 @@ def test_torch_cpu_backend_reports_no_cuda_graphs_and_equals_the_reference(bundl
 
 
 def test_torch_bf16_on_cpu_stays_near_fp32(bundle_dir, reference):
-    gen = far_sdk.Generator(bundle_dir, backend="torch", device="cpu", precision="bf16")
-    assert gen.backend.describe()["dtype"] == "bfloat16"
-    lat = _latents(gen)
-    assert np.isfinite(lat).all()
-    assert rel_err(lat, reference) < BF16_REL_TOL
+    with far_sdk.Generator(bundle_dir, backend="torch", device="cpu", precision="bf16") as gen:
+        assert gen.backend.describe()["dtype"] == "bfloat16"
+        lat = _latents(gen)
+        assert np.isfinite(lat).all()
+        assert rel_err(lat, reference) < BF16_REL_TOL
 
 
 def test_torch_cuda_without_gpu_raises_backend_unavailable(bundle_dir):
@@ -91,12 +88,15 @@ def test_torch_cuda_without_gpu_raises_backend_unavailable(bundle_dir):
             far_sdk.Generator(bundle_dir, backend="torch", device=device)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(device="gpu0"), "device must be"),
-    (dict(device="cpu", precision="fp8"), "precision must be one of"),
-    (dict(device="cpu", max_cuda_graphs=0), "max_cuda_graphs"),
-    (dict(device="cpu", cuda_graph=True), "no option"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(device="gpu0"), "device must be"),
+        (dict(device="cpu", precision="fp8"), "precision must be one of"),
+        (dict(device="cpu", max_cuda_graphs=0), "max_cuda_graphs"),
+        (dict(device="cpu", cuda_graph=True), "no option"),
+    ],
+)
 def test_torch_bad_options_raise_typed_errors(bundle_dir, kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
         far_sdk.Generator(bundle_dir, backend="torch", **kwargs)
@@ -106,12 +106,12 @@ def test_torch_bad_options_raise_typed_errors(bundle_dir, kwargs, match):
 
 
 def test_ort_io_binding_on_and_off_give_bitwise_identical_latents(bundle_dir, reference):
-    on = far_sdk.Generator(bundle_dir, backend="onnxruntime", device="cpu", threads=1, io_binding=True)
-    off = far_sdk.Generator(bundle_dir, backend="onnxruntime", device="cpu", threads=1, io_binding=False)
-    assert on.backend.describe()["io_binding"] is True and off.backend.describe()["io_binding"] is False
-    a, b = _latents(on), _latents(off)
-    np.testing.assert_array_equal(a, b)
-    assert rel_err(a, reference) < 1e-4
+    with far_sdk.Generator(bundle_dir, backend="onnxruntime", device="cpu", threads=1, io_binding=True) as on:
+        with far_sdk.Generator(bundle_dir, backend="onnxruntime", device="cpu", threads=1, io_binding=False) as off:
+            assert on.backend.describe()["io_binding"] is True and off.backend.describe()["io_binding"] is False
+            a, b = _latents(on), _latents(off)
+            np.testing.assert_array_equal(a, b)
+            assert rel_err(a, reference) < 1e-4
 
 
 @pytest.mark.parametrize("n", [1, 2, 7])
@@ -180,11 +180,14 @@ def test_ort_gpu_device_without_onnxruntime_gpu_names_the_package(bundle_dir, de
         far_sdk.Generator(bundle_dir, backend="onnxruntime", device=device)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(device="cpu:1"), "device must be"),
-    (dict(device="gpu"), "device must be"),
-    (dict(device="cpu", iobinding=True), "no option"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(device="cpu:1"), "device must be"),
+        (dict(device="gpu"), "device must be"),
+        (dict(device="cpu", iobinding=True), "no option"),
+    ],
+)
 def test_ort_bad_options_raise_typed_errors(bundle_dir, kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
         far_sdk.Generator(bundle_dir, backend="onnxruntime", **kwargs)
@@ -192,10 +195,10 @@ def test_ort_bad_options_raise_typed_errors(bundle_dir, kwargs, match):
 
 def test_auto_backend_accepts_options_of_other_backends(bundle_dir):
     """create_backend("auto") hands every option to each backend it tries; the others' options are ignored."""
-    gen = far_sdk.Generator(bundle_dir, backend="onnxruntime", device="cpu", cuda_graphs=True, precision="fp32")
-    assert gen.backend.name == "onnxruntime"
-    gen = far_sdk.Generator(bundle_dir, backend="torch", device="cpu", io_binding=True)
-    assert gen.backend.name == "torch"
+    with far_sdk.Generator(bundle_dir, backend="onnxruntime", device="cpu", cuda_graphs=True, precision="fp32") as gen:
+        assert gen.backend.name == "onnxruntime"
+        with far_sdk.Generator(bundle_dir, backend="torch", device="cpu", io_binding=True) as gen:
+            assert gen.backend.name == "torch"
 
 
 # ---- scripts/gpu_check.py --------------------------------------------------------------------------------
@@ -203,8 +206,25 @@ def test_auto_backend_accepts_options_of_other_backends(bundle_dir):
 
 def test_gpu_check_quick_runs_on_cpu_and_reports_skipped_gpu_paths(tmp_path):
     out = tmp_path / "check.json"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--model", "far_tiny", "--vae-config", "kl16-tiny",
-                        "--quick", "--threads", "1", "--json", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_check.py"),
+            "--model",
+            "far_tiny",
+            "--vae-config",
+            "kl16-tiny",
+            "--quick",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| path | status |" in r.stdout and "--quick" in r.stdout
     report = json.loads(out.read_text())
@@ -228,48 +248,50 @@ def test_gpu_check_quick_runs_on_cpu_and_reports_skipped_gpu_paths(tmp_path):
 class TestTorchCuda:
     @pytest.fixture(scope="class")
     def cpu_latents(self, bundle_dir):
-        return _latents(far_sdk.Generator(bundle_dir, backend="torch", device="cpu"))
+        with far_sdk.Generator(bundle_dir, backend="torch", device="cpu") as gen:
+            return _latents(gen)
 
     @pytest.mark.parametrize("graphs", [False, True])
     def test_fp32_matches_cpu(self, bundle_dir, cpu_latents, graphs):
-        gen = far_sdk.Generator(bundle_dir, backend="torch", device="cuda", precision="fp32", cuda_graphs=graphs)
-        assert gen.backend.describe()["cuda_graphs"] is graphs
-        assert gen.backend.concurrent_generate is (not graphs)
-        assert rel_err(_latents(gen), cpu_latents) < 1e-4
+        with far_sdk.Generator(bundle_dir, backend="torch", device="cuda", precision="fp32", cuda_graphs=graphs) as gen:
+            assert gen.backend.describe()["cuda_graphs"] is graphs
+            assert gen.backend.concurrent_generate is (not graphs)
+            assert rel_err(_latents(gen), cpu_latents) < 1e-4
 
     def test_graphs_are_captured_once_and_replay_bitwise(self, bundle_dir):
-        gen = far_sdk.Generator(bundle_dir, backend="torch", device="cuda", cuda_graphs=True)
-        a = _latents(gen)
-        d = gen.backend.describe()
-        # one transformer graph for the batch size + one inner loop per distinct (n, filtered)
-        assert d["cuda_graph_captures"] == 1 + len(FAST["inner_steps"]) == d["cuda_graphs_cached"]
-        b = _latents(gen)
-        np.testing.assert_array_equal(a, b)
-        assert gen.backend.describe()["cuda_graph_captures"] == d["cuda_graph_captures"]  # replayed, not recaptured
+        with far_sdk.Generator(bundle_dir, backend="torch", device="cuda", cuda_graphs=True) as gen:
+            a = _latents(gen)
+            d = gen.backend.describe()
+            # one transformer graph for the batch size + one inner loop per distinct (n, filtered)
+            assert d["cuda_graph_captures"] == 1 + len(FAST["inner_steps"]) == d["cuda_graphs_cached"]
+            b = _latents(gen)
+            np.testing.assert_array_equal(a, b)
+            assert gen.backend.describe()["cuda_graph_captures"] == d["cuda_graph_captures"]  # replayed, not recaptured
 
     def test_graphs_match_eager_at_another_batch(self, bundle_dir):
-        eager = far_sdk.Generator(bundle_dir, backend="torch", device="cuda", cuda_graphs=False)
-        graphs = far_sdk.Generator(bundle_dir, backend="torch", device="cuda", cuda_graphs=True)
-        kw = dict(seed=11, output_type="latent", **FAST)
-        assert rel_err(graphs.generate([0, 1, 2], **kw).latents, eager.generate([0, 1, 2], **kw).latents) < 1e-5
+        with far_sdk.Generator(bundle_dir, backend="torch", device="cuda", cuda_graphs=False) as eager:
+            with far_sdk.Generator(bundle_dir, backend="torch", device="cuda", cuda_graphs=True) as graphs:
+                kw = dict(seed=11, output_type="latent", **FAST)
+                assert rel_err(graphs.generate([0, 1, 2], **kw).latents, eager.generate([0, 1, 2], **kw).latents) < 1e-5
 
     def test_lru_bound_is_respected(self, bundle_dir):
-        gen = far_sdk.Generator(bundle_dir, backend="torch", device="cuda", cuda_graphs=True, max_cuda_graphs=2)
-        lat = _latents(gen)
-        assert gen.backend.describe()["cuda_graphs_cached"] == 2 and np.isfinite(lat).all()
+        with far_sdk.Generator(bundle_dir, backend="torch", device="cuda", cuda_graphs=True, max_cuda_graphs=2) as gen:
+            lat = _latents(gen)
+            assert gen.backend.describe()["cuda_graphs_cached"] == 2 and np.isfinite(lat).all()
 
     def test_bf16_within_bound(self, bundle_dir, cpu_latents):
-        gen = far_sdk.Generator(bundle_dir, backend="torch", device="cuda", precision="bf16", cuda_graphs=True)
-        lat = _latents(gen)
-        assert np.isfinite(lat).all()
-        assert rel_err(lat, cpu_latents) < BF16_REL_TOL
+        with far_sdk.Generator(bundle_dir, backend="torch", device="cuda", precision="bf16", cuda_graphs=True) as gen:
+            lat = _latents(gen)
+            assert np.isfinite(lat).all()
+            assert rel_err(lat, cpu_latents) < BF16_REL_TOL
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ORT_CUDA, reason="needs onnxruntime-gpu (CUDAExecutionProvider)")
 def test_ort_cuda_matches_cpu(bundle_dir):
-    cpu = _latents(far_sdk.Generator(bundle_dir, backend="onnxruntime", device="cpu"))
+    with far_sdk.Generator(bundle_dir, backend="onnxruntime", device="cpu") as gen:
+        cpu = _latents(gen)
     for io_binding in (True, False):
-        gen = far_sdk.Generator(bundle_dir, backend="onnxruntime", device="cuda", io_binding=io_binding)
-        assert gen.backend.describe()["providers"][0] == "CUDAExecutionProvider"
-        assert rel_err(_latents(gen), cpu) < 1e-4
+        with far_sdk.Generator(bundle_dir, backend="onnxruntime", device="cuda", io_binding=io_binding) as gen:
+            assert gen.backend.describe()["providers"][0] == "CUDAExecutionProvider"
+            assert rel_err(_latents(gen), cpu) < 1e-4

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from far_sdk.bench.protocol import STAGES, check_stage_sum, summarize, summarize_iterations
+from far_sdk.bench.results import check_stage_sum, summarize, summarize_iterations
 from far_sdk.errors import InvalidArgumentError
 from far_sdk.options import SamplingOptions
+from far_sdk.pipeline import STAGES
 
 INNER = [2, 3]
 BATCHES = [1, 2]
@@ -41,7 +42,7 @@ def _iteration(total, fractions=(0.4, 0.3, 0.06, 0.2)):
 
 
 def test_stage_sum_check_passes_within_five_percent_and_flags_a_mismatch():
-    close = [_iteration(t) for t in (1.0, 2.0, 4.0)]                          # stages = 96 % of total
+    close = [_iteration(t) for t in (1.0, 2.0, 4.0)]  # stages = 96 % of total
     assert check_stage_sum(close).ok
     assert check_stage_sum(close).gap.median == pytest.approx(0.04)
     far_off = [_iteration(t, (0.4, 0.3, 0.05, 0.15)) for t in (1.0, 2.0, 4.0)]  # 90 %: 10 % missing
@@ -52,7 +53,11 @@ def test_stage_sum_check_passes_within_five_percent_and_flags_a_mismatch():
 
 
 def test_overhead_summary_is_total_minus_stage_sum():
-    its = [_iteration(1.0, (0.5, 0.2, 0.1, 0.1)), _iteration(3.0, (0.5, 0.2, 0.1, 0.1)), _iteration(2.0, (0.5, 0.2, 0.1, 0.1))]
+    its = [
+        _iteration(1.0, (0.5, 0.2, 0.1, 0.1)),
+        _iteration(3.0, (0.5, 0.2, 0.1, 0.1)),
+        _iteration(2.0, (0.5, 0.2, 0.1, 0.1)),
+    ]
     s = summarize_iterations(its)
     assert s["overhead"].median == pytest.approx(0.2) and s["overhead"].max == pytest.approx(0.3)
     assert s["total"].median == 2.0 and s["transformer"].min == 0.5
@@ -65,11 +70,8 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from export.random_bundle import random_bundle
-
-    # validate=False: the exporter's own check is tested in test_export; here it would double the run time
-    return random_bundle(tmp_path_factory.mktemp("bench-cache") / "tiny", "far_tiny", "kl16-tiny", reuse=True, validate=False)
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +79,29 @@ def cli_run(bundle, tmp_path_factory):
     from far_sdk.cli.main import main
 
     out = tmp_path_factory.mktemp("bench") / "out.json"
-    argv = ["bench", "--bundle", str(bundle), "--backend", "onnxruntime,torch", "--batch", ",".join(map(str, BATCHES)),
-            "--steps", "2", "--inner-steps", ",".join(map(str, INNER)), "--warmup", "1", "--iters", "2",
-            "--baseline", "eager-torch", "--threads", "1", "--json", str(out)]
+    argv = [
+        "bench",
+        "--bundle",
+        str(bundle),
+        "--backend",
+        "onnxruntime,torch",
+        "--batch",
+        ",".join(map(str, BATCHES)),
+        "--steps",
+        "2",
+        "--inner-steps",
+        ",".join(map(str, INNER)),
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--baseline",
+        "eager-torch",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    ]
     buf = io.StringIO()
     threads = torch.get_num_threads()
     try:
@@ -98,12 +120,23 @@ def test_cli_returns_0_and_prints_the_table(cli_run):
     rc, text, _ = cli_run
     assert rc == 0
     header = next(line for line in text.splitlines() if line.startswith("backend "))
-    for col in ("transformer", "denoise", "filter", "vae", "overhead", "total", "img/s", "GFLOP/s", "%peak",
-                "vs eager@100", "vs eager@equal"):
+    for col in (
+        "transformer",
+        "denoise",
+        "filter",
+        "vae",
+        "overhead",
+        "total",
+        "img/s",
+        "GFLOP/s",
+        "%peak",
+        "vs eager@100",
+        "vs eager@equal",
+    ):
         assert col in header
     for name in ("onnxruntime/cpu", "torch/cpu", "eager-torch@100/cpu", "eager-torch@equal/cpu"):
         rows = [f for f in (line.split() for line in text.splitlines()) if f and f[0] == name and f[1].isdigit()]
-        assert [int(f[1]) for f in rows] == BATCHES   # one table row per batch: name, batch, stages...
+        assert [int(f[1]) for f in rows] == BATCHES  # one table row per batch: name, batch, stages...
     assert "machine " in text and "plan " in text and "command " in text
 
 
@@ -120,7 +153,11 @@ def test_json_has_the_documented_fields(cli_run):
             assert set(STAGES) | {"total"} <= set(it) and it["total"] > 0
         for k in (*STAGES, "overhead", "total"):
             s = r["summaries"][k]
-            assert set(s) == {"median", "min", "max", "p90", "n"} and s["p90"] is None and s["min"] <= s["median"] <= s["max"]
+            assert (
+                set(s) == {"median", "min", "max", "p90", "n"}
+                and s["p90"] is None
+                and s["min"] <= s["median"] <= s["max"]
+            )
         assert set(r["stage_sum"]) == {"gap", "tolerance", "ok"}
         assert r["memory"]["maxrss_mb"] > 0 and "maxrss_increase_mb" in r["memory"]
         assert set(r["speedup"]) == {"eager@100", "eager@equal"}
@@ -147,7 +184,9 @@ def test_eager_baseline_runs_official_and_equal_inner_steps(cli_run):
 
 def test_speedups_are_baseline_per_image_over_backend_per_image(cli_run):
     _, _, data = cli_run
-    per_image = {(r["name"], r["batch"]): np.median([it["total"] for it in r["iterations"]]) / r["batch"] for r in data["rows"]}
+    per_image = {
+        (r["name"], r["batch"]): np.median([it["total"] for it in r["iterations"]]) / r["batch"] for r in data["rows"]
+    }
     for r in data["rows"]:
         mine = per_image[(r["name"], r["batch"])]
         for ref, name in (("eager@100", "eager-torch@100/cpu"), ("eager@equal", "eager-torch@equal/cpu")):
@@ -161,11 +200,15 @@ def _counted_flops_per_image(bundle, backend: str, batch: int, inner_steps) -> f
 
     import far_sdk
 
-    gen = far_sdk.Generator(bundle, backend=backend, **({"compile": False} if backend == "torch" else {}))
-    sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
-    with FlopCounterMode(display=False, custom_mapping=sdpa) as fc:
-        gen.generate(list(range(batch)), seed=0, num_steps=2, inner_steps=list(inner_steps), output_type="np")
-    return fc.get_total_flops() / batch
+    with far_sdk.Generator(bundle, backend=backend, **({"compile": False} if backend == "torch" else {})) as gen:
+        sdpa = {
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: (
+                sdpa_flop_count(q, k, v)
+            )
+        }
+        with FlopCounterMode(display=False, custom_mapping=sdpa) as fc:
+            gen.generate(list(range(batch)), seed=0, num_steps=2, inner_steps=list(inner_steps), output_type="np")
+        return fc.get_total_flops() / batch
 
 
 @pytest.mark.parametrize("row_name", ["torch", "eager-torch@equal"])
@@ -178,25 +221,13 @@ def test_flops_per_image_match_flops_counted_on_a_real_generation(cli_run, bundl
     backend = "torch" if row_name == "torch" else "torch-eager"
     counted = _counted_flops_per_image(bundle, backend, 2, r["inner_steps"])
     assert r["flops_per_image"]["total"] == pytest.approx(counted, rel=1e-3)
-    assert r["gflops"]["total"] == pytest.approx(r["flops_per_image"]["total"] * 2 / r["summaries"]["total"]["median"] / 1e9)
-
-
-def test_random_bundle_is_reused_only_when_it_matches(bundle):
-    from export.random_bundle import random_bundle
-
-    manifest = bundle / "manifest.json"
-    before = manifest.stat().st_mtime_ns
-    again = random_bundle(bundle, "far_tiny", "kl16-tiny", reuse=True, validate=False)
-    assert again == bundle and manifest.stat().st_mtime_ns == before
-    other = random_bundle(bundle.parent / "copy", "far_tiny", "kl16-tiny", seed=1, validate=False)
-    assert random_bundle(other, "far_tiny", "kl16-tiny", seed=1, reuse=True, validate=False) == other
-    t = (other / "manifest.json").stat().st_mtime_ns
-    random_bundle(other, "far_tiny", "kl16-tiny", seed=2, reuse=True, validate=False)    # another seed: re-exported
-    assert (other / "manifest.json").stat().st_mtime_ns != t
+    assert r["gflops"]["total"] == pytest.approx(
+        r["flops_per_image"]["total"] * 2 / r["summaries"]["total"]["median"] / 1e9
+    )
 
 
 def test_matmul_peak_reports_the_best_library():
-    from far_sdk.bench.protocol import matmul_peak
+    from far_sdk.bench.environment import matmul_peak
 
     threads = torch.get_num_threads()
     try:
@@ -213,8 +244,32 @@ def test_several_presets_in_one_run_with_speedups_against_the_first(bundle, tmp_
     out = tmp_path / "presets.json"
     threads = torch.get_num_threads()
     try:
-        assert main(["bench", "--bundle", str(bundle), "--backend", "onnxruntime", "--batch", "1", "--steps", "2",
-                     "--preset", "paper,fast", "--warmup", "0", "--iters", "1", "--threads", "1", "--json", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "bench",
+                    "--bundle",
+                    str(bundle),
+                    "--backend",
+                    "onnxruntime",
+                    "--batch",
+                    "1",
+                    "--steps",
+                    "2",
+                    "--preset",
+                    "paper,fast",
+                    "--warmup",
+                    "0",
+                    "--iters",
+                    "1",
+                    "--threads",
+                    "1",
+                    "--json",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     text, data = capsys.readouterr().out, json.loads(out.read_text())
@@ -223,10 +278,15 @@ def test_several_presets_in_one_run_with_speedups_against_the_first(bundle, tmp_
     from far_sdk.options import PRESETS
 
     fast_steps = PRESETS["fast"].inner_steps
-    assert data["settings"]["fast"]["inner_steps"] == [fast_steps] * 2 and data["settings"]["paper"]["inner_steps"] == [40, 100]
+    assert data["settings"]["fast"]["inner_steps"] == [fast_steps] * 2 and data["settings"]["paper"]["inner_steps"] == [
+        40,
+        100,
+    ]
     assert data["settings"]["fast"]["inner_sampler"] == PRESETS["fast"].inner_sampler
     paper, fast = data["rows"]
-    assert (paper["setting"], fast["setting"]) == ("paper", "fast") and fast["inner_steps"] == data["settings"]["fast"]["inner_steps"]
+    assert (paper["setting"], fast["setting"]) == ("paper", "fast") and fast["inner_steps"] == data["settings"]["fast"][
+        "inner_steps"
+    ]
     assert paper["speedup"]["vs paper"] == pytest.approx(1.0)
     assert fast["speedup"]["vs paper"] == pytest.approx(paper["per_image_s"] / fast["per_image_s"], rel=1e-9)
 
@@ -243,8 +303,15 @@ def test_bench_runs_ddim_on_the_backends_and_the_eager_reference(bundle):
 
     threads = torch.get_num_threads()
     try:
-        res = run_benchmark(bundle, backends=["onnxruntime"], options=SamplingOptions(num_steps=2, inner_steps=3, inner_sampler="ddim", eta=0.5),
-                            iters=1, warmup=0, baseline="eager-torch", threads=1)
+        res = run_benchmark(
+            bundle,
+            backends=["onnxruntime"],
+            options=SamplingOptions(num_steps=2, inner_steps=3, inner_sampler="ddim", eta=0.5),
+            iters=1,
+            warmup=0,
+            baseline="eager-torch",
+            threads=1,
+        )
     finally:
         torch.set_num_threads(threads)
     assert (res.plan["inner_sampler"], res.plan["eta"]) == ("ddim", 0.5)

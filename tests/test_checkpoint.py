@@ -4,7 +4,6 @@ import argparse
 import re
 
 import pytest
-
 from conftest import FIXTURES, OFFICIAL_TINY
 
 torch = pytest.importorskip("torch")
@@ -26,7 +25,9 @@ def _tsv_blocks():
     return blocks
 
 
-@pytest.mark.parametrize("name,count", [("far_base", 207_926_816), ("far_large", 426_359_840), ("far_huge", 811_722_272)])
+@pytest.mark.parametrize(
+    "name,count", [("far_base", 207_926_816), ("far_large", 426_359_840), ("far_huge", 811_722_272)]
+)
 def test_presets_have_official_names_shapes_and_order(name, count):
     expected = _tsv_blocks()[name]
     with torch.device("meta"):
@@ -51,9 +52,24 @@ def test_official_tiny_checkpoint_loads_ema_strictly():
 
 
 def _official_args(**kw):
-    base = dict(model="far_base", img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, buffer_size=64,
-                class_num=1000, diffloss_d=6, diffloss_w=1024, num_sampling_steps="100", mask=False,
-                diffusion_batch_mul=4, label_drop_prob=0.1, attn_dropout=0.1, proj_dropout=0.1, cfg=3.0)
+    base = dict(
+        model="far_base",
+        img_size=256,
+        vae_stride=16,
+        patch_size=1,
+        vae_embed_dim=16,
+        buffer_size=64,
+        class_num=1000,
+        diffloss_d=6,
+        diffloss_w=1024,
+        num_sampling_steps="100",
+        mask=False,
+        diffusion_batch_mul=4,
+        label_drop_prob=0.1,
+        attn_dropout=0.1,
+        proj_dropout=0.1,
+        cfg=3.0,
+    )
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -75,8 +91,10 @@ def small_model():
 def test_small_model_round_trips_through_official_layout(tmp_path, small_model):
     ema = {k: v + 0.01 for k, v in small_model.state_dict().items()}
     opt = torch.optim.AdamW(small_model.parameters(), lr=1e-4)
-    path = save_official_checkpoint(tmp_path / "checkpoint-last.pth", small_model, ema_state=ema, optimizer=opt, epoch=3)
-    loaded = load_official_checkpoint(path)          # architecture from the saved args
+    path = save_official_checkpoint(
+        tmp_path / "checkpoint-last.pth", small_model, ema_state=ema, optimizer=opt, epoch=3
+    )
+    loaded = load_official_checkpoint(path)  # architecture from the saved args
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, ema[k]), k
     live = load_official_checkpoint(path, use_ema=False, config=small_model.config)
@@ -128,7 +146,9 @@ class Evil:
 
 
 def test_arbitrary_pickles_are_refused(tmp_path, small_model):
-    torch.save({"model": small_model.state_dict(), "model_ema": small_model.state_dict(), "args": Evil()}, tmp_path / "c.pth")
+    torch.save(
+        {"model": small_model.state_dict(), "model_ema": small_model.state_dict(), "args": Evil()}, tmp_path / "c.pth"
+    )
     with pytest.raises(CheckpointError, match="weights_only"):
         load_official_checkpoint(tmp_path / "c.pth", config="far_tiny")
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 import far_sdk
@@ -44,12 +43,12 @@ def test_two_ray_workers_write_the_bytes_of_one_process(tmp_path, ray_local):
     a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
     assert sorted(a) == ["dataset.json", "samples_40x32x32x3.npz", *[f"shard-{k:05d}-of-00004.npz" for k in range(4)]]
     assert a == b
-    with np.load(one.samples) as z:   # the ADM layout, as its evaluator reads it
+    with np.load(one.samples) as z:  # the ADM layout, as its evaluator reads it
         images, labels = z["arr_0"], z["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (40, 32, 32, 3) and labels.dtype == np.int64
     assert np.bincount(labels).tolist() == [4] * 10
     with far_sdk.Generator(BUNDLE, backend="onnxruntime", threads=1) as gen:
-        for i in (0, 13, 39):   # image i is generate(label_i, seed=1000 + i)
+        for i in (0, 13, 39):  # image i is generate(label_i, seed=1000 + i)
             want = gen.generate([int(labels[i])], seed=1000 + i, output_type="np", **SETTINGS).images[0]
             np.testing.assert_array_equal(images[i], want)
     assert float(images.std()) > 1.0
@@ -58,8 +57,29 @@ def test_two_ray_workers_write_the_bytes_of_one_process(tmp_path, ray_local):
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
     out = tmp_path / "job"
-    cmd = [sys.executable, "-m", "far_sdk.cli.main", "generate-dataset", "--bundle", str(BUNDLE), "-n", "40", "--shard-size", "10",
-           "--batch", "5", "--seed", "7", "--steps", "3", "--inner-steps", "3", "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "far_sdk.cli.main",
+        "generate-dataset",
+        "--bundle",
+        str(BUNDLE),
+        "-n",
+        "40",
+        "--shard-size",
+        "10",
+        "--batch",
+        "5",
+        "--seed",
+        "7",
+        "--steps",
+        "3",
+        "--inner-steps",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -71,7 +91,7 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
         proc.communicate(timeout=30)
     done = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard-*.npz")}
     assert 1 <= len(done) < 4, f"the run was not stopped midway: {sorted(done)}"
-    for p in out.glob("shard-*.npz"):   # what the kill left is complete shards only
+    for p in out.glob("shard-*.npz"):  # what the kill left is complete shards only
         with np.load(p) as z:
             assert z["arr_0"].shape == (10, 32, 32, 3) and z["arr_1"].shape == (10,)
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -80,6 +100,8 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
     assert {n: (p.stat().st_ino, p.stat().st_mtime_ns) for n, p in ((n, out / n) for n in done)} == done
     assert not list(out.glob(".*.tmp"))
     # the resumed job equals one run straight through
-    job = DatasetJob(bundle=str(BUNDLE), num_images=40, seed=7, shard_size=10, settings={"num_steps": 3, "inner_steps": 3}, batch=5)
+    job = DatasetJob(
+        bundle=str(BUNDLE), num_images=40, seed=7, shard_size=10, settings={"num_steps": 3, "inner_steps": 3}, batch=5
+    )
     straight = generate_dataset(job, tmp_path / "straight", progress=False)
     assert _files(out) == _files(straight.out)

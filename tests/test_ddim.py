@@ -6,11 +6,10 @@ import math
 
 import numpy as np
 import pytest
-
-from far_sdk.maths import diffusion as D
-from far_sdk.maths import schedules as S
-from far_sdk.errors import InvalidArgumentError
 from conftest import plan_of
+
+from far_sdk.errors import InvalidArgumentError
+from far_sdk.maths import diffusion as D
 from far_sdk.maths.diffusion import Step
 from far_sdk.options import PRESETS, SamplingOptions, resolve_plan
 
@@ -55,14 +54,16 @@ def test_ddim_rejects_bad_step_counts(bad):
         D.ddim_tables(bad)
 
 
-@pytest.mark.parametrize("n,eta,clip", [(5, 0.0, None), (15, 0.0, 1.5), (15, 0.5, None), (50, 1.0, 2.0), (1, 0.3, None)])
+@pytest.mark.parametrize(
+    "n,eta,clip", [(5, 0.0, None), (15, 0.0, 1.5), (15, 0.5, None), (50, 1.0, 2.0), (1, 0.3, None)]
+)
 def test_ddim_step_rows_against_float64_textbook_update(n, eta, clip):
     """Every row of the step table, run through the graph's arithmetic, equals Song et al.'s update
     x_prev = sqrt(ab') x0 + sqrt(1 - ab' - sigma^2) eps' + sigma z, eps' = (x - sqrt(ab) x0) / sqrt(1 - ab),
     computed here in float64 from alpha_bar alone (eps' re-derived from the clipped x0)."""
     rng = np.random.default_rng(n)
     x, eps, z = (rng.standard_normal((32, 16)) for _ in range(3))
-    v = rng.uniform(-3, 3, (32, 16))                                   # DDIM ignores the learned variance
+    v = rng.uniform(-3, 3, (32, 16))  # DDIM ignores the learned variance
     temp = 0.9
     rows = D.denoise_step_table(n, 2.0, temp, clip, inner_sampler="ddim", eta=eta)
     ab_full = _alpha_bar_reference()
@@ -76,7 +77,7 @@ def test_ddim_step_rows_against_float64_textbook_update(n, eta, clip):
         if clip is not None:
             x0 = np.clip(x0, -clip, clip)
         eps_x0 = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
-        want = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps_x0 + sigma * temp * z
+        want = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps_x0 + sigma * temp * z
         got = _graph_step(rows[i], x, eps, v, z)
         # float32 coefficients; at t = 999 x0 = 2e4 x - 2e4 eps amplifies their rounding (unclipped)
         tol = 1e-6 * max(1.0, float(np.abs(x0).max()))
@@ -91,12 +92,12 @@ def test_ddim_tables_against_float64_closed_form():
         ab = ab_full[t]
         ab_prev = ab_full[tab.timesteps[k - 1]] if k > 0 else 1.0
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-        d = math.sqrt(1 - ab_prev - sigma ** 2)
+        d = math.sqrt(1 - ab_prev - sigma**2)
         assert tab.sigmas[k] == pytest.approx(sigma, rel=1e-9, abs=1e-300)
         assert tab.coef_x0[k] == pytest.approx(math.sqrt(ab_prev) - d * math.sqrt(ab / (1 - ab)), rel=1e-9, abs=1e-12)
         assert tab.coef_xt[k] == pytest.approx(d / math.sqrt(1 - ab), rel=1e-9, abs=1e-12)
         assert tab.sqrt_recipm1_alphas_cumprod[k] == pytest.approx(math.sqrt(1 / ab - 1), rel=1e-9)
-    assert tab.sigmas[0] == 0 and tab.coef_x0[0] == 1 and tab.coef_xt[0] == 0   # last step: x_prev = x0
+    assert tab.sigmas[0] == 0 and tab.coef_x0[0] == 1 and tab.coef_xt[0] == 0  # last step: x_prev = x0
 
 
 def test_ddim_eta1_full_respacing_equals_ddpm_posterior_mean():
@@ -110,12 +111,12 @@ def test_ddim_eta1_full_respacing_equals_ddpm_posterior_mean():
     a = D.denoise_step_table(1000, 3.0, 1.0, inner_sampler="ddim", eta=1.0)
     b = D.denoise_step_table(1000, 3.0, 1.0)
     cols = [Step.timestep, Step.x0_coef_x, Step.x0_coef_eps]
-    np.testing.assert_array_equal(a[:, cols], b[:, cols])             # t, sqrt(1/ab), sqrt(1/ab - 1)
+    np.testing.assert_array_equal(a[:, cols], b[:, cols])  # t, sqrt(1/ab), sqrt(1/ab - 1)
     cols = [Step.mean_coef_x0, Step.mean_coef_xt]
-    np.testing.assert_allclose(a[:, cols], b[:, cols], rtol=2 ** -23, atol=0)  # c1, c2: at most 1 float32 ulp
+    np.testing.assert_allclose(a[:, cols], b[:, cols], rtol=2**-23, atol=0)  # c1, c2: at most 1 float32 ulp
     rng = np.random.default_rng(0)
     x, eps = (rng.standard_normal((64, 16)).astype(np.float32) for _ in range(2))
-    for i in (0, 1, 500, 998, 999):                                  # execution order: t = 999 - i
+    for i in (0, 1, 500, 998, 999):  # execution order: t = 999 - i
         ra, rb = a[i], b[i]
         x0 = (ra[1] * x - ra[2] * eps).astype(np.float32)
         mean_ddim, mean_ddpm = ra[3] * x0 + ra[4] * x, rb[3] * x0 + rb[4] * x
@@ -137,7 +138,7 @@ def test_ddim_eta1_equals_ddpm_with_posterior_variance_on_the_same_timesteps():
 
 def test_ddim_eta0_rows_add_no_noise_and_stay_finite():
     rows = D.denoise_step_table(10, 3.0, 1.0, x0_clip=4.0, inner_sampler="ddim", eta=0.0)
-    assert np.isfinite(rows[:, :Step.x0_clip]).all() and (rows[:, Step.noise_scale] == 0).all()
+    assert np.isfinite(rows[:, : Step.x0_clip]).all() and (rows[:, Step.noise_scale] == 0).all()
     assert (rows[:, Step.min_log_var] == rows[:, Step.max_log_var]).all()
     rng = np.random.default_rng(3)
     x, eps, noise = (rng.standard_normal((8, 16)) for _ in range(3))
@@ -152,7 +153,9 @@ def test_ddim_noise_scale_is_temperature_where_sigma_is_positive():
     rows = D.denoise_step_table(6, 1.0, 0.8, inner_sampler="ddim", eta=0.5)
     assert (rows[:-1, Step.noise_scale] == np.float32(0.8)).all() and rows[-1, Step.noise_scale] == 0
     tab = D.ddim_tables(6, 0.5)
-    np.testing.assert_allclose(np.exp(0.5 * rows[:-1, Step.max_log_var].astype(np.float64)), tab.sigmas[::-1][:-1], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.exp(0.5 * rows[:-1, Step.max_log_var].astype(np.float64)), tab.sigmas[::-1][:-1], rtol=1e-6
+    )
 
 
 # ---- plans, presets and errors -----------------------------------------------------------------------
@@ -201,7 +204,7 @@ def test_ddim_plan_rows_use_trailing_timesteps_and_one_fixed_variance():
         assert rows[:, Step.timestep].tolist() == t[::-1]
         ab = np.array([ab_full[i] for i in t])
         ab_prev = np.append(1.0, ab[:-1])
-        var = 0.25 ** 2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+        var = 0.25**2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
         noisy = var[::-1] > 0
         np.testing.assert_allclose(rows[noisy, Step.min_log_var], np.log(var[::-1][noisy]), rtol=1e-5)
         np.testing.assert_array_equal(rows[:, Step.min_log_var], rows[:, Step.max_log_var])
@@ -217,18 +220,21 @@ def test_ddim_accepts_every_inner_step_form(inner_steps):
     assert all(plan.step_table(s)[0, 0] == 999 for s in range(4))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(inner_sampler="dpm"), "inner_sampler must be one of"),
-    (dict(inner_sampler="DDIM"), "inner_sampler must be one of"),
-    (dict(eta=0.0), "applies only to inner_sampler='ddim'"),
-    (dict(eta=0.5, inner_sampler="ddpm"), "applies only"),
-    (dict(inner_sampler="ddim", eta=1.5), r"\[0, 1\]"),
-    (dict(inner_sampler="ddim", eta=-0.1), r"\[0, 1\]"),
-    (dict(inner_sampler="ddim", eta=float("nan")), r"\[0, 1\]"),
-    (dict(inner_sampler="ddim", eta=True), r"\[0, 1\]"),
-    (dict(inner_sampler="ddim", eta="0"), r"\[0, 1\]"),
-    (dict(inner_sampler="ddim", inner_steps=0), r"inner_steps must be an integer in 1\.\.1000"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(inner_sampler="dpm"), "inner_sampler must be one of"),
+        (dict(inner_sampler="DDIM"), "inner_sampler must be one of"),
+        (dict(eta=0.0), "applies only to inner_sampler='ddim'"),
+        (dict(eta=0.5, inner_sampler="ddpm"), "applies only"),
+        (dict(inner_sampler="ddim", eta=1.5), r"\[0, 1\]"),
+        (dict(inner_sampler="ddim", eta=-0.1), r"\[0, 1\]"),
+        (dict(inner_sampler="ddim", eta=float("nan")), r"\[0, 1\]"),
+        (dict(inner_sampler="ddim", eta=True), r"\[0, 1\]"),
+        (dict(inner_sampler="ddim", eta="0"), r"\[0, 1\]"),
+        (dict(inner_sampler="ddim", inner_steps=0), r"inner_steps must be an integer in 1\.\.1000"),
+    ],
+)
 def test_bad_sampler_options_raise_typed_errors(kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
         plan_of(**kwargs)
@@ -241,11 +247,11 @@ def test_resolve_plan_precedence_defaults_preset_explicit(monkeypatch):
     fast = R(bundle, "fast")
     want = PRESETS["fast"]
     assert (fast.inner_sampler, fast.inner_steps) == (want.inner_sampler, (want.inner_steps,) * 10)
-    assert fast.x0_clip == 4.0                                       # a preset keeps the bundle's other defaults
+    assert fast.x0_clip == 4.0  # a preset keeps the bundle's other defaults
     ddim = R(bundle, "fast", inner_sampler="ddim", eta=1.0, inner_steps=8)
     assert (ddim.inner_sampler, ddim.eta, ddim.inner_steps) == ("ddim", 1.0, (8,) * 10)
     assert R(bundle, "official").inner_steps == (100,) * 10
-    assert R(bundle, x0_clip=False).x0_clip is None                 # False: no clipping over a clipping default
+    assert R(bundle, x0_clip=False).x0_clip is None  # False: no clipping over a clipping default
     # a preset's eta applies to DDIM only: overriding its sampler drops it
     monkeypatch.setitem(PRESETS, "ddim-test", SamplingOptions(inner_sampler="ddim", eta=0.3, inner_steps=6))
     assert R(bundle, "ddim-test").eta == 0.3
@@ -273,13 +279,8 @@ FAST = dict(num_steps=4, inner_steps=[3, 4, 5, 6])
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("onnxruntime")
-    from export.random_bundle import random_bundle, random_models
-
-    out = random_bundle(tmp_path_factory.mktemp("ddim") / "tiny", "far_tiny", "kl16-tiny", seed=0, validate=False)
-    return random_models("far_tiny", "kl16-tiny", seed=0)[0], out
+def tiny(tiny_models, tiny_bundle):
+    return tiny_models[0], tiny_bundle
 
 
 def _reference(far, labels, seed, **plan):
@@ -290,32 +291,37 @@ def _reference(far, labels, seed, **plan):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-@pytest.mark.parametrize("opts", [dict(eta=0.0), dict(eta=1.0), dict(eta=0.5, x0_clip=3.0),
-                                  dict(eta=0.0, num_steps=2, inner_steps=[1, 2])], ids=["eta0", "eta1", "eta0.5-clip", "1-step"])
+@pytest.mark.parametrize(
+    "opts",
+    [dict(eta=0.0), dict(eta=1.0), dict(eta=0.5, x0_clip=3.0), dict(eta=0.0, num_steps=2, inner_steps=[1, 2])],
+    ids=["eta0", "eta1", "eta0.5-clip", "1-step"],
+)
 def test_backend_equals_reference_sampler_for_ddim(tiny, backend, opts):
     import far_sdk
 
     far, bundle = tiny
     opts = {**FAST, **opts}
-    gen = far_sdk.Generator(bundle, backend=backend, **({"threads": 2} if backend == "onnxruntime" else {"device": "cpu"}))
-    out = gen.generate([1, 7], seed=3, output_type="latent", cfg=2.5, inner_sampler="ddim", **opts)
-    ref = _reference(far, [1, 7], 3, cfg=2.5, inner_sampler="ddim", **opts)
-    assert out.plan.inner_sampler == "ddim" and out.plan.eta == opts["eta"]
-    assert np.isfinite(ref).all()
-    # untrained model: at t = 999 x0 = 2e4 x - 2e4 eps, so unclipped latents grow to ~1e4 (relative bound,
-    # as tests/test_runtime.py); clipped ones stay O(1) but carry that amplified float32 rounding where not
-    # clipped, so there the exact answer (the reference in float64) decides: the runtime must be as close to
-    # it as the float32 reference is (measured: 2.7e-3 vs 7.4e-3 for eta 0.5 with the Philox seed-3 draws)
-    bound = 1e-3 if opts.get("x0_clip") else 1e-4 * max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(out.latents - ref).max())
-    if opts.get("x0_clip") and err > bound:
-        ref64 = _reference(far.double(), [1, 7], 3, cfg=2.5, inner_sampler="ddim", **opts)
-        far.float()
-        err64, ref_err64 = float(np.abs(out.latents - ref64).max()), float(np.abs(ref - ref64).max())
-        assert err64 <= max(bound, 2 * ref_err64), f"max abs vs float64 {err64} (float32 reference: {ref_err64})"
-        return
-    assert err <= bound, f"max abs {err} (bound {bound})"
-    gen.close()
+    with far_sdk.Generator(
+        bundle, backend=backend, **({"threads": 2} if backend == "onnxruntime" else {"device": "cpu"})
+    ) as gen:
+        out = gen.generate([1, 7], seed=3, output_type="latent", cfg=2.5, inner_sampler="ddim", **opts)
+        ref = _reference(far, [1, 7], 3, cfg=2.5, inner_sampler="ddim", **opts)
+        assert out.plan.inner_sampler == "ddim" and out.plan.eta == opts["eta"]
+        assert np.isfinite(ref).all()
+        # untrained model: at t = 999 x0 = 2e4 x - 2e4 eps, so unclipped latents grow to ~1e4 (relative bound,
+        # as tests/test_runtime.py); clipped ones stay O(1) but carry that amplified float32 rounding where not
+        # clipped, so there the exact answer (the reference in float64) decides: the runtime must be as close to
+        # it as the float32 reference is (measured: 2.7e-3 vs 7.4e-3 for eta 0.5 with the Philox seed-3 draws)
+        bound = 1e-3 if opts.get("x0_clip") else 1e-4 * max(1.0, float(np.abs(ref).max()))
+        err = float(np.abs(out.latents - ref).max())
+        if opts.get("x0_clip") and err > bound:
+            ref64 = _reference(far.double(), [1, 7], 3, cfg=2.5, inner_sampler="ddim", **opts)
+            far.float()
+            err64, ref_err64 = float(np.abs(out.latents - ref64).max()), float(np.abs(ref - ref64).max())
+            assert err64 <= max(bound, 2 * ref_err64), f"max abs vs float64 {err64} (float32 reference: {ref_err64})"
+            return
+        assert err <= bound, f"max abs {err} (bound {bound})"
+        gen.close()
 
 
 def test_ddim_differs_from_ddpm_and_eta0_ignores_noise_after_x_T(tiny):
@@ -324,90 +330,86 @@ def test_ddim_differs_from_ddpm_and_eta0_ignores_noise_after_x_T(tiny):
     from far_sdk.maths.noise import SeededNoise
 
     far, bundle = tiny
-    gen = far_sdk.Generator(bundle, backend="onnxruntime", threads=2)
-    opts = dict(output_type="latent", x0_clip=3.0, **FAST)   # unclipped, t = 999's huge x0 dominates both
-    a = gen.generate([4], seed=0, inner_sampler="ddim", **opts).latents
-    ddpm = gen.generate([4], seed=0, **opts).latents
-    assert np.abs(a - ddpm).max() > 0.1
+    with far_sdk.Generator(bundle, backend="onnxruntime", threads=2) as gen:
+        opts = dict(output_type="latent", x0_clip=3.0, **FAST)  # unclipped, t = 999's huge x0 dominates both
+        a = gen.generate([4], seed=0, inner_sampler="ddim", **opts).latents
+        ddpm = gen.generate([4], seed=0, **opts).latents
+        assert np.abs(a - ddpm).max() > 0.1
 
-    class ZeroAfterFirst:
-        """Replays seed 0's x_T draws but zeroes every per-step draw."""
+        class ZeroAfterFirst:
+            """Replays seed 0's x_T draws but zeroes every per-step draw."""
 
-        def __init__(self):
-            self.src, self.i = SeededNoise.from_seed(0, 1), 0
-            self.inner = list(FAST["inner_steps"])
+            def __init__(self):
+                self.src, self.i = SeededNoise.from_seed(0, 1), 0
+                self.inner = list(FAST["inner_steps"])
 
-        def __call__(self, shape):
-            x = self.src(shape)
-            pos, s = self.i, 0
-            while pos > self.inner[s]:
-                pos -= self.inner[s] + 1
-                s += 1
-            self.i += 1
-            return x if pos == 0 else np.zeros_like(x)
+            def __call__(self, shape):
+                x = self.src(shape)
+                pos, s = self.i, 0
+                while pos > self.inner[s]:
+                    pos -= self.inner[s] + 1
+                    s += 1
+                self.i += 1
+                return x if pos == 0 else np.zeros_like(x)
 
-    b = gen.generate([4], noise=ZeroAfterFirst(), inner_sampler="ddim", **opts).latents
-    np.testing.assert_array_equal(a, b)
-    gen.close()
+        b = gen.generate([4], noise=ZeroAfterFirst(), inner_sampler="ddim", **opts).latents
+        np.testing.assert_array_equal(a, b)
+        gen.close()
 
 
 def test_far_generate_cli_sampler_options(tiny, tmp_path, capsys):
     from far_sdk.cli.main import main
 
     _, bundle = tiny
-    base = ["generate", "--bundle", str(bundle), "--class", "1", "--steps", "2", "--inner-steps", "3", "--backend", "onnxruntime",
-            "--no-progress", "--out", str(tmp_path / "g.png")]
+    base = [
+        "generate",
+        "--bundle",
+        str(bundle),
+        "--class",
+        "1",
+        "--steps",
+        "2",
+        "--inner-steps",
+        "3",
+        "--backend",
+        "onnxruntime",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "g.png"),
+    ]
     assert main(base + ["--inner-sampler", "ddim", "--eta", "0.5"]) == 0
     assert "6 ddim eta 0.5 inner steps" in capsys.readouterr().out
-    assert main(base[:7] + ["--preset", "fast", "--backend", "onnxruntime", "--no-progress", "--out", str(tmp_path / "f.png")]) == 0
+    assert (
+        main(
+            base[:7]
+            + ["--preset", "fast", "--backend", "onnxruntime", "--no-progress", "--out", str(tmp_path / "f.png")]
+        )
+        == 0
+    )
     assert f"{2 * PRESETS['fast'].inner_steps} ddpm inner steps" in capsys.readouterr().out
     assert main(base + ["--eta", "0.5"]) == 2
     assert "applies only to inner_sampler='ddim'" in capsys.readouterr().err
-
-
-def test_evaluate_demo_caches_its_classifier(tmp_path):
-    """A rerun of examples/evaluate_demo.py loads the classifier instead of training it again."""
-    torch = pytest.importorskip("torch")
-    import importlib.util
-
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("evaluate_demo", ROOT / "examples" / "evaluate_demo.py")
-    ev = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ev)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(32, 1, 32, 32, generator=g) * 2 - 1, torch.arange(32) % 10
-    a, cached_a = ev.cached_classifier(x, y, tmp_path, epochs=1)
-    b, cached_b = ev.cached_classifier(x, y, tmp_path, epochs=1)
-    c, cached_c = ev.cached_classifier(x, y, tmp_path, epochs=2)            # another recipe: trained again
-    assert (cached_a, cached_b, cached_c) == (False, True, False) and len(list(tmp_path.glob("digitnet-*.pt"))) == 2
-    for k, v in a.state_dict().items():
-        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0)
-    rows = [{"setting": "ref", "inner_steps_total": 700, "accuracy": 0.99, "frechet_distance": 3.0},
-            {"setting": "ok", "inner_steps_total": 175, "accuracy": 0.98, "frechet_distance": 3.4},
-            {"setting": "slow", "inner_steps_total": 176, "accuracy": 1.0, "frechet_distance": 2.0},
-            {"setting": "bad", "inner_steps_total": 50, "accuracy": 0.97, "frechet_distance": 3.0}]
-    assert [c["all_ok"] for c in ev.fast_setting_checks(rows)] == [True, False, False]
 
 
 def test_bundle_defaults_can_choose_ddim(tiny, tmp_path):
     import json
     import shutil
 
+    from hostile import reseal
+
     import far_sdk
     from far_sdk.errors import BundleError
-    from hostile import reseal
 
     _, bundle = tiny
     b = tmp_path / "b"
     shutil.copytree(bundle, b)
     m = json.loads((b / "manifest.json").read_text())
-    assert m["defaults"]["inner_sampler"] == "ddpm"                   # exported bundles spell out the official sampler
+    assert m["defaults"]["inner_sampler"] == "ddpm"  # exported bundles spell out the official sampler
     reseal(b, lambda m: m["defaults"].update(inner_sampler="ddim", eta=0.5, inner_steps=4, num_steps=2))
-    gen = far_sdk.Generator(b, backend="onnxruntime", threads=2)
-    plan = gen.generate([1], seed=0, output_type="latent").plan
-    assert (plan.inner_sampler, plan.eta, plan.inner_steps) == ("ddim", 0.5, (4, 4))
-    assert gen.generate([1], seed=0, output_type="latent", inner_sampler="ddpm").plan.eta == 0.0
-    reseal(b, lambda m: m["defaults"].update(eta=2.0))                # the manifest schema bounds eta to [0, 1]
-    with pytest.raises(BundleError, match=r"field defaults.eta"):
-        far_sdk.Generator(b, backend="onnxruntime", threads=2)
+    with far_sdk.Generator(b, backend="onnxruntime", threads=2) as gen:
+        plan = gen.generate([1], seed=0, output_type="latent").plan
+        assert (plan.inner_sampler, plan.eta, plan.inner_steps) == ("ddim", 0.5, (4, 4))
+        assert gen.generate([1], seed=0, output_type="latent", inner_sampler="ddpm").plan.eta == 0.0
+        reseal(b, lambda m: m["defaults"].update(eta=2.0))  # the manifest schema bounds eta to [0, 1]
+        with pytest.raises(BundleError, match=r"field defaults.eta"):
+            far_sdk.Generator(b, backend="onnxruntime", threads=2)

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, rel_err
 
 BUNDLE = ROOT / "engines" / "far-demo"
@@ -23,7 +22,8 @@ from far_sdk.options import SamplingOptions, resolve_plan  # noqa: E402
 @pytest.fixture(scope="module")
 def gen():
     assert (BUNDLE / "manifest.json").is_file(), "the demo bundle engines/far-demo is committed and must be present"
-    return far_sdk.Generator(BUNDLE, backend="onnxruntime")
+    with far_sdk.Generator(BUNDLE, backend="onnxruntime") as g:
+        yield g
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +44,26 @@ def test_bundle_is_small_and_verified(gen):
 # Few large inner steps amplify float32 rounding more: at 15 steps per outer step the float32 reference
 # itself moves by up to 1.2e-4 (DDPM) and 6e-4 (DDIM eta 0) when run in float64 (the paper's 700: 1e-5),
 # so the runtime is held to that order there. A wrong coefficient moves latents by O(0.1).
-@pytest.mark.parametrize("plan,bound", [(dict(num_steps=10, inner_steps="frequency-aware"), 1e-4),
-                                        (dict(num_steps=4, inner_steps=25), 1e-4),
-                                        (dict(mode="mask", inner_steps=25), 1e-4),   # 11 steps; mask ignored (mask=False)
-                                        (dict(preset="fast"), 1e-3),
-                                        (dict(num_steps=10, inner_steps=15, inner_sampler="ddim", eta=0.0), 2e-3),
-                                        (dict(num_steps=4, inner_steps=10, inner_sampler="ddim", eta=1.0), 1e-3)])
+@pytest.mark.parametrize(
+    "plan,bound",
+    [
+        (dict(num_steps=10, inner_steps="frequency-aware"), 1e-4),
+        (dict(num_steps=4, inner_steps=25), 1e-4),
+        (dict(mode="mask", inner_steps=25), 1e-4),  # 11 steps; mask ignored (mask=False)
+        (dict(preset="fast"), 1e-3),
+        (dict(num_steps=10, inner_steps=15, inner_sampler="ddim", eta=0.0), 2e-3),
+        (dict(num_steps=4, inner_steps=10, inner_sampler="ddim", eta=1.0), 1e-3),
+    ],
+)
 def test_onnxruntime_equals_reference_sampler(gen, far, plan, bound):
     from training.sampler import sample_reference
 
     labels = [0, 3, 8]
     out = gen.generate(labels, seed=42, output_type="latent", **plan)
     given = {k: v for k, v in plan.items() if k != "preset"}
-    resolved = resolve_plan(gen.bundle.defaults, SamplingOptions(**given), preset_name=plan.get("preset"))  # bundle defaults + plan
+    resolved = resolve_plan(
+        gen.bundle.defaults, SamplingOptions(**given), preset_name=plan.get("preset")
+    )  # bundle defaults + plan
     assert out.plan == resolved
     ref = sample_reference(far, labels, noise=SeededNoise.from_seed(42, len(labels)), plan=resolved).numpy()
     assert np.abs(ref).max() < 50, "a trained model's latents stay O(1)"
@@ -74,12 +81,14 @@ def test_demo_images_differ_by_class(gen):
 def test_demo_bundle_generates_in_a_process_where_torch_cannot_be_imported(gen, tmp_path):
     """The torch-free install: the same latents as here (where torch may be loaded), none of it imported."""
     out = tmp_path / "latents.npy"
-    code = ("import sys; sys.modules['torch'] = None  # any `import torch` now fails\n"
-            "import numpy as np, far_sdk\n"
-            f"gen = far_sdk.Generator({str(BUNDLE)!r}, backend='onnxruntime')\n"
-            "lat = gen.generate([1, 1, 8], seed=0, output_type='latent', num_steps=4, inner_steps=20).latents\n"
-            f"np.save({str(out)!r}, lat)\n"
-            "assert sys.modules['torch'] is None and 'training' not in sys.modules and 'export' not in sys.modules\n")
+    code = (
+        "import sys; sys.modules['torch'] = None  # any `import torch` now fails\n"
+        "import numpy as np, far_sdk\n"
+        f"gen = far_sdk.Generator({str(BUNDLE)!r}, backend='onnxruntime')\n"
+        "lat = gen.generate([1, 1, 8], seed=0, output_type='latent', num_steps=4, inner_steps=20).latents\n"
+        f"np.save({str(out)!r}, lat)\n"
+        "assert sys.modules['torch'] is None and 'training' not in sys.modules and 'export' not in sys.modules\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     want = gen.generate([1, 1, 8], seed=0, output_type="latent", num_steps=4, inner_steps=20).latents

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from far_sdk.maths import diffusion as D
 from far_sdk.errors import InvalidArgumentError
+from far_sdk.maths import diffusion as D
 from far_sdk.maths.diffusion import Step as S
 
 
@@ -59,10 +59,20 @@ def test_respacing_rejects_bad_counts(bad):
 def test_tables_equal_official_arrays(official_ref, key, n):
     tab = D.diffusion_tables(n)
     np.testing.assert_array_equal(tab.timesteps, official_ref[f"sched_{key}_timestep_map"])
-    for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance",
-                 "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-                 "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"):
-        np.testing.assert_allclose(getattr(tab, name), official_ref[f"sched_{key}_{name}"], rtol=1e-12, atol=1e-300, err_msg=name)
+    for name in (
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+    ):
+        np.testing.assert_allclose(
+            getattr(tab, name), official_ref[f"sched_{key}_{name}"], rtol=1e-12, atol=1e-300, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("n", [7, 40, 100])
@@ -91,7 +101,9 @@ def _ddpm_update(x, eps_c, eps_u, v, row, noise):
     torch = pytest.importorskip("torch")
     from training.graph_modules import ddpm_update
 
-    out = np.concatenate([np.concatenate([eps_c, v], 1), np.concatenate([eps_u, np.zeros_like(v)], 1)])  # [cond; uncond]
+    out = np.concatenate(
+        [np.concatenate([eps_c, v], 1), np.concatenate([eps_u, np.zeros_like(v)], 1)]
+    )  # [cond; uncond]
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     return ddpm_update(t(out), t(x), t(noise), t(row)).numpy()
 
@@ -109,7 +121,7 @@ def test_ddpm_step_against_float64_gaussian_posterior():
     a, a_prev = ab[kept[k]], ab[kept[k - 1]]
     beta = 1 - a / a_prev
     x64, v64 = x.astype(np.float64), v.astype(np.float64)
-    w = cfg - 1                                            # the paper's form: (1 + w) eps_c - w eps_u
+    w = cfg - 1  # the paper's form: (1 + w) eps_c - w eps_u
     e64 = (1 + w) * eps_c.astype(np.float64) - w * eps_u.astype(np.float64)
     x0 = (x64 - math.sqrt(1 - a) * e64) / math.sqrt(a)
     mean = (math.sqrt(a_prev) * beta * x0 + math.sqrt(1 - beta) * (1 - a_prev) * x64) / (1 - a)
@@ -122,7 +134,7 @@ def test_ddpm_step_against_float64_gaussian_posterior():
 def test_ddpm_last_step_adds_no_noise():
     rng = np.random.default_rng(1)
     x, eps, v = (rng.standard_normal((8, 16)).astype(np.float32) for _ in range(3))
-    row = D.denoise_step_table(10, 3.0, 1.0)[-1]           # k = 0
+    row = D.denoise_step_table(10, 3.0, 1.0)[-1]  # k = 0
     a = _ddpm_update(x, eps, eps, v, row, rng.standard_normal((8, 16)).astype(np.float32))
     b = _ddpm_update(x, eps, eps, v, row, np.zeros((8, 16), np.float32))
     np.testing.assert_array_equal(a, b)
@@ -134,9 +146,14 @@ def test_denoise_step_table_rows_follow_execution_order():
     assert rows.shape == (12, len(S)) and rows.dtype == np.float32
     assert rows[0, S.timestep] == 999 and rows[-1, S.timestep] == 0
     k = 12 - 1 - 3
-    for col, name in ((S.x0_coef_x, "sqrt_recip_alphas_cumprod"), (S.x0_coef_eps, "sqrt_recipm1_alphas_cumprod"),
-                      (S.mean_coef_x0, "posterior_mean_coef1"), (S.mean_coef_xt, "posterior_mean_coef2"),
-                      (S.min_log_var, "posterior_log_variance_clipped"), (S.max_log_var, "log_betas")):
+    for col, name in (
+        (S.x0_coef_x, "sqrt_recip_alphas_cumprod"),
+        (S.x0_coef_eps, "sqrt_recipm1_alphas_cumprod"),
+        (S.mean_coef_x0, "posterior_mean_coef1"),
+        (S.mean_coef_xt, "posterior_mean_coef2"),
+        (S.min_log_var, "posterior_log_variance_clipped"),
+        (S.max_log_var, "log_betas"),
+    ):
         assert rows[3, col] == np.float32(getattr(tab, name)[k]), name
     assert (rows[:-1, S.noise_scale] == np.float32(0.9)).all() and rows[-1, S.noise_scale] == 0
     assert (rows[:, S.cfg_scale] == np.float32(2.5)).all()
@@ -146,7 +163,7 @@ def test_ddpm_step_x0_clip_against_float64():
     rng = np.random.default_rng(4)
     x, eps, noise = (rng.standard_normal((64, 16)).astype(np.float32) for _ in range(3))
     v = rng.uniform(-1, 1, (64, 16)).astype(np.float32)
-    n, k, clip = 20, 19, 1.5                               # the noisiest step: x0_hat is huge unclipped
+    n, k, clip = 20, 19, 1.5  # the noisiest step: x0_hat is huge unclipped
     tab = D.diffusion_tables(n)
     out = _ddpm_update(x, eps, eps, v, D.denoise_step_table(n, 1.0, 1.0, x0_clip=clip)[n - 1 - k], noise)
     x64, e64 = x.astype(np.float64), eps.astype(np.float64)

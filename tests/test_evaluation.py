@@ -16,7 +16,13 @@ from conftest import ROOT  # noqa: E402
 
 from far_sdk.cli.main import main  # noqa: E402
 from far_sdk.errors import EXIT_INPUT  # noqa: E402
-from far_sdk.scale.evaluation import INCEPTION_WEIGHTS_URL, InceptionWeightsError, fid_from_features, import_torch_fidelity, load_inception  # noqa: E402
+from far_sdk.scale.evaluation import (
+    INCEPTION_WEIGHTS_URL,
+    InceptionWeightsError,
+    fid_from_features,
+    import_torch_fidelity,
+    load_inception,
+)  # noqa: E402
 
 BUNDLE = ROOT / "engines" / "far-demo"
 
@@ -47,7 +53,7 @@ def random_inception(tmp_path_factory):
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
     class Unloaded(fe.FeatureExtractorInceptionV3):
-        def load_state_dict(self, state, strict=True):   # keep the random initialisation
+        def load_state_dict(self, state, strict=True):  # keep the random initialisation
             return None
 
     real = fe.load_state_dict_from_url
@@ -57,7 +63,7 @@ def random_inception(tmp_path_factory):
         net = Unloaded("inception-v3-compat", ["2048"])
     finally:
         fe.load_state_dict_from_url = real
-    for m in net.modules():   # He init keeps activations O(1) through the 94 convolutions
+    for m in net.modules():  # He init keeps activations O(1) through the 94 convolutions
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
@@ -85,8 +91,9 @@ def torch_one_thread():
 
 
 @pytest.mark.slow
-def test_far_eval_end_to_end_matches_independent_metrics_on_the_same_features(tmp_path, random_inception, capsys,
-                                                                               monkeypatch, torch_one_thread):
+def test_far_eval_end_to_end_matches_independent_metrics_on_the_same_features(
+    tmp_path, random_inception, capsys, monkeypatch, torch_one_thread
+):
     from PIL import Image
 
     import far_sdk.scale.evaluation as ev
@@ -96,12 +103,26 @@ def test_far_eval_end_to_end_matches_independent_metrics_on_the_same_features(tm
     (tmp_path / "ref").mkdir()
     for i, im in enumerate(ref):
         Image.fromarray(im).save(tmp_path / "ref" / f"{i:03d}.png")
-    seen = []   # the feature arrays far eval computes, to recompute its metrics independently
+    seen = []  # the feature arrays far eval computes, to recompute its metrics independently
     extract = ev.extract_features
     monkeypatch.setattr(ev, "extract_features", lambda *a, **k: seen.append(extract(*a, **k)) or seen[-1])
-    rc = main(["eval", "--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "ref"),
-               "--inception-weights", str(random_inception), "--isc-splits", "1", "--prc-neighborhood", "2",
-               "--json", str(tmp_path / "m.json")])
+    rc = main(
+        [
+            "eval",
+            "--samples",
+            str(tmp_path / "samples.npz"),
+            "--reference",
+            str(tmp_path / "ref"),
+            "--inception-weights",
+            str(random_inception),
+            "--isc-splits",
+            "1",
+            "--prc-neighborhood",
+            "2",
+            "--json",
+            str(tmp_path / "m.json"),
+        ]
+    )
     assert rc == 0
     got = json.loads((tmp_path / "m.json").read_text())
     printed = capsys.readouterr().out.splitlines()
@@ -114,19 +135,21 @@ def test_far_eval_end_to_end_matches_independent_metrics_on_the_same_features(tm
         for img, feat in ((samples[0], fs[0]), (ref[0], fr[0])):
             direct = net(torch.from_numpy(img.transpose(2, 0, 1).copy())[None])[0][0].double().numpy()
             np.testing.assert_allclose(feat, direct, rtol=1e-5, atol=1e-6)
-    assert fs.std(0).mean() > 1e-3       # the random network tells images apart
+    assert fs.std(0).mean() > 1e-3  # the random network tells images apart
     # rank-4 covariances S = Xc^T Xc / (n - 1): the eigenvalues of S1 S2 are those of M M^T, M = X1c X2c^T / (n - 1),
     # so tr (S1 S2)^(1/2) is the sum of M's singular values (5 x 5 instead of 2048 x 2048)
     x1, x2 = fs - fs.mean(0), fr - fr.mean(0)
     tr = np.linalg.svd(x1 @ x2.T / (len(fs) - 1), compute_uv=False).sum()
-    fid = ((fs.mean(0) - fr.mean(0)) ** 2).sum() + (x1 ** 2).sum() / (len(fs) - 1) + (x2 ** 2).sum() / (len(fr) - 1) - 2 * tr
+    fid = (
+        ((fs.mean(0) - fr.mean(0)) ** 2).sum() + (x1**2).sum() / (len(fs) - 1) + (x2**2).sum() / (len(fr) - 1) - 2 * tr
+    )
     assert got["fid"] == pytest.approx(fid, rel=1e-5)
     p = np.exp(ls - ls.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     isc = np.exp((p * (np.log(p) - np.log(p.mean(0)))).sum(1).mean())
     assert got["inception_score_mean"] == pytest.approx(isc, rel=1e-5)
     d_ss, d_rr, d_sr = (np.linalg.norm(a[:, None] - b[None], axis=-1) for a, b in ((fs, fs), (fr, fr), (fs, fr)))
-    k_s, k_r = np.sort(d_ss, 1)[:, 2], np.sort(d_rr, 1)[:, 2]     # the 2nd neighbour (column 0 is the point itself)
+    k_s, k_r = np.sort(d_ss, 1)[:, 2], np.sort(d_rr, 1)[:, 2]  # the 2nd neighbour (column 0 is the point itself)
     assert got["precision"] == pytest.approx((d_sr <= k_r[None]).any(1).mean())
     assert got["recall"] == pytest.approx((d_sr.T <= k_s[None]).any(1).mean())
     assert got["num_samples"] == got["num_reference"] == 5
@@ -135,11 +158,21 @@ def test_far_eval_end_to_end_matches_independent_metrics_on_the_same_features(tm
 def test_missing_or_wrong_weights_fail_with_a_typed_error_naming_the_file(tmp_path, capsys):
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     missing = tmp_path / "nowhere" / "weights-inception-2015-12-05-6726825d.pth"
-    rc = main(["eval", "--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "s.npz"), "--inception-weights", str(missing)])
+    rc = main(
+        [
+            "eval",
+            "--samples",
+            str(tmp_path / "s.npz"),
+            "--reference",
+            str(tmp_path / "s.npz"),
+            "--inception-weights",
+            str(missing),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == EXIT_INPUT and str(missing) in err and INCEPTION_WEIGHTS_URL in err and "does not exist" in err
     evil = tmp_path / "evil.pth"
-    evil.write_bytes(pickle.dumps(print))   # a pickle that names a callable: never unpickled for real
+    evil.write_bytes(pickle.dumps(print))  # a pickle that names a callable: never unpickled for real
     with pytest.raises(InceptionWeightsError, match="not a PyTorch state dict of tensors"):
         load_inception(evil)
     other = tmp_path / "other.pth"

@@ -1,11 +1,11 @@
-"""far-export onnx: graph modules against the model and float64 maths, ONNX against PyTorch, bundle files, CLI, atomicity."""
+"""far-export onnx: graph modules against the model and float64 maths, ONNX against PyTorch, bundle files, CLI,
+atomicity."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -16,14 +16,12 @@ import torch
 onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install far-sdk[export])")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install far-sdk[export])")
 
-from export import onnx_export  # noqa: E402
-from export.cli import main  # noqa: E402
+from export import onnx_export, onnx_graphs  # noqa: E402
 from export.onnx_export import export_bundle, random_init_source  # noqa: E402
-from export.random_bundle import random_models  # noqa: E402
 from far_sdk.bundle.bundle import Bundle  # noqa: E402
-from far_sdk.maths.diffusion import Step, denoise_step_table, diffusion_tables  # noqa: E402
-from far_sdk.errors import EXIT_INPUT, EXIT_USAGE, ExportError  # noqa: E402
 from far_sdk.bundle.graphs import GRAPH_NAMES, graph_specs  # noqa: E402
+from far_sdk.errors import ExportError  # noqa: E402
+from far_sdk.maths.diffusion import Step, denoise_step_table, diffusion_tables  # noqa: E402
 from training.config import get_config  # noqa: E402
 from training.far import FAR  # noqa: E402
 from training.graph_modules import DenoiserGraph, TransformerGraph, VAEDecoderGraph, randomize_for_export  # noqa: E402
@@ -40,8 +38,8 @@ def _rel(got: np.ndarray, ref: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def models() -> tuple[FAR, AutoencoderKL]:
-    return random_models("far_tiny", "kl16-tiny", seed=0)
+def models(tiny_models) -> tuple[FAR, AutoencoderKL]:
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +54,15 @@ def manifest(bundle) -> dict:
     return json.loads((bundle / "manifest.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def cli_bundle(tmp_path_factory) -> tuple[Path, int]:
-    out = tmp_path_factory.mktemp("cli") / "engines" / "tiny-cli"
-    rc = main(["onnx", "--random-init", "--model", "far_tiny", "--vae-config", "kl16-tiny", "--seed", "3", "--cfg", "2.5", "--out", str(out)])
-    return out, rc
-
-
 def _specs(far: FAR):
     c = far.config
-    return graph_specs(seq_len=c.seq_len, token_channels=c.token_channels, mlp_width=c.diffloss_w, grid_size=c.grid_size, image_size=256)
+    return graph_specs(
+        seq_len=c.seq_len,
+        token_channels=c.token_channels,
+        mlp_width=c.diffloss_w,
+        grid_size=c.grid_size,
+        image_size=256,
+    )
 
 
 def _fresh_inputs(far: FAR, batch: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
@@ -88,12 +85,19 @@ def _fresh_inputs(far: FAR, batch: int, seed: int) -> dict[str, dict[str, np.nda
     }
 
 
+# ---- CLI ---------------------------------------------------------------------------------------------------------
+
+
 # ---- bundle files and manifest ---------------------------------------------------------------------------------
 
 
 def test_manifest_records_every_file_with_its_size_and_sha256(bundle, manifest):
     on_disk = {p.name for p in bundle.iterdir()} - {"manifest.json"}
-    assert on_disk == set(manifest["files"]) == {"transformer.onnx", "denoiser.onnx", "vae_decoder.onnx", "weights.safetensors"}
+    assert (
+        on_disk
+        == set(manifest["files"])
+        == {"transformer.onnx", "denoiser.onnx", "vae_decoder.onnx", "weights.safetensors"}
+    )
     for name, entry in manifest["files"].items():
         data = (bundle / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -104,12 +108,29 @@ def test_manifest_describes_model_graphs_and_defaults(models, manifest):
     far, vae = models
     assert manifest["name"] == "tiny"
     assert manifest["model"] == far.config.to_dict() and manifest["vae"] == vae.config.to_dict()
-    assert (manifest["latent_scale"], manifest["null_class_id"], manifest["mlp_width"], manifest["image_size"]) == (SCALE, 10, 128, 256)
+    assert (manifest["latent_scale"], manifest["null_class_id"], manifest["mlp_width"], manifest["image_size"]) == (
+        SCALE,
+        10,
+        128,
+        256,
+    )
     assert manifest["id2label"] == {str(k): v for k, v in LABELS.items()}
-    assert manifest["defaults"] == {"num_steps": 10, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 1.0,
-                                    "temperature_schedule": "official", "inner_steps": "frequency-aware", "inner_sampler": "ddpm",
-                                    "filter": "spatial", "x0_clip": None, "mode": "nomask"}
-    assert manifest["sampling_modes"] == ["nomask", "mask"]  # a mask=False model: both samplers (mask ignored, official)
+    assert manifest["defaults"] == {
+        "num_steps": 10,
+        "cfg": 3.0,
+        "cfg_schedule": "linear",
+        "temperature": 1.0,
+        "temperature_schedule": "official",
+        "inner_steps": "frequency-aware",
+        "inner_sampler": "ddpm",
+        "filter": "spatial",
+        "x0_clip": None,
+        "mode": "nomask",
+    }
+    assert manifest["sampling_modes"] == [
+        "nomask",
+        "mask",
+    ]  # a mask=False model: both samplers (mask ignored, official)
     assert manifest["source"] == {"kind": "random-init", "seed": 0}
     assert set(manifest["created_by"]) == {"far_sdk", "torch", "onnx", "onnxruntime", "python"}
     for name, spec in _specs(far).items():
@@ -141,8 +162,9 @@ def test_graph_passes_the_checker_and_declares_the_spec_io(models, bundle, name)
     dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
     assert [(v.name, dims(v)) for v in model.graph.input] == [(t.name, list(t.shape)) for t in spec.inputs]
     assert [(v.name, dims(v)) for v in model.graph.output] == [(t.name, list(t.shape)) for t in spec.outputs]
-    assert sum(n.op_type == "LayerNormalization" for n in model.graph.node) == (0 if name == "vae_decoder" else
-                                                                               {"transformer": 11, "denoiser": 3}[name])
+    assert sum(n.op_type == "LayerNormalization" for n in model.graph.node) == (
+        0 if name == "vae_decoder" else {"transformer": 11, "denoiser": 3}[name]
+    )
 
 
 # ---- ONNX against the torch modules -----------------------------------------------------------------------------
@@ -151,8 +173,11 @@ def test_graph_passes_the_checker_and_declares_the_spec_io(models, bundle, name)
 @pytest.mark.parametrize("name", GRAPH_NAMES)
 def test_onnx_graph_matches_its_torch_module_at_batch_2(models, bundle, name):
     far, vae = models
-    module = {"transformer": TransformerGraph(far), "denoiser": DenoiserGraph(far.diffloss.net),
-              "vae_decoder": VAEDecoderGraph(vae, SCALE)}[name]
+    module = {
+        "transformer": TransformerGraph(far),
+        "denoiser": DenoiserGraph(far.diffloss.net),
+        "vae_decoder": VAEDecoderGraph(vae, SCALE),
+    }[name]
     feeds = _fresh_inputs(far, 2, seed=11)[name]
     (got,) = ort.InferenceSession(str(bundle / f"{name}.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     with torch.no_grad():
@@ -172,11 +197,11 @@ def test_transformer_graph_is_far_condition_then_mlp_condition_with_null_id_as_f
     net, D = far.diffloss.net, far.config.decoder_embed_dim
     rng = np.random.default_rng(5)
     tokens = torch.from_numpy(rng.standard_normal((3, 256, 16), dtype=np.float32))
-    ids = torch.tensor([3, 10, 0])                                            # 10 = num_classes: the null class
+    ids = torch.tensor([3, 10, 0])  # 10 = num_classes: the null class
     level = torch.tensor([4.0])
     with torch.no_grad():
         emb = torch.stack([far.class_emb.weight[3], far.fake_latent[0], far.class_emb.weight[0]])
-        z = far.condition(tokens, emb).reshape(-1, D)                        # (N L, D)
+        z = far.condition(tokens, emb).reshape(-1, D)  # (N L, D)
         ref = net.condition(z, level.expand(z.shape[0], 1)).reshape(3, 256, -1).numpy()
         got = TransformerGraph(far)(tokens, ids, level).numpy()
     assert _rel(got, ref) < 1e-6
@@ -191,7 +216,7 @@ def test_denoiser_graph_is_one_guided_ddpm_step_in_float64(models, bundle, k):
     net, B, L, C, W = far.diffloss.net, 2, 256, 16, 128
     n, cfg, temp = 10, 2.5, 0.9
     tab = diffusion_tables(n)
-    step = denoise_step_table(n, cfg, temp)[n - 1 - k]                       # rows run k = n-1 .. 0
+    step = denoise_step_table(n, cfg, temp)[n - 1 - k]  # rows run k = n-1 .. 0
     assert step[Step.timestep] == tab.timesteps[k]
     rng = np.random.default_rng(100 + k)
     x, noise = (rng.standard_normal((B, L, C), dtype=np.float32) for _ in range(2))
@@ -199,9 +224,13 @@ def test_denoiser_graph_is_one_guided_ddpm_step_in_float64(models, bundle, k):
     with torch.no_grad():  # the network's own output, every row with its own integer timestep
         xt = torch.from_numpy(x).reshape(B * L, C)
         t = torch.full((2 * B * L,), int(tab.timesteps[k]), dtype=torch.long)
-        out = net.forward_with_condition(torch.cat([xt, xt]), t, torch.from_numpy(cond).reshape(2 * B * L, W)).double().numpy()
+        out = (
+            net.forward_with_condition(torch.cat([xt, xt]), t, torch.from_numpy(cond).reshape(2 * B * L, W))
+            .double()
+            .numpy()
+        )
         got = DenoiserGraph(net)(*map(torch.from_numpy, (x, noise, cond, step))).numpy()
-    eps_c, eps_u, v = out[: B * L, :C], out[B * L:, :C], out[: B * L, C:]
+    eps_c, eps_u, v = out[: B * L, :C], out[B * L :, :C], out[: B * L, C:]
     x64, z64 = x.reshape(B * L, C).astype(np.float64), noise.reshape(B * L, C).astype(np.float64)
     eps = eps_u + cfg * (eps_c - eps_u)
     x0 = tab.sqrt_recip_alphas_cumprod[k] * x64 - tab.sqrt_recipm1_alphas_cumprod[k] * eps
@@ -220,8 +249,12 @@ def test_graph_modules_name_their_inputs_and_outputs_as_the_spec(models):
     for cls, name in ((TransformerGraph, "transformer"), (DenoiserGraph, "denoiser"), (VAEDecoderGraph, "vae_decoder")):
         assert (list(cls.input_names), list(cls.output_names)) == (specs[name].input_names, specs[name].output_names)
     masked = dataclasses.replace(models[0].config, mask=True)
-    spec = graph_specs(seq_len=256, token_channels=16, mlp_width=128, grid_size=16, image_size=256, masked=True)["transformer"]
-    assert list(TransformerGraph(FAR(masked)).input_names) == spec.input_names == ["tokens", "class_ids", "level", "mask"]
+    spec = graph_specs(seq_len=256, token_channels=16, mlp_width=128, grid_size=16, image_size=256, masked=True)[
+        "transformer"
+    ]
+    assert (
+        list(TransformerGraph(FAR(masked)).input_names) == spec.input_names == ["tokens", "class_ids", "level", "mask"]
+    )
 
 
 def test_denoiser_graph_runs_in_bfloat16_with_a_float32_step(models):
@@ -251,7 +284,7 @@ def test_randomize_for_export_makes_a_fresh_model_depend_on_every_input():
     net = far.diffloss.net
     h, t, y = torch.randn(4, 16), torch.tensor([500.0]), torch.randn(4, 128)
     with torch.no_grad():
-        assert not net.forward_with_condition(h, t, y).any()                 # official init: the output layer is zero
+        assert not net.forward_with_condition(h, t, y).any()  # official init: the output layer is zero
         randomize_for_export(far, seed=0)
         assert all(p.any() for p in far.parameters())
         g = DenoiserGraph(net)
@@ -259,19 +292,19 @@ def test_randomize_for_export_makes_a_fresh_model_depend_on_every_input():
         step = torch.from_numpy(denoise_step_table(10, 3.0, 1.0)[5])
         base = g(x, noise, cond, step)
         other = cond.clone()
-        other[1] += 1.0                                                      # only the unconditional half
+        other[1] += 1.0  # only the unconditional half
         assert not torch.equal(g(x, noise, other, step), base)
 
 
 def test_large_graphs_keep_their_weights_in_one_external_data_file(models, tmp_path, monkeypatch):
     far, _ = models
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(onnx_graphs, "EXTERNAL_DATA_THRESHOLD", 0)
     spec = _specs(far)["denoiser"]
     feeds = _fresh_inputs(far, 1, seed=3)["denoiser"]
-    files = onnx_export.export_graph(DenoiserGraph(far.diffloss.net).eval(), spec, feeds, tmp_path, 17)
+    files = onnx_graphs.export_graph(DenoiserGraph(far.diffloss.net).eval(), spec, feeds, tmp_path, 17)
     assert files == ["denoiser.onnx", "denoiser.onnx.data"] and sorted(p.name for p in tmp_path.iterdir()) == files
     assert (tmp_path / "denoiser.onnx").stat().st_size < 100_000 < (tmp_path / "denoiser.onnx.data").stat().st_size
-    onnx_export.check_graph(tmp_path / "denoiser.onnx", spec)
+    onnx_graphs.check_graph(tmp_path / "denoiser.onnx", spec)
     (got,) = ort.InferenceSession(str(tmp_path / "denoiser.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     with torch.no_grad():
         ref = DenoiserGraph(far.diffloss.net)(*map(torch.from_numpy, feeds.values())).numpy()
@@ -290,7 +323,7 @@ def test_export_failing_midway_leaves_no_directory(models, tmp_path, monkeypatch
     monkeypatch.setattr(onnx_export, "validate_graph", _failing_validation)
     with pytest.raises(ExportError, match="injected"):
         export_bundle(far, vae, tmp_path / "new", name="new")
-    assert list(tmp_path.iterdir()) == []                                    # no bundle, no partial directory
+    assert list(tmp_path.iterdir()) == []  # no bundle, no partial directory
 
 
 def test_export_failing_over_an_existing_bundle_keeps_it(models, bundle, tmp_path, monkeypatch):
@@ -304,128 +337,3 @@ def test_export_failing_over_an_existing_bundle_keeps_it(models, bundle, tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
     assert (old / "manifest.json").read_bytes() == before
     Bundle.load(old)
-
-
-# ---- CLI ---------------------------------------------------------------------------------------------------------
-
-
-def test_cli_random_init_writes_a_loadable_bundle(cli_bundle, capsys):
-    out, rc = cli_bundle
-    assert rc == 0
-    b = Bundle.load(out)
-    assert b.name == "tiny-cli" and b.null_class_id == 10 and b.defaults.cfg == 2.5
-    assert b.manifest["source"] == {"kind": "random-init", "seed": 3}
-    assert set(b.manifest["graphs"]) == set(GRAPH_NAMES)
-    assert not [p for p in out.parent.iterdir() if p != out]                 # no temporary directories left
-
-
-def test_cli_refuses_a_non_empty_out_without_overwrite_and_keeps_the_old_bundle(cli_bundle, capsys):
-    out, _ = cli_bundle
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    capsys.readouterr()
-    rc = main(["onnx", "--random-init", "--model", "far_tiny", "--vae-config", "kl16-tiny", "--seed", "4", "--out", str(out)])
-    assert rc == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert "--overwrite" in err and "Traceback" not in err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    Bundle.load(out)
-
-
-def test_cli_reuse_keeps_a_matching_random_bundle_and_refuses_without_random_init(cli_bundle, capsys, tmp_path):
-    out, _ = cli_bundle
-    stamp = (out / "manifest.json").stat().st_mtime_ns
-    rc = main(["onnx", "--random-init", "--model", "far_tiny", "--vae-config", "kl16-tiny", "--seed", "3", "--cfg", "2.5",
-               "--out", str(out), "--reuse"])
-    assert rc == 0 and (out / "manifest.json").stat().st_mtime_ns == stamp   # same model, VAE, seed: not exported again
-    rc = main(["onnx", "--checkpoint", str(tmp_path / "x.pth"), "--vae", str(tmp_path / "v.ckpt"), "--model", "far_tiny",
-               "--out", str(tmp_path / "o"), "--reuse"])
-    assert rc == EXIT_USAGE and "--reuse applies to --random-init" in capsys.readouterr().err
-
-
-def test_cli_reports_a_missing_checkpoint_as_an_error_message(tmp_path, capsys):
-    rc = main(["onnx", "--checkpoint", str(tmp_path / "nope.pth"), "--vae", str(tmp_path / "kl16.ckpt"),
-               "--model", "far_tiny", "--out", str(tmp_path / "out")])
-    assert rc == EXIT_INPUT
-    err = capsys.readouterr().err
-    assert "nope.pth" in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists()
-
-
-# ---- CLI: a checkpoint of custom shape (--config) ----------------------------------------------------------
-
-#: A shape no preset has (3 and 6 heads, 7 classes, 4 buffer tokens); the training-only fields are left out.
-CUSTOM = {"encoder_embed_dim": 48, "encoder_depth": 1, "encoder_num_heads": 3, "decoder_embed_dim": 48, "decoder_depth": 2,
-          "decoder_num_heads": 6, "mlp_ratio": 2, "token_channels": 16, "grid_size": 16, "buffer_size": 4, "num_classes": 7,
-          "diffloss_d": 1, "diffloss_w": 64, "mask": False}
-
-
-@pytest.fixture(scope="module")
-def custom_checkpoint(tmp_path_factory) -> dict[str, Path]:
-    """A custom-shaped FAR saved the way the official training script saves it: its ``args`` name a model
-    ("far_custom") that no preset table knows, so the weights alone cannot say the head counts."""
-    import argparse
-
-    from training.checkpoint import save_official_checkpoint
-    from training.config import FARConfig
-
-    d = tmp_path_factory.mktemp("custom")
-    far, vae = random_models(FARConfig(**CUSTOM), "kl16-tiny", seed=5)
-    args = argparse.Namespace(model="far_custom", img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, buffer_size=4,
-                              class_num=7, diffloss_d=1, diffloss_w=64, mask=False, num_sampling_steps="100")
-    save_official_checkpoint(d / "checkpoint-last.pth", far, args=args)
-    torch.save({"model": vae.state_dict()}, d / "kl16-tiny.ckpt")  # MAR's kl16.ckpt layout
-    (d / "cfg.json").write_text(json.dumps(CUSTOM))
-    return {"checkpoint": d / "checkpoint-last.pth", "vae": d / "kl16-tiny.ckpt", "config": d / "cfg.json", "dir": d}
-
-
-def _export_custom(files: dict[str, Path], out: Path, *extra: str) -> int:
-    return main(["onnx", "--checkpoint", str(files["checkpoint"]), "--vae", str(files["vae"]), "--vae-config", "kl16-tiny",
-                 "--out", str(out), *extra])
-
-
-def test_cli_exports_a_custom_shaped_official_checkpoint_given_a_config_file(custom_checkpoint, tmp_path, capsys):
-    from far_sdk import Generator
-    from far_sdk.maths.noise import SeededNoise
-    from training.checkpoint import load_official_checkpoint
-    from training.config import FARConfig
-    from training.sampler import sample_reference
-
-    assert _export_custom(custom_checkpoint, tmp_path / "custom", "--config", str(custom_checkpoint["config"])) == 0
-    b = Bundle.load(tmp_path / "custom")
-    assert b.model_config == FARConfig(**CUSTOM).to_dict() and b.num_classes == 7
-    got = Generator(b.path, backend="onnxruntime", threads=1).generate([0, 6], seed=1, output_type="latent", num_steps=2, inner_steps=3)
-    far = load_official_checkpoint(custom_checkpoint["checkpoint"], config=FARConfig(**CUSTOM))
-    ref = sample_reference(far, [0, 6], noise=SeededNoise.from_seed(1, 2), num_steps=2, inner_steps=3).numpy()
-    assert got.latents.shape == (2, 16, 16, 16) and _rel(got.latents, ref) < 1e-4
-
-
-def test_cli_without_the_config_file_says_how_to_give_it(custom_checkpoint, tmp_path, capsys):
-    assert _export_custom(custom_checkpoint, tmp_path / "out") == EXIT_INPUT
-    err = capsys.readouterr().err
-    assert "'far_custom'" in err and "far-export onnx --config cfg.json" in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("edit, match", [
-    (dict(encoder_heads=3), r"unknown field\(s\) \['encoder_heads'\]"),
-    (dict(decoder_num_heads=None), r"missing field\(s\) \['decoder_num_heads'\]"),
-    (dict(encoder_depth="1"), r'encoder_depth must be a positive integer, got "1"'),
-    (dict(num_classes=True), "num_classes must be a positive integer, got true"),
-    (dict(mask=0), "mask must be true or false, got 0"),
-    (dict(attn_dropout=1.5), r"attn_dropout must be a number in \[0, 1\), got 1.5"),
-    (dict(encoder_num_heads=5), "encoder_embed_dim 48 is not divisible by encoder_num_heads 5"),
-    ([1, 2], "must hold one JSON object of FARConfig fields, found list"),
-    ("{oops", "is not a JSON file"),
-])
-def test_cli_rejects_a_bad_config_file_naming_the_field_before_loading(custom_checkpoint, tmp_path, capsys, edit, match):
-    cfg = tmp_path / "cfg.json"
-    if isinstance(edit, dict):
-        d = {**CUSTOM, **edit}
-        cfg.write_text(json.dumps({k: v for k, v in d.items() if v is not None}))
-    else:
-        cfg.write_text(edit if isinstance(edit, str) else json.dumps(edit))
-    assert _export_custom(custom_checkpoint, tmp_path / "out", "--config", str(cfg)) == EXIT_INPUT
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and f"config file {cfg}" in err, err
-    assert re.search(match, err), err
-    assert not (tmp_path / "out").exists()

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from far_sdk.maths import filters as Fl
 from far_sdk.errors import InvalidArgumentError
+from far_sdk.maths import filters as Fl
 
 
 @pytest.mark.parametrize("k", range(1, 17))
@@ -20,7 +20,9 @@ def test_spatial_filter_equals_torch_interpolate(k):
 
 def test_spatial_filter_matches_official_trace(official_ref):
     x = official_ref["filter_in"]
-    np.testing.assert_allclose(np.stack([Fl.filter_matrix(k) for k in range(1, 17)]), official_ref["filter_matrices"], atol=1e-6)
+    np.testing.assert_allclose(
+        np.stack([Fl.filter_matrix(k) for k in range(1, 17)]), official_ref["filter_matrices"], atol=1e-6
+    )
     for k in range(1, 17):
         np.testing.assert_allclose(Fl.low_pass(x, k), official_ref[f"filter_out_{k}"], atol=1e-5, err_msg=f"level {k}")
 
@@ -88,7 +90,7 @@ def test_token_layout_is_row_major_and_the_numpy_and_torch_twins_agree():
     np.testing.assert_array_equal(T.tokens_to_grid(torch.from_numpy(tok), G).numpy(), img)
     for k in (1, 4, 11):
         m = Fl.filter_matrix(k, "spatial").astype(np.float32)
-        ref = T.official_low_pass(torch.from_numpy(img), k).numpy()                   # F.interpolate area + bicubic
+        ref = T.official_low_pass(torch.from_numpy(img), k).numpy()  # F.interpolate area + bicubic
         np.testing.assert_allclose(Fl.tokens_to_grid(Fl.low_pass_tokens(tok, m), G), ref, atol=2e-6)
         out = T.low_pass_tokens(torch.from_numpy(tok), torch.from_numpy(m)).numpy()
         np.testing.assert_allclose(T.tokens_to_grid(torch.from_numpy(out), G).numpy(), ref, atol=2e-6)

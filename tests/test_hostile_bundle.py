@@ -16,16 +16,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from hostile import (
-    DEMO, copy_demo, manifest, one_line_error, rehash, reseal, run_cli, safetensors_bytes, two_tensors,
+    DEMO,
+    copy_demo,
+    manifest,
+    one_line_error,
+    rehash,
+    reseal,
+    run_cli,
+    safetensors_bytes,
+    two_tensors,
 )
 
 import far_sdk
 from far_sdk import Bundle
-from far_sdk.errors import EXIT_INPUT, BundleError, CheckpointError, IncompatibleBundleError, IntegrityError
-from far_sdk.bundle.manifest import DIGEST_KEY, SCHEMA, canonical_json, manifest_digest
+from far_sdk.bundle.manifest import canonical_json, manifest_digest
+from far_sdk.bundle.schema import DIGEST_KEY, SCHEMA
 from far_sdk.bundle.weights import check_safetensors
+from far_sdk.errors import EXIT_INPUT, BundleError, CheckpointError, IncompatibleBundleError, IntegrityError
 
 FLIP_OFFSETS = 200
 
@@ -55,19 +63,22 @@ def test_every_single_bit_flip_of_the_manifest_is_detected_at_load(bundle):
     assert kinds.get("IntegrityError", 0) > 100  # many flips still parse: the digest catches those
 
 
-@pytest.mark.parametrize("old, new", [
-    ('"cfg": 3.0', '"cfg": 2.0'),                         # defaults: every image changes
-    ('"x0_clip": 4.0', '"x0_clip": 5.0'),
-    ('"num_steps": 10', '"num_steps": 11'),
-    ('"kind": "checkpoint"', '"kind": "random-init"'),    # source
-    ('"use_ema": true', '"use_ema": false'),
-    ('"mlp_ratio"', '"mlp_ratiO"'),                       # a key name
-    ('"max_abs": 3.337860107421875e-06', '"max_abs": 3.337860107421875e-07'),  # validation
-    ('"latent_scale": 0.20562397571073734', '"latent_scale": 0.20562397571073735'),  # same double, other spelling
-    ('"eps": 1e-06', '"eps": 1E-06'),                     # same value, other spelling
-    ('"9": "9"', '"9": "\\u0039"'),                        # same string, escaped
-    ('"size": 1361515', '"size": 1361516'),               # files
-])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ('"cfg": 3.0', '"cfg": 2.0'),  # defaults: every image changes
+        ('"x0_clip": 4.0', '"x0_clip": 5.0'),
+        ('"num_steps": 10', '"num_steps": 11'),
+        ('"kind": "checkpoint"', '"kind": "random-init"'),  # source
+        ('"use_ema": true', '"use_ema": false'),
+        ('"mlp_ratio"', '"mlp_ratiO"'),  # a key name
+        ('"max_abs": 3.337860107421875e-06', '"max_abs": 3.337860107421875e-07'),  # validation
+        ('"latent_scale": 0.20562397571073734', '"latent_scale": 0.20562397571073735'),  # same double, other spelling
+        ('"eps": 1e-06', '"eps": 1E-06'),  # same value, other spelling
+        ('"9": "9"', '"9": "\\u0039"'),  # same string, escaped
+        ('"size": 1361515', '"size": 1361516'),  # files
+    ],
+)
 def test_an_edited_manifest_fails_its_digest(bundle, old, new):
     text = (bundle / "manifest.json").read_text()
     assert text.count(old) >= 1
@@ -96,16 +107,19 @@ def test_a_manifest_without_digest_asks_for_a_re_export(bundle):
         Bundle.load(bundle)
 
 
-@pytest.mark.parametrize("data, match", [
-    (b"", "not valid JSON"),
-    (b"\xff\xfe{}", "not UTF-8"),
-    (b"[1, 2]", "not an object"),
-    (b'{"a": 1, "a": 2}', "duplicate key"),
-    (b'{"a": NaN}', "not valid JSON"),
-    (b'{"a": 1e999}', "out of range"),
-    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
-    (b'{"format": "far-bundle"}', "no manifest digest"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"", "not valid JSON"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"[1, 2]", "not an object"),
+        (b'{"a": 1, "a": 2}', "duplicate key"),
+        (b'{"a": NaN}', "not valid JSON"),
+        (b'{"a": 1e999}', "out of range"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        (b'{"format": "far-bundle"}', "no manifest digest"),
+    ],
+)
 def test_malformed_manifest_bytes_are_typed_errors(bundle, data, match):
     (bundle / "manifest.json").write_bytes(data)
     with pytest.raises(BundleError, match=match):
@@ -133,6 +147,7 @@ def _del(*path):
         for k in path[:-1]:
             d = d[k]
         del d[path[-1]]
+
     return f
 
 
@@ -142,6 +157,7 @@ def _set(value, *path):
         for k in path[:-1]:
             d = d[k]
         d[path[-1]] = value
+
     return f
 
 
@@ -172,13 +188,19 @@ SCHEMA_CASES = {
     "label not a string": (_set(7, "id2label", "7"), "field id2label.7"),
     # huge or out of range
     "null_class_id 2**70": (_set(2**70, "null_class_id"), "field null_class_id: .* is greater than the maximum"),
-    "grid_size 10**6": (_set(10**6, "model", "grid_size"), "field model.grid_size: 1000000 is greater than the maximum of 128"),
+    "grid_size 10**6": (
+        _set(10**6, "model", "grid_size"),
+        "field model.grid_size: 1000000 is greater than the maximum of 128",
+    ),
     "token_channels 10**9": (_set(10**9, "model", "token_channels"), "field model.token_channels"),
     "num_classes 10**12": (_set(10**12, "model", "num_classes"), "field model.num_classes"),
     "file size 2**70": (_set(2**70, "files", "weights.safetensors", "size"), "field files.weights.safetensors.size"),
     "latent_scale 1e300": (_set(1e300, "latent_scale"), "field latent_scale"),
     "num_steps 10**6": (_set(10**6, "defaults", "num_steps"), "field defaults.num_steps"),
-    "a shape dim 2**40": (_set(["B", 2**40, 4], "graphs", "denoiser", "inputs", 0, "shape"), "field graphs.denoiser.inputs\\[0\\].shape\\[1\\]"),
+    "a shape dim 2**40": (
+        _set(["B", 2**40, 4], "graphs", "denoiser", "inputs", 0, "shape"),
+        "field graphs.denoiser.inputs\\[0\\].shape\\[1\\]",
+    ),
     "grid_size 0": (_set(0, "model", "grid_size"), "field model.grid_size: 0 is less than the minimum of 1"),
     "latent_scale 0": (_set(0.0, "latent_scale"), "field latent_scale"),
     "cfg negative": (_set(-1.0, "defaults", "cfg"), "field defaults.cfg"),
@@ -188,19 +210,34 @@ SCHEMA_CASES = {
     "top-level unknown key": (_set({}, "grpahs"), "field \\(top level\\): .*'grpahs' was unexpected"),
     "an enum": (_set("cosine", "defaults", "cfg_schedule"), "field defaults.cfg_schedule"),
     # file references
-    "path escape": (lambda m: m["files"].update({"../evil.onnx": m["files"].pop("denoiser.onnx")}), "field files: '../evil.onnx'"),
+    "path escape": (
+        lambda m: m["files"].update({"../evil.onnx": m["files"].pop("denoiser.onnx")}),
+        "field files: '../evil.onnx'",
+    ),
     "absolute graph file": (_set("/etc/passwd", "graphs", "vae_decoder", "file"), "field graphs.vae_decoder.file"),
     "hidden graph file": (_set(".x.onnx", "graphs", "vae_decoder", "file"), "field graphs.vae_decoder.file"),
-    "graph file not listed": (_set("other.onnx", "graphs", "transformer", "file"), "field graphs.transformer.file: 'other.onnx' is not listed in files"),
+    "graph file not listed": (
+        _set("other.onnx", "graphs", "transformer", "file"),
+        "field graphs.transformer.file: 'other.onnx' is not listed in files",
+    ),
     "weights file not listed": (_set("w.safetensors", "weights", "file"), "field weights.file"),
     "sha256 not hex": (_set("zz" * 32, "files", "denoiser.onnx", "sha256"), "field files.denoiser.onnx.sha256"),
     # relations
-    "null_class_id not num_classes": (_set(3, "null_class_id"), "field null_class_id: 3 differs from model.num_classes 10"),
+    "null_class_id not num_classes": (
+        _set(3, "null_class_id"),
+        "field null_class_id: 3 differs from model.num_classes 10",
+    ),
     "mlp_width differs": (_set(64, "mlp_width"), "field mlp_width"),
     "label id beyond classes": (_set("x", "id2label", "12"), "field id2label.12: class id 12 is outside 0..9"),
-    "graph shape differs": (_set(["B", 256, 5], "graphs", "denoiser", "inputs", 0, "shape"), "field graphs.denoiser.inputs: .* do not match"),
+    "graph shape differs": (
+        _set(["B", 256, 5], "graphs", "denoiser", "inputs", 0, "shape"),
+        "field graphs.denoiser.inputs: .* do not match",
+    ),
     "heads do not divide": (_set(5, "model", "encoder_num_heads"), "field model.encoder_num_heads: 5 does not divide"),
-    "inner_steps list too short": (_set([10, 20], "defaults", "inner_steps"), "field defaults: not a valid sampling plan"),
+    "inner_steps list too short": (
+        _set([10, 20], "defaults", "inner_steps"),
+        "field defaults: not a valid sampling plan",
+    ),
     "image_size differs": (_set(64, "image_size"), "field image_size"),
 }
 
@@ -237,13 +274,19 @@ def test_a_defaults_key_that_is_misspelt_is_an_error_not_ignored(bundle):
 def _move_weights_out(bundle: Path, data_name: str) -> None:
     onnx = pytest.importorskip("onnx")
     model = onnx.load(str(bundle / "transformer.onnx"))
-    onnx.save_model(model, str(bundle / "transformer.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(bundle / "transformer.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
 
 
 def test_a_graph_reading_an_unlisted_file_is_refused(bundle):
     _move_weights_out(bundle, "unlisted.bin")
-    rehash(bundle, "transformer.onnx")   # the graph itself re-hashed: only its data file is unlisted
+    rehash(bundle, "transformer.onnx")  # the graph itself re-hashed: only its data file is unlisted
     with pytest.raises(BundleError, match="unlisted.bin.*does not list"):
         far_sdk.Generator(bundle, backend="onnxruntime")
 
@@ -267,9 +310,13 @@ def test_external_data_locations_are_read_without_onnx_as_onnx_reads_them(tmp_pa
     from far_sdk.bundle.onnx_external_data import external_data_files
 
     model = onnx.load(str(DEMO / "denoiser.onnx"))
-    onnx.save_model(model, str(tmp_path / "d.onnx"), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    onnx.save_model(
+        model, str(tmp_path / "d.onnx"), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0
+    )
     ref = onnx.load(str(tmp_path / "d.onnx"), load_external_data=False)
-    want = {e.value for t in _get_all_tensors(ref) if uses_external_data(t) for e in t.external_data if e.key == "location"}
+    want = {
+        e.value for t in _get_all_tensors(ref) if uses_external_data(t) for e in t.external_data if e.key == "location"
+    }
     assert len(want) > 5 and external_data_files(tmp_path / "d.onnx") == want
     assert external_data_files(DEMO / "denoiser.onnx") == set()
 
@@ -322,7 +369,10 @@ def _bad_safetensors():
         "out-of-range offsets": (safetensors_bytes(out_of_range, data), "ends at byte 40"),
         "a gap": (safetensors_bytes(gap, data + bytes(4)), "a gap"),
         "trailing bytes": (safetensors_bytes(h, data + b"garbage"), "7 trailing bytes"),
-        "duplicate keys": (safetensors_bytes(raw[:-1] + b',"a":' + json.dumps(h["a"]).encode() + b"}", data), "duplicate key 'a'"),
+        "duplicate keys": (
+            safetensors_bytes(raw[:-1] + b',"a":' + json.dumps(h["a"]).encode() + b"}", data),
+            "duplicate key 'a'",
+        ),
         "a pickle in its place": (pickle.dumps({"far.x": np.zeros(3)}), "header claims|does not begin"),
         "leading spaces": (safetensors_bytes(b"  " + raw, data), "does not begin with '{'"),
         "span differs from shape": (safetensors_bytes(wrong_len, data), "spans 12 bytes, its dtype and shape need 16"),
@@ -354,7 +404,9 @@ def test_the_bundle_weights_and_a_minimal_file_pass_the_check(tmp_path):
     h, data = two_tensors()
     (tmp_path / "ok.safetensors").write_bytes(safetensors_bytes(h, data))
     assert set(check_safetensors(tmp_path / "ok.safetensors")) == {"a", "b"}
-    (tmp_path / "pad.safetensors").write_bytes(safetensors_bytes(json.dumps(h).encode() + b"    ", data))  # trailing padding is allowed
+    (tmp_path / "pad.safetensors").write_bytes(
+        safetensors_bytes(json.dumps(h).encode() + b"    ", data)
+    )  # trailing padding is allowed
     check_safetensors(tmp_path / "pad.safetensors")
     assert len(check_safetensors(DEMO / "weights.safetensors")) > 50
 
@@ -372,7 +424,7 @@ def test_a_bad_safetensors_vae_checkpoint_is_a_checkpoint_error(tmp_path):
 def test_the_torch_backend_refuses_a_re_hashed_bad_weights_file(bundle):
     pytest.importorskip("torch")
     data = (bundle / "weights.safetensors").read_bytes()
-    (bundle / "weights.safetensors").write_bytes(data + b"\0" * 8)   # trailing bytes
+    (bundle / "weights.safetensors").write_bytes(data + b"\0" * 8)  # trailing bytes
     rehash(bundle, "weights.safetensors")
     with pytest.raises(BundleError, match="trailing bytes"):
         far_sdk.Generator(bundle, backend="torch", device="cpu")

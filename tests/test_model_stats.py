@@ -16,19 +16,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import plan_of
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from conftest import plan_of
-from training.config import FAR_CONFIGS
-from training.far import FAR
 from far_sdk.bench.flops import (
     denoiser_step_flops,
     generation_flops,
     transformer_flops,
     vae_decoder_flops,
 )
+from training.config import FAR_CONFIGS
+from training.config_vae import VAE_CONFIGS
+from training.far import FAR
 from training.sampler import sample_reference
-from training.vae import VAE_CONFIGS, AutoencoderKL
+from training.vae import AutoencoderKL
 
 ROOT = Path(__file__).resolve().parent.parent
 aten = torch.ops.aten
@@ -40,8 +41,12 @@ def _cpu_sdpa(q, k, v, *args, out_shape=None, **kwargs):
 
 def counted(fn, *args, **kwargs) -> int:
     """Total FlopCounterMode FLOPs of fn(*args, **kwargs)."""
-    with torch.no_grad(), FlopCounterMode(display=False,
-                                          custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa}) as fc:
+    with (
+        torch.no_grad(),
+        FlopCounterMode(
+            display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa}
+        ) as fc,
+    ):
         fn(*args, **kwargs)
     return fc.get_total_flops()
 
@@ -55,11 +60,15 @@ def _load_script():
 
 # ---- parameter counts (meta device) -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,total,mlp", [
-    ("far_base", 207_926_816, 35_751_968),
-    ("far_large", 426_359_840, 20_263_968),
-    ("far_huge", 811_722_272, 20_526_112),
-])
+
+@pytest.mark.parametrize(
+    "name,total,mlp",
+    [
+        ("far_base", 207_926_816, 35_751_968),
+        ("far_large", 426_359_840, 20_263_968),
+        ("far_huge", 811_722_272, 20_526_112),
+    ],
+)
 def test_far_parameter_counts_are_exact(name, total, mlp):
     with torch.device("meta"):
         model = FAR(FAR_CONFIGS[name])
@@ -82,13 +91,22 @@ def test_model_stats_script_reports_the_exact_counts(capsys):
     mod = _load_script()
     assert mod.main(["--markdown"]) == 0
     out = capsys.readouterr().out
-    for n in ("207,926,816", "426,359,840", "811,722,272", "35,751,968", "20,263,968", "20,526,112",
-              "66,456,019", "38,189,203"):
+    for n in (
+        "207,926,816",
+        "426,359,840",
+        "811,722,272",
+        "35,751,968",
+        "20,263,968",
+        "20,526,112",
+        "66,456,019",
+        "38,189,203",
+    ):
         assert n in out
     assert "| FAR-L | frequency-aware" in out
 
 
 # ---- FLOPs vs FlopCounterMode -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_far() -> FAR:
@@ -104,8 +122,9 @@ def _transformer_call(model: FAR, rows: int):
     level = torch.full((1, 1), 3.0, device=p.device)
 
     def run():
-        z = model.condition(tokens, emb)                                     # (rows, L, D)
+        z = model.condition(tokens, emb)  # (rows, L, D)
         return model.diffloss.net.condition(z.reshape(-1, z.shape[-1]), level)  # cond_embed + index_cond_embed once
+
     return run
 
 
@@ -155,7 +174,8 @@ def test_full_size_flops_match_flop_counter_on_meta():
     cfg = model.config
     assert counted(_transformer_call(model, 2)) == transformer_flops(cfg, 2)
     assert counted(model.diffloss.net.forward_with_cfg, x, t, c, lvl, 3.0) == denoiser_step_flops(
-        cfg, 1, include_condition=True, time_embed_per_row=True)
+        cfg, 1, include_condition=True, time_embed_per_row=True
+    )
     assert counted(vae.decode, z) == vae_decoder_flops(VAE_CONFIGS["kl16"], 1)
 
 
@@ -170,6 +190,7 @@ def test_generation_flops_equal_a_counted_reference_sample(tiny_far):
     def run():
         lat = sample_reference(tiny_far, [1, 7], plan=plan, seed=0)
         vae.decode(lat / 0.2325)
+
     got = counted(run)
     f = generation_flops(tiny_far.config, vae_cfg, plan, batch=batch, eager=True)
     assert got == f["total"] * batch

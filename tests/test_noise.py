@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from far_sdk.maths import noise as noise_mod
 from far_sdk.errors import InvalidArgumentError
+from far_sdk.maths import noise as noise_mod
 from far_sdk.maths.noise import SeededNoise, philox4x32_10, philox_normals, philox_uint32
 
 try:
@@ -22,12 +22,21 @@ EPS32 = 2.0**-23  # float32 machine epsilon: the ulp of numbers in [1, 2)
 
 # Random123 tests/kat_vectors, the three "philox4x32 10" lines: counter[4], key[2] -> output[4].
 KAT = [
-    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
-     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
-     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x00000000, 0x00000000, 0x00000000, 0x00000000),
+        (0x00000000, 0x00000000),
+        (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8),
+    ),
+    (
+        (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
+        (0xFFFFFFFF, 0xFFFFFFFF),
+        (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD),
+    ),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 # Seeds on both sides of 2**32 (k1 = 0 and k1 != 0) and the largest allowed.
@@ -61,10 +70,17 @@ def box_muller_f64(words):
     r = np.asarray(words, dtype=np.float64)
     u = (np.floor(r / 512.0) + 0.5) * 2.0**-23
     u = u.reshape(*u.shape[:-1], -1, 4)
-    rad = np.sqrt(-2.0 * np.log(u[..., 0::2]))                            # (..., k, 2)
+    rad = np.sqrt(-2.0 * np.log(u[..., 0::2]))  # (..., k, 2)
     theta = float(np.float32(2 * np.pi)) * u[..., 1::2]
-    z = np.stack([rad[..., 0] * np.cos(theta[..., 0]), rad[..., 0] * np.sin(theta[..., 0]),
-                  rad[..., 1] * np.cos(theta[..., 1]), rad[..., 1] * np.sin(theta[..., 1])], axis=-1)
+    z = np.stack(
+        [
+            rad[..., 0] * np.cos(theta[..., 0]),
+            rad[..., 0] * np.sin(theta[..., 0]),
+            rad[..., 1] * np.cos(theta[..., 1]),
+            rad[..., 1] * np.sin(theta[..., 1]),
+        ],
+        axis=-1,
+    )
     rad4 = np.repeat(rad, 2, axis=-1)
     return z.reshape(*z.shape[:-2], -1), rad4.reshape(*rad4.shape[:-2], -1)
 
@@ -75,7 +91,7 @@ def reference_normals(seeds, start, count):
     first = start - start % 4
     n = (start + count + 3) // 4 * 4 - first
     z, rad = box_muller_f64(philox_uint32(seeds, first, n))
-    return z[:, start - first:start - first + count], rad[:, start - first:start - first + count]
+    return z[:, start - first : start - first + count], rad[:, start - first : start - first + count]
 
 
 # --- Philox4x32-10 bits (NumPy) ---------------------------------------------------------------------
@@ -138,7 +154,7 @@ def test_normals_at_any_start_are_the_stream_at_those_positions(start, count):
     whole = philox_normals(SEEDS, first, start + count - first + 3)
     part = philox_normals(SEEDS, start, count)
     assert part.shape == (len(SEEDS), count)
-    np.testing.assert_array_equal(part, whole[:, start - first:start - first + count])
+    np.testing.assert_array_equal(part, whole[:, start - first : start - first + count])
     ref, rad = reference_normals(SEEDS, start, count)
     assert float((np.abs(part - ref) / (EPS32 * rad)).max()) <= 4.0
 
@@ -199,7 +215,7 @@ def test_seeded_noise_draws_are_the_stream_in_documented_order(monkeypatch, pref
     stream = philox_normals(src.seeds, 0, total)
     for k, d in enumerate(draws):
         assert d.dtype == np.float32 and d.shape == (B, L, C)
-        np.testing.assert_array_equal(d.reshape(B, -1), stream[:, k * L * C:(k + 1) * L * C])
+        np.testing.assert_array_equal(d.reshape(B, -1), stream[:, k * L * C : (k + 1) * L * C])
 
 
 def test_an_image_does_not_depend_on_its_batch():
@@ -332,15 +348,16 @@ def test_torch_compiled_equals_eager():
         seeds = torch.tensor(SEEDS)
         got_w = words_c(seeds, torch.tensor([4 * 2**32 - 3]), 1022)
         got_z = normals_c(seeds, torch.tensor(5), 1022)
-    except Exception as e:  # no working compiler toolchain: this is an environment gap, not a result
+    except Exception as e:  # noqa: BLE001 - no working compiler toolchain: this is an environment gap, not a result
         pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
     assert torch.equal(got_w, philox_uint32_torch(seeds, torch.tensor([4 * 2**32 - 3]), 1022))
     eager = philox_normals_torch(seeds, torch.tensor(5), 1022).numpy().astype(np.float64)
     _, rad = reference_normals(SEEDS, 5, 1022)
     assert float((np.abs(got_z.numpy() - eager) / (EPS32 * rad)).max()) <= 4.0
     # a new start is a new value in the same graph, not a recompile
-    np.testing.assert_array_equal(words_c(seeds, torch.tensor([9]), 1022).numpy(),
-                                  philox_uint32(SEEDS, 9, 1022).astype(np.int64))
+    np.testing.assert_array_equal(
+        words_c(seeds, torch.tensor([9]), 1022).numpy(), philox_uint32(SEEDS, 9, 1022).astype(np.int64)
+    )
 
 
 @needs_torch
@@ -388,8 +405,9 @@ def test_cuda_compiled_matches_numpy_and_replays_in_a_cuda_graph():
     seeds = torch.tensor(SEEDS, device=dev)
     start = torch.full((1,), 5, dtype=torch.int64, device=dev)
     count = 100_003
-    np.testing.assert_array_equal(words_c(seeds, start, count).cpu().numpy(),
-                                  philox_uint32(SEEDS, 5, count).astype(np.int64))
+    np.testing.assert_array_equal(
+        words_c(seeds, start, count).cpu().numpy(), philox_uint32(SEEDS, 5, count).astype(np.int64)
+    )
     ref, rad = reference_normals(SEEDS, 5, count)
     z = normals_c(seeds, start, count).cpu().numpy().astype(np.float64)
     assert float((np.abs(z - ref) / (EPS32 * rad)).max()) <= 4.0

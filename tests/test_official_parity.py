@@ -8,7 +8,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 from conftest import rel_err
 
 torch = pytest.importorskip("torch")
@@ -35,8 +34,15 @@ def _tokens(img):  # [1, C, H, W] -> [L, C]
 def test_nomask_sampler_reproduces_official(official_tiny_model, official_ref):
     ref = official_ref
     n = int(ref["num_sampling_steps"])
-    steps = list(iter_reference(official_tiny_model, ref["labels"].tolist(), noise=ReplayNoise(_draws(ref, "", 10)),
-                                inner_steps=n, cfg=float(ref["cfg"])))
+    steps = list(
+        iter_reference(
+            official_tiny_model,
+            ref["labels"].tolist(),
+            noise=ReplayNoise(_draws(ref, "", 10)),
+            inner_steps=n,
+            cfg=float(ref["cfg"]),
+        )
+    )
     assert len(steps) == 10 and [s.level for s in steps] == ref["levels"].astype(int).tolist()
     for s, st in enumerate(steps):
         assert rel_err(_tokens(st.raw), ref["raw_out"][s]) < TOL, f"inner loop output of step {s}"
@@ -48,8 +54,16 @@ def test_mask_sampler_reproduces_official(official_tiny_model, official_ref):
     ref = official_ref
     model = FAR(dataclasses.replace(official_tiny_model.config, mask=True)).eval()
     model.load_state_dict(official_tiny_model.state_dict())
-    steps = list(iter_reference(model, ref["labels"].tolist(), noise=ReplayNoise(_draws(ref, "mask_", 11), ref["mask_orders"]),
-                                inner_steps=int(ref["num_sampling_steps"]), cfg=float(ref["cfg"]), mode="mask"))
+    steps = list(
+        iter_reference(
+            model,
+            ref["labels"].tolist(),
+            noise=ReplayNoise(_draws(ref, "mask_", 11), ref["mask_orders"]),
+            inner_steps=int(ref["num_sampling_steps"]),
+            cfg=float(ref["cfg"]),
+            mode="mask",
+        )
+    )
     for s in range(10):
         assert rel_err(_tokens(steps[s].latents), ref["mask_tok_in"][s + 1][0]) < TOL, f"tokens entering step {s + 1}"
     assert rel_err(steps[-1].latents.numpy(), ref["mask_final"]) < TOL
@@ -60,21 +74,29 @@ def test_transformer_and_mlp_match_official_calls(official_tiny_model, official_
     with torch.no_grad():
         emb = m.cfg_class_embedding(torch.tensor(ref["tf_labels"]))
         np.testing.assert_array_equal(emb.numpy(), ref["tf_class_embedding"])
-        np.testing.assert_allclose(m.forward_encoder(torch.tensor(ref["tf_tokens"]), emb).numpy(), ref["tf_encoder_out"], atol=1e-5)
+        np.testing.assert_allclose(
+            m.forward_encoder(torch.tensor(ref["tf_tokens"]), emb).numpy(), ref["tf_encoder_out"], atol=1e-5
+        )
         np.testing.assert_allclose(m.condition(torch.tensor(ref["tf_tokens"]), emb).numpy(), ref["tf_z"], atol=1e-5)
         net = m.diffloss.net
         x, t, c, lv = (torch.tensor(ref[k]) for k in ("mlp_x", "mlp_t", "mlp_c", "mlp_index"))
         np.testing.assert_allclose(net(x, t, c, lv).numpy(), ref["mlp_out"], atol=1e-6)
         np.testing.assert_allclose(net(x, t, c).numpy(), ref["mlp_out_noindex"], atol=1e-6)
-        np.testing.assert_allclose(net.forward_with_cfg(x, t, c, lv, float(ref["mlp_cfg_scale"])).numpy(), ref["mlp_out_cfg"], atol=1e-6)
+        np.testing.assert_allclose(
+            net.forward_with_cfg(x, t, c, lv, float(ref["mlp_cfg_scale"])).numpy(), ref["mlp_out_cfg"], atol=1e-6
+        )
         # the folded form used by the fast paths agrees to float32 rounding
-        np.testing.assert_allclose(net.forward_with_condition(x, t, net.condition(c, lv)).numpy(), ref["mlp_out"], atol=1e-5)
+        np.testing.assert_allclose(
+            net.forward_with_condition(x, t, net.condition(c, lv)).numpy(), ref["mlp_out"], atol=1e-5
+        )
 
 
 def test_training_loss_terms_match_official(official_tiny_model, official_ref):
     ref = official_ref
     with torch.no_grad():
-        mse, vb = official_tiny_model.diffloss.loss_terms(*(torch.tensor(ref[k]) for k in ("loss_x0", "loss_t", "loss_noise", "loss_c", "loss_index")))
+        mse, vb = official_tiny_model.diffloss.loss_terms(
+            *(torch.tensor(ref[k]) for k in ("loss_x0", "loss_t", "loss_noise", "loss_c", "loss_index"))
+        )
     np.testing.assert_allclose(mse.numpy(), ref["loss_mse"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(vb.numpy(), ref["loss_vb"], rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose((mse + vb).numpy(), ref["loss_total"], rtol=1e-5)

@@ -19,31 +19,46 @@ def test_built_in_defaults_are_the_papers_sampler():
     plan = resolve_plan({})
     assert plan.mode == "nomask" and plan.levels == (0, 2, 3, 4, 5, 6, 7, 8, 9, 10)
     np.testing.assert_allclose(plan.cfg, [1 + 0.2 * s for s in range(10)], rtol=1e-15)
-    np.testing.assert_allclose(plan.temperature, [0.8 + 0.2 * (1 - np.cos(np.pi / 2 * (s + 1) / 10)) for s in range(10)],
-                               rtol=1e-15)
+    np.testing.assert_allclose(
+        plan.temperature, [0.8 + 0.2 * (1 - np.cos(np.pi / 2 * (s + 1) / 10)) for s in range(10)], rtol=1e-15
+    )
     assert plan.inner_steps == (40, 47, 53, 60, 67, 73, 80, 87, 93, 100) and sum(plan.inner_steps) == 700
     assert (plan.filter, plan.x0_clip, plan.inner_sampler, plan.eta) == ("spatial", None, "ddpm", 0.0)
 
 
 def test_a_misspelt_key_is_an_error_naming_the_closest_option():
-    with pytest.raises(InvalidArgumentError, match=r"unknown option\(s\) 'cfg_scale' \(did you mean 'cfg_schedule'\?\)"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"unknown option\(s\) 'cfg_scale' \(did you mean 'cfg_schedule'\?\)"
+    ):
         SamplingOptions.from_dict({"cfg_scale": 2.0})
     with pytest.raises(InvalidArgumentError, match=r"unknown option\(s\) 'zzz'; valid: mode, num_steps"):
         SamplingOptions.from_dict({"zzz": 2.0})
-    with pytest.raises(InvalidArgumentError, match=r"generate\(\): unknown keyword 'inner_step' \(did you mean 'inner_steps'"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"generate\(\): unknown keyword 'inner_step' \(did you mean 'inner_steps'"
+    ):
         options_from_keywords({"inner_step": 4}, other_names=("seed",))
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("levels", 5, "levels must be a list"), ("levels", [0, 16], r"each level must be an integer in 0\.\.15"),
-    ("levels", [], "levels must have 1..17 entries"), ("num_steps", 0, r"num_steps must be an integer in 1\.\.16"),
-    ("num_steps", 2.0, "num_steps must be an integer"), ("cfg", float("nan"), r"cfg must be a number in \[0, 1000\]"),
-    ("cfg", -1, "cfg must be"), ("temperature", "1", "temperature must be"), ("eta", 1.5, r"eta must be a number in \[0, 1\]"),
-    ("inner_steps", "fast", "inner_steps must be one of 'frequency-aware', 'official'"),
-    ("inner_steps", [0, 4], r"each inner_steps count must be an integer in 1\.\.1000"),
-    ("inner_steps", True, "inner_steps must be an integer"), ("x0_clip", 0, r"x0_clip must be a number in \(0, 1e\+06\]"),
-    ("mode", "masked", "mode must be one of 'nomask', 'mask'"), ("filter", ["spatial"], "filter must be one of"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("levels", 5, "levels must be a list"),
+        ("levels", [0, 16], r"each level must be an integer in 0\.\.15"),
+        ("levels", [], "levels must have 1..17 entries"),
+        ("num_steps", 0, r"num_steps must be an integer in 1\.\.16"),
+        ("num_steps", 2.0, "num_steps must be an integer"),
+        ("cfg", float("nan"), r"cfg must be a number in \[0, 1000\]"),
+        ("cfg", -1, "cfg must be"),
+        ("temperature", "1", "temperature must be"),
+        ("eta", 1.5, r"eta must be a number in \[0, 1\]"),
+        ("inner_steps", "fast", "inner_steps must be one of 'frequency-aware', 'official'"),
+        ("inner_steps", [0, 4], r"each inner_steps count must be an integer in 1\.\.1000"),
+        ("inner_steps", True, "inner_steps must be an integer"),
+        ("x0_clip", 0, r"x0_clip must be a number in \(0, 1e\+06\]"),
+        ("mode", "masked", "mode must be one of 'nomask', 'mask'"),
+        ("filter", ["spatial"], "filter must be one of"),
+    ],
+)
 def test_a_bad_value_is_refused_when_the_options_are_built(field, value, match):
     with pytest.raises(InvalidArgumentError, match=match):
         SamplingOptions(**{field: value})
@@ -59,13 +74,35 @@ def _schema_accepts(field, value) -> bool:
         return False
 
 
-@pytest.mark.parametrize("field,value", [
-    ("levels", [0, 4, 8]), ("levels", [0, 16]), ("levels", list(range(18))), ("num_steps", 16), ("num_steps", 17),
-    ("cfg", 0.0), ("cfg", 1000.5), ("temperature", 0.0), ("temperature", 100.5), ("eta", 1.0), ("eta", -0.01),
-    ("inner_steps", "official"), ("inner_steps", "fast"), ("inner_steps", 1000), ("inner_steps", 1001),
-    ("inner_steps", [1, 2]), ("inner_steps", [0]), ("x0_clip", None), ("x0_clip", 0.5), ("x0_clip", 0),
-    ("mode", "mask"), ("mode", "Mask"), ("inner_sampler", "ddim"), ("filter", "wavelet"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("levels", [0, 4, 8]),
+        ("levels", [0, 16]),
+        ("levels", list(range(18))),
+        ("num_steps", 16),
+        ("num_steps", 17),
+        ("cfg", 0.0),
+        ("cfg", 1000.5),
+        ("temperature", 0.0),
+        ("temperature", 100.5),
+        ("eta", 1.0),
+        ("eta", -0.01),
+        ("inner_steps", "official"),
+        ("inner_steps", "fast"),
+        ("inner_steps", 1000),
+        ("inner_steps", 1001),
+        ("inner_steps", [1, 2]),
+        ("inner_steps", [0]),
+        ("x0_clip", None),
+        ("x0_clip", 0.5),
+        ("x0_clip", 0),
+        ("mode", "mask"),
+        ("mode", "Mask"),
+        ("inner_sampler", "ddim"),
+        ("filter", "wavelet"),
+    ],
+)
 def test_the_manifest_schema_and_the_options_accept_the_same_values(field, value):
     """The manifest's ``defaults`` schema and SamplingOptions are both derived from the fields' specs: a bundle can
     never carry a default the runtime refuses, nor the other way round (JSON null for x0_clip = no clipping)."""
@@ -90,7 +127,9 @@ def test_levels_and_num_steps_from_a_higher_layer_replace_the_lower_ones():
     assert resolve_plan({"levels": [0, 4, 8]}).levels == (0, 4, 8)
     # a keyword over options=: the keyword given wins whole (documented precedence), in both directions
     assert options_from_keywords({"num_steps": 3}, base=SamplingOptions(levels=(0, 5))) == SamplingOptions(num_steps=3)
-    assert options_from_keywords({"levels": (0, 5)}, base=SamplingOptions(num_steps=3)) == SamplingOptions(levels=(0, 5))
+    assert options_from_keywords({"levels": (0, 5)}, base=SamplingOptions(num_steps=3)) == SamplingOptions(
+        levels=(0, 5)
+    )
     with pytest.raises(InvalidArgumentError, match="num_steps=3 disagrees with the 2 levels given"):
         resolve_plan({}, SamplingOptions(levels=(0, 5), num_steps=3))
 
@@ -122,7 +161,7 @@ def test_generate_options_equal_the_same_keywords_and_keywords_override(gen):
 
 def test_bundle_defaults_are_typed_and_x0_clip_false_turns_the_bundles_clip_off(gen):
     d = gen.bundle.defaults
-    assert isinstance(d, SamplingOptions) and d.x0_clip == 4.0      # the demo was trained to be sampled with a clip
+    assert isinstance(d, SamplingOptions) and d.x0_clip == 4.0  # the demo was trained to be sampled with a clip
     assert gen.plan().x0_clip == 4.0 and gen.plan(x0_clip=False).x0_clip is None
 
 
@@ -139,10 +178,29 @@ def test_far_generate_flags_build_the_same_options(tmp_path, capsys):
     from far_sdk.cli.main import main
 
     out = tmp_path / "g.png"
-    rc = main(["generate", "--bundle", str(DEMO), "--class", "3", "--backend", "onnxruntime", "--steps", "2", "--inner-steps", "2,3",
-               "--no-x0-clip", "--cfg", "2", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "generate",
+            "--bundle",
+            str(DEMO),
+            "--class",
+            "3",
+            "--backend",
+            "onnxruntime",
+            "--steps",
+            "2",
+            "--inner-steps",
+            "2,3",
+            "--no-x0-clip",
+            "--cfg",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and out.exists() and "2 outer steps, 5 ddpm inner steps" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:                        # argparse: the two clip flags exclude each other
+    with pytest.raises(SystemExit) as e:  # argparse: the two clip flags exclude each other
         main(["generate", "--bundle", str(DEMO), "--class", "3", "--x0-clip", "2", "--no-x0-clip", "--out", str(out)])
     assert e.value.code == EXIT_USAGE
 
@@ -158,23 +216,64 @@ def test_every_option_has_a_cli_flag_and_the_flags_parse_to_the_same_options():
     assert set(FIELDS) <= dests
     from far_sdk.cli.sampling import options_from_args
 
-    a = sub.parse_args(["--bundle", "b", "--class", "1", "--mode", "mask", "--levels", "0,4,8", "--cfg", "2.5",
-                        "--temperature-schedule", "constant", "--inner-steps", "3,4,5", "--inner-sampler", "ddim", "--eta",
-                        "0.5", "--filter", "fourier", "--no-x0-clip"])
+    a = sub.parse_args(
+        [
+            "--bundle",
+            "b",
+            "--class",
+            "1",
+            "--mode",
+            "mask",
+            "--levels",
+            "0,4,8",
+            "--cfg",
+            "2.5",
+            "--temperature-schedule",
+            "constant",
+            "--inner-steps",
+            "3,4,5",
+            "--inner-sampler",
+            "ddim",
+            "--eta",
+            "0.5",
+            "--filter",
+            "fourier",
+            "--no-x0-clip",
+        ]
+    )
     assert options_from_args(a) == SamplingOptions.from_dict(
-        {"mode": "mask", "levels": [0, 4, 8], "cfg": 2.5, "temperature_schedule": "constant", "inner_steps": [3, 4, 5],
-         "inner_sampler": "ddim", "eta": 0.5, "filter": "fourier", "x0_clip": None})
-    assert options_from_args(sub.parse_args(["--bundle", "b", "--class", "1", "--inner-steps", "official"])).inner_steps == "official"
+        {
+            "mode": "mask",
+            "levels": [0, 4, 8],
+            "cfg": 2.5,
+            "temperature_schedule": "constant",
+            "inner_steps": [3, 4, 5],
+            "inner_sampler": "ddim",
+            "eta": 0.5,
+            "filter": "fourier",
+            "x0_clip": None,
+        }
+    )
+    assert (
+        options_from_args(sub.parse_args(["--bundle", "b", "--class", "1", "--inner-steps", "official"])).inner_steps
+        == "official"
+    )
     assert options_from_args(sub.parse_args(["--bundle", "b", "--class", "1", "--inner-steps", "7"])).inner_steps == 7
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--steps", "17"], r"argument --steps: num_steps must be an integer in 1\.\.16"),
-    (["--levels", "0,99"], r"argument --levels: each level must be an integer in 0\.\.15"),
-    (["--eta", "x"], "argument --eta: expected a number, got 'x'"),
-    (["--inner-steps", "fast"], "argument --inner-steps: expected .frequency-aware. or .official., a count N or one count"),
-    (["--cfg", "inf"], r"argument --cfg: cfg must be a number in \[0, 1000\]"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--steps", "17"], r"argument --steps: num_steps must be an integer in 1\.\.16"),
+        (["--levels", "0,99"], r"argument --levels: each level must be an integer in 0\.\.15"),
+        (["--eta", "x"], "argument --eta: expected a number, got 'x'"),
+        (
+            ["--inner-steps", "fast"],
+            "argument --inner-steps: expected .frequency-aware. or .official., a count N or one count",
+        ),
+        (["--cfg", "inf"], r"argument --cfg: cfg must be a number in \[0, 1000\]"),
+    ],
+)
 def test_a_bad_flag_value_is_a_usage_error_naming_the_flag(argv, match, capsys):
     from far_sdk.cli.main import main
 

@@ -8,40 +8,40 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import rel_err
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 import far_sdk  # noqa: E402
-from far_sdk.errors import (  # noqa: E402
-    BundleError, BundleNotFoundError, EngineProfileError, IncompatibleBundleError, IntegrityError, InvalidArgumentError,
-)
 from far_sdk.bundle.manifest import dump_manifest  # noqa: E402
+from far_sdk.errors import (  # noqa: E402
+    BundleError,
+    BundleNotFoundError,
+    EngineProfileError,
+    IncompatibleBundleError,
+    IntegrityError,
+    InvalidArgumentError,
+)
 from far_sdk.maths.noise import SeededNoise  # noqa: E402
 
 FAST = dict(num_steps=4, inner_steps=[3, 4, 5, 6])
 
 
 @pytest.fixture(scope="module")
-def models():
-    from export.random_bundle import random_models
-
-    return random_models("far_tiny", "kl16-tiny", seed=0)
+def models(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(models, tmp_path_factory):
-    from export.random_bundle import random_bundle
-
-    return random_bundle(tmp_path_factory.mktemp("bundles") / "tiny", "far_tiny", "kl16-tiny", seed=0, name="tiny",
-                         id2label={i: f"digit {i}" for i in range(10)})
+def bundle_dir(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")
 def ort_gen(bundle_dir):
-    return far_sdk.Generator(bundle_dir, backend="onnxruntime", threads=2)
+    with far_sdk.Generator(bundle_dir, backend="onnxruntime", threads=2) as gen:
+        yield gen
 
 
 def _reference(far, labels, seed, **plan):
@@ -81,23 +81,23 @@ def test_default_schedule_parity_10_steps(models, ort_gen):
 
 
 def test_torch_backend_matches_onnxruntime(bundle_dir, ort_gen):
-    tg = far_sdk.Generator(bundle_dir, backend="torch", device="cpu")
-    a = ort_gen.generate([2, 9], seed=5, output_type="np", **FAST)
-    b = tg.generate([2, 9], seed=5, output_type="np", **FAST)
-    assert rel_err(a.latents, b.latents) < 1e-4
-    assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 1
+    with far_sdk.Generator(bundle_dir, backend="torch", device="cpu") as tg:
+        a = ort_gen.generate([2, 9], seed=5, output_type="np", **FAST)
+        b = tg.generate([2, 9], seed=5, output_type="np", **FAST)
+        assert rel_err(a.latents, b.latents) < 1e-4
+        assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 1
 
 
 def test_torch_eager_baseline_backend_equals_the_reference_sampler(models, bundle_dir):
     """far bench's eager baseline (backend="torch-eager": the official per-step work) is the reference
     sampler's computation through the Backend protocol: same draws, same step, same images."""
     far, _ = models
-    gen = far_sdk.Generator(bundle_dir, backend="torch-eager", device="cpu")
-    out = gen.generate([3, 8], seed=9, output_type="latent", cfg=2.5, **FAST)
-    ref = _reference(far, [3, 8], 9, cfg=2.5, **FAST)
-    assert rel_err(out.latents, ref) < 1e-4
-    assert set(out.timings) >= {"transformer", "denoise", "filter"} and out.timings["denoise"] > 0
-    assert gen.backend.describe()["backend"] == "torch-eager"
+    with far_sdk.Generator(bundle_dir, backend="torch-eager", device="cpu") as gen:
+        out = gen.generate([3, 8], seed=9, output_type="latent", cfg=2.5, **FAST)
+        ref = _reference(far, [3, 8], 9, cfg=2.5, **FAST)
+        assert rel_err(out.latents, ref) < 1e-4
+        assert set(out.timings) >= {"transformer", "denoise", "filter"} and out.timings["denoise"] > 0
+        assert gen.backend.describe()["backend"] == "torch-eager"
 
 
 def test_batch_split_gives_identical_images(ort_gen):
@@ -142,20 +142,23 @@ def test_preview_images_are_decoded(ort_gen):
     assert len(previews) == 4 and all(len(p) == 2 and p[0].size == (256, 256) for p in previews)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(class_labels=[10]), "outside 0..9"),
-    (dict(class_labels=[-1]), "outside"),
-    (dict(class_labels=["zebra"]), "unknown class name"),
-    (dict(class_labels=[]), "empty"),
-    (dict(class_labels=[1], num_steps=0), "1..16"),
-    (dict(class_labels=[1], num_steps=17), "1..16"),
-    (dict(class_labels=[1], cfg=float("nan")), r"cfg must be a number in \[0, 1000\], got nan"),
-    (dict(class_labels=[1], cfg=float("inf")), r"cfg must be a number in \[0, 1000\], got inf"),
-    (dict(class_labels=[1], inner_steps="fast"), "inner_steps"),
-    (dict(class_labels=[1], filter="box"), "filter"),
-    (dict(class_labels=[1], output_type="tensor"), "output_type"),
-    (dict(class_labels=[1], seed=-3), "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(class_labels=[10]), "outside 0..9"),
+        (dict(class_labels=[-1]), "outside"),
+        (dict(class_labels=["zebra"]), "unknown class name"),
+        (dict(class_labels=[]), "empty"),
+        (dict(class_labels=[1], num_steps=0), "1..16"),
+        (dict(class_labels=[1], num_steps=17), "1..16"),
+        (dict(class_labels=[1], cfg=float("nan")), r"cfg must be a number in \[0, 1000\], got nan"),
+        (dict(class_labels=[1], cfg=float("inf")), r"cfg must be a number in \[0, 1000\], got inf"),
+        (dict(class_labels=[1], inner_steps="fast"), "inner_steps"),
+        (dict(class_labels=[1], filter="box"), "filter"),
+        (dict(class_labels=[1], output_type="tensor"), "output_type"),
+        (dict(class_labels=[1], seed=-3), "seed"),
+    ],
+)
 def test_bad_arguments_raise_typed_errors(ort_gen, kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
         ort_gen.generate(**kwargs)
@@ -245,9 +248,35 @@ def test_far_cli_generate_and_info(bundle_dir, tmp_path, capsys):
 
     out = tmp_path / "grid.png"
     gif = tmp_path / "steps.gif"
-    assert main(["generate", "--bundle", str(bundle_dir), "--class", "1", "--class", "digit 2", "-n", "2", "--seed", "0",
-                 "--steps", "3", "--inner-steps", "3", "--out", str(out), "--preview-gif", str(gif), "--backend", "onnxruntime",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--bundle",
+                str(bundle_dir),
+                "--class",
+                "1",
+                "--class",
+                "digit 2",
+                "-n",
+                "2",
+                "--seed",
+                "0",
+                "--steps",
+                "3",
+                "--inner-steps",
+                "3",
+                "--out",
+                str(out),
+                "--preview-gif",
+                str(gif),
+                "--backend",
+                "onnxruntime",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     from PIL import Image
 
     assert Image.open(out).size == (4 * 256, 256)

@@ -4,10 +4,10 @@ import math
 
 import numpy as np
 import pytest
-
-from far_sdk.maths import schedules as S
-from far_sdk.errors import InvalidArgumentError
 from conftest import plan_of
+
+from far_sdk.errors import InvalidArgumentError
+from far_sdk.maths import schedules as S
 
 
 def test_official_plan_matches_official_trace(official_ref):

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 BUNDLE = ROOT / "engines" / "far-demo"
 #: two cheap sampling settings, so a batch holds two groups
 SETTINGS = [{"num_steps": 2, "inner_steps": 2}, {"num_steps": 3, "inner_steps": [2, 3, 2], "cfg": 2.0}]
-TIMEOUT = 60.0   # seconds any one HTTP call may take before the test fails
+TIMEOUT = 60.0  # seconds any one HTTP call may take before the test fails
 
 
 def _free_port() -> int:
@@ -60,9 +60,18 @@ def decode_pngs(body: bytes) -> np.ndarray:
 @pytest.fixture(scope="module")
 def server(ray_local):
     port = _free_port()
-    cfg = ServeConfig(bundle=str(BUNDLE), backend="onnxruntime", backend_options={"threads": 1}, max_batch=8,
-                      batch_wait_ms=20, num_replicas=2, cpus_per_replica=0.5, port=port, max_queued_requests=1000)
-    start(cfg)   # joins the session's local Ray (2 CPUs)
+    cfg = ServeConfig(
+        bundle=str(BUNDLE),
+        backend="onnxruntime",
+        backend_options={"threads": 1},
+        max_batch=8,
+        batch_wait_ms=20,
+        num_replicas=2,
+        cpus_per_replica=0.5,
+        port=port,
+        max_queued_requests=1000,
+    )
+    start(cfg)  # joins the session's local Ray (2 CPUs)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -81,7 +90,7 @@ def _requests(n: int) -> list[dict]:
     for i in range(n):
         labels = [int(c) for c in rng.integers(0, 10, size=1 + i % 2)]
         if i % 5 == 0:
-            labels[0] = str(labels[0])   # a class name ("0".."9" in the demo's id2label)
+            labels[0] = str(labels[0])  # a class name ("0".."9" in the demo's id2label)
         out.append({"class_labels": labels, "seed": int(rng.integers(0, 2**40)), **SETTINGS[i % 2]})
     return out
 
@@ -102,7 +111,7 @@ def test_200_requests_from_8_clients_are_merged_and_equal_generate(server, refer
         assert got.shape == want.shape == (len(body["class_labels"]), 32, 32, 3)
         np.testing.assert_array_equal(got, want)
         assert json.loads(payload)["seeds"] == [body["seed"] + j for j in range(len(body["class_labels"]))]
-    assert float(want.std()) > 1.0   # real images, not a constant
+    assert float(want.std()) > 1.0  # real images, not a constant
     # the replicas' own histograms (each /info hits one replica) count merged calls too
     info = json.loads(http(server + "/info")[2])
     assert info["num_classes"] == 10 and info["max_batch"] == 8 and info["batch_sizes"]
@@ -128,8 +137,10 @@ def test_bad_requests_get_4xx_with_the_far_sdk_message(server, reference):
         '{"class_labels": [12]}': (400, _far_error(reference, class_labels=[12])),
         '{"class_labels": ["cat"]}': (400, _far_error(reference, class_labels=["cat"])),
         '{"class_labels": [3], "num_steps": 99}': (400, _far_error(reference, class_labels=[3], num_steps=99)),
-        '{"class_labels": [3], "inner_sampler": "ddpm", "eta": 0.5}':
-            (400, _far_error(reference, class_labels=[3], inner_sampler="ddpm", eta=0.5)),
+        '{"class_labels": [3], "inner_sampler": "ddpm", "eta": 0.5}': (
+            400,
+            _far_error(reference, class_labels=[3], inner_sampler="ddpm", eta=0.5),
+        ),
         '{"class_labels": [3], "inner_steps": [2, 0]}': (400, "inner_steps"),
         '{"class_labels": [' + ",".join(["1"] * 17) + "]}": (400, "at most 16 per request"),
     }
@@ -141,7 +152,9 @@ def test_bad_requests_get_4xx_with_the_far_sdk_message(server, reference):
     assert http(server + "/nowhere")[0] == 404
     assert http(server + "/health")[0] == 200
     # a good request still works after all that, and a PNG answer is the image itself
-    code, headers, png = http(url, '{"class_labels": ["7"], "seed": 3, "num_steps": 2, "inner_steps": 2, "output_format": "png"}')
+    code, headers, png = http(
+        url, '{"class_labels": ["7"], "seed": 3, "num_steps": 2, "inner_steps": 2, "output_format": "png"}'
+    )
     from PIL import Image
 
     assert code == 200 and headers["content-type"] == "image/png"
@@ -150,11 +163,19 @@ def test_bad_requests_get_4xx_with_the_far_sdk_message(server, reference):
 
 
 def test_overload_gets_503_from_the_bounded_queue_and_nothing_hangs(server):
-    cfg = ServeConfig(bundle=str(BUNDLE), backend="onnxruntime", backend_options={"threads": 1}, max_batch=1,
-                      max_ongoing_requests=1, max_queued_requests=2, cpus_per_replica=0.25, app_name="tight")
+    cfg = ServeConfig(
+        bundle=str(BUNDLE),
+        backend="onnxruntime",
+        backend_options={"threads": 1},
+        max_batch=1,
+        max_ongoing_requests=1,
+        max_queued_requests=2,
+        cpus_per_replica=0.25,
+        app_name="tight",
+    )
     serve.run(build_app(cfg), name="tight", route_prefix="/tight")
     try:
-        body = json.dumps({"class_labels": [1], "seed": 0, "num_steps": 10, "inner_steps": 20})   # ~0.5 s each
+        body = json.dumps({"class_labels": [1], "seed": 0, "num_steps": 10, "inner_steps": 20})  # ~0.5 s each
         with ThreadPoolExecutor(16) as pool:
             codes = [a[0] for a in pool.map(lambda _: http(server + "/tight/generate", body), range(16))]
     finally:
@@ -165,8 +186,11 @@ def test_overload_gets_503_from_the_bounded_queue_and_nothing_hangs(server):
 
 
 def _replicas() -> list[str]:
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith(f"SERVE_REPLICA::far#{DEPLOYMENT_NAME}#"))
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::far#{DEPLOYMENT_NAME}#")
+    )
 
 
 def test_a_replica_killed_mid_load_is_replaced_and_no_request_hangs(server, reference):
@@ -178,7 +202,7 @@ def test_a_replica_killed_mid_load_is_replaced_and_no_request_hangs(server, refe
     def call(b):
         try:
             return http(server + "/generate", json.dumps(b), timeout=TIMEOUT)
-        except OSError as e:   # a connection the dying replica's proxy path dropped: still an answer, not a hang
+        except OSError as e:  # a connection the dying replica's proxy path dropped: still an answer, not a hang
             return 0, {}, str(e).encode()
 
     with ThreadPoolExecutor(8) as pool:

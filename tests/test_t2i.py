@@ -22,9 +22,21 @@ from training.sampler_t2i import sample_reference_t2i, t2i_plan
 TSV = Path("/work/shared/spec/official-far-state-dict.tsv")
 if not TSV.is_file():
     TSV = Path(__file__).resolve().parents[2] / "shared" / "spec" / "official-far-state-dict.tsv"
-TINY = T2IConfig(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32, decoder_depth=2,
-                 decoder_num_heads=2, attention_head_dim=16, token_channels=4, grid_size=16, context_dim=12,
-                 context_len=5, diffloss_d=1, diffloss_w=32)
+TINY = T2IConfig(
+    encoder_embed_dim=32,
+    encoder_depth=1,
+    encoder_num_heads=2,
+    decoder_embed_dim=32,
+    decoder_depth=2,
+    decoder_num_heads=2,
+    attention_head_dim=16,
+    token_channels=4,
+    grid_size=16,
+    context_dim=12,
+    context_len=5,
+    diffloss_d=1,
+    diffloss_w=32,
+)
 
 
 def _tsv_section(name: str) -> list[tuple[str, list[int]]]:
@@ -85,7 +97,7 @@ def _block(sd, p, x, ctx, heads):
     x = x + _attn(sd, p + "attn1.", _ln(x, eps=1e-5), _ln(x, eps=1e-5), heads)
     x = x + _attn(sd, p + "attn2.", _ln(x, eps=1e-5), ctx, heads)
     h = _ln(x, eps=1e-5) @ sd[p + "ff.net.0.proj.weight"].T + sd[p + "ff.net.0.proj.bias"]
-    h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
     return x + h @ sd[p + "ff.net.2.weight"].T + sd[p + "ff.net.2.bias"]
 
 
@@ -97,7 +109,10 @@ def _reference_condition(sd, cfg, tokens, ctx, mask):
     x = torch.stack([x[b][keep[b]] for b in range(x.shape[0])])
     for i in range(cfg.encoder_depth):
         x = _block(sd, f"encoder_blocks.{i}.", x, ctx, cfg.encoder_num_heads)
-    x = _ln(x, sd["encoder_norm.weight"], sd["encoder_norm.bias"]) @ sd["decoder_embed.weight"].T + sd["decoder_embed.bias"]
+    x = (
+        _ln(x, sd["encoder_norm.weight"], sd["encoder_norm.bias"]) @ sd["decoder_embed.weight"].T
+        + sd["decoder_embed.bias"]
+    )
     full = sd["mask_token"].repeat(x.shape[0], mask.shape[1], 1)
     for b in range(x.shape[0]):
         full[b, keep[b]] = x[b]
@@ -130,21 +145,55 @@ def test_transformer_equals_float64_official_blocks_with_dropped_tokens(kept):
 
 def test_small_official_layout_t2i_checkpoint_loads_strictly_with_no_config(tmp_path):
     """Saved the official way: misc.save_model's dict with an argparse.Namespace of main_far_t2i.py flags."""
-    cfg = T2IConfig(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, decoder_embed_dim=64, decoder_depth=1,
-                    decoder_num_heads=1, token_channels=16, context_dim=24, context_len=7, diffloss_d=2, diffloss_w=48)
+    cfg = T2IConfig(
+        encoder_embed_dim=64,
+        encoder_depth=2,
+        encoder_num_heads=2,
+        decoder_embed_dim=64,
+        decoder_depth=1,
+        decoder_num_heads=1,
+        token_channels=16,
+        context_dim=24,
+        context_len=7,
+        diffloss_d=2,
+        diffloss_w=48,
+    )
     torch.manual_seed(3)
     model = FART2I(cfg)
     ema = {k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     model(torch.randn(1, 256, 16), torch.randn(1, 7, 24), torch.randn(1, 256, 16), torch.tensor([3])).backward()
     opt.step()
-    args = argparse.Namespace(model="far_t2i", img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, buffer_size=0,
-                              diffloss_d=2, diffloss_w=48, num_sampling_steps="100", diffusion_batch_mul=1,
-                              mask_ratio_min=0.7, label_drop_prob=0.1, cfg=1.0, ema_rate=0.999, grad_clip=1.0)
+    args = argparse.Namespace(
+        model="far_t2i",
+        img_size=256,
+        vae_stride=16,
+        patch_size=1,
+        vae_embed_dim=16,
+        buffer_size=0,
+        diffloss_d=2,
+        diffloss_w=48,
+        num_sampling_steps="100",
+        diffusion_batch_mul=1,
+        mask_ratio_min=0.7,
+        label_drop_prob=0.1,
+        cfg=1.0,
+        ema_rate=0.999,
+        grad_clip=1.0,
+    )
     path = tmp_path / "checkpoint-last.pth"
-    torch.save({"model": model.state_dict(), "model_ema": ema, "optimizer": opt.state_dict(), "epoch": 4,
-                "scaler": {}, "args": args}, path)
-    loaded = load_official_checkpoint(path)                                   # no config: read from the weights
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_ema": ema,
+            "optimizer": opt.state_dict(),
+            "epoch": 4,
+            "scaler": {},
+            "args": args,
+        },
+        path,
+    )
+    loaded = load_official_checkpoint(path)  # no config: read from the weights
     assert isinstance(loaded, FART2I) and loaded.config == cfg and not loaded.training
     for k, v in loaded.state_dict().items():
         torch.testing.assert_close(v, ema[k], rtol=0, atol=0)
@@ -167,8 +216,15 @@ def _ddpm_tables(n: int) -> dict[str, np.ndarray]:
     abar = np.cumprod(1 - b)
     prev = np.concatenate([[1.0], abar[:-1]])
     pv = b * (1 - prev) / (1 - abar)
-    return dict(t=np.array(tmap), sr=np.sqrt(1 / abar), srm1=np.sqrt(1 / abar - 1), c1=b * np.sqrt(prev) / (1 - abar),
-                c2=(1 - prev) * np.sqrt(1 - b) / (1 - abar), minlog=np.log(np.append(pv[1], pv[1:])), maxlog=np.log(b))
+    return dict(
+        t=np.array(tmap),
+        sr=np.sqrt(1 / abar),
+        srm1=np.sqrt(1 / abar - 1),
+        c1=b * np.sqrt(prev) / (1 - abar),
+        c2=(1 - prev) * np.sqrt(1 - b) / (1 - abar),
+        minlog=np.log(np.append(pv[1], pv[1:])),
+        maxlog=np.log(b),
+    )
 
 
 @torch.no_grad()
@@ -202,7 +258,9 @@ def _official_sample_tokens(model, text, draws, orders, cfg, n):
         zz = x[: B * L]
         if step < 9:
             img = zz.reshape(B, L, C).transpose(1, 2).reshape(B, C, 16, 16)
-            img = F.interpolate(F.interpolate(img, size=(levels[step + 1],) * 2, mode="area"), size=(16, 16), mode="bicubic")
+            img = F.interpolate(
+                F.interpolate(img, size=(levels[step + 1],) * 2, mode="area"), size=(16, 16), mode="bicubic"
+            )
             zz = img.reshape(B, C, L).transpose(1, 2)
         sampled = zz.reshape(B, L, C)
         mask = torch.zeros(B, L).scatter(1, orders[:, :mask_len], 1.0)
@@ -224,7 +282,7 @@ def test_t2i_plan_is_the_official_schedule():
 
 def test_reference_t2i_sampler_equals_the_official_loop_on_replayed_noise():
     model = _randomised(TINY, 5)
-    with torch.no_grad():                      # keep x's scale moderate: shrink the variance head's input
+    with torch.no_grad():  # keep x's scale moderate: shrink the variance head's input
         model.diffloss.net.final_layer.linear.weight.mul_(0.05)
     B, n = 2, 4
     rng = np.random.default_rng(0)

@@ -15,10 +15,20 @@ pytest.importorskip("tokenizers")
 
 from far_sdk.errors import CheckpointError, InvalidArgumentError  # noqa: E402
 from training.text_encoder import (  # noqa: E402
-    QWEN2VL_SYSTEM_PROMPT, Qwen2VLPromptEncoder, SmallTextEncoder, check_model_dir, train_bpe_tokenizer)
+    QWEN2VL_SYSTEM_PROMPT,
+    Qwen2VLPromptEncoder,
+    SmallTextEncoder,
+    check_model_dir,
+    train_bpe_tokenizer,
+)
 
-CORPUS = ["a photo of a dog", "a cat sleeping on a sunny windowsill", "an astronaut riding a horse",
-          "a bird made of crystal", QWEN2VL_SYSTEM_PROMPT]
+CORPUS = [
+    "a photo of a dog",
+    "a cat sleeping on a sunny windowsill",
+    "an astronaut riding a horse",
+    "a bird made of crystal",
+    QWEN2VL_SYSTEM_PROMPT,
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +37,33 @@ def qwen2vl_dir(tmp_path_factory):
     saved the way the hub's Qwen2-VL directory is (config.json, model.safetensors, tokenizer.json)."""
     tok = train_bpe_tokenizer(CORPUS, vocab_size=400)
     cfg = transformers.Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
-                         bos_token_id=None, eos_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        bos_token_id=None, eos_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id)
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+            bos_token_id=None,
+            eos_token_id=tok.pad_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=1,
+            embed_dim=16,
+            hidden_size=32,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        bos_token_id=None,
+        eos_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("qwen2vl")
     transformers.Qwen2VLForConditionalGeneration(cfg).save_pretrained(path)
@@ -45,7 +75,9 @@ def test_system_prompt_is_the_official_text():
     """main_far_t2i.py's llm_system_prompt at 9b49a51 (726 characters, hashed from the official file)."""
     text = QWEN2VL_SYSTEM_PROMPT
     assert len(text) == 726 and text.endswith("User Prompt:\n") and text.count("\n") == 9
-    assert hashlib.sha256(text.encode()).hexdigest() == "0383c612a9c86a037cd9b1059062717e834b7f079b04ab3c9a236452dd83243d"
+    assert (
+        hashlib.sha256(text.encode()).hexdigest() == "0383c612a9c86a037cd9b1059062717e834b7f079b04ab3c9a236452dd83243d"
+    )
 
 
 @torch.no_grad()
@@ -57,7 +89,7 @@ def _official_steps(model, tok, prompt: str) -> torch.Tensor:
     ids = ids + [tok.pad_token_id] * (300 - len(ids))
     mask = [1] * len(sys_ids) + [int(i != tok.pad_token_id) for i in ids]
     out = model(input_ids=torch.tensor([sys_ids + ids]), attention_mask=torch.tensor([mask]))
-    return out.last_hidden_state[0, len(sys_ids):]
+    return out.last_hidden_state[0, len(sys_ids) :]
 
 
 def test_qwen2vl_prompt_path_matches_the_official_steps(qwen2vl_dir):
@@ -66,7 +98,7 @@ def test_qwen2vl_prompt_path_matches_the_official_steps(qwen2vl_dir):
     tok = enc.tokenizer
     short, long_ = "a photo of a dog", "a cat sleeping on a sunny windowsill " * 60
     n_sys, n_short, n_long = (len(tok.encode(s)) for s in (QWEN2VL_SYSTEM_PROMPT, short, long_))
-    assert 0 < n_sys < 300 and 0 < n_short < 300 < n_long        # the padding and the truncation rule both act
+    assert 0 < n_sys < 300 and 0 < n_short < 300 < n_long  # the padding and the truncation rule both act
     out = enc.encode([short, long_])
     assert out.shape == (2, 300, 32) and out.dtype == torch.float32
     for row, prompt in enumerate((short, long_)):
@@ -92,7 +124,7 @@ def test_small_encoder_pads_truncates_and_round_trips(tmp_path):
     caps = ["a handwritten seven", "the digit 7", "number seven, thick strokes", "a handwritten three"]
     enc = SmallTextEncoder.build(caps, context_len=6, hidden_size=16, layers=1, heads=2, vocab_size=300, seed=1)
     tok = enc.tokenizer
-    unseen = "please draw a 9 in blue ink"                        # byte-level: unseen words still encode, no unk
+    unseen = "please draw a 9 in blue ink"  # byte-level: unseen words still encode, no unk
     assert tok.decode(tok.encode(unseen)) == unseen and len(tok.encode(unseen)) > 6
     out = enc.encode(["the digit 7", unseen])
     assert out.shape == (2, 6, 16)

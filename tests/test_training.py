@@ -3,7 +3,6 @@ two-process DDP on CPU, VAE training, latent caches and the far-train CLI."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import socket
@@ -11,45 +10,21 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from training_helpers import MODEL, ROOT, class_latents, read_checkpoint, train_config
 
 from far_sdk.errors import ConfigError, InvalidArgumentError
-from training import FAR, load_official_checkpoint, load_official_vae
-from training.safe_load import safe_torch_load
-from training.config import get_config
-from training.data import ImageFolderLatents, LatentDataset, cache_latents, write_latents
-from training.train_schedules import loss_weight, lr_at, mask_ratio_bounds, sample_mask
+from training import FAR, load_official_checkpoint
 from training.filters import low_pass
 from training.train import TrainConfig, train, validation_loss
+from training.train_schedules import loss_weight, lr_at, mask_ratio_bounds, sample_mask
 from training.trainer import param_groups
-from training.vae import AutoencoderKL, VAEConfig
-from training.vae_train import train_vae
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = replace(get_config("far_tiny"), num_classes=4)
-# A VAE small enough to train for a few steps on CPU: 16 px images -> 4 x 8 x 8 latents.
-MICRO_VAE = VAEConfig(embed_dim=4, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, resolution=16,
-                      attn_resolutions=(), gn_groups=4)
-
-
-def _smooth(g: torch.Generator, shape: tuple[int, ...], coarse: int, size: int = 16) -> torch.Tensor:
-    """A smooth random field: N(0, 1) on a coarse grid, bicubic-upsampled to size x size."""
-    return F.interpolate(torch.randn(*shape, coarse, coarse, generator=g), size=(size, size), mode="bicubic",
-                         align_corners=False)
-
-
-def _class_latents(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """4 classes; each sample = its class's fixed smooth template + smaller smooth noise (templates fixed by seed 0)."""
-    templates = _smooth(torch.Generator().manual_seed(0), (4, 16), 4)                    # (4, 16, 16, 16)
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(4).repeat_interleave(per_class)
-    latents = templates[labels] + 0.3 * _smooth(g, (len(labels), 16), 8)
-    return latents.float(), labels
+# ---- (a) schedules ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,21 +38,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def dataset():
-    lat, lab = _class_latents(64, seed=1)
+    lat, lab = class_latents(64, seed=1)
     return torch.utils.data.TensorDataset(lat, lab)
-
-
-def _read(path: Path) -> dict:
-    return safe_torch_load(path, allowed_globals=[argparse.Namespace])
-
-
-def _cfg(**kw) -> TrainConfig:
-    base = dict(model=MODEL, batch_size=8, lr=1e-3, warmup_steps=2, diffusion_batch_mul=1, seed=3,
-                progress=False, log_every=1)
-    return TrainConfig(**{**base, **kw})
-
-
-# ---- (a) schedules ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("level, num_levels", [(0, 16), (1, 16), (7, 16), (15, 16), (0, 8), (3, 8), (7, 8)])
@@ -113,7 +75,7 @@ def test_sample_mask_masks_exactly_ceil_of_ratio_per_row_in_random_order():
     assert m.dtype == torch.float32 and m.shape == (6, 256)
     assert set(m.unique().tolist()) <= {0.0, 1.0}
     assert m.sum(1).tolist() == [math.ceil(256 * 0.3)] * 6
-    assert len({tuple(r.nonzero().flatten().tolist()) for r in m}) == 6   # one permutation per row
+    assert len({tuple(r.nonzero().flatten().tolist()) for r in m}) == 6  # one permutation per row
 
 
 @pytest.mark.parametrize("level", [0, 5, 10, 15])
@@ -122,7 +84,7 @@ def test_sample_mask_draws_ratio_within_level_bounds(level):
     lo = math.ceil(256 * 0.7 * (15 - level) / 15)
     for _ in range(20):
         counts = sample_mask(4, 256, level, g).sum(1)
-        assert (counts == counts[0]).all()             # equal per row: the encoder drops masked tokens
+        assert (counts == counts[0]).all()  # equal per row: the encoder drops masked tokens
         assert lo <= counts[0] <= 256
 
 
@@ -140,7 +102,9 @@ def test_schedules_reject_levels_out_of_range():
 def test_low_pass_equals_area_then_bicubic_interpolate():
     x = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for k in (1, 5, 10, 15):
-        ref = F.interpolate(F.interpolate(x, size=(k, k), mode="area"), size=(16, 16), mode="bicubic", align_corners=False)
+        ref = F.interpolate(
+            F.interpolate(x, size=(k, k), mode="area"), size=(16, 16), mode="bicubic", align_corners=False
+        )
         torch.testing.assert_close(low_pass(x, k), ref, rtol=0, atol=1e-12)
     assert low_pass(x, 0).abs().max() == 0
 
@@ -160,7 +124,7 @@ def test_param_groups_follow_the_official_decay_rule():
 
 def test_use_mask_requires_a_model_built_for_masking():
     with pytest.raises(ConfigError, match="mask=True"):
-        _cfg(steps=1, use_mask=True)
+        train_config(steps=1, use_mask=True)
     with pytest.raises(ConfigError, match="exactly one"):
         TrainConfig(model=MODEL)
 
@@ -170,15 +134,21 @@ def test_use_mask_requires_a_model_built_for_masking():
 
 def _mean_validation_loss(model, latents, labels) -> float:
     """Fixed held-out batch, fixed t / noise per level (same generator seeds every call), averaged over levels."""
-    return float(np.mean([validation_loss(model, latents, labels, lvl, torch.Generator().manual_seed(lvl))
-                          for lvl in (0, 4, 8, 12, 15)]))
+    return float(
+        np.mean(
+            [
+                validation_loss(model, latents, labels, lvl, torch.Generator().manual_seed(lvl))
+                for lvl in (0, 4, 8, 12, 15)
+            ]
+        )
+    )
 
 
 def test_forty_steps_lower_the_held_out_loss_and_write_a_loadable_checkpoint(dataset, tmp_path):
-    val_x, val_y = _class_latents(2, seed=99)
-    torch.manual_seed(3)                      # the trainer initialises right after manual_seed(seed)
+    val_x, val_y = class_latents(2, seed=99)
+    torch.manual_seed(3)  # the trainer initialises right after manual_seed(seed)
     before = _mean_validation_loss(FAR(MODEL), val_x, val_y)
-    result = train(_cfg(steps=40, out_dir=str(tmp_path)), dataset)
+    result = train(train_config(steps=40, out_dir=str(tmp_path)), dataset)
     after = _mean_validation_loss(result.model, val_x, val_y)
     assert result.step == 40 and len(result.history) == 40
     assert after < 0.8 * before, (before, after)
@@ -194,12 +164,12 @@ def test_forty_steps_lower_the_held_out_loss_and_write_a_loadable_checkpoint(dat
 
 
 def test_resume_continues_at_the_saved_step_like_an_uninterrupted_run(dataset, tmp_path):
-    ref = train(_cfg(steps=3), dataset)
-    first = train(_cfg(steps=2, out_dir=str(tmp_path / "a")), dataset)
-    ckpt = _read(first.checkpoint)
+    ref = train(train_config(steps=3), dataset)
+    first = train(train_config(steps=2, out_dir=str(tmp_path / "a")), dataset)
+    ckpt = read_checkpoint(first.checkpoint)
     assert ckpt["args"].far_sdk_step == 2 and set(ckpt["model_ema"]) == set(ckpt["model"])
     assert all(s["step"] == 2 for s in ckpt["optimizer"]["state"].values() if "step" in s)
-    resumed = train(_cfg(steps=3, resume=str(tmp_path / "a"), out_dir=str(tmp_path / "b")), dataset)
+    resumed = train(train_config(steps=3, resume=str(tmp_path / "a"), out_dir=str(tmp_path / "b")), dataset)
     assert resumed.step == 3 and [h[0] for h in resumed.history] == [3]
     assert resumed.history[0][1] == pytest.approx(ref.history[2][1], rel=1e-5)
     for name, p in ref.model.named_parameters():
@@ -214,10 +184,10 @@ def test_resume_continues_at_the_saved_step_like_an_uninterrupted_run(dataset, t
 
 
 def test_resume_refuses_another_architecture(dataset, tmp_path):
-    train(_cfg(steps=1, out_dir=str(tmp_path)), dataset)
+    train(train_config(steps=1, out_dir=str(tmp_path)), dataset)
     other = replace(MODEL, encoder_num_heads=2)
     with pytest.raises(ConfigError, match="encoder_num_heads"):
-        train(_cfg(model=other, steps=2, resume=str(tmp_path)), dataset)
+        train(train_config(model=other, steps=2, resume=str(tmp_path)), dataset)
 
 
 # ---- (c) DDP -------------------------------------------------------------------------------------------
@@ -250,8 +220,22 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical_and_rank0_writes(tmp_path)
     dumps.mkdir()
     script.write_text(textwrap.dedent(_DDP_SCRIPT.format(root=str(ROOT))))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out), str(dumps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(script),
+        str(out),
+        str(dumps),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(dumps / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -261,7 +245,7 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical_and_rank0_writes(tmp_path)
     for k in r0["ema"]:
         torch.testing.assert_close(r0["ema"][k], r1["ema"][k], rtol=0, atol=1e-6)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-last.pth"]
-    ckpt = _read(out / "checkpoint-last.pth")
+    ckpt = read_checkpoint(out / "checkpoint-last.pth")
     assert not any(k.startswith("module.") for k in list(ckpt["model"]) + list(ckpt["model_ema"]))
     assert ckpt["args"].far_sdk_step == 3 and ckpt["args"].world_size == 2
     loaded = load_official_checkpoint(out / "checkpoint-last.pth", use_ema=False)
@@ -271,125 +255,3 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical_and_rank0_writes(tmp_path)
     torch.manual_seed(0)
     init = FAR(replace(MODEL, diffusion_batch_mul=1)).state_dict()
     assert (r0["model"]["z_proj.weight"] - init["z_proj.weight"]).abs().max() > 1e-5
-
-
-# ---- (d) VAE, latent caches, CLI --------------------------------------------------------------------
-
-
-def _images(n: int, seed: int) -> torch.Tensor:
-    x = _smooth(torch.Generator().manual_seed(seed), (n, 3), 4)
-    return (x / x.abs().max()).clamp(-1, 1)                                   # (n, 3, 16, 16) in [-1, 1]
-
-
-def _reconstruction(vae: AutoencoderKL, x: torch.Tensor) -> float:
-    with torch.no_grad():
-        rec = vae.decode(vae.encode(x).mode())
-    return float((x - rec).abs().mean() + (x - rec).pow(2).mean())
-
-
-def test_train_vae_lowers_reconstruction_and_saves_a_loadable_file(tmp_path):
-    imgs = _images(16, seed=5)
-    torch.manual_seed(7)
-    before = _reconstruction(AutoencoderKL(MICRO_VAE).eval(), imgs)
-    scale = train_vae(MICRO_VAE, imgs, steps=40, lr=3e-3, batch_size=8, out=tmp_path / "vae.pth", seed=7, progress=False)
-    vae = load_official_vae(tmp_path / "vae.pth", MICRO_VAE)
-    after = _reconstruction(vae, imgs)
-    assert after < 0.7 * before, (before, after)
-    with torch.no_grad():
-        z = vae.encode(imgs).sample(torch.Generator().manual_seed(7))
-    assert scale == pytest.approx(1.0 / float(z.double().std()), rel=1e-5)
-
-
-def _image_folder(root: Path, per_class: int = 3) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in ("cat", "dog"):
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
-
-
-@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
-def test_cache_latents_writes_a_file_latent_dataset_reads(tmp_path, suffix):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(MICRO_VAE).eval()
-    root = _image_folder(tmp_path / "imgs")
-    out = cache_latents(root, vae, tmp_path / f"lat{suffix}", scale=0.5, batch=4, progress=False)
-    ds = LatentDataset(out)
-    assert len(ds) == 6 and ds.latent_shape == (4, 8, 8) and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    x, y = ds[4]
-    assert x.dtype == torch.float32 and y.item() == 1
-    # the cached sample = posterior mean * scale up to the posterior noise (std * scale)
-    from PIL import Image
-
-    from training.data import center_crop
-    img = center_crop(Image.open(root / "dog" / "1.png").convert("RGB"), 16)
-    t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-    with torch.no_grad():
-        post = vae.encode(t)
-    assert ((x - post.mean[0] * 0.5).abs() <= 6 * post.std[0] * 0.5 + 1e-6).all()
-    on_the_fly = ImageFolderLatents(root, vae, scale=0.5, flip=False)
-    assert on_the_fly.num_classes == 2 and on_the_fly[0][0].shape == (4, 8, 8)
-
-
-def test_latent_dataset_rejects_malformed_files(tmp_path):
-    np.savez(tmp_path / "bad.npz", latents=np.zeros((2, 16, 16), np.float32), labels=np.zeros(2, np.int64))
-    with pytest.raises(InvalidArgumentError, match="float32"):
-        LatentDataset(tmp_path / "bad.npz")
-    np.savez(tmp_path / "nolabels.npz", latents=np.zeros((2, 4, 8, 8), np.float32))
-    with pytest.raises(InvalidArgumentError, match="labels"):
-        LatentDataset(tmp_path / "nolabels.npz")
-    with pytest.raises(InvalidArgumentError, match="does not exist"):
-        LatentDataset(tmp_path / "missing.npz")
-    (tmp_path / "trunc.safetensors").write_bytes(b"\x10\x00\x00")
-    with pytest.raises(InvalidArgumentError, match="unreadable"):
-        LatentDataset(tmp_path / "trunc.safetensors")
-
-
-def test_cli_trains_from_a_latents_file_and_reports_typed_errors(tmp_path, capsys):
-    from training.cli import main
-
-    lat, lab = _class_latents(4, seed=2)
-    data = write_latents(tmp_path / "lat.npz", lat.numpy(), lab.numpy())
-    rc = main(["-q", "train", "--data", str(data), "--model", "far_tiny", "--batch-size", "8", "--steps", "2",
-               "--lr", "1e-3", "--diffusion-batch-mul", "1", "--out", str(tmp_path / "run"), "--no-progress"])
-    assert rc == 0 and "checkpoint" in capsys.readouterr().out
-    assert load_official_checkpoint(tmp_path / "run" / "checkpoint-last.pth").config.num_classes == 10
-    rc = main(["-q", "train", "--data", str(tmp_path / "none.npz"), "--model", "far_tiny", "--steps", "1",
-               "--out", str(tmp_path / "x")])
-    err = capsys.readouterr().err
-    assert rc == 3 and err.count("\n") == 1 and "does not exist" in err  # a bad input file: EXIT_INPUT
-    rc = main(["-q", "train", "--data", str(data), "--model", "far_tiny", "--num-classes", "2", "--steps", "1",
-               "--batch-size", "8", "--out", str(tmp_path / "y")])
-    assert rc == 2 and "classes" in capsys.readouterr().err
-
-
-def test_masked_training_on_images_encoded_on_the_fly_trains_mask_token(tmp_path):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(MICRO_VAE).eval()
-    data = ImageFolderLatents(_image_folder(tmp_path / "imgs"), vae, scale=0.5)
-    model = replace(MODEL, token_channels=4, grid_size=8, num_classes=2, mask=True)    # 4 x 8 x 8 latents
-    # 4 steps: with the zero-initialised diffusion MLP the transformer gets no gradient in the first two
-    result = train(_cfg(model=model, batch_size=3, steps=4, warmup_steps=0, use_mask=True), data)
-    torch.manual_seed(3)
-    init = FAR(model).mask_token
-    assert result.step == 4 and (result.model.mask_token - init).abs().max() > 1e-4
-
-
-def test_high_t_fraction_draws_the_noisiest_timesteps():
-    from training.diffloss import DiffLoss
-
-    dl = DiffLoss(4, 8, 1, 16)
-    seen = []
-    orig = dl.loss_terms
-    dl.loss_terms = lambda x0, t, noise, c, level: seen.append(t) or orig(x0, t, noise, c, level)
-    x, z = torch.randn(8000, 4), torch.randn(8000, 8)
-    dl(x, z, generator=torch.Generator().manual_seed(0))
-    uniform = torch.randint(0, 1000, (8000,), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(seen[0], uniform), "fraction 0 keeps the official draws"
-    dl.high_t_fraction = 0.5
-    dl(x, z, generator=torch.Generator().manual_seed(0))
-    share = float((seen[1] >= 950).float().mean())
-    assert abs(share - (0.5 + 0.5 * 0.05)) < 0.02  # half the rows from [950, 1000), the rest uniform

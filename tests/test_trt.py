@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 import trt_sim
 from conftest import ROOT, rel_err
 from trt_sim import ENV, write_fake_bundle
@@ -25,10 +24,14 @@ from trt_sim import ENV, write_fake_bundle
 import far_sdk
 from far_sdk.backends.tensorrt import cache as tc
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.errors import (
-    BackendUnavailableError, EngineProfileError, ExportError, IncompatibleBundleError, InvalidArgumentError,
-)
 from far_sdk.bundle.graphs import GRAPH_NAMES
+from far_sdk.errors import (
+    BackendUnavailableError,
+    EngineProfileError,
+    ExportError,
+    IncompatibleBundleError,
+    InvalidArgumentError,
+)
 
 OTHER_GPU = tc.BuildEnv("10.8.0.43", "NVIDIA A100-SXM4-80GB", "8.0")
 
@@ -72,7 +75,10 @@ class TestWithoutTensorRT:
         from export.trt_build import build_engines
 
         # An absent bundle: the missing runtime is reported before anything else is looked at.
-        with pytest.raises(BackendUnavailableError, match=r"far-export trt needs the tensorrt package and an NVIDIA GPU: pip install 'far-sdk\[gpu\]'"):
+        with pytest.raises(
+            BackendUnavailableError,
+            match=r"far-export trt needs the tensorrt package and an NVIDIA GPU: pip install 'far-sdk\[gpu\]'",
+        ):
             build_engines(tmp_path / "absent")
 
     def test_cli_returns_the_runtime_status_with_the_message(self, fake_bundle, capsys):
@@ -84,22 +90,30 @@ class TestWithoutTensorRT:
         assert args.run is run_trt and args.batch == (1, 4, 8) and args.vae_precision == "fp32"
         assert run_trt(args) == 4  # far_sdk.errors.EXIT_RUNTIME: the backend is unavailable
         err = capsys.readouterr().err
-        assert err.startswith("far-export trt: error: far-export trt needs the tensorrt package") and "far-sdk[gpu]" in err
+        assert (
+            err.startswith("far-export trt: error: far-export trt needs the tensorrt package") and "far-sdk[gpu]" in err
+        )
 
 
 def test_modules_import_without_tensorrt_or_torch():
-    code = ("import sys, export.trt_build, far_sdk.backends.tensorrt.cache, far_sdk.backends.tensorrt.backend, far_sdk.backends.tensorrt.engine; "
-            "print(sorted(m for m in ('tensorrt', 'torch', 'onnxruntime') if m in sys.modules))")
+    code = (
+        "import sys, export.trt_build, far_sdk.backends.tensorrt.cache, far_sdk.backends.tensorrt.backend, "
+        "far_sdk.backends.tensorrt.engine; "
+        "print(sorted(m for m in ('tensorrt', 'torch', 'onnxruntime') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(cuda_graph=True), r"backend 'tensorrt' has no option\(s\) \['cuda_graph'\]; it takes device, precision"),
-    (dict(max_cuda_graphs=0), "max_cuda_graphs must be a positive integer, got 0"),
-    (dict(max_cuda_graphs=True), "max_cuda_graphs must be a positive integer, got True"),
-    (dict(precision="int8"), "precision must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(cuda_graph=True), r"backend 'tensorrt' has no option\(s\) \['cuda_graph'\]; it takes device, precision"),
+        (dict(max_cuda_graphs=0), "max_cuda_graphs must be a positive integer, got 0"),
+        (dict(max_cuda_graphs=True), "max_cuda_graphs must be a positive integer, got True"),
+        (dict(precision="int8"), "precision must be one of"),
+    ],
+)
 def test_backend_rejects_bad_options_before_needing_tensorrt(fake_bundle, kwargs, match):
     """The rule of the other backends (far_sdk.backends.base.check_backend_options): an option no backend
     knows is an error, raised before the runtime is imported, so it is the same with or without tensorrt."""
@@ -120,12 +134,8 @@ def test_cli_rejects_a_bad_batch_profile(capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle_dir(tmp_path_factory) -> Path:
-    pytest.importorskip("torch")
-    pytest.importorskip("onnxruntime")
-    from export.random_bundle import random_bundle
-
-    return random_bundle(tmp_path_factory.mktemp("trt") / "tiny", "far_tiny", "kl16-tiny", seed=0, name="tiny", validate=False)
+def tiny_bundle_dir(tiny_bundle) -> Path:
+    return tiny_bundle
 
 
 @pytest.fixture
@@ -146,7 +156,7 @@ def _table(out: str) -> list[list[str]]:
     """The rows of run_trt's summary table (after its header line)."""
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("graph "))
-    return [line.split() for line in lines[start + 1:]]
+    return [line.split() for line in lines[start + 1 :]]
 
 
 class TestSimulatedTensorRT:
@@ -191,7 +201,10 @@ class TestSimulatedTensorRT:
         from export.trt_build import build_engines
 
         out = []
-        threads = [threading.Thread(target=lambda: out.append(build_engines(sim.bundle, progress=lambda m: None))) for _ in range(2)]
+        threads = [
+            threading.Thread(target=lambda: out.append(build_engines(sim.bundle, progress=lambda m: None)))
+            for _ in range(2)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -220,8 +233,9 @@ class TestSimulatedTensorRT:
         assert run_trt(p.parse_args(["--bundle", str(sim.bundle), "--batch", "2"])) == 0
         assert [r[3] for r in _table(capsys.readouterr().out)] == ["reused"] * 3
 
-    def _ort(self, sim):
-        return far_sdk.Generator(sim.bundle, backend="onnxruntime", threads=2)
+    def _ort_generate(self, sim, *args, **kwargs):
+        with far_sdk.Generator(sim.bundle, backend="onnxruntime", threads=2) as gen:
+            return gen.generate(*args, **kwargs)
 
     def test_generator_matches_onnxruntime_with_cuda_graphs(self, sim):
         from export.trt_build import build_engines
@@ -229,17 +243,22 @@ class TestSimulatedTensorRT:
 
         build_engines(sim.bundle, batch=(1, 2, 2), progress=lambda m: None)
         be = TensorRTBackend(Bundle.load(sim.bundle))
-        gen = far_sdk.Generator(sim.bundle, backend=be)
-        out = gen.generate([1, 7, 3], seed=3, output_type="np", cfg=2.5, **FAST)  # 3 images: split 2 + 1
-        ref = self._ort(sim).generate([1, 7, 3], seed=3, output_type="np", cfg=2.5, **FAST)
-        assert rel_err(out.latents, ref.latents) < 1e-6
-        assert np.abs(out.images.astype(int) - ref.images.astype(int)).max() <= 1
-        d = be.describe()
-        assert d["cuda_graphs"] and d["gpu"] == ENV.gpu and d["engines"]["vae_decoder"]["precision"] == "fp32" and be.max_batch == 2
-        # 2 batch sizes x 4 distinct step counts: 8 captures, one launch each
-        assert sim.cuda.captures == 8 and sim.cuda.launches == 8
-        gen.close()
-        assert sim.cuda.mem == {}  # every buffer freed
+        with far_sdk.Generator(sim.bundle, backend=be) as gen:
+            out = gen.generate([1, 7, 3], seed=3, output_type="np", cfg=2.5, **FAST)  # 3 images: split 2 + 1
+            ref = self._ort_generate(sim, [1, 7, 3], seed=3, output_type="np", cfg=2.5, **FAST)
+            assert rel_err(out.latents, ref.latents) < 1e-6
+            assert np.abs(out.images.astype(int) - ref.images.astype(int)).max() <= 1
+            d = be.describe()
+            assert (
+                d["cuda_graphs"]
+                and d["gpu"] == ENV.gpu
+                and d["engines"]["vae_decoder"]["precision"] == "fp32"
+                and be.max_batch == 2
+            )
+            # 2 batch sizes x 4 distinct step counts: 8 captures, one launch each
+            assert sim.cuda.captures == 8 and sim.cuda.launches == 8
+            gen.close()
+            assert sim.cuda.mem == {}  # every buffer freed
 
     def test_other_backends_options_are_ignored_and_the_graph_cache_is_bounded(self, sim):
         from export.trt_build import build_engines
@@ -247,13 +266,13 @@ class TestSimulatedTensorRT:
 
         build_engines(sim.bundle, batch=(1, 1, 1), progress=lambda m: None)
         be = TensorRTBackend(Bundle.load(sim.bundle), threads=2, io_binding=True, max_cuda_graphs=2)
-        gen = far_sdk.Generator(sim.bundle, backend=be)
-        plan = dict(num_steps=4, inner_steps=[6, 5, 4, 3])  # largest first: the noise/step blocks never grow
-        gen.generate([4], seed=1, output_type="latent", **plan)
-        assert sim.cuda.captures == 4 and be.describe()["cuda_graphs_cached"] == 2  # the 2 latest kept
-        gen.generate([4], seed=1, output_type="latent", **plan)
-        assert sim.cuda.captures == 8 and sim.cuda.launches == 8  # all 4 evicted before reuse: captured again
-        be.close()
+        with far_sdk.Generator(sim.bundle, backend=be) as gen:
+            plan = dict(num_steps=4, inner_steps=[6, 5, 4, 3])  # largest first: the noise/step blocks never grow
+            gen.generate([4], seed=1, output_type="latent", **plan)
+            assert sim.cuda.captures == 4 and be.describe()["cuda_graphs_cached"] == 2  # the 2 latest kept
+            gen.generate([4], seed=1, output_type="latent", **plan)
+            assert sim.cuda.captures == 8 and sim.cuda.launches == 8  # all 4 evicted before reuse: captured again
+            be.close()
 
     def test_one_host_sync_per_denoise_and_plain_fallback(self, sim):
         from export.trt_build import build_engines
@@ -265,7 +284,10 @@ class TestSimulatedTensorRT:
             cuda = sim.install(fail_capture=fail).cuda
             be = TensorRTBackend(Bundle.load(sim.bundle))
             rng = np.random.default_rng(0)
-            x, noises = rng.standard_normal((2, 256, 16), dtype=np.float32), rng.standard_normal((5, 2, 256, 16), dtype=np.float32)
+            x, noises = (
+                rng.standard_normal((2, 256, 16), dtype=np.float32),
+                rng.standard_normal((5, 2, 256, 16), dtype=np.float32),
+            )
             from far_sdk.maths.diffusion import denoise_step_table
 
             steps = denoise_step_table(5, 3.0, 1.0)
@@ -276,10 +298,15 @@ class TestSimulatedTensorRT:
             outs[fail] = be.denoise(x, noises, cond, steps)
             assert cuda.syncs == syncs + 1 and cuda.launches == launches + (not fail)  # the graph is replayed
             assert be.describe()["cuda_graphs"] is (not fail)
-            host = be.run("transformer", {"tokens": tokens, "class_ids": np.array([1, 2, 10, 10]), "level": np.array([3.0], np.float32)})["cond"]
+            host = be.run(
+                "transformer",
+                {"tokens": tokens, "class_ids": np.array([1, 2, 10, 10]), "level": np.array([3.0], np.float32)},
+            )["cond"]
             ref = x
             for i in range(5):  # the same steps one graph call at a time, with cond from the host
-                ref = be.run("denoiser", {"x": ref, "noise": noises[i], "cond": host.reshape(2, 2, 256, -1), "step": steps[i]})["x_prev"]
+                ref = be.run(
+                    "denoiser", {"x": ref, "noise": noises[i], "cond": host.reshape(2, 2, 256, -1), "step": steps[i]}
+                )["x_prev"]
             np.testing.assert_array_equal(outs[fail], ref)
             be.close()
         np.testing.assert_array_equal(outs[False], outs[True])
@@ -291,7 +318,9 @@ class TestSimulatedTensorRT:
         build_engines(sim.bundle, batch=(1, 2, 2), progress=lambda m: None)
         be = TensorRTBackend(Bundle.load(sim.bundle))
         tok = np.zeros((6, 256, 16), np.float32)
-        with pytest.raises(EngineProfileError, match=r"3 images per call.*take 1\.\.2.*far-export trt --bundle .* --batch 1:2:3"):
+        with pytest.raises(
+            EngineProfileError, match=r"3 images per call.*take 1\.\.2.*far-export trt --bundle .* --batch 1:2:3"
+        ):
             be.transformer(tok, {"class_ids": np.zeros(6, np.int64)}, 0)
         with pytest.raises(EngineProfileError, match="max_batch=5 exceeds"):
             far_sdk.Generator(sim.bundle, backend=be).generate([1], max_batch=5)
@@ -315,7 +344,10 @@ class TestSimulatedTensorRT:
         side = json.loads(vae.read_text())
         side["key"]["gpu"], side["key"]["compute_capability"] = OTHER_GPU.gpu, OTHER_GPU.compute_capability
         vae.write_text(json.dumps(side))  # the VAE plan now claims another GPU
-        with pytest.raises(tc.EngineNotBuiltError, match=r"vae_decoder.*A100-SXM4-80GB \(8\.0\), this is TensorRT .* H100 80GB HBM3 \(9\.0\)"):
+        with pytest.raises(
+            tc.EngineNotBuiltError,
+            match=r"vae_decoder.*A100-SXM4-80GB \(8\.0\), this is TensorRT .* H100 80GB HBM3 \(9\.0\)",
+        ):
             TensorRTBackend(bundle)
         assert sim.stats.deserialized == loads  # no plan reached TensorRT
         with pytest.raises(tc.EngineNotBuiltError):
@@ -327,8 +359,13 @@ class TestSimulatedTensorRT:
 
         bundle = Bundle.load(sim.bundle)
         for g in GRAPH_NAMES:  # sidecars that match, plans TensorRT cannot read
-            tc.record_plan(bundle, tc.key_for(bundle, g, precision="fp32", profile=(1, 1, 2), opt_level=3, env=ENV), b"\x00garbage",
-                           build_seconds=0, validation=None)
+            tc.record_plan(
+                bundle,
+                tc.key_for(bundle, g, precision="fp32", profile=(1, 1, 2), opt_level=3, env=ENV),
+                b"\x00garbage",
+                build_seconds=0,
+                validation=None,
+            )
         with pytest.raises(IncompatibleBundleError, match="could not deserialize the transformer engine"):
             TensorRTBackend(bundle)
         assert sim.cuda.mem == {}
@@ -367,12 +404,14 @@ def gpu_built(request, tmp_path_factory) -> Path:
 class TestOnGPU:
     @pytest.mark.parametrize("precision, bound", [("fp32", 1e-3), ("fp16", 5e-2)])
     def test_generator_matches_onnxruntime(self, gpu_built, precision, bound):
-        gen = far_sdk.Generator(gpu_built, backend="tensorrt", precision=precision)
-        ref_gen = far_sdk.Generator(gpu_built, backend="onnxruntime", device="cpu", threads=4)
-        out = gen.generate([1, 7, 3], seed=3, output_type="np", **FAST)
-        ref = ref_gen.generate([1, 7, 3], seed=3, output_type="np", **FAST)
-        err = float(np.abs(out.latents - ref.latents).max())
-        scale = max(1.0, float(np.abs(ref.latents).max()))
-        assert np.isfinite(out.latents).all() and err <= bound * scale, f"{precision}: max abs {err} (scale {scale})"
-        assert gen.backend.describe()["tensorrt"]
-        gen.close()
+        with far_sdk.Generator(gpu_built, backend="tensorrt", precision=precision) as gen:
+            with far_sdk.Generator(gpu_built, backend="onnxruntime", device="cpu", threads=4) as ref_gen:
+                out = gen.generate([1, 7, 3], seed=3, output_type="np", **FAST)
+                ref = ref_gen.generate([1, 7, 3], seed=3, output_type="np", **FAST)
+                err = float(np.abs(out.latents - ref.latents).max())
+                scale = max(1.0, float(np.abs(ref.latents).max()))
+                assert np.isfinite(out.latents).all() and err <= bound * scale, (
+                    f"{precision}: max abs {err} (scale {scale})"
+                )
+                assert gen.backend.describe()["tensorrt"]
+                gen.close()

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from trt_sim import ENV, write_fake_bundle
 
 from far_sdk import fileio
@@ -43,14 +42,40 @@ def _record(bundle, key, data=b"plan bytes") -> Path:
 # ---- profiles --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, want", [("1:4:8", (1, 4, 8)), ("4", (4, 4, 4)), (" 2 : 2 : 3 ", (2, 2, 3)),
-                                        ((1, 1, 8), (1, 1, 8)), ([3, 3, 3], (3, 3, 3)), (5, (5, 5, 5))])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("1:4:8", (1, 4, 8)),
+        ("4", (4, 4, 4)),
+        (" 2 : 2 : 3 ", (2, 2, 3)),
+        ((1, 1, 8), (1, 1, 8)),
+        ([3, 3, 3], (3, 3, 3)),
+        (5, (5, 5, 5)),
+    ],
+)
 def test_parse_batch_profile_valid(text, want):
     assert tc.parse_batch_profile(text) == want
 
 
-@pytest.mark.parametrize("text", ["", "0:1:2", "4:2:8", "1:8:4", "a:b:c", "1:2", "1:2:3:4", "-1:1:1", "1.5:2:3",
-                                  "1::3", 0, True, (1, 2), (1, 2.0, 3)])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "0:1:2",
+        "4:2:8",
+        "1:8:4",
+        "a:b:c",
+        "1:2",
+        "1:2:3:4",
+        "-1:1:1",
+        "1.5:2:3",
+        "1::3",
+        0,
+        True,
+        (1, 2),
+        (1, 2.0, 3),
+    ],
+)
 def test_parse_batch_profile_invalid(text):
     with pytest.raises(InvalidArgumentError, match="MIN:OPT:MAX") as e:
         tc.parse_batch_profile(text)
@@ -67,9 +92,18 @@ def test_transformer_profile_counts_cfg_rows(fake_bundle):
 
 def test_key_digest_is_sha256_of_sorted_compact_json(fake_bundle):
     key = _key(fake_bundle)
-    d = {"graph": "denoiser", "onnx_sha256": fake_bundle.manifest["files"]["denoiser.onnx"]["sha256"], "precision": "fp16",
-         "profile": [1, 2, 4], "opt_level": 3, "tensorrt": ENV.tensorrt, "gpu": ENV.gpu, "compute_capability": "9.0",
-         "external_data_sha256": None, "key_version": tc.KEY_VERSION}
+    d = {
+        "graph": "denoiser",
+        "onnx_sha256": fake_bundle.manifest["files"]["denoiser.onnx"]["sha256"],
+        "precision": "fp16",
+        "profile": [1, 2, 4],
+        "opt_level": 3,
+        "tensorrt": ENV.tensorrt,
+        "gpu": ENV.gpu,
+        "compute_capability": "9.0",
+        "external_data_sha256": None,
+        "key_version": tc.KEY_VERSION,
+    }
     want = hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert key.digest() == want
     assert key.plan_name == f"denoiser-fp16-{want[:12]}.plan"
@@ -77,11 +111,21 @@ def test_key_digest_is_sha256_of_sorted_compact_json(fake_bundle):
     assert _key(fake_bundle, profile=[1, 2, 4]).digest() == want  # a list profile is the same key
 
 
-@pytest.mark.parametrize("field, value", [
-    ("graph", "transformer"), ("onnx_sha256", "0" * 64), ("precision", "fp32"), ("profile", (1, 2, 8)),
-    ("opt_level", 5), ("tensorrt", "10.9.0.34"), ("gpu", "NVIDIA L40S"), ("compute_capability", "8.9"),
-    ("external_data_sha256", "1" * 64), ("key_version", tc.KEY_VERSION + 1),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("graph", "transformer"),
+        ("onnx_sha256", "0" * 64),
+        ("precision", "fp32"),
+        ("profile", (1, 2, 8)),
+        ("opt_level", 5),
+        ("tensorrt", "10.9.0.34"),
+        ("gpu", "NVIDIA L40S"),
+        ("compute_capability", "8.9"),
+        ("external_data_sha256", "1" * 64),
+        ("key_version", tc.KEY_VERSION + 1),
+    ],
+)
 def test_key_digest_changes_with_every_field(fake_bundle, field, value):
     from dataclasses import replace
 
@@ -112,7 +156,10 @@ def test_check_plan_accepts_the_recorded_plan(fake_bundle):
 
 
 def test_check_plan_without_any_engine_says_how_to_build(fake_bundle):
-    with pytest.raises(tc.EngineNotBuiltError, match=r"no TensorRT engine for graph 'denoiser'.*far-export trt --bundle .* --precision fp16 --batch 1:2:4") as e:
+    with pytest.raises(
+        tc.EngineNotBuiltError,
+        match=r"no TensorRT engine for graph 'denoiser'.*far-export trt --bundle .* --precision fp16 --batch 1:2:4",
+    ) as e:
         tc.check_plan(fake_bundle, _key(fake_bundle))
     assert isinstance(e.value, IncompatibleBundleError) and isinstance(e.value, BackendUnavailableError)
 
@@ -122,13 +169,19 @@ def test_check_plan_for_another_tensorrt_version(fake_bundle):
     with pytest.raises(tc.EngineNotBuiltError) as e:
         tc.check_plan(fake_bundle, _key(fake_bundle))
     msg = str(e.value)
-    assert "built for TensorRT 10.3.0.26 on NVIDIA H100 80GB HBM3 (9.0), this is TensorRT 10.8.0.43 on NVIDIA H100 80GB HBM3 (9.0)" in msg
+    assert (
+        "built for TensorRT 10.3.0.26 on NVIDIA H100 80GB HBM3 (9.0), this is TensorRT 10.8.0.43 on NVIDIA H100 80GB "
+        "HBM3 (9.0)" in msg
+    )
     assert "far-export trt --bundle" in msg and "precision" not in msg.split("Rebuild")[0]
 
 
 def test_check_plan_for_another_gpu(fake_bundle):
     _record(fake_bundle, _key(fake_bundle, env=OTHER_GPU))
-    with pytest.raises(tc.EngineNotBuiltError, match=r"on NVIDIA A100-SXM4-80GB \(8\.0\), this is TensorRT 10\.8\.0\.43 on NVIDIA H100 80GB HBM3 \(9\.0\)"):
+    with pytest.raises(
+        tc.EngineNotBuiltError,
+        match=r"on NVIDIA A100-SXM4-80GB \(8\.0\), this is TensorRT 10\.8\.0\.43 on NVIDIA H100 80GB HBM3 \(9\.0\)",
+    ):
         tc.check_plan(fake_bundle, _key(fake_bundle))
 
 
@@ -186,7 +239,10 @@ def test_find_plan_picks_this_machine_and_prefers_fp16(fake_bundle):
     assert tc.find_plan(fake_bundle, "denoiser", env=ENV, prefer=("fp32", "fp16"))[0] == fp32
     with pytest.raises(tc.EngineNotBuiltError, match="wanted 1:4:8"):
         tc.find_plan(fake_bundle, "denoiser", env=ENV, profile=(1, 4, 8))
-    with pytest.raises(tc.EngineNotBuiltError, match=r"built for TensorRT 10\.8\.0\.43 on NVIDIA H100.*this is TensorRT 10\.8\.0\.43 on NVIDIA L4"):
+    with pytest.raises(
+        tc.EngineNotBuiltError,
+        match=r"built for TensorRT 10\.8\.0\.43 on NVIDIA H100.*this is TensorRT 10\.8\.0\.43 on NVIDIA L4",
+    ):
         tc.find_plan(fake_bundle, "denoiser", env=tc.BuildEnv("10.8.0.43", "NVIDIA L4", "8.9"))
 
 
@@ -195,7 +251,10 @@ def test_index_lists_engines_and_manifest_is_untouched(fake_bundle):
     _record(fake_bundle, _key(fake_bundle))
     _record(fake_bundle, _key(fake_bundle, "vae_decoder", precision="fp32"))
     index = json.loads((fake_bundle.path / "trt" / tc.INDEX_NAME).read_text())
-    assert sorted((e["graph"], e["precision"], e["profile"]) for e in index["engines"]) == [("denoiser", "fp16", "1:2:4"), ("vae_decoder", "fp32", "1:2:4")]
+    assert sorted((e["graph"], e["precision"], e["profile"]) for e in index["engines"]) == [
+        ("denoiser", "fp16", "1:2:4"),
+        ("vae_decoder", "fp32", "1:2:4"),
+    ]
     assert "manifest.json" in index["note"]
     assert (fake_bundle.path / "manifest.json").read_bytes() == before
     Bundle.load(fake_bundle.path)  # still verifies
@@ -280,7 +339,12 @@ def test_sample_feeds_shapes_and_null_half(fake_bundle):
 def test_format_parser_error_names_the_node():
     from export.trt_build import format_parser_error
 
-    err = SimpleNamespace(desc=lambda: "Unsupported operator Foo", node=lambda: 12, node_name=lambda: "/blocks.0/Foo", node_operator=lambda: "Foo")
+    err = SimpleNamespace(
+        desc=lambda: "Unsupported operator Foo",
+        node=lambda: 12,
+        node_name=lambda: "/blocks.0/Foo",
+        node_operator=lambda: "Foo",
+    )
     assert format_parser_error(err) == "Unsupported operator Foo (node 12 '/blocks.0/Foo', Foo)"
     assert format_parser_error(SimpleNamespace(desc=lambda: "bad graph", node=lambda: -1)) == "bad graph"
 
@@ -289,8 +353,15 @@ def test_build_options_validation():
     from export.trt_build import BuildOptions
 
     assert BuildOptions(graphs=("vae_decoder", "transformer")).graphs == ("transformer", "vae_decoder")
-    for bad in (dict(precision="int8"), dict(vae_precision="fp8"), dict(opt_level=6), dict(workspace_gb=0),
-                dict(graphs=("unet",)), dict(graphs=()), dict(profile="8:1:1")):
+    for bad in (
+        dict(precision="int8"),
+        dict(vae_precision="fp8"),
+        dict(opt_level=6),
+        dict(workspace_gb=0),
+        dict(graphs=("unet",)),
+        dict(graphs=()),
+        dict(profile="8:1:1"),
+    ):
         with pytest.raises(InvalidArgumentError):
             BuildOptions(**bad)
 

@@ -70,9 +70,7 @@ def test_kl16_parameter_counts_match_the_official_totals():
     with torch.device("meta"):
         model = AutoencoderKL(VAE_CONFIGS["kl16"])
     total = sum(p.numel() for p in model.parameters())
-    decode_path = sum(
-        p.numel() for n, p in model.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))
-    )
+    decode_path = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("decoder.", "post_quant_conv.")))
     assert total == 66_456_019
     assert decode_path == 38_189_203
     assert not list(model.buffers())

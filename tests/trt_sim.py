@@ -34,15 +34,58 @@ def write_fake_bundle(d: Path) -> Bundle:
         doc = b"not really onnx %d" % i
         (d / f"{g}.onnx").write_bytes(bytes([0x08, 9, 0x32, len(doc)]) + doc)
         graphs[g] = {"file": f"{g}.onnx", "opset": 17, **specs[g].to_dict(), "validation": None}
-    model = {"encoder_embed_dim": 8, "encoder_depth": 1, "encoder_num_heads": 2, "decoder_embed_dim": 8, "decoder_depth": 1,
-             "decoder_num_heads": 2, "mlp_ratio": 4.0, "token_channels": 2, "grid_size": 2, "buffer_size": 4, "num_classes": 10,
-             "diffloss_d": 1, "diffloss_w": 8, "mask": False, "label_drop_prob": 0.1, "attn_dropout": 0.1, "proj_dropout": 0.1,
-             "diffusion_batch_mul": 1, "num_sampling_steps": 100}
-    vae = {"embed_dim": 2, "z_channels": 2, "ch": 8, "ch_mult": [1, 1, 1, 1, 1], "num_res_blocks": 1, "in_channels": 3, "out_ch": 3,
-           "resolution": 32, "attn_resolutions": [], "dropout": 0.0, "gn_groups": 4, "eps": 1e-6}
-    write_manifest(d, {"name": "fake", "created_by": {"far_sdk": far_sdk.__version__}, "model": model, "vae": vae, "latent_scale": 0.2325, "null_class_id": 10, "mlp_width": 8,
-                       "image_size": 32, "sampling_modes": ["nomask", "mask"], "defaults": {}, "graphs": graphs,
-                       "source": {"kind": "unspecified"}})
+    model = {
+        "encoder_embed_dim": 8,
+        "encoder_depth": 1,
+        "encoder_num_heads": 2,
+        "decoder_embed_dim": 8,
+        "decoder_depth": 1,
+        "decoder_num_heads": 2,
+        "mlp_ratio": 4.0,
+        "token_channels": 2,
+        "grid_size": 2,
+        "buffer_size": 4,
+        "num_classes": 10,
+        "diffloss_d": 1,
+        "diffloss_w": 8,
+        "mask": False,
+        "label_drop_prob": 0.1,
+        "attn_dropout": 0.1,
+        "proj_dropout": 0.1,
+        "diffusion_batch_mul": 1,
+        "num_sampling_steps": 100,
+    }
+    vae = {
+        "embed_dim": 2,
+        "z_channels": 2,
+        "ch": 8,
+        "ch_mult": [1, 1, 1, 1, 1],
+        "num_res_blocks": 1,
+        "in_channels": 3,
+        "out_ch": 3,
+        "resolution": 32,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+        "gn_groups": 4,
+        "eps": 1e-6,
+    }
+    write_manifest(
+        d,
+        {
+            "name": "fake",
+            "created_by": {"far_sdk": far_sdk.__version__},
+            "model": model,
+            "vae": vae,
+            "latent_scale": 0.2325,
+            "null_class_id": 10,
+            "mlp_width": 8,
+            "image_size": 32,
+            "sampling_modes": ["nomask", "mask"],
+            "defaults": {},
+            "graphs": graphs,
+            "source": {"kind": "unspecified"},
+        },
+    )
     return Bundle.load(d)
 
 
@@ -79,7 +122,7 @@ class FakeCuda:
     def view(self, ptr, n):
         for base, buf in self.mem.items():
             if base <= ptr and ptr + n <= base + buf.size:
-                return buf[ptr - base: ptr - base + n]
+                return buf[ptr - base : ptr - base + n]
         raise AssertionError(f"access of {n} bytes at {ptr:#x} outside every allocation")
 
     def cudaGetDeviceCount(self):
@@ -185,7 +228,12 @@ def make_fake_trt(cuda: FakeCuda, *, overflow_vae_fp16=False):
             return True
 
         def _shape(self, info):
-            sym = {d: self.shapes[i.name][k] for i in self.e.inputs for k, d in enumerate(i.shape) if isinstance(d, str) and i.name in self.shapes}
+            sym = {
+                d: self.shapes[i.name][k]
+                for i in self.e.inputs
+                for k, d in enumerate(i.shape)
+                if isinstance(d, str) and i.name in self.shapes
+            }
             return tuple(sym[d] if isinstance(d, str) else d for d in info.shape)
 
         def get_tensor_shape(self, name):
@@ -215,7 +263,7 @@ def make_fake_trt(cuda: FakeCuda, *, overflow_vae_fp16=False):
                 dt = np.dtype(dtypes[info.type])
                 feeds[info.name] = cuda.view(ptr, int(np.prod(shape)) * dt.itemsize).view(dt).reshape(shape).copy()
             outs = self.e.session.run([o.name for o in self.e.outputs], feeds)
-            for (info, shape, ptr), out in zip(io[n_in:], outs):
+            for (_info, shape, ptr), out in zip(io[n_in:], outs):
                 if overflow_vae_fp16 and self.e.plan["graph"] == "vae_decoder" and "FP16" in self.e.plan["flags"]:
                     out = np.full_like(out, np.inf)
                 assert out.shape == shape
@@ -309,15 +357,27 @@ def make_fake_trt(cuda: FakeCuda, *, overflow_vae_fp16=False):
 
         def build_serialized_network(self, network, config):
             graph = Path(network.onnx).stem
-            plan = {"graph": graph, "onnx": network.onnx, "profile": config.profiles[0], "flags": sorted(config.flags),
-                    "opt_level": config.builder_optimization_level, "timing_cache_in": config.cache.data.decode()}
+            plan = {
+                "graph": graph,
+                "onnx": network.onnx,
+                "profile": config.profiles[0],
+                "flags": sorted(config.flags),
+                "opt_level": config.builder_optimization_level,
+                "timing_cache_in": config.cache.data.decode(),
+            }
             stats.builds.append(plan)
             return json.dumps(plan).encode()
 
     trt = SimpleNamespace(
-        __version__=ENV.tensorrt, ILogger=ILogger, Runtime=Runtime, Builder=Builder, OnnxParser=OnnxParser,
-        TensorIOMode=enum.Enum("TensorIOMode", "INPUT OUTPUT"), nptype=lambda dt: dt,
-        BuilderFlag=SimpleNamespace(FP16="FP16", BF16="BF16", TF32="TF32"), MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"),
+        __version__=ENV.tensorrt,
+        ILogger=ILogger,
+        Runtime=Runtime,
+        Builder=Builder,
+        OnnxParser=OnnxParser,
+        TensorIOMode=enum.Enum("TensorIOMode", "INPUT OUTPUT"),
+        nptype=lambda dt: dt,
+        BuilderFlag=SimpleNamespace(FP16="FP16", BF16="BF16", TF32="TF32"),
+        MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"),
     )
     return trt, stats
 

@@ -19,20 +19,24 @@ import torch
 from far_sdk.errors import CheckpointError, ConfigError
 from far_sdk.fileio import atomic_writer
 
-from .safe_load import check_finite_state, check_state_dict, safe_torch_load
 from .config import FAR_CONFIGS, GIVE_THE_CONFIG, FARConfig, config_from_official_args
 from .config_t2i import T2I_CONFIGS, T2I_KIND, T2IConfig, is_t2i_state, t2i_config_from_checkpoint
 from .far import FAR
 from .far_t2i import FART2I
+from .safe_load import check_finite_state, check_state_dict, safe_torch_load
 
 log = logging.getLogger(__name__)
 
 
-def _resolve_config(config: FARConfig | T2IConfig | str | None, args: Any, path: Path, state: dict) -> FARConfig | T2IConfig:
+def _resolve_config(
+    config: FARConfig | T2IConfig | str | None, args: Any, path: Path, state: dict
+) -> FARConfig | T2IConfig:
     if is_t2i_state(state):  # FAR-T2I: every shape is in the weights (official head width 64)
         if isinstance(config, FARConfig):
-            raise ConfigError(f"{path} holds a FAR-T2I model (it has context_embed, no class_emb), but a class-conditional "
-                              "FARConfig was given: pass a T2IConfig, a T2I preset name, or no config")
+            raise ConfigError(
+                f"{path} holds a FAR-T2I model (it has context_embed, no class_emb), but a class-conditional "
+                "FARConfig was given: pass a T2IConfig, a T2I preset name, or no config"
+            )
         if isinstance(config, str) and config not in T2I_CONFIGS:
             raise ConfigError(f"unknown FAR-T2I preset {config!r}; choose one of {sorted(T2I_CONFIGS)}")
         if config is None:
@@ -70,7 +74,9 @@ def load_official_checkpoint(
     path = Path(path)
     ckpt = safe_torch_load(path, allowed_globals=[argparse.Namespace])
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, expected the official dict with 'model'/'model_ema'")
+        raise CheckpointError(
+            f"{path} holds a {type(ckpt).__name__}, expected the official dict with 'model'/'model_ema'"
+        )
     key = "model_ema" if use_ema else "model"
     if key not in ckpt:
         if use_ema and "model" in ckpt:
@@ -115,11 +121,21 @@ def save_official_checkpoint(
     elif args is None:
         cfg = model.config
         args = argparse.Namespace(
-            model="custom", img_size=cfg.grid_size * 16, vae_stride=16, patch_size=1,
-            vae_embed_dim=cfg.token_channels, buffer_size=cfg.buffer_size, class_num=cfg.num_classes,
-            diffloss_d=cfg.diffloss_d, diffloss_w=cfg.diffloss_w, mask=cfg.mask,
-            num_sampling_steps=str(cfg.num_sampling_steps), diffusion_batch_mul=cfg.diffusion_batch_mul,
-            label_drop_prob=cfg.label_drop_prob, attn_dropout=cfg.attn_dropout, proj_dropout=cfg.proj_dropout,
+            model="custom",
+            img_size=cfg.grid_size * 16,
+            vae_stride=16,
+            patch_size=1,
+            vae_embed_dim=cfg.token_channels,
+            buffer_size=cfg.buffer_size,
+            class_num=cfg.num_classes,
+            diffloss_d=cfg.diffloss_d,
+            diffloss_w=cfg.diffloss_w,
+            mask=cfg.mask,
+            num_sampling_steps=str(cfg.num_sampling_steps),
+            diffusion_batch_mul=cfg.diffusion_batch_mul,
+            label_drop_prob=cfg.label_drop_prob,
+            attn_dropout=cfg.attn_dropout,
+            proj_dropout=cfg.proj_dropout,
             far_sdk_config=cfg.to_dict(),
         )
     elif isinstance(args, dict):
@@ -139,10 +155,22 @@ def save_official_checkpoint(
 def t2i_checkpoint_args(cfg: T2IConfig, **extra: Any) -> argparse.Namespace:
     """Official ``main_far_t2i.py`` flag names for ``cfg`` plus far-sdk's exact config (``far_sdk_config``)."""
     return argparse.Namespace(
-        model="custom", img_size=cfg.grid_size * 16, vae_stride=16, patch_size=1, vae_embed_dim=cfg.token_channels,
-        buffer_size=0, diffloss_d=cfg.diffloss_d, diffloss_w=cfg.diffloss_w, mask_ratio_min=cfg.mask_ratio_min,
-        num_sampling_steps=str(cfg.num_sampling_steps), diffusion_batch_mul=cfg.diffusion_batch_mul,
-        label_drop_prob=cfg.label_drop_prob, far_sdk_kind=T2I_KIND, far_sdk_config=cfg.to_dict(), **extra)
+        model="custom",
+        img_size=cfg.grid_size * 16,
+        vae_stride=16,
+        patch_size=1,
+        vae_embed_dim=cfg.token_channels,
+        buffer_size=0,
+        diffloss_d=cfg.diffloss_d,
+        diffloss_w=cfg.diffloss_w,
+        mask_ratio_min=cfg.mask_ratio_min,
+        num_sampling_steps=str(cfg.num_sampling_steps),
+        diffusion_batch_mul=cfg.diffusion_batch_mul,
+        label_drop_prob=cfg.label_drop_prob,
+        far_sdk_kind=T2I_KIND,
+        far_sdk_config=cfg.to_dict(),
+        **extra,
+    )
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

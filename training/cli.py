@@ -1,10 +1,10 @@
 """The ``far-train`` command: train FAR, cache VAE latents, train a VAE.
 
-    far-train train --data latents.npz --model far_small --batch-size 64 --steps 10000 --out runs/a
-    torchrun --nproc_per_node 8 -m training.cli train --data latents.safetensors --model far_large --epochs 400 --out runs/b
-    far-train train --data text_latents.npz --model far_t2i_demo --steps 3000 --out runs/t2i   # text-to-image
-    far-train cache-latents --image-root imagenet/train --vae kl16.ckpt --out latents.safetensors
-    far-train train-vae --image-root images/ --vae-config kl16-small --steps 20000 --out vae.pth
+far-train train --data latents.npz --model far_small --batch-size 64 --steps 10000 --out runs/a
+torchrun --nproc_per_node 8 -m training.cli train --data latents.safetensors --model far_large --epochs 400 --out runs/b
+far-train train --data text_latents.npz --model far_t2i_demo --steps 3000 --out runs/t2i   # text-to-image
+far-train cache-latents --image-root imagenet/train --vae kl16.ckpt --out latents.safetensors
+far-train train-vae --image-root images/ --vae-config kl16-small --steps 20000 --out vae.pth
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from far_sdk.cli.run import ArgumentParser, check_writable_dir, check_writable_file, non_negative_int, positive_int, run_command
+from far_sdk.cli.run import (
+    ArgumentParser,
+    check_writable_dir,
+    check_writable_file,
+    non_negative_int,
+    positive_int,
+    run_command,
+)
 from far_sdk.errors import ConfigError
 
 #: The official kl16 tokenizer's latent scale (latents = posterior sample * scale).
@@ -26,18 +33,25 @@ OFFICIAL_LATENT_SCALE = 0.2325
 def _add_train(p: argparse.ArgumentParser) -> None:
     from .config import FAR_CONFIGS
     from .config_t2i import T2I_CONFIGS
-    from .vae import VAE_CONFIGS
+    from .config_vae import VAE_CONFIGS
 
     data = p.add_argument_group("data (one of --data or --image-root)")
-    data.add_argument("--data", help="cached latents (.npz / .safetensors with 'latents' and 'labels'; FAR-T2I: an .npz "
-                                     "with 'latents', 'contexts' (text hidden states) and 'context_index')")
+    data.add_argument(
+        "--data",
+        help="cached latents (.npz / .safetensors with 'latents' and 'labels'; FAR-T2I: an .npz "
+        "with 'latents', 'contexts' (text hidden states) and 'context_index')",
+    )
     data.add_argument("--image-root", help="ImageFolder tree, encoded on the fly through --vae")
     data.add_argument("--vae", help="VAE checkpoint for --image-root (e.g. kl16.ckpt)")
     data.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS))
     data.add_argument("--scale", type=float, default=OFFICIAL_LATENT_SCALE, help="latent scale for --image-root")
     data.add_argument("--num-workers", type=non_negative_int, default=0)
-    p.add_argument("--model", required=True, choices=sorted(FAR_CONFIGS) + sorted(T2I_CONFIGS),
-                   help="model preset (far_t2i*: text-to-image, trained on text hidden states)")
+    p.add_argument(
+        "--model",
+        required=True,
+        choices=sorted(FAR_CONFIGS) + sorted(T2I_CONFIGS),
+        help="model preset (far_t2i*: text-to-image, trained on text hidden states)",
+    )
     p.add_argument("--num-classes", type=positive_int, default=None, help="override the preset's class count")
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=positive_int)
@@ -54,46 +68,74 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusion-batch-mul", type=positive_int, default=None, help="default: the preset's (4)")
     p.add_argument("--mask", action="store_true", help="frequency-aware masking (builds the model with mask=True)")
     p.add_argument("--no-loss-weight", action="store_true", help="train unweighted, like the released models")
-    p.add_argument("--high-t-fraction", type=float, default=0.0,
-                   help="share of diffusion rows with t drawn from [950, 1000): sharpens eps at the noisiest steps, "
-                        "where sampling amplifies its error ~2e4x (0 = official uniform t)")
+    p.add_argument(
+        "--high-t-fraction",
+        type=float,
+        default=0.0,
+        help="share of diffusion rows with t drawn from [950, 1000): sharpens eps at the noisiest steps, "
+        "where sampling amplifies its error ~2e4x (0 = official uniform t)",
+    )
     p.add_argument("--filter", choices=["spatial", "fourier"], default="spatial")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", required=True, help="output directory (checkpoint-last.pth)")
     p.add_argument("--resume", default=None, help="checkpoint file or directory holding checkpoint-last.pth")
-    p.add_argument("--save-every", type=positive_int, default=None, help="steps between checkpoints (always at the end)")
+    p.add_argument(
+        "--save-every", type=positive_int, default=None, help="steps between checkpoints (always at the end)"
+    )
     p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--no-progress", action="store_true")
 
 
 def _run_train(a: argparse.Namespace) -> int:
     from .config import get_config
+    from .config_t2i import T2I_CONFIGS
+    from .config_vae import VAE_CONFIGS
     from .data import load_latents_or_images
     from .train import TrainConfig, train
-    from .vae import VAE_CONFIGS, load_official_vae
-
-    from .config_t2i import T2I_CONFIGS
     from .train_t2i import TextLatentDataset
+    from .vae import load_official_vae
 
     check_writable_dir(a.out, "--out")  # before any data is read
     model = a.model  # the preset's name goes into the checkpoint's args.model unless overridden
     t2i = a.model in T2I_CONFIGS
     if t2i and (a.mask or a.num_classes is not None or a.image_root or a.data is None):
-        raise ConfigError("FAR-T2I trains from --data (an .npz of latents, contexts and context_index) and always "
-                          "masks: drop --mask / --num-classes / --image-root")
+        raise ConfigError(
+            "FAR-T2I trains from --data (an .npz of latents, contexts and context_index) and always "
+            "masks: drop --mask / --num-classes / --image-root"
+        )
     if a.mask or a.num_classes is not None:
         base = get_config(a.model)
-        model = replace(base, mask=base.mask or a.mask,
-                        num_classes=a.num_classes if a.num_classes is not None else base.num_classes)
+        model = replace(
+            base, mask=base.mask or a.mask, num_classes=a.num_classes if a.num_classes is not None else base.num_classes
+        )
     cfg = TrainConfig(
-        model=model, batch_size=a.batch_size, steps=a.steps, epochs=a.epochs, lr=a.lr, blr=a.blr,
-        lr_schedule=a.lr_schedule, warmup_steps=a.warmup, weight_decay=a.weight_decay,
+        model=model,
+        batch_size=a.batch_size,
+        steps=a.steps,
+        epochs=a.epochs,
+        lr=a.lr,
+        blr=a.blr,
+        lr_schedule=a.lr_schedule,
+        warmup_steps=a.warmup,
+        weight_decay=a.weight_decay,
         grad_clip=a.grad_clip if a.grad_clip is not None else (1.0 if t2i else 3.0),
-        ema_rate=a.ema_rate if a.ema_rate is not None else (0.999 if t2i else 0.9999), label_drop=a.label_drop, diffusion_batch_mul=a.diffusion_batch_mul, use_mask=a.mask,
-        use_loss_weight=not a.no_loss_weight, high_t_fraction=a.high_t_fraction, filter=a.filter, precision=a.precision, device=a.device, seed=a.seed,
-        out_dir=a.out, save_every=a.save_every, log_every=a.log_every, num_workers=a.num_workers, resume=a.resume,
+        ema_rate=a.ema_rate if a.ema_rate is not None else (0.999 if t2i else 0.9999),
+        label_drop=a.label_drop,
+        diffusion_batch_mul=a.diffusion_batch_mul,
+        use_mask=a.mask,
+        use_loss_weight=not a.no_loss_weight,
+        high_t_fraction=a.high_t_fraction,
+        filter=a.filter,
+        precision=a.precision,
+        device=a.device,
+        seed=a.seed,
+        out_dir=a.out,
+        save_every=a.save_every,
+        log_every=a.log_every,
+        num_workers=a.num_workers,
+        resume=a.resume,
         progress=not a.no_progress,
     )
     vae = load_official_vae(a.vae, VAE_CONFIGS[a.vae_config]) if a.vae else None
@@ -106,7 +148,7 @@ def _run_train(a: argparse.Namespace) -> int:
 
 
 def _add_cache(p: argparse.ArgumentParser) -> None:
-    from .vae import VAE_CONFIGS
+    from .config_vae import VAE_CONFIGS
 
     p.add_argument("--image-root", required=True, help="ImageFolder tree: ROOT/<class>/<images>")
     p.add_argument("--vae", required=True, help="VAE checkpoint (e.g. kl16.ckpt)")
@@ -121,22 +163,31 @@ def _add_cache(p: argparse.ArgumentParser) -> None:
 
 
 def _run_cache(a: argparse.Namespace) -> int:
-    import torch
+    import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
 
+    from .config_vae import VAE_CONFIGS
     from .data import cache_latents
-    from .vae import VAE_CONFIGS, load_official_vae
+    from .vae import load_official_vae
 
     check_writable_file(a.out, "--out", suffixes=(".npz", ".safetensors"))
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae = load_official_vae(a.vae, VAE_CONFIGS[a.vae_config]).to(device)
-    out = cache_latents(a.image_root, vae, a.out, a.scale, a.batch_size, seed=a.seed,
-                        num_workers=a.num_workers, progress=not a.no_progress)
+    out = cache_latents(
+        a.image_root,
+        vae,
+        a.out,
+        a.scale,
+        a.batch_size,
+        seed=a.seed,
+        num_workers=a.num_workers,
+        progress=not a.no_progress,
+    )
     print(f"wrote {out}")
     return 0
 
 
 def _add_vae(p: argparse.ArgumentParser) -> None:
-    from .vae import VAE_CONFIGS
+    from .config_vae import VAE_CONFIGS
 
     p.add_argument("--image-root", required=True, help="ImageFolder tree (labels are ignored)")
     p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS))
@@ -144,7 +195,9 @@ def _add_vae(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--out", required=True, help="output checkpoint ({'model': state_dict}, loadable by load_official_vae)")
+    p.add_argument(
+        "--out", required=True, help="output checkpoint ({'model': state_dict}, loadable by load_official_vae)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--log-every", type=positive_int, default=50)
@@ -152,15 +205,26 @@ def _add_vae(p: argparse.ArgumentParser) -> None:
 
 
 def _run_vae(a: argparse.Namespace) -> int:
+    from .config_vae import VAE_CONFIGS
     from .data import ImageFolderImages
-    from .vae import VAE_CONFIGS
     from .vae_train import train_vae
 
     check_writable_file(a.out, "--out")
     cfg = VAE_CONFIGS[a.vae_config]
     images = ImageFolderImages(a.image_root, cfg.resolution, flip=True)
-    scale = train_vae(cfg, images, a.steps, a.lr, a.kl_weight, batch_size=a.batch_size, out=a.out, seed=a.seed,
-                      device=a.device, log_every=a.log_every, progress=not a.no_progress)
+    scale = train_vae(
+        cfg,
+        images,
+        a.steps,
+        a.lr,
+        a.kl_weight,
+        batch_size=a.batch_size,
+        out=a.out,
+        seed=a.seed,
+        device=a.device,
+        log_every=a.log_every,
+        progress=not a.no_progress,
+    )
     print(f"wrote {a.out}; latent scale estimate {scale:.4f} (train FAR with --scale {scale:.4f})")
     return 0
 
@@ -182,8 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     level = logging.INFO if main_rank and not a.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    return run_command(f"far-train {a.command}", lambda: COMMANDS[a.command][1](a),
-                       interrupted="interrupted (the last checkpoint written is intact)")
+    return run_command(
+        f"far-train {a.command}",
+        lambda: COMMANDS[a.command][1](a),
+        interrupted="interrupted (the last checkpoint written is intact)",
+    )
+
 
 if __name__ == "__main__":
     sys.exit(main())

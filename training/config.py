@@ -24,18 +24,18 @@ class FARConfig:
     decoder_depth: int = 16
     decoder_num_heads: int = 16
     mlp_ratio: float = 4.0
-    token_channels: int = 16          # vae_embed_dim
-    grid_size: int = 16               # img_size // vae_stride // patch_size
-    buffer_size: int = 64             # class "buffer" tokens prepended to the sequence
-    num_classes: int = 1000           # rows of class_emb (the official model always has 1000)
-    diffloss_d: int = 3               # diffusion-MLP depth (res blocks)
-    diffloss_w: int = 1024            # diffusion-MLP width
-    mask: bool = False                # built for the mask-mode sampler / masked training
+    token_channels: int = 16  # vae_embed_dim
+    grid_size: int = 16  # img_size // vae_stride // patch_size
+    buffer_size: int = 64  # class "buffer" tokens prepended to the sequence
+    num_classes: int = 1000  # rows of class_emb (the official model always has 1000)
+    diffloss_d: int = 3  # diffusion-MLP depth (res blocks)
+    diffloss_w: int = 1024  # diffusion-MLP width
+    mask: bool = False  # built for the mask-mode sampler / masked training
     label_drop_prob: float = 0.1
     attn_dropout: float = 0.1
     proj_dropout: float = 0.1
     diffusion_batch_mul: int = 4
-    num_sampling_steps: int = 100     # the official fixed inner-step count (training-time default)
+    num_sampling_steps: int = 100  # the official fixed inner-step count (training-time default)
 
     def __post_init__(self) -> None:
         for name in ("encoder", "decoder"):
@@ -51,12 +51,13 @@ class FARConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FARConfig":
+    def from_dict(cls, d: dict[str, Any]) -> FARConfig:
         return strict_from_dict(cls, d)
 
 
 def strict_from_dict(cls, d: Mapping[str, Any]):
-    """``cls(**d)`` for a config dataclass, refusing unknown fields with a :class:`ConfigError` naming the known ones."""
+    """``cls(**d)`` for a config dataclass, refusing unknown fields with a :class:`ConfigError` naming the known
+    ones."""
     known = {f.name for f in fields(cls)}
     unknown = set(d) - known
     if unknown:
@@ -65,9 +66,17 @@ def strict_from_dict(cls, d: Mapping[str, Any]):
 
 
 def _preset(d: int, depth: int, heads: int, mlp_d: int, mlp_w: int, **kw: Any) -> FARConfig:
-    return FARConfig(encoder_embed_dim=d, encoder_depth=depth, encoder_num_heads=heads,
-                     decoder_embed_dim=d, decoder_depth=depth, decoder_num_heads=heads,
-                     diffloss_d=mlp_d, diffloss_w=mlp_w, **kw)
+    return FARConfig(
+        encoder_embed_dim=d,
+        encoder_depth=depth,
+        encoder_num_heads=heads,
+        decoder_embed_dim=d,
+        decoder_depth=depth,
+        decoder_num_heads=heads,
+        diffloss_d=mlp_d,
+        diffloss_w=mlp_w,
+        **kw,
+    )
 
 
 #: Size presets. far_base/large/huge carry the released diffusion-MLP sizes (sample.sh/train.sh).
@@ -93,8 +102,10 @@ def get_config(name: str, **overrides: Any) -> FARConfig:
 
 
 #: How to name an architecture the checkpoint cannot tell: in Python and on the command line.
-GIVE_THE_CONFIG = ("Pass config=FARConfig(...) (or a preset name) to load_official_checkpoint; on the command line, "
-                   "`far-export onnx --config cfg.json` (a JSON object of FARConfig fields) or `--model PRESET`.")
+GIVE_THE_CONFIG = (
+    "Pass config=FARConfig(...) (or a preset name) to load_official_checkpoint; on the command line, "
+    "`far-export onnx --config cfg.json` (a JSON object of FARConfig fields) or `--model PRESET`."
+)
 
 # Presets the official code knows by name (the heads come from the name alone).
 OFFICIAL_MODEL_NAMES = ("far_base", "far_large", "far_huge")
@@ -123,10 +134,15 @@ def config_from_official_args(args: Any) -> FARConfig:
     if "img_size" in a and "vae_stride" in a:
         over["grid_size"] = int(a["img_size"]) // int(a["vae_stride"]) // patch
     for src, dst, conv in (
-        ("vae_embed_dim", "token_channels", int), ("buffer_size", "buffer_size", int),
-        ("diffloss_d", "diffloss_d", int), ("diffloss_w", "diffloss_w", int), ("mask", "mask", bool),
-        ("label_drop_prob", "label_drop_prob", float), ("attn_dropout", "attn_dropout", float),
-        ("proj_dropout", "proj_dropout", float), ("diffusion_batch_mul", "diffusion_batch_mul", int),
+        ("vae_embed_dim", "token_channels", int),
+        ("buffer_size", "buffer_size", int),
+        ("diffloss_d", "diffloss_d", int),
+        ("diffloss_w", "diffloss_w", int),
+        ("mask", "mask", bool),
+        ("label_drop_prob", "label_drop_prob", float),
+        ("attn_dropout", "attn_dropout", float),
+        ("proj_dropout", "proj_dropout", float),
+        ("diffusion_batch_mul", "diffusion_batch_mul", int),
         ("num_sampling_steps", "num_sampling_steps", int),
     ):
         if src in a and a[src] is not None:
@@ -168,8 +184,10 @@ def config_from_fields(d: dict[str, Any], where: str = "config") -> FARConfig:
         problems.append(f"missing field(s) {missing}")
     problems += [p for k, v in d.items() if k in kinds and (p := _field_problem(k, kinds[k], v))]
     if problems:
-        raise ConfigError(f"{where}: {'; '.join(problems)}. FARConfig fields: {', '.join(kinds)} "
-                          f"(optional: {', '.join(OPTIONAL_FILE_FIELDS)})")
+        raise ConfigError(
+            f"{where}: {'; '.join(problems)}. FARConfig fields: {', '.join(kinds)} "
+            f"(optional: {', '.join(OPTIONAL_FILE_FIELDS)})"
+        )
     try:
         return FARConfig(**{k: float(v) if kinds[k] == "float" else v for k, v in d.items()})
     except ConfigError as e:  # a rule across fields (heads dividing the width)

@@ -32,23 +32,37 @@ class T2IConfig:
     decoder_embed_dim: int = 1024
     decoder_depth: int = 16
     decoder_num_heads: int = 16
-    attention_head_dim: int = OFFICIAL_HEAD_DIM   # inner attention width = heads * this (64 in the official code)
+    attention_head_dim: int = OFFICIAL_HEAD_DIM  # inner attention width = heads * this (64 in the official code)
     mlp_ratio: float = 4.0
-    token_channels: int = 16          # vae_embed_dim
-    grid_size: int = 16               # img_size // vae_stride // patch_size
-    context_dim: int = 1536           # text-encoder hidden size (Qwen2-VL-1.5B: 1536) -> context_embed input
-    context_len: int = 300            # text tokens per prompt: rows of the null context fake_latent
-    diffloss_d: int = 3               # diffusion-MLP depth (res blocks)
-    diffloss_w: int = 1024            # diffusion-MLP width
-    label_drop_prob: float = 0.1      # share of training rows whose context is replaced by fake_latent
-    mask_ratio_min: float = 0.7       # masked share in training ~ truncated normal(1, 0.25) on [this, 1]
-    diffusion_batch_mul: int = 1      # main_far_t2i.py's default
+    token_channels: int = 16  # vae_embed_dim
+    grid_size: int = 16  # img_size // vae_stride // patch_size
+    context_dim: int = 1536  # text-encoder hidden size (Qwen2-VL-1.5B: 1536) -> context_embed input
+    context_len: int = 300  # text tokens per prompt: rows of the null context fake_latent
+    diffloss_d: int = 3  # diffusion-MLP depth (res blocks)
+    diffloss_w: int = 1024  # diffusion-MLP width
+    label_drop_prob: float = 0.1  # share of training rows whose context is replaced by fake_latent
+    mask_ratio_min: float = 0.7  # masked share in training ~ truncated normal(1, 0.25) on [this, 1]
+    diffusion_batch_mul: int = 1  # main_far_t2i.py's default
     num_sampling_steps: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("encoder_embed_dim", "encoder_depth", "encoder_num_heads", "decoder_embed_dim", "decoder_depth",
-                     "decoder_num_heads", "attention_head_dim", "token_channels", "grid_size", "context_dim",
-                     "context_len", "diffloss_d", "diffloss_w", "diffusion_batch_mul", "num_sampling_steps"):
+        for name in (
+            "encoder_embed_dim",
+            "encoder_depth",
+            "encoder_num_heads",
+            "decoder_embed_dim",
+            "decoder_depth",
+            "decoder_num_heads",
+            "attention_head_dim",
+            "token_channels",
+            "grid_size",
+            "context_dim",
+            "context_len",
+            "diffloss_d",
+            "diffloss_w",
+            "diffusion_batch_mul",
+            "num_sampling_steps",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"T2IConfig.{name} must be a positive int, got {v!r}")
@@ -76,14 +90,23 @@ class T2IConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "T2IConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> T2IConfig:
         return strict_from_dict(cls, d)
 
 
 def _preset(d: int, depth: int, heads: int, head_dim: int, mlp_d: int, mlp_w: int, **kw: Any) -> T2IConfig:
-    return T2IConfig(encoder_embed_dim=d, encoder_depth=depth, encoder_num_heads=heads, decoder_embed_dim=d,
-                     decoder_depth=depth, decoder_num_heads=heads, attention_head_dim=head_dim,
-                     diffloss_d=mlp_d, diffloss_w=mlp_w, **kw)
+    return T2IConfig(
+        encoder_embed_dim=d,
+        encoder_depth=depth,
+        encoder_num_heads=heads,
+        decoder_embed_dim=d,
+        decoder_depth=depth,
+        decoder_num_heads=heads,
+        attention_head_dim=head_dim,
+        diffloss_d=mlp_d,
+        diffloss_w=mlp_w,
+        **kw,
+    )
 
 
 #: Size presets. far_t2i is the official model as run (561,302,560 parameters with the 3 x 1024 MLP).
@@ -108,13 +131,15 @@ def is_t2i_state(state: Mapping[str, Any]) -> bool:
 def _shape(state: Mapping[str, Any], key: str, source: str) -> tuple[int, ...]:
     v = state.get(key)
     if v is None or not hasattr(v, "shape"):
-        raise CheckpointError(f"{source} has no tensor {key!r}, which every FAR-T2I checkpoint holds: "
-                              "the file is not a complete FAR-T2I state dict")
+        raise CheckpointError(
+            f"{source} has no tensor {key!r}, which every FAR-T2I checkpoint holds: "
+            "the file is not a complete FAR-T2I state dict"
+        )
     return tuple(v.shape)
 
 
 def _depth(state: Mapping[str, Any], prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in state if k.startswith(prefix)}
+    idx = {int(k[len(prefix) :].split(".", 1)[0]) for k in state if k.startswith(prefix)}
     return max(idx) + 1 if idx else 0
 
 
@@ -131,26 +156,41 @@ def t2i_config_from_checkpoint(state: Mapping[str, Any], args: Any = None, *, so
     _, T, _ = _shape(state, "fake_latent", source)
     _, Dtxt = _shape(state, "context_embed.weight", source)
     _, L, Dd = _shape(state, "decoder_pos_embed_learned", source)
-    grid = int(round(L ** 0.5))
+    grid = int(round(L**0.5))
     if grid * grid != L:
         raise CheckpointError(f"{source}: decoder_pos_embed_learned has {L} positions, not a square grid")
     inner_e = _shape(state, "encoder_blocks.0.attn1.to_q.weight", source)[0]
     inner_d = _shape(state, "decoder_blocks.0.attn1.to_q.weight", source)[0]
     hd = OFFICIAL_HEAD_DIM
     if inner_e % hd or inner_d % hd:
-        raise ConfigError(f"{source}: attention widths {inner_e}/{inner_d} are not multiples of the official head width "
-                          f"{hd}, so the head count is unknown. Pass config=T2IConfig(...) (or a preset name).")
+        raise ConfigError(
+            f"{source}: attention widths {inner_e}/{inner_d} are not multiples of the official head width "
+            f"{hd}, so the head count is unknown. Pass config=T2IConfig(...) (or a preset name)."
+        )
     W, _ = _shape(state, "diffloss.net.input_proj.weight", source)
     cfg = T2IConfig(
-        encoder_embed_dim=De, encoder_depth=_depth(state, "encoder_blocks."), encoder_num_heads=inner_e // hd,
-        decoder_embed_dim=Dd, decoder_depth=_depth(state, "decoder_blocks."), decoder_num_heads=inner_d // hd,
-        attention_head_dim=hd, mlp_ratio=_shape(state, "encoder_blocks.0.ff.net.2.weight", source)[1] / De,
-        token_channels=C, grid_size=grid, context_dim=Dtxt, context_len=T,
-        diffloss_d=_depth(state, "diffloss.net.res_blocks."), diffloss_w=W)
+        encoder_embed_dim=De,
+        encoder_depth=_depth(state, "encoder_blocks."),
+        encoder_num_heads=inner_e // hd,
+        decoder_embed_dim=Dd,
+        decoder_depth=_depth(state, "decoder_blocks."),
+        decoder_num_heads=inner_d // hd,
+        attention_head_dim=hd,
+        mlp_ratio=_shape(state, "encoder_blocks.0.ff.net.2.weight", source)[1] / De,
+        token_channels=C,
+        grid_size=grid,
+        context_dim=Dtxt,
+        context_len=T,
+        diffloss_d=_depth(state, "diffloss.net.res_blocks."),
+        diffloss_w=W,
+    )
     over: dict[str, Any] = {}
-    for src, dst, conv in (("label_drop_prob", "label_drop_prob", float), ("mask_ratio_min", "mask_ratio_min", float),
-                           ("diffusion_batch_mul", "diffusion_batch_mul", int),
-                           ("num_sampling_steps", "num_sampling_steps", int)):
+    for src, dst, conv in (
+        ("label_drop_prob", "label_drop_prob", float),
+        ("mask_ratio_min", "mask_ratio_min", float),
+        ("diffusion_batch_mul", "diffusion_batch_mul", int),
+        ("num_sampling_steps", "num_sampling_steps", int),
+    ):
         if a.get(src) is not None:
             over[dst] = conv(a[src])
     return replace(cfg, **over) if over else cfg

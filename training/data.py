@@ -41,12 +41,16 @@ class LatentDataset(Dataset):
         except InvalidArgumentError:
             raise
         except Exception as e:  # zipfile.BadZipFile, SafetensorError, OSError, ValueError
-            raise DataError(f"latents file {self.path} is unreadable ({type(e).__name__}: {e}); "
-                                       "re-write it with `far-train cache-latents`") from e
+            raise DataError(
+                f"latents file {self.path} is unreadable ({type(e).__name__}: {e}); "
+                "re-write it with `far-train cache-latents`"
+            ) from e
         if len(shape) != 4 or dtype != "float32":
             raise DataError(f"{self.path}: 'latents' must be float32 [N, C, H, W], found {dtype} {list(shape)}")
         if labels.ndim != 1 or labels.shape[0] != shape[0] or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"{self.path}: 'labels' must be int [N={shape[0]}], found {labels.dtype} {list(labels.shape)}")
+            raise DataError(
+                f"{self.path}: 'labels' must be int [N={shape[0]}], found {labels.dtype} {list(labels.shape)}"
+            )
         if shape[0] == 0 or labels.min() < 0:
             raise DataError(f"{self.path}: needs at least one sample and labels >= 0")
         self.labels = labels.astype(np.int64)
@@ -59,7 +63,7 @@ class LatentDataset(Dataset):
                 _check_keys(self.path, list(f.keys()))
                 self._latents, labels = np.asarray(f["latents"]), np.asarray(f["labels"])
             return self._latents.shape, str(self._latents.dtype), labels
-        from safetensors import safe_open
+        from safetensors import safe_open  # noqa: PLC0415 - loaded when the weights are read
 
         with safe_open(self.path, "np") as f:
             _check_keys(self.path, list(f.keys()))
@@ -75,7 +79,7 @@ class LatentDataset(Dataset):
             x = self._latents[i]
         else:
             if self._handle is None:  # opened lazily, once per (worker) process
-                from safetensors import safe_open
+                from safetensors import safe_open  # noqa: PLC0415 - loaded when the weights are read
 
                 self._handle = safe_open(self.path, "np")
             x = self._handle.get_slice("latents")[i : i + 1][0]
@@ -97,16 +101,21 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Pa
     if not root.is_dir():
         raise DataError(f"image root {root} is not a directory (expected root/<class>/<image files>)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    samples = [(p, i) for i, c in enumerate(classes) for p in sorted((root / c).rglob("*"))
-               if p.suffix.lower() in IMAGE_EXTENSIONS]
+    samples = [
+        (p, i)
+        for i, c in enumerate(classes)
+        for p in sorted((root / c).rglob("*"))
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
     if not samples:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under class folders of {root}")
     return classes, samples
 
 
 def center_crop(image: Any, size: int) -> Any:
-    """ADM centre crop: halve (BOX) while the short side >= 2 size, bicubic-resize the short side to size, crop the centre."""
-    from PIL import Image
+    """ADM centre crop: halve (BOX) while the short side >= 2 size, bicubic-resize the short side to size, crop the
+    centre."""
+    from PIL import Image  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
 
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
@@ -127,7 +136,7 @@ class ImageFolderImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
+        from PIL import Image  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
 
         path, label = self.samples[i]
         with Image.open(path) as im:
@@ -170,28 +179,39 @@ class ImageFolderLatents(Dataset):
 def write_latents(path: str | os.PathLike, latents: np.ndarray, labels: np.ndarray) -> Path:
     """Write ``latents`` float32 [N, C, H, W] and ``labels`` int64 [N] to .npz or .safetensors, atomically."""
     path = Path(path)
-    arrays = {"latents": np.ascontiguousarray(latents, dtype=np.float32),
-              "labels": np.ascontiguousarray(labels, dtype=np.int64)}
+    arrays = {
+        "latents": np.ascontiguousarray(latents, dtype=np.float32),
+        "labels": np.ascontiguousarray(labels, dtype=np.int64),
+    }
     if path.suffix not in (".npz", ".safetensors"):
         raise InvalidArgumentError(f"latents output {path} must end in .npz or .safetensors")
     with atomic_writer(path) as f:
         if path.suffix == ".npz":
             np.savez(f, **arrays)
         else:
-            from safetensors.numpy import save
+            from safetensors.numpy import save  # noqa: PLC0415 - loaded when the weights are read
 
             f.write(save(arrays))
     return path
 
 
-def cache_latents(image_root: str | os.PathLike, vae: AutoencoderKL, out_path: str | os.PathLike, scale: float,
-                  batch: int = 32, *, seed: int = 0, num_workers: int = 0, progress: bool = True) -> Path:
+def cache_latents(
+    image_root: str | os.PathLike,
+    vae: AutoencoderKL,
+    out_path: str | os.PathLike,
+    scale: float,
+    batch: int = 32,
+    *,
+    seed: int = 0,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Path:
     """Encode every image of an ImageFolder tree (centre crop, no flip) and write ``posterior.sample() * scale``.
 
     One fixed sample per image (seeded), unlike the official cache, which stores the posterior moments of the
     image and its mirror and samples anew each epoch. The VAE runs on the device its parameters are on.
     """
-    from tqdm import tqdm
+    from tqdm import tqdm  # noqa: PLC0415 - loaded on first use: `import far_sdk` stays light
 
     images = ImageFolderImages(image_root, vae.config.resolution, flip=False)
     device = next(vae.parameters()).device
@@ -201,16 +221,17 @@ def cache_latents(image_root: str | os.PathLike, vae: AutoencoderKL, out_path: s
     loader = DataLoader(images, batch_size=batch, shuffle=False, num_workers=num_workers)
     with torch.no_grad():
         for x, y in tqdm(loader, desc="encode", disable=not progress):
-            z = vae.encode(x.to(device)).sample(gen) * scale          # (B, E, h, w)
-            lat.append(z.float().cpu().numpy())                        # host sync
+            z = vae.encode(x.to(device)).sample(gen) * scale  # (B, E, h, w)
+            lat.append(z.float().cpu().numpy())  # host sync
             lab.append(y.numpy())
     out = write_latents(out_path, np.concatenate(lat), np.concatenate(lab))
     log.info("wrote %d latents of %d classes to %s", len(images), len(images.classes), out)
     return out
 
 
-def load_latents_or_images(data: str | None, image_root: str | None, vae: AutoencoderKL | None,
-                           scale: float) -> Dataset:
+def load_latents_or_images(
+    data: str | None, image_root: str | None, vae: AutoencoderKL | None, scale: float
+) -> Dataset:
     """The CLI's data choice: a latents file, or an ImageFolder encoded on the fly through ``vae``."""
     if (data is None) == (image_root is None):
         raise InvalidArgumentError("give exactly one of --data (latents file) or --image-root (ImageFolder + --vae)")

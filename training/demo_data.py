@@ -22,11 +22,13 @@ DIGIT_LABELS = {i: str(i) for i in range(10)}
 def load_digits_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits as float32 [N, 3, size, size] in [-1, 1] and int64 labels [N]."""
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # noqa: PLC0415 - the demo's optional dependency
     except ImportError as e:
-        raise ConfigError("the demo dataset needs scikit-learn (pip install scikit-learn); it ships the digits inside the package") from e
+        raise ConfigError(
+            "the demo dataset needs scikit-learn (pip install scikit-learn); it ships the digits inside the package"
+        ) from e
     d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]      # (N, 1, 8, 8)
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]  # (N, 1, 8, 8)
     x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp_(-1, 1)
     return x.repeat(1, 3, 1, 1).contiguous(), torch.from_numpy(d.target.astype(np.int64))
 

@@ -21,11 +21,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features [N, dim] of timesteps t [N]: [cos(t f_k), sin(t f_k)], f_k = exp(-ln(max_period) k / (dim/2))."""
+    """Sinusoidal features [N, dim] of timesteps t [N]: [cos(t f_k), sin(t f_k)], f_k = exp(-ln(max_period) k /
+    (dim/2))."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]                                   # (N, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)              # (N, dim)
+    args = t[:, None].float() * freqs[None]  # (N, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
 
 
 class TimestepEmbedder(nn.Module):
@@ -80,7 +81,8 @@ class SimpleMLPAdaLN(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Official initialisation: Xavier-uniform Linears with zero bias, N(0, .02) time Linears, zero adaLN and output."""
+        """Official initialisation: Xavier-uniform Linears with zero bias, N(0, .02) time Linears, zero adaLN and
+        output."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -106,7 +108,9 @@ class SimpleMLPAdaLN(nn.Module):
         """Denoiser with a precomputed :meth:`condition` (y = time_embed(t) + cond)."""
         return self.trunk(x, self.time_embed(t) + cond)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, level: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Official evaluation order: y = time_embed(t) + cond_embed(c) + index_cond_embed(level)."""
         y = self.time_embed(t) + self.cond_embed(c)
         if level is not None:
@@ -114,19 +118,21 @@ class SimpleMLPAdaLN(nn.Module):
         return self.trunk(x, y)
 
     def trunk(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.input_proj(x)                                               # (N, W)
+        h = self.input_proj(x)  # (N, W)
         for blk in self.res_blocks:
             h = blk(h, y)
-        return self.final_layer(h, y)                                        # (N, 2C)
+        return self.final_layer(h, y)  # (N, 2C)
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, level: torch.Tensor | None, cfg_scale: float) -> torch.Tensor:
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, level: torch.Tensor | None, cfg_scale: float
+    ) -> torch.Tensor:
         """Official CFG wrapper: rows [cond; uncond]; the first half of x is fed to both halves.
 
         Returns [guided; guided] eps and each half's own v, as the official sampler consumes it.
         """
         half = x[: x.shape[0] // 2]
         out = self.forward(torch.cat([half, half]), t, c, level)
-        eps, v = out[:, : self.in_channels], out[:, self.in_channels:]
+        eps, v = out[:, : self.in_channels], out[:, self.in_channels :]
         eps_c, eps_u = eps.chunk(2)
         guided = eps_u + cfg_scale * (eps_c - eps_u)
         return torch.cat([torch.cat([guided, guided]), v], dim=1)
@@ -149,8 +155,9 @@ def _discretized_gaussian_log_likelihood(x, means, log_scales):
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     cdf_delta = cdf_plus - cdf_min
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+    return torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12)))
+    )
 
 
 class DiffLoss(nn.Module):
@@ -168,13 +175,23 @@ class DiffLoss(nn.Module):
         for name, arr in (
             ("sqrt_alphas_cumprod", np.sqrt(tab.alphas_cumprod)),
             ("sqrt_one_minus_alphas_cumprod", np.sqrt(1.0 - tab.alphas_cumprod)),
-            *((n, getattr(tab, n)) for n in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-                                              "posterior_mean_coef2", "posterior_log_variance_clipped", "log_betas")),
+            *(
+                (n, getattr(tab, n))
+                for n in (
+                    "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod",
+                    "posterior_mean_coef1",
+                    "posterior_mean_coef2",
+                    "posterior_log_variance_clipped",
+                    "log_betas",
+                )
+            ),
         ):
             self.register_buffer(name, torch.from_numpy(np.asarray(arr, dtype=np.float32).copy()), persistent=False)
 
-    def loss_terms(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, c: torch.Tensor,
-                   level: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_terms(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, c: torch.Tensor, level: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row (mse, vb) of the official hybrid loss for explicit t [N] and noise [N, C].
 
         x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; mse = mean_c (noise - eps)^2;
@@ -185,7 +202,7 @@ class DiffLoss(nn.Module):
         out = self.net(x_t, t, c, level)
         eps, v = out[:, :C], out[:, C:]
         mse = ((noise - eps) ** 2).mean(dim=1)
-        col = lambda name: getattr(self, name)[t][:, None]                   # noqa: E731  (N, 1) at each row's t
+        col = lambda name: getattr(self, name)[t][:, None]  # noqa: E731  (N, 1) at each row's t
         c1, c2 = col("posterior_mean_coef1"), col("posterior_mean_coef2")
         minlog, maxlog = col("posterior_log_variance_clipped"), col("log_betas")
         true_mean = c1 * x0 + c2 * x_t
@@ -198,8 +215,14 @@ class DiffLoss(nn.Module):
         vb = torch.where(t == 0, nll, kl)
         return mse, vb
 
-    def forward(self, target: torch.Tensor, z: torch.Tensor, level: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        target: torch.Tensor,
+        z: torch.Tensor,
+        level: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Mean training loss over rows (or over masked rows when ``mask`` is given), random t and noise."""
         N = target.shape[0]
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (N,), device=target.device, generator=generator)

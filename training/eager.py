@@ -50,7 +50,9 @@ class OfficialEagerBackend(Backend):
         try:
             self._device = torch.device(device)
         except (RuntimeError, TypeError) as e:
-            raise InvalidArgumentError(f"torch-eager backend device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+            raise InvalidArgumentError(
+                f"torch-eager backend device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+            ) from e
         if threads:
             torch.set_num_threads(int(threads))
         far, vae = load_bundle_models(bundle)
@@ -64,55 +66,77 @@ class OfficialEagerBackend(Backend):
         return str(self._device)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "work": "official: MLP condition and timestep embedding recomputed on every row at every inner step"}
+        return {
+            **super().describe(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "work": "official: MLP condition and timestep embedding recomputed on every row at every inner step",
+        }
 
     def synchronize(self) -> None:
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise InvalidArgumentError("the torch-eager backend runs whole outer steps (Generator.generate), not single graph calls")
+        raise InvalidArgumentError(
+            "the torch-eager backend runs whole outer steps (Generator.generate), not single graph calls"
+        )
 
     def begin(self, conditioning: dict[str, np.ndarray], batch: int, seq_len: int, channels: int) -> LoopState:
         ids = torch.from_numpy(np.ascontiguousarray(conditioning["class_ids"], dtype=np.int64)).to(self._device)
         tokens = torch.zeros(batch, seq_len, channels, device=self._device)
-        return LoopState(conditioning=conditioning, batch=batch, tokens=tokens, raw=tokens, buffers=self._emb_table[ids])  # (2B, D)
+        return LoopState(
+            conditioning=conditioning, batch=batch, tokens=tokens, raw=tokens, buffers=self._emb_table[ids]
+        )  # (2B, D)
 
     @torch.inference_mode()
-    def outer_step(self, state: LoopState, *, level: int, steps: np.ndarray, filter_matrix: np.ndarray | None,
-                   draws: HostDraws | SeededDraws, mark: Mark) -> None:
+    def outer_step(
+        self,
+        state: LoopState,
+        *,
+        level: int,
+        steps: np.ndarray,
+        filter_matrix: np.ndarray | None,
+        draws: HostDraws | SeededDraws,
+        mark: Mark,
+    ) -> None:
         far, dev = self._far, self._device
         tokens = state.tokens
         B, L, C = tokens.shape
-        z = far.condition(torch.cat([tokens, tokens]), state.buffers).reshape(2 * B * L, -1)   # (2BL, D)
+        z = far.condition(torch.cat([tokens, tokens]), state.buffers).reshape(2 * B * L, -1)  # (2BL, D)
         mark("transformer")
         n = int(steps.shape[0])
         host = draws if isinstance(draws, HostDraws) else draws.materialize(n, L, C)
         lvl = torch.full((2 * B * L, 1), float(level), device=dev)
-        x = torch.from_numpy(np.ascontiguousarray(host.x)).to(dev).reshape(B * L, C)          # (BL, C): x_T
-        noises = torch.from_numpy(np.ascontiguousarray(host.noises)).to(dev)                   # (n, B, L, C)
+        x = torch.from_numpy(np.ascontiguousarray(host.x)).to(dev).reshape(B * L, C)  # (BL, C): x_T
+        noises = torch.from_numpy(np.ascontiguousarray(host.noises)).to(dev)  # (n, B, L, C)
         for i, row in enumerate(torch.from_numpy(np.ascontiguousarray(steps)).to(dev)):
-            out = official_mlp_call(far.diffloss.net, x, z, lvl, row)                         # (2BL, 2C)
+            out = official_mlp_call(far.diffloss.net, x, z, lvl, row)  # (2BL, 2C)
             x = ddpm_update(out, x, noises[i].reshape(B * L, C), row)
         raw = x.reshape(B, L, C)
         mark("denoise")
         if filter_matrix is not None:
-            tokens = low_pass_tokens(raw, torch.from_numpy(np.ascontiguousarray(filter_matrix, dtype=np.float32)).to(dev))
+            tokens = low_pass_tokens(
+                raw, torch.from_numpy(np.ascontiguousarray(filter_matrix, dtype=np.float32)).to(dev)
+            )
         else:
             tokens = raw
         mark("filter")
         state.raw, state.tokens = raw, tokens
 
     def fetch(self, array: Any) -> np.ndarray:
-        return array.to("cpu", dtype=torch.float32).numpy()                                   # host sync
+        return array.to("cpu", dtype=torch.float32).numpy()  # host sync
 
     def all_finite(self, array: Any) -> bool:
-        return bool(torch.isfinite(array).all())                                              # host sync
+        return bool(torch.isfinite(array).all())  # host sync
 
     @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        return self._decoder(torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)).to(self._device)).cpu().numpy()
+        return (
+            self._decoder(torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)).to(self._device))
+            .cpu()
+            .numpy()
+        )
 
     def close(self) -> None:
         self._far = self._decoder = None

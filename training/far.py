@@ -31,8 +31,9 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.attn_drop if self.training else 0.0)  # (B, H, N, hd)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
+        )  # (B, H, N, hd)
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x))
 
@@ -82,7 +83,7 @@ def kept_attention_mask(keep: torch.Tensor) -> torch.Tensor:
     kept row reads and the decoder replaces (:func:`refill`). Every row has at least one allowed key
     even when nothing is kept (a T2I model has no buffer rows), so no softmax is over an empty set.
     """
-    return (keep[:, None, :] | ~keep[:, :, None])[:, None]                      # (B, 1, T, T)
+    return (keep[:, None, :] | ~keep[:, :, None])[:, None]  # (B, 1, T, T)
 
 
 def refill(x: torch.Tensor, keep: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ class FAR(nn.Module):
         self.config = cfg = config
         De, Dd, K, L, C = cfg.encoder_embed_dim, cfg.decoder_embed_dim, cfg.buffer_size, cfg.seq_len, cfg.token_channels
         # Direct parameters first: their order is the official state-dict order.
-        self.fake_latent = nn.Parameter(torch.zeros(1, De))                    # the null-class embedding
+        self.fake_latent = nn.Parameter(torch.zeros(1, De))  # the null-class embedding
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, K + L, De))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, K + L, Dd))
@@ -121,19 +122,32 @@ class FAR(nn.Module):
         self.z_proj = nn.Linear(C, De)
         self.z_proj_ln = nn.LayerNorm(De, eps=1e-6)
         self.encoder_blocks = nn.ModuleList(
-            [Block(De, cfg.encoder_num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout) for _ in range(cfg.encoder_depth)])
+            [
+                Block(De, cfg.encoder_num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout)
+                for _ in range(cfg.encoder_depth)
+            ]
+        )
         self.encoder_norm = nn.LayerNorm(De, eps=1e-6)
         self.decoder_embed = nn.Linear(De, Dd)
         self.decoder_blocks = nn.ModuleList(
-            [Block(Dd, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout) for _ in range(cfg.decoder_depth)])
+            [
+                Block(Dd, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout)
+                for _ in range(cfg.decoder_depth)
+            ]
+        )
         self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
         self.diffloss = DiffLoss(C, Dd, cfg.diffloss_d, cfg.diffloss_w)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """Official initialisation (mask_token stays zero unless the model is built for masking)."""
-        for p in (self.fake_latent, self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,
-                  self.diffusion_pos_embed_learned, self.class_emb.weight):
+        for p in (
+            self.fake_latent,
+            self.encoder_pos_embed_learned,
+            self.decoder_pos_embed_learned,
+            self.diffusion_pos_embed_learned,
+            self.class_emb.weight,
+        ):
             nn.init.normal_(p, std=0.02)
         if self.config.mask:
             nn.init.normal_(self.mask_token, std=0.02)
@@ -151,18 +165,20 @@ class FAR(nn.Module):
         return torch.cat([self.class_emb(labels), self.fake_latent.expand(labels.shape[0], -1)])
 
     # ---- transformer ----------------------------------------------------------------------------
-    def forward_encoder(self, tokens: torch.Tensor, class_embedding: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_encoder(
+        self, tokens: torch.Tensor, class_embedding: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens [B, L, C], class_embedding [B, D] -> [B, K + L_kept, D]. mask [B, L]: 1 = dropped
         (the official gather: needs the same kept count in every row; :meth:`condition_static` has static shapes)."""
         B, L, _ = tokens.shape
         K = self.config.buffer_size
-        x = self.z_proj(tokens)                                              # (B, L, D)
-        buf = class_embedding[:, None, :].expand(B, K, -1).to(x.dtype)       # all K buffer rows = the class
-        x = torch.cat([buf, x], dim=1)                                       # (B, K + L, D)
+        x = self.z_proj(tokens)  # (B, L, D)
+        buf = class_embedding[:, None, :].expand(B, K, -1).to(x.dtype)  # all K buffer rows = the class
+        x = torch.cat([buf, x], dim=1)  # (B, K + L, D)
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
         if mask is not None and self.config.mask:
             keep = torch.cat([torch.ones(B, K, dtype=torch.bool, device=x.device), ~mask.bool()], dim=1)
-            x = x[keep].reshape(B, -1, x.shape[-1])                          # (B, K + L_kept, D)
+            x = x[keep].reshape(B, -1, x.shape[-1])  # (B, K + L_kept, D)
         for blk in self.encoder_blocks:
             x = blk(x)
         return self.encoder_norm(x)
@@ -181,9 +197,11 @@ class FAR(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
-        return x[:, K:] + self.diffusion_pos_embed_learned                  # (B, L, D)
+        return x[:, K:] + self.diffusion_pos_embed_learned  # (B, L, D)
 
-    def condition(self, tokens: torch.Tensor, class_embedding: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def condition(
+        self, tokens: torch.Tensor, class_embedding: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The transformer: current tokens [B, L, C] + class embedding [B, D] -> z [B, L, D]."""
         return self.forward_decoder(self.forward_encoder(tokens, class_embedding, mask), mask)
 
@@ -197,11 +215,11 @@ class FAR(nn.Module):
             return self.condition(tokens, class_embedding)
         B, L, _ = tokens.shape
         K = self.config.buffer_size
-        x = self.z_proj(tokens)                                              # (B, L, D)
+        x = self.z_proj(tokens)  # (B, L, D)
         buf = class_embedding[:, None, :].expand(B, K, -1).to(x.dtype)
         x = self.z_proj_ln(torch.cat([buf, x], dim=1) + self.encoder_pos_embed_learned)  # (B, K + L, D)
-        keep = kept_rows(mask, K)                                            # (B, K + L) bool
-        attn_mask = kept_attention_mask(keep)                                # (B, 1, K + L, K + L)
+        keep = kept_rows(mask, K)  # (B, K + L) bool
+        attn_mask = kept_attention_mask(keep)  # (B, 1, K + L, K + L)
         for blk in self.encoder_blocks:
             x = blk(x, attn_mask)
         x = refill(self.decoder_embed(self.encoder_norm(x)), keep, self.mask_token)  # (B, K + L, Dd)
@@ -209,11 +227,18 @@ class FAR(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
-        return x[:, K:] + self.diffusion_pos_embed_learned                  # (B, L, Dd)
+        return x[:, K:] + self.diffusion_pos_embed_learned  # (B, L, Dd)
 
     # ---- training ---------------------------------------------------------------------------------
-    def forward(self, tokens_in: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, level: int,
-                mask: torch.Tensor | None = None, drop_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens_in: torch.Tensor,
+        labels: torch.Tensor,
+        target: torch.Tensor,
+        level: int,
+        mask: torch.Tensor | None = None,
+        drop_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Training loss for one batch at frequency ``level``.
 
         tokens_in [B, L, C]: the level's low-passed latents (model input); target [B, L, C]: the clean
@@ -223,7 +248,7 @@ class FAR(nn.Module):
         emb = self.class_emb(labels)
         if drop_labels is not None:
             emb = torch.where(drop_labels[:, None], self.fake_latent.expand(B, -1).to(emb.dtype), emb)
-        z = self.condition(tokens_in, emb, mask)                              # (B, L, D)
+        z = self.condition(tokens_in, emb, mask)  # (B, L, D)
         mul = self.config.diffusion_batch_mul
         z = z.reshape(B * L, -1).repeat(mul, 1)
         tgt = target.reshape(B * L, C).repeat(mul, 1)

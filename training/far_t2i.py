@@ -30,7 +30,7 @@ from torch import nn
 
 from .config_t2i import T2IConfig
 from .diffloss import DiffLoss
-from .far import init_transformer_layers
+from .far import init_transformer_layers, kept_attention_mask, kept_rows, refill
 
 #: diffusers' BasicTransformerBlock LayerNorm epsilon (norm_eps=1e-5, elementwise_affine=False).
 BLOCK_NORM_EPS = 1e-5
@@ -48,16 +48,17 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(kv_dim or dim, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, N, _ = x.shape
-        kv = x if context is None else context                                   # (B, M, Dkv)
+        kv = x if context is None else context  # (B, M, Dkv)
         H, hd = self.heads, self.head_dim
-        q = self.to_q(x).reshape(B, N, H, hd).transpose(1, 2)                    # (B, H, N, hd)
-        k = self.to_k(kv).reshape(B, kv.shape[1], H, hd).transpose(1, 2)         # (B, H, M, hd)
+        q = self.to_q(x).reshape(B, N, H, hd).transpose(1, 2)  # (B, H, N, hd)
+        k = self.to_k(kv).reshape(B, kv.shape[1], H, hd).transpose(1, 2)  # (B, H, M, hd)
         v = self.to_v(kv).reshape(B, kv.shape[1], H, hd).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0 / math.sqrt(hd))  # (B, H, N, hd)
-        return self.to_out[0](o.transpose(1, 2).reshape(B, N, H * hd))           # (B, N, D)
+        return self.to_out[0](o.transpose(1, 2).reshape(B, N, H * hd))  # (B, N, D)
 
 
 class GELUProj(nn.Module):
@@ -110,7 +111,7 @@ class FART2I(nn.Module):
         self.config = cfg = config
         De, Dd, L, C, T = cfg.encoder_embed_dim, cfg.decoder_embed_dim, cfg.seq_len, cfg.token_channels, cfg.context_len
         # Direct parameters first, in the official state-dict order.
-        self.fake_latent = nn.Parameter(torch.zeros(1, T, De))                    # the null (projected) context
+        self.fake_latent = nn.Parameter(torch.zeros(1, T, De))  # the null (projected) context
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L, De))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L, Dd))
@@ -120,11 +121,13 @@ class FART2I(nn.Module):
         self.z_proj_ln = nn.LayerNorm(De, eps=1e-6)
         hd = cfg.attention_head_dim
         self.encoder_blocks = nn.ModuleList(
-            [TransformerBlock(De, cfg.encoder_num_heads, hd, De, cfg.mlp_ratio) for _ in range(cfg.encoder_depth)])
+            [TransformerBlock(De, cfg.encoder_num_heads, hd, De, cfg.mlp_ratio) for _ in range(cfg.encoder_depth)]
+        )
         self.encoder_norm = nn.LayerNorm(De, eps=1e-6)
         self.decoder_embed = nn.Linear(De, Dd)
         self.decoder_blocks = nn.ModuleList(
-            [TransformerBlock(Dd, cfg.decoder_num_heads, hd, De, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)])
+            [TransformerBlock(Dd, cfg.decoder_num_heads, hd, De, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)]
+        )
         self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
         self.diffloss = DiffLoss(C, Dd, cfg.diffloss_d, cfg.diffloss_w)
         self.initialize_weights()
@@ -132,8 +135,13 @@ class FART2I(nn.Module):
     def initialize_weights(self) -> None:
         """Official initialisation: N(0, .02) for the five direct parameters, Xavier-uniform Linears with zero
         bias and unit/zero affine LayerNorms in the transformer (the diffusion MLP keeps its own)."""
-        for p in (self.fake_latent, self.mask_token, self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,
-                  self.diffusion_pos_embed_learned):
+        for p in (
+            self.fake_latent,
+            self.mask_token,
+            self.encoder_pos_embed_learned,
+            self.decoder_pos_embed_learned,
+            self.diffusion_pos_embed_learned,
+        ):
             nn.init.normal_(p, std=0.02)
         init_transformer_layers(self, stop_at=self.diffloss)
 
@@ -148,13 +156,15 @@ class FART2I(nn.Module):
         return torch.cat([emb, self.fake_latent.expand(emb.shape[0], -1, -1).to(emb.dtype)])
 
     # ---- transformer ----------------------------------------------------------------------------
-    def forward_encoder(self, tokens: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_encoder(
+        self, tokens: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens [B, L, C], projected context [B, T, D], mask [B, L] (1 = dropped) -> [B, L_kept, D]."""
-        x = self.z_proj_ln(self.z_proj(tokens) + self.encoder_pos_embed_learned)   # (B, L, D)
+        x = self.z_proj_ln(self.z_proj(tokens) + self.encoder_pos_embed_learned)  # (B, L, D)
         if mask is not None:
             keep = ~mask.bool()
             B, D = x.shape[0], x.shape[-1]
-            x = x[keep].reshape(B, int(keep.sum()) // B, D)                         # (B, L_kept, D); host sync
+            x = x[keep].reshape(B, int(keep.sum()) // B, D)  # (B, L_kept, D); host sync
         for blk in self.encoder_blocks:
             x = blk(x, context)
         return self.encoder_norm(x)
@@ -164,13 +174,13 @@ class FART2I(nn.Module):
         x = self.decoder_embed(x)
         if mask is not None:
             B, L = mask.shape
-            full = self.mask_token.to(x.dtype).expand(B, L, -1).clone()              # (B, L, D)
+            full = self.mask_token.to(x.dtype).expand(B, L, -1).clone()  # (B, L, D)
             full[~mask.bool()] = x.reshape(-1, x.shape[-1])
             x = full
         x = x + self.decoder_pos_embed_learned
         for blk in self.decoder_blocks:
             x = blk(x, context)
-        return self.decoder_norm(x) + self.diffusion_pos_embed_learned             # (B, L, D)
+        return self.decoder_norm(x) + self.diffusion_pos_embed_learned  # (B, L, D)
 
     def condition(self, tokens: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The transformer: current tokens [B, L, C] + projected context [B, T, D] -> z [B, L, D]."""
@@ -181,30 +191,36 @@ class FART2I(nn.Module):
         self-attention runs on all L rows under :func:`training.far.kept_attention_mask` instead of gathering the
         kept ones, and the decoder's refill with ``mask_token`` is a select (:func:`training.far.refill`). Dropped
         rows' cross-attention and feed-forward are per row, so no kept row reads them."""
-        from .far import kept_attention_mask, kept_rows, refill
 
-        x = self.z_proj_ln(self.z_proj(tokens) + self.encoder_pos_embed_learned)   # (B, L, D)
-        keep = kept_rows(mask, 0)                                                   # (B, L) bool
-        attn_mask = kept_attention_mask(keep)                                       # (B, 1, L, L)
+        x = self.z_proj_ln(self.z_proj(tokens) + self.encoder_pos_embed_learned)  # (B, L, D)
+        keep = kept_rows(mask, 0)  # (B, L) bool
+        attn_mask = kept_attention_mask(keep)  # (B, 1, L, L)
         for blk in self.encoder_blocks:
             x = blk(x, context, attn_mask)
         x = refill(self.decoder_embed(self.encoder_norm(x)), keep, self.mask_token)  # (B, L, Dd)
         x = x + self.decoder_pos_embed_learned
         for blk in self.decoder_blocks:
             x = blk(x, context)
-        return self.decoder_norm(x) + self.diffusion_pos_embed_learned             # (B, L, Dd)
+        return self.decoder_norm(x) + self.diffusion_pos_embed_learned  # (B, L, Dd)
 
     # ---- training ---------------------------------------------------------------------------------
-    def forward(self, tokens_in: torch.Tensor, context: torch.Tensor, target: torch.Tensor, levels: torch.Tensor,
-                mask: torch.Tensor | None = None, drop_context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens_in: torch.Tensor,
+        context: torch.Tensor,
+        target: torch.Tensor,
+        levels: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        drop_context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Training loss of one batch: tokens_in [B, L, C] (each row low-passed to its own level), text hidden
         states context [B, T, Dtxt], clean target [B, L, C], levels [B], mask [B, L] (1 = dropped),
         drop_context [B] bool (rows that get fake_latent, for CFG)."""
         B, L, C = target.shape
-        ctx = self.context_embedding(context)                                          # (B, T, D)
+        ctx = self.context_embedding(context)  # (B, T, D)
         if drop_context is not None:
             ctx = torch.where(drop_context[:, None, None], self.fake_latent.to(ctx.dtype), ctx)
-        z = self.condition(tokens_in, ctx, mask)                                       # (B, L, D)
+        z = self.condition(tokens_in, ctx, mask)  # (B, L, D)
         mul = self.config.diffusion_batch_mul
         z = z.reshape(B * L, -1).repeat(mul, 1)
         tgt = target.reshape(B * L, C).repeat(mul, 1)

@@ -10,7 +10,7 @@ the two spellings equal.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -31,15 +31,15 @@ def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _matrix_cpu(level: int, kind: str, n: int) -> torch.Tensor:
-    return torch.from_numpy(np.array(filter_matrix(level, kind, n)))     # float64, read-only source copied
+    return torch.from_numpy(np.array(filter_matrix(level, kind, n)))  # float64, read-only source copied
 
 
 def low_pass(latents: torch.Tensor, level: int, kind: FilterType = "spatial") -> torch.Tensor:
     """Level ``level`` of latents [B, C, H, W]: M X M^T per channel (all zeros at level 0), in the input's dtype."""
-    m = _matrix_cpu(level, kind, latents.shape[-1]).to(latents)               # (H, H)
-    return m @ latents @ m.T                                                    # (B, C, H, W)
+    m = _matrix_cpu(level, kind, latents.shape[-1]).to(latents)  # (H, H)
+    return m @ latents @ m.T  # (B, C, H, W)
 
 
 def low_pass_tokens(tokens: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ def low_pass_tokens(tokens: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def low_pass_per_sample(latents: torch.Tensor, levels: torch.Tensor, kind: FilterType = "spatial") -> torch.Tensor:
     """Row b of latents [B, C, H, W] low-passed to its own level levels[b] (CPU int tensor; zeros at level 0)."""
     out = torch.empty_like(latents)
-    for lv in torch.unique(levels).tolist():                                   # CPU levels: no device sync
+    for lv in torch.unique(levels).tolist():  # CPU levels: no device sync
         rows = (levels == lv).nonzero().flatten().to(latents.device)
         out[rows] = low_pass(latents[rows], int(lv), kind)
     return out

@@ -14,9 +14,12 @@ from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import BundleError
 
 from .config import FARConfig
+from .config_t2i import T2IConfig
+from .config_vae import VAEConfig
 from .far import FAR
+from .far_t2i import FART2I
 from .graph_modules import VAEDecoderGraph
-from .vae import AutoencoderKL, VAEConfig
+from .vae import AutoencoderKL
 
 
 def load_bundle_models(bundle: Bundle) -> tuple[FAR, AutoencoderKL]:
@@ -27,13 +30,10 @@ def load_bundle_models(bundle: Bundle) -> tuple[FAR, AutoencoderKL]:
     prefixes: dict[str, Any] = m.get("weights", {}).get("prefixes", {"far": "far.", "vae": "vae."})
     state = bundle.load_torch_weights()
     pf, pv = prefixes["far"], prefixes["vae"]
-    far_sd = {k[len(pf):]: v for k, v in state.items() if k.startswith(pf)}
-    vae_sd = {k[len(pv):]: v for k, v in state.items() if k.startswith(pv)}
+    far_sd = {k[len(pf) :]: v for k, v in state.items() if k.startswith(pf)}
+    vae_sd = {k[len(pv) :]: v for k, v in state.items() if k.startswith(pv)}
     with torch.device("meta"):
         if m.get("conditioning") == "text":
-            from .config_t2i import T2IConfig
-            from .far_t2i import FART2I
-
             far = FART2I(T2IConfig.from_dict(m["model"]))
         else:
             far = FAR(FARConfig.from_dict(m["model"]))
@@ -42,10 +42,14 @@ def load_bundle_models(bundle: Bundle) -> tuple[FAR, AutoencoderKL]:
         far.load_state_dict(far_sd, strict=True, assign=True)
         missing, unexpected = vae.load_state_dict(vae_sd, strict=False, assign=True)
     except RuntimeError as e:
-        raise BundleError(f"{bundle.path}/weights.safetensors does not match the manifest's model config: {str(e).splitlines()[0]}") from e
+        raise BundleError(
+            f"{bundle.path}/weights.safetensors does not match the manifest's model config: {str(e).splitlines()[0]}"
+        ) from e
     bad = [k for k in missing if k.startswith(("decoder.", "post_quant_conv."))]
     if bad or unexpected:
-        raise BundleError(f"{bundle.path}/weights.safetensors: VAE decoder keys missing {bad[:5]} / unexpected {unexpected[:5]}")
+        raise BundleError(
+            f"{bundle.path}/weights.safetensors: VAE decoder keys missing {bad[:5]} / unexpected {unexpected[:5]}"
+        )
     return far.eval(), vae.eval()
 
 

@@ -20,13 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from far_sdk.maths.diffusion import Step as S
 from far_sdk.errors import InvalidArgumentError
+from far_sdk.maths.diffusion import Step as S
 
 from .diffloss import SimpleMLPAdaLN, timestep_features
 from .far import FAR
 from .vae import AutoencoderKL
-
 
 
 class TransformerGraph(nn.Module):
@@ -47,21 +46,25 @@ class TransformerGraph(nn.Module):
         if far.config.mask:
             self.input_names = TransformerGraph.input_names + ("mask",)
 
-    def forward(self, tokens: torch.Tensor, class_ids: torch.Tensor, level: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, class_ids: torch.Tensor, level: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         far, net = self.far, self.far.diffloss.net
         if far.config.mask and mask is None:
-            raise InvalidArgumentError("this model was built with mask=True: its transformer needs the mask [N, L] (mask mode)")
-        table = torch.cat([far.class_emb.weight, far.fake_latent])            # (num_classes + 1, D); folded at export
-        emb = F.embedding(class_ids, table)                                  # (N, D): one Gather
+            raise InvalidArgumentError(
+                "this model was built with mask=True: its transformer needs the mask [N, L] (mask mode)"
+            )
+        table = torch.cat([far.class_emb.weight, far.fake_latent])  # (num_classes + 1, D); folded at export
+        emb = F.embedding(class_ids, table)  # (N, D): one Gather
         z = far.condition(tokens, emb) if mask is None else far.condition_static(tokens, emb, mask)  # (N, L, D)
         # level [1] -> [1, 1, 1]: index_cond_embed gives one [1, 1, W] row, broadcast over all tokens
         # (the reference applies the same Linear to an identical row per token).
-        return net.condition(z, level.reshape(1, 1, 1))                      # (N, L, W)
+        return net.condition(z, level.reshape(1, 1, 1))  # (N, L, W)
 
 
 class TextTransformerGraph(nn.Module):
-    """The FAR-T2I transformer graph: cond = cond_embed(far.condition_static(tokens, ctx, mask)) + index_cond_embed(level)
+    """The FAR-T2I transformer graph: cond = cond_embed(far.condition_static(tokens, ctx, mask)) +
+    index_cond_embed(level)
     with ctx = ``fake_latent`` where null > 0.5 (the unconditional CFG rows), else ``context_embed(context)``.
 
     context [N, T, D_text] text hidden states, null [N] float (1 / 0), mask [N, L] float (1 = dropped): T2I
@@ -76,13 +79,14 @@ class TextTransformerGraph(nn.Module):
         super().__init__()
         self.far = far
 
-    def forward(self, tokens: torch.Tensor, context: torch.Tensor, null: torch.Tensor, level: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, context: torch.Tensor, null: torch.Tensor, level: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         far, net = self.far, self.far.diffloss.net
-        emb = far.context_embedding(context)                                 # (N, T, D)
+        emb = far.context_embedding(context)  # (N, T, D)
         emb = torch.where(null.reshape(-1, 1, 1) > 0.5, far.fake_latent.to(emb.dtype), emb)
-        z = far.condition_static(tokens, emb, mask)                          # (N, L, D)
-        return net.condition(z, level.reshape(1, 1, 1))                      # (N, L, W)
+        z = far.condition_static(tokens, emb, mask)  # (N, L, D)
+        return net.condition(z, level.reshape(1, 1, 1))  # (N, L, W)
 
 
 class DenoiserGraph(nn.Module):
@@ -104,18 +108,18 @@ class DenoiserGraph(nn.Module):
     def forward(self, x: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
         W = cond.shape[-1]
-        xf = x.reshape(B * L, C)                                             # (BL, C)
-        h = torch.cat([xf, xf])                                              # (2BL, C): both CFG halves see x
+        xf = x.reshape(B * L, C)  # (BL, C)
+        h = torch.cat([xf, xf])  # (2BL, C): both CFG halves see x
         # The time embedding of one [1] timestep is broadcast over the rows: every row of the
         # reference gets the same t, so computing it once gives the same values (to float32 rounding:
         # a 1-row GEMM may round differently) at 1/2BL of the cost.
         # ``step`` stays float32 under reduced precision; the features are cast to the network's
         # dtype (a no-op in fp32, where this is exactly net.forward_with_condition).
         net = self.net
-        t = step[S.timestep:S.timestep + 1]                                                  # (1,)
+        t = step[S.timestep : S.timestep + 1]  # (1,)
         temb = net.time_embed.mlp(timestep_features(t, net.time_embed.freq_dim).to(cond.dtype))  # (1, W)
         out = net.trunk(h.to(cond.dtype), temb + cond.reshape(2 * B * L, W))  # (2BL, 2C)
-        return ddpm_update(out, xf, noise.reshape(B * L, C), step).reshape(B, L, C).to(x.dtype)   # (B, L, C)
+        return ddpm_update(out, xf, noise.reshape(B * L, C), step).reshape(B, L, C).to(x.dtype)  # (B, L, C)
 
 
 def ddpm_update(out: torch.Tensor, xf: torch.Tensor, noise: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -128,15 +132,17 @@ def ddpm_update(out: torch.Tensor, xf: torch.Tensor, noise: torch.Tensor, step: 
     At t = 999, x0 = 2e4 x - 2e4 eps loses everything in bf16, hence fp32 (no-op casts in an fp32 graph).
     """
     C = xf.shape[-1]
-    dt = torch.float64 if xf.dtype == torch.float64 else torch.float32        # at least fp32 (a float64 reference stays float64)
-    out = out.to(dt).reshape(2, -1, 2 * C)                                   # (2, N, 2C): [cond; uncond]
+    dt = (
+        torch.float64 if xf.dtype == torch.float64 else torch.float32
+    )  # at least fp32 (a float64 reference stays float64)
+    out = out.to(dt).reshape(2, -1, 2 * C)  # (2, N, 2C): [cond; uncond]
     xf = xf.to(dt)
-    eps_c, eps_u = out[0, :, :C], out[1, :, :C]                              # (N, C) each
+    eps_c, eps_u = out[0, :, :C], out[1, :, :C]  # (N, C) each
     eps = eps_u + step[S.cfg_scale] * (eps_c - eps_u)
-    v = out[0, :, C:]                                                        # (N, C): conditional half's v
+    v = out[0, :, C:]  # (N, C): conditional half's v
     x0 = step[S.x0_coef_x] * xf - step[S.x0_coef_eps] * eps
     clip = step[S.x0_clip]
-    x0 = torch.minimum(torch.maximum(x0, -clip), clip)                       # +inf (official): exact no-op
+    x0 = torch.minimum(torch.maximum(x0, -clip), clip)  # +inf (official): exact no-op
     mean = step[S.mean_coef_x0] * x0 + step[S.mean_coef_xt] * xf
     frac = (v + 1) / 2
     log_var = frac * step[S.max_log_var] + (1 - frac) * step[S.min_log_var]
@@ -167,23 +173,26 @@ class FusedDenoiserStep(nn.Module):
         net = self.net
         return net.time_embed.mlp(timestep_features(timesteps, net.time_embed.freq_dim).to(dtype))
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor, temb: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """x, noise [B, L, C] fp32; cond [2, B, L, W]; temb [W] (a :meth:`time_table` row); step [>= 10] fp32 -> x_prev fp32."""
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor, temb: torch.Tensor, step: torch.Tensor
+    ) -> torch.Tensor:
+        """x, noise [B, L, C] fp32; cond [2, B, L, W]; temb [W] (a :meth:`time_table` row); step [>= 10] fp32 ->
+        x_prev fp32."""
         B, L, C = x.shape
         W = cond.shape[-1]
         net = self.net
-        xf = x.reshape(B * L, C)                                             # (BL, C)
-        y = temb + cond.reshape(2 * B * L, W)                                # (2BL, W): as DenoiserGraph
-        mods = F.linear(F.silu(y), self.ada_weight, self.ada_bias)           # (2BL, (3 depth + 2) W)
-        h = net.input_proj(torch.cat([xf, xf]).to(cond.dtype))               # (2BL, W)
+        xf = x.reshape(B * L, C)  # (BL, C)
+        y = temb + cond.reshape(2 * B * L, W)  # (2BL, W): as DenoiserGraph
+        mods = F.linear(F.silu(y), self.ada_weight, self.ada_bias)  # (2BL, (3 depth + 2) W)
+        h = net.input_proj(torch.cat([xf, xf]).to(cond.dtype))  # (2BL, W)
         off = 0
         for blk in net.res_blocks:
-            shift, scale, gate = mods[:, off:off + 3 * W].chunk(3, dim=-1)
+            shift, scale, gate = mods[:, off : off + 3 * W].chunk(3, dim=-1)
             off += 3 * W
             h = h + gate * blk.mlp(blk.in_ln(h) * (1 + scale) + shift)
-        shift, scale = mods[:, off:off + 2 * W].chunk(2, dim=-1)
+        shift, scale = mods[:, off : off + 2 * W].chunk(2, dim=-1)
         fl = net.final_layer
-        out = fl.linear(fl.norm_final(h) * (1 + scale) + shift)              # (2BL, 2C)
+        out = fl.linear(fl.norm_final(h) * (1 + scale) + shift)  # (2BL, 2C)
         return ddpm_update(out, xf, noise.reshape(B * L, C), step).reshape(B, L, C)
 
 

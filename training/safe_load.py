@@ -37,7 +37,9 @@ def safe_torch_load(path: str | os.PathLike, allowed_globals: Iterable[type] = (
             with zipfile.ZipFile(path) as zf:
                 bad = zf.testzip()
         except (zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"checkpoint {path} is not a readable zip archive ({e}): it is probably truncated") from e
+            raise CheckpointError(
+                f"checkpoint {path} is not a readable zip archive ({e}): it is probably truncated"
+            ) from e
         if bad is not None:
             raise CheckpointError(f"checkpoint {path} is corrupted: member {bad!r} fails its CRC check")
     allowed = list(allowed_globals)
@@ -49,7 +51,9 @@ def safe_torch_load(path: str | os.PathLike, allowed_globals: Iterable[type] = (
     except RuntimeError as e:
         msg = str(e)
         if "central directory" in msg or "PytorchStreamReader" in msg:
-            raise CheckpointError(f"checkpoint {path} is truncated or not a torch checkpoint: {msg.splitlines()[0]}") from e
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or not a torch checkpoint: {msg.splitlines()[0]}"
+            ) from e
         raise CheckpointError(f"checkpoint {path} could not be read: {msg.splitlines()[0]}") from e
     except Exception as e:  # pickle.UnpicklingError for disallowed globals, among others
         first = _unsafe_reason(e)
@@ -66,17 +70,25 @@ def _unsafe_reason(e: BaseException) -> str:
     for ln in lines:
         if ln.startswith("WeightsUnpickler error:"):
             reason = ln.removeprefix("WeightsUnpickler error:").strip()
-            return reason.split(". ")[0].rstrip(".") if "weights_only" in reason.split(". ", 1)[-1] else reason.rstrip(".")
+            return (
+                reason.split(". ")[0].rstrip(".") if "weights_only" in reason.split(". ", 1)[-1] else reason.rstrip(".")
+            )
     safe = [ln for ln in lines if "weights_only" not in ln and "trust" not in ln.lower()]
     return (safe[0] if safe else type(e).__name__).rstrip(".")
 
 
 def check_finite_state(state: Mapping[str, Any], *, source: str) -> None:
     """Refuse NaN or inf in any floating-point tensor of ``state`` (a corrupted or diverged checkpoint)."""
-    nonfinite = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    nonfinite = [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
     if nonfinite:
-        raise CheckpointError(f"{source} has NaN or inf values in {_short(nonfinite)}: the file is corrupted or the run diverged; "
-                              "use an earlier checkpoint or re-download it")
+        raise CheckpointError(
+            f"{source} has NaN or inf values in {_short(nonfinite)}: the file is corrupted or the run diverged; "
+            "use an earlier checkpoint or re-download it"
+        )
 
 
 def check_state_dict(
@@ -115,7 +127,8 @@ def check_state_dict(
         if not_tensor:
             parts.append(f"not dense float tensors: {_short(not_tensor)}")
         raise CheckpointError(
-            f"{source} does not match the model: " + "; ".join(parts)
+            f"{source} does not match the model: "
+            + "; ".join(parts)
             + ". Check that the file and the model config (or preset name) belong together."
         )
 

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from far_sdk.errors import InvalidArgumentError
 from far_sdk.maths.diffusion import DDIMTables, ddim_tables
 from far_sdk.maths.diffusion import Step as S
-from far_sdk.errors import InvalidArgumentError
 from far_sdk.maths.noise import NoiseFn, SeededNoise
 from far_sdk.maths.schedules import SamplingPlan, mask_keep_counts
 from far_sdk.options import SamplingOptions, resolve_plan
@@ -44,8 +43,8 @@ class ReferenceStep:
 
     step: int
     level: int
-    raw: torch.Tensor        # the inner loop's output
-    latents: torch.Tensor    # what is handed to the next step (filtered / masked), or the final output
+    raw: torch.Tensor  # the inner loop's output
+    latents: torch.Tensor  # what is handed to the next step (filtered / masked), or the final output
 
 
 def _check_labels(labels: Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -66,22 +65,31 @@ def official_mlp_call(net, x: torch.Tensor, z: torch.Tensor, lvl: torch.Tensor, 
     return net(torch.cat([x, x]), t, z, lvl)
 
 
-def _ddim_textbook(out: torch.Tensor, x: torch.Tensor, nz: torch.Tensor, tab: DDIMTables, k: int, cfg: float, temperature: float,
-                   x0_clip: float | None) -> torch.Tensor:
+def _ddim_textbook(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    nz: torch.Tensor,
+    tab: DDIMTables,
+    k: int,
+    cfg: float,
+    temperature: float,
+    x0_clip: float | None,
+) -> torch.Tensor:
     """DDIM step k as the textbook update (Song et al. 2021, eq. 12) from the chain's own tables, not the
     folded (c1, c2) row the denoiser graph runs, so the parity tests check the folding:
-    x0 = a x - b eps (clipped); eps' = (a x - x0) / b; x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps' + sigma z."""
+    x0 = a x - b eps (clipped); eps' = (a x - x0) / b; x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2)
+    eps' + sigma z."""
     C = x.shape[1]
-    f32 = lambda v: float(np.float32(v))                                      # noqa: E731  each float64 value cast on its own
+    f32 = lambda v: float(np.float32(v))  # noqa: E731  each float64 value cast on its own
     eps_c, eps_u = out[:, :C].chunk(2)
     eps = eps_u + cfg * (eps_c - eps_u)
     a, b = f32(tab.sqrt_recip_alphas_cumprod[k]), f32(tab.sqrt_recipm1_alphas_cumprod[k])
     x0 = a * x - b * eps
     if x0_clip is not None:
         x0 = x0.clamp(-x0_clip, x0_clip)
-    eps_x0 = (a * x - x0) / b                                                 # eps re-derived from the clipped x0
+    eps_x0 = (a * x - x0) / b  # eps re-derived from the clipped x0
     ac_prev, sig = tab.alphas_cumprod_prev[k], tab.sigmas[k]
-    d = np.sqrt(max(1 - ac_prev - sig ** 2, 0.0))
+    d = np.sqrt(max(1 - ac_prev - sig**2, 0.0))
     return f32(np.sqrt(ac_prev)) * x0 + f32(d) * eps_x0 + f32(sig) * nz * temperature
 
 
@@ -116,13 +124,20 @@ def iter_reference(
 
 
 @torch.no_grad()
-def iter_conditioned(model: torch.nn.Module, emb: torch.Tensor, plan: SamplingPlan, *, seed: int = 0,
-                     noise: NoiseFn | None = None, orders: np.ndarray | None = None) -> Iterator[ReferenceStep]:
+def iter_conditioned(
+    model: torch.nn.Module,
+    emb: torch.Tensor,
+    plan: SamplingPlan,
+    *,
+    seed: int = 0,
+    noise: NoiseFn | None = None,
+    orders: np.ndarray | None = None,
+) -> Iterator[ReferenceStep]:
     """The sampling loop of :func:`iter_reference` for any FAR whose ``condition(tokens, emb, mask)`` takes
     the CFG batch's conditioning ``emb`` (2B rows, conditional half first): class embeddings [2B, D]
     (:class:`FAR`) or projected text contexts [2B, T, D] (:class:`training.far_t2i.FART2I`)."""
     cfg = model.config
-    if plan.mode == "nomask" and cfg.mask:   # the official sample_tokens_nomask crashes on such a model
+    if plan.mode == "nomask" and cfg.mask:  # the official sample_tokens_nomask crashes on such a model
         raise InvalidArgumentError("a model built with mask=True samples in mask mode only (mode='mask')")
     # mode "mask" on a mask=False model: its transformer ignores the mask and sees the zeroed tokens (official)
     device = next(model.parameters()).device
@@ -146,21 +161,21 @@ def iter_conditioned(model: torch.nn.Module, emb: torch.Tensor, plan: SamplingPl
     for s in range(plan.num_steps):
         level, cfg_s, temp_s = plan.levels[s], plan.cfg[s], plan.temperature[s]
         m2 = torch.cat([mask, mask]) if mask is not None else None
-        z = model.condition(torch.cat([tokens, tokens]), emb, m2)             # (2B, L, D)
+        z = model.condition(torch.cat([tokens, tokens]), emb, m2)  # (2B, L, D)
         z = z.reshape(2 * B * L, -1)
         lvl = torch.full((2 * B * L, 1), float(level), device=device, dtype=dtype)
         n = plan.inner_steps[s]
-        rows = torch.from_numpy(plan.step_table(s)).to(device)               # (n, len(Step)) fp32, noisiest first
+        rows = torch.from_numpy(plan.step_table(s)).to(device)  # (n, len(Step)) fp32, noisiest first
         ddim = ddim_tables(n, plan.eta) if plan.inner_sampler == "ddim" else None
-        x = draw()                                                            # (B*L, C): x_T, conditional half
+        x = draw()  # (B*L, C): x_T, conditional half
         for i, row in enumerate(rows):
-            out = official_mlp_call(net, x, z, lvl, row)                      # (2BL, 2C)
+            out = official_mlp_call(net, x, z, lvl, row)  # (2BL, 2C)
             nz = draw()
             if ddim is not None:
                 x = _ddim_textbook(out, x, nz, ddim, n - 1 - i, cfg_s, temp_s, plan.x0_clip)
             else:
-                x = ddpm_update(out, x, nz, row).to(dtype)                     # the one DDPM step (Step's formula)
-        raw = tokens_to_grid(x.reshape(B, L, C), G)                          # (B, C, H, W)
+                x = ddpm_update(out, x, nz, row).to(dtype)  # the one DDPM step (Step's formula)
+        raw = tokens_to_grid(x.reshape(B, L, C), G)  # (B, C, H, W)
         nxt = raw
         after = plan.filter_after[s]
         if after is not None:
@@ -178,6 +193,6 @@ def iter_conditioned(model: torch.nn.Module, emb: torch.Tensor, plan: SamplingPl
 def sample_reference(model: FAR, class_labels, **kwargs) -> torch.Tensor:
     """Drain :func:`iter_reference`; returns the final latents [B, C, H, W] (decode with ``vae.decode(x / scale)``)."""
     last = None
-    for last in iter_reference(model, class_labels, **kwargs):
+    for last in iter_reference(model, class_labels, **kwargs):  # noqa: B007 - drained: the last step is the result
         pass
     return last.latents

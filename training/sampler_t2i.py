@@ -30,6 +30,7 @@ from far_sdk.options import T2I_DEFAULTS, SamplingOptions, resolve_text_plan
 from .far_t2i import FART2I
 from .sampler import ReferenceStep, iter_conditioned
 
+
 def t2i_plan(**options) -> SamplingPlan:
     """The official T2I schedule (:data:`far_sdk.options.T2I_DEFAULTS`; mask mode, constant CFG) with ``options``
     (:class:`far_sdk.SamplingOptions` fields: cfg, temperature, inner_steps, ...) put over it."""
@@ -41,18 +42,27 @@ def _check_context(model: FART2I, context: torch.Tensor | np.ndarray) -> torch.T
     c = torch.as_tensor(context)
     want = (cfg.context_len, cfg.context_dim)
     if c.ndim != 3 or tuple(c.shape[1:]) != want or c.shape[0] == 0:
-        raise InvalidArgumentError(f"context must be text hidden states [B, {want[0]}, {want[1]}] (B >= 1) for this model, "
-                                   f"got shape {list(c.shape)}; encode prompts with the model's text encoder "
-                                   "(training.text_encoder) padded/truncated to its context length")
+        raise InvalidArgumentError(
+            f"context must be text hidden states [B, {want[0]}, {want[1]}] (B >= 1) for this model, "
+            f"got shape {list(c.shape)}; encode prompts with the model's text encoder "
+            "(training.text_encoder) padded/truncated to its context length"
+        )
     if not c.is_floating_point() or not bool(torch.isfinite(c).all()):
         raise InvalidArgumentError("context must hold finite floating-point values")
     return c
 
 
 @torch.no_grad()
-def iter_reference_t2i(model: FART2I, context: torch.Tensor | np.ndarray, *, plan: SamplingPlan | None = None,
-                       seed: int = 0, noise: NoiseFn | None = None, orders: np.ndarray | None = None,
-                       **plan_options) -> Iterator[ReferenceStep]:
+def iter_reference_t2i(
+    model: FART2I,
+    context: torch.Tensor | np.ndarray,
+    *,
+    plan: SamplingPlan | None = None,
+    seed: int = 0,
+    noise: NoiseFn | None = None,
+    orders: np.ndarray | None = None,
+    **plan_options,
+) -> Iterator[ReferenceStep]:
     """Run the T2I reference sampler on text hidden states ``context`` [B, T, Dtxt], yielding each outer step.
 
     ``plan`` (or ``plan_options`` for :func:`t2i_plan`: cfg, temperature, inner_steps, ...) fixes the
@@ -60,8 +70,10 @@ def iter_reference_t2i(model: FART2I, context: torch.Tensor | np.ndarray, *, pla
     (default: from the noise source, ``noise.orders``).
     """
     if not isinstance(model, FART2I):
-        raise InvalidArgumentError(f"iter_reference_t2i needs a FART2I model, got {type(model).__name__}; "
-                                   "class-conditional models use training.sampler.iter_reference")
+        raise InvalidArgumentError(
+            f"iter_reference_t2i needs a FART2I model, got {type(model).__name__}; "
+            "class-conditional models use training.sampler.iter_reference"
+        )
     if plan is None:
         plan = t2i_plan(**plan_options)
     elif plan_options:
@@ -74,6 +86,6 @@ def iter_reference_t2i(model: FART2I, context: torch.Tensor | np.ndarray, *, pla
 def sample_reference_t2i(model: FART2I, context, **kwargs) -> torch.Tensor:
     """Drain :func:`iter_reference_t2i`; the final latents [B, C, H, W] (decode with ``vae.decode(x / scale)``)."""
     last = None
-    for last in iter_reference_t2i(model, context, **kwargs):
+    for last in iter_reference_t2i(model, context, **kwargs):  # noqa: B007 - drained: the last step is the result
         pass
     return last.latents

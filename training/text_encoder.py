@@ -32,24 +32,33 @@ from far_sdk.errors import CheckpointError, ConfigError, InvalidArgumentError
 #: source indentation included: it is part of what the encoder saw in training).
 QWEN2VL_SYSTEM_PROMPT = (
     'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for '
-    'image generation.\n\n    Examples:\n    - User Prompt: A cat sleeping -> A small, fluffy white cat curled up in a '
-    'round shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.\n     - '
-    'User Prompt: A busy city street -> A bustling city street scene at dusk, featuring glowing street lamps, a diverse '
-    'crowd of people in colorful clothing, and a double-decker bus passing by towering glass skyscrapers.\n\n    Please '
-    'generate only the enhanced description for the prompt below and DO NOT include any additional sentences. Start '
+    "image generation.\n\n    Examples:\n    - User Prompt: A cat sleeping -> A small, fluffy white cat curled up in a "
+    "round shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.\n     - "
+    "User Prompt: A busy city street -> A bustling city street scene at dusk, featuring glowing street lamps, a "
+    "diverse "
+    "crowd of people in colorful clothing, and a double-decker bus passing by towering glass skyscrapers.\n\n    "
+    "Please "
+    "generate only the enhanced description for the prompt below and DO NOT include any additional sentences. Start "
     'your response with "Enhanced Prompt:".\n\n    User Prompt:\n'
 )
 #: Tokens per prompt of the official encoder (``text_tokenizer_max_length``).
 OFFICIAL_MAX_LENGTH = 300
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _transformers():
     try:
-        import transformers
+        import transformers  # noqa: PLC0415 - text-encoder dependency: loaded when used
     except ImportError as e:
-        raise ConfigError("text encoders need transformers and tokenizers: pip install 'far-sdk[t2i]' "
-                          "(or pip install transformers tokenizers)") from e
+        raise ConfigError(
+            "text encoders need transformers and tokenizers: pip install 'far-sdk[t2i]' "
+            "(or pip install transformers tokenizers)"
+        ) from e
     return transformers
 
 
@@ -57,8 +66,10 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "text encoder") -> P
     """Check that ``path`` holds a transformers model and its tokenizer; CheckpointError naming what is missing."""
     p = Path(path)
     if not p.is_dir():
-        raise CheckpointError(f"{what} directory {p} does not exist: download the model (e.g. Qwen2-VL-1.5B-Instruct) "
-                              "once and pass its local directory; far-sdk never downloads at run time")
+        raise CheckpointError(
+            f"{what} directory {p} does not exist: download the model (e.g. Qwen2-VL-1.5B-Instruct) "
+            "once and pass its local directory; far-sdk never downloads at run time"
+        )
     missing = []
     if not (p / "config.json").is_file():
         missing.append("config.json (the model config)")
@@ -74,8 +85,10 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "text encoder") -> P
     if not ((p / "tokenizer.json").is_file() or ((p / "vocab.json").is_file() and (p / "merges.txt").is_file())):
         missing.append("the tokenizer (tokenizer.json, or vocab.json + merges.txt)")
     if missing:
-        raise CheckpointError(f"{what} directory {p} is missing {'; '.join(missing)}. Copy the complete model "
-                              "directory (as saved by transformers' save_pretrained / the model hub) there.")
+        raise CheckpointError(
+            f"{what} directory {p} is missing {'; '.join(missing)}. Copy the complete model "
+            "directory (as saved by transformers' save_pretrained / the model hub) there."
+        )
     return p
 
 
@@ -93,8 +106,9 @@ def _token_ids(tokenizer: Any, text: str, max_length: int, padding: str) -> torc
 
 
 @torch.no_grad()
-def encode_prompts(model: Any, tokenizer: Any, prompts: Sequence[str], max_length: int,
-                   system_prompt: str | None = None) -> torch.Tensor:
+def encode_prompts(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_length: int, system_prompt: str | None = None
+) -> torch.Tensor:
     """The official prompt path -> float32 [B, max_length, hidden] (spec §11; ``models/tools.encode_prompts``).
 
     ids_b = tokenizer(prompt_b) padded to / truncated at max_length; mask_b = ids_b != pad id. With a system
@@ -109,25 +123,37 @@ def encode_prompts(model: Any, tokenizer: Any, prompts: Sequence[str], max_lengt
     mask = ids != tokenizer.pad_token_id
     n_sys = 0
     if system_prompt is not None:
-        sys_ids = _token_ids(tokenizer, system_prompt, max_length, "longest").to(device)[None]       # (1, S)
+        sys_ids = _token_ids(tokenizer, system_prompt, max_length, "longest").to(device)[None]  # (1, S)
         n_sys = sys_ids.shape[1]
-        ids = torch.cat([sys_ids.expand(ids.shape[0], -1), ids], dim=1)                             # (B, S + T)
+        ids = torch.cat([sys_ids.expand(ids.shape[0], -1), ids], dim=1)  # (B, S + T)
         mask = torch.cat([torch.ones(ids.shape[0], n_sys, dtype=torch.bool, device=device), mask], dim=1)
     out = model(ids, attention_mask=mask.long(), output_hidden_states=True)
-    return out.hidden_states[-1][:, n_sys:].float()                                                  # (B, T, H)
+    return out.hidden_states[-1][:, n_sys:].float()  # (B, T, H)
 
 
 class Qwen2VLPromptEncoder:
     """The official FAR-T2I text encoder: ``encode(prompts)`` -> [B, 300, hidden] float32."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_length: int = OFFICIAL_MAX_LENGTH,
-                 system_prompt: str | None = QWEN2VL_SYSTEM_PROMPT):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_length: int = OFFICIAL_MAX_LENGTH,
+        system_prompt: str | None = QWEN2VL_SYSTEM_PROMPT,
+    ):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length, self.system_prompt = int(max_length), system_prompt
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, **kwargs) -> "Qwen2VLPromptEncoder":
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **kwargs,
+    ) -> Qwen2VLPromptEncoder:
         """Load Qwen2-VL (``AutoModel``: its language model, no LM head) and tokenizer from a local directory."""
         p = check_model_dir(path, what="Qwen2-VL text encoder")
         tf = _transformers()
@@ -158,15 +184,21 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Any:
     """A byte-level BPE tokenizer trained on ``texts`` with ``tokenizers`` (Qwen2's scheme: byte-level, no prefix
     space, pad = ``<|endoftext|>``, right padding), as a transformers fast tokenizer."""
     tf = _transformers()
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415 - text-encoder dependency: loaded when used
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(list(texts), trainer)
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=PAD_TOKEN, padding_side="right")
+    return tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=PAD_TOKEN, padding_side="right"
+    )
 
 
 class SmallTextEncoder:
@@ -177,31 +209,52 @@ class SmallTextEncoder:
         self.model, self.tokenizer, self.context_len = model, tokenizer, int(context_len)
 
     @classmethod
-    def build(cls, captions: Sequence[str], *, context_len: int = 16, hidden_size: int = 64, layers: int = 2,
-              heads: int = 4, vocab_size: int = 512, seed: int = 0) -> "SmallTextEncoder":
+    def build(
+        cls,
+        captions: Sequence[str],
+        *,
+        context_len: int = 16,
+        hidden_size: int = 64,
+        layers: int = 2,
+        heads: int = 4,
+        vocab_size: int = 512,
+        seed: int = 0,
+    ) -> SmallTextEncoder:
         """Train the tokenizer on ``captions`` and build a randomly initialised (seeded) Qwen2Model around it."""
         tf = _transformers()
         tokenizer = train_bpe_tokenizer(captions, vocab_size)
-        config = tf.Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                                max_position_embeddings=max(64, context_len), pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=None, eos_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+        config = tf.Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=4 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=max(64, context_len),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+            eos_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
         torch.manual_seed(seed)
         return cls(tf.Qwen2Model(config).eval(), tokenizer, context_len)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "SmallTextEncoder":
+    def from_pretrained(cls, path: str | os.PathLike) -> SmallTextEncoder:
         p = check_model_dir(path, what="small text encoder")
         tf = _transformers()
         meta = p / "far_text_encoder.json"
         if not meta.is_file():
-            raise CheckpointError(f"small text encoder directory {p} is missing far_text_encoder.json (its context "
-                                  "length); save the encoder with SmallTextEncoder.save_pretrained")
+            raise CheckpointError(
+                f"small text encoder directory {p} is missing far_text_encoder.json (its context "
+                "length); save the encoder with SmallTextEncoder.save_pretrained"
+            )
         context_len = int(json.loads(meta.read_text())["context_len"])
         # the saved tokenizer.json exactly (AutoTokenizer would pick Qwen2Tokenizer from config.json and
         # re-derive its pre-tokenizer, which splits differently from the one trained here)
-        tokenizer = tf.PreTrainedTokenizerFast(tokenizer_file=str(p / "tokenizer.json"), pad_token=PAD_TOKEN,
-                                               eos_token=PAD_TOKEN, padding_side="right")
+        tokenizer = tf.PreTrainedTokenizerFast(
+            tokenizer_file=str(p / "tokenizer.json"), pad_token=PAD_TOKEN, eos_token=PAD_TOKEN, padding_side="right"
+        )
         return cls(tf.Qwen2Model.from_pretrained(p, local_files_only=True).eval(), tokenizer, context_len)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:

@@ -36,8 +36,8 @@ _TWO_PI = float(TWO_PI_F32)
 
 def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(a*m >> 32, a*m & 0xFFFFFFFF) for int64 a in [0, 2**32) and a constant 0 <= m < 2**32, exactly."""
-    p_lo = (a & _LO16) * m                                    # < 2**48
-    p_hi = (a >> 16) * m                                      # < 2**48
+    p_lo = (a & _LO16) * m  # < 2**48
+    p_hi = (a >> 16) * m  # < 2**48
     lo = (p_lo + ((p_hi & _LO16) << 16)) & _LO32
     hi = (p_hi + (p_lo >> 16)) >> 16
     return hi, lo
@@ -48,7 +48,9 @@ def _check(seeds: torch.Tensor, start: torch.Tensor, count: int) -> torch.Tensor
     if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1:
         raise InvalidArgumentError(f"seeds must be an int64 tensor [B] (each in [0, 2**63)), got {_describe(seeds)}")
     if not isinstance(start, torch.Tensor) or start.dtype != torch.int64 or start.numel() != 1 or start.dim() > 1:
-        raise InvalidArgumentError(f"start must be an int64 tensor of shape [] or [1] (a position >= 0), got {_describe(start)}")
+        raise InvalidArgumentError(
+            f"start must be an int64 tensor of shape [] or [1] (a position >= 0), got {_describe(start)}"
+        )
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise InvalidArgumentError(f"count must be a non-negative Python int (a static shape), got {count!r}")
     return start.reshape(()).to(seeds.device)
@@ -60,20 +62,20 @@ def _describe(x) -> str:
 
 def _philox_blocks(seeds: torch.Tensor, block0: torch.Tensor, nblocks: int, stream: int) -> list[torch.Tensor]:
     """Words r0..r3 (int64 [B, nblocks] each) of Philox blocks block0 .. block0 + nblocks - 1 of each seed."""
-    b = block0 + torch.arange(nblocks, device=seeds.device, dtype=torch.int64)   # (nb,)
-    c0 = (b & _LO32).unsqueeze(0)                                                # (1, nb)
+    b = block0 + torch.arange(nblocks, device=seeds.device, dtype=torch.int64)  # (nb,)
+    c0 = (b & _LO32).unsqueeze(0)  # (1, nb)
     c1 = (b >> 32).unsqueeze(0)
     c2 = torch.full_like(c0, stream)
     c3 = torch.zeros_like(c0)
-    k0 = (seeds & _LO32).unsqueeze(1)                                            # (B, 1)
+    k0 = (seeds & _LO32).unsqueeze(1)  # (B, 1)
     k1 = ((seeds >> 32) & _LO32).unsqueeze(1)
     for _ in range(PHILOX_ROUNDS):
         hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
         hi1, lo1 = _mulhilo32(c2, PHILOX_M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0                  # (B, nb) from round 1 on
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0  # (B, nb) from round 1 on
         k0 = (k0 + PHILOX_W0) & _LO32
         k1 = (k1 + PHILOX_W1) & _LO32
-    return [c0, c1, c2, c3]                                                      # (B, nb) each
+    return [c0, c1, c2, c3]  # (B, nb) each
 
 
 def _span(start: torch.Tensor, count: int) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -83,11 +85,13 @@ def _span(start: torch.Tensor, count: int) -> tuple[torch.Tensor, int, torch.Ten
     and select the count wanted columns with an index tensor (fixed shape, device-side values).
     """
     nblocks = (count + 6) // 4
-    idx = (start & 3) + torch.arange(count, device=start.device, dtype=torch.int64)   # (count,)
+    idx = (start & 3) + torch.arange(count, device=start.device, dtype=torch.int64)  # (count,)
     return start >> 2, nblocks, idx
 
 
-def philox_uint32_torch(seeds: torch.Tensor, start: torch.Tensor, count: int, stream: int = NORMAL_STREAM) -> torch.Tensor:
+def philox_uint32_torch(
+    seeds: torch.Tensor, start: torch.Tensor, count: int, stream: int = NORMAL_STREAM
+) -> torch.Tensor:
     """int64 [B, count] holding uint32 words start..start+count-1 of stream ``stream`` of each seed.
 
     Equal, bit for bit, to :func:`far_sdk.maths.noise.philox_uint32`. seeds: int64 [B] in [0, 2**63); start:
@@ -98,7 +102,7 @@ def philox_uint32_torch(seeds: torch.Tensor, start: torch.Tensor, count: int, st
         raise InvalidArgumentError(f"stream must be a Python int in [0, 2**32), got {stream!r}")
     block0, nblocks, idx = _span(start, count)
     words = torch.stack(_philox_blocks(seeds, block0, nblocks, stream), dim=-1)  # (B, nb, 4)
-    return words.reshape(seeds.shape[0], 4 * nblocks).index_select(1, idx)        # (B, count)
+    return words.reshape(seeds.shape[0], 4 * nblocks).index_select(1, idx)  # (B, count)
 
 
 def philox_normals_torch(seeds: torch.Tensor, start: torch.Tensor, count: int) -> torch.Tensor:
@@ -111,11 +115,18 @@ def philox_normals_torch(seeds: torch.Tensor, start: torch.Tensor, count: int) -
     """
     start = _check(seeds, start, count)
     block0, nblocks, idx = _span(start, count)
-    r = _philox_blocks(seeds, block0, nblocks, NORMAL_STREAM)                   # 4 x (B, nb)
-    u = [((w >> 9).to(torch.float32) + 0.5) * 2.0**-23 for w in r]             # exact, in (0, 1)
+    r = _philox_blocks(seeds, block0, nblocks, NORMAL_STREAM)  # 4 x (B, nb)
+    u = [((w >> 9).to(torch.float32) + 0.5) * 2.0**-23 for w in r]  # exact, in (0, 1)
     rad_a = torch.sqrt(-2.0 * torch.log(u[0]))
     rad_b = torch.sqrt(-2.0 * torch.log(u[2]))
     theta_a, theta_b = u[1] * _TWO_PI, u[3] * _TWO_PI
-    z = torch.stack([rad_a * torch.cos(theta_a), rad_a * torch.sin(theta_a),
-                     rad_b * torch.cos(theta_b), rad_b * torch.sin(theta_b)], dim=-1)   # (B, nb, 4)
-    return z.reshape(seeds.shape[0], 4 * nblocks).index_select(1, idx)            # (B, count)
+    z = torch.stack(
+        [
+            rad_a * torch.cos(theta_a),
+            rad_a * torch.sin(theta_a),
+            rad_b * torch.cos(theta_b),
+            rad_b * torch.sin(theta_b),
+        ],
+        dim=-1,
+    )  # (B, nb, 4)
+    return z.reshape(seeds.shape[0], 4 * nblocks).index_select(1, idx)  # (B, count)

@@ -38,23 +38,29 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def validation_loss(model: FAR, latents: torch.Tensor, labels: torch.Tensor, level: int,
-                    generator: torch.Generator, kind: FilterType = "spatial") -> float:
+def validation_loss(
+    model: FAR,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    level: int,
+    generator: torch.Generator,
+    kind: FilterType = "spatial",
+) -> float:
     """Deterministic loss of one batch at one level: mean of mse + vb with t and noise drawn from
     ``generator`` (CPU), eval mode (no dropout), no label drop, no mask, no weight."""
     was_training = model.training
     model.eval()
     B, C = latents.shape[:2]
     x_in = low_pass(latents, level, kind)
-    z = model.condition(grid_to_tokens(x_in), model.class_emb(labels))               # (B, L, D)
-    target = grid_to_tokens(latents).reshape(-1, C)                                   # (B*L, C)
+    z = model.condition(grid_to_tokens(x_in), model.class_emb(labels))  # (B, L, D)
+    target = grid_to_tokens(latents).reshape(-1, C)  # (B*L, C)
     n = target.shape[0]
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=generator).to(latents.device)
     noise = torch.randn(n, C, generator=generator).to(latents)
     lvl = torch.full((n, 1), float(level), device=latents.device)
     mse, vb = model.diffloss.loss_terms(target, t, noise, z.reshape(n, -1), lvl)
     model.train(was_training)
-    return float((mse + vb).mean())                                              # host sync
+    return float((mse + vb).mean())  # host sync
 
 
 def _latent_source(dataset: Dataset, device: torch.device):
@@ -67,19 +73,22 @@ def _latent_source(dataset: Dataset, device: torch.device):
 
 def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     """Train on ``dataset`` (items (latents [C, H, W], label)); see the module docstring for one step."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # noqa: PLC0415 - loaded on first use: `import far_sdk` stays light
 
     use_cuda = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     info = init_distributed(use_cuda)
     try:
         trainer = _trainer_class(config)(config, info)
         source, to_latents = _latent_source(dataset, trainer.device)
-        sampler = DistributedSampler(source, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                     seed=config.seed, drop_last=True)
+        sampler = DistributedSampler(
+            source, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed, drop_last=True
+        )
         steps_per_epoch = len(sampler) // config.batch_size
         if steps_per_epoch == 0:
-            raise InvalidArgumentError(f"dataset of {len(source)} samples gives no full batch of {config.batch_size} "
-                                       f"per process ({info.world_size} processes): lower --batch-size")
+            raise InvalidArgumentError(
+                f"dataset of {len(source)} samples gives no full batch of {config.batch_size} "
+                f"per process ({info.world_size} processes): lower --batch-size"
+            )
         total = config.steps or config.epochs * steps_per_epoch
         trainer.total_steps = total
         if config.resume:
@@ -88,16 +97,31 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         out = Path(config.out_dir) if config.out_dir else None
         ckpt_path = out / "checkpoint-last.pth" if out else None
         result = TrainResult(trainer.model, trainer.ema, trainer.global_step, trainer.optimizer)
-        bar = tqdm(total=total, initial=trainer.global_step, disable=not (config.progress and info.is_main), desc="train")
-        log.info("training %d steps (%d per epoch), global batch %d, lr %.3g, device %s%s", total, steps_per_epoch,
-                 config.batch_size * info.world_size, trainer.lr, trainer.device, ", bf16" if trainer.amp else "")
+        bar = tqdm(
+            total=total, initial=trainer.global_step, disable=not (config.progress and info.is_main), desc="train"
+        )
+        log.info(
+            "training %d steps (%d per epoch), global batch %d, lr %.3g, device %s%s",
+            total,
+            steps_per_epoch,
+            config.batch_size * info.world_size,
+            trainer.lr,
+            trainer.device,
+            ", bf16" if trainer.amp else "",
+        )
         pending: list[torch.Tensor] = []
         while trainer.global_step < total:
             epoch, skip = divmod(trainer.global_step, steps_per_epoch)
             sampler.set_epoch(epoch)
-            order = list(sampler)[skip * config.batch_size: steps_per_epoch * config.batch_size]
-            loader = DataLoader(source, batch_size=config.batch_size, sampler=order, drop_last=True,
-                                num_workers=config.num_workers, pin_memory=trainer.device.type == "cuda")
+            order = list(sampler)[skip * config.batch_size : steps_per_epoch * config.batch_size]
+            loader = DataLoader(
+                source,
+                batch_size=config.batch_size,
+                sampler=order,
+                drop_last=True,
+                num_workers=config.num_workers,
+                pin_memory=trainer.device.type == "cuda",
+            )
             for x, y in loader:
                 trainer.check_targets(y)
                 x = to_latents(x)
@@ -107,7 +131,7 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
                 bar.update(1)
                 step = trainer.global_step
                 if step % config.log_every == 0 or step == total:
-                    mean = float(torch.stack(pending).float().mean())                 # host sync
+                    mean = float(torch.stack(pending).float().mean())  # host sync
                     pending.clear()
                     result.history.append((step, mean, lr))
                     bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
@@ -135,8 +159,10 @@ def _trainer_class(config: TrainConfig) -> type[Trainer]:
 
 def _check_latents(x: torch.Tensor, mc: FARConfig | T2IConfig) -> None:
     if tuple(x.shape[1:]) != (mc.token_channels, mc.grid_size, mc.grid_size):
-        raise ConfigError(f"latents have shape {list(x.shape[1:])} but the model expects "
-                          f"[{mc.token_channels}, {mc.grid_size}, {mc.grid_size}]")
+        raise ConfigError(
+            f"latents have shape {list(x.shape[1:])} but the model expects "
+            f"[{mc.token_channels}, {mc.grid_size}, {mc.grid_size}]"
+        )
 
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "validation_loss"]

@@ -51,8 +51,16 @@ def mask_ratio_bounds(level: int, num_levels: int = 16) -> float:
     return MAX_MASK_RATIO_BOUND * (num_levels - 1 - level) / (num_levels - 1)
 
 
-def sample_mask(batch: int, seq_len: int, level: int, generator: torch.Generator | None = None, *,
-                ratio: float | None = None, num_levels: int = 16, device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_mask(
+    batch: int,
+    seq_len: int,
+    level: int,
+    generator: torch.Generator | None = None,
+    *,
+    ratio: float | None = None,
+    num_levels: int = 16,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Frequency-aware random mask, float [B, L] with 1 = masked.
 
     One ratio m ~ U[r_i, 1) per call (drawn from ``generator`` unless ``ratio`` is given), so every
@@ -65,14 +73,20 @@ def sample_mask(batch: int, seq_len: int, level: int, generator: torch.Generator
     elif not 0.0 <= ratio <= 1.0:
         raise InvalidArgumentError(f"mask ratio must lie in [0, 1], got {ratio!r}")
     n = math.ceil(seq_len * ratio)
-    order = torch.rand(batch, seq_len, generator=generator).argsort(dim=1)   # (B, L): a permutation per row
+    order = torch.rand(batch, seq_len, generator=generator).argsort(dim=1)  # (B, L): a permutation per row
     mask = torch.zeros(batch, seq_len)
     mask.scatter_(1, order[:, :n], 1.0)
     return mask.to(device)
 
 
-def sample_t2i_mask(batch: int, seq_len: int, generator: torch.Generator | None = None, *, ratio_min: float = 0.7,
-                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+def sample_t2i_mask(
+    batch: int,
+    seq_len: int,
+    generator: torch.Generator | None = None,
+    *,
+    ratio_min: float = 0.7,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, float]:
     """FAR-T2I's training mask (official ``FAR_T2I.random_masking``): (float [B, L] with 1 = masked, share m).
 
     One share per call, m ~ normal(1, 0.25) truncated to [ratio_min, 1], drawn by inverting the CDF:
@@ -84,7 +98,7 @@ def sample_t2i_mask(batch: int, seq_len: int, generator: torch.Generator | None 
     lo = torch.special.ndtr(torch.tensor((ratio_min - 1.0) / 0.25, dtype=torch.float64))
     u = torch.rand((), generator=generator, dtype=torch.float64)
     ratio = float(1.0 + 0.25 * torch.special.ndtri(lo + u * (0.5 - lo)))
-    ratio = min(max(ratio, ratio_min), 1.0)              # guard the float64 rounding at the ends
+    ratio = min(max(ratio, ratio_min), 1.0)  # guard the float64 rounding at the ends
     mask = sample_mask(batch, seq_len, 0, generator, ratio=ratio, num_levels=1, device=device)
     return mask, ratio
 
@@ -95,8 +109,14 @@ def loss_weight(level: int, num_levels: int = 16) -> float:
     return 1.0 + math.sin(math.pi / 2 * level / num_levels)
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float,
-          schedule: LrSchedule = "constant", min_lr: float = 0.0) -> float:
+def lr_at(
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    base_lr: float,
+    schedule: LrSchedule = "constant",
+    min_lr: float = 0.0,
+) -> float:
     """Learning rate at optimiser step ``step`` (0-based), the official per-iteration schedule in steps.
 
     Warm-up (step < W): lr = base_lr * step / W (0 at step 0).

@@ -25,8 +25,8 @@ from far_sdk.errors import DataError, InvalidArgumentError
 from far_sdk.fileio import atomic_writer
 
 from .checkpoint import t2i_checkpoint_args
-from .train_schedules import lr_at, sample_t2i_mask
 from .filters import grid_to_tokens, low_pass_per_sample
+from .train_schedules import lr_at, sample_t2i_mask
 from .trainer import Trainer, step_seed
 
 #: The keys of a T2I latents file.
@@ -40,37 +40,53 @@ class T2ITrainer(Trainer):
         mc = self.model_config
         want = (mc.context_len, mc.context_dim)
         if context.ndim != 3 or tuple(context.shape[1:]) != want or not context.is_floating_point():
-            raise InvalidArgumentError(f"FAR-T2I trains on text hidden states [B, {want[0]}, {want[1]}], got "
-                                       f"{context.dtype} {list(context.shape)}: encode the captions with a text encoder "
-                                       "of hidden size context_dim, padded to context_len (training.text_encoder)")
+            raise InvalidArgumentError(
+                f"FAR-T2I trains on text hidden states [B, {want[0]}, {want[1]}], got "
+                f"{context.dtype} {list(context.shape)}: encode the captions with a text encoder "
+                "of hidden size context_dim, padded to context_len (training.text_encoder)"
+            )
 
     def step(self, latents: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, float]:
         """One optimiser step on latents [B, C, H, W] (scaled) and text hidden states [B, T, Dtxt]; (loss, lr)."""
         cfg, mc = self.config, self.model_config
         seed = step_seed(cfg.seed, self.dist.rank, self.global_step)
         gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)                                  # t and noise inside the model
+        torch.manual_seed(seed)  # t and noise inside the model
         B, F = latents.shape[0], mc.grid_size
-        levels = torch.randint(0, F, (B,), generator=gen)                                  # (B,) one per sample
+        levels = torch.randint(0, F, (B,), generator=gen)  # (B,) one per sample
         drop = (torch.rand(B, generator=gen) < mc.label_drop_prob).to(self.device)
         mask, _ = sample_t2i_mask(B, mc.seq_len, gen, ratio_min=mc.mask_ratio_min, device=self.device)
         lr = lr_at(self.global_step, self.total_steps, cfg.warmup_steps, self.lr, cfg.lr_schedule, cfg.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x = latents.to(self.device, torch.float32, non_blocking=True)                     # (B, C, H, W)
+        x = latents.to(self.device, torch.float32, non_blocking=True)  # (B, C, H, W)
         x_in = low_pass_per_sample(x, levels, cfg.filter)
-        ctx = context.to(self.device, torch.float32, non_blocking=True)                    # (B, T, Dtxt)
+        ctx = context.to(self.device, torch.float32, non_blocking=True)  # (B, T, Dtxt)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = self.net(grid_to_tokens(x_in), ctx, grid_to_tokens(x), levels.to(self.device), mask=mask, drop_context=drop)
+            loss = self.net(
+                grid_to_tokens(x_in), ctx, grid_to_tokens(x), levels.to(self.device), mask=mask, drop_context=drop
+            )
         return self._apply(loss, lr)
 
     def checkpoint_args(self, epoch: int) -> argparse.Namespace:
         cfg = self.config
         return t2i_checkpoint_args(
-            self.model_config, batch_size=cfg.batch_size, blr=cfg.blr, lr=self.lr, min_lr=cfg.min_lr,
-            lr_schedule=cfg.lr_schedule, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_rate=cfg.ema_rate,
-            seed=cfg.seed, epochs=cfg.epochs, output_dir=cfg.out_dir, world_size=self.dist.world_size,
-            far_sdk_train_config=cfg.to_dict(), far_sdk_step=self.global_step)
+            self.model_config,
+            batch_size=cfg.batch_size,
+            blr=cfg.blr,
+            lr=self.lr,
+            min_lr=cfg.min_lr,
+            lr_schedule=cfg.lr_schedule,
+            weight_decay=cfg.weight_decay,
+            grad_clip=cfg.grad_clip,
+            ema_rate=cfg.ema_rate,
+            seed=cfg.seed,
+            epochs=cfg.epochs,
+            output_dir=cfg.out_dir,
+            world_size=self.dist.world_size,
+            far_sdk_train_config=cfg.to_dict(),
+            far_sdk_step=self.global_step,
+        )
 
 
 class TextLatentDataset(Dataset):
@@ -81,8 +97,10 @@ class TextLatentDataset(Dataset):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file() or self.path.suffix != ".npz":
-            raise DataError(f"T2I latents file {self.path} does not exist or is not an .npz; "
-                            "write one with training.train_t2i.write_text_latents")
+            raise DataError(
+                f"T2I latents file {self.path} does not exist or is not an .npz; "
+                "write one with training.train_t2i.write_text_latents"
+            )
         try:
             with np.load(self.path) as f:
                 missing = [k for k in TEXT_LATENT_KEYS if k not in f]
@@ -104,18 +122,30 @@ class TextLatentDataset(Dataset):
 
 def _check_text_latents(latents: np.ndarray, contexts: np.ndarray, index: np.ndarray, where: str) -> None:
     if latents.ndim != 4 or latents.dtype != np.float32 or len(latents) == 0:
-        raise DataError(f"{where}: 'latents' must be float32 [N >= 1, C, H, W], found {latents.dtype} {list(latents.shape)}")
+        raise DataError(
+            f"{where}: 'latents' must be float32 [N >= 1, C, H, W], found {latents.dtype} {list(latents.shape)}"
+        )
     if contexts.ndim != 3 or contexts.dtype != np.float32 or len(contexts) == 0:
-        raise DataError(f"{where}: 'contexts' must be float32 [M >= 1, T, Dtxt], found {contexts.dtype} {list(contexts.shape)}")
-    if index.shape != (len(latents),) or not np.issubdtype(index.dtype, np.integer) \
-            or index.min() < 0 or index.max() >= len(contexts):
-        raise DataError(f"{where}: 'context_index' must be int [N={len(latents)}] in 0..{len(contexts) - 1}, "
-                        f"found {index.dtype} {list(index.shape)}")
+        raise DataError(
+            f"{where}: 'contexts' must be float32 [M >= 1, T, Dtxt], found {contexts.dtype} {list(contexts.shape)}"
+        )
+    if (
+        index.shape != (len(latents),)
+        or not np.issubdtype(index.dtype, np.integer)
+        or index.min() < 0
+        or index.max() >= len(contexts)
+    ):
+        raise DataError(
+            f"{where}: 'context_index' must be int [N={len(latents)}] in 0..{len(contexts) - 1}, "
+            f"found {index.dtype} {list(index.shape)}"
+        )
     if not (np.isfinite(latents).all() and np.isfinite(contexts).all()):
         raise DataError(f"{where}: latents or contexts hold NaN or inf")
 
 
-def write_text_latents(path: str | os.PathLike, latents: np.ndarray, contexts: np.ndarray, context_index: np.ndarray) -> Path:
+def write_text_latents(
+    path: str | os.PathLike, latents: np.ndarray, contexts: np.ndarray, context_index: np.ndarray
+) -> Path:
     """Write a :class:`TextLatentDataset` file (``.npz``, atomically)."""
     path = Path(path)
     if path.suffix != ".npz":

@@ -38,8 +38,15 @@ log = logging.getLogger(__name__)
 Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 #: FARConfig fields that do not change the weights' layout or meaning: may differ on resume.
-_TRAINING_ONLY_FIELDS = {"mask", "label_drop_prob", "attn_dropout", "proj_dropout", "diffusion_batch_mul", "num_sampling_steps",
-                         "mask_ratio_min"}
+_TRAINING_ONLY_FIELDS = {
+    "mask",
+    "label_drop_prob",
+    "attn_dropout",
+    "proj_dropout",
+    "diffusion_batch_mul",
+    "num_sampling_steps",
+    "mask_ratio_min",
+}
 
 
 @dataclass(frozen=True)
@@ -48,10 +55,10 @@ class TrainConfig:
     where the issue asks for the paper (loss weight on; mask off unless requested)."""
 
     model: str | FARConfig | T2IConfig = "far_tiny"  # preset name or an explicit config (T2I: training.train_t2i)
-    batch_size: int = 64                     # per process; global batch = batch_size * world size
-    steps: int | None = None                 # exactly one of steps / epochs
+    batch_size: int = 64  # per process; global batch = batch_size * world size
+    steps: int | None = None  # exactly one of steps / epochs
     epochs: int | None = None
-    lr: float | None = None                  # absolute lr; None -> blr * global batch / 256
+    lr: float | None = None  # absolute lr; None -> blr * global batch / 256
     blr: float = 1e-4
     min_lr: float = 0.0
     lr_schedule: LrSchedule = "constant"
@@ -60,20 +67,20 @@ class TrainConfig:
     weight_decay: float = 0.02
     grad_clip: float = 3.0
     ema_rate: float = 0.9999
-    label_drop: float | None = None          # None: the model config's label_drop_prob (0.1)
-    diffusion_batch_mul: int | None = None   # None: the model config's (4)
-    use_mask: bool = False                   # frequency-aware masking; needs a model built with mask=True
-    use_loss_weight: bool = True             # the paper's w_r
-    high_t_fraction: float = 0.0             # share of diffusion rows with t in [950, 1000) (0 = official uniform t)
-    filter: FilterType = "spatial"           # training low-pass ("spatial" = official area + bicubic)
-    precision: Precision = "auto"            # auto: bf16 autocast on CUDA when supported, else fp32
-    device: str | None = None                # None: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu
+    label_drop: float | None = None  # None: the model config's label_drop_prob (0.1)
+    diffusion_batch_mul: int | None = None  # None: the model config's (4)
+    use_mask: bool = False  # frequency-aware masking; needs a model built with mask=True
+    use_loss_weight: bool = True  # the paper's w_r
+    high_t_fraction: float = 0.0  # share of diffusion rows with t in [950, 1000) (0 = official uniform t)
+    filter: FilterType = "spatial"  # training low-pass ("spatial" = official area + bicubic)
+    precision: Precision = "auto"  # auto: bf16 autocast on CUDA when supported, else fp32
+    device: str | None = None  # None: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu
     seed: int = 0
     out_dir: str | None = None
-    save_every: int | None = None            # steps between checkpoints (and always at the end)
+    save_every: int | None = None  # steps between checkpoints (and always at the end)
     log_every: int = 10
     num_workers: int = 0
-    resume: str | None = None                # checkpoint file, or a directory holding checkpoint-last.pth
+    resume: str | None = None  # checkpoint file, or a directory holding checkpoint-last.pth
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -91,16 +98,22 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.ema_rate must lie in [0, 1], got {self.ema_rate}")
         if not 0.0 <= self.high_t_fraction < 1.0:
             raise ConfigError(f"TrainConfig.high_t_fraction must lie in [0, 1), got {self.high_t_fraction}")
-        for name, value, allowed in (("lr_schedule", self.lr_schedule, LR_SCHEDULES),
-                                     ("precision", self.precision, PRECISIONS), ("filter", self.filter, FILTER_TYPES)):
+        for name, value, allowed in (
+            ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+            ("precision", self.precision, PRECISIONS),
+            ("filter", self.filter, FILTER_TYPES),
+        ):
             if value not in allowed:
                 raise ConfigError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
         self.model_config()  # validate the model choice now
 
     def model_config(self) -> FARConfig | T2IConfig:
         """The architecture to train, with this run's label drop and diffusion batch multiplier folded in."""
-        cfg = self.model if isinstance(self.model, (FARConfig, T2IConfig)) else (
-            get_t2i_config(self.model) if self.model in T2I_CONFIGS else get_config(self.model))
+        cfg = (
+            self.model
+            if isinstance(self.model, (FARConfig, T2IConfig))
+            else (get_t2i_config(self.model) if self.model in T2I_CONFIGS else get_config(self.model))
+        )
         over: dict[str, Any] = {}
         if self.label_drop is not None:
             over["label_drop_prob"] = float(self.label_drop)
@@ -108,8 +121,10 @@ class TrainConfig:
             over["diffusion_batch_mul"] = int(self.diffusion_batch_mul)
         cfg = replace(cfg, **over) if over else cfg
         if self.use_mask and not cfg.mask:
-            raise ConfigError("use_mask needs a model built with mask=True (FARConfig(mask=True)); "
-                              "without it the encoder ignores the mask")
+            raise ConfigError(
+                "use_mask needs a model built with mask=True (FARConfig(mask=True)); "
+                "without it the encoder ignores the mask"
+            )
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,12 +136,12 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    model: FAR | FART2I                          # the bare (unwrapped) model, in train mode
-    ema: dict[str, torch.Tensor]                 # EMA of every parameter, by bare name
-    step: int                                    # optimiser steps taken in total (resumed ones included)
+    model: FAR | FART2I  # the bare (unwrapped) model, in train mode
+    ema: dict[str, torch.Tensor]  # EMA of every parameter, by bare name
+    step: int  # optimiser steps taken in total (resumed ones included)
     optimizer: torch.optim.Optimizer | None = None
     history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, mean loss since last log, lr)
-    checkpoint: Path | None = None              # set on rank 0 when a checkpoint was written
+    checkpoint: Path | None = None  # set on rank 0 when a checkpoint was written
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -147,7 +162,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    owns_group: bool = False   # we called init_process_group, so we tear it down
+    owns_group: bool = False  # we called init_process_group, so we tear it down
 
     @property
     def distributed(self) -> bool:
@@ -191,12 +206,15 @@ class Trainer:
                 device = f"cuda:{dist_info.local_rank}"
         self.device = torch.device(device)
         self.amp = config.precision == "bf16" or (
-            config.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+            config.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
         self.lr = config.lr if config.lr is not None else config.blr * config.batch_size * dist_info.world_size / 256
         torch.manual_seed(config.seed)  # same initialisation on every rank
         self.model = (FART2I if isinstance(mc, T2IConfig) else FAR)(mc).to(self.device).train()
         self.model.diffloss.high_t_fraction = float(config.high_t_fraction)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=self.lr, betas=config.betas)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, config.weight_decay), lr=self.lr, betas=config.betas
+        )
         self._params = [p for _, p in self.model.named_parameters()]
         self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.global_step = 0
@@ -205,22 +223,26 @@ class Trainer:
 
     def check_targets(self, y: torch.Tensor) -> None:
         n = self.model_config.num_classes
-        if int(y.min()) < 0 or int(y.max()) >= n:                               # CPU tensors: no device sync
-            raise InvalidArgumentError(f"labels span {int(y.min())}..{int(y.max())} but the model has "
-                                       f"{n} classes: pick a config with num_classes > {int(y.max())}")
+        if int(y.min()) < 0 or int(y.max()) >= n:  # CPU tensors: no device sync
+            raise InvalidArgumentError(
+                f"labels span {int(y.min())}..{int(y.max())} but the model has "
+                f"{n} classes: pick a config with num_classes > {int(y.max())}"
+            )
 
     def wrap_ddp(self) -> None:
         """Wrap for DDP (call after any resume). mask_token is unused unless masking, hence find_unused_parameters."""
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=not self.config.use_mask)
+            self.net = DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=not self.config.use_mask
+            )
 
     def step(self, latents: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
         """One optimiser step on latents [B, C, H, W] (scaled) and labels [B]; returns (loss, lr)."""
         cfg, mc = self.config, self.model_config
         seed = step_seed(cfg.seed, self.dist.rank, self.global_step)
         gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)                                  # dropout, t and noise inside the model
+        torch.manual_seed(seed)  # dropout, t and noise inside the model
         B, F = latents.shape[0], mc.grid_size
         level = int(torch.randint(0, F, (), generator=gen))
         drop = (torch.rand(B, generator=gen) < mc.label_drop_prob).to(self.device)
@@ -228,10 +250,12 @@ class Trainer:
         lr = lr_at(self.global_step, self.total_steps, cfg.warmup_steps, self.lr, cfg.lr_schedule, cfg.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x = latents.to(self.device, torch.float32, non_blocking=True)                 # (B, C, H, W)
+        x = latents.to(self.device, torch.float32, non_blocking=True)  # (B, C, H, W)
         x_in = low_pass(x, level, cfg.filter)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = self.net(grid_to_tokens(x_in), labels.to(self.device), grid_to_tokens(x), level, mask=mask, drop_labels=drop)
+            loss = self.net(
+                grid_to_tokens(x_in), labels.to(self.device), grid_to_tokens(x), level, mask=mask, drop_labels=drop
+            )
         if cfg.use_loss_weight:
             loss = loss * loss_weight(level, F)
         return self._apply(loss, lr)
@@ -261,23 +285,53 @@ class Trainer:
         """Official flag names (so official tools read it) plus far_sdk_config / step for exact reloading."""
         mc, cfg = self.model_config, self.config
         return argparse.Namespace(
-            model=cfg.model if isinstance(cfg.model, str) else "custom", img_size=mc.grid_size * 16, vae_stride=16,
-            patch_size=1, vae_embed_dim=mc.token_channels, buffer_size=mc.buffer_size, class_num=mc.num_classes,
-            diffloss_d=mc.diffloss_d, diffloss_w=mc.diffloss_w, mask=mc.mask,
-            num_sampling_steps=str(mc.num_sampling_steps), diffusion_batch_mul=mc.diffusion_batch_mul,
-            label_drop_prob=mc.label_drop_prob, attn_dropout=mc.attn_dropout, proj_dropout=mc.proj_dropout,
-            batch_size=cfg.batch_size, blr=cfg.blr, lr=self.lr, min_lr=cfg.min_lr, lr_schedule=cfg.lr_schedule,
-            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_rate=cfg.ema_rate, seed=cfg.seed,
-            epochs=cfg.epochs, output_dir=cfg.out_dir, world_size=self.dist.world_size, loss_weight=cfg.use_loss_weight,
-            far_sdk_config=mc.to_dict(), far_sdk_train_config=cfg.to_dict(), far_sdk_step=self.global_step,
+            model=cfg.model if isinstance(cfg.model, str) else "custom",
+            img_size=mc.grid_size * 16,
+            vae_stride=16,
+            patch_size=1,
+            vae_embed_dim=mc.token_channels,
+            buffer_size=mc.buffer_size,
+            class_num=mc.num_classes,
+            diffloss_d=mc.diffloss_d,
+            diffloss_w=mc.diffloss_w,
+            mask=mc.mask,
+            num_sampling_steps=str(mc.num_sampling_steps),
+            diffusion_batch_mul=mc.diffusion_batch_mul,
+            label_drop_prob=mc.label_drop_prob,
+            attn_dropout=mc.attn_dropout,
+            proj_dropout=mc.proj_dropout,
+            batch_size=cfg.batch_size,
+            blr=cfg.blr,
+            lr=self.lr,
+            min_lr=cfg.min_lr,
+            lr_schedule=cfg.lr_schedule,
+            weight_decay=cfg.weight_decay,
+            grad_clip=cfg.grad_clip,
+            ema_rate=cfg.ema_rate,
+            seed=cfg.seed,
+            epochs=cfg.epochs,
+            output_dir=cfg.out_dir,
+            world_size=self.dist.world_size,
+            loss_weight=cfg.use_loss_weight,
+            far_sdk_config=mc.to_dict(),
+            far_sdk_train_config=cfg.to_dict(),
+            far_sdk_step=self.global_step,
         )
 
     def save(self, path: str | os.PathLike, epoch: int) -> Path:
-        return save_official_checkpoint(path, self.model, ema_state=self.ema_state(), optimizer=self.optimizer,
-                                        epoch=epoch, scaler_state={}, args=self.checkpoint_args(epoch))
+        return save_official_checkpoint(
+            path,
+            self.model,
+            ema_state=self.ema_state(),
+            optimizer=self.optimizer,
+            epoch=epoch,
+            scaler_state={},
+            args=self.checkpoint_args(epoch),
+        )
 
     def load(self, path: str | os.PathLike, steps_per_epoch: int | None = None) -> None:
-        """Restore model, EMA, optimiser and step from a checkpoint (ours, or official: step = (epoch + 1) * steps/epoch)."""
+        """Restore model, EMA, optimiser and step from a checkpoint (ours, or official: step = (epoch + 1) *
+        steps/epoch)."""
         path = Path(path)
         if path.is_dir():
             path = path / "checkpoint-last.pth"
@@ -287,13 +341,21 @@ class Trainer:
         args = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else dict(ckpt.get("args") or {})
         if args:
             mc = self.model_config
-            saved = (t2i_config_from_checkpoint(ckpt["model"], args, source=str(path)) if isinstance(mc, T2IConfig)
-                     else config_from_official_args(args))
-            diff = [f.name for f in fields(type(mc)) if f.name not in _TRAINING_ONLY_FIELDS
-                    and getattr(saved, f.name) != getattr(self.model_config, f.name)]
+            saved = (
+                t2i_config_from_checkpoint(ckpt["model"], args, source=str(path))
+                if isinstance(mc, T2IConfig)
+                else config_from_official_args(args)
+            )
+            diff = [
+                f.name
+                for f in fields(type(mc))
+                if f.name not in _TRAINING_ONLY_FIELDS and getattr(saved, f.name) != getattr(self.model_config, f.name)
+            ]
             if diff:
-                raise ConfigError(f"{path} was trained with another architecture (differs in {diff}); "
-                                  f"resume with the same --model / config")
+                raise ConfigError(
+                    f"{path} was trained with another architecture (differs in {diff}); "
+                    f"resume with the same --model / config"
+                )
         expected = {k: v.shape for k, v in self.model.state_dict().items()}
         check_state_dict(ckpt["model"], expected, source=f"{path}['model']")
         self.model.load_state_dict(ckpt["model"])

@@ -13,15 +13,28 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from far_sdk.errors import ConfigError, InvalidArgumentError
 
 from .checkpoint import atomic_torch_save
-from .vae import VAE_CONFIGS, AutoencoderKL, VAEConfig
+from .config_vae import VAE_CONFIGS, VAEConfig
+from .vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
 
-def train_vae(vae_config: VAEConfig | str, images: torch.Tensor | Dataset, steps: int, lr: float = 1e-4,
-              kl_weight: float = 1e-6, *, batch_size: int = 8, out: str | os.PathLike | None = None, seed: int = 0,
-              device: str | None = None, betas: tuple[float, float] = (0.5, 0.9), log_every: int = 50,
-              progress: bool = True, scale_samples: int = 256) -> float:
+def train_vae(
+    vae_config: VAEConfig | str,
+    images: torch.Tensor | Dataset,
+    steps: int,
+    lr: float = 1e-4,
+    kl_weight: float = 1e-6,
+    *,
+    batch_size: int = 8,
+    out: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    betas: tuple[float, float] = (0.5, 0.9),
+    log_every: int = 50,
+    progress: bool = True,
+    scale_samples: int = 256,
+) -> float:
     """Train an :class:`AutoencoderKL` from scratch; return the latent scale estimate 1 / std(posterior samples).
 
     loss = mean|x - x^| + mean (x - x^)^2 + kl_weight * KL(q || N(0, I)) / (3 H W)
@@ -31,15 +44,17 @@ def train_vae(vae_config: VAEConfig | str, images: torch.Tensor | Dataset, steps
     ``torch.manual_seed(seed)``. ``out`` gets ``{"model": state_dict, "latent_scale": s}`` atomically,
     which :func:`training.vae.load_official_vae` reads. The official kl16 tokenizer uses 0.2325.
     """
-    from tqdm import tqdm
+    from tqdm import tqdm  # noqa: PLC0415 - loaded on first use: `import far_sdk` stays light
 
     cfg = VAE_CONFIGS[vae_config] if isinstance(vae_config, str) and vae_config in VAE_CONFIGS else vae_config
     if not isinstance(cfg, VAEConfig):
         raise ConfigError(f"unknown VAE config {vae_config!r}; choose one of {sorted(VAE_CONFIGS)} or pass a VAEConfig")
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != cfg.in_channels or images.shape[2:] != (cfg.resolution,) * 2:
-            raise InvalidArgumentError(f"images must be [N, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}] "
-                                       f"in [-1, 1], got {list(images.shape)}")
+            raise InvalidArgumentError(
+                f"images must be [N, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}] "
+                f"in [-1, 1], got {list(images.shape)}"
+            )
         images = TensorDataset(images.float())
     if len(images) < 1 or steps < 1:
         raise InvalidArgumentError(f"need at least one image and one step (got {len(images)} images, {steps} steps)")
@@ -56,7 +71,7 @@ def train_vae(vae_config: VAEConfig | str, images: torch.Tensor | Dataset, steps
         except StopIteration:
             it = iter(loader)
             batch = next(it)
-        x = _first(batch).to(dev)                                                     # (B, 3, R, R)
+        x = _first(batch).to(dev)  # (B, 3, R, R)
         rec, posterior = vae(x)
         diff = x - rec
         rec_loss = diff.abs().mean() + diff.pow(2).mean()
@@ -70,8 +85,9 @@ def train_vae(vae_config: VAEConfig | str, images: torch.Tensor | Dataset, steps
             pending.clear()
     scale = _latent_scale(vae.eval(), images, scale_samples, dev, seed)
     if out is not None:
-        atomic_torch_save({"model": {k: v.detach().cpu() for k, v in vae.state_dict().items()}, "latent_scale": scale},
-                          Path(out))
+        atomic_torch_save(
+            {"model": {k: v.detach().cpu() for k, v in vae.state_dict().items()}, "latent_scale": scale}, Path(out)
+        )
         log.info("saved VAE to %s (latent scale %.4f)", out, scale)
     return scale
 
@@ -91,4 +107,4 @@ def _latent_scale(vae: AutoencoderKL, images: Dataset, n: int, device: torch.dev
         seen += len(_first(batch))
         if seen >= n:
             break
-    return float(1.0 / torch.cat(zs).std())                                          # host sync
+    return float(1.0 / torch.cat(zs).std())  # host sync

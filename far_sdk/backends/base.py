@@ -17,8 +17,22 @@ from far_sdk.maths.noise import philox_normals
 
 #: Every option some backend takes. backend="auto" passes the caller's options to each backend it
 #: tries, so a backend ignores the others' options but refuses names no backend knows.
-BACKEND_OPTIONS = frozenset({"device", "threads", "precision", "cuda_graphs", "max_cuda_graphs", "compile", "io_binding",
-                             "trt_fp16", "tf32", "vae_precision", "batch", "opt_level"})
+BACKEND_OPTIONS = frozenset(
+    {
+        "device",
+        "threads",
+        "precision",
+        "cuda_graphs",
+        "max_cuda_graphs",
+        "compile",
+        "io_binding",
+        "trt_fp16",
+        "tf32",
+        "vae_precision",
+        "batch",
+        "opt_level",
+    }
+)
 
 #: Captured CUDA graphs a GPU backend keeps (least recently used dropped first; the ``max_cuda_graphs``
 #: option overrides it). The paper's frequency-aware schedule uses 10 distinct inner-step counts per batch
@@ -57,7 +71,7 @@ class SeededDraws:
     def materialize(self, n: int, seq_len: int, channels: int) -> HostDraws:
         B, L, C = len(self.seeds), seq_len, channels
         z = philox_normals(self.seeds, self.start, (n + 1) * L * C).reshape(B, n + 1, L, C)
-        z = np.ascontiguousarray(z.transpose(1, 0, 2, 3))                    # (n + 1, B, L, C)
+        z = np.ascontiguousarray(z.transpose(1, 0, 2, 3))  # (n + 1, B, L, C)
         return HostDraws(x=z[0], noises=z[1:])
 
 
@@ -67,12 +81,14 @@ class LoopState:
     arrays (host NumPy by default; device tensors on the torch backend): read them with
     :meth:`Backend.fetch`."""
 
-    conditioning: dict[str, np.ndarray]  # the transformer's conditioning inputs for the CFG batch (far_sdk.conditioning):
-    #                                      {"class_ids": [2B] int64} or a text bundle's {"context": [2B, T, D], "null": [2B]}
+    conditioning: dict[
+        str, np.ndarray
+    ]  # the transformer's conditioning inputs for the CFG batch (far_sdk.conditioning):
+    # {"class_ids": [2B] int64} or a text bundle's {"context": [2B, T, D], "null": [2B]}
     batch: int
-    tokens: Any                    # [B, L, C] float32: what the next outer step's transformer sees
-    raw: Any = None                # [B, L, C] float32: the last outer step's sample, before low-passing
-    buffers: Any = None            # backend-private (e.g. the torch backend's static device buffers)
+    tokens: Any  # [B, L, C] float32: what the next outer step's transformer sees
+    raw: Any = None  # [B, L, C] float32: the last outer step's sample, before low-passing
+    buffers: Any = None  # backend-private (e.g. the torch backend's static device buffers)
 
 
 #: ``mark(stage)`` is called when a stage of an outer step ends ("transformer", "denoise", "filter");
@@ -117,15 +133,18 @@ class Backend(ABC):
         """Largest number of images per call (an engine profile's limit), or None for no limit."""
         return None
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - a no-op for host backends; device backends override it
         """Wait for queued device work (timers read the host clock only after this)."""
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "precision": self.precision}
 
     # ---- the stages the loop calls (default: one graph call each) ------------------------------
-    def transformer(self, tokens: np.ndarray, conditioning: dict[str, np.ndarray], level: int, mask: np.ndarray | None = None) -> Any:
-        """tokens [N, L, C], conditioning (named inputs of N rows, :class:`LoopState`), mask [N, L] (1 = dropped; only for a transformer that takes it,
+    def transformer(
+        self, tokens: np.ndarray, conditioning: dict[str, np.ndarray], level: int, mask: np.ndarray | None = None
+    ) -> Any:
+        """tokens [N, L, C], conditioning (named inputs of N rows, :class:`LoopState`), mask [N, L] (1 = dropped;
+        only for a transformer that takes it,
         :attr:`takes_mask`) -> cond [N, L, W] (opaque; see class docstring)."""
         feeds = {"tokens": tokens, **conditioning, "level": np.array([level], dtype=np.float32)}
         feeds.update(self._mask_feed(mask, tokens.shape[0], tokens.shape[1]))
@@ -137,8 +156,10 @@ class Backend(ABC):
         if not self.takes_mask:
             return {}
         if mask is None:
-            raise InvalidArgumentError(f"bundle {self.bundle.name!r} was exported from a model built with mask=True: its "
-                                       "transformer needs a mask (it samples in mask mode only; pass mode='mask')")
+            raise InvalidArgumentError(
+                f"bundle {self.bundle.name!r} was exported from a model built with mask=True: its "
+                "transformer needs a mask (it samples in mask mode only; pass mode='mask')"
+            )
         mask = np.ascontiguousarray(mask, dtype=np.float32)
         if mask.shape != (rows, length):
             raise InvalidArgumentError(f"transformer mask must have shape {(rows, length)}, got {mask.shape}")
@@ -156,12 +177,22 @@ class Backend(ABC):
     def begin(self, conditioning: dict[str, np.ndarray], batch: int, seq_len: int, channels: int) -> LoopState:
         """State for a generation of ``batch`` images; ``conditioning``: the CFG batch's conditioning inputs
         (:class:`LoopState`); tokens start at 0."""
-        return LoopState(conditioning=conditioning, batch=batch,
-                         tokens=np.zeros((batch, seq_len, channels), dtype=np.float32))
+        return LoopState(
+            conditioning=conditioning, batch=batch, tokens=np.zeros((batch, seq_len, channels), dtype=np.float32)
+        )
 
-    def outer_step(self, state: LoopState, *, level: int, steps: np.ndarray, filter_matrix: np.ndarray | None,
-                   draws: HostDraws | SeededDraws, mark: Mark, mask: np.ndarray | None = None,
-                   keep_next: np.ndarray | None = None) -> None:
+    def outer_step(
+        self,
+        state: LoopState,
+        *,
+        level: int,
+        steps: np.ndarray,
+        filter_matrix: np.ndarray | None,
+        draws: HostDraws | SeededDraws,
+        mark: Mark,
+        mask: np.ndarray | None = None,
+        keep_next: np.ndarray | None = None,
+    ) -> None:
         """One outer step, in place on ``state``: cond = transformer([tokens; tokens]); x = n guided DDPM
         steps from x_T; state.raw = x; state.tokens = M x M^T per channel (``filter_matrix`` M [G, G];
         None: not filtered). steps [n, len(Step)] (far_sdk.maths.diffusion.Step rows, noisiest first).
@@ -169,12 +200,12 @@ class Backend(ABC):
         [mask; mask]; ``keep_next`` [B, L] multiplies the handed-on tokens (None: all kept)."""
         tokens = state.tokens
         B, L, C = tokens.shape
-        mask2 = None if mask is None else np.concatenate([mask, mask])                       # (2B, L)
-        cond = self.transformer(np.concatenate([tokens, tokens]), state.conditioning, level, mask2)   # (2B, L, W)
+        mask2 = None if mask is None else np.concatenate([mask, mask])  # (2B, L)
+        cond = self.transformer(np.concatenate([tokens, tokens]), state.conditioning, level, mask2)  # (2B, L, W)
         mark("transformer")
         n = int(steps.shape[0])
         host = draws if isinstance(draws, HostDraws) else draws.materialize(n, L, C)
-        x = self.denoise(host.x, host.noises, cond, steps)                                   # (B, L, C), host
+        x = self.denoise(host.x, host.noises, cond, steps)  # (B, L, C), host
         mark("denoise")
         state.raw = x
         nxt = x if filter_matrix is None else low_pass_tokens(x, filter_matrix)
@@ -193,5 +224,5 @@ class Backend(ABC):
         """latents [B, C, H, W] (sampler scale) -> image [B, 3, 16H, 16W] in about [-1, 1]."""
         return self.run("vae_decoder", {"latents": latents})["image"]
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release sessions/engines. The backend is unusable afterwards."""

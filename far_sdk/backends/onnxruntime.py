@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from far_sdk.bundle.bundle import Bundle
-from far_sdk.errors import DeviceOutOfMemoryError, BackendUnavailableError, BundleError, InvalidArgumentError
-from far_sdk.bundle.graphs import GRAPH_NAMES
 from far_sdk.backends.base import Backend, check_backend_options
+from far_sdk.bundle.bundle import Bundle
+from far_sdk.bundle.graphs import GRAPH_NAMES
+from far_sdk.errors import BackendUnavailableError, BundleError, DeviceOutOfMemoryError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ CPU_IO_BINDING_DEFAULT = False
 
 def _import_ort():
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # noqa: PLC0415 - the backend's runtime: loaded when chosen
     except ImportError as e:
         raise BackendUnavailableError(
             "backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime (CPU) or onnxruntime-gpu"
@@ -68,11 +68,12 @@ class OrtValueCond:
 
 
 def _aligned_empty(shape: tuple[int, ...], align: int = 64) -> np.ndarray:
-    """An uninitialised float32 array whose data starts on an ``align``-byte boundary (as onnxruntime's own buffers do)."""
+    """An uninitialised float32 array whose data starts on an ``align``-byte boundary (as onnxruntime's own buffers
+    do)."""
     n = int(np.prod(shape))
     raw = np.empty(n + align // 4, dtype=np.float32)
     start = (-raw.ctypes.data % align) // 4
-    return raw[start:start + n].reshape(shape)
+    return raw[start : start + n].reshape(shape)
 
 
 def _aligned_rows(a: np.ndarray, align: int) -> tuple[np.ndarray, int]:
@@ -101,8 +102,17 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int | None = None, io_binding: bool | None = None,
-                 trt_fp16: bool = False, tf32: bool = False, **other: Any):
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        io_binding: bool | None = None,
+        trt_fp16: bool = False,
+        tf32: bool = False,
+        **other: Any,
+    ):
         super().__init__(bundle)
         check_backend_options(self.name, ("device", "threads", "io_binding", "trt_fp16", "tf32"), other, log)
         ort = _import_ort()
@@ -112,7 +122,10 @@ class OnnxRuntimeBackend(Backend):
             device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
         m = re.fullmatch(r"(cpu|cuda|tensorrt)(?::(\d+))?", device) if isinstance(device, str) else None
         if m is None or (m.group(1) == "cpu" and m.group(2)):
-            raise InvalidArgumentError(f"onnxruntime device must be 'cpu', 'cuda', 'cuda:N', 'tensorrt', 'tensorrt:N' or 'auto', got {device!r}")
+            raise InvalidArgumentError(
+                "onnxruntime device must be 'cpu', 'cuda', 'cuda:N', 'tensorrt', 'tensorrt:N' or 'auto', got "
+                f"{device!r}"
+            )
         kind, self._device_id = m.group(1), int(m.group(2) or 0)
         wanted = PROVIDER_ALIASES[kind]
         if wanted[0] not in available:
@@ -139,12 +152,15 @@ class OnnxRuntimeBackend(Backend):
             try:
                 self._sessions[g] = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
             except Exception as e:  # onnxruntime's own exception classes
-                raise BundleError(f"onnxruntime could not load graph {g!r} from {path}: {str(e).splitlines()[0]}") from e
+                raise BundleError(
+                    f"onnxruntime could not load graph {g!r} from {path}: {str(e).splitlines()[0]}"
+                ) from e
             got = self._sessions[g].get_providers()
             if got[0] != wanted[0]:  # onnxruntime falls back to the next provider when one fails to start
                 raise BackendUnavailableError(
                     f"onnxruntime could not start {wanted[0]} for graph {g!r} (it runs on {got}); check the CUDA, cuDNN"
-                    f"{' and TensorRT' if kind == 'tensorrt' else ''} libraries onnxruntime-gpu {ort.__version__} needs")
+                    f"{' and TensorRT' if kind == 'tensorrt' else ''} libraries onnxruntime-gpu {ort.__version__} needs"
+                )
         self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self._sessions.items()}
 
     def _providers(self, bundle: Bundle, wanted: list[str]) -> list[Any]:
@@ -155,8 +171,18 @@ class OnnxRuntimeBackend(Backend):
             if p == "TensorrtExecutionProvider":
                 cache = bundle.path / "trt" / "ort-cache"
                 cache.mkdir(parents=True, exist_ok=True)
-                providers.append((p, {"device_id": dev, "trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache),
-                                      "trt_timing_cache_enable": "1", "trt_fp16_enable": flag(self._trt_fp16)}))
+                providers.append(
+                    (
+                        p,
+                        {
+                            "device_id": dev,
+                            "trt_engine_cache_enable": "1",
+                            "trt_engine_cache_path": str(cache),
+                            "trt_timing_cache_enable": "1",
+                            "trt_fp16_enable": flag(self._trt_fp16),
+                        },
+                    )
+                )
             elif p == "CUDAExecutionProvider":
                 providers.append((p, {"device_id": dev, "use_tf32": flag(self._tf32)}))
             else:
@@ -174,7 +200,11 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(onnxruntime=self._ort.__version__, providers=self._sessions["denoiser"].get_providers(), io_binding=self._io_binding)
+        d.update(
+            onnxruntime=self._ort.__version__,
+            providers=self._sessions["denoiser"].get_providers(),
+            io_binding=self._io_binding,
+        )
         if self._on_gpu:
             d.update(tf32=self._tf32)
         if self._kind == "tensorrt":
@@ -192,8 +222,11 @@ class OnnxRuntimeBackend(Backend):
             raise _run_error(e, graph, feeds) from e
         return dict(zip(self._outputs[graph], outs))
 
-    def transformer(self, tokens: np.ndarray, conditioning: dict[str, np.ndarray], level: int, mask: np.ndarray | None = None) -> Any:
-        """tokens [2B, L, C], conditioning (the CFG batch's inputs), mask [2B, L] (a masking transformer) -> cond [2B, L, W]: host array on
+    def transformer(
+        self, tokens: np.ndarray, conditioning: dict[str, np.ndarray], level: int, mask: np.ndarray | None = None
+    ) -> Any:
+        """tokens [2B, L, C], conditioning (the CFG batch's inputs), mask [2B, L] (a masking transformer) -> cond
+        [2B, L, W]: host array on
         CPU, :class:`OrtValueCond` on a GPU."""
         if not (self._on_gpu and self._io_binding):
             return super().transformer(tokens, conditioning, level, mask)
@@ -201,19 +234,22 @@ class OnnxRuntimeBackend(Backend):
         rows, L = int(tokens.shape[0]), int(tokens.shape[1])
         W = int(self.bundle.manifest["mlp_width"])
         b = sess.io_binding()
-        b.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.float32))   # copied to the GPU by the run
-        for name, value in conditioning.items():   # class_ids, or a text bundle's context and null
+        b.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.float32))  # copied to the GPU by the run
+        for name, value in conditioning.items():  # class_ids, or a text bundle's context and null
             b.bind_cpu_input(name, value)
         b.bind_cpu_input("level", np.array([level], dtype=np.float32))
         for name, value in self._mask_feed(mask, rows, L).items():
             b.bind_cpu_input(name, value)
-        cond = ort.OrtValue.ortvalue_from_shape_and_type([rows, L, W], np.float32, self._mem, self._device_id)  # (2B, L, W)
+        cond = ort.OrtValue.ortvalue_from_shape_and_type(
+            [rows, L, W], np.float32, self._mem, self._device_id
+        )  # (2B, L, W)
         b.bind_ortvalue_output("cond", cond)
         self._run_bound(sess, b, "transformer")
         return OrtValueCond(cond, rows // 2)
 
     def denoise(self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray) -> np.ndarray:
-        """n guided DDPM steps: x [B, L, C], noises [n, B, L, C], cond [2B, L, W], steps [n, 10] -> x_0 [B, L, C] (a new array)."""
+        """n guided DDPM steps: x [B, L, C], noises [n, B, L, C], cond [2B, L, W], steps [n, 10] -> x_0 [B, L, C] (a
+        new array)."""
         if steps.shape[0] == 0:
             return np.array(x, dtype=np.float32)
         if not self._io_binding:
@@ -238,14 +274,16 @@ class OnnxRuntimeBackend(Backend):
         steps = np.ascontiguousarray(steps, dtype=np.float32)
         B, n = x.shape[0], steps.shape[0]
         cond2 = np.ascontiguousarray(self._host_cond(cond), dtype=np.float32)
-        cond2 = cond2.reshape(2, B, *cond2.shape[-2:])                      # [2B, L, W] -> [2, B, L, W], no copy
+        cond2 = cond2.reshape(2, B, *cond2.shape[-2:])  # [2B, L, W] -> [2, B, L, W], no copy
         shape, f32 = list(x.shape), np.float32
         nz0, nz_stride = noises.ctypes.data, noises[0].nbytes
         st0, st_stride = steps.ctypes.data, steps[0].nbytes
         # Two output buffers: step 0 reads the caller's x (never written), step i writes bufs[i % 2].
         bufs = (_aligned_empty(x.shape), _aligned_empty(x.shape))
         b = sess.io_binding()
-        b.bind_input("cond", "cpu", 0, f32, list(cond2.shape), cond2.ctypes.data)  # the arrays above outlive the binding
+        b.bind_input(
+            "cond", "cpu", 0, f32, list(cond2.shape), cond2.ctypes.data
+        )  # the arrays above outlive the binding
         src = x.ctypes.data
         for i in range(n):
             b.bind_input("x", "cpu", 0, f32, shape, src)
@@ -275,7 +313,9 @@ class OnnxRuntimeBackend(Backend):
             cond_value = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cond, dtype=np.float32), mem, dev)
         W = int(cond_value.shape()[-1])
         b = sess.io_binding()
-        b.bind_input("cond", mem, dev, f32, [2, B, shape[1], W], cond_value.data_ptr())  # [2B, L, W] read as [2, B, L, W]
+        b.bind_input(
+            "cond", mem, dev, f32, [2, B, shape[1], W], cond_value.data_ptr()
+        )  # [2B, L, W] read as [2, B, L, W]
         for i in range(n):  # step i reads xs[i % 2] and writes the other
             b.bind_input("x", mem, dev, f32, shape, xs[i % 2].data_ptr())
             b.bind_input("noise", mem, dev, f32, shape, nz.data_ptr() + i * nz_stride)
@@ -291,7 +331,13 @@ class OnnxRuntimeBackend(Backend):
 
 
 #: Phrases of onnxruntime's allocation failures (CPU arena, CUDA and TensorRT providers).
-_OOM_PHRASES = ("failed to allocate memory", "bad_alloc", "out of memory", "cudaerrormemoryallocation", "cuda_error_out_of_memory")
+_OOM_PHRASES = (
+    "failed to allocate memory",
+    "bad_alloc",
+    "out of memory",
+    "cudaerrormemoryallocation",
+    "cuda_error_out_of_memory",
+)
 
 
 def _run_error(e: Exception, graph: str, feeds: dict | None) -> Exception:
@@ -300,6 +346,8 @@ def _run_error(e: Exception, graph: str, feeds: dict | None) -> Exception:
     if isinstance(e, MemoryError) or any(p in str(e).lower() for p in _OOM_PHRASES):
         rows = next((int(v.shape[0]) for v in (feeds or {}).values() if getattr(v, "ndim", 0)), None)
         at = f" at {rows} rows" if rows else ""
-        return DeviceOutOfMemoryError(f"out of memory running graph {graph!r}{at}: generate fewer images per call "
-                                      f"(max_batch=...) or free memory ({msg})")
+        return DeviceOutOfMemoryError(
+            f"out of memory running graph {graph!r}{at}: generate fewer images per call "
+            f"(max_batch=...) or free memory ({msg})"
+        )
     return BundleError(f"onnxruntime failed running graph {graph!r}: {msg}")

@@ -31,15 +31,26 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": cores, "gpus": _gpus(),
-            "platform": platform.platform(), "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": cores,
+        "gpus": _gpus(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def _gpus() -> list[str]:
     if shutil.which("nvidia-smi"):
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10, check=True).stdout
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout
             return [ln.strip() for ln in out.splitlines() if ln.strip()]
         except (OSError, subprocess.SubprocessError):
             pass
@@ -59,12 +70,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _maxrss_mb() -> float:
+def maxrss_mb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1 << 20) if sys.platform == "darwin" else r / 1024   # bytes on macOS, KiB on Linux
+    return r / (1 << 20) if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
 
 
-def _rss_now_mb() -> float | None:
+def rss_now_mb() -> float | None:
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
     except (OSError, ValueError, IndexError):
@@ -72,7 +83,7 @@ def _rss_now_mb() -> float | None:
     return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
-def _cuda_torch(device: str):
+def cuda_torch(device: str):
     """torch, when ``device`` is a CUDA device of an already imported torch; else None."""
     torch = sys.modules.get("torch")
     return torch if torch is not None and device.startswith("cuda") and torch.cuda.is_available() else None
@@ -86,7 +97,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5, threads: int | None = None) -> 
     """
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    flops = 2.0 * n ** 3
+    flops = 2.0 * n**3
 
     def best(fn) -> float:
         fn()  # warm-up (thread pool start, page faults)
@@ -100,13 +111,13 @@ def matmul_peak(n: int = 2048, repeats: int = 5, threads: int | None = None) -> 
     out: dict[str, Any] = {"n": n, "repeats": repeats, "dtype": "float32", "numpy_threads": "BLAS default"}
     limit = contextlib.nullcontext()
     if threads is not None and importlib.util.find_spec("threadpoolctl") is not None:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # noqa: PLC0415 - optional: loaded when present
 
         limit, out["numpy_threads"] = threadpool_limits(limits=int(threads), user_api="blas"), int(threads)
     with limit:
         out["numpy_gflops"] = best(lambda: a @ b)
     if importlib.util.find_spec("torch") is not None:
-        import torch
+        import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
 
         if threads is not None:
             torch.set_num_threads(int(threads))

@@ -39,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any, Union
 
+from far_sdk.maths.schedules import inner_step_schedule
+
 #: A FAR model config: training.config.FARConfig or its dict (a bundle manifest's "model").
 FARConfig = Any
 #: A VAE config: training.vae.VAEConfig or its dict (a bundle manifest's "vae").
@@ -74,7 +76,7 @@ def _block(rows: int, n: int, d: int, mlp_ratio: float) -> dict[str, int]:
     t = rows * n
     return {
         "qkv": _linear(t, d, 3 * d),
-        "attn_qk": 2 * rows * n * n * d,       # all heads together: heads * n * n * head_dim
+        "attn_qk": 2 * rows * n * n * d,  # all heads together: heads * n * n * head_dim
         "attn_av": 2 * rows * n * n * d,
         "proj": _linear(t, d, d),
         "fc1": _linear(t, d, hidden),
@@ -103,8 +105,8 @@ def transformer_flops_breakdown(cfg: FARConfig, batch_rows: int, *, include_cond
     for _ in range(cfg.decoder_depth):
         _add(out, _block(batch_rows, N, Dd, cfg.mlp_ratio), "decoder.")
     if include_condition:
-        out["cond_embed"] = _linear(batch_rows * L, Dd, W)   # on the L image tokens (buffer rows dropped)
-        out["index_cond_embed"] = _linear(1, 1, W)           # level [1]: one row per call
+        out["cond_embed"] = _linear(batch_rows * L, Dd, W)  # on the L image tokens (buffer rows dropped)
+        out["index_cond_embed"] = _linear(1, 1, W)  # level [1]: one row per call
     return out
 
 
@@ -167,8 +169,15 @@ def denoiser_step_flops(
     on every row, as the official code recomputes them at every inner step;
     ``time_embed_per_row=True``: the timestep embedding on every row, as the official code does.
     """
-    return sum(denoiser_step_flops_breakdown(cfg, batch, cfg_guidance=cfg_guidance, include_condition=include_condition,
-                                             time_embed_per_row=time_embed_per_row).values())
+    return sum(
+        denoiser_step_flops_breakdown(
+            cfg,
+            batch,
+            cfg_guidance=cfg_guidance,
+            include_condition=include_condition,
+            time_embed_per_row=time_embed_per_row,
+        ).values()
+    )
 
 
 # ---- VAE decoder -----------------------------------------------------------------------------------------------
@@ -224,9 +233,8 @@ PlanLike = Union[Any, tuple[int, Union[int, str, Sequence[int]]]]
 
 
 def _inner_steps(plan: PlanLike) -> tuple[int, ...]:
-    if hasattr(plan, "inner_steps") and hasattr(plan, "levels"):   # far_sdk.maths.schedules.SamplingPlan
+    if hasattr(plan, "inner_steps") and hasattr(plan, "levels"):  # far_sdk.maths.schedules.SamplingPlan
         return tuple(int(n) for n in plan.inner_steps)
-    from far_sdk.maths.schedules import inner_step_schedule
 
     num_steps, inner = plan
     return inner_step_schedule(inner, int(num_steps))
@@ -260,8 +268,9 @@ def generation_flops(
     inner = _inner_steps(plan)
     rows = 2 * batch if cfg_guidance else batch
     tr = len(inner) * transformer_flops(cfg, rows, include_condition=not eager)
-    mlp = sum(inner) * denoiser_step_flops(cfg, batch, cfg_guidance=cfg_guidance, include_condition=eager,
-                                           time_embed_per_row=eager)
+    mlp = sum(inner) * denoiser_step_flops(
+        cfg, batch, cfg_guidance=cfg_guidance, include_condition=eager, time_embed_per_row=eager
+    )
     vae = vae_decoder_flops(vae_cfg, batch) if vae_cfg is not None else 0
     stages = {"transformer": tr, "diffusion_mlp": mlp, "vae_decode": vae}
     stages["total"] = tr + mlp + vae

@@ -18,7 +18,8 @@ Definitions (all per row, over the timed iterations):
   is within ``tolerance`` (5 %) (:func:`check_stage_sum`);
 - images_per_s = batch / median(total); per_image_s = median(total) / batch;
 - FLOPs per image: :func:`far_sdk.bench.flops.generation_flops` for the row's plan (``eager=True`` for the
-  torch-eager baseline, which recomputes the MLP condition every inner step); GFLOP/s = FLOPs x batch / median time (total, and per stage:
+  torch-eager baseline, which recomputes the MLP condition every inner step); GFLOP/s = FLOPs x batch / median time
+  (total, and per stage:
   transformer, diffusion_mlp over the denoise time, vae_decode);
 - peak_fraction = GFLOP/s (total) / the CPU matmul peak (:func:`matmul_peak`), CPU rows only. It
   can pass 100 % where a runtime computes convolutions with fewer multiplies (Winograd) than the
@@ -42,136 +43,41 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from far_sdk.bench.environment import _cuda_torch, _maxrss_mb, _rss_now_mb, machine_info, matmul_peak, versions
+from far_sdk.bench.environment import cuda_torch, machine_info, matmul_peak, maxrss_mb, rss_now_mb, versions
+from far_sdk.bench.flops import generation_flops
+from far_sdk.bench.results import (
+    STAGE_SUM_TOLERANCE,
+    BenchResult,
+    RowResult,
+    check_stage_sum,
+    summarize_iterations,
+)
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import InvalidArgumentError
-from far_sdk.bench.flops import generation_flops
+from far_sdk.maths.schedules import SamplingPlan
 from far_sdk.options import SamplingOptions, plan_options, resolve_plan
 from far_sdk.pipeline import STAGES, Generator
-from far_sdk.maths.schedules import SamplingPlan
 
 log = logging.getLogger(__name__)
 
-STAGE_SUM_TOLERANCE = 0.05
-BASELINES = ("none", "eager-torch")   # eager-torch: the torch-eager backend at the official and at the benchmarked plan
+BASELINES = ("none", "eager-torch")  # eager-torch: the torch-eager backend at the official and at the benchmarked plan
 EAGER_OFFICIAL, EAGER_EQUAL = "eager@100", "eager@equal"
-
-
-# ---- summaries -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Summary:
-    median: float
-    min: float
-    max: float
-    p90: float | None   # only when n >= 10
-    n: int
-
-
-def summarize(values: Sequence[float]) -> Summary:
-    """median / min / max of ``values``; p90 (linear interpolation, numpy's default) when n >= 10."""
-    a = np.asarray(values, dtype=np.float64)
-    if a.size == 0:
-        raise InvalidArgumentError("summarize needs at least one value")
-    p90 = float(np.percentile(a, 90)) if a.size >= 10 else None
-    return Summary(median=float(np.median(a)), min=float(a.min()), max=float(a.max()), p90=p90, n=int(a.size))
-
-
-@dataclass(frozen=True)
-class StageSumCheck:
-    """Do the stages add up to the end-to-end time? gap_i = (total_i - sum_i stages) / total_i."""
-
-    gap: Summary
-    tolerance: float
-    ok: bool
-
-
-def check_stage_sum(iterations: Sequence[dict[str, float]], tolerance: float = STAGE_SUM_TOLERANCE) -> StageSumCheck:
-    """``ok`` when |median gap| <= tolerance (the median keeps one preempted iteration from flagging a row)."""
-    gaps = [(it["total"] - sum(it[k] for k in STAGES)) / it["total"] for it in iterations]
-    g = summarize(gaps)
-    return StageSumCheck(gap=g, tolerance=tolerance, ok=abs(g.median) <= tolerance)
-
-
-def summarize_iterations(iterations: Sequence[dict[str, float]]) -> dict[str, Summary]:
-    """One :class:`Summary` per stage, ``overhead`` (total - sum of stages) and ``total``."""
-    out = {k: summarize([it[k] for it in iterations]) for k in STAGES}
-    out["overhead"] = summarize([it["total"] - sum(it[k] for k in STAGES) for it in iterations])
-    out["total"] = summarize([it["total"] for it in iterations])
-    return out
-
-
-# ---- results ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class RowResult:
-    """One backend (or baseline) at one batch size."""
-
-    name: str                          # "onnxruntime/cpu", "torch/cpu", "eager-torch@100/cpu" (the torch-eager backend), ...
-    kind: str                          # "backend" | "baseline"
-    baseline: str | None               # EAGER_OFFICIAL / EAGER_EQUAL for baseline rows
-    describe: dict[str, Any]           # backend.describe()
-    device: str
-    batch: int
-    inner_steps: tuple[int, ...]
-    load_s: float
-    first_run_s: float
-    warmup_s: list[float]
-    iterations: list[dict[str, float]]  # raw, per timed iteration: the STAGES, "total", "pipeline_total"
-    summaries: dict[str, Summary]
-    stage_sum: StageSumCheck
-    images_per_s: float
-    per_image_s: float
-    memory: dict[str, float | None]
-    flops_per_image: dict[str, float] | None
-    gflops: dict[str, float] | None
-    peak_fraction: float | None = None
-    speedup: dict[str, float | None] = field(default_factory=dict)
-    setting: str | None = None         # the setting's label when several are benchmarked in one run
-
-
-@dataclass
-class BenchResult:
-    command: str
-    machine: dict[str, Any]
-    versions: dict[str, str]
-    bundle: dict[str, Any]
-    plan: dict[str, Any]
-    threads: dict[str, Any]
-    protocol: dict[str, Any]
-    peak: dict[str, Any] | None
-    rows: list[RowResult]
-    settings: dict[str, dict[str, Any]] | None = None   # label -> plan, when several settings were run
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ---- machine, memory, FLOPs ----------------------------------------------------------------------
 
-def analytic_flops(manifest: dict[str, Any], plan: SamplingPlan, batch: int, *, eager: bool = False) -> dict[str, float]:
+
+def analytic_flops(
+    manifest: dict[str, Any], plan: SamplingPlan, batch: int, *, eager: bool = False
+) -> dict[str, float]:
     """FLOPs per image by stage (:func:`far_sdk.bench.flops.generation_flops` on the manifest's configs)."""
     return generation_flops(manifest["model"], manifest["vae"], plan, batch, eager=eager)
 
@@ -198,6 +104,7 @@ def _setting(bundle: Bundle, label: str | None, preset: str | None, options: Sam
     options = options or SamplingOptions()
     return Setting(label, preset, options, bench_plan(bundle, options, preset=preset))
 
+
 # ---- the timed runs --------------------------------------------------------------------------------
 
 
@@ -209,12 +116,22 @@ def _finish_row(row: dict[str, Any], *, manifest, plan, eager: bool, peak: dict 
     gflops = None
     if flops is not None:
         per = {"total": "total", "transformer": "transformer", "diffusion_mlp": "denoise", "vae_decode": "vae_decode"}
-        gflops = {k: flops[k] * batch / summaries[s].median / 1e9 if summaries[s].median > 0 else None for k, s in per.items()}
+        gflops = {
+            k: flops[k] * batch / summaries[s].median / 1e9 if summaries[s].median > 0 else None for k, s in per.items()
+        }
     frac = None
     if gflops is not None and peak and row["device"] == "cpu":
         frac = gflops["total"] / peak["gflops"]
-    return RowResult(**row, summaries=summaries, stage_sum=check_stage_sum(its), images_per_s=batch / med,
-                     per_image_s=med / batch, flops_per_image=flops, gflops=gflops, peak_fraction=frac)
+    return RowResult(
+        **row,
+        summaries=summaries,
+        stage_sum=check_stage_sum(its),
+        images_per_s=batch / med,
+        per_image_s=med / batch,
+        flops_per_image=flops,
+        gflops=gflops,
+        peak_fraction=frac,
+    )
 
 
 def _timed(run, warmup: int, iters: int) -> tuple[float, list[float], list[dict[str, float]]]:
@@ -224,14 +141,24 @@ def _timed(run, warmup: int, iters: int) -> tuple[float, list[float], list[dict[
     return (warm[0] if warm else its[0]["total"]), warm, its
 
 
-def bench_backend(bundle_path, backend: str, batch: int, plan: SamplingPlan, *, warmup: int, iters: int, seed: int = 0,
-                  backend_options: dict[str, Any] | None = None, options: SamplingOptions | None = None,
-                  preset: str | None = None) -> dict[str, Any]:
+def bench_backend(
+    bundle_path,
+    backend: str,
+    batch: int,
+    plan: SamplingPlan,
+    *,
+    warmup: int,
+    iters: int,
+    seed: int = 0,
+    backend_options: dict[str, Any] | None = None,
+    options: SamplingOptions | None = None,
+    preset: str | None = None,
+) -> dict[str, Any]:
     """Time one backend at one batch size (raw fields of a :class:`RowResult`): ``generate(preset=preset,
     options=options)``, which must resolve to ``plan`` (``options`` None: far_sdk.options.plan_options(plan))."""
     options = plan_options(plan) if options is None else options
     gc.collect()
-    rss0, now0 = _maxrss_mb(), _rss_now_mb()
+    rss0, now0 = maxrss_mb(), rss_now_mb()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -252,27 +179,56 @@ def bench_backend(bundle_path, backend: str, batch: int, plan: SamplingPlan, *, 
         desc = gen.backend.describe()
         device = gen.backend.device
         # while the generator is alive; torch's allocator stats only describe the torch backend
-        memory = _memory(rss0, now0, _cuda_torch(device) if desc["backend"] in ("torch", "torch-eager") else None)
+        memory = _memory(rss0, now0, cuda_torch(device) if desc["backend"] in ("torch", "torch-eager") else None)
     finally:
         gen.close()
-    row = dict(name=f"{desc['backend']}/{device}", kind="backend", baseline=None, describe=desc, device=device, batch=batch,
-               inner_steps=plan.inner_steps, load_s=load_s, first_run_s=first, warmup_s=warm, iterations=its, memory=memory)
+    row = dict(
+        name=f"{desc['backend']}/{device}",
+        kind="backend",
+        baseline=None,
+        describe=desc,
+        device=device,
+        batch=batch,
+        inner_steps=plan.inner_steps,
+        load_s=load_s,
+        first_run_s=first,
+        warmup_s=warm,
+        iterations=its,
+        memory=memory,
+    )
     return row
 
 
 def _memory(rss0: float, now0: float | None, cuda_torch) -> dict[str, float | None]:
     """maxrss (high-water mark) and its increase over ``rss0``; current RSS and its increase over ``now0``
     (what the loaded model and its buffers hold, measured before they are released)."""
-    rss1, now1 = _maxrss_mb(), _rss_now_mb()
-    return {"maxrss_mb": rss1, "maxrss_increase_mb": rss1 - rss0, "rss_now_mb": now1,
-            "rss_increase_mb": now1 - now0 if now1 is not None and now0 is not None else None,
-            "cuda_max_allocated_mb": cuda_torch.cuda.max_memory_allocated() / (1 << 20) if cuda_torch is not None else None}
+    rss1, now1 = maxrss_mb(), rss_now_mb()
+    return {
+        "maxrss_mb": rss1,
+        "maxrss_increase_mb": rss1 - rss0,
+        "rss_now_mb": now1,
+        "rss_increase_mb": now1 - now0 if now1 is not None and now0 is not None else None,
+        "cuda_max_allocated_mb": cuda_torch.cuda.max_memory_allocated() / (1 << 20) if cuda_torch is not None else None,
+    }
 
-def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = ("onnxruntime",), batches: Sequence[int] = (1,),
-                  options: SamplingOptions | None = None, warmup: int = 2, iters: int = 10,
-                  baseline: str = "none", threads: int | None = None, device: str | None = None, peak: bool = False,
-                  seed: int = 0, command: str = "", settings: Sequence[tuple[str, str | None, SamplingOptions | None]] = (),
-                  backend_options: dict[str, Any] | None = None) -> BenchResult:
+
+def run_benchmark(
+    bundle_path: str | os.PathLike,
+    *,
+    backends: Sequence[str] = ("onnxruntime",),
+    batches: Sequence[int] = (1,),
+    options: SamplingOptions | None = None,
+    warmup: int = 2,
+    iters: int = 10,
+    baseline: str = "none",
+    threads: int | None = None,
+    device: str | None = None,
+    peak: bool = False,
+    seed: int = 0,
+    command: str = "",
+    settings: Sequence[tuple[str, str | None, SamplingOptions | None]] = (),
+    backend_options: dict[str, Any] | None = None,
+) -> BenchResult:
     """Benchmark ``backends`` x ``batches`` (and the eager baseline); see the module docstring.
 
     ``options``: the sampling options of every row (None: the bundle's defaults). ``settings``: (label,
@@ -282,7 +238,14 @@ def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = (
     """
     if baseline not in BASELINES:
         raise InvalidArgumentError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1 or isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    if (
+        isinstance(iters, bool)
+        or not isinstance(iters, int)
+        or iters < 1
+        or isinstance(warmup, bool)
+        or not isinstance(warmup, int)
+        or warmup < 0
+    ):
         raise InvalidArgumentError(f"need iters >= 1 and warmup >= 0, got iters={iters!r}, warmup={warmup!r}")
     if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
         raise InvalidArgumentError(f"batch sizes must be positive integers, got {list(batches)!r}")
@@ -293,8 +256,9 @@ def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = (
     labels = [label for label, _, _ in settings]
     if len(set(labels)) != len(labels):
         raise InvalidArgumentError(f"setting labels must be distinct, got {labels}")
-    plans = ([_setting(bundle, label, preset, given.over(opts or SamplingOptions())) for label, preset, opts in settings]
-             or [_setting(bundle, None, None, given)])
+    plans = [
+        _setting(bundle, label, preset, given.over(opts or SamplingOptions())) for label, preset, opts in settings
+    ] or [_setting(bundle, None, None, given)]
     plan = plans[0].plan
     peak_info = matmul_peak(threads=threads) if peak else None
     opts: dict[str, Any] = dict(backend_options or {})
@@ -308,23 +272,52 @@ def run_benchmark(bundle_path: str | os.PathLike, *, backends: Sequence[str] = (
         for name in backends:
             for b in batches:
                 log.info("bench %s batch %d%s", name, b, f" ({st.label})" if st.label else "")
-                raw = bench_backend(bundle.path, name, b, st.plan, warmup=warmup, iters=iters, seed=seed, backend_options=opts,
-                                    options=st.options, preset=st.preset)
+                raw = bench_backend(
+                    bundle.path,
+                    name,
+                    b,
+                    st.plan,
+                    warmup=warmup,
+                    iters=iters,
+                    seed=seed,
+                    backend_options=opts,
+                    options=st.options,
+                    preset=st.preset,
+                )
                 rows.append(_finish_row(raw, plan=st.plan, eager=name == "torch-eager", **finish))
                 rows[-1].setting = st.label
     if baseline == "eager-torch":
-        rows += _eager_rows(bundle, plans, batches, warmup=warmup, iters=iters, seed=seed, threads=threads, device=device, finish=finish)
+        rows += _eager_rows(
+            bundle, plans, batches, warmup=warmup, iters=iters, seed=seed, threads=threads, device=device, finish=finish
+        )
         _speedups(rows)
     if len(plans) > 1:
         _setting_speedups(rows, plans[0].label)
-    return BenchResult(command=command, machine=machine_info(), versions=versions(),
-                       bundle={"path": str(bundle.path), "name": bundle.name, "source": bundle.manifest.get("source"),
-                               "model": bundle.model_config, "vae": bundle.manifest["vae"]},
-                       plan=_plan_dict(plan),
-                       threads=_threads(threads), protocol={"warmup": warmup, "iters": iters, "seed": seed, "output_type": "np",
-                                                            "batches": list(batches), "stage_sum_tolerance": STAGE_SUM_TOLERANCE},
-                       peak=peak_info, rows=rows,
-                       settings={st.label: _plan_dict(st.plan) for st in plans} if len(plans) > 1 else None)
+    return BenchResult(
+        command=command,
+        machine=machine_info(),
+        versions=versions(),
+        bundle={
+            "path": str(bundle.path),
+            "name": bundle.name,
+            "source": bundle.manifest.get("source"),
+            "model": bundle.model_config,
+            "vae": bundle.manifest["vae"],
+        },
+        plan=_plan_dict(plan),
+        threads=_threads(threads),
+        protocol={
+            "warmup": warmup,
+            "iters": iters,
+            "seed": seed,
+            "output_type": "np",
+            "batches": list(batches),
+            "stage_sum_tolerance": STAGE_SUM_TOLERANCE,
+        },
+        peak=peak_info,
+        rows=rows,
+        settings={st.label: _plan_dict(st.plan) for st in plans} if len(plans) > 1 else None,
+    )
 
 
 def _plan_dict(plan: SamplingPlan) -> dict[str, Any]:
@@ -339,15 +332,29 @@ def _eager_rows(bundle, plans, batches, *, warmup, iters, seed, threads, device,
     if threads is not None:
         opts["threads"] = threads
     first = plans[0]
-    official = _setting(bundle, None, first.preset,
-                        dataclasses.replace(first.options, inner_steps="official", inner_sampler="ddpm", eta=None))
+    official = _setting(
+        bundle,
+        None,
+        first.preset,
+        dataclasses.replace(first.options, inner_steps="official", inner_sampler="ddpm", eta=None),
+    )
     variants = [(EAGER_OFFICIAL, official)] + [(EAGER_EQUAL, st) for st in plans if st.plan != official.plan]
     rows = []
     for label, st in variants:
         for b in batches:
             log.info("bench %s batch %d", label, b)
-            raw = bench_backend(bundle.path, "torch-eager", b, st.plan, warmup=warmup, iters=iters, seed=seed, backend_options=opts,
-                                options=st.options, preset=st.preset)
+            raw = bench_backend(
+                bundle.path,
+                "torch-eager",
+                b,
+                st.plan,
+                warmup=warmup,
+                iters=iters,
+                seed=seed,
+                backend_options=opts,
+                options=st.options,
+                preset=st.preset,
+            )
             raw.update(name=f"eager-torch@{label.split('@')[1]}/{raw['device']}", kind="baseline", baseline=label)
             rows.append(_finish_row(raw, plan=st.plan, eager=True, **finish))
             rows[-1].setting = st.label
@@ -357,7 +364,9 @@ def _eager_rows(bundle, plans, batches, *, warmup, iters, seed, threads, device,
 def _speedups(rows: list[RowResult]) -> None:
     """speedup[ref] = baseline per-image time / row per-image time, same batch (eager@equal falls back
     to eager@100 when the plan already has 100 inner steps everywhere)."""
-    base = {(r.baseline, r.setting if r.baseline == EAGER_EQUAL else None, r.batch): r for r in rows if r.kind == "baseline"}
+    base = {
+        (r.baseline, r.setting if r.baseline == EAGER_EQUAL else None, r.batch): r for r in rows if r.kind == "baseline"
+    }
     for r in rows:
         for ref in (EAGER_OFFICIAL, EAGER_EQUAL):
             b = base.get((ref, r.setting if ref == EAGER_EQUAL else None, r.batch))
@@ -378,6 +387,11 @@ def _setting_speedups(rows: list[RowResult], first: str) -> None:
 def _threads(threads: int | None) -> dict[str, Any]:
     torch = sys.modules.get("torch")
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"requested": threads, "onnxruntime_intra_op": threads or usable,
-            "torch": torch.get_num_threads() if torch is not None else None,
-            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ}}
+    return {
+        "requested": threads,
+        "onnxruntime_intra_op": threads or usable,
+        "torch": torch.get_num_threads() if torch is not None else None,
+        "env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ
+        },
+    }

@@ -31,11 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from far_sdk.bundle.graphs import GRAPH_NAMES, GraphSpec, TensorSpec
+from far_sdk.bundle.manifest import MAX_MANIFEST_BYTES, dump_manifest, read_manifest
+from far_sdk.bundle.onnx_external_data import external_data_files
+from far_sdk.bundle.schema import BUNDLE_FORMAT, FORMAT_VERSION
+from far_sdk.bundle.weights import load_torch_state
 from far_sdk.errors import BundleError, BundleNotFoundError, IntegrityError, InvalidArgumentError
 from far_sdk.fileio import atomic_write_bytes
-from far_sdk.bundle.graphs import GRAPH_NAMES, GraphSpec, TensorSpec
-from far_sdk.bundle.manifest import BUNDLE_FORMAT, FORMAT_VERSION, MAX_MANIFEST_BYTES, dump_manifest, read_manifest
-from far_sdk.bundle.onnx_external_data import external_data_files
+from far_sdk.options import SamplingOptions
 
 if TYPE_CHECKING:
     from far_sdk.options import SamplingOptions
@@ -43,8 +46,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-__all__ = ["BUNDLE_FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "Bundle", "atomic_bundle_dir", "clean_stale_partials", "sha256_file",
-           "write_manifest"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "Bundle",
+    "atomic_bundle_dir",
+    "clean_stale_partials",
+    "sha256_file",
+    "write_manifest",
+]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -69,16 +80,20 @@ class Bundle:
 
     # ---- loading ------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, *, verify: bool = True) -> "Bundle":
+    def load(cls, path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         """Read ``path/manifest.json`` and check it before any field is used: its digest and layout, format
         version and schema (:mod:`far_sdk.bundle.manifest`); then (``verify``) every listed file's size and sha256
         and the external-data files of every graph."""
         path = Path(path)
         if not path.is_dir():
-            raise BundleNotFoundError(f"bundle directory {path} does not exist (create one with `far-export onnx ... --out {path}`)")
+            raise BundleNotFoundError(
+                f"bundle directory {path} does not exist (create one with `far-export onnx ... --out {path}`)"
+            )
         mpath = path / MANIFEST_NAME
         if mpath.is_symlink():
-            raise BundleError(f"{mpath} is a symbolic link; a bundle holds plain files only. Re-copy the bundle without links")
+            raise BundleError(
+                f"{mpath} is a symbolic link; a bundle holds plain files only. Re-copy the bundle without links"
+            )
         if not mpath.is_file():
             raise BundleNotFoundError(f"{path} has no {MANIFEST_NAME}: not a far bundle, or an export was interrupted")
         try:
@@ -103,20 +118,28 @@ class Bundle:
             _check_plain_name(name)
             p = self.path / name
             if p.is_symlink():
-                raise BundleError(f"{p} is a symbolic link (listed in the manifest); a bundle holds plain files only. "
-                                  "Re-copy the bundle without links")
+                raise BundleError(
+                    f"{p} is a symbolic link (listed in the manifest); a bundle holds plain files only. "
+                    "Re-copy the bundle without links"
+                )
             if not p.exists():
-                raise BundleNotFoundError(f"{self.path} is missing {name} (listed in the manifest); re-export the bundle")
+                raise BundleNotFoundError(
+                    f"{self.path} is missing {name} (listed in the manifest); re-export the bundle"
+                )
             if not p.is_file():
                 raise BundleError(f"{p} is not a regular file (listed in the manifest); re-export the bundle")
             size = p.stat().st_size
             if size != entry["size"]:
                 raise IntegrityError(
-                    f"{p} has {size} bytes, the manifest records {entry['size']}: the file is truncated or was replaced. Re-export or re-copy the bundle."
+                    f"{p} has {size} bytes, the manifest records {entry['size']}: the file is truncated or was "
+                    "replaced. Re-export or re-copy the bundle."
                 )
             digest = sha256_file(p)
             if digest != entry["sha256"]:
-                raise IntegrityError(f"{p} fails its sha256 check (got {digest[:12]}…, expected {entry['sha256'][:12]}…): the file is corrupted. Re-copy the bundle.")
+                raise IntegrityError(
+                    f"{p} fails its sha256 check (got {digest[:12]}…, expected {entry['sha256'][:12]}…): the file is "
+                    "corrupted. Re-copy the bundle."
+                )
         graph_files = {g["file"] for g in self.manifest["graphs"].values()}
         for name in names:
             if name in graph_files:
@@ -128,7 +151,8 @@ class Bundle:
             if loc not in self.manifest["files"] or os.path.basename(loc) != loc:
                 raise BundleError(
                     f"{self.path / name} reads external data from {loc!r}, which the manifest does not list and hash: "
-                    "the graph was altered. Re-export the bundle")
+                    "the graph was altered. Re-export the bundle"
+                )
 
     # ---- accessors ----------------------------------------------------------------------------
     def file(self, name: str) -> Path:
@@ -141,7 +165,11 @@ class Bundle:
         g = self.manifest["graphs"].get(name)
         if g is None:
             raise BundleError(f"{self.path}: manifest has no graph {name!r} (has {sorted(self.manifest['graphs'])})")
-        return GraphSpec(name, tuple(TensorSpec.from_dict(t) for t in g["inputs"]), tuple(TensorSpec.from_dict(t) for t in g["outputs"]))
+        return GraphSpec(
+            name,
+            tuple(TensorSpec.from_dict(t) for t in g["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in g["outputs"]),
+        )
 
     def graph_file(self, name: str) -> Path:
         return self.file(self.manifest["graphs"][name]["file"])
@@ -149,7 +177,6 @@ class Bundle:
     def load_torch_weights(self) -> dict[str, Any]:
         """The bundle's weights as torch tensors on CPU, after :func:`far_sdk.bundle.weights.load_torch_state`'s checks
         (header, layout, finite values); needs torch."""
-        from far_sdk.bundle.weights import load_torch_state
 
         return load_torch_state(self.file(self.manifest.get("weights", {}).get("file", "weights.safetensors")))
 
@@ -164,7 +191,7 @@ class Bundle:
 
     @property
     def conditioning(self) -> str:
-        """"class" (class labels) or "text" (a FAR-T2I bundle: prompts / prompt embeddings; manifest ``text``)."""
+        """ "class" (class labels) or "text" (a FAR-T2I bundle: prompts / prompt embeddings; manifest ``text``)."""
         return str(self.manifest.get("conditioning", "class"))
 
     @property
@@ -175,8 +202,9 @@ class Bundle:
     @property
     def num_classes(self) -> int:
         if self.conditioning == "text":
-            raise InvalidArgumentError(f"bundle {self.name!r} is text-conditioned (FAR-T2I): it has no classes; pass prompt= "
-                                       "or prompt_embeds=")
+            raise InvalidArgumentError(
+                f"bundle {self.name!r} is text-conditioned (FAR-T2I): it has no classes; pass prompt= or prompt_embeds="
+            )
         return int(self.manifest["model"]["num_classes"])
 
     @property
@@ -192,9 +220,8 @@ class Bundle:
         return {int(k): v for k, v in self.manifest.get("id2label", {}).items()}
 
     @property
-    def defaults(self) -> "SamplingOptions":
+    def defaults(self) -> SamplingOptions:
         """The bundle's sampling defaults (the manifest's ``defaults``, checked at load)."""
-        from far_sdk.options import SamplingOptions
 
         return SamplingOptions.from_dict(self.manifest.get("defaults", {}), what=f"{self.path}/manifest.json defaults")
 

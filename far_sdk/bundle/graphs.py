@@ -16,7 +16,8 @@ manifest's model config by :func:`graph_specs`.
   ``fake_latent`` in place of ``context_embed(context)``) instead of class_ids; it always takes the mask.
 - ``denoiser``: one whole guided DDPM step (or DDIM step: other coefficients in ``step``, see
   far_sdk.maths.diffusion.DDIMTables). x [B, L, C] (conditional half), noise [B, L, C],
-  cond [2, B, L, W] (conditional rows first), step [10] (the columns of :class:`far_sdk.maths.diffusion.Step`) -> x_prev [B, L, C].
+  cond [2, B, L, W] (conditional rows first), step [10] (the columns of :class:`far_sdk.maths.diffusion.Step`) ->
+  x_prev [B, L, C].
 - ``vae_decoder``: latents [B, C, H, W] (sampler scale; the graph divides by the latent scale)
   -> image [B, 3, 16 H, 16 W] in about [-1, 1].
 """
@@ -29,17 +30,18 @@ from far_sdk.maths.diffusion import Step
 
 GRAPH_NAMES = ("transformer", "denoiser", "vae_decoder")
 
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str                 # numpy dtype name: "float32", "int64"
-    shape: tuple               # ints, or "B" / "N" for the dynamic batch axis
+    dtype: str  # numpy dtype name: "float32", "int64"
+    shape: tuple  # ints, or "B" / "N" for the dynamic batch axis
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TensorSpec":
+    def from_dict(cls, d: dict) -> TensorSpec:
         return cls(d["name"], d["dtype"], tuple(d["shape"]))
 
 
@@ -70,8 +72,16 @@ class GraphSpec:
         return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
 
 
-def graph_specs(*, seq_len: int, token_channels: int, mlp_width: int, grid_size: int, image_size: int,
-                masked: bool = False, text: tuple[int, int] | None = None) -> dict[str, GraphSpec]:
+def graph_specs(
+    *,
+    seq_len: int,
+    token_channels: int,
+    mlp_width: int,
+    grid_size: int,
+    image_size: int,
+    masked: bool = False,
+    text: tuple[int, int] | None = None,
+) -> dict[str, GraphSpec]:
     """The three graphs' specs; ``masked``: the transformer takes the mask (a model built with mask=True);
     ``text`` = (max text length T, text hidden size): a text-conditioned transformer (context, null)."""
     L, C, W, G = seq_len, token_channels, mlp_width, grid_size
@@ -87,8 +97,12 @@ def graph_specs(*, seq_len: int, token_channels: int, mlp_width: int, grid_size:
         "transformer": GraphSpec("transformer", tf_inputs, (TensorSpec("cond", f32, ("N", L, W)),)),
         "denoiser": GraphSpec(
             "denoiser",
-            (TensorSpec("x", f32, ("B", L, C)), TensorSpec("noise", f32, ("B", L, C)),
-             TensorSpec("cond", f32, (2, "B", L, W)), TensorSpec("step", f32, (len(Step),))),
+            (
+                TensorSpec("x", f32, ("B", L, C)),
+                TensorSpec("noise", f32, ("B", L, C)),
+                TensorSpec("cond", f32, (2, "B", L, W)),
+                TensorSpec("step", f32, (len(Step),)),
+            ),
             (TensorSpec("x_prev", f32, ("B", L, C)),),
         ),
         "vae_decoder": GraphSpec(

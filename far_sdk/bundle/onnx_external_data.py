@@ -71,7 +71,7 @@ def _walk(buf, start: int, end: int, kind: int, depth: int, found: set[str]) -> 
             if length > end - pos:
                 raise _Malformed("a field runs past the end of its message")
             if kind == _ENTRY and number in (1, 2):
-                entry[number] = buf[pos:pos + length]
+                entry[number] = buf[pos : pos + length]
             elif number in fields:
                 _walk(buf, pos, pos + length, fields[number], depth + 1, found)
             pos += length

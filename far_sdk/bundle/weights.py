@@ -21,13 +21,28 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from far_sdk.errors import BundleError, FarError
 from far_sdk.bundle.manifest import no_duplicate_keys
+from far_sdk.errors import BundleError, FarError
 
 #: The safetensors library's own limit on the header.
 MAX_HEADER_BYTES = 100_000_000
-ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-            "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 _FLOATS = ("F16", "BF16", "F32", "F64")
 
 
@@ -62,8 +77,11 @@ def check_safetensors(path: str | os.PathLike, *, error: type[FarError] = Bundle
     if raw[:1] != b"{":
         raise bad("the header does not begin with '{' (leading bytes or whitespace are not allowed)")
     try:
-        header = json.loads(raw.rstrip(b" ").decode("utf-8"), object_pairs_hook=no_duplicate_keys,
-                            parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} in the header")))
+        header = json.loads(
+            raw.rstrip(b" ").decode("utf-8"),
+            object_pairs_hook=no_duplicate_keys,
+            parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} in the header")),
+        )
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise bad(f"its header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
@@ -81,7 +99,9 @@ def check_safetensors(path: str | os.PathLike, *, error: type[FarError] = Bundle
             raise bad(f"tensor {name!r} has unknown dtype {str(dtype)[:20]!r}")
         if not isinstance(shape, list) or len(shape) > 16 or not all(_is_int(d) and 0 <= d < 2**62 for d in shape):
             raise bad(f"tensor {name!r} has an invalid shape {str(shape)[:60]}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs) and 0 <= offs[0] <= offs[1]):
+        if not (
+            isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs) and 0 <= offs[0] <= offs[1]
+        ):
             raise bad(f"tensor {name!r} has invalid data_offsets {str(offs)[:60]}")
         nbytes = math.prod(shape) * ITEMSIZE[dtype]
         if offs[1] - offs[0] != nbytes:
@@ -92,19 +112,25 @@ def check_safetensors(path: str | os.PathLike, *, error: type[FarError] = Bundle
     pos = 0
     for begin, end, name in sorted(spans):
         if begin != pos:
-            raise bad(f"tensor {name!r} begins at byte {begin}, expected {pos} (" + ("overlapping tensors" if begin < pos else "a gap") + ")")
+            raise bad(
+                f"tensor {name!r} begins at byte {begin}, expected {pos} ("
+                + ("overlapping tensors" if begin < pos else "a gap")
+                + ")"
+            )
         pos = end
     if pos != data_len:
         raise bad(f"its tensors cover {pos} of {data_len} data bytes ({data_len - pos} trailing bytes)")
     return header
 
 
-def load_torch_state(path: str | os.PathLike, *, error: type[FarError] = BundleError, finite: bool = True) -> dict[str, Any]:
+def load_torch_state(
+    path: str | os.PathLike, *, error: type[FarError] = BundleError, finite: bool = True
+) -> dict[str, Any]:
     """:func:`check_safetensors`, then load the tensors on CPU with safetensors and (``finite``) refuse
     NaN/inf in floating-point tensors."""
     header = check_safetensors(path, error=error)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError  # noqa: PLC0415 - loaded when the weights are read
+    from safetensors.torch import load_file  # noqa: PLC0415 - loaded when the weights are read
 
     try:
         state = load_file(str(path), device="cpu")
@@ -112,10 +138,13 @@ def load_torch_state(path: str | os.PathLike, *, error: type[FarError] = BundleE
         raise error(f"{path} could not be read by safetensors: {' '.join(str(e).split())[:200]}") from e
     if not finite:
         return state
-    import torch
+    import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
 
     bad = [k for k, t in state.items() if header[k]["dtype"] in _FLOATS and not bool(torch.isfinite(t).all())]
     if bad:
-        raise error(f"{path} has NaN or inf values in tensor {bad[0]!r}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-                    + ": the weights are corrupted or diverged. Re-export the bundle from a good checkpoint")
+        raise error(
+            f"{path} has NaN or inf values in tensor {bad[0]!r}"
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+            + ": the weights are corrupted or diverged. Re-export the bundle from a good checkpoint"
+        )
     return state

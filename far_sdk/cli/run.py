@@ -73,8 +73,10 @@ def run_command(prog: str, run: Callable[[], int], *, interrupted: str = "interr
         _close_progress_bars()
         code = exit_code_for(e)
         if code == EXIT_INTERNAL:
-            _say(f"{prog}: internal error: {type(e).__name__}: {one_line(e)} "
-                 "(a bug in far-sdk; set FAR_TRACEBACK=1 for the traceback and please report it)")
+            _say(
+                f"{prog}: internal error: {type(e).__name__}: {one_line(e)} "
+                "(a bug in far-sdk; set FAR_TRACEBACK=1 for the traceback and please report it)"
+            )
         else:
             _say(f"{prog}: error: {one_line(e)}")
         if os.environ.get("FAR_TRACEBACK"):
@@ -118,7 +120,9 @@ def check_writable_file(path: str | os.PathLike, option: str, *, suffixes: tuple
     if p.is_dir():
         raise InvalidArgumentError(f"{option} {p} is a directory; give a file name")
     if suffixes is not None and p.suffix.lower() not in suffixes:
-        raise InvalidArgumentError(f"{option} {p}: unsupported file type {p.suffix or '(none)'!r}; use one of {', '.join(suffixes)}")
+        raise InvalidArgumentError(
+            f"{option} {p}: unsupported file type {p.suffix or '(none)'!r}; use one of {', '.join(suffixes)}"
+        )
     check_writable_dir(p.parent, option, shown=p)
     return p
 

@@ -35,6 +35,7 @@ def _ints(text: str) -> list[int]:
 
 def _parser(name: str, spec: OptionSpec) -> Callable[[str], Any]:
     """argparse ``type`` for one option: text -> value, checked by the option's own rules."""
+
     def parse(text: str) -> Any:
         if spec.kind == "int":
             value: Any = _number(text, int, "an integer")
@@ -46,8 +47,10 @@ def _parser(name: str, spec: OptionSpec) -> Callable[[str], Any]:
             try:
                 value = _ints(text)
             except argparse.ArgumentTypeError:
-                raise argparse.ArgumentTypeError(f"expected {' or '.join(map(repr, INNER_STEP_NAMES))}, a count N or one "
-                                                 f"count per outer step N1,N2,..., got {text!r}") from None
+                raise argparse.ArgumentTypeError(
+                    f"expected {' or '.join(map(repr, INNER_STEP_NAMES))}, a count N or one "
+                    f"count per outer step N1,N2,..., got {text!r}"
+                ) from None
             value = value[0] if len(value) == 1 else value
         else:
             value = text
@@ -55,7 +58,8 @@ def _parser(name: str, spec: OptionSpec) -> Callable[[str], Any]:
             return spec.check(name, value)
         except InvalidArgumentError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-    parse.__name__ = name   # argparse names the type in its messages
+
+    parse.__name__ = name  # argparse names the type in its messages
     return parse
 
 
@@ -75,19 +79,32 @@ def add_sampling_args(p: argparse.ArgumentParser, *, presets: Literal["one", "li
         if spec.kind == "clip":
             clip = g.add_mutually_exclusive_group()
             clip.add_argument(flag_of(name), **kw)
-            clip.add_argument("--no-" + flag_of(name)[2:], dest=name, action="store_const", const=False,
-                              help="never clip x0 (the official sampler)")
+            clip.add_argument(
+                "--no-" + flag_of(name)[2:],
+                dest=name,
+                action="store_const",
+                const=False,
+                help="never clip x0 (the official sampler)",
+            )
         else:
             g.add_argument(flag_of(name), **kw)
     names = ", ".join(sorted(PRESETS))
     if presets == "one":
-        g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                       help="a named setting put under the options above (fast: 4.7x fewer inner steps than paper)")
+        g.add_argument(
+            "--preset",
+            choices=sorted(PRESETS),
+            default=None,
+            help="a named setting put under the options above (fast: 4.7x fewer inner steps than paper)",
+        )
     else:
-        g.add_argument("--preset", type=lambda v: [s.strip() for s in v.split(",") if s.strip()], default=[],
-                       metavar="NAME[,NAME...]",
-                       help=f"named settings ({names}); several run one after the other, with speed-ups against the "
-                            "first (e.g. paper,fast); the options above override them")
+        g.add_argument(
+            "--preset",
+            type=lambda v: [s.strip() for s in v.split(",") if s.strip()],
+            default=[],
+            metavar="NAME[,NAME...]",
+            help=f"named settings ({names}); several run one after the other, with speed-ups against the "
+            "first (e.g. paper,fast); the options above override them",
+        )
 
 
 def options_from_args(a: argparse.Namespace) -> SamplingOptions:

@@ -12,16 +12,21 @@ import threading
 from pathlib import Path
 
 from far_sdk.cli.run import check_writable_dir, check_writable_file, non_negative_int, positive_int
+from far_sdk.cli.sampling import add_sampling_args, options_from_args
 from far_sdk.errors import InvalidArgumentError
 from far_sdk.fileio import atomic_write_json
-from far_sdk.cli.sampling import add_sampling_args, options_from_args
+from far_sdk.scale import serve
+from far_sdk.scale.dataset import DatasetJob, generate_dataset
+from far_sdk.scale.evaluation import evaluate
 
 
 def _backend_args(p: argparse.ArgumentParser, default_backend: str) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory (engines/NAME)")
     p.add_argument("--backend", default=default_backend, choices=["auto", "tensorrt", "onnxruntime", "torch"])
     p.add_argument("--device", default=None, help="backend device (cpu, cuda, ...)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per Generator (onnxruntime/torch on CPU)")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads per Generator (onnxruntime/torch on CPU)"
+    )
 
 
 def _backend_options(a: argparse.Namespace, default_threads: int | None = None) -> dict:
@@ -46,21 +51,36 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     _backend_args(p, "auto")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=positive_int, default=8000)
-    p.add_argument("--max-batch", type=positive_int, default=8, help="most requests merged into one generate call (1: no batching)")
+    p.add_argument(
+        "--max-batch", type=positive_int, default=8, help="most requests merged into one generate call (1: no batching)"
+    )
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a replica waits to fill a batch")
     p.add_argument("--max-images-per-request", type=positive_int, default=16)
     p.add_argument("--num-replicas", type=positive_int, default=1)
-    p.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="autoscale between MIN and MAX replicas (instead of --num-replicas)")
+    p.add_argument(
+        "--autoscale",
+        default=None,
+        metavar="MIN:MAX",
+        help="autoscale between MIN and MAX replicas (instead of --num-replicas)",
+    )
     p.add_argument("--target-ongoing-requests", type=float, default=4.0, help="autoscaling target per replica")
-    p.add_argument("--max-ongoing-requests", type=positive_int, default=None, help="requests one replica holds (default 4 x --max-batch)")
-    p.add_argument("--max-queued-requests", type=positive_int, default=64, help="queued requests before 503 (a bounded queue)")
+    p.add_argument(
+        "--max-ongoing-requests",
+        type=positive_int,
+        default=None,
+        help="requests one replica holds (default 4 x --max-batch)",
+    )
+    p.add_argument(
+        "--max-queued-requests", type=positive_int, default=64, help="queued requests before 503 (a bounded queue)"
+    )
     p.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 where the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
-    p.add_argument("--address", default=None, help="Ray cluster to join ('auto', ray://HOST:10001); default: start a local one")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster to join ('auto', ray://HOST:10001); default: start a local one"
+    )
 
 
 def run_serve(a: argparse.Namespace) -> int:
-    from far_sdk.scale import serve
 
     lo = hi = None
     if a.autoscale:
@@ -71,21 +91,36 @@ def run_serve(a: argparse.Namespace) -> int:
     bundle = Path(a.bundle)
     if not bundle.is_dir():
         raise InvalidArgumentError(f"--bundle {bundle} is not a directory")
-    cfg = serve.ServeConfig(bundle=str(bundle.resolve()), backend=a.backend, backend_options=_backend_options(a),
-                            max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, max_images_per_request=a.max_images_per_request,
-                            num_replicas=a.num_replicas, min_replicas=lo, max_replicas=hi,
-                            target_ongoing_requests=a.target_ongoing_requests, max_ongoing_requests=a.max_ongoing_requests,
-                            max_queued_requests=a.max_queued_requests, gpus_per_replica=a.gpus_per_replica,
-                            cpus_per_replica=a.cpus_per_replica, host=a.host, port=a.port)
+    cfg = serve.ServeConfig(
+        bundle=str(bundle.resolve()),
+        backend=a.backend,
+        backend_options=_backend_options(a),
+        max_batch=a.max_batch,
+        batch_wait_ms=a.batch_wait_ms,
+        max_images_per_request=a.max_images_per_request,
+        num_replicas=a.num_replicas,
+        min_replicas=lo,
+        max_replicas=hi,
+        target_ongoing_requests=a.target_ongoing_requests,
+        max_ongoing_requests=a.max_ongoing_requests,
+        max_queued_requests=a.max_queued_requests,
+        gpus_per_replica=a.gpus_per_replica,
+        cpus_per_replica=a.cpus_per_replica,
+        host=a.host,
+        port=a.port,
+    )
     serve.start(cfg, address=a.address)
-    print(f"far serve: {a.bundle} at http://{a.host}:{a.port}/ (POST /generate, GET /health, GET /info); Ctrl-C stops", flush=True)
+    print(
+        f"far serve: {a.bundle} at http://{a.host}:{a.port}/ (POST /generate, GET /health, GET /info); Ctrl-C stops",
+        flush=True,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         while not stop.wait(1.0):
             pass
     finally:
-        from ray import serve as ray_serve
+        from ray import serve as ray_serve  # noqa: PLC0415 - far serve's optional dependency
 
         ray_serve.shutdown()
     return 0
@@ -99,8 +134,14 @@ def add_dataset(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--num-images", type=positive_int, required=True)
     p.add_argument("--out", required=True, help="output directory (shards, dataset.json, samples_NxHxWx3.npz)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="image i uses seed + i")
-    p.add_argument("--class", dest="classes", type=non_negative_int, action="append", default=None,
-                   help="restrict to these class ids (repeat); default: every class, balanced")
+    p.add_argument(
+        "--class",
+        dest="classes",
+        type=non_negative_int,
+        action="append",
+        default=None,
+        help="restrict to these class ids (repeat); default: every class, balanced",
+    )
     p.add_argument("--shard-size", type=positive_int, default=1000, help="images per .npz shard")
     p.add_argument("--batch", type=positive_int, default=16, help="images per generate call (speed only)")
     p.add_argument("--workers", type=non_negative_int, default=0, help="Ray workers (0: this process)")
@@ -111,15 +152,26 @@ def add_dataset(p: argparse.ArgumentParser) -> None:
 
 
 def run_dataset(a: argparse.Namespace) -> int:
-    from far_sdk.scale.dataset import DatasetJob, generate_dataset
 
     check_writable_dir(a.out, "--out")
-    job = DatasetJob(bundle=str(Path(a.bundle).resolve()), num_images=a.num_images, seed=a.seed, shard_size=a.shard_size,
-                     classes=tuple(a.classes) if a.classes else None, settings=_sampling(a), batch=a.batch,
-                     backend=a.backend, backend_options=_backend_options(a, default_threads=1))
-    r = generate_dataset(job, a.out, workers=a.workers, address=a.address, merge=not a.no_merge, progress=not a.no_progress)
-    print(f"far generate-dataset: {job.num_images} images in {job.num_shards} shard(s) under {r.out}: "
-          f"{len(r.generated)} generated, {len(r.skipped)} already done" + (f"; merged {r.samples}" if r.samples else ""))
+    job = DatasetJob(
+        bundle=str(Path(a.bundle).resolve()),
+        num_images=a.num_images,
+        seed=a.seed,
+        shard_size=a.shard_size,
+        classes=tuple(a.classes) if a.classes else None,
+        settings=_sampling(a),
+        batch=a.batch,
+        backend=a.backend,
+        backend_options=_backend_options(a, default_threads=1),
+    )
+    r = generate_dataset(
+        job, a.out, workers=a.workers, address=a.address, merge=not a.no_merge, progress=not a.no_progress
+    )
+    print(
+        f"far generate-dataset: {job.num_images} images in {job.num_shards} shard(s) under {r.out}: "
+        f"{len(r.generated)} generated, {len(r.skipped)} already done" + (f"; merged {r.samples}" if r.samples else "")
+    )
     return 0
 
 
@@ -127,9 +179,19 @@ def run_dataset(a: argparse.Namespace) -> int:
 
 
 def add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", required=True, help="generated images: ADM .npz (arr_0 uint8 N x H x W x 3) or a folder")
-    p.add_argument("--reference", required=True, help="reference images: ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder")
-    p.add_argument("--inception-weights", required=True, help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (no download)")
+    p.add_argument(
+        "--samples", required=True, help="generated images: ADM .npz (arr_0 uint8 N x H x W x 3) or a folder"
+    )
+    p.add_argument(
+        "--reference",
+        required=True,
+        help="reference images: ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder",
+    )
+    p.add_argument(
+        "--inception-weights",
+        required=True,
+        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (no download)",
+    )
     p.add_argument("--batch", type=positive_int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--isc-splits", type=positive_int, default=10)
@@ -138,15 +200,24 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(a: argparse.Namespace) -> int:
-    from far_sdk.scale.evaluation import evaluate
 
     if a.json:
         check_writable_file(a.json, "--json", suffixes=(".json",))
-    r = evaluate(a.samples, a.reference, a.inception_weights, batch_size=a.batch, device=a.device,
-                 isc_splits=a.isc_splits, prc_neighborhood=a.prc_neighborhood)
+    r = evaluate(
+        a.samples,
+        a.reference,
+        a.inception_weights,
+        batch_size=a.batch,
+        device=a.device,
+        isc_splits=a.isc_splits,
+        prc_neighborhood=a.prc_neighborhood,
+    )
     if a.json:
         atomic_write_json(Path(a.json), r)
     print(json.dumps(r))
-    print(f"FID {r['fid']:.4f}  IS {r['inception_score_mean']:.3f} ± {r['inception_score_std']:.3f}  precision "
-          f"{r['precision']:.4f}  recall {r['recall']:.4f}  ({r['num_samples']} samples vs {r['num_reference']} reference)")
+    print(
+        f"FID {r['fid']:.4f}  IS {r['inception_score_mean']:.3f} ± {r['inception_score_std']:.3f}  precision "
+        f"{r['precision']:.4f}  recall {r['recall']:.4f}  ({r['num_samples']} samples vs {r['num_reference']} "
+        "reference)"
+    )
     return 0

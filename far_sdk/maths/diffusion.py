@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import IntEnum
-from functools import lru_cache
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -40,6 +40,7 @@ def cosine_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS, max_beta: float = 0.9
     f(u) = cos((u + 0.008) / 1.008 * pi / 2)^2,
     beta_i = min(1 - f((i + 1) / T) / f(i / T), max_beta)   for i = 0 .. T-1.
     """
+
     def f(u: float) -> float:
         return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -56,7 +57,11 @@ def respaced_timesteps(num_steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS)
     the stride n - 1 times; each value is rounded with Python's round (half to even).
     n = 100 keeps 0, 10, 20, 30, 40, 50, 61, ...; n = 10 keeps 0, 111, ..., 999.
     """
-    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or not 1 <= num_steps <= num_timesteps:
+    if (
+        not isinstance(num_steps, (int, np.integer))
+        or isinstance(num_steps, bool)
+        or not 1 <= num_steps <= num_timesteps
+    ):
         raise InvalidArgumentError(f"inner step count must be an integer in 1..{num_timesteps}, got {num_steps!r}")
     n = int(num_steps)
     stride = (num_timesteps - 1) / (n - 1) if n > 1 else 1.0
@@ -75,27 +80,32 @@ class DiffusionTables:
     Reverse sampling goes k = n-1 down to 0.
     """
 
-    timesteps: np.ndarray                    # int64 [n]
-    betas: np.ndarray                        # beta'_k = 1 - alpha_bar[t_k] / alpha_bar[t_{k-1}]
-    alphas_cumprod: np.ndarray               # alpha_bar'_k
-    alphas_cumprod_prev: np.ndarray          # [1, alpha_bar'_0, .., alpha_bar'_{n-2}]
-    sqrt_recip_alphas_cumprod: np.ndarray    # sqrt(1 / alpha_bar')
+    timesteps: np.ndarray  # int64 [n]
+    betas: np.ndarray  # beta'_k = 1 - alpha_bar[t_k] / alpha_bar[t_{k-1}]
+    alphas_cumprod: np.ndarray  # alpha_bar'_k
+    alphas_cumprod_prev: np.ndarray  # [1, alpha_bar'_0, .., alpha_bar'_{n-2}]
+    sqrt_recip_alphas_cumprod: np.ndarray  # sqrt(1 / alpha_bar')
     sqrt_recipm1_alphas_cumprod: np.ndarray  # sqrt(1 / alpha_bar' - 1)
-    posterior_variance: np.ndarray           # beta' (1 - alpha_bar'_prev) / (1 - alpha_bar')
+    posterior_variance: np.ndarray  # beta' (1 - alpha_bar'_prev) / (1 - alpha_bar')
     posterior_log_variance_clipped: np.ndarray  # log posterior_variance, entry 0 replaced by entry 1
-    posterior_mean_coef1: np.ndarray         # beta' sqrt(alpha_bar'_prev) / (1 - alpha_bar')
-    posterior_mean_coef2: np.ndarray         # (1 - alpha_bar'_prev) sqrt(alpha') / (1 - alpha_bar')
-    log_betas: np.ndarray                    # log beta' (the "max" end of the learned variance range)
+    posterior_mean_coef1: np.ndarray  # beta' sqrt(alpha_bar'_prev) / (1 - alpha_bar')
+    posterior_mean_coef2: np.ndarray  # (1 - alpha_bar'_prev) sqrt(alpha') / (1 - alpha_bar')
+    log_betas: np.ndarray  # log beta' (the "max" end of the learned variance range)
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
-    def columns(self) -> dict["Step", np.ndarray]:
+    def columns(self) -> dict[Step, np.ndarray]:
         """float64 [n] per :class:`Step` coefficient column, indexed by step k (the DDPM posterior)."""
-        return {Step.x0_coef_x: self.sqrt_recip_alphas_cumprod, Step.x0_coef_eps: self.sqrt_recipm1_alphas_cumprod,
-                Step.mean_coef_x0: self.posterior_mean_coef1, Step.mean_coef_xt: self.posterior_mean_coef2,
-                Step.min_log_var: self.posterior_log_variance_clipped, Step.max_log_var: self.log_betas}
+        return {
+            Step.x0_coef_x: self.sqrt_recip_alphas_cumprod,
+            Step.x0_coef_eps: self.sqrt_recipm1_alphas_cumprod,
+            Step.mean_coef_x0: self.posterior_mean_coef1,
+            Step.mean_coef_xt: self.posterior_mean_coef2,
+            Step.min_log_var: self.posterior_log_variance_clipped,
+            Step.max_log_var: self.log_betas,
+        }
 
 
 def tables_from_betas(betas: np.ndarray, timesteps: np.ndarray) -> DiffusionTables:
@@ -122,7 +132,7 @@ def tables_from_betas(betas: np.ndarray, timesteps: np.ndarray) -> DiffusionTabl
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tables_cached(num_steps: int | None, num_timesteps: int) -> DiffusionTables:
     base = cosine_betas(num_timesteps)
     if num_steps is None:
@@ -158,24 +168,31 @@ class Step(IntEnum):
         x_prev  = mean_coef_x0 x0 + mean_coef_xt x + exp(log_var / 2) noise noise_scale
     """
 
-    timestep = 0        # original timestep t (0..999) fed to the time embedding
-    x0_coef_x = 1       # a = sqrt(1 / alpha_bar')
-    x0_coef_eps = 2     # b = sqrt(1 / alpha_bar' - 1)
-    mean_coef_x0 = 3    # c1 (DDPM: posterior_mean_coef1)
-    mean_coef_xt = 4    # c2 (DDPM: posterior_mean_coef2)
-    min_log_var = 5     # DDPM: posterior_log_variance_clipped (the learned range's min end); DDIM: log sigma^2
-    max_log_var = 6     # DDPM: log beta' (max end); DDIM: log sigma^2
+    timestep = 0  # original timestep t (0..999) fed to the time embedding
+    x0_coef_x = 1  # a = sqrt(1 / alpha_bar')
+    x0_coef_eps = 2  # b = sqrt(1 / alpha_bar' - 1)
+    mean_coef_x0 = 3  # c1 (DDPM: posterior_mean_coef1)
+    mean_coef_xt = 4  # c2 (DDPM: posterior_mean_coef2)
+    min_log_var = 5  # DDPM: posterior_log_variance_clipped (the learned range's min end); DDIM: log sigma^2
+    max_log_var = 6  # DDPM: log beta' (max end); DDIM: log sigma^2
     cfg_scale = 7
-    noise_scale = 8     # [k != 0] * temperature (DDIM: [sigma_k > 0] * temperature)
-    x0_clip = 9         # +inf = no clipping (official)
+    noise_scale = 8  # [k != 0] * temperature (DDIM: [sigma_k > 0] * temperature)
+    x0_clip = 9  # +inf = no clipping (official)
 
 
 #: Column names of the ``step`` vector, in order (:class:`Step`).
 STEP_FIELDS: tuple[str, ...] = tuple(Step.__members__)
 
 
-def denoise_step_table(num_steps: int, cfg_scale: float, temperature: float, x0_clip: float | None = None, *,
-                       inner_sampler: InnerSampler = "ddpm", eta: float = 0.0) -> np.ndarray:
+def denoise_step_table(
+    num_steps: int,
+    cfg_scale: float,
+    temperature: float,
+    x0_clip: float | None = None,
+    *,
+    inner_sampler: InnerSampler = "ddpm",
+    eta: float = 0.0,
+) -> np.ndarray:
     """float32 [n, len(Step)]: the denoiser's ``step`` input for each call, in execution order (row 0 is
     the noisiest step k = n-1), columns :class:`Step`: t, the chain's six coefficients (each float64
     value cast to float32 on its own, as the official code extracts them), cfg scale, noise scale,
@@ -243,15 +260,15 @@ class DDIMTables:
     """
 
     eta: float
-    timesteps: np.ndarray                    # int64 [n], ascending (:func:`ddim_timesteps`)
-    alphas_cumprod: np.ndarray               # abar_k
-    alphas_cumprod_prev: np.ndarray          # abar at t_{k-1}; 1 for k = 0
-    sigmas: np.ndarray                       # sigma_k (0 for k = 0 and for eta = 0)
-    sqrt_recip_alphas_cumprod: np.ndarray    # a
+    timesteps: np.ndarray  # int64 [n], ascending (:func:`ddim_timesteps`)
+    alphas_cumprod: np.ndarray  # abar_k
+    alphas_cumprod_prev: np.ndarray  # abar at t_{k-1}; 1 for k = 0
+    sigmas: np.ndarray  # sigma_k (0 for k = 0 and for eta = 0)
+    sqrt_recip_alphas_cumprod: np.ndarray  # a
     sqrt_recipm1_alphas_cumprod: np.ndarray  # b
-    coef_x0: np.ndarray                      # c1
-    coef_xt: np.ndarray                      # c2
-    log_variance: np.ndarray                 # log sigma^2 where sigma > 0, else 0
+    coef_x0: np.ndarray  # c1
+    coef_xt: np.ndarray  # c2
+    log_variance: np.ndarray  # log sigma^2 where sigma > 0, else 0
 
     @property
     def num_steps(self) -> int:
@@ -259,12 +276,17 @@ class DDIMTables:
 
     def columns(self) -> dict[Step, np.ndarray]:
         """float64 [n] per :class:`Step` coefficient column: a, b, c1, c2 and the fixed log sigma^2 at both ends."""
-        return {Step.x0_coef_x: self.sqrt_recip_alphas_cumprod, Step.x0_coef_eps: self.sqrt_recipm1_alphas_cumprod,
-                Step.mean_coef_x0: self.coef_x0, Step.mean_coef_xt: self.coef_xt,
-                Step.min_log_var: self.log_variance, Step.max_log_var: self.log_variance}
+        return {
+            Step.x0_coef_x: self.sqrt_recip_alphas_cumprod,
+            Step.x0_coef_eps: self.sqrt_recipm1_alphas_cumprod,
+            Step.mean_coef_x0: self.coef_x0,
+            Step.mean_coef_xt: self.coef_xt,
+            Step.min_log_var: self.log_variance,
+            Step.max_log_var: self.log_variance,
+        }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _ddim_cached(num_steps: int, eta: float, num_timesteps: int) -> DDIMTables:
     ac_full = np.cumprod(1.0 - cosine_betas(num_timesteps))
     kept = ddim_timesteps(num_steps, num_timesteps)
@@ -273,14 +295,21 @@ def _ddim_cached(num_steps: int, eta: float, num_timesteps: int) -> DDIMTables:
     sigmas = eta * np.sqrt((1.0 - ac_prev) / (1.0 - ac) * (1.0 - ac / ac_prev))
     # 1 - abar_prev - sigma^2 = (1 - abar_prev)(1 - eta^2 (1 - abar / abar_prev) / (1 - abar)) >= 0 for
     # eta <= 1 (abar_prev <= 1); the clamp only guards against a negative float64 rounding.
-    d = np.sqrt(np.maximum(1.0 - ac_prev - sigmas ** 2, 0.0))
+    d = np.sqrt(np.maximum(1.0 - ac_prev - sigmas**2, 0.0))
     a, b = np.sqrt(1.0 / ac), np.sqrt(1.0 / ac - 1.0)
     with np.errstate(divide="ignore"):
-        log_var = np.where(sigmas > 0, np.log(sigmas ** 2), 0.0)
+        log_var = np.where(sigmas > 0, np.log(sigmas**2), 0.0)
     return DDIMTables(
-        eta=eta, timesteps=kept, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev, sigmas=sigmas,
-        sqrt_recip_alphas_cumprod=a, sqrt_recipm1_alphas_cumprod=b,
-        coef_x0=np.sqrt(ac_prev) - d / b, coef_xt=d / np.sqrt(1.0 - ac), log_variance=log_var,
+        eta=eta,
+        timesteps=kept,
+        alphas_cumprod=ac,
+        alphas_cumprod_prev=ac_prev,
+        sigmas=sigmas,
+        sqrt_recip_alphas_cumprod=a,
+        sqrt_recipm1_alphas_cumprod=b,
+        coef_x0=np.sqrt(ac_prev) - d / b,
+        coef_xt=d / np.sqrt(1.0 - ac),
+        log_variance=log_var,
     )
 
 
@@ -294,5 +323,11 @@ def ddim_tables(num_steps: int, eta: float = 0.0, num_timesteps: int = NUM_TRAIN
 
 def check_eta(eta: float) -> None:
     """eta must be a finite number in [0, 1] (above 1, 1 - abar_prev - sigma^2 turns negative)."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)) or not 0.0 <= float(eta) <= 1.0:
-        raise InvalidArgumentError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}")
+    if (
+        isinstance(eta, bool)
+        or not isinstance(eta, (int, float, np.integer, np.floating))
+        or not 0.0 <= float(eta) <= 1.0
+    ):
+        raise InvalidArgumentError(
+            f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}"
+        )

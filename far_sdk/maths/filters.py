@@ -20,7 +20,7 @@ module (same matrices, same layout), for training, the torch backends and the re
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from typing import Literal, get_args
 
 import numpy as np
@@ -92,7 +92,7 @@ def check_filter_type(kind: str) -> str:
     return check_choice("filter", kind, FILTER_TYPES)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _filter_matrix(kind: str, level: int, n: int) -> np.ndarray:
     if level == 0:
         m = np.zeros((n, n))

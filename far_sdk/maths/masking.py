@@ -35,10 +35,14 @@ def check_mode(mode: object, supported: tuple[str, ...] | list[str], where: str 
     if mode not in MODES:
         raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
     if mode not in supported:
-        why = (" (its model was built with mask=True: the official no-mask sampler cannot run it)"
-               if tuple(supported) == ("mask",) else "")
-        raise InvalidArgumentError(f"{where} samples in mode(s) {list(supported)} only, not {mode!r}{why}; "
-                                   f"pass mode={supported[0]!r}")
+        why = (
+            " (its model was built with mask=True: the official no-mask sampler cannot run it)"
+            if tuple(supported) == ("mask",)
+            else ""
+        )
+        raise InvalidArgumentError(
+            f"{where} samples in mode(s) {list(supported)} only, not {mode!r}{why}; pass mode={supported[0]!r}"
+        )
     return mode  # type: ignore[return-value]
 
 
@@ -47,10 +51,14 @@ def check_orders(orders: object, batch: int, length: int) -> np.ndarray:
     try:
         a = np.asarray(orders)
     except Exception as e:  # noqa: BLE001 - anything that is not array-like
-        raise InvalidArgumentError(f"token orders must be an integer array [batch, {length}], got {type(orders).__name__}") from e
+        raise InvalidArgumentError(
+            f"token orders must be an integer array [batch, {length}], got {type(orders).__name__}"
+        ) from e
     if a.dtype.kind not in "iu" or a.shape != (batch, length):
-        raise InvalidArgumentError(f"token orders must be integers of shape ({batch}, {length}) (one permutation of the "
-                                   f"{length} token positions per image), got {a.dtype} {a.shape}")
+        raise InvalidArgumentError(
+            f"token orders must be integers of shape ({batch}, {length}) (one permutation of the "
+            f"{length} token positions per image), got {a.dtype} {a.shape}"
+        )
     a = a.astype(np.int64)
     if not (np.sort(a, axis=1) == np.arange(length)).all():
         bad = int(np.nonzero(~(np.sort(a, axis=1) == np.arange(length)).all(axis=1))[0][0])
@@ -71,7 +79,7 @@ def step_masks(orders: np.ndarray, num_steps: int) -> Iterator[np.ndarray]:
         m = np.ones((B, L), dtype=np.float32)
         if s > 0:
             m[:] = 0
-            m[rows, orders[:, :counts[s - 1]]] = 1
+            m[rows, orders[:, : counts[s - 1]]] = 1
         yield m
 
 
@@ -81,7 +89,8 @@ def source_orders(noise: object, batch: int, length: int) -> np.ndarray:
     if not callable(fn):
         raise InvalidArgumentError(
             "mask mode needs one token order per image from the noise source: pass a seed, or a source with an "
-            "orders(batch, length) method (far_sdk.maths.noise.ReplayNoise(draws, orders=...))")
+            "orders(batch, length) method (far_sdk.maths.noise.ReplayNoise(draws, orders=...))"
+        )
     return check_orders(fn(batch, length), batch, length)
 
 

@@ -93,12 +93,15 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1) -> tuple[np.ndarray, np.ndarray, np.nd
     args = [np.asarray(a) for a in (c0, c1, c2, c3, k0, k1)]
     for name, a in zip(("c0", "c1", "c2", "c3", "k0", "k1"), args):
         if a.dtype.kind not in "ui" or (a.size and (a.min() < 0 or a.max() > 0xFFFFFFFF)):
-            raise InvalidArgumentError(f"philox4x32_10: {name} must hold integers in [0, 2**32), got {a.dtype} values {a.min() if a.size else None}..{a.max() if a.size else None}")
+            raise InvalidArgumentError(
+                f"philox4x32_10: {name} must hold integers in [0, 2**32), got {a.dtype} values "
+                f"{a.min() if a.size else None}..{a.max() if a.size else None}"
+            )
     shape = np.broadcast_shapes(*(a.shape for a in args))
-    c = np.empty((4, *(shape or (1,))), dtype=np.uint32)                    # rows c0..c3 (0-d inputs as (1,))
+    c = np.empty((4, *(shape or (1,))), dtype=np.uint32)  # rows c0..c3 (0-d inputs as (1,))
     for i in range(4):
         c[i] = args[i]
-    _philox_rounds(c, args[4].astype(np.uint32), args[5].astype(np.uint32))   # 0-d keys broadcast as scalars
+    _philox_rounds(c, args[4].astype(np.uint32), args[5].astype(np.uint32))  # 0-d keys broadcast as scalars
     return tuple(c[i].reshape(shape) for i in range(4))
 
 
@@ -112,16 +115,16 @@ def _philox_rounds(c: np.ndarray, k0: np.ndarray, k1: np.ndarray) -> None:
         # round keys k + r*W mod 2**32, in uint64 so nothing overflows
         rk0 = ((ka + np.uint64(r * PHILOX_W0)) & _MASK).astype(np.uint32)
         rk1 = ((kb + np.uint64(r * PHILOX_W1)) & _MASK).astype(np.uint32)
-        np.multiply(c0, np.uint64(PHILOX_M0), out=p0, dtype=np.uint64)   # exact: < 2**64
+        np.multiply(c0, np.uint64(PHILOX_M0), out=p0, dtype=np.uint64)  # exact: < 2**64
         np.multiply(c2, np.uint64(PHILOX_M1), out=p1, dtype=np.uint64)
-        np.right_shift(p1, _SHIFT32, out=c0, casting="unsafe")           # hi1 (< 2**32)
+        np.right_shift(p1, _SHIFT32, out=c0, casting="unsafe")  # hi1 (< 2**32)
         c0 ^= c1
         c0 ^= rk0
-        np.copyto(c1, p1, casting="unsafe")                               # lo1: uint64 -> uint32 keeps the low word
-        np.right_shift(p0, _SHIFT32, out=c2, casting="unsafe")           # hi0
+        np.copyto(c1, p1, casting="unsafe")  # lo1: uint64 -> uint32 keeps the low word
+        np.right_shift(p0, _SHIFT32, out=c2, casting="unsafe")  # hi0
         c2 ^= c3
         c2 ^= rk1
-        np.copyto(c3, p0, casting="unsafe")                               # lo0
+        np.copyto(c3, p0, casting="unsafe")  # lo0
 
 
 def _check_seeds(seeds) -> np.ndarray:
@@ -131,7 +134,9 @@ def _check_seeds(seeds) -> np.ndarray:
     try:
         arr = np.asarray([_check_seed(s) for s in np.asarray(seeds, dtype=object).reshape(-1)], dtype=np.uint64)
     except TypeError as e:
-        raise InvalidArgumentError(f"seeds must be a sequence of non-negative integers below 2**63, got {seeds!r}") from e
+        raise InvalidArgumentError(
+            f"seeds must be a sequence of non-negative integers below 2**63, got {seeds!r}"
+        ) from e
     return arr
 
 
@@ -147,13 +152,13 @@ def _check_range(start, count) -> tuple[int, int]:
 def _words(seeds: np.ndarray, block0: int, nblocks: int, stream: int) -> np.ndarray:
     """uint32 [4, B, nblocks]: the Philox output words of blocks block0.. block0+nblocks-1 of each seed."""
     B = seeds.shape[0]
-    b = np.arange(block0, block0 + nblocks, dtype=np.uint64)                   # (nb,)
+    b = np.arange(block0, block0 + nblocks, dtype=np.uint64)  # (nb,)
     c = np.empty((4, B, nblocks), dtype=np.uint32)
     c[0] = (b & _MASK).astype(np.uint32)
     c[1] = (b >> _SHIFT32).astype(np.uint32)
     c[2] = stream
     c[3] = 0
-    k0 = (seeds & _MASK).astype(np.uint32)[:, None]                             # (B, 1)
+    k0 = (seeds & _MASK).astype(np.uint32)[:, None]  # (B, 1)
     k1 = ((seeds >> _SHIFT32) & _MASK).astype(np.uint32)[:, None]
     _philox_rounds(c, k0, k1)
     return c
@@ -171,8 +176,8 @@ def philox_uint32(seeds, start: int, count: int, stream: int = NORMAL_STREAM) ->
         raise InvalidArgumentError(f"stream must be an integer in [0, 2**32), got {stream!r}")
     block0, off = divmod(start, 4)
     nblocks = (off + count + 3) // 4
-    c = _words(seeds, block0, nblocks, int(stream))                             # (4, B, nb)
-    return np.ascontiguousarray(np.moveaxis(c, 0, -1).reshape(len(seeds), -1)[:, off:off + count])
+    c = _words(seeds, block0, nblocks, int(stream))  # (4, B, nb)
+    return np.ascontiguousarray(np.moveaxis(c, 0, -1).reshape(len(seeds), -1)[:, off : off + count])
 
 
 def philox_normals(seeds, start: int, count: int) -> np.ndarray:
@@ -190,11 +195,11 @@ def philox_normals(seeds, start: int, count: int) -> np.ndarray:
     per_pass = max(1, _BLOCKS_PER_PASS // max(B, 1))
     for first in range(0, nblocks, per_pass):
         n = min(per_pass, nblocks - first)
-        _box_muller(_words(seeds, block0 + first, n, NORMAL_STREAM), out[:, first:first + n])
+        _box_muller(_words(seeds, block0 + first, n, NORMAL_STREAM), out[:, first : first + n])
     flat = out.reshape(B, 4 * nblocks)
     if off == 0 and count == 4 * nblocks:
         return flat
-    return np.ascontiguousarray(flat[:, off:off + count])
+    return np.ascontiguousarray(flat[:, off : off + count])
 
 
 def _box_muller(words: np.ndarray, out: np.ndarray) -> None:
@@ -203,17 +208,17 @@ def _box_muller(words: np.ndarray, out: np.ndarray) -> None:
     # (the difference (2 (r >> 9) + 1) 2**-24 has 24 significant bits, so the subtraction is exact).
     np.right_shift(words, np.uint32(9), out=words)
     words |= np.uint32(0x3F800000)
-    u = words.view(np.float32)                                                  # (4, B, n)
+    u = words.view(np.float32)  # (4, B, n)
     u -= np.float32(1.0 - 2.0**-24)
-    rad = u[0::2]                                                               # (2, B, n): u0, u2
+    rad = u[0::2]  # (2, B, n): u0, u2
     np.log(rad, out=rad)
     rad *= np.float32(-2.0)
     np.sqrt(rad, out=rad)
-    theta = u[1::2]                                                             # (2, B, n): u1, u3
+    theta = u[1::2]  # (2, B, n): u1, u3
     theta *= TWO_PI_F32
-    np.multiply(rad, np.cos(theta), out=np.moveaxis(out[..., 0::2], -1, 0))     # z0, z2
+    np.multiply(rad, np.cos(theta), out=np.moveaxis(out[..., 0::2], -1, 0))  # z0, z2
     np.sin(theta, out=theta)
-    np.multiply(rad, theta, out=np.moveaxis(out[..., 1::2], -1, 0))             # z1, z3
+    np.multiply(rad, theta, out=np.moveaxis(out[..., 1::2], -1, 0))  # z1, z3
 
 
 class SeededNoise:
@@ -228,17 +233,19 @@ class SeededNoise:
         self.seeds = tuple(_check_seed(s) for s in seeds)
         self._keys = np.asarray(self.seeds, dtype=np.uint64)
         self._position = _check_range(position, 0)[0]
-        self._buf: np.ndarray | None = None     # float32 [B, m]: normals _buf_start.. of each image
+        self._buf: np.ndarray | None = None  # float32 [B, m]: normals _buf_start.. of each image
         self._buf_start = 0
 
     @classmethod
-    def from_seed(cls, seed: int, batch: int) -> "SeededNoise":
+    def from_seed(cls, seed: int, batch: int) -> SeededNoise:
         """Seeds seed, seed + 1, ..., seed + batch - 1 (image i of a call gets seed + i)."""
         seed = _check_seed(seed)
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 0:
             raise InvalidArgumentError(f"batch must be a non-negative integer, got {batch!r}")
         if seed + batch > 2**63:
-            raise InvalidArgumentError(f"seeds seed .. seed + batch - 1 must stay below 2**63, got seed {seed}, batch {batch}")
+            raise InvalidArgumentError(
+                f"seeds seed .. seed + batch - 1 must stay below 2**63, got seed {seed}, batch {batch}"
+            )
         return cls([seed + i for i in range(batch)])
 
     @property
@@ -250,7 +257,9 @@ class SeededNoise:
         """float32 ``shape``: the next prod(shape[1:]) normals of each image's stream, row-major."""
         shape = tuple(int(d) for d in shape)
         if not shape or shape[0] != len(self.seeds):
-            raise InvalidArgumentError(f"noise asked for shape {shape}: its first axis must be the batch, {len(self.seeds)} seeds")
+            raise InvalidArgumentError(
+                f"noise asked for shape {shape}: its first axis must be the batch, {len(self.seeds)} seeds"
+            )
         n = math.prod(shape[1:])
         pos = self._position
         buf = self._buf
@@ -261,7 +270,7 @@ class SeededNoise:
             self._buf_start = pos
         i = pos - self._buf_start
         self._position = pos + n
-        return buf[:, i:i + n].reshape(shape).copy()   # a copy: callers may write into their draws
+        return buf[:, i : i + n].reshape(shape).copy()  # a copy: callers may write into their draws
 
     def skip(self, count: int) -> None:
         """Advance every image's position by ``count`` without drawing (a device drew those normals)."""
@@ -275,10 +284,10 @@ class SeededNoise:
         """
         if batch != len(self.seeds):
             raise InvalidArgumentError(f"orders asked for batch {batch}, source has {len(self.seeds)} seeds")
-        r = philox_uint32(self._keys, 0, length, stream=ORDER_STREAM)           # (B, length)
+        r = philox_uint32(self._keys, 0, length, stream=ORDER_STREAM)  # (B, length)
         return np.argsort(r, axis=1, kind="stable").astype(np.int64)
 
-    def split(self, start: int, stop: int) -> "SeededNoise":
+    def split(self, start: int, stop: int) -> SeededNoise:
         """A source for images start..stop-1 at this source's position (for batch splitting).
 
         The part draws the same numbers those images would draw here; drawing from it does not move
@@ -325,7 +334,9 @@ class CheckedNoise:
     def __call__(self, shape: tuple[int, ...]) -> np.ndarray:
         d = np.asarray(self._source(shape), dtype=np.float32)
         if d.shape != tuple(shape):
-            raise InvalidArgumentError(f"noise draw {self._draws} has shape {d.shape}, the sampler asked for {tuple(shape)}")
+            raise InvalidArgumentError(
+                f"noise draw {self._draws} has shape {d.shape}, the sampler asked for {tuple(shape)}"
+            )
         check_finite(d, f"noise draw {self._draws} (from the noise source)")
         self._draws += 1
         return d

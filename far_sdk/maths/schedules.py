@@ -82,7 +82,9 @@ def cfg_schedule_values(cfg: float, num_steps: int, kind: CfgSchedule = "linear"
     raise InvalidArgumentError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {kind!r}")
 
 
-def temperature_schedule_values(temperature: float, num_steps: int, kind: TemperatureSchedule = "official", mode: Mode = "nomask") -> np.ndarray:
+def temperature_schedule_values(
+    temperature: float, num_steps: int, kind: TemperatureSchedule = "official", mode: Mode = "nomask"
+) -> np.ndarray:
     """Noise temperature per outer step, float64 [S].
 
     "official", no-mask mode: tau_s = temperature * (0.8 + 0.2 (1 - cos(pi/2 (s + 1) / S)));
@@ -118,17 +120,21 @@ def inner_step_schedule(inner_steps: InnerSteps, num_steps: int) -> tuple[int, .
             return tuple(int(round(lo + (hi - lo) * s / (num_steps - 1))) for s in range(num_steps))
         if inner_steps == "official":
             return (OFFICIAL_INNER_STEPS,) * num_steps
-        raise InvalidArgumentError(f"inner_steps must be one of {INNER_STEP_NAMES}, an integer or a list of integers, "
-                                   f"got {inner_steps!r}")
+        raise InvalidArgumentError(
+            f"inner_steps must be one of {INNER_STEP_NAMES}, an integer or a list of integers, got {inner_steps!r}"
+        )
     if isinstance(inner_steps, (int, np.integer)) and not isinstance(inner_steps, bool):
         counts = (inner_steps,) * num_steps
     else:
         if not isinstance(inner_steps, (list, tuple, np.ndarray)):
-            raise InvalidArgumentError(f"inner_steps must be one of {INNER_STEP_NAMES}, an integer or a list of integers, "
-                                       f"got {inner_steps!r}")
+            raise InvalidArgumentError(
+                f"inner_steps must be one of {INNER_STEP_NAMES}, an integer or a list of integers, got {inner_steps!r}"
+            )
         counts = tuple(inner_steps)
         if len(counts) != num_steps:
-            raise InvalidArgumentError(f"inner_steps list has {len(counts)} entries, need one per outer step ({num_steps})")
+            raise InvalidArgumentError(
+                f"inner_steps list has {len(counts)} entries, need one per outer step ({num_steps})"
+            )
     return tuple(int(check_range("each inner step count", n, 1, MAX_INNER_STEPS, integer=True)) for n in counts)
 
 
@@ -152,9 +158,9 @@ class SamplingPlan:
     inner_steps: tuple[int, ...]
     filter: FilterType
     filter_after: tuple[int | None, ...]
-    x0_clip: float | None = None     # clamp x0_hat to [-x0_clip, x0_clip] (None: the official sampler, no clip)
+    x0_clip: float | None = None  # clamp x0_hat to [-x0_clip, x0_clip] (None: the official sampler, no clip)
     inner_sampler: InnerSampler = "ddpm"  # "ddpm" (official) | "ddim" (far_sdk.maths.diffusion.DDIMTables)
-    eta: float = 0.0                 # DDIM's noise level in [0, 1]; always 0.0 (unused) for "ddpm"
+    eta: float = 0.0  # DDIM's noise level in [0, 1]; always 0.0 (unused) for "ddpm"
 
     @property
     def num_steps(self) -> int:
@@ -163,18 +169,34 @@ class SamplingPlan:
     def step_table(self, s: int) -> np.ndarray:
         """float32 [n_s, 10]: the denoiser's ``step`` rows of outer step ``s`` in execution order, for
         this plan's inner sampler (:func:`far_sdk.maths.diffusion.denoise_step_table`)."""
-        return denoise_step_table(self.inner_steps[s], self.cfg[s], self.temperature[s], self.x0_clip,
-                                  inner_sampler=self.inner_sampler, eta=self.eta)
+        return denoise_step_table(
+            self.inner_steps[s],
+            self.cfg[s],
+            self.temperature[s],
+            self.x0_clip,
+            inner_sampler=self.inner_sampler,
+            eta=self.eta,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def make_plan(
-    *, mode: Mode, num_steps: int | None, levels: Sequence[int] | None, cfg: float, cfg_schedule: CfgSchedule,
-              temperature: float, temperature_schedule: TemperatureSchedule, inner_steps: InnerSteps,
-              inner_sampler: InnerSampler, eta: float | None, filter: FilterType, x0_clip: float | Literal[False] | None,
-              ) -> SamplingPlan:
+    *,
+    mode: Mode,
+    num_steps: int | None,
+    levels: Sequence[int] | None,
+    cfg: float,
+    cfg_schedule: CfgSchedule,
+    temperature: float,
+    temperature_schedule: TemperatureSchedule,
+    inner_steps: InnerSteps,
+    inner_sampler: InnerSampler,
+    eta: float | None,
+    filter: FilterType,
+    x0_clip: float | Literal[False] | None,
+) -> SamplingPlan:
     """The :class:`SamplingPlan` of fully resolved sampling options (the fields of
     :class:`far_sdk.options.SamplingOptions`, by name; :func:`far_sdk.options.resolve_plan` resolves them).
 
@@ -189,23 +211,30 @@ def make_plan(
     check_choice("filter", filter, FILTER_TYPES)
     if inner_sampler == "ddpm":
         if eta is not None:
-            raise InvalidArgumentError(f"eta={eta!r} applies only to inner_sampler='ddim' (DDPM's noise is the model's "
-                                       "learned variance); drop eta or choose the ddim inner sampler")
+            raise InvalidArgumentError(
+                f"eta={eta!r} applies only to inner_sampler='ddim' (DDPM's noise is the model's "
+                "learned variance); drop eta or choose the ddim inner sampler"
+            )
         eta = 0.0
     else:
         eta = 0.0 if eta is None else eta
         check_eta(eta)
         eta = float(eta)
-    clip = None if x0_clip is None or x0_clip is False else float(check_range("x0_clip", x0_clip, 0.0, None, lo_open=True))
+    clip = (
+        None if x0_clip is None or x0_clip is False else float(check_range("x0_clip", x0_clip, 0.0, None, lo_open=True))
+    )
     if levels is not None:
         levels = check_levels(levels)
         if num_steps is not None and num_steps != len(levels):
-            raise InvalidArgumentError(f"num_steps={num_steps} disagrees with the {len(levels)} levels given; give one of them")
+            raise InvalidArgumentError(
+                f"num_steps={num_steps} disagrees with the {len(levels)} levels given; give one of them"
+            )
     elif mode == "mask":
         if num_steps not in (None, len(OFFICIAL_MASK_LEVELS)):
             raise InvalidArgumentError(
                 f"mask mode has the official {len(OFFICIAL_MASK_LEVELS)}-step level list; for another step count give "
-                "the levels themselves (levels=[...], far generate --levels 0,4,8,...)")
+                "the levels themselves (levels=[...], far generate --levels 0,4,8,...)"
+            )
         levels = OFFICIAL_MASK_LEVELS
     else:
         levels = outer_levels(len(OFFICIAL_LEVELS) if num_steps is None else num_steps)
@@ -235,7 +264,9 @@ def filter_after(levels: Sequence[int], mode: Mode) -> tuple[int | None, ...]:
 def check_levels(levels: object) -> tuple[int, ...]:
     """Explicit outer levels: 1..MAX_OUTER_STEPS + 1 integers in 0..GRID - 1."""
     if isinstance(levels, (str, bytes)) or not isinstance(levels, (Sequence, np.ndarray)):
-        raise InvalidArgumentError(f"levels must be a list of integer frequency levels in 0..{GRID - 1}, got {levels!r}")
+        raise InvalidArgumentError(
+            f"levels must be a list of integer frequency levels in 0..{GRID - 1}, got {levels!r}"
+        )
     out = tuple(int(check_range("each level", v, 0, GRID - 1, integer=True)) for v in levels)
     if not 1 <= len(out) <= MAX_OUTER_STEPS + 1:
         raise InvalidArgumentError(f"levels must have 1..{MAX_OUTER_STEPS + 1} entries, got {len(out)}")

@@ -13,6 +13,7 @@ shard exists complete or not at all, a rerun skips finished shards, and the same
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import zipfile
@@ -23,14 +24,16 @@ from typing import Any
 
 import numpy as np
 
+from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import BackendUnavailableError, DataError, InvalidArgumentError
 from far_sdk.fileio import atomic_write_json, atomic_writer
 from far_sdk.options import FIELDS
+from far_sdk.pipeline import Generator
 
 log = logging.getLogger(__name__)
 
 JOB_FILE = "dataset.json"
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)   # fixed member timestamps: np.savez stamps "now", which breaks byte equality
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: np.savez stamps "now", which breaks byte equality
 #: Generator.generate keywords a job may set (None: the bundle's default)
 SETTING_KEYS = ("preset", *FIELDS)
 
@@ -44,7 +47,7 @@ class DatasetJob:
     num_images: int
     seed: int = 0
     shard_size: int = 1000
-    classes: tuple[int, ...] | None = None      # None: every class of the bundle
+    classes: tuple[int, ...] | None = None  # None: every class of the bundle
     settings: dict[str, Any] = field(default_factory=dict)
     batch: int = 16
     backend: str = "onnxruntime"
@@ -55,7 +58,11 @@ class DatasetJob:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidArgumentError(f"{name} must be a positive integer, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63 - self.num_images:
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**63 - self.num_images
+        ):
             raise InvalidArgumentError(f"seed must be an integer in 0..2**63 - num_images, got {self.seed!r}")
         unknown = sorted(set(self.settings) - set(SETTING_KEYS))
         if unknown:
@@ -74,7 +81,9 @@ class DatasetJob:
         for k in ("bundle", "batch", "backend_options"):
             d.pop(k)
         d["classes"] = list(self.classes) if self.classes is not None else list(range(num_classes))
-        d["settings"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(self.settings.items()) if v is not None}
+        d["settings"] = {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(self.settings.items()) if v is not None
+        }
         return {"format": "far-dataset-v1", "bundle_manifest_sha256": manifest_sha256, **d}
 
 
@@ -124,12 +133,16 @@ def _shard_ok(path: Path, n: int) -> bool:
         s = npz_shapes(path)
     except DataError:
         return False
-    return (s.get("arr_0", ((), None))[0][:1] == (n,) and s["arr_0"][1] == np.uint8
-            and s.get("arr_1", ((), None))[0] == (n,))
+    return (
+        s.get("arr_0", ((), None))[0][:1] == (n,)
+        and s["arr_0"][1] == np.uint8
+        and s.get("arr_1", ((), None))[0] == (n,)
+    )
 
 
-def generate_shard(gen, job: DatasetJob, k: int, out: Path, labels: np.ndarray,
-                   on_images: Callable[[int], None] | None = None) -> int:
+def generate_shard(
+    gen, job: DatasetJob, k: int, out: Path, labels: np.ndarray, on_images: Callable[[int], None] | None = None
+) -> int:
     """Generate shard ``k`` (images start..stop-1, seeds seed + start ..) and write it atomically."""
     a, b = job.shard_range(k)
     parts = []
@@ -147,7 +160,6 @@ class ShardWorker:
     """One Generator generating whole shards (a Ray actor in :func:`run_ray`; used directly in-process)."""
 
     def __init__(self, job: DatasetJob, out: str, labels: np.ndarray):
-        from far_sdk.pipeline import Generator
 
         self.job, self.out, self.labels = job, Path(out), labels
         self.gen = Generator(job.bundle, backend=job.backend, **job.backend_options)
@@ -159,14 +171,13 @@ class ShardWorker:
 @dataclass(frozen=True)
 class DatasetResult:
     out: Path
-    generated: tuple[int, ...]        # shards written by this run
-    skipped: tuple[int, ...]          # shards a previous run had finished
-    samples: Path | None              # the merged ADM file (None with merge=False)
+    generated: tuple[int, ...]  # shards written by this run
+    skipped: tuple[int, ...]  # shards a previous run had finished
+    samples: Path | None  # the merged ADM file (None with merge=False)
 
 
 def prepare(job: DatasetJob, out: Path) -> tuple[np.ndarray, list[int], list[int]]:
     """Check or write ``dataset.json``, clear stale temporaries, and split shards into pending and done."""
-    from far_sdk.bundle.bundle import Bundle
 
     bundle = Bundle.load(job.bundle, verify=False)
     classes = job.classes if job.classes is not None else tuple(range(bundle.num_classes))
@@ -177,19 +188,19 @@ def prepare(job: DatasetJob, out: Path) -> tuple[np.ndarray, list[int], list[int
     out.mkdir(parents=True, exist_ok=True)
     jf = out / JOB_FILE
     if jf.exists():
-        import json
-
         try:
             old = json.loads(jf.read_text())
         except (OSError, ValueError) as e:
             raise DataError(f"{jf} is unreadable ({e}); remove it or use a new --out") from e
         diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
         if diff:
-            raise InvalidArgumentError(f"{out} holds shards of another job ({', '.join(diff)} differ: "
-                                       f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use a new --out or remove {out}")
+            raise InvalidArgumentError(
+                f"{out} holds shards of another job ({', '.join(diff)} differ: "
+                f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use a new --out or remove {out}"
+            )
     else:
         atomic_write_json(jf, ident)
-    for tmp in out.glob(".shard-*.npz.*.tmp"):   # left by a killed run: atomic_writer never renamed them
+    for tmp in out.glob(".shard-*.npz.*.tmp"):  # left by a killed run: atomic_writer never renamed them
         tmp.unlink(missing_ok=True)
     done, pending = [], []
     for k in range(job.num_shards):
@@ -214,7 +225,7 @@ def merge_shards(job: DatasetJob, out: Path) -> Path:
         for name, dtype, full in (("arr_0", np.uint8, shape), ("arr_1", np.int64, (job.num_images,))):
             with zf.open(_member(name), "w", force_zip64=True) as w:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": full}
-                np.lib.format.write_array_header_1_0(w, header)   # what np.save writes for these headers
+                np.lib.format.write_array_header_1_0(w, header)  # what np.save writes for these headers
                 for p in shards:
                     with np.load(p, allow_pickle=False) as z:
                         w.write(np.ascontiguousarray(z[name], dtype=dtype).tobytes())
@@ -224,13 +235,20 @@ def merge_shards(job: DatasetJob, out: Path) -> Path:
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # noqa: PLC0415 - loaded on first use: `import far_sdk` stays light
 
     return tqdm(total=total, initial=initial, desc="far generate-dataset", unit="img")
 
 
-def generate_dataset(job: DatasetJob, out: str | os.PathLike, *, workers: int = 0, address: str | None = None,
-                     merge: bool = True, progress: bool = True) -> DatasetResult:
+def generate_dataset(
+    job: DatasetJob,
+    out: str | os.PathLike,
+    *,
+    workers: int = 0,
+    address: str | None = None,
+    merge: bool = True,
+    progress: bool = True,
+) -> DatasetResult:
     """Generate the job's missing shards (``workers`` 0: in this process; N: N Ray actors) and merge."""
     out = Path(out)
     labels, done, pending = prepare(job, out)
@@ -252,11 +270,13 @@ def generate_dataset(job: DatasetJob, out: str | os.PathLike, *, workers: int = 
 
 def _run_ray(job, out: Path, labels, pending: list[int], workers: int, address: str | None, bar) -> None:
     try:
-        import ray
-        from ray.util import ActorPool
+        import ray  # noqa: PLC0415 - far serve's optional dependency
+        from ray.util import ActorPool  # noqa: PLC0415 - far serve's optional dependency
     except ImportError as e:
-        raise BackendUnavailableError(f"--workers needs Ray ({e}); install it with: pip install 'far-sdk[serve]', "
-                                      "or use --workers 0 (one process)") from e
+        raise BackendUnavailableError(
+            f"--workers needs Ray ({e}); install it with: pip install 'far-sdk[serve]', "
+            "or use --workers 0 (one process)"
+        ) from e
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)

@@ -42,9 +42,11 @@ class InceptionWeightsError(DataError):
 
 
 def _where_from(path: Path) -> str:
-    return (f"far eval needs torch-fidelity's InceptionV3 weights ({INCEPTION_WEIGHTS_FILE}, converted from "
-            f"TensorFlow's FID Inception): download {INCEPTION_WEIGHTS_URL} once on a machine with internet and pass "
-            f"its path with --inception-weights (given: {path})")
+    return (
+        f"far eval needs torch-fidelity's InceptionV3 weights ({INCEPTION_WEIGHTS_FILE}, converted from "
+        f"TensorFlow's FID Inception): download {INCEPTION_WEIGHTS_URL} once on a machine with internet and pass "
+        f"its path with --inception-weights (given: {path})"
+    )
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -54,21 +56,28 @@ def load_images(path: str | Path) -> np.ndarray:
     """uint8 [N, H, W, 3] from an ADM ``.npz`` (``arr_0``) or a folder of images (sorted by name)."""
     p = Path(path)
     if p.is_dir():
-        from PIL import Image
+        from PIL import Image  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
 
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"{p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         ims = [np.asarray(Image.open(f).convert("RGB")) for f in files]
         if len({im.shape for im in ims}) != 1:
-            raise DataError(f"the images in {p} differ in size ({sorted({im.shape for im in ims})[:3]}...); resize them to one size first")
+            raise DataError(
+                f"the images in {p} differ in size ({sorted({im.shape for im in ims})[:3]}...); resize them to one "
+                "size first"
+            )
         return np.stack(ims)
     if not p.is_file():
-        raise DataError(f"{p} does not exist: give an ADM-format .npz (arr_0: uint8 N x H x W x 3) or a folder of images")
+        raise DataError(
+            f"{p} does not exist: give an ADM-format .npz (arr_0: uint8 N x H x W x 3) or a folder of images"
+        )
     try:
         with np.load(p, allow_pickle=False) as z:
             if "arr_0" not in z.files:
-                raise DataError(f"{p} has no arr_0 (arrays: {', '.join(z.files)}); ADM's layout keeps the images in arr_0")
+                raise DataError(
+                    f"{p} has no arr_0 (arrays: {', '.join(z.files)}); ADM's layout keeps the images in arr_0"
+                )
             a = z["arr_0"]
     except (OSError, ValueError) as e:
         raise DataError(f"{p} is not a readable .npz file ({e})") from e
@@ -89,21 +98,32 @@ def _torchvision_stand_in() -> Iterator[None]:
     ("operator torchvision::nms does not exist"), as PyPI's does beside a ``+cpu`` torch; the
     InceptionV3 path and the metrics need plain torch only. Any use of a placeholder raises.
     """
+
     def missing(*_a: Any, **_k: Any):
-        raise BackendUnavailableError("this torch-fidelity feature needs torchvision, which does not import here; "
-                                      "far eval uses only InceptionV3 (no torchvision needed)")
+        raise BackendUnavailableError(
+            "this torch-fidelity feature needs torchvision, which does not import here; "
+            "far eval uses only InceptionV3 (no torchvision needed)"
+        )
 
     class Missing:
         __init__ = missing
 
-    mods = {name: types.ModuleType(name) for name in
-            ("torchvision", "torchvision.datasets", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.models")}
+    mods = {
+        name: types.ModuleType(name)
+        for name in (
+            "torchvision",
+            "torchvision.datasets",
+            "torchvision.transforms",
+            "torchvision.transforms.functional",
+            "torchvision.models",
+        )
+    }
     for name, mod in mods.items():
-        mod.__getattr__ = lambda attr: missing   # type: ignore[attr-defined]  # PEP 562
+        mod.__getattr__ = lambda attr: missing  # type: ignore[attr-defined]  # PEP 562
         parent, _, child = name.rpartition(".")
         if parent:
             setattr(mods[parent], child, mod)
-    for cls in ("CIFAR10", "CIFAR100", "STL10"):   # torch-fidelity subclasses these at import
+    for cls in ("CIFAR10", "CIFAR100", "STL10"):  # torch-fidelity subclasses these at import
         setattr(mods["torchvision.datasets"], cls, type(cls, (Missing,), {}))
     sys.modules.update(mods)
     try:
@@ -119,11 +139,14 @@ def import_torch_fidelity():
     if "torch_fidelity" in sys.modules:
         return sys.modules["torch_fidelity"]
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401, PLC0415 - far eval checks for PyTorch before it loads torch-fidelity
     except ImportError as e:
-        raise BackendUnavailableError(f"far eval needs torch ({e}); install it with: pip install 'far-sdk[eval]'") from e
+        raise BackendUnavailableError(
+            f"far eval needs torch ({e}); install it with: pip install 'far-sdk[eval]'"
+        ) from e
     try:
-        import torchvision  # noqa: F401
+        import torchvision  # noqa: F401, PLC0415 - probed: torch-fidelity declares it, far eval does not use it
+
         stand_in = contextlib.nullcontext()
     except Exception as e:  # noqa: BLE001 - missing, or a build for another torch (RuntimeError)
         log.debug("torchvision does not import (%s): torch-fidelity gets placeholders", e)
@@ -132,9 +155,11 @@ def import_torch_fidelity():
         stand_in = _torchvision_stand_in()
     try:
         with stand_in:
-            import torch_fidelity
+            import torch_fidelity  # noqa: PLC0415 - far eval's optional dependency
     except ImportError as e:
-        raise BackendUnavailableError(f"far eval needs torch-fidelity ({e}); install it with: pip install 'far-sdk[eval]'") from e
+        raise BackendUnavailableError(
+            f"far eval needs torch-fidelity ({e}); install it with: pip install 'far-sdk[eval]'"
+        ) from e
     return torch_fidelity
 
 
@@ -148,38 +173,46 @@ def _check_exists(weights: str | Path) -> Path:
 def load_inception(weights: str | Path, device: str = "cpu"):
     """torch-fidelity's InceptionV3 with the weights at ``weights`` (nothing is downloaded)."""
     path = _check_exists(weights)
-    import torch
+    import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)   # tensors only: refuses code in the pickle
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: refuses code in the pickle
     except Exception as e:  # noqa: BLE001 - torch raises several types for unreadable and unsafe files
-        raise InceptionWeightsError(f"{path} is not a PyTorch state dict of tensors ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0] if str(e) else ''}). " + _where_from(path)) from e
+        raise InceptionWeightsError(
+            f"{path} is not a PyTorch state dict of tensors ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). " + _where_from(path)
+        ) from e
     if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
-        raise InceptionWeightsError(f"{path} holds no InceptionV3 state dict (no Mixed_7c.* tensors). " + _where_from(path))
+        raise InceptionWeightsError(
+            f"{path} holds no InceptionV3 state dict (no Mixed_7c.* tensors). " + _where_from(path)
+        )
     import_torch_fidelity()
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    import torch_fidelity.feature_extractor_inceptionv3 as fe  # noqa: PLC0415 - far eval's optional dependency
 
     try:
-        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", [FEATURES, LOGITS],
-                                               feature_extractor_weights_path=str(path))
-    except RuntimeError as e:   # load_state_dict: missing keys or shape mismatches
-        raise InceptionWeightsError(f"{path} does not fit torch-fidelity's InceptionV3 ({str(e).splitlines()[0]}). "
-                                    + _where_from(path)) from e
+        model = fe.FeatureExtractorInceptionV3(
+            "inception-v3-compat", [FEATURES, LOGITS], feature_extractor_weights_path=str(path)
+        )
+    except RuntimeError as e:  # load_state_dict: missing keys or shape mismatches
+        raise InceptionWeightsError(
+            f"{path} does not fit torch-fidelity's InceptionV3 ({str(e).splitlines()[0]}). " + _where_from(path)
+        ) from e
     return model.to(device)
 
 
 def extract_features(model, images: np.ndarray, batch_size: int = 64, device: str = "cpu") -> dict[str, np.ndarray]:
     """{"2048": float64 [N, 2048] pool features, "logits_unbiased": float64 [N, 1008]} of uint8 NHWC images."""
-    import torch
+    import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
 
     feats: dict[str, list] = {FEATURES: [], LOGITS: []}
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size].transpose(0, 3, 1, 2))).to(device)  # (B, 3, H, W) uint8
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size].transpose(0, 3, 1, 2))).to(
+                device
+            )  # (B, 3, H, W) uint8
             out = model(x)
             for k, v in zip((FEATURES, LOGITS), out):
-                feats[k].append(v.detach().cpu().double().numpy())    # host sync
+                feats[k].append(v.detach().cpu().double().numpy())  # host sync
     return {k: np.concatenate(v) for k, v in feats.items()}
 
 
@@ -189,38 +222,53 @@ def extract_features(model, images: np.ndarray, batch_size: int = 64, device: st
 def fid_from_features(samples: np.ndarray, reference: np.ndarray) -> float:
     """Fréchet distance of two feature sets [N, D] by torch-fidelity (float64): |mu1 - mu2|^2 +
     tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))."""
-    import torch
+    import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
 
     import_torch_fidelity()
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric  # noqa: PLC0415 - far eval's optional dependency
 
     s1 = fid_features_to_statistics(torch.from_numpy(np.asarray(samples, dtype=np.float64)))
     s2 = fid_features_to_statistics(torch.from_numpy(np.asarray(reference, dtype=np.float64)))
     return float(fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID])
 
 
-def metrics_from_features(samples: dict[str, np.ndarray], reference: dict[str, np.ndarray], *,
-                          isc_splits: int = 10, prc_neighborhood: int = 3) -> dict[str, float]:
+def metrics_from_features(
+    samples: dict[str, np.ndarray], reference: dict[str, np.ndarray], *, isc_splits: int = 10, prc_neighborhood: int = 3
+) -> dict[str, float]:
     """FID and precision/recall (samples vs reference, 2048-d features) and IS (the samples' logits)."""
-    import torch
+    import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
 
     import_torch_fidelity()
-    from torch_fidelity.metric_isc import isc_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric  # noqa: PLC0415 - far eval's optional dependency
+    from torch_fidelity.metric_prc import prc_features_to_metric  # noqa: PLC0415 - far eval's optional dependency
 
     out = {"fid": fid_from_features(samples[FEATURES], reference[FEATURES])}
     isc = isc_features_to_metric(torch.from_numpy(samples[LOGITS]), splits=isc_splits, shuffle=True, rng_seed=2020)
     out["inception_score_mean"], out["inception_score_std"] = isc["inception_score_mean"], isc["inception_score_std"]
-    prc = prc_features_to_metric(torch.from_numpy(samples[FEATURES]), torch.from_numpy(reference[FEATURES]),
-                                 prc_neighborhood=prc_neighborhood, prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+    prc = prc_features_to_metric(
+        torch.from_numpy(samples[FEATURES]),
+        torch.from_numpy(reference[FEATURES]),
+        prc_neighborhood=prc_neighborhood,
+        prc_batch_size=10000,
+        save_cpu_ram=False,
+        verbose=False,
+    )
     out.update(precision=float(prc["precision"]), recall=float(prc["recall"]), f_score=float(prc["f_score"]))
     return out
 
 
-def evaluate(samples: str | Path, reference: str | Path, weights: str | Path, *, batch_size: int = 64,
-             device: str = "cpu", isc_splits: int = 10, prc_neighborhood: int = 3) -> dict[str, Any]:
+def evaluate(
+    samples: str | Path,
+    reference: str | Path,
+    weights: str | Path,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    isc_splits: int = 10,
+    prc_neighborhood: int = 3,
+) -> dict[str, Any]:
     """Metrics of ``samples`` against ``reference`` (each an ADM .npz or an image folder)."""
-    _check_exists(weights)   # before reading 50k images
+    _check_exists(weights)  # before reading 50k images
     ims = load_images(samples)
     ref = load_images(reference)
     if isc_splits < 1 or isc_splits > len(ims):
@@ -231,7 +279,16 @@ def evaluate(samples: str | Path, reference: str | Path, weights: str | Path, *,
     f_s = extract_features(model, ims, batch_size, device)
     f_r = extract_features(model, ref, batch_size, device)
     tf = import_torch_fidelity()
-    return {**metrics_from_features(f_s, f_r, isc_splits=isc_splits, prc_neighborhood=prc_neighborhood),
-            "num_samples": len(ims), "num_reference": len(ref), "samples": str(samples), "reference": str(reference),
-            "image_size": list(ims.shape[1:3]), "inception_weights": str(weights), "feature_extractor": "inception-v3-compat",
-            "isc_splits": isc_splits, "prc_neighborhood": prc_neighborhood, "torch_fidelity": tf.__version__}
+    return {
+        **metrics_from_features(f_s, f_r, isc_splits=isc_splits, prc_neighborhood=prc_neighborhood),
+        "num_samples": len(ims),
+        "num_reference": len(ref),
+        "samples": str(samples),
+        "reference": str(reference),
+        "image_size": list(ims.shape[1:3]),
+        "inception_weights": str(weights),
+        "feature_extractor": "inception-v3-compat",
+        "isc_splits": isc_splits,
+        "prc_neighborhood": prc_neighborhood,
+        "torch_fidelity": tf.__version__,
+    }

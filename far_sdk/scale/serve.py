@@ -32,8 +32,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from far_sdk.conditioning import class_ids
 from far_sdk.errors import BackendUnavailableError, FarError, InvalidArgumentError
+from far_sdk.maths.noise import SeededNoise
+from far_sdk.pipeline import Generator
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,8 @@ class ServeConfig:
 
     max_batch: most requests merged into one generate call (1 turns batching off; a call holds up to
     max_batch x max_images_per_request images, split further only where an engine's profile demands);
-    batch_wait_ms: how long a replica waits for more requests after the first. max_ongoing_requests: requests one replica
+    batch_wait_ms: how long a replica waits for more requests after the first. max_ongoing_requests: requests one
+    replica
     holds at once (default 4 x max_batch); max_queued_requests: requests each caller (the HTTP proxy)
     queues before answering 503. num_replicas, or autoscaling between min_replicas and max_replicas
     at target_ongoing_requests per replica. gpus_per_replica None: 1 where the cluster has GPUs, else 0.
@@ -112,7 +117,9 @@ class ServeConfig:
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise InvalidArgumentError("autoscaling needs both min_replicas and max_replicas")
         if self.min_replicas is not None and not 0 <= self.min_replicas <= self.max_replicas:
-            raise InvalidArgumentError(f"need 0 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
+            raise InvalidArgumentError(
+                f"need 0 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}"
+            )
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < 1:
             raise InvalidArgumentError(f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
 
@@ -131,8 +138,9 @@ def parse_request(body: bytes | str, gen, *, max_images: int = 16) -> GenerateRe
     try:
         obj = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequestError(f"the request body is not valid JSON ({e}); send an object such as "
-                              '{"class_labels": [3], "seed": 0}') from None
+        raise BadRequestError(
+            f'the request body is not valid JSON ({e}); send an object such as {{"class_labels": [3], "seed": 0}}'
+        ) from None
     if not isinstance(obj, dict):
         raise BadRequestError(f"the request body must be a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - set(REQUEST_FIELDS))
@@ -167,7 +175,7 @@ def parse_request(body: bytes | str, gen, *, max_images: int = 16) -> GenerateRe
                 _check_type(name, x, (int,), what)
             v = tuple(v)
         settings[name] = v
-    gen.plan(**settings)   # far_sdk's own range checks (steps 1..16, cfg, eta with ddim, ...)
+    gen.plan(**settings)  # far_sdk's own range checks (steps 1..16, cfg, eta with ddim, ...)
     return GenerateRequest(class_ids=ids, seed=seed, settings=tuple(sorted(settings.items())), output_format=fmt)
 
 
@@ -182,27 +190,27 @@ def group_by_settings(requests: list[GenerateRequest]) -> dict[tuple, list[int]]
 def generate_group(gen, requests: list[GenerateRequest], max_images: int | None = None) -> list:
     """Run requests that share settings as few ``generate`` calls as the backend allows; returns one
     uint8 [B_i, H, W, 3] array per request. Image j of request i uses seed ``seed_i + j``."""
-    from far_sdk.maths.noise import SeededNoise
 
     settings = dict(requests[0].settings)
     labels = [c for r in requests for c in r.class_ids]
     seeds = [s for r in requests for s in r.seeds]
     limit = min(x for x in (gen.backend.max_batch, max_images, len(labels)) if x is not None)
     parts = []
-    for a in range(0, len(labels), limit):   # an engine's profile caps one call; a seed stream never depends on the split
-        out = gen.generate(labels[a:a + limit], noise=SeededNoise(seeds[a:a + limit]), output_type="np", **settings)
+    for a in range(
+        0, len(labels), limit
+    ):  # an engine's profile caps one call; a seed stream never depends on the split
+        out = gen.generate(labels[a : a + limit], noise=SeededNoise(seeds[a : a + limit]), output_type="np", **settings)
         parts.append(out.images)
-    import numpy as np
 
     images = np.concatenate(parts)
     bounds = [0]
     for r in requests:
         bounds.append(bounds[-1] + len(r.class_ids))
-    return [images[bounds[i]:bounds[i + 1]] for i in range(len(requests))]
+    return [images[bounds[i] : bounds[i + 1]] for i in range(len(requests))]
 
 
 def encode_png(image) -> bytes:
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
 
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
@@ -211,9 +219,16 @@ def encode_png(image) -> bytes:
 
 def bundle_summary(gen) -> dict[str, Any]:
     b = gen.bundle
-    return {"name": b.manifest.get("name"), "path": str(b.path), "manifest_sha256": b.manifest.get("manifest_sha256"),
-            "num_classes": b.num_classes, "id2label": {str(k): v for k, v in b.id2label.items()},
-            "image_size": b.manifest.get("image_size"), "defaults": b.defaults.to_dict(), "backend": gen.backend.describe()}
+    return {
+        "name": b.manifest.get("name"),
+        "path": str(b.path),
+        "manifest_sha256": b.manifest.get("manifest_sha256"),
+        "num_classes": b.num_classes,
+        "id2label": {str(k): v for k, v in b.id2label.items()},
+        "image_size": b.manifest.get("image_size"),
+        "defaults": b.defaults.to_dict(),
+        "backend": gen.backend.describe(),
+    }
 
 
 def _error_status(e: BaseException) -> int:
@@ -232,9 +247,12 @@ def deployment_options(cfg: ServeConfig, cluster_gpus: float = 0.0) -> dict[str,
         "health_check_timeout_s": 30.0,
     }
     if cfg.min_replicas is not None:
-        opts["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                      "initial_replicas": max(cfg.min_replicas, 1),
-                                      "target_ongoing_requests": cfg.target_ongoing_requests}
+        opts["autoscaling_config"] = {
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "initial_replicas": max(cfg.min_replicas, 1),
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+        }
     else:
         opts["num_replicas"] = cfg.num_replicas
     return opts
@@ -242,45 +260,46 @@ def deployment_options(cfg: ServeConfig, cluster_gpus: float = 0.0) -> dict[str,
 
 def _import_ray():
     try:
-        import ray
-        from ray import serve
+        import ray  # noqa: PLC0415 - far serve's optional dependency
+        from ray import serve  # noqa: PLC0415 - far serve's optional dependency
     except ImportError as e:
-        raise BackendUnavailableError(f"far serve needs Ray Serve ({e}); install it with: pip install 'far-sdk[serve]'") from e
+        raise BackendUnavailableError(
+            f"far serve needs Ray Serve ({e}); install it with: pip install 'far-sdk[serve]'"
+        ) from e
     return ray, serve
 
 
 def build_app(cfg: ServeConfig, cluster_gpus: float = 0.0):
     """The Ray Serve application for ``cfg`` (pass it to ``serve.run``)."""
     _, serve = _import_ray()
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import JSONResponse, Response  # noqa: PLC0415 - far serve's optional dependency (comes with Ray Serve)
 
     class FarGenerator:
         def __init__(self, cfg: ServeConfig):
-            from far_sdk.pipeline import Generator
 
             self.cfg = cfg
             self.gen = Generator(cfg.bundle, backend=cfg.backend, **cfg.backend_options)
-            self.batch_sizes: Counter[int] = Counter()   # images per generate call -> calls
-            self._waiting: list = []                     # (request, future) not yet generated
-            self._busy = asyncio.Lock()                  # one generate call at a time per replica
+            self.batch_sizes: Counter[int] = Counter()  # images per generate call -> calls
+            self._waiting: list = []  # (request, future) not yet generated
+            self._busy = asyncio.Lock()  # one generate call at a time per replica
             self.generate_batch.set_max_batch_size(cfg.max_batch)
             self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000.0)
 
-        def check_health(self) -> None:   # Ray Serve restarts a replica whose check raises
+        def check_health(self) -> None:  # Ray Serve restarts a replica whose check raises
             if self.gen._closed:
                 raise RuntimeError("the replica's Generator is closed")
 
         # Ray Serve forms a batch as soon as its wait ends, even while the previous one still runs, so under
         # load it would queue many small batches. Up to 4 of them enter here at once; whichever holds the
         # Generator takes every waiting request (max_batch at a time), so they merge into the next call.
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=4)   # sizes set in __init__
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=4)  # sizes set in __init__
         async def generate_batch(self, reqs: list[GenerateRequest]) -> list:
             loop = asyncio.get_running_loop()
             futures = [loop.create_future() for _ in reqs]
             self._waiting.extend(zip(reqs, futures))
             async with self._busy:
                 while not all(f.done() for f in futures):
-                    take, self._waiting = self._waiting[:self.cfg.max_batch], self._waiting[self.cfg.max_batch:]
+                    take, self._waiting = self._waiting[: self.cfg.max_batch], self._waiting[self.cfg.max_batch :]
                     await self._run(take)
             return [f.result() for f in futures]
 
@@ -289,7 +308,7 @@ def build_app(cfg: ServeConfig, cluster_gpus: float = 0.0):
             for idx in group_by_settings(reqs).values():
                 group = [reqs[i] for i in idx]
                 n = sum(len(r.class_ids) for r in group)
-                try:   # the loop runs in a thread so this replica keeps answering /health and queuing
+                try:  # the loop runs in a thread so this replica keeps answering /health and queuing
                     images = await asyncio.to_thread(generate_group, self.gen, group)
                     self.batch_sizes[n] += 1
                     for i, im in zip(idx, images):
@@ -304,12 +323,19 @@ def build_app(cfg: ServeConfig, cluster_gpus: float = 0.0):
             if path == "health":
                 return JSONResponse({"status": "ok"})
             if path == "info":
-                return JSONResponse({**bundle_summary(self.gen), "max_batch": self.cfg.max_batch,
-                                     "batch_wait_ms": self.cfg.batch_wait_ms,
-                                     "max_images_per_request": self.cfg.max_images_per_request,
-                                     "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}})
+                return JSONResponse(
+                    {
+                        **bundle_summary(self.gen),
+                        "max_batch": self.cfg.max_batch,
+                        "batch_wait_ms": self.cfg.batch_wait_ms,
+                        "max_images_per_request": self.cfg.max_images_per_request,
+                        "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                    }
+                )
             if path != "generate":
-                return JSONResponse({"error": f"no route {request.url.path}; use POST /generate, GET /health, GET /info"}, 404)
+                return JSONResponse(
+                    {"error": f"no route {request.url.path}; use POST /generate, GET /health, GET /info"}, 404
+                )
             if request.method != "POST":
                 return JSONResponse({"error": "/generate takes POST with a JSON body"}, 405)
             try:
@@ -323,9 +349,16 @@ def build_app(cfg: ServeConfig, cluster_gpus: float = 0.0):
             headers = {"X-Far-Batch-Images": str(n), "X-Far-Batch-Requests": str(k)}
             if req.output_format == "png":
                 return Response(encode_png(images[0]), media_type="image/png", headers=headers)
-            return JSONResponse({"images": [base64.b64encode(encode_png(im)).decode() for im in images],
-                                 "seeds": list(req.seeds), "class_labels": list(req.class_ids),
-                                 "batch_images": n, "batch_requests": k}, headers=headers)
+            return JSONResponse(
+                {
+                    "images": [base64.b64encode(encode_png(im)).decode() for im in images],
+                    "seeds": list(req.seeds),
+                    "class_labels": list(req.class_ids),
+                    "batch_images": n,
+                    "batch_requests": k,
+                },
+                headers=headers,
+            )
 
     return serve.deployment(FarGenerator).options(**deployment_options(cfg, cluster_gpus)).bind(cfg)
 
@@ -339,4 +372,3 @@ def start(cfg: ServeConfig, *, address: str | None = None, num_cpus: int | None 
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg, gpus), name=cfg.app_name, route_prefix=cfg.route_prefix)
     log.info("far serve: %s at http://%s:%d%s", cfg.bundle, cfg.host, cfg.port, cfg.route_prefix)
-

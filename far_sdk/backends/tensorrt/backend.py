@@ -2,7 +2,8 @@
 cuda-python (``cuda.bindings.runtime``); no torch. One engine's runner and the CUDA helpers live in
 :mod:`far_sdk.backends.tensorrt.engine`; this module runs the three engines as a backend.
 
-Lifecycle per graph, as in the TensorRT demo's ``Engine``: sidecar check (:func:`far_sdk.backends.tensorrt.cache.find_plan`,
+Lifecycle per graph, as in the TensorRT demo's ``Engine``: sidecar check
+(:func:`far_sdk.backends.tensorrt.cache.find_plan`,
 before TensorRT sees the plan) -> deserialize (checked for ``None``) -> one execution context ->
 device buffers preallocated for the profile's max batch, named after the graph spec. All work goes
 to one CUDA stream.
@@ -29,16 +30,32 @@ from typing import Any
 
 import numpy as np
 
-from far_sdk.bundle.bundle import Bundle
-from far_sdk.errors import BackendUnavailableError, EngineProfileError, IncompatibleBundleError, InvalidArgumentError
-from far_sdk.maths.diffusion import Step
-from far_sdk.bundle.graphs import GRAPH_NAMES
-from far_sdk.backends.tensorrt.cache import PRECISIONS, ROWS_PER_IMAGE, EngineKey, find_plan, format_profile, parse_batch_profile, read_plan
 from far_sdk.backends.base import MAX_CUDA_GRAPHS, Backend, check_backend_options
+from far_sdk.backends.tensorrt.cache import (
+    PRECISIONS,
+    ROWS_PER_IMAGE,
+    EngineKey,
+    find_plan,
+    format_profile,
+    parse_batch_profile,
+    read_plan,
+)
 from far_sdk.backends.tensorrt.engine import (
-    CudaError, EngineRunner, aligned, check_cuda, check_cuda_quietly, copy_to_device, copy_to_host, device_env, import_runtime,
+    CudaError,
+    EngineRunner,
+    aligned,
+    check_cuda,
+    check_cuda_quietly,
+    copy_to_device,
+    copy_to_host,
+    device_env,
+    import_runtime,
     select_device,
 )
+from far_sdk.bundle.bundle import Bundle
+from far_sdk.bundle.graphs import GRAPH_NAMES
+from far_sdk.errors import BackendUnavailableError, EngineProfileError, IncompatibleBundleError, InvalidArgumentError
+from far_sdk.maths.diffusion import Step
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +89,27 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     concurrent_generate = False
 
-    def __init__(self, bundle: Bundle, *, device: Any = None, precision: str | None = None, vae_precision: str | None = None,
-                 batch: Any = None, opt_level: int | None = None, cuda_graphs: bool = True,
-                 max_cuda_graphs: int = MAX_CUDA_GRAPHS, **other: Any):
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: Any = None,
+        precision: str | None = None,
+        vae_precision: str | None = None,
+        batch: Any = None,
+        opt_level: int | None = None,
+        cuda_graphs: bool = True,
+        max_cuda_graphs: int = MAX_CUDA_GRAPHS,
+        **other: Any,
+    ):
         super().__init__(bundle)
         self._closed, self._lock = True, threading.Lock()
-        check_backend_options(self.name, ("device", "precision", "vae_precision", "batch", "opt_level", "cuda_graphs",
-                                          "max_cuda_graphs"), other, log)
+        check_backend_options(
+            self.name,
+            ("device", "precision", "vae_precision", "batch", "opt_level", "cuda_graphs", "max_cuda_graphs"),
+            other,
+            log,
+        )
         for label, p in (("precision", precision), ("vae_precision", vae_precision)):
             if p is not None and p not in PRECISIONS:
                 raise InvalidArgumentError(f"{label} must be one of {PRECISIONS} or None, got {p!r}")
@@ -93,25 +124,42 @@ class TensorRTBackend(Backend):
         self.keys: dict[str, EngineKey] = {}
         for g in GRAPH_NAMES:
             vae = g == "vae_decoder"
-            self.keys[g], _ = find_plan(bundle, g, env=self.env, precision=vae_precision if vae else precision, profile=profile,
-                                        opt_level=opt_level, prefer=("fp32", "bf16", "fp16") if vae else ("fp16", "bf16", "fp32"),
-                                        verify_sha=False)  # read_plan below hashes the bytes it loads
+            self.keys[g], _ = find_plan(
+                bundle,
+                g,
+                env=self.env,
+                precision=vae_precision if vae else precision,
+                profile=profile,
+                opt_level=opt_level,
+                prefer=("fp32", "bf16", "fp16") if vae else ("fp16", "bf16", "fp32"),
+                verify_sha=False,
+            )  # read_plan below hashes the bytes it loads
         self._min_images = max(k.profile[0] for k in self.keys.values())
         self._max_images = min(k.profile[2] for k in self.keys.values())
         if self._min_images > self._max_images:
-            raise IncompatibleBundleError(f"the engines' batch profiles do not overlap ({self._profiles()}): rebuild them with one --batch")
+            raise IncompatibleBundleError(
+                f"the engines' batch profiles do not overlap ({self._profiles()}): rebuild them with one --batch"
+            )
         self._runners: dict[str, EngineRunner] = {}
-        self._blocks: dict[str, tuple[int, int]] = {}          # name -> (device ptr, bytes)
+        self._blocks: dict[str, tuple[int, int]] = {}  # name -> (device ptr, bytes)
         self._graphs: collections.OrderedDict = collections.OrderedDict()  # loop key -> cudaGraphExec_t
-        self._pending: list[np.ndarray] = []                   # host arrays kept alive until the next sync
+        self._pending: list[np.ndarray] = []  # host arrays kept alive until the next sync
         self._use_graphs, self._cond_generation, self._stream = bool(cuda_graphs), 0, None
         self._closed = False
         try:
-            self._stream = check_cuda(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+            self._stream = check_cuda(
+                cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
+            )
             for g in GRAPH_NAMES:
                 key = self.keys[g]
-                self._runners[g] = EngineRunner(trt, cudart, read_plan(bundle, key), bundle.graph_spec(g), key.profile[2],
-                                                what=f"the {g} engine {key.plan_name}")
+                self._runners[g] = EngineRunner(
+                    trt,
+                    cudart,
+                    read_plan(bundle, key),
+                    bundle.graph_spec(g),
+                    key.profile[2],
+                    what=f"the {g} engine {key.plan_name}",
+                )
         except BaseException:
             self.close()
             raise
@@ -135,11 +183,23 @@ class TensorRTBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(tensorrt=self.env.tensorrt, gpu=self.env.gpu, compute_capability=self.env.compute_capability,
-                 batch=f"{self._min_images}..{self._max_images}", cuda_graphs=self._use_graphs,
-                 cuda_graphs_cached=len(self._graphs),
-                 engines={g: {"precision": k.precision, "profile": format_profile(k.profile), "opt_level": k.opt_level,
-                              "plan": k.plan_name} for g, k in self.keys.items()})
+        d.update(
+            tensorrt=self.env.tensorrt,
+            gpu=self.env.gpu,
+            compute_capability=self.env.compute_capability,
+            batch=f"{self._min_images}..{self._max_images}",
+            cuda_graphs=self._use_graphs,
+            cuda_graphs_cached=len(self._graphs),
+            engines={
+                g: {
+                    "precision": k.precision,
+                    "profile": format_profile(k.profile),
+                    "opt_level": k.opt_level,
+                    "plan": k.plan_name,
+                }
+                for g, k in self.keys.items()
+            },
+        )
         return d
 
     # ---- small steps (call with the lock held) ----------------------------------------------------------
@@ -160,9 +220,11 @@ class TensorRTBackend(Backend):
     def _check_images(self, images: int, what: str) -> None:
         if not self._min_images <= images <= self._max_images:
             raise EngineProfileError(
-                f"{what}: {images} images per call, but this bundle's engines take {self._min_images}..{self._max_images} "
+                f"{what}: {images} images per call, but this bundle's engines take "
+                f"{self._min_images}..{self._max_images} "
                 f"({self._profiles()}). Split the batch (generate(max_batch=...)) or rebuild with "
-                f"`far-export trt --bundle {self.bundle.path} --batch 1:{max(1, min(images, self._max_images))}:{max(images, self._max_images)} --rebuild`"
+                f"`far-export trt --bundle {self.bundle.path} --batch "
+                f"1:{max(1, min(images, self._max_images))}:{max(images, self._max_images)} --rebuild`"
             )
 
     def _upload(self, dst: int, array: np.ndarray, what: str) -> None:
@@ -173,7 +235,9 @@ class TensorRTBackend(Backend):
         """Validate ``value``'s shape for ``images`` images and queue its copy into ``r``'s buffer ``name``."""
         array = np.ascontiguousarray(value, dtype=r.tensors[name].dtype)
         if array.shape != r.shape(name, images):
-            raise InvalidArgumentError(f"{r.spec.name}.{name}: expected shape {r.shape(name, images)} for {images} images, got {array.shape}")
+            raise InvalidArgumentError(
+                f"{r.spec.name}.{name}: expected shape {r.shape(name, images)} for {images} images, got {array.shape}"
+            )
         self._upload(r.buffers[name], array, f"{r.spec.name}.{name}")
 
     def _download(self, src: int, shape: tuple[int, ...], dtype: str, what: str) -> np.ndarray:
@@ -196,9 +260,19 @@ class TensorRTBackend(Backend):
             ptr = int(check_cuda(self._cudart.cudaMalloc(size), f"cudaMalloc({size} bytes for {name})"))
             self._blocks[name] = (ptr, size)
         self._pending.append(array)
-        check_cuda(self._cudart.cudaMemcpy2DAsync(ptr, stride, array.ctypes.data, row, row, n,
-                                                  self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream),
-                   f"copy of {n} {name} rows to the GPU")
+        check_cuda(
+            self._cudart.cudaMemcpy2DAsync(
+                ptr,
+                stride,
+                array.ctypes.data,
+                row,
+                row,
+                n,
+                self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                self._stream,
+            ),
+            f"copy of {n} {name} rows to the GPU",
+        )
         return ptr, stride
 
     def _drop_graphs(self) -> None:
@@ -217,7 +291,9 @@ class TensorRTBackend(Backend):
             axis, sym = next((i, d) for i, d in enumerate(first.shape) if isinstance(d, str))
             images, rem = divmod(int(np.shape(feeds[first.name])[axis]), ROWS_PER_IMAGE[sym])
             if rem:
-                raise InvalidArgumentError(f"{graph}.{first.name}: the batch axis must hold {ROWS_PER_IMAGE[sym]} rows per image")
+                raise InvalidArgumentError(
+                    f"{graph}.{first.name}: the batch axis must hold {ROWS_PER_IMAGE[sym]} rows per image"
+                )
             self._check_images(images, f"graph {graph!r}")
             if r.set_images(images):
                 self._drop_graphs()
@@ -227,11 +303,16 @@ class TensorRTBackend(Backend):
             r.enqueue(self._sh)
             if graph == "transformer":
                 self._cond_generation += 1  # its cond buffer was overwritten
-            out = {t.name: self._download(r.buffers[t.name], r.shape(t.name, images), t.dtype, f"{graph}.{t.name}") for t in r.spec.outputs}
+            out = {
+                t.name: self._download(r.buffers[t.name], r.shape(t.name, images), t.dtype, f"{graph}.{t.name}")
+                for t in r.spec.outputs
+            }
             self._sync()  # host sync: the outputs are read now
             return out
 
-    def transformer(self, tokens: np.ndarray, conditioning: dict[str, np.ndarray], level: int, mask: np.ndarray | None = None) -> TrtCondRef:
+    def transformer(
+        self, tokens: np.ndarray, conditioning: dict[str, np.ndarray], level: int, mask: np.ndarray | None = None
+    ) -> TrtCondRef:
         """tokens [2B, L, C], conditioning (the CFG batch's inputs: class ids, or a text bundle's context and null),
         mask [2B, L] (a masking transformer) -> cond [2B, L, W], left on the GPU (no host sync)."""
         with self._lock:
@@ -239,12 +320,14 @@ class TensorRTBackend(Backend):
             r = self._runners["transformer"]
             rows = int(np.shape(tokens)[0])
             if rows % 2:
-                raise InvalidArgumentError(f"the transformer takes the CFG batch [cond; uncond]: an even number of rows, got {rows}")
+                raise InvalidArgumentError(
+                    f"the transformer takes the CFG batch [cond; uncond]: an even number of rows, got {rows}"
+                )
             images = rows // 2
             self._check_images(images, "transformer")
             r.set_images(images)
             self._upload_input(r, "tokens", tokens, images)
-            for name, value in conditioning.items():   # class ids, or a text bundle's context and null flags
+            for name, value in conditioning.items():  # class ids, or a text bundle's context and null flags
                 self._upload_input(r, name, value, images)
             self._upload_input(r, "level", np.array([level], dtype=np.float32), images)
             for name, value in self._mask_feed(mask, rows, int(np.shape(tokens)[1])).items():
@@ -255,7 +338,8 @@ class TensorRTBackend(Backend):
             return TrtCondRef(ptr=r.buffers["cond"], images=images, generation=self._cond_generation, owner=id(self))
 
     def denoise(self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray) -> np.ndarray:
-        """n guided DDPM steps on the GPU: x [B, L, C], noises [n, B, L, C], steps [n, 10] -> x_0 [B, L, C] (one host sync)."""
+        """n guided DDPM steps on the GPU: x [B, L, C], noises [n, B, L, C], steps [n, 10] -> x_0 [B, L, C] (one host
+        sync)."""
         with self._lock:
             self._enter()
             r = self._runners["denoiser"]
@@ -265,8 +349,10 @@ class TensorRTBackend(Backend):
             B, n = x.shape[0], steps.shape[0]
             self._check_images(B, "denoise")
             if noises.shape != (n, *x.shape) or steps.shape != (n, len(Step)):
-                raise InvalidArgumentError(f"denoise: x {x.shape} needs noises {(n, *x.shape)} and steps {(n, len(Step))}, "
-                                           f"got {noises.shape} and {steps.shape}")
+                raise InvalidArgumentError(
+                    f"denoise: x {x.shape} needs noises {(n, *x.shape)} and steps {(n, len(Step))}, "
+                    f"got {noises.shape} and {steps.shape}"
+                )
             if n == 0:
                 return x.copy()
             if r.set_images(B):
@@ -278,8 +364,13 @@ class TensorRTBackend(Backend):
             xs = (r.buffers["x"], r.buffers["x_prev"])  # ping-pong: step i reads xs[i % 2], writes the other
 
             def addresses(i: int) -> dict[str, int]:
-                return {"x": xs[i % 2], "x_prev": xs[(i + 1) % 2], "cond": cond_ptr,
-                        "noise": noise_ptr + i * noise_stride, "step": step_ptr + i * step_stride}
+                return {
+                    "x": xs[i % 2],
+                    "x_prev": xs[(i + 1) % 2],
+                    "cond": cond_ptr,
+                    "noise": noise_ptr + i * noise_stride,
+                    "step": step_ptr + i * step_stride,
+                }
 
             self._run_steps(r, n, (B, n, cond_ptr, noise_ptr, noise_stride, step_ptr, step_stride), addresses)
             out = self._download(xs[n % 2], x.shape, "float32", "denoiser.x_prev")
@@ -290,12 +381,16 @@ class TensorRTBackend(Backend):
         if isinstance(cond, TrtCondRef):
             if cond.owner != id(self) or cond.generation != self._cond_generation:
                 raise InvalidArgumentError(
-                    "cond is stale: another transformer call on this TensorRT backend ran since it was computed (a backend "
-                    "keeps one cond on the GPU; run concurrent generations with one Generator per thread)")
+                    "cond is stale: another transformer call on this TensorRT backend ran since it was computed (a "
+                    "backend "
+                    "keeps one cond on the GPU; run concurrent generations with one Generator per thread)"
+                )
             if cond.images != images:
                 raise InvalidArgumentError(f"cond was computed for {cond.images} images, x has {images}")
             return cond.ptr
-        host = np.asarray(cond, dtype=np.float32).reshape(r.shape("cond", images))  # a host cond [2B, L, W] or [2, B, L, W]
+        host = np.asarray(cond, dtype=np.float32).reshape(
+            r.shape("cond", images)
+        )  # a host cond [2B, L, W] or [2, B, L, W]
         self._upload_input(r, "cond", host, images)
         return r.buffers["cond"]
 
@@ -326,8 +421,12 @@ class TensorRTBackend(Backend):
             self._sync()
         graph = None
         try:
-            check_cuda(cudart.cudaStreamBeginCapture(self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
-                       "cudaStreamBeginCapture")
+            check_cuda(
+                cudart.cudaStreamBeginCapture(
+                    self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+                ),
+                "cudaStreamBeginCapture",
+            )
             try:
                 self._enqueue_steps(r, n, addresses)
             finally:
@@ -335,12 +434,16 @@ class TensorRTBackend(Backend):
             exe = check_cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
         except CudaError as e:
             cudart.cudaGetLastError()  # clear the capture's error state
-            log.warning("CUDA graph capture of the %d-step denoiser loop failed (%s); running the steps as plain launches", n, e)
+            log.warning(
+                "CUDA graph capture of the %d-step denoiser loop failed (%s); running the steps as plain launches", n, e
+            )
             self._use_graphs = False
             return None
         finally:
             if graph is not None:
-                check_cuda_quietly(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")  # the instantiated graph does not need it
+                check_cuda_quietly(
+                    cudart.cudaGraphDestroy(graph), "cudaGraphDestroy"
+                )  # the instantiated graph does not need it
         self._graphs[key] = exe
         while len(self._graphs) > self._max_graphs:
             _, old = self._graphs.popitem(last=False)

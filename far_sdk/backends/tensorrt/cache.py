@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from far_sdk.bundle.bundle import sha256_file
-from far_sdk.fileio import atomic_write_bytes, atomic_write_json
-from far_sdk.errors import BackendUnavailableError, IncompatibleBundleError, InvalidArgumentError
 from far_sdk.bundle.graphs import GRAPH_NAMES
+from far_sdk.errors import BackendUnavailableError, IncompatibleBundleError, InvalidArgumentError
+from far_sdk.fileio import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,10 @@ def parse_batch_profile(value: str | int | Sequence[int]) -> tuple[int, int, int
     Also accepts an int or a 3-sequence of ints. Raises :class:`InvalidArgumentError` unless
     ``1 <= min <= opt <= max``.
     """
-    usage = "expected MIN:OPT:MAX images per call with 1 <= MIN <= OPT <= MAX (e.g. 1:4:8), or one number for a static batch"
+    usage = (
+        "expected MIN:OPT:MAX images per call with 1 <= MIN <= OPT <= MAX (e.g. 1:4:8), "
+        "or one number for a static batch"
+    )
     if isinstance(value, bool):
         raise InvalidArgumentError(f"batch profile {value!r}: {usage}")
     if isinstance(value, int):
@@ -159,7 +162,7 @@ class EngineKey:
         return d
 
     @classmethod
-    def from_dict(cls, d: Any) -> "EngineKey":
+    def from_dict(cls, d: Any) -> EngineKey:
         names = {f.name for f in fields(cls)}
         if not isinstance(d, dict) or not {"graph", "onnx_sha256", "precision", "profile"} <= set(d) or set(d) - names:
             raise IncompatibleBundleError(f"not an engine key: {d!r}")
@@ -180,14 +183,22 @@ class EngineKey:
         return f"{self.graph}-{self.precision}-{self.digest()[:12]}.plan"
 
 
-def key_for(bundle: Any, graph: str, *, precision: str, profile: Sequence[int], opt_level: int, env: BuildEnv) -> EngineKey:
+def key_for(
+    bundle: Any, graph: str, *, precision: str, profile: Sequence[int], opt_level: int, env: BuildEnv
+) -> EngineKey:
     """The key of ``graph`` of ``bundle`` (a :class:`~far_sdk.bundle.bundle.Bundle`); hashes come from its manifest."""
     entry = bundle.manifest["graphs"][graph]
     files = bundle.manifest["files"]
     data = entry.get("external_data")
     return EngineKey(
-        graph=graph, onnx_sha256=files[entry["file"]]["sha256"], precision=precision, profile=tuple(profile),
-        opt_level=opt_level, tensorrt=env.tensorrt, gpu=env.gpu, compute_capability=env.compute_capability,
+        graph=graph,
+        onnx_sha256=files[entry["file"]]["sha256"],
+        precision=precision,
+        profile=tuple(profile),
+        opt_level=opt_level,
+        tensorrt=env.tensorrt,
+        gpu=env.gpu,
+        compute_capability=env.compute_capability,
         external_data_sha256=files[data]["sha256"] if data else None,
     )
 
@@ -213,7 +224,9 @@ def sidecar_path(plan: Path) -> Path:
 
 def rebuild_hint(bundle: Any, key: EngineKey) -> str:
     flag = "--vae-precision" if key.graph == "vae_decoder" else "--precision"
-    hint = f"far-export trt --bundle {_bundle_path(bundle)} {flag} {key.precision} --batch {format_profile(key.profile)}"
+    hint = (
+        f"far-export trt --bundle {_bundle_path(bundle)} {flag} {key.precision} --batch {format_profile(key.profile)}"
+    )
     if key.opt_level != DEFAULT_OPT_LEVEL:
         hint += f" --opt-level {key.opt_level}"
     return hint
@@ -260,16 +273,22 @@ def explain_mismatch(found: EngineKey, wanted: EngineKey) -> str:
     if diff & {"tensorrt", "gpu", "compute_capability"}:
         parts.append(f"built for {found.env.describe()}, this is {wanted.env.describe()}")
     if diff & {"onnx_sha256", "external_data_sha256"}:
-        parts.append(f"built from another {found.graph} graph (ONNX sha256 {found.onnx_sha256[:12]}…, the bundle has "
-                     f"{wanted.onnx_sha256[:12]}…): the bundle was re-exported")
+        parts.append(
+            f"built from another {found.graph} graph (ONNX sha256 {found.onnx_sha256[:12]}…, the bundle has "
+            f"{wanted.onnx_sha256[:12]}…): the bundle was re-exported"
+        )
     if "precision" in diff:
         parts.append(f"built in {found.precision}, wanted {wanted.precision}")
     if "profile" in diff:
-        parts.append(f"built for batch {format_profile(found.profile)} images per call, wanted {format_profile(wanted.profile)}")
+        parts.append(
+            f"built for batch {format_profile(found.profile)} images per call, wanted {format_profile(wanted.profile)}"
+        )
     if "opt_level" in diff:
         parts.append(f"built at builder optimisation level {found.opt_level}, wanted {wanted.opt_level}")
     if "key_version" in diff:
-        parts.append(f"written by another far-sdk engine format (v{found.key_version}, this one reads v{wanted.key_version})")
+        parts.append(
+            f"written by another far-sdk engine format (v{found.key_version}, this one reads v{wanted.key_version})"
+        )
     return "; ".join(parts)
 
 
@@ -295,22 +314,34 @@ def check_plan(bundle: Any, key: EngineKey, *, verify_sha: bool = True) -> Path:
     hint = rebuild_hint(bundle, key)
     if not side_p.is_file():
         if plan.is_file():
-            raise EngineNotBuiltError(f"{plan} has no sidecar {side_p.name} (an interrupted build, or copied without it): rebuild with {hint}")
+            raise EngineNotBuiltError(
+                f"{plan} has no sidecar {side_p.name} (an interrupted build, or copied without it): rebuild with {hint}"
+            )
         nearest = _nearest(_sidecars(bundle, key.graph), key)
         if nearest is None:
-            raise EngineNotBuiltError(f"no TensorRT engine for graph {key.graph!r} in {trt_dir(bundle)}: build the engines with {hint}")
+            raise EngineNotBuiltError(
+                f"no TensorRT engine for graph {key.graph!r} in {trt_dir(bundle)}: build the engines with {hint}"
+            )
         found, _, p = nearest
         raise EngineNotBuiltError(
-            f"no TensorRT engine for graph {key.graph!r} matches: {p.name[:-5]} was {explain_mismatch(found, key)}. Rebuild with {hint}"
+            f"no TensorRT engine for graph {key.graph!r} matches: {p.name[:-5]} was {explain_mismatch(found, key)}. "
+            f"Rebuild with {hint}"
         )
     found, side = read_sidecar(side_p)
     if found != key:  # a name collision or an edited sidecar
-        raise EngineNotBuiltError(f"{side_p.name} was {explain_mismatch(found, key) or 'written for another key'}. Rebuild with {hint}")
+        raise EngineNotBuiltError(
+            f"{side_p.name} was {explain_mismatch(found, key) or 'written for another key'}. Rebuild with {hint}"
+        )
     if not plan.is_file():
-        raise EngineNotBuiltError(f"{side_p.name} has no plan {plan.name} (deleted, or an interrupted build): rebuild with {hint}")
+        raise EngineNotBuiltError(
+            f"{side_p.name} has no plan {plan.name} (deleted, or an interrupted build): rebuild with {hint}"
+        )
     size = plan.stat().st_size
     if size != side.get("plan_size"):
-        raise IncompatibleBundleError(f"{plan} has {size} bytes, its sidecar records {side.get('plan_size')}: the plan is truncated or was replaced. Rebuild with {hint} --rebuild")
+        raise IncompatibleBundleError(
+            f"{plan} has {size} bytes, its sidecar records {side.get('plan_size')}: the plan is truncated or was "
+            f"replaced. Rebuild with {hint} --rebuild"
+        )
     if verify_sha:
         check_plan_bytes_sha(plan, side, sha256_file(plan), hint)
     return plan
@@ -319,7 +350,8 @@ def check_plan(bundle: Any, key: EngineKey, *, verify_sha: bool = True) -> Path:
 def check_plan_bytes_sha(plan: Path, side: dict[str, Any], digest: str, hint: str) -> None:
     if digest != side.get("plan_sha256"):
         raise IncompatibleBundleError(
-            f"{plan} fails its sha256 check (got {digest[:12]}…, the sidecar records {str(side.get('plan_sha256'))[:12]}…): "
+            f"{plan} fails its sha256 check (got {digest[:12]}…, the sidecar records "
+            f"{str(side.get('plan_sha256'))[:12]}…): "
             f"the plan is corrupted or was replaced. Rebuild with {hint} --rebuild"
         )
 
@@ -333,9 +365,17 @@ def read_plan(bundle: Any, key: EngineKey) -> bytes:
     return data
 
 
-def find_plan(bundle: Any, graph: str, *, env: BuildEnv, precision: str | None = None,
-              profile: Sequence[int] | None = None, opt_level: int | None = None,
-              prefer: Sequence[str] = ("fp16", "bf16", "fp32"), verify_sha: bool = True) -> tuple[EngineKey, Path]:
+def find_plan(
+    bundle: Any,
+    graph: str,
+    *,
+    env: BuildEnv,
+    precision: str | None = None,
+    profile: Sequence[int] | None = None,
+    opt_level: int | None = None,
+    prefer: Sequence[str] = ("fp16", "bf16", "fp32"),
+    verify_sha: bool = True,
+) -> tuple[EngineKey, Path]:
     """The plan of ``graph`` built for this bundle and ``env``; ``None`` criteria match anything.
 
     Among several matches: the first precision in ``prefer``, then the largest max batch, then the
@@ -344,13 +384,26 @@ def find_plan(bundle: Any, graph: str, *, env: BuildEnv, precision: str | None =
     """
     if profile is not None:
         profile = parse_batch_profile(tuple(profile))
-    ref = key_for(bundle, graph, precision=precision or "fp32", profile=profile or DEFAULT_PROFILE,
-                  opt_level=DEFAULT_OPT_LEVEL if opt_level is None else opt_level, env=env)
+    ref = key_for(
+        bundle,
+        graph,
+        precision=precision or "fp32",
+        profile=profile or DEFAULT_PROFILE,
+        opt_level=DEFAULT_OPT_LEVEL if opt_level is None else opt_level,
+        env=env,
+    )
     cands = _sidecars(bundle, graph)
-    ok = [c for c in cands
-          if c[0].env == env and c[0].onnx_sha256 == ref.onnx_sha256 and c[0].external_data_sha256 == ref.external_data_sha256
-          and c[0].key_version == KEY_VERSION and precision in (None, c[0].precision)
-          and profile in (None, c[0].profile) and opt_level in (None, c[0].opt_level)]
+    ok = [
+        c
+        for c in cands
+        if c[0].env == env
+        and c[0].onnx_sha256 == ref.onnx_sha256
+        and c[0].external_data_sha256 == ref.external_data_sha256
+        and c[0].key_version == KEY_VERSION
+        and precision in (None, c[0].precision)
+        and profile in (None, c[0].profile)
+        and opt_level in (None, c[0].opt_level)
+    ]
     if ok:
         rank = {p: i for i, p in enumerate(prefer)}
         key = min(ok, key=lambda c: (rank.get(c[0].precision, len(rank)), -c[0].profile[2], -_built_at(c[1])))[0]
@@ -359,8 +412,12 @@ def find_plan(bundle: Any, graph: str, *, env: BuildEnv, precision: str | None =
     # error names only real differences (e.g. the TensorRT version).
     nearest = _nearest(cands, ref)
     base = nearest[0] if nearest is not None else ref
-    wanted = replace(ref, precision=precision or (base.precision if nearest else ("fp32" if graph == "vae_decoder" else "fp16")),
-                     profile=profile or base.profile, opt_level=base.opt_level if opt_level is None else opt_level)
+    wanted = replace(
+        ref,
+        precision=precision or (base.precision if nearest else ("fp32" if graph == "vae_decoder" else "fp16")),
+        profile=profile or base.profile,
+        opt_level=base.opt_level if opt_level is None else opt_level,
+    )
     check_plan(bundle, wanted)  # raises with the explanation
     return wanted, plan_path(bundle, wanted)  # pragma: no cover - only if a plan appeared meanwhile
 
@@ -374,7 +431,7 @@ def build_lock(bundle: Any) -> Iterator[Path]:
     d = trt_dir(bundle)
     d.mkdir(parents=True, exist_ok=True)
     try:
-        import fcntl
+        import fcntl  # noqa: PLC0415 - POSIX only: Windows has none (handled below)
     except ImportError:  # Windows: no flock; concurrent builds there are the caller's business
         log.warning("no file locking on this platform: do not build engines for %s from two processes at once", d)
         yield d
@@ -391,8 +448,15 @@ def build_lock(bundle: Any) -> Iterator[Path]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def record_plan(bundle: Any, key: EngineKey, plan: bytes | memoryview, *, build_seconds: float,
-                validation: dict[str, Any] | None, far_sdk_version: str | None = None) -> Path:
+def record_plan(
+    bundle: Any,
+    key: EngineKey,
+    plan: bytes | memoryview,
+    *,
+    build_seconds: float,
+    validation: dict[str, Any] | None,
+    far_sdk_version: str | None = None,
+) -> Path:
     """Write ``plan`` and its sidecar atomically (call under :func:`build_lock`), then refresh the index.
 
     The old sidecar goes first, so a crash in between leaves a plan without a sidecar (rejected
@@ -405,20 +469,23 @@ def record_plan(bundle: Any, key: EngineKey, plan: bytes | memoryview, *, build_
     view = memoryview(plan).cast("B")
     atomic_write_bytes(path, view)
     now = time.time()
-    atomic_write_json(side_p, {
-        "format": SIDECAR_FORMAT,
-        "key": key.to_dict(),
-        "digest": key.digest(),
-        "graph_batch": list(key.graph_profile),
-        "plan": path.name,
-        "plan_size": view.nbytes,
-        "plan_sha256": hashlib.sha256(view).hexdigest(),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-        "built_at_unix": now,
-        "build_seconds": round(float(build_seconds), 3),
-        "far_sdk": far_sdk_version,
-        "validation": validation,
-    })
+    atomic_write_json(
+        side_p,
+        {
+            "format": SIDECAR_FORMAT,
+            "key": key.to_dict(),
+            "digest": key.digest(),
+            "graph_batch": list(key.graph_profile),
+            "plan": path.name,
+            "plan_size": view.nbytes,
+            "plan_sha256": hashlib.sha256(view).hexdigest(),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "built_at_unix": now,
+            "build_seconds": round(float(build_seconds), 3),
+            "far_sdk": far_sdk_version,
+            "validation": validation,
+        },
+    )
     write_index(bundle)
     return path
 
@@ -427,16 +494,29 @@ def write_index(bundle: Any) -> Path:
     """Rewrite ``bundle/trt/engines.json`` from the sidecars (so it never disagrees with them)."""
     engines = []
     for key, side, p in _sidecars(bundle):
-        engines.append({
-            "graph": key.graph, "precision": key.precision, "profile": format_profile(key.profile),
-            "opt_level": key.opt_level, "tensorrt": key.tensorrt, "gpu": key.gpu,
-            "compute_capability": key.compute_capability, "plan": p.name[:-5], "plan_size": side.get("plan_size"),
-            "built_at": side.get("built_at"), "build_seconds": side.get("build_seconds"), "validation": side.get("validation"),
-        })
+        engines.append(
+            {
+                "graph": key.graph,
+                "precision": key.precision,
+                "profile": format_profile(key.profile),
+                "opt_level": key.opt_level,
+                "tensorrt": key.tensorrt,
+                "gpu": key.gpu,
+                "compute_capability": key.compute_capability,
+                "plan": p.name[:-5],
+                "plan_size": side.get("plan_size"),
+                "built_at": side.get("built_at"),
+                "build_seconds": side.get("build_seconds"),
+                "validation": side.get("validation"),
+            }
+        )
     path = trt_dir(bundle) / INDEX_NAME
-    atomic_write_json(path, {
-        "format": "far-trt-index",
-        "note": "TensorRT engines built on this machine; manifest.json (hashed, immutable) does not list them.",
-        "engines": engines,
-    })
+    atomic_write_json(
+        path,
+        {
+            "format": "far-trt-index",
+            "note": "TensorRT engines built on this machine; manifest.json (hashed, immutable) does not list them.",
+            "engines": engines,
+        },
+    )
     return path

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from far_sdk.errors import BackendUnavailableError, EngineProfileError, IncompatibleBundleError, InvalidArgumentError
-from far_sdk.bundle.graphs import GraphSpec
 from far_sdk.backends.tensorrt.cache import ROWS_PER_IMAGE, BuildEnv
+from far_sdk.bundle.graphs import GraphSpec
+from far_sdk.errors import BackendUnavailableError, EngineProfileError, IncompatibleBundleError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,14 @@ def import_runtime() -> tuple[Any, Any]:
     missing = []
     trt = cudart = None
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # noqa: PLC0415 - GPU-only dependency: loaded with the engine
     except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not loadable
         missing.append(f"tensorrt ({type(e).__name__}: {e})")
     try:
-        from cuda.bindings import runtime as cudart
+        from cuda.bindings import runtime as cudart  # noqa: PLC0415 - GPU-only dependency: loaded with the engine
     except ImportError:
         try:
-            from cuda import cudart  # cuda-python < 12.6
+            from cuda import cudart  # cuda-python < 12.6  # noqa: PLC0415 - GPU-only dependency: loaded with the engine
         except (ImportError, OSError) as e:
             missing.append(f"cuda-python ({type(e).__name__}: {e})")
     if missing:
@@ -56,7 +56,8 @@ def import_runtime() -> tuple[Any, Any]:
 
 
 def check_cuda(result: Any, what: str) -> Any:
-    """Unpack a cuda-python result ``(err, *values)``; raise :class:`CudaError` naming ``what`` unless err is cudaSuccess."""
+    """Unpack a cuda-python result ``(err, *values)``; raise :class:`CudaError` naming ``what`` unless err is
+    cudaSuccess."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         raise CudaError(f"{what} failed: {getattr(err, 'name', err)} ({int(err)})")
@@ -88,7 +89,9 @@ def select_device(cudart: Any, device: Any) -> int:
     except CudaError as e:
         raise BackendUnavailableError(f"backend 'tensorrt' needs an NVIDIA GPU, but CUDA reports none ({e})") from e
     if not 0 <= index < count:
-        raise BackendUnavailableError(f"backend 'tensorrt': CUDA device {index} requested, {count} visible (check CUDA_VISIBLE_DEVICES)")
+        raise BackendUnavailableError(
+            f"backend 'tensorrt': CUDA device {index} requested, {count} visible (check CUDA_VISIBLE_DEVICES)"
+        )
     check_cuda(cudart.cudaSetDevice(index), f"cudaSetDevice({index})")
     return index
 
@@ -112,8 +115,13 @@ def trt_logger(trt: Any) -> Any:
 def _make_logger(trt: Any) -> Any:
     """A ``trt.ILogger`` that forwards to this module's logger and keeps the last errors for messages."""
     sev = trt.ILogger.Severity
-    levels = {sev.INTERNAL_ERROR: logging.ERROR, sev.ERROR: logging.ERROR, sev.WARNING: logging.WARNING,
-              sev.INFO: logging.INFO, sev.VERBOSE: logging.DEBUG}
+    levels = {
+        sev.INTERNAL_ERROR: logging.ERROR,
+        sev.ERROR: logging.ERROR,
+        sev.WARNING: logging.WARNING,
+        sev.INFO: logging.INFO,
+        sev.VERBOSE: logging.DEBUG,
+    }
 
     class _Logger(trt.ILogger):
         def __init__(self) -> None:
@@ -141,15 +149,21 @@ def aligned(n: int) -> int:
 
 def copy_to_device(cudart: Any, dst: int, array: np.ndarray, stream: Any, what: str) -> None:
     """Queue a host-to-device copy; ``array`` must stay alive until the stream is synchronised."""
-    check_cuda(cudart.cudaMemcpyAsync(dst, array.ctypes.data, array.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream),
-               f"copy of {what} to the GPU")
+    check_cuda(
+        cudart.cudaMemcpyAsync(
+            dst, array.ctypes.data, array.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream
+        ),
+        f"copy of {what} to the GPU",
+    )
 
 
 def copy_to_host(cudart: Any, src: int, shape: tuple[int, ...], dtype: str, stream: Any, what: str) -> np.ndarray:
     """Queue a device-to-host copy into a new array; read it only after the stream is synchronised."""
     out = np.empty(shape, dtype=dtype)
-    check_cuda(cudart.cudaMemcpyAsync(out.ctypes.data, src, out.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream),
-               f"copy of {what} from the GPU")
+    check_cuda(
+        cudart.cudaMemcpyAsync(out.ctypes.data, src, out.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream),
+        f"copy of {what} from the GPU",
+    )
     return out
 
 
@@ -164,8 +178,8 @@ class EngineRunner:
         self._trt, self._cudart = trt, cudart
         self.tensors = {t.name: t for t in spec.inputs + spec.outputs}
         self.buffers: dict[str, int] = {}
-        self.images: int | None = None   # the batch the input shapes are set for
-        self.needs_warmup = True         # no enqueue since the last shape change
+        self.images: int | None = None  # the batch the input shapes are set for
+        self.needs_warmup = True  # no enqueue since the last shape change
         self.context = self.engine = None
         self._logger = trt_logger(trt)
         self._logger.take_errors()
@@ -173,16 +187,24 @@ class EngineRunner:
         self.engine = self._runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise IncompatibleBundleError(
-                f"TensorRT could not deserialize {what} ({self._logger.take_errors() or 'no reason given'}) although its "
+                f"TensorRT could not deserialize {what} ({self._logger.take_errors() or 'no reason given'}) although "
+                "its "
                 "sidecar matches this TensorRT and GPU: rebuild it with `far-export trt ... --rebuild`"
             )
         self._check_io()
         self.context = self.engine.create_execution_context()
         if self.context is None:
-            raise CudaError(f"TensorRT could not create an execution context for {what} (out of GPU memory?): {self._logger.take_errors()}")
+            raise CudaError(
+                f"TensorRT could not create an execution context for {what} (out of GPU memory?): "
+                f"{self._logger.take_errors()}"
+            )
         try:
             for name in self.tensors:
-                self.buffers[name] = int(check_cuda(cudart.cudaMalloc(aligned(self.nbytes(name, max_images))), f"cudaMalloc for {spec.name}.{name}"))
+                self.buffers[name] = int(
+                    check_cuda(
+                        cudart.cudaMalloc(aligned(self.nbytes(name, max_images))), f"cudaMalloc for {spec.name}.{name}"
+                    )
+                )
         except BaseException:
             self.close()
             raise
@@ -191,12 +213,17 @@ class EngineRunner:
         e, trt = self.engine, self._trt
         names = {e.get_tensor_name(i) for i in range(e.num_io_tensors)}
         if names != set(self.tensors):
-            raise IncompatibleBundleError(f"{self.what} has tensors {sorted(names)}, the bundle's graph spec {sorted(self.tensors)}: rebuild it")
+            raise IncompatibleBundleError(
+                f"{self.what} has tensors {sorted(names)}, the bundle's graph spec {sorted(self.tensors)}: rebuild it"
+            )
         for t in self.spec.inputs + self.spec.outputs:
             mode = trt.TensorIOMode.INPUT if t in self.spec.inputs else trt.TensorIOMode.OUTPUT
             dtype = np.dtype(trt.nptype(e.get_tensor_dtype(t.name)))
             if e.get_tensor_mode(t.name) != mode or dtype != np.dtype(t.dtype):
-                raise IncompatibleBundleError(f"{self.what}: tensor {t.name!r} is a {dtype} {e.get_tensor_mode(t.name)}, the graph spec says {t.dtype} {mode}: rebuild it")
+                raise IncompatibleBundleError(
+                    f"{self.what}: tensor {t.name!r} is a {dtype} {e.get_tensor_mode(t.name)}, the graph spec says "
+                    f"{t.dtype} {mode}: rebuild it"
+                )
 
     def shape(self, name: str, images: int) -> tuple[int, ...]:
         return tuple(ROWS_PER_IMAGE[d] * images if isinstance(d, str) else int(d) for d in self.tensors[name].shape)
@@ -209,12 +236,18 @@ class EngineRunner:
         if images == self.images:
             return False
         for t in self.spec.inputs:
-            if any(isinstance(d, str) for d in t.shape) and not self.context.set_input_shape(t.name, self.shape(t.name, images)):
-                raise EngineProfileError(f"{self.what} rejects {t.name} of shape {self.shape(t.name, images)}: {self._logger.take_errors()}")
+            if any(isinstance(d, str) for d in t.shape) and not self.context.set_input_shape(
+                t.name, self.shape(t.name, images)
+            ):
+                raise EngineProfileError(
+                    f"{self.what} rejects {t.name} of shape {self.shape(t.name, images)}: {self._logger.take_errors()}"
+                )
         for t in self.spec.outputs:
             got = tuple(self.context.get_tensor_shape(t.name))
             if got != self.shape(t.name, images):
-                raise IncompatibleBundleError(f"{self.what}: output {t.name} has shape {got}, expected {self.shape(t.name, images)}")
+                raise IncompatibleBundleError(
+                    f"{self.what}: output {t.name} has shape {got}, expected {self.shape(t.name, images)}"
+                )
         self.images, self.needs_warmup = images, True
         return True
 
@@ -227,7 +260,9 @@ class EngineRunner:
 
     def enqueue(self, stream: int) -> None:
         if not self.context.execute_async_v3(stream):
-            raise CudaError(f"TensorRT failed to enqueue {self.what}: {self._logger.take_errors() or 'no reason given'}")
+            raise CudaError(
+                f"TensorRT failed to enqueue {self.what}: {self._logger.take_errors() or 'no reason given'}"
+            )
         self.needs_warmup = False
 
     def close(self) -> None:
@@ -237,8 +272,11 @@ class EngineRunner:
         self.context = self.engine = self._runtime = None  # context before engine before runtime
 
 
-def run_plan_once(trt: Any, cudart: Any, plan: Any, spec: GraphSpec, images: int, feeds: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
-    """Deserialize ``plan``, run it once on host ``feeds`` for ``images`` images, return its outputs (build-time validation)."""
+def run_plan_once(
+    trt: Any, cudart: Any, plan: Any, spec: GraphSpec, images: int, feeds: dict[str, np.ndarray], what: str
+) -> dict[str, np.ndarray]:
+    """Deserialize ``plan``, run it once on host ``feeds`` for ``images`` images, return its outputs (build-time
+    validation)."""
     stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
     runner = None
     try:
@@ -247,16 +285,24 @@ def run_plan_once(trt: Any, cudart: Any, plan: Any, spec: GraphSpec, images: int
         keep = [np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in spec.inputs]
         for t, a in zip(spec.inputs, keep):
             if a.shape != runner.shape(t.name, images):
-                raise InvalidArgumentError(f"{spec.name}.{t.name}: expected shape {runner.shape(t.name, images)}, got {a.shape}")
+                raise InvalidArgumentError(
+                    f"{spec.name}.{t.name}: expected shape {runner.shape(t.name, images)}, got {a.shape}"
+                )
             copy_to_device(cudart, runner.buffers[t.name], a, stream, f"{spec.name}.{t.name}")
         runner.bind()
         runner.enqueue(int(stream))
-        out = {t.name: copy_to_host(cudart, runner.buffers[t.name], runner.shape(t.name, images), t.dtype, stream, f"{spec.name}.{t.name}")
-               for t in spec.outputs}
+        out = {
+            t.name: copy_to_host(
+                cudart, runner.buffers[t.name], runner.shape(t.name, images), t.dtype, stream, f"{spec.name}.{t.name}"
+            )
+            for t in spec.outputs
+        }
         check_cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")  # host sync: outputs are read now
         return out
     finally:
-        check_cuda_quietly(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")  # nothing queued may outlive the buffers
+        check_cuda_quietly(
+            cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize"
+        )  # nothing queued may outlive the buffers
         if runner is not None:
             runner.close()
         check_cuda_quietly(cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")

@@ -33,11 +33,20 @@ from typing import Any
 
 import numpy as np
 
+from far_sdk.backends.base import (
+    MAX_CUDA_GRAPHS,
+    Backend,
+    HostDraws,
+    LoopState,
+    Mark,
+    SeededDraws,
+    check_backend_options,
+)
+from far_sdk.backends.torch.state import Batch as _Batch
+from far_sdk.backends.torch.state import memory_errors
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.maths.diffusion import Step
 from far_sdk.errors import BackendUnavailableError, InvalidArgumentError
-from far_sdk.backends.base import MAX_CUDA_GRAPHS, Backend, HostDraws, LoopState, Mark, SeededDraws, check_backend_options
-from far_sdk.backends.torch.state import Batch as _Batch, memory_errors as _memory_errors
+from far_sdk.maths.diffusion import Step
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +64,11 @@ _CAPTURE_LOCK = threading.Lock()
 
 def _import_torch():
     try:
-        import torch
+        import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
     except ImportError as e:
-        raise BackendUnavailableError("backend 'torch' needs PyTorch: pip install torch (and far-sdk's training package)") from e
+        raise BackendUnavailableError(
+            "backend 'torch' needs PyTorch: pip install torch (and far-sdk's training package)"
+        ) from e
     return torch
 
 
@@ -70,30 +81,53 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, bundle: Bundle, *, device: str = "auto", precision: str = "fp32", threads: int | None = None,
-                 cuda_graphs: bool = True, max_cuda_graphs: int = MAX_CUDA_GRAPHS, compile: bool | str = "auto",
-                 **other: Any):
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: str = "auto",
+        precision: str = "fp32",
+        threads: int | None = None,
+        cuda_graphs: bool = True,
+        max_cuda_graphs: int = MAX_CUDA_GRAPHS,
+        compile: bool | str = "auto",
+        **other: Any,
+    ):
         super().__init__(bundle)
-        check_backend_options(self.name, ("device", "precision", "threads", "cuda_graphs", "max_cuda_graphs", "compile"), other, log)
+        check_backend_options(
+            self.name, ("device", "precision", "threads", "cuda_graphs", "max_cuda_graphs", "compile"), other, log
+        )
         torch = _import_torch()
         self._torch = torch
-        from training.filters import low_pass_tokens
-        from training.from_bundle import load_bundle_models
-        from training.graph_modules import DenoiserGraph, FusedDenoiserStep, TextTransformerGraph, TransformerGraph, VAEDecoderGraph
+        # training's modules import torch: loaded with this backend, never by `import far_sdk`
+        from training.filters import low_pass_tokens  # noqa: PLC0415
+        from training.from_bundle import load_bundle_models  # noqa: PLC0415
+        from training.graph_modules import (  # noqa: PLC0415
+            DenoiserGraph,
+            FusedDenoiserStep,
+            TextTransformerGraph,
+            TransformerGraph,
+            VAEDecoderGraph,
+        )
 
         if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
-            raise InvalidArgumentError(f"torch backend device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+            raise InvalidArgumentError(
+                f"torch backend device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+            )
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise BackendUnavailableError(
                     f"backend 'torch' with device {device!r} needs a CUDA build of PyTorch and a GPU (this torch "
-                    f"{torch.__version__} sees none); use device='cpu'")
+                    f"{torch.__version__} sees none); use device='cpu'"
+                )
             index = int(device[5:]) if ":" in device else torch.cuda.current_device()
             if index >= torch.cuda.device_count():
-                raise BackendUnavailableError(f"backend 'torch': CUDA device {index} requested, {torch.cuda.device_count()} "
-                                              "visible (check CUDA_VISIBLE_DEVICES)")
+                raise BackendUnavailableError(
+                    f"backend 'torch': CUDA device {index} requested, {torch.cuda.device_count()} "
+                    "visible (check CUDA_VISIBLE_DEVICES)"
+                )
             device = f"cuda:{index}"
         if precision not in _DTYPES:
             raise InvalidArgumentError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
@@ -112,23 +146,25 @@ class TorchBackend(Backend):
         far, vae = load_bundle_models(bundle)
         dev, dt = self._device, self._dtype
         self._graphs = {
-            "transformer": (TextTransformerGraph(far) if bundle.conditioning == "text" else TransformerGraph(far)).to(dev, dt).eval(),
+            "transformer": (TextTransformerGraph(far) if bundle.conditioning == "text" else TransformerGraph(far))
+            .to(dev, dt)
+            .eval(),
             "denoiser": DenoiserGraph(far.diffloss.net).to(dev, dt).eval(),
             # fp16 VAE decoders overflow in many projects: the decoder always runs in fp32.
             "vae_decoder": VAEDecoderGraph(vae, float(m["latent_scale"])).to(dev, torch.float32).eval(),
         }
-        self._fused = FusedDenoiserStep(self._graphs["denoiser"].net).eval()   # after the move: copies in place
+        self._fused = FusedDenoiserStep(self._graphs["denoiser"].net).eval()  # after the move: copies in place
         self._grid = int(m["model"]["grid_size"])
         self._low_pass_tokens = low_pass_tokens
         self._width = int(m["mlp_width"])
 
-        from training.torch_noise import philox_normals_torch
+        from training.torch_noise import philox_normals_torch  # noqa: PLC0415 - imports torch
 
         fused, L, C = self._fused, int(m["model"]["grid_size"]) ** 2, int(m["model"]["token_channels"])
 
         def step_seeded(x, cond, temb, step, seeds, pos):
             """One inner step whose noise is drawn on the device (positions pos.. of each seed's stream)."""
-            noise = philox_normals_torch(seeds, pos, L * C).reshape(x.shape)             # (B, L, C) fp32
+            noise = philox_normals_torch(seeds, pos, L * C).reshape(x.shape)  # (B, L, C) fp32
             return fused(x, noise, cond, temb, step)
 
         def step_host(x, noise, cond, temb, step):
@@ -139,7 +175,7 @@ class TorchBackend(Backend):
         if self._compiled:
             step_seeded = torch.compile(step_seeded, fullgraph=True)
             step_host = torch.compile(step_host, fullgraph=True)
-            draw = torch.compile(draw, fullgraph=True)   # x_T: one kernel instead of a few hundred
+            draw = torch.compile(draw, fullgraph=True)  # x_T: one kernel instead of a few hundred
         self._step_seeded, self._step_host, self._draw = step_seeded, step_host, draw
 
         # CUDA graphs (CUDA only)
@@ -168,11 +204,22 @@ class TorchBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(torch=self._torch.__version__, dtype=str(self._dtype).replace("torch.", ""), vae_dtype="float32",
-                 latents_dtype="float32", cuda_graphs=self._use_graphs, compiled=self._compiled, noise="philox4x32-10 on device")
+        d.update(
+            torch=self._torch.__version__,
+            dtype=str(self._dtype).replace("torch.", ""),
+            vae_dtype="float32",
+            latents_dtype="float32",
+            cuda_graphs=self._use_graphs,
+            compiled=self._compiled,
+            noise="philox4x32-10 on device",
+        )
         if self._device.type == "cuda":
-            d.update(gpu=self._torch.cuda.get_device_name(self._device), cuda=self._torch.version.cuda,
-                     cuda_graphs_cached=len(self._lru), cuda_graph_captures=self._captures)
+            d.update(
+                gpu=self._torch.cuda.get_device_name(self._device),
+                cuda=self._torch.version.cuda,
+                cuda_graphs_cached=len(self._lru),
+                cuda_graph_captures=self._captures,
+            )
         return d
 
     def synchronize(self) -> None:
@@ -221,8 +268,10 @@ class TorchBackend(Backend):
             bb.cond.copy_(cond.reshape(bb.cond.shape))
             self._upload_plan(bb, steps, None, None)
             self._upload_noise(bb, HostDraws(x=np.asarray(x), noises=np.asarray(noises)), n)
-            self._run_stage(bb, ("loop", B, n, False, False, "host"), lambda: self._loop_body(bb, n, False, False, "host"))
-            return bb.raw.to("cpu", copy=True).numpy()                                    # host sync
+            self._run_stage(
+                bb, ("loop", B, n, False, False, "host"), lambda: self._loop_body(bb, n, False, False, "host")
+            )
+            return bb.raw.to("cpu", copy=True).numpy()  # host sync
 
     # ---- the loop ----------------------------------------------------------------------------------
     def begin(self, conditioning: dict[str, np.ndarray], batch: int, seq_len: int, channels: int) -> LoopState:
@@ -233,9 +282,9 @@ class TorchBackend(Backend):
             bb = self._batch(batch, seq_len, channels, cached=self._use_graphs)
             bb.tokens.zero_()
             feeds = conditioning
-            if "class_ids" in feeds:   # a class bundle
+            if "class_ids" in feeds:  # a class bundle
                 bb.ids.copy_(torch.from_numpy(feeds["class_ids"]))
-            else:   # a text bundle: buffers of this batch's context shape (fixed per bundle), refilled per generation
+            else:  # a text bundle: buffers of this batch's context shape (fixed per bundle), refilled per generation
                 ctx = torch.from_numpy(feeds["context"]).to(self._device, self._dtype)
                 null = torch.from_numpy(feeds["null"]).to(self._device)
                 if bb.text is None or bb.text[0].shape != ctx.shape:
@@ -244,21 +293,34 @@ class TorchBackend(Backend):
                 bb.text[1].copy_(null)
         return LoopState(conditioning=conditioning, batch=batch, tokens=bb.tokens, raw=bb.raw, buffers=bb)
 
-    def outer_step(self, state: LoopState, *, level: int, steps: np.ndarray, filter_matrix: np.ndarray | None,
-                   draws: HostDraws | SeededDraws, mark: Mark, mask: np.ndarray | None = None,
-                   keep_next: np.ndarray | None = None) -> None:
+    def outer_step(
+        self,
+        state: LoopState,
+        *,
+        level: int,
+        steps: np.ndarray,
+        filter_matrix: np.ndarray | None,
+        draws: HostDraws | SeededDraws,
+        mark: Mark,
+        mask: np.ndarray | None = None,
+        keep_next: np.ndarray | None = None,
+    ) -> None:
         torch = self._torch
         B, n = state.batch, int(steps.shape[0])
         L, C = state.tokens.shape[1], state.tokens.shape[2]
         filtered, masked = filter_matrix is not None, keep_next is not None
-        mask_feed = self._mask_feed(None if mask is None else np.concatenate([mask, mask]), 2 * B, L)   # {"mask": (2B, L)} or {}
-        with self._lock, torch.inference_mode(), self._on_device(), _memory_errors(torch, B):
+        mask_feed = self._mask_feed(
+            None if mask is None else np.concatenate([mask, mask]), 2 * B, L
+        )  # {"mask": (2B, L)} or {}
+        with self._lock, torch.inference_mode(), self._on_device(), memory_errors(torch, B):
             bb = state.buffers
             bb.level.fill_(float(level))
             if mask_feed:
                 bb.mask.copy_(torch.from_numpy(mask_feed["mask"]), non_blocking=True)
             if masked:
-                bb.keep.copy_(torch.from_numpy(np.ascontiguousarray(keep_next, dtype=np.float32)[:, :, None]), non_blocking=True)
+                bb.keep.copy_(
+                    torch.from_numpy(np.ascontiguousarray(keep_next, dtype=np.float32)[:, :, None]), non_blocking=True
+                )
             self._run_stage(bb, ("transformer", B), lambda: self._transformer_body(bb))
             mark("transformer")
             if isinstance(draws, SeededDraws) and not self._compiled and self._device.type == "cpu":
@@ -270,13 +332,17 @@ class TorchBackend(Backend):
                 self._upload_noise(bb, draws, n)
             elif kind == "batched":
                 self._noise_buffer(bb, n)
-            self._run_stage(bb, ("loop", B, n, filtered, masked, kind), lambda: self._loop_body(bb, n, filtered, masked, kind))
+            self._run_stage(
+                bb, ("loop", B, n, filtered, masked, kind), lambda: self._loop_body(bb, n, filtered, masked, kind)
+            )
             mark("denoise")  # the filter runs inside the loop's stage
         state.tokens, state.raw = bb.tokens, bb.raw
 
     def fetch(self, array: Any) -> np.ndarray:
         with self._lock:
-            return array.to("cpu", dtype=self._torch.float32, copy=True).numpy()  # host sync; a copy: the buffer is reused
+            return array.to(
+                "cpu", dtype=self._torch.float32, copy=True
+            ).numpy()  # host sync; a copy: the buffer is reused
 
     def all_finite(self, array: Any) -> bool:
         with self._lock:
@@ -292,8 +358,8 @@ class TorchBackend(Backend):
     def _transformer_body(self, bb: _Batch) -> None:
         torch, dt = self._torch, self._dtype
         tok = bb.tokens.to(dt)
-        extra = (bb.mask,) if self.takes_mask else ()                                      # (2B, L) fp32
-        cond_in = bb.text if bb.text is not None else (bb.ids,)                          # text: (context, null)
+        extra = (bb.mask,) if self.takes_mask else ()  # (2B, L) fp32
+        cond_in = bb.text if bb.text is not None else (bb.ids,)  # text: (context, null)
         cond = self._graphs["transformer"](torch.cat([tok, tok]), *cond_in, bb.level.to(dt), *extra)  # (2B, L, W)
         bb.cond.copy_(cond.reshape(bb.cond.shape))
 
@@ -302,27 +368,26 @@ class TorchBackend(Backend):
         step masks: ``bb.keep``). kind: "fused" (seeded; each step draws its own noise
         inside the compiled step), "batched" (seeded; all n + 1 draws in one call first, for eager runs where
         per-step drawing would cost hundreds of small ops) or "host" (uploaded draws in ``bb.noise``)."""
-        torch = self._torch
         B, L, C = bb.tokens.shape
-        temb = self._fused.time_table(bb.steps[:n, Step.timestep], self._dtype)       # (n, W)
+        temb = self._fused.time_table(bb.steps[:n, Step.timestep], self._dtype)  # (n, W)
         if kind == "fused":
-            x = self._draw(bb.seeds, bb.pos[0, :1], L * C).reshape(B, L, C)            # x_T, fp32
+            x = self._draw(bb.seeds, bb.pos[0, :1], L * C).reshape(B, L, C)  # x_T, fp32
             for i in range(n):
-                x = self._step_seeded(x, bb.cond, temb[i], bb.steps[i, :len(Step)], bb.seeds, bb.pos[i + 1, :1])
+                x = self._step_seeded(x, bb.cond, temb[i], bb.steps[i, : len(Step)], bb.seeds, bb.pos[i + 1, :1])
         else:
-            if kind == "batched":                                                     # stream order: image-major
+            if kind == "batched":  # stream order: image-major
                 z = self._draw(bb.seeds, bb.pos[0, :1], (n + 1) * L * C).reshape(B, n + 1, L, C)
-                bb.noise[:n + 1].copy_(z.transpose(0, 1))                             # (n + 1, B, L, C)
+                bb.noise[: n + 1].copy_(z.transpose(0, 1))  # (n + 1, B, L, C)
             x = bb.noise[0]
             for i in range(n):
-                x = self._step_host(x, bb.noise[i + 1], bb.cond, temb[i], bb.steps[i, :len(Step)])
+                x = self._step_host(x, bb.noise[i + 1], bb.cond, temb[i], bb.steps[i, : len(Step)])
         bb.raw.copy_(x)
-        if filtered:                                                                  # M X M^T per channel
+        if filtered:  # M X M^T per channel
             bb.tokens.copy_(self._low_pass_tokens(x, bb.fmat))
         else:
             bb.tokens.copy_(x)
         if masked:
-            bb.tokens.mul_(bb.keep)                                                   # (B, L, C) * (B, L, 1)
+            bb.tokens.mul_(bb.keep)  # (B, L, C) * (B, L, 1)
 
     # ---- buffers, uploads, graphs ------------------------------------------------------------------
     def _on_device(self):
@@ -333,12 +398,20 @@ class TorchBackend(Backend):
         if bb is None:
             torch, dev, G, W = self._torch, self._device, self._grid, self._width
             f32 = dict(device=dev, dtype=torch.float32)
-            bb = _Batch(B=B, tokens=torch.zeros(B, L, C, **f32), raw=torch.zeros(B, L, C, **f32),
-                        cond=torch.zeros(2, B, L, W, device=dev, dtype=self._dtype),
-                        ids=torch.zeros(2 * B, device=dev, dtype=torch.long), seeds=torch.zeros(B, device=dev, dtype=torch.long),
-                        level=torch.zeros(1, **f32), steps=torch.zeros(MAX_INNER_STEPS, STEP_STRIDE, **f32),
-                        pos=torch.zeros(MAX_INNER_STEPS + 1, 2, device=dev, dtype=torch.long), fmat=torch.eye(G, **f32),
-                        mask=torch.ones(2 * B, L, **f32), keep=torch.ones(B, L, 1, **f32))
+            bb = _Batch(
+                B=B,
+                tokens=torch.zeros(B, L, C, **f32),
+                raw=torch.zeros(B, L, C, **f32),
+                cond=torch.zeros(2, B, L, W, device=dev, dtype=self._dtype),
+                ids=torch.zeros(2 * B, device=dev, dtype=torch.long),
+                seeds=torch.zeros(B, device=dev, dtype=torch.long),
+                level=torch.zeros(1, **f32),
+                steps=torch.zeros(MAX_INNER_STEPS, STEP_STRIDE, **f32),
+                pos=torch.zeros(MAX_INNER_STEPS + 1, 2, device=dev, dtype=torch.long),
+                fmat=torch.eye(G, **f32),
+                mask=torch.ones(2 * B, L, **f32),
+                keep=torch.ones(B, L, 1, **f32),
+            )
             if cached:
                 self._batches[B] = bb
         return bb
@@ -349,12 +422,14 @@ class TorchBackend(Backend):
         n, L, C = int(steps.shape[0]), bb.tokens.shape[1], bb.tokens.shape[2]
         if n > MAX_INNER_STEPS:
             raise InvalidArgumentError(f"at most {MAX_INNER_STEPS} inner steps per outer step, got {n}")
-        bb.steps[:n, :steps.shape[1]].copy_(torch.from_numpy(np.ascontiguousarray(steps, dtype=np.float32)), non_blocking=True)
+        bb.steps[:n, : steps.shape[1]].copy_(
+            torch.from_numpy(np.ascontiguousarray(steps, dtype=np.float32)), non_blocking=True
+        )
         if fmat is not None:
             bb.fmat.copy_(torch.from_numpy(np.ascontiguousarray(fmat, dtype=np.float32)), non_blocking=True)
         if isinstance(draws, SeededDraws):
             pos = draws.start + np.arange(n + 1, dtype=np.int64) * (L * C)
-            bb.pos[:n + 1, 0].copy_(torch.from_numpy(pos), non_blocking=True)
+            bb.pos[: n + 1, 0].copy_(torch.from_numpy(pos), non_blocking=True)
             bb.seeds.copy_(torch.tensor(draws.seeds, dtype=torch.long), non_blocking=True)
 
     def _noise_buffer(self, bb: _Batch, n: int) -> None:
@@ -363,15 +438,19 @@ class TorchBackend(Backend):
             for key in [k for k in bb.graphs if k[0] == "loop" and k[-1] != "fused"]:
                 bb.graphs.pop(key)
                 self._lru.pop(key, None)
-            bb.noise = self._torch.empty((n + 1,) + tuple(bb.tokens.shape), device=self._device, dtype=self._torch.float32)
+            bb.noise = self._torch.empty(
+                (n + 1,) + tuple(bb.tokens.shape), device=self._device, dtype=self._torch.float32
+            )
 
     def _upload_noise(self, bb: _Batch, draws: HostDraws, n: int) -> None:
         torch = self._torch
         shape = (n + 1,) + tuple(bb.tokens.shape)
         self._noise_buffer(bb, n)
         bb.noise[0].copy_(torch.from_numpy(np.ascontiguousarray(draws.x, dtype=np.float32)), non_blocking=True)
-        bb.noise[1:n + 1].copy_(torch.from_numpy(np.ascontiguousarray(draws.noises, dtype=np.float32).reshape(shape[0] - 1, *shape[1:])),
-                                non_blocking=True)
+        bb.noise[1 : n + 1].copy_(
+            torch.from_numpy(np.ascontiguousarray(draws.noises, dtype=np.float32).reshape(shape[0] - 1, *shape[1:])),
+            non_blocking=True,
+        )
 
     def _run_stage(self, bb: _Batch, key: tuple, body) -> None:
         """Run ``body`` (static buffers in and out): replay its CUDA graph (capturing it first), or eagerly."""
@@ -388,7 +467,7 @@ class TorchBackend(Backend):
             self._lru[key] = None
             while len(self._lru) > self._max_graphs:
                 old, _ = self._lru.popitem(last=False)
-                self._batches[old[1]].graphs.pop(old, None)   # its graph goes; its pool blocks return to the pool
+                self._batches[old[1]].graphs.pop(old, None)  # its graph goes; its pool blocks return to the pool
         else:
             self._lru.move_to_end(key)
         graph.replay()
@@ -397,19 +476,22 @@ class TorchBackend(Backend):
         torch = self._torch
         s = self._capture_stream
         g = torch.cuda.CUDAGraph()
-        s.wait_stream(torch.cuda.current_stream(self._device))   # uploads and zero-fills land before the warm-up
+        s.wait_stream(torch.cuda.current_stream(self._device))  # uploads and zero-fills land before the warm-up
         try:
             with _CAPTURE_LOCK:
                 with torch.cuda.stream(s):
-                    for _ in range(WARMUP_RUNS):   # compiles, lazy cuBLAS set-up: never inside a capture
+                    for _ in range(WARMUP_RUNS):  # compiles, lazy cuBLAS set-up: never inside a capture
                         body()
                 torch.cuda.current_stream(self._device).wait_stream(s)
                 # "thread_local": CUDA calls of other threads may not invalidate this capture.
                 with torch.cuda.graph(g, pool=self._pool, stream=s, capture_error_mode="thread_local"):
                     body()
         except RuntimeError as e:
-            log.warning("CUDA graph capture of %s failed (%s); running eager launches from now on",
-                        key, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            log.warning(
+                "CUDA graph capture of %s failed (%s); running eager launches from now on",
+                key,
+                str(e).splitlines()[0] if str(e) else type(e).__name__,
+            )
             self._use_graphs = False  # concurrent_generate stays False: the Generator read it at construction
             for bb in self._batches.values():
                 bb.graphs.clear()
@@ -430,6 +512,6 @@ class TorchBackend(Backend):
 def eager_backend(bundle: Bundle, **options: Any) -> Backend:
     """``backend="torch-eager"``: the official-way eager baseline (:class:`training.eager.OfficialEagerBackend`)."""
     _import_torch()
-    from training.eager import OfficialEagerBackend
+    from training.eager import OfficialEagerBackend  # noqa: PLC0415 - imports torch
 
     return OfficialEagerBackend(bundle, **options)

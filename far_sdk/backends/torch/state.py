@@ -14,19 +14,19 @@ class Batch:
     """Static device buffers of one batch size, shared by that size's graphs and eager runs."""
 
     B: int
-    tokens: Any        # (B, L, C)            fp32: the transformer's input tokens
-    raw: Any           # (B, L, C)            fp32: the last outer step's sample
-    cond: Any          # (2, B, L, W)         network dtype: the transformer's output
-    ids: Any           # (2B,)                int64
-    seeds: Any         # (B,)                 int64
-    level: Any         # (1,)                 fp32
-    steps: Any         # (MAX_INNER_STEPS, STEP_STRIDE) fp32: rows 0..n-1 = this outer step's step table
-    pos: Any           # (MAX_INNER_STEPS + 1, 2) int64: [k, 0] = stream position of draw k (x_T = draw 0)
-    fmat: Any          # (G, G)               fp32
-    mask: Any          # (2B, L)              fp32: mask mode: 1 = the transformer drops the token
-    keep: Any          # (B, L, 1)            fp32: mask mode: 1 = kept in what the step hands on
+    tokens: Any  # (B, L, C)            fp32: the transformer's input tokens
+    raw: Any  # (B, L, C)            fp32: the last outer step's sample
+    cond: Any  # (2, B, L, W)         network dtype: the transformer's output
+    ids: Any  # (2B,)                int64
+    seeds: Any  # (B,)                 int64
+    level: Any  # (1,)                 fp32
+    steps: Any  # (MAX_INNER_STEPS, STEP_STRIDE) fp32: rows 0..n-1 = this outer step's step table
+    pos: Any  # (MAX_INNER_STEPS + 1, 2) int64: [k, 0] = stream position of draw k (x_T = draw 0)
+    fmat: Any  # (G, G)               fp32
+    mask: Any  # (2B, L)              fp32: mask mode: 1 = the transformer drops the token
+    keep: Any  # (B, L, 1)            fp32: mask mode: 1 = kept in what the step hands on
     noise: Any = None  # (n + 1, B, L, C)     fp32: uploaded host draws (grown on demand)
-    text: Any = None   # text bundles: (context (2B, T, D_text), null (2B,)) in the network dtype / fp32
+    text: Any = None  # text bundles: (context (2B, T, D_text), null (2B,)) in the network dtype / fp32
     graphs: dict = field(default_factory=dict)
 
 
@@ -43,8 +43,12 @@ class memory_errors:
         if e is None:
             return False
         oom = isinstance(e, (MemoryError, self._torch.cuda.OutOfMemoryError)) or (
-            isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower()))
+            isinstance(e, RuntimeError)
+            and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower())
+        )
         if oom:
-            raise DeviceOutOfMemoryError(f"out of memory generating {self._batch} images per call: pass a smaller max_batch "
-                                         f"or fewer labels ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+            raise DeviceOutOfMemoryError(
+                f"out of memory generating {self._batch} images per call: pass a smaller max_batch "
+                f"or fewer labels ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            ) from e
         return False
