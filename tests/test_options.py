@@ -281,3 +281,17 @@ def test_a_bad_flag_value_is_a_usage_error_naming_the_flag(argv, match, capsys):
         main(["generate", "--bundle", str(DEMO), "--class", "3", *argv])
     assert e.value.code == EXIT_USAGE
     assert __import__("re").search(match, capsys.readouterr().err)
+
+
+def test_a_new_option_is_a_field_plus_its_effect_on_the_plan():
+    """Adding an option touches far_sdk/options.py (the field and its OptionSpec), far_sdk/maths/schedules.py (what it
+    does to the plan: make_plan takes every field by name) and a test: the manifest schema, the CLI flags and generate's
+    keywords are derived from the fields. This holds the derivations to the field list."""
+    import inspect
+
+    from far_sdk.cli.sampling import flag_of
+    from far_sdk.maths.schedules import make_plan
+
+    assert tuple(inspect.signature(make_plan).parameters) == FIELDS
+    assert tuple(options_json_schema()["properties"]) == FIELDS
+    assert len({flag_of(name) for name in FIELDS}) == len(FIELDS)
