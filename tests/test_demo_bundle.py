@@ -16,7 +16,6 @@ pytest.importorskip("onnxruntime")
 
 import far_sdk  # noqa: E402
 from far_sdk.maths.noise import SeededNoise  # noqa: E402
-from far_sdk.options import SamplingOptions, resolve_plan  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,28 +43,41 @@ def test_bundle_is_small_and_verified(gen):
 # Few large inner steps amplify float32 rounding more: at 15 steps per outer step the float32 reference
 # itself moves by up to 1.2e-4 (DDPM) and 6e-4 (DDIM eta 0) when run in float64 (the paper's 700: 1e-5),
 # so the runtime is held to that order there. A wrong coefficient moves latents by O(0.1).
+OFFICIAL_LEVELS = (0, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # sample_tokens_nomask
+PAPER_INNER = (40, 47, 53, 60, 67, 73, 80, 87, 93, 100)  # round(40 + 60 s / 9): the paper's frequency-aware schedule
+OFFICIAL_MASK_LEVELS = (0, 12, 12, 4, 5, 6, 7, 8, 9, 10, 11)  # sample_tokens_mask (shared/spec)
+
+
 @pytest.mark.parametrize(
-    "plan,bound",
+    "plan,want,bound",
     [
-        (dict(num_steps=10, inner_steps="frequency-aware"), 1e-4),
-        (dict(num_steps=4, inner_steps=25), 1e-4),
-        (dict(mode="mask", inner_steps=25), 1e-4),  # 11 steps; mask ignored (mask=False)
-        (dict(preset="fast"), 1e-3),
-        (dict(num_steps=10, inner_steps=15, inner_sampler="ddim", eta=0.0), 2e-3),
-        (dict(num_steps=4, inner_steps=10, inner_sampler="ddim", eta=1.0), 1e-3),
+        (
+            dict(num_steps=10, inner_steps="frequency-aware"),
+            (OFFICIAL_LEVELS, PAPER_INNER, "ddpm"),
+            1e-4,
+        ),
+        (dict(num_steps=4, inner_steps=25), ((0, 2, 6, 10), (25,) * 4, "ddpm"), 1e-4),
+        (
+            dict(mode="mask", inner_steps=25),
+            (OFFICIAL_MASK_LEVELS, (25,) * 11, "ddpm"),
+            1e-4,
+        ),  # mask ignored (mask=False)
+        (dict(preset="fast"), (OFFICIAL_LEVELS, (15,) * 10, "ddpm"), 1e-3),
+        (dict(num_steps=10, inner_steps=15, inner_sampler="ddim", eta=0.0), (None, (15,) * 10, "ddim"), 2e-3),
+        (dict(num_steps=4, inner_steps=10, inner_sampler="ddim", eta=1.0), ((0, 2, 6, 10), (10,) * 4, "ddim"), 1e-3),
     ],
 )
-def test_onnxruntime_equals_reference_sampler(gen, far, plan, bound):
+def test_onnxruntime_equals_reference_sampler(gen, far, plan, want, bound):
+    """The plan each setting resolves to, against its published numbers (the bundle's defaults keep their x0 clip of
+    4.0, engines/far-demo/README.md), then the runtime against the reference sampler on that plan."""
     from training.sampler import sample_reference
 
     labels = [0, 3, 8]
     out = gen.generate(labels, seed=42, output_type="latent", **plan)
-    given = {k: v for k, v in plan.items() if k != "preset"}
-    resolved = resolve_plan(
-        gen.bundle.defaults, SamplingOptions(**given), preset_name=plan.get("preset")
-    )  # bundle defaults + plan
-    assert out.plan == resolved
-    ref = sample_reference(far, labels, noise=SeededNoise.from_seed(42, len(labels)), plan=resolved).numpy()
+    levels, inner, sampler = want
+    assert (out.plan.inner_steps, out.plan.inner_sampler, out.plan.x0_clip) == (inner, sampler, 4.0)
+    assert levels is None or out.plan.levels == levels
+    ref = sample_reference(far, labels, noise=SeededNoise.from_seed(42, len(labels)), plan=out.plan).numpy()
     assert np.abs(ref).max() < 50, "a trained model's latents stay O(1)"
     err = float(np.abs(out.latents - ref).max())
     assert err <= bound, f"max abs error {err:.3g}"
