@@ -67,8 +67,10 @@ class DatasetJob:
         for name in ("num_images", "shard_size", "batch"):
             object.__setattr__(self, name, int(check_range(name, getattr(self, name), 1, None, integer=True)))
         if self.num_images > MAX_IMAGES:
-            raise InvalidArgumentError(f"num_images must be at most 2**40, got {self.num_images}")
-        check_range("seed", self.seed, 0, 2**63 - 1 - self.num_images, integer=True)
+            raise InvalidArgumentError(f"the number of images (-n) must be at most 2**40, got {self.num_images}")
+        check_range(
+            "seed (--seed; image i uses seed + i < 2**63)", self.seed, 0, 2**63 - 1 - self.num_images, integer=True
+        )
         if not isinstance(self.settings, dict):
             raise InvalidArgumentError(f"settings must be a dict of generate() keywords, got {self.settings!r}")
         unknown = sorted(map(str, set(self.settings) - set(SETTING_KEYS)))
@@ -265,7 +267,7 @@ def prepare(job: DatasetJob, out: Path, *, merge: bool = True) -> _Prepared:
         if isinstance(rec, dict):
             records[k] = rec
         else:
-            log.warning("%s failed verification (%s): generating it again", path.name, rec)
+            log.warning("%s is generated again: %s", path.name, rec)
             regenerated.append((k, rec))
             pending.append(k)
     _check_space(out, layout, pending, merge)
@@ -288,10 +290,18 @@ def _check_space(out: Path, layout: ShardLayout, pending: list[int], merge: bool
         return
     if images * per_image > free:
         raise InvalidArgumentError(
-            f"{out} has {free / 1e9:.2f} GB free but this job needs about {images * per_image / 1e9:.2f} GB more "
+            f"{out} has {_size(free)} free but this job needs {_size(images * per_image)} more "
             f"({len(pending)} shard(s){' and the merged file' if merge else ''}); free space, lower -n"
             + (", or pass --no-merge" if merge else "")
         )
+
+
+def _size(n: float) -> str:
+    """Bytes for people: 37 kB, 1.2 GB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.0f} kB"
 
 
 def _progress(total: int, initial: int, enabled: bool):
