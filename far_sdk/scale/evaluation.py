@@ -218,7 +218,9 @@ def load_inception_state(path: Path) -> dict[str, Any]:
 
     if path.stat().st_size == 0:
         raise bad("is empty (0 bytes)")
-    if zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's zip format (is_zipfile misses a truncated one)
+    if zipped:
         try:
             with zipfile.ZipFile(path) as zf:
                 member = zf.testzip()
