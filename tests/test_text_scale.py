@@ -113,6 +113,9 @@ def test_bench_conditions_cycle_prompts_for_a_text_bundle_and_class_ids_otherwis
     assert bench_condition(cls, 12) == {"class_labels": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]}
     with pytest.raises(InvalidArgumentError, match="class-conditional: prompts need"):
         bench_condition(cls, 1, ["a 4"])
+    for bad in ("", "  ", "a \udcff 5", 5):  # "\udcff": a non-UTF-8 argv byte, as Python decodes it
+        with pytest.raises(InvalidArgumentError, match="prompt 2 .* must be non-empty text of valid Unicode"):
+            bench_condition(text, 1, ["a 4", bad])
 
 
 def test_far_bench_runs_a_text_bundle_with_default_or_given_prompts(tmp_path):

@@ -23,9 +23,21 @@ def bench_condition(bundle: Bundle, batch: int, prompts: Sequence[str] | None = 
             )
         return {"class_labels": [i % bundle.num_classes for i in range(batch)]}
     p = tuple(prompts or DEFAULT_PROMPTS)
-    if not all(isinstance(s, str) and s for s in p):
-        raise InvalidArgumentError(f"prompts must be non-empty strings, got {list(p)!r}")
+    for i, s in enumerate(p):
+        if not isinstance(s, str) or not s.strip() or not _valid_unicode(s):
+            raise InvalidArgumentError(
+                f"prompt {i + 1} ({s!r}) must be non-empty text of valid Unicode (a command-line argument that is not "
+                "UTF-8 is not)"
+            )
     return {"prompt": [p[i % len(p)] for i in range(batch)]}
+
+
+def _valid_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")  # lone surrogates (e.g. undecodable argv bytes) cannot be encoded
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_bench_bundle(bundle: Bundle, prompts: Sequence[str] | None, backends: Sequence[str], baseline: str) -> None:

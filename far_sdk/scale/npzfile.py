@@ -132,7 +132,8 @@ def npz_headers(source, what: str | None = None) -> dict[str, NpyHeader]:
     what = what or str(source)
     try:
         with _open(source) as zf:
-            return {i.filename.removesuffix(".npy"): _header(zf, i, what) for i in zf.infolist()}
+            arrays = [i for i in zf.infolist() if i.filename.endswith(".npy")]  # other members hold no array
+            return {i.filename.removesuffix(".npy"): _header(zf, i, what) for i in arrays}
     except DataError:
         raise
     except (OSError, *_READ_ERRORS) as e:
