@@ -254,9 +254,13 @@ def prepare(job: DatasetJob, out: Path, *, merge: bool = True) -> _Prepared:
     if merge and (merged.is_dir() or merged.is_symlink()):
         raise InvalidArgumentError(f"{merged} is a directory or a link where the merged file goes: remove it")
     records, pending, regenerated = {}, [], []
+    present = set(os.listdir(out))  # one listing, not one stat per shard (a million shards stay quick)
     for k in range(job.num_shards):
         a, b = job.shard_range(k)
         path = shard_path(out, k, job.num_shards)
+        if path.name not in present:
+            pending.append(k)
+            continue
         try:
             rec = verify_shard(
                 path, job_sha256=layout.job_sha256, k=k, num_shards=job.num_shards, arrays=layout.arrays(b - a)

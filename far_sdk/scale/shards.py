@@ -100,6 +100,8 @@ def verify_shard(
         raise DataError(f"{path} is a directory where far generate-dataset writes a shard: remove it")
     if not stat.S_ISREG(st.st_mode):
         return "it is not a regular file (a symbolic link or a special file)"
+    if os.path.isdir(record_path(path)):
+        raise DataError(f"{record_path(path)} is a directory where far generate-dataset writes a record: remove it")
     rec = _read_record(record_path(path))
     if isinstance(rec, str):
         return rec
