@@ -64,7 +64,11 @@ def exclusive(out: Path) -> Iterator[None]:
 
 
 def check_contents(out: Path) -> None:
-    """A directory without ``dataset.json`` may hold only this command's own files."""
+    """No directory where a file of this command goes (it could not be replaced), and a directory without
+    ``dataset.json`` may hold only this command's own files."""
+    for p in out.iterdir():
+        if _OURS.fullmatch(p.name) and not _TEMPORARY.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            raise DataError(f"{p} is a directory where far generate-dataset writes a file: remove it")
     if os.path.lexists(out / JOB_FILE):
         return
     foreign = sorted(p.name for p in out.iterdir() if not (_OURS.fullmatch(p.name) or p.name.startswith(_PROBE)))
