@@ -250,9 +250,6 @@ def prepare(job: DatasetJob, out: Path, *, merge: bool = True) -> _Prepared:
     check_contents(out)
     sync_job_file(out, job.identity(bundle))
     clear_temporaries(out)
-    merged = out / _merged_name(layout)
-    if merge and (merged.is_dir() or merged.is_symlink()):
-        raise InvalidArgumentError(f"{merged} is a directory or a link where the merged file goes: remove it")
     records, pending, regenerated = {}, [], []
     present = set(os.listdir(out))  # one listing, not one stat per shard (a million shards stay quick)
     for k in range(job.num_shards):

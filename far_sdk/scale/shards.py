@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import stat
 from collections.abc import Callable
@@ -39,8 +38,6 @@ from far_sdk.scale.npzfile import (
     stream_array,
     write_array,
 )
-
-log = logging.getLogger(__name__)
 
 RECORD_FORMAT = "far-dataset-shard-v1"
 MAX_RECORD_BYTES = 1 << 16
