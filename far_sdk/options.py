@@ -262,7 +262,12 @@ T2I_DEFAULTS = SamplingOptions(
 
 
 def preset(name: object) -> SamplingOptions:
-    if not isinstance(name, str) or name not in PRESETS:
+    if not isinstance(name, str):
+        raise InvalidArgumentError(
+            f"preset must be one preset name (a string), got {type(name).__name__} {name!r}; choose one of "
+            f"{sorted(PRESETS)}"
+        )
+    if name not in PRESETS:
         raise InvalidArgumentError(
             f"unknown preset {name!r}; choose one of {sorted(PRESETS)}{_did_you_mean(name, PRESETS)}"
         )

@@ -1,5 +1,6 @@
 """``far generate-dataset``: ADM-format shards whose bytes do not depend on how the job is run
-(one process or Ray workers), and a run killed midway resumes without redoing or corrupting shards."""
+(one process or Ray workers), a run killed midway resumes without redoing or corrupting shards, and a resumed run
+never keeps a corrupted shard or one of another job (the merged file equals a clean run's, byte for byte)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def test_two_ray_workers_write_the_bytes_of_one_process(tmp_path, ray_local):
     two = generate_dataset(dataclasses.replace(job, batch=7), tmp_path / "two", workers=2, progress=False)
     assert one.generated == two.generated == (0, 1, 2, 3)
     a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
-    assert sorted(a) == ["dataset.json", "samples_40x32x32x3.npz", *[f"shard-{k:05d}-of-00004.npz" for k in range(4)]]
+    shards = [f"shard-{k:05d}-of-00004.{ext}" for k in range(4) for ext in ("json", "npz")]
+    assert sorted(a) == ["dataset.json", "samples_40x32x32x3.npz", *shards]
     assert a == b
     with np.load(one.samples) as z:  # the ADM layout, as its evaluator reads it
         images, labels = z["arr_0"], z["arr_1"]
@@ -105,3 +107,35 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
     )
     straight = generate_dataset(job, tmp_path / "straight", progress=False)
     assert _files(out) == _files(straight.out)
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_or_a_shard_of_another_job_is_regenerated_and_the_merge_equals_a_clean_run(tmp_path, caplog):
+    job = DatasetJob(bundle=str(BUNDLE), num_images=12, seed=5, shard_size=5, settings=SETTINGS, batch=4)
+    clean = generate_dataset(job, tmp_path / "clean", progress=False)
+    other = generate_dataset(dataclasses.replace(job, seed=500), tmp_path / "other", merge=False, progress=False)
+    out = tmp_path / "job"
+    generate_dataset(job, out, merge=False, progress=False)
+    shard = out / "shard-00001-of-00003.npz"
+    with np.load(shard) as z:  # a byte inside image 2's pixels (the arr_0 member, past its .npy header)
+        assert z["arr_0"].shape == (5, 32, 32, 3)
+    _flip(shard, len(shard.read_bytes()) // 3)
+    (out / "shard-00002-of-00003.npz").write_bytes((other.out / "shard-00002-of-00003.npz").read_bytes())
+    for name in ("shard-00000-of-00003.npz", "shard-00000-of-00003.json"):  # another job's shard with its record
+        (out / name).write_bytes((other.out / name).read_bytes())
+    caplog.set_level("WARNING", logger="far_sdk.scale.dataset")
+    r = generate_dataset(job, out, progress=False)
+    why = dict(r.regenerated)
+    assert r.generated == (0, 1, 2) and r.skipped == () and sorted(why) == [0, 1, 2]
+    assert "written by another job" in why[0] and "sha256 differs" in why[1] and "sha256 differs" in why[2]
+    assert sum("is generated again" in m for m in caplog.messages) == 3
+    assert r.samples.read_bytes() == clean.samples.read_bytes()
+    assert _files(out) == _files(clean.out)
+    # and a run over the clean result keeps everything
+    again = generate_dataset(job, out, progress=False)
+    assert again.generated == () and again.skipped == (0, 1, 2) and again.regenerated == ()

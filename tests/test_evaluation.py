@@ -179,3 +179,22 @@ def test_missing_or_wrong_weights_fail_with_a_typed_error_naming_the_file(tmp_pa
     torch.save(torch.nn.Linear(3, 2).state_dict(), other)
     with pytest.raises(InceptionWeightsError, match="no InceptionV3 state dict"):
         load_inception(other)
+
+
+def test_the_weights_file_is_read_once_and_only_by_the_safe_loader(random_inception, monkeypatch):
+    """torch-fidelity's own loader calls torch.load(weights_only=False): it must never see the file (a file swapped
+    after the safe check would run its code there)."""
+    calls = []
+    real = torch.load
+
+    def spy(f, *a, **k):
+        calls.append(k.get("weights_only"))
+        return real(f, *a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    net = load_inception(random_inception)
+    assert calls == [True]
+    want = torch.load(random_inception, weights_only=True)  # the weights in the network are the file's
+    got = net.state_dict()
+    for k in ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.conv.weight", "fc.weight"):
+        assert torch.equal(got[k], want[k]), k

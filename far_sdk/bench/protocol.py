@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from far_sdk.bench.conditions import bench_condition, check_bench_bundle
 from far_sdk.bench.environment import cuda_torch, machine_info, matmul_peak, maxrss_mb, rss_now_mb, versions
 from far_sdk.bench.flops import generation_flops
 from far_sdk.bench.results import (
@@ -61,9 +62,9 @@ from far_sdk.bench.results import (
     summarize_iterations,
 )
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.errors import InvalidArgumentError
+from far_sdk.errors import InvalidArgumentError, check_range
 from far_sdk.maths.schedules import SamplingPlan
-from far_sdk.options import SamplingOptions, plan_options, resolve_plan
+from far_sdk.options import SamplingOptions, plan_options, resolve_plan, resolve_text_plan
 from far_sdk.pipeline import STAGES, Generator
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,10 @@ EAGER_OFFICIAL, EAGER_EQUAL = "eager@100", "eager@equal"
 
 def analytic_flops(
     manifest: dict[str, Any], plan: SamplingPlan, batch: int, *, eager: bool = False
-) -> dict[str, float]:
+) -> dict[str, float] | None:
     """FLOPs per image by stage (:func:`far_sdk.bench.flops.generation_flops` on the manifest's configs)."""
+    if manifest.get("conditioning") == "text":  # FAR-T2I's cross-attention transformer is not counted there
+        return None
     return generation_flops(manifest["model"], manifest["vae"], plan, batch, eager=eager)
 
 
@@ -97,7 +100,8 @@ class Setting:
 
 def bench_plan(bundle: Bundle, options: SamplingOptions | None = None, *, preset: str | None = None) -> SamplingPlan:
     """The plan ``Generator.generate(preset=preset, options=options)`` resolves for this bundle."""
-    return resolve_plan(bundle.defaults, options, preset_name=preset)
+    resolve = resolve_text_plan if bundle.conditioning == "text" else resolve_plan  # as Generator.plan resolves
+    return resolve(bundle.defaults, options, preset_name=preset)
 
 
 def _setting(bundle: Bundle, label: str | None, preset: str | None, options: SamplingOptions | None) -> Setting:
@@ -153,6 +157,7 @@ def bench_backend(
     backend_options: dict[str, Any] | None = None,
     options: SamplingOptions | None = None,
     preset: str | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Time one backend at one batch size (raw fields of a :class:`RowResult`): ``generate(preset=preset,
     options=options)``, which must resolve to ``plan`` (``options`` None: far_sdk.options.plan_options(plan))."""
@@ -165,11 +170,11 @@ def bench_backend(
     t0 = time.perf_counter()
     gen = Generator(bundle_path, backend=backend, **(backend_options or {}))
     load_s = time.perf_counter() - t0
-    labels = [i % gen.bundle.num_classes for i in range(batch)]
+    cond = bench_condition(gen.bundle, batch, prompts)  # class ids 0, 1, ... or a text bundle's prompts
 
     def run() -> dict[str, float]:
         t0 = time.perf_counter()
-        out = gen.generate(labels, seed=seed, preset=preset, options=options, output_type="np")
+        out = gen.generate(**cond, seed=seed, preset=preset, options=options, output_type="np")
         total = time.perf_counter() - t0
         assert out.plan == plan, f"bench_plan drifted from Generator.plan: {out.plan} != {plan}"
         return {**{k: out.timings[k] for k in STAGES}, "total": total, "pipeline_total": out.timings["total"]}
@@ -182,7 +187,7 @@ def bench_backend(
         memory = _memory(rss0, now0, cuda_torch(device) if desc["backend"] in ("torch", "torch-eager") else None)
     finally:
         gen.close()
-    row = dict(
+    return dict(
         name=f"{desc['backend']}/{device}",
         kind="backend",
         baseline=None,
@@ -196,7 +201,6 @@ def bench_backend(
         iterations=its,
         memory=memory,
     )
-    return row
 
 
 def _memory(rss0: float, now0: float | None, cuda_torch) -> dict[str, float | None]:
@@ -228,30 +232,25 @@ def run_benchmark(
     command: str = "",
     settings: Sequence[tuple[str, str | None, SamplingOptions | None]] = (),
     backend_options: dict[str, Any] | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> BenchResult:
     """Benchmark ``backends`` x ``batches`` (and the eager baseline); see the module docstring.
 
     ``options``: the sampling options of every row (None: the bundle's defaults). ``settings``: (label,
     preset, options) triples benchmarked one after the other in this run, ``options`` (given fields)
     overriding each setting's. ``backend_options`` go to every backend (e.g. precision, compile, cuda_graphs
-    for the torch backend).
+    for the torch backend). ``prompts``: a text bundle's (None: far_sdk.bench.conditions.DEFAULT_PROMPTS).
     """
     if baseline not in BASELINES:
         raise InvalidArgumentError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    if (
-        isinstance(iters, bool)
-        or not isinstance(iters, int)
-        or iters < 1
-        or isinstance(warmup, bool)
-        or not isinstance(warmup, int)
-        or warmup < 0
-    ):
-        raise InvalidArgumentError(f"need iters >= 1 and warmup >= 0, got iters={iters!r}, warmup={warmup!r}")
+    check_range("iters", iters, 1, None, integer=True)
+    check_range("warmup", warmup, 0, None, integer=True)
     if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
         raise InvalidArgumentError(f"batch sizes must be positive integers, got {list(batches)!r}")
     if not backends and baseline == "none":
         raise InvalidArgumentError("nothing to benchmark: pass at least one backend or a baseline")
     bundle = Bundle.load(bundle_path)
+    check_bench_bundle(bundle, prompts, backends, baseline)  # prompts only for a text bundle, no eager rows there
     given = options or SamplingOptions()
     labels = [label for label, _, _ in settings]
     if len(set(labels)) != len(labels):
@@ -283,13 +282,13 @@ def run_benchmark(
                     backend_options=opts,
                     options=st.options,
                     preset=st.preset,
+                    prompts=prompts,
                 )
                 rows.append(_finish_row(raw, plan=st.plan, eager=name == "torch-eager", **finish))
                 rows[-1].setting = st.label
     if baseline == "eager-torch":
-        rows += _eager_rows(
-            bundle, plans, batches, warmup=warmup, iters=iters, seed=seed, threads=threads, device=device, finish=finish
-        )
+        eager = dict(warmup=warmup, iters=iters, seed=seed, threads=threads, device=device, prompts=prompts)
+        rows += _eager_rows(bundle, plans, batches, finish=finish, **eager)
         _speedups(rows)
     if len(plans) > 1:
         _setting_speedups(rows, plans[0].label)
@@ -324,7 +323,7 @@ def _plan_dict(plan: SamplingPlan) -> dict[str, Any]:
     return {**plan.to_dict(), "num_steps": plan.num_steps, "inner_steps_total": sum(plan.inner_steps)}
 
 
-def _eager_rows(bundle, plans, batches, *, warmup, iters, seed, threads, device, finish) -> list[RowResult]:
+def _eager_rows(bundle, plans, batches, *, warmup, iters, seed, threads, device, finish, prompts) -> list[RowResult]:
     """eager@100 (official inner steps, DDPM) and eager@equal (each benchmarked plan; skipped when identical)
     per batch: the ``torch-eager`` backend (the official per-step work) through :func:`bench_backend`."""
     # the backends' device names ("tensorrt" is an onnxruntime EP) -> the same hardware for torch ("auto": CUDA if any)
@@ -354,6 +353,7 @@ def _eager_rows(bundle, plans, batches, *, warmup, iters, seed, threads, device,
                 backend_options=opts,
                 options=st.options,
                 preset=st.preset,
+                prompts=prompts,
             )
             raw.update(name=f"eager-torch@{label.split('@')[1]}/{raw['device']}", kind="baseline", baseline=label)
             rows.append(_finish_row(raw, plan=st.plan, eager=True, **finish))

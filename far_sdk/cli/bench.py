@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from far_sdk.bench.protocol import BASELINES, EAGER_EQUAL, EAGER_OFFICIAL, BenchResult, run_benchmark
+from far_sdk.bundle.bundle import Bundle
 from far_sdk.cli.run import check_writable_file
 from far_sdk.cli.sampling import add_sampling_args, options_from_args
+from far_sdk.errors import InvalidArgumentError
 from far_sdk.fileio import atomic_write_bytes
 
 
@@ -40,6 +42,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated: onnxruntime,torch,tensorrt,torch-eager (default: onnxruntime)",
     )
     p.add_argument("--batch", type=_csv(int), default=[1], help="comma-separated batch sizes (default: 1)")
+    p.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        default=None,
+        help="text (FAR-T2I) bundles: a prompt, repeatable; image i of a batch gets prompt i mod the count "
+        "(default: four digit prompts)",
+    )
     add_sampling_args(p, presets="list")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
@@ -83,6 +93,10 @@ def run_bench(a: argparse.Namespace) -> int:
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     if a.json:
         check_writable_file(a.json, "--json", suffixes=(".json",))  # before any timing work
+    if a.prompts and Bundle.load(a.bundle, verify=False).conditioning != "text":
+        raise InvalidArgumentError(
+            f"--prompt is for text-conditioned (FAR-T2I) bundles; {a.bundle} is class-conditional"
+        )
     opts: dict[str, Any] = {}
     if a.precision is not None:
         opts["precision"] = a.precision
@@ -105,6 +119,7 @@ def run_bench(a: argparse.Namespace) -> int:
         command=command,
         settings=[(n, n, None) for n in a.preset],
         backend_options=opts,
+        prompts=a.prompts,
     )
     print(format_report(res))
     if a.json:
@@ -237,5 +252,5 @@ def format_report(res: BenchResult) -> str:
             f"MLP {flops['diffusion_mlp'] / 1e9:.2f}, VAE {flops['vae_decode'] / 1e9:.2f})"
         )
     elif res.rows and all(r.flops_per_image is None for r in res.rows):
-        lines.append("FLOPs/image: n/a (training / torch not importable)")
+        lines.append("FLOPs/image: n/a (no analytic count for this model)")
     return "\n".join(lines)

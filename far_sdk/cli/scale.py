@@ -11,11 +11,13 @@ import signal
 import threading
 from pathlib import Path
 
+from far_sdk.bundle.bundle import Bundle
 from far_sdk.cli.run import check_writable_dir, check_writable_file, non_negative_int, positive_int
 from far_sdk.cli.sampling import add_sampling_args, options_from_args
 from far_sdk.errors import InvalidArgumentError
 from far_sdk.fileio import atomic_write_json
 from far_sdk.scale import serve
+from far_sdk.scale.captions import read_captions
 from far_sdk.scale.dataset import DatasetJob, generate_dataset
 from far_sdk.scale.evaluation import evaluate
 
@@ -140,7 +142,14 @@ def add_dataset(p: argparse.ArgumentParser) -> None:
         type=non_negative_int,
         action="append",
         default=None,
-        help="restrict to these class ids (repeat); default: every class, balanced",
+        help="restrict to these class ids (repeat); default: every class, balanced (class bundles)",
+    )
+    p.add_argument(
+        "--captions",
+        default=None,
+        metavar="FILE",
+        help="text bundles: the captions, one per line (UTF-8), or a .json list of strings; image i gets caption "
+        "(i * M) // N of the M captions (M <= -n), recorded with the images",
     )
     p.add_argument("--shard-size", type=positive_int, default=1000, help="images per .npz shard")
     p.add_argument("--batch", type=positive_int, default=16, help="images per generate call (speed only)")
@@ -152,14 +161,16 @@ def add_dataset(p: argparse.ArgumentParser) -> None:
 
 
 def run_dataset(a: argparse.Namespace) -> int:
-
     check_writable_dir(a.out, "--out")
+    bundle = Bundle.load(a.bundle, verify=False)
+    captions = _dataset_conditioning(a, bundle)
     job = DatasetJob(
         bundle=str(Path(a.bundle).resolve()),
         num_images=a.num_images,
         seed=a.seed,
         shard_size=a.shard_size,
         classes=tuple(a.classes) if a.classes else None,
+        captions=captions,
         settings=_sampling(a),
         batch=a.batch,
         backend=a.backend,
@@ -168,11 +179,47 @@ def run_dataset(a: argparse.Namespace) -> int:
     r = generate_dataset(
         job, a.out, workers=a.workers, address=a.address, merge=not a.no_merge, progress=not a.no_progress
     )
+    again = f" ({len(r.regenerated)} of them failed verification: regenerated)" if r.regenerated else ""
     print(
         f"far generate-dataset: {job.num_images} images in {job.num_shards} shard(s) under {r.out}: "
-        f"{len(r.generated)} generated, {len(r.skipped)} already done" + (f"; merged {r.samples}" if r.samples else "")
+        f"{len(r.generated)} generated{again}, {len(r.skipped)} already done"
+        + (f"; merged {r.samples}" if r.samples else "")
     )
     return 0
+
+
+def _dataset_conditioning(a: argparse.Namespace, bundle: Bundle) -> tuple[str, ...] | None:
+    """--class / --captions against the bundle's conditioning, in flag words; the captions read from their file."""
+    if bundle.conditioning == "text":
+        if a.classes:
+            raise InvalidArgumentError(
+                f"--class is for class-conditional bundles; {bundle.name!r} is text-conditioned (FAR-T2I): "
+                "pass --captions FILE"
+            )
+        if a.captions is None:
+            raise InvalidArgumentError(
+                f"--bundle {bundle.name!r} is text-conditioned (FAR-T2I): pass --captions FILE (one caption per line, "
+                "or a .json list of strings)"
+            )
+        captions = read_captions(a.captions)
+        if len(captions) > a.num_images:
+            raise InvalidArgumentError(
+                f"--captions {a.captions} holds {len(captions)} captions but -n is {a.num_images}: every caption needs "
+                f"an image (use -n {len(captions)} or more, or fewer captions)"
+            )
+        return captions
+    if a.captions is not None:
+        raise InvalidArgumentError(
+            f"--captions is for text-conditioned (FAR-T2I) bundles; {bundle.name!r} is class-conditional: leave it "
+            "out (every class, balanced) or pick classes with --class"
+        )
+    n = bundle.num_classes
+    for c in a.classes or ():
+        if c >= n:
+            raise InvalidArgumentError(f"--class {c} is outside 0..{n - 1} (bundle {bundle.name!r} has {n} classes)")
+        if a.classes.count(c) > 1:
+            raise InvalidArgumentError(f"--class {c} is given twice; give each class once (images are balanced)")
+    return None
 
 
 # ---- far eval --------------------------------------------------------------------------------------

@@ -1,72 +1,101 @@
 """``far generate-dataset``: N images as ADM-format ``.npz`` shards, in one process or over Ray workers.
 
-Image i always has seed ``seed + i`` and label ``classes[(i * C) // N]`` (class-balanced, in blocks, as
-the paper's 50k evaluation orders them; exactly N / C per class when C divides N), whatever the shard
-size, the worker count or the batch size, so every way of running a job writes the same bytes.
+Image i always has seed ``seed + i`` and, from a class bundle, label ``classes[(i * C) // N]`` (class-balanced, in
+blocks, as the paper's 50k evaluation orders them; exactly N / C per class when C divides N); from a text bundle,
+caption ``captions[(i * M) // N]`` (M <= N captions, each given N / M consecutive images), whatever the shard size,
+the worker count or the batch size, so every way of running a job writes the same bytes.
 
-Layout of ``--out DIR``: ``dataset.json`` (the job, checked on every rerun), ``shard-KKKKK-of-SSSSS.npz``
-(images [start, stop) of shard K) and, once all shards exist, ``samples_NxHxWx3.npz``: the whole set as
-ADM's ``sample.py`` writes it and its ``evaluator.py`` reads it (``arr_0`` uint8 [N, H, W, 3], ``arr_1`` int64
-labels [N]). Every file is written atomically (temporary file + rename) with fixed zip timestamps, so a
-shard exists complete or not at all, a rerun skips finished shards, and the same job gives the same bytes.
+Layout of ``--out DIR``: ``dataset.json`` (the job, checked on every rerun; a text job lists its captions there),
+``shard-KKKKK-of-SSSSS.npz`` (images [start, stop) of shard K) with its integrity record
+``shard-KKKKK-of-SSSSS.json`` (:mod:`far_sdk.scale.shards`) and, once all shards exist, ``samples_NxHxWx3.npz``: the
+whole set as ADM's ``sample.py`` writes it and its ``evaluator.py`` reads it (``arr_0`` uint8 [N, H, W, 3], ``arr_1``
+int64 [N]: labels, or caption indices plus ``captions`` for a text job). Every file is written atomically with fixed
+zip timestamps; a rerun keeps a shard only if its record names this job and its sha256 still matches (any other is
+generated again, and said so), and the merge checks each sha256 again. One run at a time holds ``--out``.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
-import zipfile
+import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.errors import BackendUnavailableError, DataError, InvalidArgumentError
-from far_sdk.fileio import atomic_write_json, atomic_writer
-from far_sdk.options import FIELDS
+from far_sdk.errors import BackendUnavailableError, InvalidArgumentError, check_range
+from far_sdk.maths.masking import check_mode
+from far_sdk.options import FIELDS, SamplingOptions, preset, resolve_plan, resolve_text_plan
 from far_sdk.pipeline import Generator
+from far_sdk.scale.captions import check_captions
+from far_sdk.scale.dataset_dir import check_contents, clear_temporaries, exclusive, sync_job_file
+from far_sdk.scale.npzfile import stream_array, write_array
+from far_sdk.scale.shards import canonical_sha256, merge, shard_path, verify_shard, write_shard
 
 log = logging.getLogger(__name__)
 
-JOB_FILE = "dataset.json"
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: np.savez stamps "now", which breaks byte equality
+FORMAT = "far-dataset-v2"  # v2: per-shard integrity records; text jobs
 #: Generator.generate keywords a job may set (None: the bundle's default)
 SETTING_KEYS = ("preset", *FIELDS)
+MAX_IMAGES = 1 << 40  # past any disk; keeps i * C (C <= 10^6 classes) inside int64
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
 class DatasetJob:
     """What to generate. ``settings`` are ``Generator.generate`` keywords; ``batch`` (images per
-    generate call) and the worker count change only the speed, never an image."""
+    generate call) and the worker count change only the speed, never an image. ``classes`` (class bundles; None:
+    every class) or ``captions`` (text bundles, at most ``num_images``)."""
 
     bundle: str
     num_images: int
     seed: int = 0
     shard_size: int = 1000
-    classes: tuple[int, ...] | None = None  # None: every class of the bundle
+    classes: tuple[int, ...] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     batch: int = 16
     backend: str = "onnxruntime"
     backend_options: dict[str, Any] = field(default_factory=lambda: {"threads": 1})
+    captions: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_images", "shard_size", "batch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InvalidArgumentError(f"{name} must be a positive integer, got {v!r}")
-        if (
-            isinstance(self.seed, bool)
-            or not isinstance(self.seed, int)
-            or not 0 <= self.seed < 2**63 - self.num_images
-        ):
-            raise InvalidArgumentError(f"seed must be an integer in 0..2**63 - num_images, got {self.seed!r}")
-        unknown = sorted(set(self.settings) - set(SETTING_KEYS))
+            object.__setattr__(self, name, int(check_range(name, getattr(self, name), 1, None, integer=True)))
+        if self.num_images > MAX_IMAGES:
+            raise InvalidArgumentError(f"the number of images (-n) must be at most 2**40, got {self.num_images}")
+        check_range(
+            "seed (--seed; image i uses seed + i < 2**63)", self.seed, 0, 2**63 - 1 - self.num_images, integer=True
+        )
+        if not isinstance(self.settings, dict):
+            raise InvalidArgumentError(f"settings must be a dict of generate() keywords, got {self.settings!r}")
+        unknown = sorted(map(str, set(self.settings) - set(SETTING_KEYS)))
         if unknown:
             raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(SETTING_KEYS)}")
+        if self.settings.get("preset") is not None:
+            preset(self.settings["preset"])
+        SamplingOptions(**{k: v for k, v in self.settings.items() if k != "preset" and v is not None})
+        if self.classes is not None:
+            if isinstance(self.classes, (str, bytes)) or not isinstance(self.classes, Iterable):
+                raise InvalidArgumentError(f"classes must be a list of class ids, got {self.classes!r}")
+            ids = tuple(int(check_range("each class id", c, 0, None, integer=True)) for c in self.classes)
+            twice = sorted({c for c in ids if ids.count(c) > 1})
+            if not ids or twice:
+                raise InvalidArgumentError(f"classes must be distinct class ids, got {list(self.classes)}")
+            object.__setattr__(self, "classes", ids)
+        if self.captions is not None:
+            object.__setattr__(self, "captions", check_captions(self.captions))
+            if self.classes is not None:
+                raise InvalidArgumentError("give classes (a class bundle) or captions (a text bundle), not both")
+            if len(self.captions) > self.num_images:
+                raise InvalidArgumentError(
+                    f"{len(self.captions)} captions for {self.num_images} images: every caption needs an image "
+                    "(generate at least as many images as captions)"
+                )
 
     @property
     def num_shards(self) -> int:
@@ -75,161 +104,205 @@ class DatasetJob:
     def shard_range(self, k: int) -> tuple[int, int]:
         return k * self.shard_size, min((k + 1) * self.shard_size, self.num_images)
 
-    def identity(self, manifest_sha256: str, num_classes: int) -> dict[str, Any]:
-        """What makes two runs the same job (written to dataset.json; batch and backend options excluded)."""
-        d = asdict(self)
-        for k in ("bundle", "batch", "backend_options"):
-            d.pop(k)
-        d["classes"] = list(self.classes) if self.classes is not None else list(range(num_classes))
-        d["settings"] = {
-            k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(self.settings.items()) if v is not None
+    def identity(self, bundle: Bundle) -> dict[str, Any]:
+        """What makes two runs the same job (``dataset.json``; batch and backend options excluded)."""
+        d = {
+            "format": FORMAT,
+            "bundle_manifest_sha256": bundle.manifest["manifest_sha256"],
+            "num_images": self.num_images,
+            "seed": self.seed,
+            "shard_size": self.shard_size,
+            "settings": {
+                k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(self.settings.items()) if v is not None
+            },
+            "backend": self.backend,
         }
-        return {"format": "far-dataset-v1", "bundle_manifest_sha256": manifest_sha256, **d}
+        if bundle.conditioning == "text":
+            return {**d, "captions": list(self.captions or ())}
+        return {**d, "classes": list(self.classes) if self.classes is not None else list(range(bundle.num_classes))}
 
 
-def balanced_labels(num_images: int, classes: Iterable[int]) -> np.ndarray:
-    """int64 [num_images]: image i gets ``classes[(i * C) // num_images]`` (blocks of N / C per class)."""
+def balanced_labels(num_images: int, classes: Iterable[int], start: int = 0, stop: int | None = None) -> np.ndarray:
+    """int64 [stop - start]: image i (start <= i < stop) gets ``classes[(i * C) // num_images]`` (blocks of N / C)."""
     cls = np.asarray(list(classes), dtype=np.int64)
-    i = np.arange(num_images, dtype=np.int64)
+    i = np.arange(start, num_images if stop is None else stop, dtype=np.int64)
     return cls[(i * len(cls)) // num_images]
 
 
-def shard_path(out: Path, k: int, n: int) -> Path:
-    return out / f"shard-{k:05d}-of-{n:05d}.npz"
+@dataclass(frozen=True)
+class ShardLayout:
+    """What every shard of one job holds, and how image i is conditioned (shared by the workers)."""
+
+    job: DatasetJob
+    job_sha256: str
+    image_size: int
+    classes: tuple[int, ...] | None  # class jobs: arr_1 = labels
+    captions: tuple[str, ...] | None  # text jobs: arr_1 = caption index, plus "captions"
+
+    @property
+    def caption_dtype(self) -> np.dtype:
+        return np.dtype(f"<U{max([1, *map(len, self.captions or ())])}")
+
+    def arrays(self, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """{name: (shape, dtype)} of a shard (or the merged file) of ``n`` images."""
+        s = self.image_size
+        out = {"arr_0": ((n, s, s, 3), np.dtype(np.uint8)), "arr_1": ((n,), np.dtype(np.int64))}
+        return {**out, "captions": ((n,), self.caption_dtype)} if self.captions is not None else out
+
+    def arr_1(self, a: int, b: int) -> np.ndarray:
+        values = self.classes if self.captions is None else range(len(self.captions))
+        return balanced_labels(self.job.num_images, values, a, b)
+
+    def condition(self, arr_1: np.ndarray) -> dict[str, Any]:
+        if self.captions is None:
+            return {"class_labels": arr_1.tolist()}
+        return {"prompt": [self.captions[j] for j in arr_1]}
 
 
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` layout (stored, no compression) written atomically with fixed member timestamps."""
-    with atomic_writer(path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, a in arrays.items():
-            with zf.open(_member(name), "w", force_zip64=True) as w:
-                np.lib.format.write_array(w, np.ascontiguousarray(a), allow_pickle=False)
-
-
-def _member(name: str) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
-    info.external_attr = 0o644 << 16
-    return info
-
-
-def npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{array name: (shape, dtype)} from the .npy headers only (no data read). Raises DataError."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            out = {}
-            for info in zf.infolist():
-                with zf.open(info) as f:
-                    fmt = np.lib.format
-                    read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-                    shape, _, dtype = read(f)
-                    out[info.filename.removesuffix(".npy")] = (tuple(shape), dtype)
-            return out
-    except (OSError, zipfile.BadZipFile, ValueError) as e:
-        raise DataError(f"{path} is not a readable .npz file ({e})") from e
-
-
-def _shard_ok(path: Path, n: int) -> bool:
-    try:
-        s = npz_shapes(path)
-    except DataError:
-        return False
-    return (
-        s.get("arr_0", ((), None))[0][:1] == (n,)
-        and s["arr_0"][1] == np.uint8
-        and s.get("arr_1", ((), None))[0] == (n,)
-    )
-
-
-def generate_shard(
-    gen, job: DatasetJob, k: int, out: Path, labels: np.ndarray, on_images: Callable[[int], None] | None = None
-) -> int:
-    """Generate shard ``k`` (images start..stop-1, seeds seed + start ..) and write it atomically."""
+def generate_shard(gen, layout: ShardLayout, k: int, out: Path, on_images: Callable[[int], None] | None = None):
+    """Generate shard ``k`` (images a..b-1, seeds seed + a ..), streamed into its file, which is renamed into place
+    after its record is written. Returns the record."""
+    job = layout.job
     a, b = job.shard_range(k)
-    parts = []
-    for i in range(a, b, job.batch):
-        j = min(i + job.batch, b)
-        settings = {key: v for key, v in job.settings.items() if v is not None}
-        parts.append(gen.generate(labels[i:j].tolist(), seed=job.seed + i, output_type="np", **settings).images)
-        if on_images is not None:
-            on_images(j - i)
-    write_npz(shard_path(out, k, job.num_shards), {"arr_0": np.concatenate(parts), "arr_1": labels[a:b]})
-    return b - a
+    arr_1 = layout.arr_1(a, b)
+    settings = {key: v for key, v in job.settings.items() if v is not None}
+
+    def fill(zf) -> None:
+        shape, dtype = layout.arrays(b - a)["arr_0"]
+        with stream_array(zf, "arr_0", dtype, shape) as put:
+            for i in range(a, b, job.batch):
+                j = min(i + job.batch, b)
+                cond = layout.condition(arr_1[i - a : j - a])
+                put(gen.generate(**cond, seed=job.seed + i, output_type="np", **settings).images)
+                if on_images is not None:
+                    on_images(j - i)
+        write_array(zf, "arr_1", arr_1)
+        if layout.captions is not None:
+            write_array(zf, "captions", np.array([layout.captions[j] for j in arr_1], dtype=layout.caption_dtype))
+
+    record = {"job_sha256": layout.job_sha256, "shard": k, "num_shards": job.num_shards, "images": [a, b]}
+    return write_shard(shard_path(out, k, job.num_shards), record, fill)
 
 
 class ShardWorker:
-    """One Generator generating whole shards (a Ray actor in :func:`run_ray`; used directly in-process)."""
+    """One Generator generating whole shards (a Ray actor in :func:`_run_ray`; used directly in-process)."""
 
-    def __init__(self, job: DatasetJob, out: str, labels: np.ndarray):
-
-        self.job, self.out, self.labels = job, Path(out), labels
+    def __init__(self, layout: ShardLayout, out: str):
+        self.layout, self.out = layout, Path(out)
+        job = layout.job
         self.gen = Generator(job.bundle, backend=job.backend, **job.backend_options)
 
-    def shard(self, k: int, on_images: Callable[[int], None] | None = None) -> int:
-        return generate_shard(self.gen, self.job, k, self.out, self.labels, on_images)
+    def shard(self, k: int, on_images: Callable[[int], None] | None = None) -> dict[str, Any]:
+        return generate_shard(self.gen, self.layout, k, self.out, on_images)
 
 
 @dataclass(frozen=True)
 class DatasetResult:
     out: Path
     generated: tuple[int, ...]  # shards written by this run
-    skipped: tuple[int, ...]  # shards a previous run had finished
+    skipped: tuple[int, ...]  # shards a previous run had finished (verified)
     samples: Path | None  # the merged ADM file (None with merge=False)
+    regenerated: tuple[tuple[int, str], ...] = ()  # (shard, why) of shards found on disk that failed verification
 
 
-def prepare(job: DatasetJob, out: Path) -> tuple[np.ndarray, list[int], list[int]]:
-    """Check or write ``dataset.json``, clear stale temporaries, and split shards into pending and done."""
+@dataclass
+class _Prepared:
+    layout: ShardLayout
+    records: dict[int, dict[str, Any]]  # verified shards
+    pending: list[int]
+    regenerated: list[tuple[int, str]]
 
+
+def check_bundle(job: DatasetJob, bundle: Bundle) -> ShardLayout:
+    """The job against its bundle (conditioning, class ids, sampling settings): every fault before any image."""
+    text = bundle.conditioning == "text"
+    if text and job.classes is not None:
+        raise InvalidArgumentError(f"bundle {bundle.name!r} is text-conditioned (FAR-T2I): give captions, not classes")
+    if text and job.captions is None:
+        raise InvalidArgumentError(
+            f"bundle {bundle.name!r} is text-conditioned (FAR-T2I): give captions (one per image or fewer)"
+        )
+    if not text and job.captions is not None:
+        raise InvalidArgumentError(f"bundle {bundle.name!r} is class-conditional: captions need a text bundle")
+    if text and not (bundle.text or {}).get("encoder"):
+        raise InvalidArgumentError(
+            f"bundle {bundle.name!r} carries no text encoder, so captions cannot be encoded; export it with "
+            "far-export onnx --text-encoder"
+        )
+    classes = None
+    if not text:
+        n = bundle.num_classes
+        classes = job.classes if job.classes is not None else tuple(range(n))
+        bad = [c for c in classes if c >= n]
+        if bad:
+            raise InvalidArgumentError(f"class {bad[0]} is outside 0..{n - 1} (bundle {bundle.name!r} has {n} classes)")
+    given = SamplingOptions(**{k: v for k, v in job.settings.items() if k != "preset" and v is not None})
+    plan = (resolve_text_plan if text else resolve_plan)(bundle.defaults, given, preset_name=job.settings.get("preset"))
+    check_mode(plan.mode, bundle.sampling_modes, f"bundle {bundle.name!r}")
+    sha = canonical_sha256(job.identity(bundle))
+    return ShardLayout(job, sha, int(bundle.manifest["image_size"]), classes, job.captions)
+
+
+def prepare(job: DatasetJob, out: Path, *, merge: bool = True) -> _Prepared:
+    """Check the job, check or write ``dataset.json``, clear stale temporaries, verify the shards on disk."""
     bundle = Bundle.load(job.bundle, verify=False)
-    classes = job.classes if job.classes is not None else tuple(range(bundle.num_classes))
-    for c in classes:
-        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < bundle.num_classes:
-            raise InvalidArgumentError(f"class {c!r} is outside 0..{bundle.num_classes - 1}")
-    ident = job.identity(bundle.manifest["manifest_sha256"], bundle.num_classes)
-    out.mkdir(parents=True, exist_ok=True)
-    jf = out / JOB_FILE
-    if jf.exists():
-        try:
-            old = json.loads(jf.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{jf} is unreadable ({e}); remove it or use a new --out") from e
-        diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-        if diff:
-            raise InvalidArgumentError(
-                f"{out} holds shards of another job ({', '.join(diff)} differ: "
-                f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use a new --out or remove {out}"
-            )
-    else:
-        atomic_write_json(jf, ident)
-    for tmp in out.glob(".shard-*.npz.*.tmp"):  # left by a killed run: atomic_writer never renamed them
-        tmp.unlink(missing_ok=True)
-    done, pending = [], []
+    layout = check_bundle(job, bundle)
+    check_contents(out)
+    sync_job_file(out, job.identity(bundle))
+    clear_temporaries(out)
+    records, pending, regenerated = {}, [], []
+    present = set(os.listdir(out))  # one listing, not one stat per shard (a million shards stay quick)
     for k in range(job.num_shards):
         a, b = job.shard_range(k)
-        p = shard_path(out, k, job.num_shards)
-        if p.exists() and _shard_ok(p, b - a):
-            done.append(k)
-        else:
-            if p.exists():
-                log.warning("%s is not a valid shard of this job: generating it again", p)
+        path = shard_path(out, k, job.num_shards)
+        if path.name not in present:
             pending.append(k)
-    return balanced_labels(job.num_images, classes), done, pending
+            continue
+        try:
+            rec = verify_shard(
+                path, job_sha256=layout.job_sha256, k=k, num_shards=job.num_shards, arrays=layout.arrays(b - a)
+            )
+        except FileNotFoundError:
+            pending.append(k)
+            continue
+        if isinstance(rec, dict):
+            records[k] = rec
+        else:
+            log.warning("%s is generated again: %s", path.name, rec)
+            regenerated.append((k, rec))
+            pending.append(k)
+    _check_space(out, layout, pending, merge)
+    return _Prepared(layout, records, pending, regenerated)
 
 
-def merge_shards(job: DatasetJob, out: Path) -> Path:
-    """Write ``samples_NxHxWx3.npz`` (ADM's name and layout) from the shards, one shard in memory at a time."""
-    shards = [shard_path(out, k, job.num_shards) for k in range(job.num_shards)]
-    shape0, _ = npz_shapes(shards[0])["arr_0"]
-    shape = (job.num_images, *shape0[1:])
-    dest = out / f"samples_{'x'.join(map(str, shape))}.npz"
-    with atomic_writer(dest) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, dtype, full in (("arr_0", np.uint8, shape), ("arr_1", np.int64, (job.num_images,))):
-            with zf.open(_member(name), "w", force_zip64=True) as w:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": full}
-                np.lib.format.write_array_header_1_0(w, header)  # what np.save writes for these headers
-                for p in shards:
-                    with np.load(p, allow_pickle=False) as z:
-                        w.write(np.ascontiguousarray(z[name], dtype=dtype).tobytes())
-    return dest
+def _merged_name(layout: ShardLayout) -> str:
+    shape = layout.arrays(layout.job.num_images)["arr_0"][0]
+    return f"samples_{'x'.join(map(str, shape))}.npz"
+
+
+def _check_space(out: Path, layout: ShardLayout, pending: list[int], merge: bool) -> None:
+    """Refuse a job the free space cannot hold (the pending shards, plus the merged file) before any work."""
+    job = layout.job
+    per_image = sum(int(np.prod(s[1:], dtype=np.int64)) * d.itemsize for s, d in layout.arrays(1).values())
+    images = sum(job.shard_range(k)[1] - job.shard_range(k)[0] for k in pending) + (job.num_images if merge else 0)
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        return
+    if images * per_image > free:
+        raise InvalidArgumentError(
+            f"{out} has {_size(free)} free but this job needs {_size(images * per_image)} more "
+            f"({len(pending)} shard(s){' and the merged file' if merge else ''}); free space, lower -n"
+            + (", or pass --no-merge" if merge else "")
+        )
+
+
+def _size(n: float) -> str:
+    """Bytes for people: 37 kB, 1.2 GB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.0f} kB"
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -249,26 +322,49 @@ def generate_dataset(
     merge: bool = True,
     progress: bool = True,
 ) -> DatasetResult:
-    """Generate the job's missing shards (``workers`` 0: in this process; N: N Ray actors) and merge."""
+    """Generate the job's missing (or failed) shards (``workers`` 0: in this process; N: N Ray actors) and merge."""
     out = Path(out)
-    labels, done, pending = prepare(job, out)
-    images_done = sum(job.shard_range(k)[1] - job.shard_range(k)[0] for k in done)
-    bar = _progress(job.num_images, images_done, progress)
-    try:
-        if pending and workers == 0:
-            worker = ShardWorker(job, str(out), labels)
-            for k in pending:
-                worker.shard(k, on_images=bar.update if bar is not None else None)
-        elif pending:
-            _run_ray(job, out, labels, pending, workers, address, bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    samples = merge_shards(job, out) if merge else None
-    return DatasetResult(out=out, generated=tuple(pending), skipped=tuple(done), samples=samples)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"{out} is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        prep = prepare(job, out, merge=merge)
+        layout, records = prep.layout, prep.records
+        bar = _progress(job.num_images, sum(r["images"][1] - r["images"][0] for r in records.values()), progress)
+        try:
+            if prep.pending and workers == 0:
+                worker = ShardWorker(layout, str(out))
+                for k in prep.pending:
+                    records[k] = worker.shard(k, on_images=bar.update if bar is not None else None)
+            elif prep.pending:
+                records.update(_run_ray(layout, out, prep.pending, workers, address, bar))
+            samples = None
+            if merge:
+                samples = out / _merged_name(layout)
+                shards = [(shard_path(out, k, job.num_shards), records[k]) for k in range(job.num_shards)]
+                merge_shards(samples, shards, layout)
+        except OSError as e:
+            if e.errno not in _NO_SPACE:
+                raise
+            raise OSError(
+                e.errno,
+                f"{os.strerror(e.errno)} while writing into {out} (finished shards are kept): free space and run the "
+                "same command again to resume",
+            ) from e
+        finally:
+            if bar is not None:
+                bar.close()
+    done = tuple(k for k in range(job.num_shards) if k not in prep.pending)
+    return DatasetResult(out, tuple(prep.pending), done, samples, tuple(prep.regenerated))
 
 
-def _run_ray(job, out: Path, labels, pending: list[int], workers: int, address: str | None, bar) -> None:
+def merge_shards(dest: Path, shards: list[tuple[Path, dict[str, Any]]], layout: ShardLayout) -> Path:
+    """``samples_NxHxWx3.npz`` (ADM's name and layout) from the verified shards."""
+    merge(dest, shards, layout.arrays(layout.job.num_images))
+    return dest
+
+
+def _run_ray(layout: ShardLayout, out: Path, pending: list[int], workers: int, address: str | None, bar):
     try:
         import ray  # noqa: PLC0415 - far serve's optional dependency
         from ray.util import ActorPool  # noqa: PLC0415 - far serve's optional dependency
@@ -280,13 +376,16 @@ def _run_ray(job, out: Path, labels, pending: list[int], workers: int, address: 
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    records = {}
     try:
-        cpus = float(job.backend_options.get("threads", 1))
+        cpus = float(layout.job.backend_options.get("threads", 1))
         actor = ray.remote(num_cpus=cpus)(ShardWorker)
-        pool = ActorPool([actor.remote(job, str(out), labels) for _ in range(min(workers, len(pending)))])
-        for n in pool.map_unordered(lambda w, k: w.shard.remote(k), pending):
+        pool = ActorPool([actor.remote(layout, str(out)) for _ in range(min(workers, len(pending)))])
+        for rec in pool.map_unordered(lambda w, k: w.shard.remote(k), pending):
+            records[rec["shard"]] = rec
             if bar is not None:
-                bar.update(n)
+                bar.update(rec["images"][1] - rec["images"][0])
     finally:
         if started:
             ray.shutdown()
+    return records

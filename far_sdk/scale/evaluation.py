@@ -9,10 +9,13 @@ features, IS the 1008 unbiased logits (as torch-fidelity and ADM's evaluator do)
 batches hold) or a folder of images.
 
 The Inception weights are read from a path the user gives; nothing is downloaded at run time. The file
-is torch-fidelity's release asset :data:`INCEPTION_WEIGHTS_URL` (a PyTorch state dict). It is opened
-first with ``torch.load(weights_only=True)``, which refuses any pickle that holds more than tensors,
-before torch-fidelity loads it. torch (and torch-fidelity) are imported only when this module's
-functions run, never by ``import far_sdk``.
+is torch-fidelity's release asset :data:`INCEPTION_WEIGHTS_URL` (a PyTorch state dict). It is read once, by
+:func:`load_inception_state` (zip CRCs checked, ``torch.load(weights_only=True)``, which refuses any pickle that
+holds more than tensors, finite values), and the checked state dict is handed to torch-fidelity's network, whose
+own loader (an unsafe ``torch.load``) never opens the file. Every fault of an input (a truncated or bit-flipped
+.npz, a file that is no image, an unsafe or corrupted weights file) is a DataError naming the file (``far eval``:
+exit status 3). torch (and torch-fidelity) are imported only when this module's functions run, never by
+``import far_sdk``.
 """
 
 from __future__ import annotations
@@ -20,14 +23,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import types
+import warnings
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from far_sdk.errors import BackendUnavailableError, DataError
+from far_sdk.bundle.bundle import sha256_file
+from far_sdk.errors import (
+    BackendUnavailableError,
+    DataError,
+    DeviceOutOfMemoryError,
+    InvalidArgumentError,
+    check_range,
+)
+from far_sdk.scale.npzfile import load_arrays
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +50,7 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FEATURES, LOGITS = "2048", "logits_unbiased"
+_FE_LOCK = threading.Lock()
 
 
 class InceptionWeightsError(DataError):
@@ -53,37 +69,46 @@ def _where_from(path: Path) -> str:
 
 
 def load_images(path: str | Path) -> np.ndarray:
-    """uint8 [N, H, W, 3] from an ADM ``.npz`` (``arr_0``) or a folder of images (sorted by name)."""
+    """uint8 [N, H, W, 3] from an ADM ``.npz`` (``arr_0``) or a folder of images (sorted by name). Every fault of
+    the input (a truncated or bit-flipped .npz, a file that is no image) is a DataError naming the file."""
     p = Path(path)
     if p.is_dir():
-        from PIL import Image  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
-
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(f"{p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        ims = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-        if len({im.shape for im in ims}) != 1:
-            raise DataError(
-                f"the images in {p} differ in size ({sorted({im.shape for im in ims})[:3]}...); resize them to one "
-                "size first"
-            )
-        return np.stack(ims)
-    if not p.is_file():
+        return _load_folder(p)
+    if not p.exists():
         raise DataError(
             f"{p} does not exist: give an ADM-format .npz (arr_0: uint8 N x H x W x 3) or a folder of images"
         )
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            if "arr_0" not in z.files:
-                raise DataError(
-                    f"{p} has no arr_0 (arrays: {', '.join(z.files)}); ADM's layout keeps the images in arr_0"
-                )
-            a = z["arr_0"]
-    except (OSError, ValueError) as e:
-        raise DataError(f"{p} is not a readable .npz file ({e})") from e
+    if not p.is_file():
+        raise DataError(f"{p} is not a regular file: give an ADM-format .npz or a folder of images")
+    a = load_arrays(p, ("arr_0",))["arr_0"]
     if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3 or a.shape[0] < 2:
         raise DataError(f"{p}: arr_0 must be uint8 [N >= 2, H, W, 3], got {a.dtype} {list(a.shape)}")
     return a
+
+
+def _load_folder(p: Path) -> np.ndarray:
+    from PIL import Image  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
+
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise DataError(f"{p} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); give at least 2")
+    ims = []
+    for f in files:
+        if not f.is_file():  # a directory or a FIFO named like an image (a FIFO would block)
+            raise DataError(f"{f} is not a regular file; remove it from {p}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    ims.append(np.asarray(im.convert("RGB")))
+        except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types (OSError, SyntaxError, ...)
+            raise DataError(f"{f} is not a readable image ({type(e).__name__}: {e}); remove or replace it") from e
+    if len({im.shape for im in ims}) != 1:
+        raise DataError(
+            f"the images in {p} differ in size ({sorted({im.shape for im in ims})[:3]}...); resize them to one "
+            "size first"
+        )
+    return np.stack(ims)
 
 
 # ---- torch-fidelity --------------------------------------------------------------------------------
@@ -170,34 +195,90 @@ def _check_exists(weights: str | Path) -> Path:
     return path
 
 
-def load_inception(weights: str | Path, device: str = "cpu"):
-    """torch-fidelity's InceptionV3 with the weights at ``weights`` (nothing is downloaded)."""
-    path = _check_exists(weights)
+def _refusal(e: BaseException) -> str:
+    """What torch's loader refused, without its advice to retry with ``weights_only=False`` or to allow-list the
+    global (either would run the file's code: far-sdk never suggests it)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    sentences = [s.strip() for ln in text.splitlines() for s in ln.split(". ") if s.strip()]
+    unsafe = ("weights_only", "trust", "safe_globals", "documentation", "file an issue", "weights only load failed")
+    safe = [s for s in sentences if not any(w in s.lower() for w in unsafe)]
+    return (safe[0] if safe else type(e).__name__).rstrip(".")
+
+
+def load_inception_state(path: Path) -> dict[str, Any]:
+    """The weights file's state dict, read safely: zip CRCs checked (torch.load does not), ``weights_only=True``
+    (a pickle holding code is refused, and the refusal never suggests an unsafe load), no warnings printed, every
+    tensor finite. InceptionWeightsError naming the file otherwise."""
     import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
 
+    def bad(what: str, e: BaseException | None = None) -> InceptionWeightsError:
+        return InceptionWeightsError(f"{path} {what}. " + _where_from(path))
+
+    if path.stat().st_size == 0:
+        raise bad("is empty (0 bytes)")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's zip format (is_zipfile misses a truncated one)
+    if zipped:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                member = zf.testzip()
+        except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise bad(f"is not a readable zip archive ({e}): it is probably truncated") from e
+        if member is not None:
+            raise bad(f"is corrupted: its member {member!r} fails its CRC check")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: refuses code in the pickle
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise next to a one-line refusal
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: refuses code
+    except EOFError as e:
+        raise bad("ends early: it is truncated") from e
     except Exception as e:  # noqa: BLE001 - torch raises several types for unreadable and unsafe files
-        raise InceptionWeightsError(
-            f"{path} is not a PyTorch state dict of tensors ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). " + _where_from(path)
-        ) from e
+        raise bad(f"is not a PyTorch state dict of tensors (the safe loader refused it: {_refusal(e)})") from e
     if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
-        raise InceptionWeightsError(
-            f"{path} holds no InceptionV3 state dict (no Mixed_7c.* tensors). " + _where_from(path)
-        )
+        raise bad("holds no InceptionV3 state dict (no Mixed_7c.* tensors)")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise bad(f"holds a {type(v).__name__} at {k!r}, not a tensor")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise bad(f"has NaN or inf values in {k!r}: it is corrupted")
+    return state
+
+
+def load_inception(weights: str | Path, device: str = "cpu"):
+    """torch-fidelity's InceptionV3 with the weights at ``weights`` (nothing is downloaded). The file is read once,
+    by :func:`load_inception_state`: torch-fidelity's own loader (``torch.load(weights_only=False)``) never sees it."""
+    path = _check_exists(weights)
+    state = load_inception_state(path)
     import_torch_fidelity()
     import torch_fidelity.feature_extractor_inceptionv3 as fe  # noqa: PLC0415 - far eval's optional dependency
 
-    try:
-        model = fe.FeatureExtractorInceptionV3(
-            "inception-v3-compat", [FEATURES, LOGITS], feature_extractor_weights_path=str(path)
-        )
-    except RuntimeError as e:  # load_state_dict: missing keys or shape mismatches
-        raise InceptionWeightsError(
-            f"{path} does not fit torch-fidelity's InceptionV3 ({str(e).splitlines()[0]}). " + _where_from(path)
-        ) from e
+    with _FE_LOCK:  # torch-fidelity "downloads" when given no path: hand it the checked state dict instead
+        fetch = fe.load_state_dict_from_url
+        fe.load_state_dict_from_url = lambda *_a, **_k: state
+        try:
+            model = fe.FeatureExtractorInceptionV3("inception-v3-compat", [FEATURES, LOGITS])
+        except RuntimeError as e:  # load_state_dict: missing keys or shape mismatches
+            raise InceptionWeightsError(
+                f"{path} does not fit torch-fidelity's InceptionV3 ({str(e).splitlines()[0]}). " + _where_from(path)
+            ) from e
+        finally:
+            fe.load_state_dict_from_url = fetch
     return model.to(device)
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch knows it and it is usable here; else a typed error naming --device."""
+    import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from e
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return device
 
 
 def extract_features(model, images: np.ndarray, batch_size: int = 64, device: str = "cpu") -> dict[str, np.ndarray]:
@@ -205,14 +286,21 @@ def extract_features(model, images: np.ndarray, batch_size: int = 64, device: st
     import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
 
     feats: dict[str, list] = {FEATURES: [], LOGITS: []}
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size].transpose(0, 3, 1, 2))).to(
-                device
-            )  # (B, 3, H, W) uint8
-            out = model(x)
-            for k, v in zip((FEATURES, LOGITS), out):
-                feats[k].append(v.detach().cpu().double().numpy())  # host sync
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size].transpose(0, 3, 1, 2))).to(
+                    device
+                )  # (B, 3, H, W) uint8
+                out = model(x)
+                for k, v in zip((FEATURES, LOGITS), out):
+                    feats[k].append(v.detach().cpu().double().numpy())  # host sync
+    except (RuntimeError, MemoryError) as e:
+        if not isinstance(e, MemoryError) and not any(m in str(e).lower() for m in ("out of memory", "can't allocate")):
+            raise
+        raise DeviceOutOfMemoryError(
+            f"out of memory computing Inception features of {batch_size} images at a time on {device}: lower --batch"
+        ) from e
     return {k: np.concatenate(v) for k, v in feats.items()}
 
 
@@ -268,13 +356,14 @@ def evaluate(
     prc_neighborhood: int = 3,
 ) -> dict[str, Any]:
     """Metrics of ``samples`` against ``reference`` (each an ADM .npz or an image folder)."""
+    check_range("batch_size (--batch)", batch_size, 1, None, integer=True)
     _check_exists(weights)  # before reading 50k images
+    check_device(device)
     ims = load_images(samples)
     ref = load_images(reference)
-    if isc_splits < 1 or isc_splits > len(ims):
-        raise DataError(f"isc_splits must be in 1..{len(ims)} (the number of samples), got {isc_splits}")
-    if prc_neighborhood < 1 or prc_neighborhood >= min(len(ims), len(ref)):
-        raise DataError(f"prc_neighborhood must be in 1..{min(len(ims), len(ref)) - 1}, got {prc_neighborhood}")
+    check_range("isc_splits (--isc-splits, at most the number of samples)", isc_splits, 1, len(ims), integer=True)
+    n = min(len(ims), len(ref)) - 1
+    check_range("prc_neighborhood (--prc-neighborhood, below either image count)", prc_neighborhood, 1, n, integer=True)
     model = load_inception(weights, device)
     f_s = extract_features(model, ims, batch_size, device)
     f_r = extract_features(model, ref, batch_size, device)
@@ -287,6 +376,7 @@ def evaluate(
         "reference": str(reference),
         "image_size": list(ims.shape[1:3]),
         "inception_weights": str(weights),
+        "inception_weights_sha256": sha256_file(weights),
         "feature_extractor": "inception-v3-compat",
         "isc_splits": isc_splits,
         "prc_neighborhood": prc_neighborhood,
