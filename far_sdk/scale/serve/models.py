@@ -22,6 +22,7 @@ from far_sdk.options import PRESETS, SPECS
 OUTPUT_FORMATS = ("json", "png")
 MAX_PROMPT_CHARS = 2000  # a prompt is truncated to the encoder's tokens anyway; this bounds the work per request
 MAX_SEED = 2**63 - 1
+MAX_LABEL_CHARS = 256  # a class name (id2label) or a class id written as a string
 EXAMPLE = {"class_labels": [3, "7"], "seed": 0, "num_steps": 10, "cfg": 3.0}
 
 
@@ -46,6 +47,9 @@ def _labels(value: Any) -> list:
             f"class_labels must be a class id (integer), a class name (string) or a non-empty list of them, "
             f"got {json.dumps(value)[:80]}"
         )
+    for x in labels:
+        if isinstance(x, str) and len(x) > MAX_LABEL_CHARS:
+            raise InvalidArgumentError(f"class_labels names hold at most {MAX_LABEL_CHARS} characters, got {len(x)}")
     return labels
 
 
