@@ -102,7 +102,7 @@ def test_openapi_lists_every_sampling_field_with_its_range_choices_and_the_bundl
         ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         assert ref == "#/components/schemas/GenerateRequest"
         assert "400" in op["responses"] and "422" not in op["responses"]
-    assert {"/health", "/info", "/metrics"} <= set(doc["paths"])
+    assert {"/health", "/info", "/metrics"} <= set(doc["paths"]) and "StepEvent" in schemas
     code, _, html = request(url, "/docs")
     assert code == 200 and b"openapi.json" in html
 

@@ -24,7 +24,6 @@ from collections import Counter
 from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -87,11 +86,6 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
     return error(e.status_code, str(e.detail), "HTTPError")
 
 
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-    return error(400, f"bad request: {e.errors()[:1]}")
-
-
 async def read_body(request: Request) -> bytes | None:
     """The body, or None once it passes :data:`MAX_BODY` bytes (not read further)."""
     chunks, size = [], 0
@@ -122,6 +116,7 @@ def openapi_schema(gen: Generator) -> dict:
         prop["default"] = value
         prop["description"] += f" This bundle: {json.dumps(value)}."
     schemas["GenerateRequest"] = req
+    schemas["StepEvent"] = StepEvent.model_json_schema(ref_template="#/components/schemas/{model}")
     return doc
 
 
@@ -288,8 +283,8 @@ class FarServer:
         responses={
             200: {
                 "content": {"text/event-stream": {}},
-                "description": "`event: step` (a StepEvent) per outer step, then `event: result` (a GenerateResponse)"
-                " or `event: error` (an ErrorResponse)",
+                "description": "Server-Sent Events: `event: step` (data: a StepEvent) per outer step, then "
+                "`event: result` (data: a GenerateResponse) or `event: error` (data: an ErrorResponse)",
             },
             **_ERRORS,
         },
@@ -313,6 +308,7 @@ class FarServer:
 
     async def _events(self, job: Job, queue: asyncio.Queue):
         task = asyncio.ensure_future(self.generate_batch(job))
+        get = None
         done = False
         try:
             yield b": queued\n\n"  # the headers go out now; the client sees the stream open
@@ -335,6 +331,8 @@ class FarServer:
                 yield sse("result", answer)
             done = True
         finally:
+            if get is not None and not get.done():
+                get.cancel()
             if not done:  # the client went away (or the response was cancelled): free the slot
                 job.cancelled.set()
                 task.cancel()
