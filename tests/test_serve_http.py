@@ -212,6 +212,8 @@ def test_an_answer_carries_the_resolved_plan_and_timings_and_png_output_is_the_i
     t = answer["timings"]
     assert {"queue", "transformer", "denoise", "vae_decode", "generate", "encode", "total"} <= set(t)
     assert all(v >= 0 for v in t.values()) and t["total"] >= t["generate"] > 0
+    code, _, payload = request(url, "/generate", {"class_labels": [9], "seed": None, "output_format": None, **CHEAP})
+    assert code == 200 and json.loads(payload)["seeds"] == [0]  # null is "not given": the defaults
     code, headers, png = request(url, "/generate", {"class_labels": [9], "seed": 4, "output_format": "png", **CHEAP})
     assert code == 200 and headers["content-type"] == "image/png"
     assert (

@@ -69,17 +69,17 @@ def make_job(req: Any, gen: Generator, *, max_images: int, streamed: bool = Fals
             ids = class_ids(b, req.class_labels)
         except InvalidArgumentError as e:
             raise BadRequestError(str(e), "class_labels") from None
+    seed = 0 if req.seed is None else req.seed  # null: not given, as for every field
+    fmt = req.output_format or "json"
     n = len(ids) or len(prompts)
     if n > max_images:
         raise BadRequestError(f"{n} images requested; this server allows at most {max_images} per request")
     limit = gen.backend.max_batch
     if streamed and limit is not None and n > limit:
         raise BadRequestError(f"a streamed request holds at most {limit} images on this engine, got {n}")
-    if req.seed > MAX_SEED - (n - 1):
-        raise BadRequestError(
-            f"seed + {n - 1} (the last image's seed) must stay below 2**63, got seed {req.seed}", "seed"
-        )
-    if req.output_format == "png" and (n != 1 or streamed):
+    if seed > MAX_SEED - (n - 1):
+        raise BadRequestError(f"seed + {n - 1} (the last image's seed) must stay below 2**63, got seed {seed}", "seed")
+    if fmt == "png" and (n != 1 or streamed):
         why = "a stream answers in JSON events" if streamed else f"this request asks for {n}"
         raise BadRequestError(f"output_format 'png' returns one image; {why} (use 'json')", "output_format")
     settings = {name: getattr(req, name) for name in SAMPLING_FIELDS if getattr(req, name) is not None}
@@ -87,12 +87,12 @@ def make_job(req: Any, gen: Generator, *, max_images: int, streamed: bool = Fals
         settings["preset"] = req.preset
     gen.plan(**settings)  # far_sdk's checks across fields (eta with ddim only, the bundle's modes, ...)
     return Job(
-        seed=req.seed,
+        seed=seed,
         settings=tuple(sorted(settings.items())),
         class_ids=ids,
         prompts=prompts,
         negative_prompts=negative,
-        output_format=req.output_format,
+        output_format=fmt,
     )
 
 
