@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("pydantic")
@@ -108,3 +109,46 @@ def test_merging_exporters_keeps_each_family_once_and_drops_other_families():
     )
     types = [i for i, line in enumerate(lines) if line.startswith("# TYPE ray_far_stage_seconds")]
     assert all(line.startswith("ray_far_stage_seconds_") for line in lines[types[0] + 1 : types[0] + 5])
+
+
+class _StubGenerator:
+    """Records each generate call; image values encode (seed, row) so the test can check where each went."""
+
+    class backend:  # noqa: N801 - stands in for Generator.backend
+        max_batch = 3
+
+    def __init__(self):
+        self.calls = []
+
+    def decode(self, latents):
+        return np.zeros((len(latents), 3, 2, 2), np.float32)
+
+    def generate(self, **kw):
+        from types import SimpleNamespace
+
+        from far_sdk.pipeline import STAGES
+
+        self.calls.append(kw)
+        seeds = kw["noise"].seeds
+        images = np.stack([np.full((2, 2, 3), s % 251, np.uint8) for s in seeds])
+        return SimpleNamespace(
+            images=images, timings=dict.fromkeys((*STAGES, "total"), 0.0), plan=SimpleNamespace(to_dict=dict)
+        )
+
+
+def test_merged_text_jobs_keep_prompts_negatives_and_seeds_aligned_across_calls():
+    from far_sdk.scale.serve.batching import Job, run_group
+
+    jobs = [
+        Job(seed=10, settings=(), prompts=("a", "b"), negative_prompts=("na", "nb")),
+        Job(seed=50, settings=(), prompts=("c", "d"), negative_prompts=("nc", "nc"), preview=lambda *a: None),
+        Job(seed=90, settings=(), prompts=("e",), negative_prompts=("ne",)),
+    ]
+    gen = _StubGenerator()
+    res = run_group(gen, jobs)
+    # max_batch 3: the streamed job (2 images) is not split, so the calls are [a, b], [c, d, e]
+    assert [c["prompt"] for c in gen.calls] == [["a", "b"], ["c", "d", "e"]]
+    assert [c["negative_prompt"] for c in gen.calls] == [["na", "nb"], ["nc", "nc", "ne"]]
+    assert [list(c["noise"].seeds) for c in gen.calls] == [[10, 11], [50, 51, 90]]
+    assert [r[:, 0, 0, 0].tolist() for r in res.images] == [[10, 11], [50, 51], [90]]
+    assert res.batch_images == 5 and res.batch_requests == 3 and not res.stopped
