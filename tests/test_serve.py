@@ -1,17 +1,13 @@
 """``far serve`` on a real local Ray (2 CPUs) with the demo bundle: merged requests give the images
-``Generator.generate`` gives, bad requests get 4xx, overload gets 503, a killed replica is replaced.
+``Generator.generate`` gives, overload gets 503, a killed replica is replaced. (Bad requests, routes and the schema:
+tests/test_serve_http.py; streaming: tests/test_serve_stream.py; text bundles: tests/test_serve_text.py.)
 
 Every HTTP call carries a timeout, so a hang fails the test instead of stalling the suite."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import socket
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,45 +17,24 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from conftest import ROOT  # noqa: E402
+from serve_helpers import TIMEOUT, decode_pngs, deployed, request, settings_of  # noqa: E402
 
 import far_sdk  # noqa: E402
-from far_sdk.errors import InvalidArgumentError  # noqa: E402
-from far_sdk.scale.serve import DEPLOYMENT_NAME, ServeConfig, build_app, start  # noqa: E402
+from far_sdk.scale.serve import DEPLOYMENT_NAME, ServeConfig  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 BUNDLE = ROOT / "engines" / "far-demo"
 #: two cheap sampling settings, so a batch holds two groups
 SETTINGS = [{"num_steps": 2, "inner_steps": 2}, {"num_steps": 3, "inner_steps": [2, 3, 2], "cfg": 2.0}]
-TIMEOUT = 60.0  # seconds any one HTTP call may take before the test fails
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url: str, body: bytes | str | None = None, method: str | None = None, timeout: float = TIMEOUT):
-    """(status, headers, body bytes); HTTP errors are answers too, not exceptions."""
-    data = body.encode() if isinstance(body, str) else body
-    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
-
-
-def decode_pngs(body: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(s)))) for s in json.loads(body)["images"]])
+def http(url: str, body: str | None = None, method: str | None = None, timeout: float = TIMEOUT):
+    return request(url, "", body, method, timeout)
 
 
 @pytest.fixture(scope="module")
 def server(ray_local):
-    port = _free_port()
     cfg = ServeConfig(
         bundle=str(BUNDLE),
         backend="onnxruntime",
@@ -68,14 +43,10 @@ def server(ray_local):
         batch_wait_ms=20,
         num_replicas=2,
         cpus_per_replica=0.5,
-        port=port,
         max_queued_requests=1000,
     )
-    start(cfg)  # joins the session's local Ray (2 CPUs)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with deployed(cfg) as url:  # on the session's local Ray (2 CPUs)
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +76,8 @@ def test_200_requests_from_8_clients_are_merged_and_equal_generate(server, refer
     assert max(batch_requests) > 1, f"no request was merged with another: {sorted(set(batch_requests))}"
     assert max(batch_images) > 2
     for body, (_, _, payload) in zip(bodies, answers):
-        got = decode_pngs(payload)
-        settings = {k: v for k, v in body.items() if k not in ("class_labels", "seed")}
-        want = reference.generate(body["class_labels"], seed=body["seed"], output_type="np", **settings).images
+        got = decode_pngs(json.loads(payload)["images"])
+        want = reference.generate(body["class_labels"], seed=body["seed"], output_type="np", **settings_of(body)).images
         assert got.shape == want.shape == (len(body["class_labels"]), 32, 32, 3)
         np.testing.assert_array_equal(got, want)
         assert json.loads(payload)["seeds"] == [body["seed"] + j for j in range(len(body["class_labels"]))]
@@ -115,51 +85,6 @@ def test_200_requests_from_8_clients_are_merged_and_equal_generate(server, refer
     # the replicas' own histograms (each /info hits one replica) count merged calls too
     info = json.loads(http(server + "/info")[2])
     assert info["num_classes"] == 10 and info["max_batch"] == 8 and info["batch_sizes"]
-
-
-def _far_error(gen, **kw) -> str:
-    with pytest.raises(InvalidArgumentError) as e:
-        gen.generate(output_type="np", **kw)
-    return str(e.value)
-
-
-def test_bad_requests_get_4xx_with_the_far_sdk_message(server, reference):
-    url = server + "/generate"
-    cases = {
-        '{"class_labels": [3], "seed": ': (400, "not valid JSON"),
-        "[3, 7]": (400, "must be a JSON object"),
-        '{"seed": 1}': (400, "class_labels is required"),
-        '{"class_labels": [3], "steps": 4}': (400, "unknown field(s) steps"),
-        '{"class_labels": [3], "cfg": "high"}': (400, "cfg must be a number"),
-        '{"class_labels": [3], "seed": -1}': (400, "seed must be in"),
-        '{"class_labels": [3, 4], "output_format": "png"}': (400, "returns one image"),
-        '{"class_labels": [3], "output_format": "gif"}': (400, "output_format must be one of"),
-        '{"class_labels": [12]}': (400, _far_error(reference, class_labels=[12])),
-        '{"class_labels": ["cat"]}': (400, _far_error(reference, class_labels=["cat"])),
-        '{"class_labels": [3], "num_steps": 99}': (400, _far_error(reference, class_labels=[3], num_steps=99)),
-        '{"class_labels": [3], "inner_sampler": "ddpm", "eta": 0.5}': (
-            400,
-            _far_error(reference, class_labels=[3], inner_sampler="ddpm", eta=0.5),
-        ),
-        '{"class_labels": [3], "inner_steps": [2, 0]}': (400, "inner_steps"),
-        '{"class_labels": [' + ",".join(["1"] * 17) + "]}": (400, "at most 16 per request"),
-    }
-    for body, (status, message) in cases.items():
-        code, _, payload = http(url, body)
-        assert code == status, (body, code, payload)
-        assert message in json.loads(payload)["error"], (body, payload)
-    assert http(url, method="GET")[0] == 405
-    assert http(server + "/nowhere")[0] == 404
-    assert http(server + "/health")[0] == 200
-    # a good request still works after all that, and a PNG answer is the image itself
-    code, headers, png = http(
-        url, '{"class_labels": ["7"], "seed": 3, "num_steps": 2, "inner_steps": 2, "output_format": "png"}'
-    )
-    from PIL import Image
-
-    assert code == 200 and headers["content-type"] == "image/png"
-    want = reference.generate([7], seed=3, num_steps=2, inner_steps=2, output_type="np").images[0]
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), want)
 
 
 def test_overload_gets_503_from_the_bounded_queue_and_nothing_hangs(server):
@@ -172,14 +97,12 @@ def test_overload_gets_503_from_the_bounded_queue_and_nothing_hangs(server):
         max_queued_requests=2,
         cpus_per_replica=0.25,
         app_name="tight",
+        route_prefix="/tight",
     )
-    serve.run(build_app(cfg), name="tight", route_prefix="/tight")
-    try:
+    with deployed(cfg) as url:
         body = json.dumps({"class_labels": [1], "seed": 0, "num_steps": 10, "inner_steps": 20})  # ~0.5 s each
         with ThreadPoolExecutor(16) as pool:
-            codes = [a[0] for a in pool.map(lambda _: http(server + "/tight/generate", body), range(16))]
-    finally:
-        serve.delete("tight")
+            codes = [a[0] for a in pool.map(lambda _: http(url + "/generate", body), range(16))]
     assert set(codes) <= {200, 503}, codes
     assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
     assert codes.count(200) <= 16 - 1
@@ -217,9 +140,8 @@ def test_a_replica_killed_mid_load_is_replaced_and_no_request_hangs(server, refe
     for body, (code, _, payload) in zip(bodies, answers):
         assert code in (200, 500, 502, 503, 0), (code, payload)
         if code == 200:
-            settings = {k: v for k, v in body.items() if k not in ("class_labels", "seed")}
-            want = reference.generate(body["class_labels"], seed=body["seed"], output_type="np", **settings).images
-            np.testing.assert_array_equal(decode_pngs(payload), want)
+            want = reference.generate(body["class_labels"], seed=body["seed"], output_type="np", **settings_of(body))
+            np.testing.assert_array_equal(decode_pngs(json.loads(payload)["images"]), want.images)
         else:
             assert payload, "a failed request must say why"
     assert sum(a[0] == 200 for a in answers) >= len(bodies) // 2

@@ -111,9 +111,12 @@ def run_serve(a: argparse.Namespace) -> int:
         host=a.host,
         port=a.port,
     )
-    serve.start(cfg, address=a.address)
+    print(f"far serve: starting {a.bundle} ({a.backend}) ...", flush=True)
+    running = serve.start(cfg, address=a.address)
+    replicas = f"{lo}..{hi} replicas (autoscaling)" if a.autoscale else f"{a.num_replicas} replica(s)"
     print(
-        f"far serve: {a.bundle} at http://{a.host}:{a.port}/ (POST /generate, GET /health, GET /info); Ctrl-C stops",
+        f"far serve: ready at {running.url} (playground), {running.url}docs (API), {running.url}metrics; "
+        f"{replicas}, batches of up to {a.max_batch} requests; Ctrl-C stops",
         flush=True,
     )
     stop = threading.Event()
@@ -121,10 +124,13 @@ def run_serve(a: argparse.Namespace) -> int:
     try:
         while not stop.wait(1.0):
             pass
-    finally:
-        from ray import serve as ray_serve  # noqa: PLC0415 - far serve's optional dependency
-
-        ray_serve.shutdown()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a server is stopped: a clean stop, status 0
+    print("far serve: stopping (requests in flight finish first) ...", flush=True)
+    serve.stop(running)
+    print(
+        "far serve: stopped" + ("" if running.started_ray else "; Ray Serve keeps running on the cluster"), flush=True
+    )
     return 0
 
 
