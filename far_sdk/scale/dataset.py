@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -184,6 +185,14 @@ def prepare(job: DatasetJob, out: Path) -> tuple[np.ndarray, list[int], list[int
     for c in classes:
         if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < bundle.num_classes:
             raise InvalidArgumentError(f"class {c!r} is outside 0..{bundle.num_classes - 1}")
+    if job.num_images % len(classes):
+        n = job.num_images // len(classes)
+        warnings.warn(
+            f"{job.num_images} images over {len(classes)} classes is not class-balanced: some classes get {n} images, "
+            f"others {n + 1} (give a multiple of {len(classes)})",
+            UserWarning,
+            stacklevel=3,
+        )
     ident = job.identity(bundle.manifest["manifest_sha256"], bundle.num_classes)
     out.mkdir(parents=True, exist_ok=True)
     jf = out / JOB_FILE
