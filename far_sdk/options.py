@@ -350,7 +350,7 @@ def options_from_keywords(
                 raise InvalidArgumentError(f"{where}: give {name} or its diffusers name {alias}, not both")
             keywords[name] = keywords.pop(alias)
         keywords.pop(alias, None)
-    _check_names(keywords, (*FIELDS, *other_names), f"{where}: unknown keyword")
+    _check_names(keywords, (*FIELDS, *DIFFUSERS_ALIASES, *other_names), f"{where}: unknown keyword")
     given = SamplingOptions(**{k: v for k, v in keywords.items() if v is not None})
     return given if base is None else given.over(base)
 

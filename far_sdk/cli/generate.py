@@ -145,7 +145,7 @@ def run_generate(a: argparse.Namespace) -> int:
                 "(far generate BUNDLE --from-image ...)"
             )
         a.bundle = str(locate_bundle(call.bundle))
-    cols = a.cols or min(len(next(iter(call.conditioning.values()))), 8)
+    cols = a.cols or (1 if a.from_image else min(len(next(iter(call.conditioning.values()))), 8))
     frames: list = []
 
     def on_step(info):
