@@ -187,3 +187,19 @@ def test_the_official_kl16_models_have_16_channel_latents():
 def test_every_link_to_a_file_in_the_readme_exists():
     links = re.findall(r"\]\(((?:docs|engines|examples)/[^)#]+)\)", README)
     assert links and [p for p in links if not (ROOT / p).exists()] == []
+
+
+def test_examples_quickstart_writes_one_png_per_image_and_a_grid(tmp_path):
+    run_script = "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    script, bundle = ROOT / "examples" / "quickstart.py", ROOT / "engines" / "far-demo"
+    r = subprocess.run(
+        [sys.executable, "-c", BLOCKED + run_script, str(script), str(bundle), str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["class1_seed0.png", "class1_seed1.png", "class7_seed2.png", "class7_seed3.png", "grid.png"]
+    assert "latents (4, 4, 16, 16)" in r.stdout
