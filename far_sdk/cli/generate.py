@@ -212,7 +212,8 @@ def write_all(files: list[tuple[Path, bytes]]) -> None:
 def _report(out: GenerationOutput, keep: list[int], labels: list, used: dict, paths: list[Path], frames: int) -> None:
     p = out.plan
     sampler = p.inner_sampler + (f" eta {p.eta:g}" if p.inner_sampler == "ddim" else "")
-    what = f"classes {[labels[i] for i in keep]}" if out.class_labels else f"{len({labels[i] for i in keep})} prompts"
+    n = len({labels[i] for i in keep})
+    what = f"classes {[labels[i] for i in keep]}" if out.class_labels else f"{n} prompt{'s' * (n != 1)}"
     print(
         f"generated {len(keep)} image(s) ({what}, seeds {out.seeds[keep[0]]}..{out.seeds[keep[-1]]}) on "
         f"{used['backend']}/{used['device']}; {p.mode} mode, {p.num_steps} outer steps, {sum(p.inner_steps)} "
