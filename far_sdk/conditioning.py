@@ -187,5 +187,5 @@ def condition_for(
         return text_condition(bundle, encoder, class_labels, prompt, prompt_embeds, negative_prompt_embeds)
     refuse_text(bundle, prompt, prompt_embeds, negative_prompt_embeds)
     if class_labels is None:
-        raise InvalidArgumentError(f"give {arg('class_labels')}: one class id or name per image")
+        raise InvalidArgumentError(f"{arg('class_labels')} must be given: one class id or name per image")
     return ClassCondition(class_ids(bundle, class_labels), bundle.null_class_id)

@@ -96,7 +96,7 @@ _ANY = object()
 
 
 def arg(name: str, value: object = _ANY) -> str:
-    """Parameter ``name`` (given ``value``) as an error message names it: ``name=value`` (``name=...`` without a
+    """Parameter ``name`` (given ``value``) as an error message names it: ``name=value`` (``name`` alone without a
     value) for Python callers; inside :func:`spelled_as`, its command-line flag (``--inner-sampler ddim``)."""
     flags = _FLAGS.get()
     if flags is not None and name in flags:
@@ -104,7 +104,7 @@ def arg(name: str, value: object = _ANY) -> str:
             return flags[name]
         shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
         return f"{flags[name]} {shown}"
-    return f"{name}=" + ("..." if value is _ANY else repr(value))
+    return name if value is _ANY else f"{name}={value!r}"
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from far_sdk.compat import DIFFUSERS_ALIASES, DIFFUSERS_HINTS
-from far_sdk.errors import InvalidArgumentError, check_choice, check_range, did_you_mean
+from far_sdk.errors import InvalidArgumentError, arg, check_choice, check_range, did_you_mean
 from far_sdk.maths.diffusion import INNER_SAMPLERS, InnerSampler
 from far_sdk.maths.filters import FILTER_TYPES, GRID, FilterType
 from far_sdk.maths.schedules import (
@@ -312,8 +312,8 @@ def resolve_text_plan(
         defaults = SamplingOptions.from_dict(defaults, what="bundle defaults")
     if given is not None and given.mode not in (None, "mask"):
         raise InvalidArgumentError(
-            f"a text-conditioned (FAR-T2I) bundle samples in mask mode only; got mode={given.mode!r} "
-            "(choose mode 'mask' or leave it out)"
+            f"a text-conditioned (FAR-T2I) bundle samples in mask mode only; got {arg('mode', given.mode)} "
+            f"(choose {arg('mode', 'mask')} or leave it out)"
         )
     plan = resolve_plan(
         dataclasses.replace(defaults.over(T2I_DEFAULTS), mode="nomask"),

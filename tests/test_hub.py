@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from hub_server import HubServer, Repo, commit_of
+from PIL import Image
 
 pytest.importorskip("huggingface_hub")
 
@@ -198,6 +199,12 @@ def test_a_bundle_published_on_the_hub_runs_torch_free_as_the_local_one_and_then
     offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     r = run(FAR, "info", "hub:someone/far-demo", env=offline)
     assert r.returncode == 0 and "bundle 'far-demo'" in r.stdout, r.stderr
+    # an image made from it records the bundle pinned to that commit (--from-image finds the same files again)
+    argv = ["generate", "hub:someone/far-demo", "--class", "3", "--steps", "1", "--inner-steps", "1", "--no-progress"]
+    r = run(FAR, *argv, "--out-dir", str(tmp_path / "img"), env=offline)
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp_path / "img" / "class3_seed0.png") as im:
+        assert json.loads(im.text["far-sdk"])["bundle"] == f"hub:someone/far-demo@{C2}"
 
 
 def test_far_info_on_hub_bundles_names_what_is_wrong(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import far_sdk
 from far_sdk.backends.create import BACKEND_NAMES
-from far_sdk.bundle.hub import HUB_PREFIX, locate_bundle
+from far_sdk.bundle.hub import HUB_PREFIX, locate_bundle, parse_hub_spec
 from far_sdk.cli.outputs import Settings, encode_png, image_name
 from far_sdk.cli.run import (
     add_bundle_argument,
@@ -105,9 +105,12 @@ def settings_of(a: argparse.Namespace) -> Settings:
         if (a.classes is None) == (a.prompts is None):
             raise InvalidArgumentError("give --class (class bundles) or --prompt (text bundles), or --from-image")
         labels = [c for c in (a.classes or a.prompts) for _ in range(a.num_per_class)]
-        hub = a.bundle_spec.startswith(HUB_PREFIX)
+        if a.bundle_spec.startswith(HUB_PREFIX):  # pinned to the commit it resolved to (its local directory's name)
+            bundle = f"{HUB_PREFIX}{parse_hub_spec(a.bundle_spec)[0]}@{Path(a.bundle).name}"
+        else:
+            bundle = str(Path(a.bundle).resolve())  # where --from-image finds it again, from any directory
         return Settings(
-            bundle=a.bundle_spec if hub else str(Path(a.bundle).resolve()),  # where --from-image finds it again
+            bundle=bundle,
             manifest_sha256="",
             backend=a.backend or "auto",
             device=a.device,

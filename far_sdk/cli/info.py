@@ -40,7 +40,7 @@ def run_info(a: argparse.Namespace) -> int:
     cfg, vae = m["model"], m["vae"]
     checked = "every file checked against its sha256" if not a.no_verify else "files not checked (--no-verify)"
     print(f"{b.path}  (bundle {m['name']!r}, format {m['format_version']}; {checked})")
-    print(f"  {'manifest sha256':<24}{m['manifest_sha256']} (its digest and schema checked)")
+    print(f"  manifest sha256 {m['manifest_sha256']} (its digest and schema checked)")
     text = b.text
     if text:
         cond = f"text: [{text['max_length']} tokens x {text['hidden_size']}]"
@@ -50,9 +50,10 @@ def run_info(a: argparse.Namespace) -> int:
         names = ", ".join(f"{k}={v}" for k, v in named[:10]) + (", ..." if len(named) > 10 else "")
         cond = f"{b.num_classes} classes" + (f" ({names})" if names else "")
     masked = cfg.get("mask")
-    modes = ", ".join(b.sampling_modes) + (
-        " (model trained without token masking: mask mode gives worse images)" if masked is False else ""
-    )
+    note = {False: " (model trained without token masking: mask mode gives worse images)"}.get(masked, "")
+    if masked and not text:
+        note = " (model built with mask=True: it runs mask mode only)"
+    modes = ", ".join(b.sampling_modes) + note
     grid, ch = cfg["grid_size"], cfg["token_channels"]
     _section(
         "Model",

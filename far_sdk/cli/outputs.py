@@ -53,8 +53,17 @@ class Settings:
             d = json.loads(text[SETTINGS_KEY])
             if d.pop("version") != SETTINGS_VERSION:
                 raise ValueError("unknown settings version")
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__})
-        except (ValueError, KeyError, TypeError) as e:
+            s = cls(**{k: d[k] for k in cls.__dataclass_fields__})
+            (kind, labels), *more = s.conditioning.items()
+            if more or kind not in ("class_labels", "prompt") or not isinstance(labels, list):
+                raise ValueError(f"conditioning {s.conditioning!r}")
+            ints = (s.seed, s.index, s.scale)
+            if not all(type(v) is int and v >= 0 for v in ints) or s.index >= len(labels) or s.scale < 1:
+                raise ValueError(f"seed, index, scale {ints}")
+            if not isinstance(s.options, dict) or not isinstance(s.bundle, str):
+                raise ValueError("options or bundle")
+            return s
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise InvalidArgumentError(f"--from-image {path}: unreadable far-sdk settings ({e})") from e
 
 
