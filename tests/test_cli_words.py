@@ -163,3 +163,17 @@ def test_random_init_small_model_without_vae_config_is_refused_with_the_decoder_
     assert rc == EXIT_USAGE and not out.exists()
     # the official KL-16 decoder: 38,189,203 parameters (post_quant_conv + decoder), 152.8 MB in float32
     assert "38.2 M random parameters, a 152.8 MB vae_decoder.onnx" in err and "--vae-config kl16-tiny" in err
+
+
+def test_a_misspelt_class_name_names_the_closest_one():
+    from types import SimpleNamespace
+
+    from far_sdk.conditioning import class_ids
+    from far_sdk.errors import InvalidArgumentError
+
+    bundle = SimpleNamespace(id2label={207: "golden retriever", 208: "Labrador retriever"}, num_classes=1000)
+    assert class_ids(bundle, ["Golden Retriever", "207", 208]) == (207, 207, 208)
+    with pytest.raises(
+        InvalidArgumentError, match="unknown class name 'golden retreiver'; did you mean 'golden retriever'"
+    ):
+        class_ids(bundle, ["golden retreiver"])
