@@ -58,6 +58,7 @@ def add_generate(p: argparse.ArgumentParser) -> None:
         "--num-per-class",
         type=positive_int,
         default=1,
+        metavar="N",
         help="images per --class or --prompt (diffusers' num_images_per_prompt)",
     )
     what.add_argument("--seed", type=non_negative_int, help="image i uses seed + i (default: 0)")
