@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==2.13.0" onnx onnxruntime numpy pillow safetensors tqdm pytest scikit-learn jsonschema "ray[serve]>=2.40" scipy "transformers>=5" "tokenizers>=0.20" "ruff==0.17.6" "fastapi>=0.110" "pydantic>=2.5" "selenium>=4.20"
+	$(PY) -m pip install -q "torch==2.13.0" onnx onnxruntime numpy pillow safetensors tqdm pytest scikit-learn jsonschema "ray[serve]>=2.40" scipy "transformers>=5" "tokenizers>=0.20" "huggingface_hub>=1.0" "ruff==0.17.6" "fastapi>=0.110" "pydantic>=2.5" "selenium>=4.20"
 	$(PY) -m pip install -q --no-deps "torch-fidelity==0.4.0"
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)

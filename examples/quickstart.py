@@ -1,25 +1,33 @@
-"""The smallest use of far_sdk: load a bundle, generate, save.
+"""The smallest use of far_sdk: load a bundle, generate, save one PNG per image and a grid.
 
-.venv/bin/python examples/quickstart.py engines/far-demo
+    python examples/quickstart.py                       # engines/far-demo, into out/quickstart/
+    python examples/quickstart.py hub:OWNER/REPO out/x  # a bundle published on the Hugging Face Hub
+
+The settings are diffusers' names where they have one (guidance_scale = cfg); the rest are FAR's own: outer steps
+(num_steps) and denoising steps per outer step (inner_steps, or a preset).
 """
 
 import sys
+from pathlib import Path
 
 import far_sdk
 
 bundle = sys.argv[1] if len(sys.argv) > 1 else "engines/far-demo"
-gen = far_sdk.Generator(bundle, backend="auto")  # "tensorrt" | "onnxruntime" | "torch"
-out = gen.generate(
-    class_labels=[1, 7],
-    seed=0,
-    num_steps=10,
-    cfg=3.0,
-    cfg_schedule="linear",
-    temperature=1.0,
-    inner_steps="frequency-aware",
-    filter="spatial",
-    progress=True,
-)
+out_dir = Path(sys.argv[2] if len(sys.argv) > 2 else "out/quickstart")
+out_dir.mkdir(parents=True, exist_ok=True)
+
+with far_sdk.Generator(bundle) as gen:  # backend "auto": TensorRT plans if built, else ONNX Runtime, else torch
+    print(gen)
+    out = gen.generate(
+        class_labels=[1, 7],
+        num_images_per_prompt=2,  # two images per label, consecutive seeds
+        seed=0,
+        preset="fast",  # 15 DDPM steps per outer step: the paper schedule's quality on the demo
+        guidance_scale=3.0,
+        progress=True,
+    )
 for label, seed, image in zip(out.class_labels, out.seeds, out.images):
-    image.save(f"far_class{label}_seed{seed}.png")
+    image.save(out_dir / f"class{label}_seed{seed}.png")
+far_sdk.make_image_grid(out.images, scale=4).save(out_dir / "grid.png")
+print(f"{len(out.images)} images, latents {out.latents.shape}, into {out_dir}/")
 print({k: round(v, 3) for k, v in out.timings.items()})

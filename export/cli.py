@@ -1,5 +1,6 @@
 """``far-export``: FAR checkpoints -> verified bundles (-> TensorRT engines).
 
+    far-export onnx --hub figereatfish/FAR --model far_large --out engines/far_large     # official weights by name
     far-export onnx --checkpoint checkpoint-last.pth --vae kl16.ckpt --out engines/far_large
     far-export onnx --checkpoint custom.pth --config custom.json --vae kl16.ckpt --out engines/custom
     far-export onnx --random-init --model far_tiny --vae-config kl16-tiny --out engines/tiny
@@ -19,7 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from export.hub import OFFICIAL_VAE, fetch, hub_checkpoint, with_hub
 from export.trt_build import TRT_HELP, add_trt_args, run_trt
+from far_sdk import __version__
 from far_sdk.cli.run import ArgumentParser, check_writable_dir, non_negative_int, run_command
 from far_sdk.errors import InvalidArgumentError
 
@@ -34,8 +37,24 @@ def _add_onnx_args(p: argparse.ArgumentParser) -> None:
     from training.config_vae import VAE_CONFIGS
 
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="official FAR checkpoint (checkpoint-last.pth)")
+    src.add_argument(
+        "--checkpoint",
+        metavar="PATH|hub:OWNER/REPO/PATH[@REV]",
+        help="FAR checkpoint (checkpoint-last.pth), a local file or one on the Hugging Face Hub",
+    )
+    src.add_argument(
+        "--hub",
+        metavar="OWNER/REPO",
+        help="the checkpoint from this Hub repository by --model: --hub figereatfish/FAR --model far_large fetches "
+        "far_large/checkpoint-last.pth and the official VAE (huggingface_hub's cache; HF_HUB_OFFLINE, HF_TOKEN)",
+    )
     src.add_argument("--random-init", action="store_true", help="random weights (tests, benchmarks); needs --model")
+    p.add_argument("--hub-file", metavar="PATH", help="with --hub: the checkpoint's path in the repository")
+    p.add_argument(
+        "--hub-revision",
+        metavar="REV",
+        help="with --hub: a branch, tag or commit (default: main); the manifest records the commit it resolved to",
+    )
     arch = p.add_mutually_exclusive_group()
     arch.add_argument(
         "--model",
@@ -50,12 +69,21 @@ def _add_onnx_args(p: argparse.ArgumentParser) -> None:
         "e.g. for a checkpoint whose saved args name no official preset",
     )
     p.add_argument("--no-ema", action="store_true", help="export the live weights instead of the EMA weights")
-    p.add_argument("--vae", type=Path, help="KL-16 tokenizer checkpoint (kl16.ckpt); required with --checkpoint")
-    p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS), help="VAE architecture (default: kl16)")
+    p.add_argument(
+        "--vae",
+        metavar="PATH|hub:OWNER/REPO/PATH[@REV]",
+        help=f"KL-16 tokenizer checkpoint (kl16.ckpt); required with --checkpoint; with --hub default {OFFICIAL_VAE}",
+    )
+    p.add_argument(
+        "--vae-config",
+        choices=sorted(VAE_CONFIGS),
+        help="VAE architecture (default: kl16, the official one; a --random-init model other than far_base/large/"
+        "huge must name it: kl16-tiny for tests)",
+    )
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of --random-init weights (default: 0)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write, e.g. engines/far_large")
     p.add_argument("--name", help="bundle name (default: the --out directory's name)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default: 17)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
     p.add_argument(
         "--reuse",
@@ -100,8 +128,14 @@ def _run_onnx(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(
             "--random-init needs --model (one of the presets) or --config (a JSON file of FARConfig fields)"
         )
+    if (args.hub_file or args.hub_revision) and not args.hub:
+        raise InvalidArgumentError("--hub-file and --hub-revision go with --hub OWNER/REPO")
+    if args.hub:
+        args.checkpoint = hub_checkpoint(args.hub, args.model, args.hub_file, args.hub_revision)
+        args.vae = args.vae or OFFICIAL_VAE
     if args.checkpoint is not None and args.vae is None:
         raise InvalidArgumentError("--checkpoint needs --vae (the KL-16 tokenizer checkpoint, e.g. kl16.ckpt)")
+    args.vae_config = args.vae_config or _default_vae_config(args)
     id2label = None
     if args.id2label is not None:
         try:
@@ -114,6 +148,8 @@ def _run_onnx(args: argparse.Namespace) -> int:
     config = read_config_file(args.config) if args.config is not None else args.model  # checked before any loading
     vae_cfg = VAE_CONFIGS[args.vae_config]
     t0 = time.perf_counter()
+    checkpoint, checkpoint_hub = fetch(args.checkpoint, "--checkpoint")
+    vae_path, vae_hub = fetch(args.vae, "--vae")
     options = dict(
         name=args.name or out.resolve().name,
         latent_scale=args.latent_scale,
@@ -122,7 +158,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
         defaults={"cfg": args.cfg},
     )
-    if args.random_init and args.vae is None:
+    if args.random_init and vae_path is None:
         path = random_bundle(
             out, config, vae_cfg, seed=args.seed, reuse=args.reuse, overwrite=args.overwrite, **options
         )
@@ -132,10 +168,11 @@ def _run_onnx(args: argparse.Namespace) -> int:
         far, _ = random_models(config, vae_cfg, seed=args.seed)
         source = random_init_source(args.seed)
     else:
-        far = load_official_checkpoint(args.checkpoint, use_ema=not args.no_ema, config=config)
-        source = checkpoint_source(args.checkpoint, use_ema=not args.no_ema, vae=args.vae)
-    if args.vae is not None:
-        vae = load_official_vae(args.vae, vae_cfg)
+        far = load_official_checkpoint(checkpoint, use_ema=not args.no_ema, config=config)
+        source = checkpoint_source(checkpoint, use_ema=not args.no_ema, vae=vae_path)
+    source = with_hub(source, checkpoint_hub, vae_hub)
+    if vae_path is not None:
+        vae = load_official_vae(vae_path, vae_cfg)
     print(f"loaded {'random-init ' if args.random_init else ''}model and VAE in {time.perf_counter() - t0:.1f} s")
 
     if args.text_encoder is not None:
@@ -143,6 +180,31 @@ def _run_onnx(args: argparse.Namespace) -> int:
 
         options["text_encoder"] = SmallTextEncoder.from_pretrained(args.text_encoder)
     return _report(export_bundle(far, vae, out, overwrite=args.overwrite, source=source, **options))
+
+
+#: The official model sizes, exported with the official KL-16 VAE unless --vae-config says otherwise.
+_OFFICIAL_MODELS = ("far_base", "far_large", "far_huge", "far_t2i")
+
+
+def _default_vae_config(args: argparse.Namespace) -> str:
+    """kl16 (the official VAE), except for a random-init model of another size, which must name its VAE: a tiny
+    model around the full KL-16 decoder (152.8 MB of random weights) is rarely what a test or benchmark meant."""
+    if not args.random_init or args.vae is not None or args.model in _OFFICIAL_MODELS:
+        return "kl16"
+    import torch
+
+    from training.config_vae import VAE_CONFIGS
+    from training.vae import AutoencoderKL
+
+    with torch.device("meta"):  # count the parameters without allocating them
+        vae = AutoencoderKL(VAE_CONFIGS["kl16"])
+    n = sum(p.numel() for m in (vae.decoder, vae.post_quant_conv) for p in m.parameters())
+    raise InvalidArgumentError(
+        f"--random-init {'--model ' + args.model if args.model else '--config ' + str(args.config)} without "
+        f"--vae-config would build the official KL-16 decoder: {n / 1e6:.1f} M random parameters, a "
+        f"{4 * n / 1e6:.1f} MB vae_decoder.onnx. Pass --vae-config kl16-tiny (tests) or kl16-small, or --vae-config "
+        "kl16 to mean it"
+    )
 
 
 def _report(path: Path) -> int:
@@ -170,6 +232,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="far-export", description="Turn FAR checkpoints into bundles and engines.")
+    parser.add_argument("--version", action="version", version=f"far-export (far-sdk {__version__})")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary, not per-graph progress")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, add_args, run) in SUBCOMMANDS.items():

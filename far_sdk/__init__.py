@@ -7,6 +7,7 @@ torch) only when it is chosen.
 from far_sdk import errors
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import FarError
+from far_sdk.images import make_image_grid
 from far_sdk.maths.noise import ReplayNoise, SeededNoise
 from far_sdk.options import SamplingOptions
 from far_sdk.pipeline import GenerationOutput, Generator, StepInfo
@@ -23,5 +24,6 @@ __all__ = [
     "SeededNoise",
     "StepInfo",
     "errors",
+    "make_image_grid",
     "__version__",
 ]

@@ -20,7 +20,7 @@ from typing import Any, Union
 import numpy as np
 
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.errors import InvalidArgumentError
+from far_sdk.errors import InvalidArgumentError, arg
 from far_sdk.text import TextEncoder
 
 
@@ -141,8 +141,8 @@ def text_condition(
     """What a text bundle's ``generate`` was given -> its :class:`TextCondition` (typed errors saying what to pass)."""
     if class_labels is not None:
         raise InvalidArgumentError(
-            f"bundle {bundle.name!r} is text-conditioned (FAR-T2I): pass prompt=[...] or "
-            "prompt_embeds= [B, T, D], not class labels"
+            f"bundle {bundle.name!r} is text-conditioned (FAR-T2I): give {arg('prompt')} (or prompt_embeds "
+            f"[B, T, D] from Python), not {arg('class_labels')}"
         )
     if (prompt is None) == (prompt_embeds is None):
         raise InvalidArgumentError(
@@ -160,10 +160,12 @@ def text_condition(
 
 def refuse_text(bundle: Bundle, prompt: Any, prompt_embeds: Any, negative_prompt_embeds: Any) -> None:
     """A class bundle given text conditioning: InvalidArgumentError saying to pass class labels."""
-    if prompt is not None or prompt_embeds is not None or negative_prompt_embeds is not None:
+    text = {"prompt": prompt, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+    given = [name for name, value in text.items() if value is not None]
+    if given:
         raise InvalidArgumentError(
-            f"bundle {bundle.name!r} is class-conditional: pass class_labels=[...], not "
-            "prompt / prompt_embeds / negative_prompt_embeds (those need a FAR-T2I bundle)"
+            f"bundle {bundle.name!r} is class-conditional: give {arg('class_labels')} (class ids or names), not "
+            f"{arg(given[0])} (text needs a FAR-T2I bundle)"
         )
 
 
@@ -185,5 +187,5 @@ def condition_for(
         return text_condition(bundle, encoder, class_labels, prompt, prompt_embeds, negative_prompt_embeds)
     refuse_text(bundle, prompt, prompt_embeds, negative_prompt_embeds)
     if class_labels is None:
-        raise InvalidArgumentError("class_labels must be given: one class id or name per image")
+        raise InvalidArgumentError(f"{arg('class_labels')} must be given: one class id or name per image")
     return ClassCondition(class_ids(bundle, class_labels), bundle.null_class_id)

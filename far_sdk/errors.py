@@ -8,7 +8,11 @@ one class; each also derives from the closest builtin (``ValueError``,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import difflib
 import math
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -73,8 +77,56 @@ class DeviceOutOfMemoryError(FarError, MemoryError):
     """A backend ran out of host or device memory for the requested batch (lower max_batch or the batch size)."""
 
 
+class HubError(FarError, OSError):
+    """A file could not be fetched from the Hugging Face Hub (no connection and not cached, offline mode, a server
+    error), or huggingface_hub is not installed. A repository, revision or file that does not exist is an
+    :class:`InvalidArgumentError` naming it."""
+
+
 class GeneratorClosedError(FarError, RuntimeError):
     """A :class:`~far_sdk.Generator` was used after :meth:`~far_sdk.Generator.close`."""
+
+
+# ---- naming a parameter in a message ----------------------------------------------------------------
+# One wording per rule, spelled for its reader: a Python caller reads ``inner_sampler='ddim'``, a command-line user
+# ``--inner-sampler ddim``. A message names a parameter through arg(); the CLIs set the flags (spelled_as).
+
+_FLAGS: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("far_sdk_flags", default=None)
+_ANY = object()
+
+
+def arg(name: str, value: object = _ANY) -> str:
+    """Parameter ``name`` (given ``value``) as an error message names it: ``name=value`` (``name`` alone without a
+    value) for Python callers; inside :func:`spelled_as`, its command-line flag (``--inner-sampler ddim``)."""
+    flags = _FLAGS.get()
+    if flags is not None and name in flags:
+        if value is _ANY:
+            return flags[name]
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        return f"{flags[name]} {shown}"
+    return name if value is _ANY else f"{name}={value!r}"
+
+
+@contextlib.contextmanager
+def spelled_as(flags: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, :func:`arg` names the parameters in ``flags`` (name -> flag) by their flags."""
+    token = _FLAGS.set(flags)
+    try:
+        yield
+    finally:
+        _FLAGS.reset(token)
+
+
+def closest(name: object, choices: Iterable[str]) -> str | None:
+    """The choice closest to ``name`` (difflib's ratio >= 0.6), or None."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` for the choice closest to ``name``, or ``""`` when none is close."""
+    close = closest(name, choices)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def check_finite(array, what: str, *, step: int | None = None) -> None:
@@ -100,7 +152,9 @@ def check_finite(array, what: str, *, step: int | None = None) -> None:
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     """``value`` if it is one of ``choices``; else :class:`InvalidArgumentError` naming them."""
     if not isinstance(value, str) or value not in choices:
-        raise InvalidArgumentError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise InvalidArgumentError(
+            f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}{did_you_mean(value, choices)}"
+        )
     return value
 
 

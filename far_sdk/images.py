@@ -49,17 +49,49 @@ def make_image_grid(images: Sequence[Any], cols: int | None = None, *, scale: in
     images = list(images)
     if not images:
         raise InvalidArgumentError("make_image_grid needs at least one image")
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-        raise InvalidArgumentError(f"scale must be a positive integer, got {scale!r}")
     cols = cols or min(len(images), 8)
-    if scale > 1:
-        images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
+    images = [enlarge(im, scale) for im in images]
     w, h = images[0].size
     rows = (len(images) + cols - 1) // cols
     grid = Image.new("RGB", (cols * w, rows * h), "white")
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def enlarge(image: Any, scale: int) -> Any:
+    """``image`` ``scale`` times larger, nearest-neighbour (each pixel a scale x scale block: small images stay
+    crisp); ``scale`` 1 returns it unchanged."""
+    from PIL import Image  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
+
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise InvalidArgumentError(f"scale must be a positive integer, got {scale!r}")
+    return image if scale == 1 else image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def png_text_chunks(text: dict[str, str]) -> Any:
+    """PNG text chunks (``encode_image(..., pnginfo=...)``): UTF-8 (iTXt) entries, read back by
+    :func:`read_png_text`."""
+    from PIL import PngImagePlugin  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, value)
+    return info
+
+
+def read_png_text(path: str | Path) -> tuple[Any, dict[str, str]]:
+    """(the image, its PNG text entries) of a PNG file; InvalidArgumentError if it is not a readable PNG."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.format != "PNG":
+                raise InvalidArgumentError(f"{path} is a {im.format} image; settings are stored in PNG files only")
+            return im.copy(), dict(getattr(im, "text", {}))
+    except (OSError, UnidentifiedImageError) as e:
+        raise InvalidArgumentError(f"cannot read image {path}: {e}") from e
 
 
 def encode_image(image: Any, path: str | Path, **save_options: Any) -> bytes:

@@ -20,12 +20,12 @@ so that ``None`` can keep meaning "not given" everywhere. Values are checked whe
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from far_sdk.errors import InvalidArgumentError, check_choice, check_range
+from far_sdk.compat import DIFFUSERS_ALIASES, DIFFUSERS_HINTS
+from far_sdk.errors import InvalidArgumentError, arg, check_choice, check_range, did_you_mean
 from far_sdk.maths.diffusion import INNER_SAMPLERS, InnerSampler
 from far_sdk.maths.filters import FILTER_TYPES, GRID, FilterType
 from far_sdk.maths.schedules import (
@@ -269,7 +269,7 @@ def preset(name: object) -> SamplingOptions:
         )
     if name not in PRESETS:
         raise InvalidArgumentError(
-            f"unknown preset {name!r}; choose one of {sorted(PRESETS)}{_did_you_mean(name, PRESETS)}"
+            f"unknown preset {name!r}; choose one of {sorted(PRESETS)}{did_you_mean(name, PRESETS)}"
         )
     return PRESETS[name]
 
@@ -317,8 +317,8 @@ def resolve_text_plan(
         defaults = SamplingOptions.from_dict(defaults, what="bundle defaults")
     if given is not None and given.mode not in (None, "mask"):
         raise InvalidArgumentError(
-            f"a text-conditioned (FAR-T2I) bundle samples in mask mode only; got mode={given.mode!r} "
-            "(choose mode 'mask' or leave it out)"
+            f"a text-conditioned (FAR-T2I) bundle samples in mask mode only; got {arg('mode', given.mode)} "
+            f"(choose {arg('mode', 'mask')} or leave it out)"
         )
     plan = resolve_plan(
         dataclasses.replace(defaults.over(T2I_DEFAULTS), mode="nomask"),
@@ -348,7 +348,14 @@ def options_from_keywords(
 ) -> SamplingOptions:
     """The :class:`SamplingOptions` of keyword arguments (None = not given) put over ``base``; a keyword that is
     no option is an :class:`InvalidArgumentError` naming the closest option or ``other_names`` entry."""
-    _check_names(keywords, (*FIELDS, *other_names), f"{where}: unknown keyword")
+    keywords = dict(keywords)
+    for alias, name in DIFFUSERS_ALIASES.items():
+        if keywords.get(alias) is not None:
+            if keywords.get(name) is not None:
+                raise InvalidArgumentError(f"{where}: give {name} or its diffusers name {alias}, not both")
+            keywords[name] = keywords.pop(alias)
+        keywords.pop(alias, None)
+    _check_names(keywords, (*FIELDS, *DIFFUSERS_ALIASES, *other_names), f"{where}: unknown keyword")
     given = SamplingOptions(**{k: v for k, v in keywords.items() if v is not None})
     return given if base is None else given.over(base)
 
@@ -373,14 +380,10 @@ def options_json_schema() -> dict[str, Any]:
 
 
 def _check_names(names: Iterable[str], valid: Iterable[str], what: str) -> None:
-    """InvalidArgumentError for names outside ``valid``: the closest valid name, or all of them."""
+    """InvalidArgumentError for names outside ``valid``: diffusers' counterpart, the closest valid name, or all."""
     valid = tuple(valid)
     unknown = [k for k in names if k not in valid]
     if unknown:
-        hint = _did_you_mean(unknown[0], valid)
+        first = unknown[0]
+        hint = f" ({DIFFUSERS_HINTS[first]})" if first in DIFFUSERS_HINTS else did_you_mean(first, valid)
         raise InvalidArgumentError(f"{what} {', '.join(map(repr, unknown))}{hint or '; valid: ' + ', '.join(valid)}")
-
-
-def _did_you_mean(name: object, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -15,11 +15,13 @@ Finally the VAE decoder turns the last latents into RGB.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,6 +31,8 @@ import numpy as np
 from far_sdk.backends.base import Backend, HostDraws, LoopState, SeededDraws
 from far_sdk.backends.create import create_backend
 from far_sdk.bundle.bundle import Bundle
+from far_sdk.bundle.hub import locate_bundle
+from far_sdk.compat import diffusers_callback, repeat_each
 from far_sdk.conditioning import ClassCondition, Condition, condition_for
 from far_sdk.errors import EngineProfileError, GeneratorClosedError, InvalidArgumentError, NumericalError, check_choice
 from far_sdk.images import to_pil, to_uint8
@@ -78,6 +82,8 @@ class Generator:
     >>> out = gen.generate(class_labels=[3, 7], seed=0)
     >>> out.images[0].save("three.png")
 
+    ``bundle``: a bundle directory, ``"hub:OWNER/REPO[@REVISION]"`` (a bundle published on the Hugging Face Hub,
+    fetched once into the cache: far_sdk.bundle.hub), or a loaded :class:`Bundle`.
     ``backend``: "auto" | "tensorrt" | "onnxruntime" | "torch", or a ready :class:`Backend`.
     ``backend_options`` go to the backend (e.g. ``device="cuda"``, ``threads=4``, ``precision="bf16"``).
     Thread-safe: several threads may call :meth:`generate` on one Generator. With ONNX Runtime and
@@ -94,7 +100,7 @@ class Generator:
         verify: bool = True,
         **backend_options: Any,
     ):
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=verify)
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(locate_bundle(bundle), verify=verify)
         self.backend = (
             backend if isinstance(backend, Backend) else create_backend(self.bundle, backend, **backend_options)
         )
@@ -113,11 +119,17 @@ class Generator:
         if options is not None and not isinstance(options, SamplingOptions):
             raise InvalidArgumentError(f"options must be a far_sdk.SamplingOptions, got {type(options).__name__}")
         given = options_from_keywords(fields, base=options, where="plan()")
-        text = (
-            self.bundle.conditioning == "text"
-        )  # FAR-T2I: the official T2I schedule (far_sdk.options.resolve_text_plan)
+        text = self.bundle.conditioning == "text"  # FAR-T2I: the official T2I schedule (resolve_text_plan)
         plan = (resolve_text_plan if text else resolve_plan)(self.bundle.defaults, given, preset_name=preset)
         check_mode(plan.mode, self.bundle.sampling_modes, f"bundle {self.bundle.name!r}")
+        if plan.mode == "mask" and not text and not self.bundle.model_config.get("mask", True):
+            warnings.warn(
+                f"mode 'mask' on bundle {self.bundle.name!r}, whose model was trained without token masking: its "
+                "transformer sees the masked tokens as zeros, which it never saw in training, so expect worse images "
+                "(the demo: 0.885 vs 1.000 class accuracy, docs/BENCHMARKS.md); mode 'nomask' is its evaluated sampler",
+                UserWarning,
+                stacklevel=3,
+            )
         return plan
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -168,9 +180,8 @@ class Generator:
             if not be.all_finite(state.raw):
                 raise NumericalError(
                     f"outer step {s} (level {plan.levels[s]}) produced non-finite latents (NaN or inf): check the "
-                    "noise "
-                    "source and the bundle's weights; an unclipped sampler on an untrained model can also overflow "
-                    "(try x0_clip=)",
+                    "noise source and the bundle's weights; an unclipped sampler on an untrained model can also "
+                    "overflow (try x0_clip=)",
                     step=s,
                 )
             yield s, state
@@ -213,6 +224,8 @@ class Generator:
         on_step: Callable[[StepInfo], Any] | None = None,
         preview: bool | str = False,
         max_batch: int | None = None,
+        num_images_per_prompt: int = 1,
+        callback_on_step_end: Callable[..., Any] | None = None,
         **sampling: Any,
     ) -> GenerationOutput:
         """Generate one image per class label (class bundles) or per prompt (text bundles, FAR-T2I).
@@ -233,6 +246,10 @@ class Generator:
           the next level: the paper's coarse-to-fine picture) into ``StepInfo.preview``; "raw" decodes the full
           estimate. output_type: "pil" | "np" (uint8 [B, H, W, 3]) | "latent". progress: a tqdm bar.
         max_batch: most images per backend call (default: the engine's limit); larger batches are split.
+        diffusers' names: num_images_per_prompt=n generates n images per label or prompt (consecutive seeds);
+          guidance_scale = cfg; callback_on_step_end(generator, step, level, {"latents": [B, C, H, W]}) -> dict is
+          called after each outer step (the level stands for diffusers' timestep; returning changed latents is an
+          error: they are not fed back; stop early with on_step returning False).
 
         Sampling keywords (None or left out: the bundle's default; see ``far info``):
         """
@@ -246,6 +263,9 @@ class Generator:
         condition = condition_for(
             self.bundle, self._text_encoder, class_labels, prompt, prompt_embeds, negative_prompt_embeds
         )
+        condition = repeat_each(condition, num_images_per_prompt)
+        if callback_on_step_end is not None:
+            on_step = diffusers_callback(self, callback_on_step_end, on_step)
         plan = self.plan(
             options_from_keywords(sampling, base=options, where="generate()", other_names=_GENERATE_NAMES),
             preset=preset,
@@ -342,7 +362,7 @@ class Generator:
     def _progress(plan: SamplingPlan, batch: int, enabled: bool, chunks: int):
         if not enabled:
             return None
-        from tqdm.auto import tqdm  # imported on first use: `import far_sdk` stays light  # noqa: PLC0415 - loaded on first use: `import far_sdk` stays light
+        from tqdm.auto import tqdm  # noqa: PLC0415 - loaded on first use: `import far_sdk` stays light
 
         return tqdm(
             total=plan.num_steps * chunks, desc=f"FAR {plan.num_steps} steps x{batch}", unit="step", leave=False
@@ -372,19 +392,5 @@ class Generator:
 
 
 #: generate()'s own keyword names (an unknown keyword's "did you mean" looks among these and the sampling options).
-_GENERATE_NAMES = (
-    "class_labels",
-    "prompt",
-    "prompt_embeds",
-    "negative_prompt_embeds",
-    "seed",
-    "preset",
-    "options",
-    "noise",
-    "output_type",
-    "progress",
-    "on_step",
-    "preview",
-    "max_batch",
-)
+_GENERATE_NAMES = tuple(inspect.signature(Generator.generate).parameters)[1:-1]
 Generator.generate.__doc__ += "\n" + options_doc(" " * 10) + "\n"

@@ -60,7 +60,8 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str
 
 
 def one_line_error(err: str) -> bool:
-    """stderr is exactly one line and holds no traceback."""
+    """stderr is exactly one line and holds no traceback (one-line warnings, ``PROG: warning: ...``, aside)."""
+    err = "".join(line for line in err.splitlines(keepends=True) if ": warning: " not in line)
     return err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err
 
 

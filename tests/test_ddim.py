@@ -388,7 +388,7 @@ def test_far_generate_cli_sampler_options(tiny, tmp_path, capsys):
     )
     assert f"{2 * PRESETS['fast'].inner_steps} ddpm inner steps" in capsys.readouterr().out
     assert main(base + ["--eta", "0.5"]) == 2
-    assert "applies only to inner_sampler='ddim'" in capsys.readouterr().err
+    assert "--eta 0.5 applies only to --inner-sampler ddim" in capsys.readouterr().err
 
 
 def test_bundle_defaults_can_choose_ddim(tiny, tmp_path):

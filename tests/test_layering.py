@@ -2,7 +2,7 @@
 
 far_sdk is built in floors, each importing only from its own floor or below, so its import graph runs one way:
 
-    errors, fileio, images  <-  maths/  <-  options  <-  bundle/  <-  backends/, text, conditioning
+    errors, fileio, images  <-  maths/  <-  options, compat  <-  bundle/  <-  backends/, text, conditioning
         <-  pipeline  <-  bench/, scale/  <-  cli/
 
 ``import far_sdk`` loads neither torch, ``training`` nor ``export``; the only place it reaches into ``training`` is
@@ -22,7 +22,7 @@ MAX_LINES, MAX_TEST_LINES = 400, 450
 FLOORS = [
     ("far_sdk.errors", "far_sdk.fileio", "far_sdk.images"),
     ("far_sdk.maths",),
-    ("far_sdk.options",),
+    ("far_sdk.options", "far_sdk.compat"),
     ("far_sdk.bundle",),
     ("far_sdk.backends", "far_sdk.text", "far_sdk.conditioning"),
     ("far_sdk.pipeline",),

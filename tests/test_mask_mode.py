@@ -12,6 +12,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -347,6 +348,6 @@ def test_far_cli_generate_in_mask_mode(masked_bundle, tmp_path, capsys):
         )
         == 2
     )
-    assert "pass mode='mask'" in capsys.readouterr().err
+    assert "pass --mode mask" in capsys.readouterr().err
     assert main(["info", "--bundle", str(masked_bundle)]) == 0
-    assert "modes    mask (model built with mask=True)" in capsys.readouterr().out
+    assert re.search(r"sampling modes +mask \(model built with mask=True", capsys.readouterr().out)

@@ -264,14 +264,17 @@ def test_every_option_has_a_cli_flag_and_the_flags_parse_to_the_same_options():
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["--steps", "17"], r"argument --steps: num_steps must be an integer in 1\.\.16"),
-        (["--levels", "0,99"], r"argument --levels: each level must be an integer in 0\.\.15"),
-        (["--eta", "x"], "argument --eta: expected a number, got 'x'"),
+        # the wording generate() uses for the option, naming the flag (one wording per rule)
+        (["--steps", "17"], r"error: --steps must be an integer in 1\.\.16, got 17"),
+        (["--steps", "0"], r"error: --steps must be an integer in 1\.\.16, got 0"),
+        (["--levels", "0,99"], r"error: --levels: each level must be an integer in 0\.\.15"),
+        (["--eta", "x"], r"error: --eta must be a number in \[0, 1\], got 'x'"),
         (
             ["--inner-steps", "fast"],
-            "argument --inner-steps: expected .frequency-aware. or .official., a count N or one count",
+            "error: --inner-steps must be one of .frequency-aware., .official., a count N or one count",
         ),
-        (["--cfg", "inf"], r"argument --cfg: cfg must be a number in \[0, 1000\]"),
+        (["--cfg", "inf"], r"error: --cfg must be a number in \[0, 1000\]"),
+        (["--mode", "msk"], r"error: --mode must be one of 'nomask', 'mask', got 'msk' \(did you mean 'mask'\?\)"),
     ],
 )
 def test_a_bad_flag_value_is_a_usage_error_naming_the_flag(argv, match, capsys):

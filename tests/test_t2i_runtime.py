@@ -261,7 +261,7 @@ def test_far_cli_generate_with_prompts(t2i_bundle, tmp_path, capsys):
     )
     assert "prompt" in capsys.readouterr().err
     assert main(["info", "--bundle", str(t2i_bundle)]) == 0
-    assert "text [8 x 32] + encoder" in capsys.readouterr().out
+    assert "text: [8 tokens x 32] with a bundled text encoder" in capsys.readouterr().out
 
 
 def test_t2i_demo_bundle_is_small_intact_and_prompts_it_torch_free(tmp_path):

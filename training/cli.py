@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
+from far_sdk import __version__
 from far_sdk.cli.run import (
     ArgumentParser,
     check_writable_dir,
@@ -43,9 +44,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--image-root", help="ImageFolder tree, encoded on the fly through --vae")
     data.add_argument("--vae", help="VAE checkpoint for --image-root (e.g. kl16.ckpt)")
-    data.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS))
+    data.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS), help="the --vae's architecture")
     data.add_argument("--scale", type=float, default=OFFICIAL_LATENT_SCALE, help="latent scale for --image-root")
-    data.add_argument("--num-workers", type=non_negative_int, default=0)
+    data.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     p.add_argument(
         "--model",
         required=True,
@@ -54,14 +55,14 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-classes", type=positive_int, default=None, help="override the preset's class count")
     length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=positive_int)
-    length.add_argument("--epochs", type=positive_int)
+    length.add_argument("--steps", type=positive_int, help="optimiser steps to train (or --epochs)")
+    length.add_argument("--epochs", type=positive_int, help="passes over the data (or --steps)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: blr * global batch / 256)")
-    p.add_argument("--blr", type=float, default=1e-4)
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--blr", type=float, default=1e-4, help="base learning rate, per 256 images (the official)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="after the warm-up")
     p.add_argument("--warmup", type=non_negative_int, default=0, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.02)
+    p.add_argument("--weight-decay", type=float, default=0.02, help="AdamW weight decay (official decay groups)")
     p.add_argument("--grad-clip", type=float, default=None, help="default: 3.0 (FAR-T2I: 1.0, as the official runs)")
     p.add_argument("--ema-rate", type=float, default=None, help="default: 0.9999 (FAR-T2I: 0.999)")
     p.add_argument("--label-drop", type=float, default=None, help="default: the preset's (0.1)")
@@ -75,17 +76,17 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         help="share of diffusion rows with t drawn from [950, 1000): sharpens eps at the noisiest steps, "
         "where sampling amplifies its error ~2e4x (0 = official uniform t)",
     )
-    p.add_argument("--filter", choices=["spatial", "fourier"], default="spatial")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--filter", choices=["spatial", "fourier"], default="spatial", help="the low-pass filter of levels")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on CUDA")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of initialisation and data order")
     p.add_argument("--out", required=True, help="output directory (checkpoint-last.pth)")
     p.add_argument("--resume", default=None, help="checkpoint file or directory holding checkpoint-last.pth")
     p.add_argument(
         "--save-every", type=positive_int, default=None, help="steps between checkpoints (always at the end)"
     )
-    p.add_argument("--log-every", type=positive_int, default=10)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between loss log lines")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_train(a: argparse.Namespace) -> int:
@@ -152,14 +153,14 @@ def _add_cache(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--image-root", required=True, help="ImageFolder tree: ROOT/<class>/<images>")
     p.add_argument("--vae", required=True, help="VAE checkpoint (e.g. kl16.ckpt)")
-    p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS))
+    p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS), help="the --vae's architecture")
     p.add_argument("--out", required=True, help="output .npz or .safetensors")
-    p.add_argument("--scale", type=float, default=OFFICIAL_LATENT_SCALE)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--num-workers", type=non_negative_int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--scale", type=float, default=OFFICIAL_LATENT_SCALE, help="latent scale (kl16: the official)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE call")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the posterior samples")
+    p.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_cache(a: argparse.Namespace) -> int:
@@ -190,18 +191,18 @@ def _add_vae(p: argparse.ArgumentParser) -> None:
     from .config_vae import VAE_CONFIGS
 
     p.add_argument("--image-root", required=True, help="ImageFolder tree (labels are ignored)")
-    p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS))
-    p.add_argument("--steps", type=positive_int, required=True)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--vae-config", default="kl16", choices=sorted(VAE_CONFIGS), help="architecture to train")
+    p.add_argument("--steps", type=positive_int, required=True, help="optimiser steps")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per step")
     p.add_argument(
         "--out", required=True, help="output checkpoint ({'model': state_dict}, loadable by load_official_vae)"
     )
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--log-every", type=positive_int, default=50)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of initialisation and data order")
+    p.add_argument("--log-every", type=positive_int, default=50, help="steps between loss log lines")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_vae(a: argparse.Namespace) -> int:
@@ -236,13 +237,18 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="far-train", description="Train FAR and its tokenizer")
+    parser.add_argument("--version", action="version", version=f"far-train (far-sdk {__version__})")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add, _run, help_) in COMMANDS.items():
         add(sub.add_parser(name, help=help_, description=help_))
-    a = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     level = logging.INFO if main_rank and not a.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

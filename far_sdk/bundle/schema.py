@@ -126,7 +126,15 @@ _GRAPH = _object(
     },
     optional=("external_data",),
 )
-_SOURCE_VAE = _object({"file": _FILE, "sha256": _SHA256})
+#: A file fetched from the Hugging Face Hub: its repository, the commit it resolved to, its path there.
+_SOURCE_HUB = _object(
+    {
+        "repo_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z"},
+        "revision": {"type": "string", "pattern": r"^[0-9a-f]{40}\Z"},
+        "path": _TEXT,
+    }
+)
+_SOURCE_VAE = _object({"file": _FILE, "sha256": _SHA256, "hub": _SOURCE_HUB}, optional=("hub",))
 _SOURCE = _object(
     {
         "kind": {"enum": ["checkpoint", "random-init", "unspecified"]},
@@ -135,8 +143,9 @@ _SOURCE = _object(
         "use_ema": _BOOL,
         "seed": _int(0, 2**64 - 1),
         "vae": _SOURCE_VAE,
+        "hub": _SOURCE_HUB,
     },
-    optional=("file", "sha256", "use_ema", "seed", "vae"),
+    optional=("file", "sha256", "use_ema", "seed", "vae", "hub"),
 )
 
 #: A FAR-T2I model (training.config_t2i.T2IConfig): no class table, cross-attention to the text.

@@ -12,7 +12,7 @@ from typing import Any
 
 from far_sdk.bench.protocol import BASELINES, EAGER_EQUAL, EAGER_OFFICIAL, BenchResult, run_benchmark
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.cli.run import check_writable_file
+from far_sdk.cli.run import add_bundle_argument, check_writable_file
 from far_sdk.cli.sampling import add_sampling_args, options_from_args
 from far_sdk.errors import InvalidArgumentError
 from far_sdk.fileio import atomic_write_bytes
@@ -29,12 +29,7 @@ def _csv(kind):
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--bundle",
-        required=True,
-        help="bundle directory (engines/NAME); a random-init one of any size: far-export onnx --random-init --model "
-        "far_large --out DIR --reuse",
-    )
+    add_bundle_argument(p)  # a random-init bundle of any size: far-export onnx --random-init --model far_large ...
     p.add_argument(
         "--backend",
         type=_csv(str),
@@ -51,14 +46,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         "(default: four digit prompts)",
     )
     add_sampling_args(p, presets="list")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation, caches)")
+    p.add_argument("--iters", type=int, default=10, help="timed runs per backend and batch")
     p.add_argument(
         "--baseline",
         choices=BASELINES,
         default="none",
-        help="eager-torch: the torch-eager backend (the official per-step work, fp32) at 100 inner steps and at the "
-        "benchmarked plan",
+        help="none (the default), or eager-torch: the torch-eager backend (the official per-step work, fp32) at 100 "
+        "inner steps and at the benchmarked plan",
     )
     p.add_argument(
         "--threads", type=int, default=None, help="CPU threads of onnxruntime / torch (default: all usable cores)"
@@ -85,7 +80,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--peak", action="store_true", help="measure the CPU fp32 matmul peak (2048^3, best of 5) for %%peak"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--json", default=None, help="write raw per-iteration numbers and summaries here")
 
 

@@ -1,180 +1,228 @@
-"""``far generate`` (images into a grid, and a GIF of the steps) and ``far info`` (a bundle's manifest, summarised)."""
+"""``far generate``: images into a grid (``--out``), one PNG per image with its settings (``--out-dir``), a GIF of
+the steps (``--preview-gif``); ``--from-image`` makes an image written with ``--out-dir`` again."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import dataclasses
+import sys
 from pathlib import Path
 
+import far_sdk
 from far_sdk.backends.create import BACKEND_NAMES
-from far_sdk.bundle.bundle import Bundle
-from far_sdk.cli.run import check_writable_file, non_negative_int, positive_int
+from far_sdk.bundle.hub import HUB_PREFIX, locate_bundle, parse_hub_spec
+from far_sdk.cli.outputs import Settings, encode_png, image_name
+from far_sdk.cli.run import (
+    add_bundle_argument,
+    check_writable_dir,
+    check_writable_file,
+    non_negative_int,
+    positive_int,
+)
 from far_sdk.cli.sampling import add_sampling_args, options_from_args
 from far_sdk.errors import InvalidArgumentError
 from far_sdk.fileio import atomic_write_bytes
 from far_sdk.images import IMAGE_SUFFIXES, encode_image, make_image_grid
-from far_sdk.pipeline import Generator
+from far_sdk.options import SamplingOptions
+from far_sdk.pipeline import GenerationOutput, Generator
+
+DEFAULT_OUT = "far.png"
 
 
 def add_generate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, help="bundle directory (engines/NAME)")
-    p.add_argument(
+    add_bundle_argument(p)
+    what = p.add_argument_group("what to generate (one of --class, --prompt, --from-image)")
+    what.add_argument(
         "--class",
         dest="classes",
         action="append",
-        default=None,
-        help="class id or name; repeat for several (each is generated -n times)",
+        metavar="ID|NAME",
+        help="class id or name (far info lists the names); repeat for several",
     )
-    p.add_argument(
+    what.add_argument(
         "--prompt",
         dest="prompts",
         action="append",
-        default=None,
-        help="text prompt for a text-conditioned (FAR-T2I) bundle with a bundled text encoder; repeatable",
+        metavar="TEXT",
+        help="text prompt, for a text-conditioned (FAR-T2I) bundle with a bundled text encoder; repeatable",
     )
-    p.add_argument("-n", "--num-per-class", type=positive_int, default=1)
-    p.add_argument("--seed", type=non_negative_int, default=0, help="image i uses seed + i")
-    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
-    p.add_argument("--device", default=None, help="backend device (cpu, cuda, ...)")
+    what.add_argument(
+        "--from-image",
+        metavar="IMAGE.png",
+        help="make an image written with --out-dir again from the settings it carries (on its backend); "
+        "sampling flags given here override its settings",
+    )
+    what.add_argument(
+        "-n",
+        "--num-per-class",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="images per --class or --prompt (diffusers' num_images_per_prompt)",
+    )
+    what.add_argument("--seed", type=non_negative_int, help="image i uses seed + i (default: 0)")
+    run = p.add_argument_group("where it runs")
+    run.add_argument("--backend", choices=BACKEND_NAMES, help="default: auto (TensorRT plans, else ONNX Runtime)")
+    run.add_argument("--device", help="backend device (cpu, cuda, ...; default: the backend's)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_sampling_args(p)
-    p.add_argument("--out", default="far.png", help=f"grid image path ({', '.join(IMAGE_SUFFIXES)})")
-    p.add_argument("--cols", type=positive_int, default=None, help="grid columns (default: up to 8)")
-    p.add_argument("--preview-gif", default=None, help="write a GIF (.gif) of each outer step's decoded estimate")
-    p.add_argument("--no-progress", action="store_true")
+    out = p.add_argument_group("outputs")
+    out.add_argument(
+        "--out",
+        help=f"grid of all images ({', '.join(IMAGE_SUFFIXES)}); default: {DEFAULT_OUT} unless --out-dir is given",
+    )
+    out.add_argument(
+        "--out-dir",
+        metavar="DIR",
+        help="one PNG per image, named by class or prompt and seed, with its settings embedded (--from-image)",
+    )
+    out.add_argument(
+        "--scale", type=positive_int, help="enlarge every image N times, nearest-neighbour (small images stay crisp)"
+    )
+    out.add_argument("--cols", type=positive_int, help="grid columns (default: up to 8)")
+    out.add_argument("--preview-gif", metavar="FILE.gif", help="a GIF of each outer step's decoded estimate")
 
 
 def check_outputs(a: argparse.Namespace) -> None:
     """Output paths and formats, checked before the bundle is even loaded."""
-    out = check_writable_file(a.out, "--out", suffixes=IMAGE_SUFFIXES)
+    if a.out is None and a.out_dir is None:
+        a.out = DEFAULT_OUT
+    out = check_writable_file(a.out, "--out", suffixes=IMAGE_SUFFIXES) if a.out else None
+    if a.out_dir is not None:
+        if Path(a.out_dir).exists() and not Path(a.out_dir).is_dir():
+            raise InvalidArgumentError(f"--out-dir {a.out_dir} is a file; give a directory")
+        check_writable_dir(a.out_dir, "--out-dir")
     if a.preview_gif:
         gif = check_writable_file(a.preview_gif, "--preview-gif", suffixes=(".gif",))
-        if gif.resolve() == out.resolve():
+        if out is not None and gif.resolve() == out.resolve():
             raise InvalidArgumentError(f"--out and --preview-gif name the same file {out}")
+
+
+def settings_of(a: argparse.Namespace) -> Settings:
+    """The call to make: from the flags, or from ``--from-image``'s settings with the flags given put over them."""
+    given = options_from_args(a)
+    if a.from_image is None:
+        if (a.classes is None) == (a.prompts is None):
+            raise InvalidArgumentError("give --class (class bundles) or --prompt (text bundles), or --from-image")
+        labels = [c for c in (a.classes or a.prompts) for _ in range(a.num_per_class)]
+        if a.bundle_spec.startswith(HUB_PREFIX):  # pinned to the commit it resolved to (its local directory's name)
+            bundle = f"{HUB_PREFIX}{parse_hub_spec(a.bundle_spec)[0]}@{Path(a.bundle).name}"
+        else:
+            bundle = str(Path(a.bundle).resolve())  # where --from-image finds it again, from any directory
+        return Settings(
+            bundle=bundle,
+            manifest_sha256="",
+            backend=a.backend or "auto",
+            device=a.device,
+            conditioning={"class_labels" if a.classes else "prompt": labels},
+            seed=0 if a.seed is None else a.seed,
+            index=0,
+            preset=a.preset,
+            options=given.to_dict(),
+            scale=a.scale or 1,
+        )
+    if a.classes or a.prompts:
+        raise InvalidArgumentError("--from-image takes its --class / --prompt from the image; leave them out")
+    s = Settings.from_png(a.from_image)
+    return Settings(
+        bundle=a.bundle_spec or s.bundle,
+        manifest_sha256=s.manifest_sha256,
+        backend=a.backend or s.backend,
+        device=a.device or s.device,
+        conditioning=s.conditioning,
+        seed=s.seed if a.seed is None else a.seed,
+        index=s.index,
+        preset=a.preset or s.preset,
+        options=given.over(SamplingOptions.from_dict(s.options)).to_dict(),
+        scale=a.scale or s.scale,
+    )
 
 
 def run_generate(a: argparse.Namespace) -> int:
     check_outputs(a)
-    opts = {"device": a.device} if a.device else {}
-    if (a.classes is None) == (a.prompts is None):
-        raise InvalidArgumentError(
-            "pass --class (class bundles) or --prompt (text-conditioned bundles), one of them, repeatable"
-        )
-    labels = [c for c in (a.classes or a.prompts) for _ in range(a.num_per_class)]
-    cond = {"class_labels": labels} if a.classes else {"prompt": labels}
+    call = settings_of(a)
+    if a.bundle is None:  # --from-image: the bundle the image came from
+        if not call.bundle.startswith(HUB_PREFIX) and not Path(call.bundle).is_dir():
+            raise InvalidArgumentError(
+                f"--from-image {a.from_image} was made with bundle {call.bundle}, which is not here: give the bundle "
+                "(far generate BUNDLE --from-image ...)"
+            )
+        a.bundle = str(locate_bundle(call.bundle))
+    cols = a.cols or (1 if a.from_image else min(len(next(iter(call.conditioning.values()))), 8))
     frames: list = []
 
     def on_step(info):
         if info.preview:
-            frames.append(make_image_grid(info.preview, a.cols or min(len(labels), 8)))
+            frames.append(make_image_grid(info.preview, cols, scale=call.scale))
 
-    with Generator(a.bundle, backend=a.backend, **opts) as gen:
+    with Generator(a.bundle, backend=call.backend, **({"device": call.device} if call.device else {})) as gen:
+        digest = gen.bundle.manifest["manifest_sha256"]
+        if call.manifest_sha256 and call.manifest_sha256 != digest:
+            print(
+                f"note: {a.bundle} is not the bundle {a.from_image} came from; the image will differ", file=sys.stderr
+            )
         out = gen.generate(
-            **cond,
-            seed=a.seed,
-            preset=a.preset,
-            options=options_from_args(a),
+            **call.conditioning,
+            seed=call.seed,
+            preset=call.preset,
+            options=SamplingOptions.from_dict(call.options),
             progress=not a.no_progress,
             on_step=on_step if a.preview_gif else None,
             preview=bool(a.preview_gif),
         )
-        where = f"{gen.backend.describe()['backend']}/{gen.backend.device}"
-    cols = a.cols or min(len(labels), 8)
+        used = gen.backend.describe()
+        call = dataclasses.replace(call, backend=used["backend"], manifest_sha256=digest)
+        extra = {"bundle_name": gen.bundle.name, "device_used": used["device"], "far_sdk": far_sdk.__version__}
+        id2label = gen.bundle.id2label
+    keep = [call.index] if a.from_image else list(range(len(out.images)))
+    labels = list(out.class_labels) or next(iter(call.conditioning.values()))
+    extra["plan"] = {k: v for k, v in out.plan.to_dict().items() if k != "filter_after"}
     # Encode everything first, then write each file atomically: a failure leaves no partial file.
-    png = encode_image(make_image_grid(out.images, cols), a.out)
-    # one frame per outer step; the last one is the final image (held longer)
-    gif = (
-        encode_image(
-            frames[0],
-            a.preview_gif,
-            save_all=True,
-            append_images=frames[1:],
-            duration=[300] * (len(frames) - 1) + [1500],
-            loop=0,
+    grid = [] if not a.out else [(Path(a.out), make_image_grid([out.images[i] for i in keep], cols, scale=call.scale))]
+    files = [(path, encode_image(image, path)) for path, image in grid]
+    for i in keep if a.out_dir is not None else ():
+        one = dataclasses.replace(call, index=i)
+        png = encode_png(out.images[i], one, {**extra, "label": labels[i]})
+        files.append((Path(a.out_dir) / image_name(one, labels[i], id2label), png))
+    if a.preview_gif:  # one frame per outer step; the last one is the final image (held longer)
+        durations = [300] * (len(frames) - 1) + [1500]
+        gif = encode_image(
+            frames[0], a.preview_gif, save_all=True, append_images=frames[1:], duration=durations, loop=0
         )
-        if a.preview_gif
-        else None
-    )
-    existed = Path(a.out).exists()
-    atomic_write_bytes(Path(a.out), png)
-    if gif is not None:
-        try:
-            atomic_write_bytes(Path(a.preview_gif), gif)
-        except BaseException:
+        files.append((Path(a.preview_gif), gif))
+    write_all(files)
+    _report(out, keep, labels, used, [p for p, _ in files], len(frames))
+    return 0
+
+
+def write_all(files: list[tuple[Path, bytes]]) -> None:
+    """Write each file atomically; if one fails, remove those this call created (a file that existed before stays
+    as its last complete write left it)."""
+    created: list[Path] = []
+    try:
+        for path, data in files:
+            existed = path.exists()
+            atomic_write_bytes(path, data)
             if not existed:
-                with contextlib.suppress(OSError):
-                    Path(a.out).unlink()
-            raise
-    t = out.timings
+                created.append(path)
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
+
+
+def _report(out: GenerationOutput, keep: list[int], labels: list, used: dict, paths: list[Path], frames: int) -> None:
     p = out.plan
     sampler = p.inner_sampler + (f" eta {p.eta:g}" if p.inner_sampler == "ddim" else "")
+    n = len({labels[i] for i in keep})
+    what = f"classes {[labels[i] for i in keep]}" if out.class_labels else f"{n} prompt{'s' * (n != 1)}"
     print(
-        f"wrote {a.out} ({len(out.images)} images, "
-        f"{f'classes {list(out.class_labels)}' if a.classes else f'{len(a.prompts)} prompts'}, seeds "
-        f"{out.seeds[0]}..{out.seeds[-1]}) "
-        f"on {where}; {p.mode} mode, {p.num_steps} outer steps, {sum(p.inner_steps)} {sampler} inner steps"
+        f"generated {len(keep)} image(s) ({what}, seeds {out.seeds[keep[0]]}..{out.seeds[keep[-1]]}) on "
+        f"{used['backend']}/{used['device']}; {p.mode} mode, {p.num_steps} outer steps, {sum(p.inner_steps)} "
+        f"{sampler} inner steps"
     )
-    print("  " + "  ".join(f"{k} {v:.3f}s" for k, v in t.items()))
-    if a.preview_gif:
-        print(f"wrote {a.preview_gif} ({len(frames)} frames)")
-    return 0
-
-
-def add_info(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--json", action="store_true", help="print the whole manifest")
-    p.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip the files' sha256 check (the manifest's own digest is always checked)",
-    )
-
-
-def run_info(a: argparse.Namespace) -> int:
-    b = Bundle.load(a.bundle, verify=not a.no_verify)
-    m = b.manifest
-    if a.json:
-        print(json.dumps(m, indent=2))
-        return 0
-    cfg = m["model"]
-    text = b.text
-    cond = (
-        f"text [{text['max_length']} x {text['hidden_size']}]{' + encoder' if 'encoder' in text else ''}"
-        if text
-        else f"classes {b.num_classes}"
-    )
-    print(
-        f"bundle   {b.path}  ({m['name']}, format v{m['format_version']}, "
-        f"{'files verified' if not a.no_verify else 'files not verified'})"
-    )
-    print(f"manifest sha256 {m['manifest_sha256']} (digest and schema checked)")
-    print(
-        f"model    D={cfg['encoder_embed_dim']} depth {cfg['encoder_depth']}+{cfg['decoder_depth']} heads "
-        f"{cfg['encoder_num_heads']} "
-        f"MLP {cfg['diffloss_d']}x{cfg['diffloss_w']}  {cond}  grid "
-        f"{cfg['grid_size']}x{cfg['grid_size']}x{cfg['token_channels']}"
-    )
-    print(
-        f"vae      {m['vae'].get('ch')}ch x {m['vae'].get('ch_mult')}  latent scale {b.latent_scale}  image "
-        f"{m.get('image_size')}px"
-    )
-    print(f"modes    {', '.join(b.sampling_modes)} (model built with mask={cfg.get('mask', True)})")
-    print(f"defaults {b.defaults.to_dict()}")
-    print(f"source   {m.get('source')}")
-    for g, spec in m["graphs"].items():
-        val = spec.get("validation") or {}  # None: exported without validation
-        print(
-            f"graph    {g:12s} {spec['file']:22s} opset {spec.get('opset')}  max abs err vs torch "
-            f"{val.get('max_abs', 'n/a')}"
-        )
-    for name, f in m["files"].items():
-        print(f"file     {name:26s} {f['size'] / 1e6:9.2f} MB  sha256 {f['sha256'][:16]}…")
-    if b.id2label:
-        print("labels   " + ", ".join(f"{k}={v}" for k, v in sorted(b.id2label.items())[:20]))
-    plans = sorted((b.path / "trt").glob("*.plan")) if (b.path / "trt").is_dir() else []
-    print(
-        f"trt      {len(plans)} plan(s) built on this machine"
-        if plans
-        else "trt      no TensorRT plans (build with far-export trt)"
-    )
-    return 0
+    print("  " + "  ".join(f"{k} {v:.3f}s" for k, v in out.timings.items()))
+    for path in paths:
+        print(f"wrote {path}" + (f" ({frames} frames)" if path.suffix == ".gif" else ""))

@@ -1,8 +1,11 @@
-"""What the three commands (``far``, ``far-export``, ``far-train``) share: how they fail.
+"""What the three commands (``far``, ``far-export``, ``far-train``) share: their parser, and how they fail.
 
-Every failure ends the command with one line on stderr, ``PROG COMMAND: error: WHAT``, and the
-exit status of :data:`far_sdk.errors.EXIT_CODES` (2 usage, 3 bad input file, 4 runtime failure,
-130 Ctrl-C, 1 a bug). A closed stdout (``far info | head -1``) is not a failure. Setting
+:class:`ArgumentParser` shows every flag's default in ``--help``, answers an unknown flag or a bad choice with
+the closest valid one ("did you mean"), and takes a bundle as a positional argument or ``--bundle``
+(:func:`add_bundle_argument`). Every failure ends the command with one line on stderr,
+``PROG COMMAND: error: WHAT``, and the exit status of :data:`far_sdk.errors.EXIT_CODES` (2 usage, 3 bad input
+file, 4 runtime failure, 130 Ctrl-C, 1 a bug); errors name parameters by their flags
+(:func:`far_sdk.errors.spelled_as`). A closed stdout (``far info | head -1``) is not a failure. Setting
 ``FAR_TRACEBACK=1`` adds the traceback after the line, for bug reports.
 """
 
@@ -14,17 +17,93 @@ import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from far_sdk.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InvalidArgumentError, exit_code_for
+from far_sdk.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    InvalidArgumentError,
+    check_choice,
+    did_you_mean,
+    exit_code_for,
+    spelled_as,
+)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help with each flag's default appended, unless its help already states one or there is none
+    (None, False, an empty list: "not given")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, d = action.help or "", action.default
+        if "default" in text or d is None or d is False or d is argparse.SUPPRESS or d == [] or not text:
+            return text
+        shown = ",".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+        return f"{text} (default: {shown})".replace("%", "%%").replace("%%(", "%(")
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (``PROG: error: MESSAGE (see PROG --help)``) and exit status 2."""
+    """argparse with defaults in ``--help``, "did you mean" for unknown flags and bad choices, a one-line error
+    (``PROG: error: MESSAGE (see PROG --help)``) and exit status 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        self._check_flags(args)
+        return super().parse_known_args(args, namespace)
+
+    def _check_flags(self, args: list[str]) -> None:
+        """An unknown ``--flag`` is an error naming the closest known one, before any other check (a misspelt
+        ``--bundle`` is reported as such, not as a missing one). A subcommand checks its own flags."""
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        commands = {n for a in self._actions if isinstance(a, argparse._SubParsersAction) for n in a.choices}
+        for token in args:
+            if token == "--" or token in commands:
+                return
+            flag = token.split("=", 1)[0]
+            if not flag.startswith("--") or flag == "--" or flag in known:
+                continue
+            if self.allow_abbrev and sum(k.startswith(flag) for k in known) == 1:
+                continue  # argparse's unique abbreviation
+            self.error(f"unknown flag {flag}{did_you_mean(flag, known)}")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        """A value outside ``choices``: far_sdk's wording of that rule (check_choice), with "did you mean"."""
+        if action.choices is not None and value not in action.choices:
+            name = "/".join(action.option_strings) or (action.metavar or action.dest).lower()
+            try:
+                check_choice(name, value, tuple(map(str, action.choices)))
+            except InvalidArgumentError as e:
+                raise argparse.ArgumentError(None, str(e)) from None
+
+
+def add_bundle_argument(p: argparse.ArgumentParser) -> None:
+    """The bundle, as the first positional argument or ``--bundle`` (read with :func:`bundle_of`)."""
+    what = "bundle directory (engines/NAME) or hub:OWNER/REPO[@REVISION] (a bundle on the Hugging Face Hub)"
+    p.add_argument("bundle", nargs="?", metavar="BUNDLE", help=what)
+    p.add_argument("--bundle", dest="bundle_flag", metavar="BUNDLE", help="the bundle, as a flag")
+
+
+def bundle_of(a: argparse.Namespace, *, optional: bool = False) -> str | None:
+    """The bundle :func:`add_bundle_argument` read: given once, as an argument or by ``--bundle`` (None when
+    ``optional`` and not given)."""
+    given, flag = a.bundle, a.bundle_flag
+    if given and flag and given != flag:
+        raise InvalidArgumentError(f"two bundles given: {given} and --bundle {flag}; give one")
+    if not (given or flag or optional):
+        raise InvalidArgumentError("give a bundle: the first argument (e.g. engines/far-demo) or --bundle")
+    return given or flag
 
 
 def positive_int(text: str) -> int:
@@ -56,10 +135,15 @@ def one_line(exc: BaseException) -> str:
     return text
 
 
-def run_command(prog: str, run: Callable[[], int], *, interrupted: str = "interrupted") -> int:
-    """Run ``run()`` and turn every way it can fail into one stderr line and a documented status."""
+def run_command(
+    prog: str, run: Callable[[], int], *, interrupted: str = "interrupted", flags: Mapping[str, str] | None = None
+) -> int:
+    """Run ``run()`` and turn every way it can fail into one stderr line and a documented status. ``flags``
+    (parameter name -> flag) make the errors name the command's flags (far_sdk.errors.arg)."""
     try:
-        rc = run()
+        with spelled_as(flags or {}), warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(prog)  # a warning is one line too: "PROG: warning: ..."
+            rc = run()
         sys.stdout.flush()  # a closed pipe surfaces here, not as a warning at interpreter exit
         return rc
     except BrokenPipeError:
@@ -82,6 +166,13 @@ def run_command(prog: str, run: Callable[[], int], *, interrupted: str = "interr
         if os.environ.get("FAR_TRACEBACK"):
             traceback.print_exc()
         return code
+
+
+def _one_line_warning(prog: str) -> Callable[..., None]:
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        _say(f"{prog}: warning: {' '.join(str(message).split())}")
+
+    return show
 
 
 def _close_progress_bars() -> None:

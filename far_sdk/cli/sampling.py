@@ -1,15 +1,17 @@
 """The sampling flags of ``far generate``, ``far bench``, ``far serve`` and ``far generate-dataset``, derived from
 :class:`far_sdk.SamplingOptions`: one flag per field (``--steps`` for ``num_steps``, ``--x0-clip X`` /
 ``--no-x0-clip`` for ``x0_clip``), its choices, type, range and help taken from the field's
-:class:`~far_sdk.options.OptionSpec`. A bad value is argparse's usage error naming the flag."""
+:class:`~far_sdk.options.OptionSpec`. A bad value is a usage error naming the flag, in the words generate() uses
+for the option; :data:`CLI_FLAGS` lets any other error of a ``far`` command name flags too."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Callable
 from typing import Any, Literal
 
-from far_sdk.errors import InvalidArgumentError
+from far_sdk.errors import InvalidArgumentError, did_you_mean
 from far_sdk.maths.schedules import INNER_STEP_NAMES
 from far_sdk.options import PRESETS, SPECS, OptionSpec, SamplingOptions
 
@@ -19,47 +21,52 @@ def flag_of(name: str) -> str:
     return SPECS[name].flag or "--" + name.replace("_", "-")
 
 
-def _number(text: str, kind: type, what: str) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+#: generate()'s parameters -> the flags of ``far generate``: how the errors of a ``far`` command name them
+#: (far_sdk.errors.arg).
+CLI_FLAGS: dict[str, str] = {
+    **{name: flag_of(name) for name in SPECS},
+    "class_labels": "--class",
+    "prompt": "--prompt",
+    "seed": "--seed",
+    "preset": "--preset",
+    "num_images_per_prompt": "-n",
+}
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, flag: str) -> list[int]:
     try:
         return [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+        raise argparse.ArgumentError(None, f"{flag} must be integers separated by commas, got {text!r}") from None
 
 
 def _parser(name: str, spec: OptionSpec) -> Callable[[str], Any]:
-    """argparse ``type`` for one option: text -> value, checked by the option's own rules."""
+    """argparse ``type`` for one option: text -> value, checked by the option's own rules, whose error names the
+    flag (``--steps must be an integer in 1..16, got 0``: the wording generate() uses for ``num_steps``)."""
+    flag = flag_of(name)
 
     def parse(text: str) -> Any:
-        if spec.kind == "int":
-            value: Any = _number(text, int, "an integer")
-        elif spec.kind in ("float", "clip"):
-            value = _number(text, float, "a number")
-        elif spec.kind == "levels":
-            value = _ints(text)
+        value: Any = text
+        with contextlib.suppress(ValueError):  # not a number: the option's check below says what it must be
+            value = int(text) if spec.kind == "int" else float(text) if spec.kind in ("float", "clip") else text
+        if spec.kind == "levels":
+            value = _ints(text, flag)
         elif spec.kind == "inner_steps" and text not in INNER_STEP_NAMES:
             try:
-                value = _ints(text)
-            except argparse.ArgumentTypeError:
-                raise argparse.ArgumentTypeError(
-                    f"expected {' or '.join(map(repr, INNER_STEP_NAMES))}, a count N or one "
-                    f"count per outer step N1,N2,..., got {text!r}"
+                value = [int(p) for p in text.split(",") if p.strip()]
+            except ValueError:
+                raise argparse.ArgumentError(
+                    None,
+                    f"{flag} must be one of {', '.join(map(repr, INNER_STEP_NAMES))}, a count N or one count per "
+                    f"outer step N1,N2,..., got {text!r}{did_you_mean(text, INNER_STEP_NAMES)}",
                 ) from None
             value = value[0] if len(value) == 1 else value
-        else:
-            value = text
         try:
-            return spec.check(name, value)
+            return spec.check(flag, value)
         except InvalidArgumentError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+            raise argparse.ArgumentError(None, str(e) if str(e).startswith(flag) else f"{flag}: {e}") from None
 
-    parse.__name__ = name  # argparse names the type in its messages
+    parse.__name__ = name
     return parse
 
 

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.cli.run import check_writable_dir, check_writable_file, non_negative_int, positive_int
+from far_sdk.cli.run import add_bundle_argument, check_writable_dir, check_writable_file, non_negative_int, positive_int
 from far_sdk.cli.sampling import add_sampling_args, options_from_args
 from far_sdk.errors import InvalidArgumentError
 from far_sdk.fileio import atomic_write_json
@@ -23,8 +23,10 @@ from far_sdk.scale.evaluation import evaluate
 
 
 def _backend_args(p: argparse.ArgumentParser, default_backend: str) -> None:
-    p.add_argument("--bundle", required=True, help="bundle directory (engines/NAME)")
-    p.add_argument("--backend", default=default_backend, choices=["auto", "tensorrt", "onnxruntime", "torch"])
+    add_bundle_argument(p)
+    p.add_argument(
+        "--backend", default=default_backend, choices=["auto", "tensorrt", "onnxruntime", "torch"], help="runtime"
+    )
     p.add_argument("--device", default=None, help="backend device (cpu, cuda, ...)")
     p.add_argument(
         "--threads", type=positive_int, default=None, help="CPU threads per Generator (onnxruntime/torch on CPU)"
@@ -52,13 +54,13 @@ def _sampling(a: argparse.Namespace) -> dict:
 def add_serve(p: argparse.ArgumentParser) -> None:
     _backend_args(p, "auto")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0 to listen on every interface)")
-    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--port", type=positive_int, default=8000, help="HTTP port")
     p.add_argument(
         "--max-batch", type=positive_int, default=8, help="most requests merged into one generate call (1: no batching)"
     )
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a replica waits to fill a batch")
-    p.add_argument("--max-images-per-request", type=positive_int, default=16)
-    p.add_argument("--num-replicas", type=positive_int, default=1)
+    p.add_argument("--max-images-per-request", type=positive_int, default=16, help="larger requests get 400")
+    p.add_argument("--num-replicas", type=positive_int, default=1, help="Generators serving in parallel")
     p.add_argument(
         "--autoscale",
         default=None,
@@ -76,7 +78,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
         "--max-queued-requests", type=positive_int, default=64, help="queued requests before 503 (a bounded queue)"
     )
     p.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 where the cluster has GPUs, else 0")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica")
     p.add_argument(
         "--address", default=None, help="Ray cluster to join ('auto', ray://HOST:10001); default: start a local one"
     )
@@ -139,7 +141,7 @@ def run_serve(a: argparse.Namespace) -> int:
 
 def add_dataset(p: argparse.ArgumentParser) -> None:
     _backend_args(p, "onnxruntime")
-    p.add_argument("-n", "--num-images", type=positive_int, required=True)
+    p.add_argument("-n", "--num-images", type=positive_int, required=True, help="images in the dataset")
     p.add_argument("--out", required=True, help="output directory (shards, dataset.json, samples_NxHxWx3.npz)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="image i uses seed + i")
     p.add_argument(
@@ -162,7 +164,7 @@ def add_dataset(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=non_negative_int, default=0, help="Ray workers (0: this process)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     p.add_argument("--no-merge", action="store_true", help="keep the shards only (no samples_NxHxWx3.npz)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_sampling_args(p)
 
 
@@ -245,10 +247,10 @@ def add_eval(p: argparse.ArgumentParser) -> None:
         required=True,
         help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (no download)",
     )
-    p.add_argument("--batch", type=positive_int, default=64)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--isc-splits", type=positive_int, default=10)
-    p.add_argument("--prc-neighborhood", type=positive_int, default=3)
+    p.add_argument("--batch", type=positive_int, default=64, help="images per Inception batch")
+    p.add_argument("--device", default="cpu", help="torch device of the Inception network (cpu, cuda)")
+    p.add_argument("--isc-splits", type=positive_int, default=10, help="Inception Score splits")
+    p.add_argument("--prc-neighborhood", type=positive_int, default=3, help="precision/recall k-NN size")
     p.add_argument("--json", default=None, help="also write the results to this .json file")
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from far_sdk.errors import InvalidArgumentError
+from far_sdk.errors import InvalidArgumentError, arg
 from far_sdk.maths.schedules import MODES, Mode, mask_keep_counts
 
 
@@ -41,7 +41,7 @@ def check_mode(mode: object, supported: tuple[str, ...] | list[str], where: str 
             else ""
         )
         raise InvalidArgumentError(
-            f"{where} samples in mode(s) {list(supported)} only, not {mode!r}{why}; pass mode={supported[0]!r}"
+            f"{where} samples in mode(s) {list(supported)} only, not {mode!r}{why}; pass {arg('mode', supported[0])}"
         )
     return mode  # type: ignore[return-value]
 

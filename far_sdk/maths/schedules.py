@@ -17,7 +17,7 @@ from typing import Literal, Union, get_args
 
 import numpy as np
 
-from far_sdk.errors import InvalidArgumentError, check_choice, check_range
+from far_sdk.errors import InvalidArgumentError, arg, check_choice, check_range
 from far_sdk.maths.diffusion import INNER_SAMPLERS, InnerSampler, check_eta, denoise_step_table
 from far_sdk.maths.filters import FILTER_TYPES, GRID, FilterType
 
@@ -212,8 +212,8 @@ def make_plan(
     if inner_sampler == "ddpm":
         if eta is not None:
             raise InvalidArgumentError(
-                f"eta={eta!r} applies only to inner_sampler='ddim' (DDPM's noise is the model's "
-                "learned variance); drop eta or choose the ddim inner sampler"
+                f"{arg('eta', eta)} applies only to {arg('inner_sampler', 'ddim')} (DDPM's noise is the model's "
+                f"learned variance): leave it out, or add {arg('inner_sampler', 'ddim')}"
             )
         eta = 0.0
     else:
@@ -227,13 +227,13 @@ def make_plan(
         levels = check_levels(levels)
         if num_steps is not None and num_steps != len(levels):
             raise InvalidArgumentError(
-                f"num_steps={num_steps} disagrees with the {len(levels)} levels given; give one of them"
+                f"{arg('num_steps', num_steps)} disagrees with the {len(levels)} levels given; give one of them"
             )
     elif mode == "mask":
         if num_steps not in (None, len(OFFICIAL_MASK_LEVELS)):
             raise InvalidArgumentError(
-                f"mask mode has the official {len(OFFICIAL_MASK_LEVELS)}-step level list; for another step count give "
-                "the levels themselves (levels=[...], far generate --levels 0,4,8,...)"
+                f"{arg('mode', 'mask')} runs the official {len(OFFICIAL_MASK_LEVELS)} outer steps at fixed levels; "
+                f"for {arg('num_steps', num_steps)} give the levels themselves ({arg('levels')}, e.g. 0,4,8,12)"
             )
         levels = OFFICIAL_MASK_LEVELS
     else:

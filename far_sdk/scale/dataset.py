@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,14 @@ def check_bundle(job: DatasetJob, bundle: Bundle) -> ShardLayout:
         bad = [c for c in classes if c >= n]
         if bad:
             raise InvalidArgumentError(f"class {bad[0]} is outside 0..{n - 1} (bundle {bundle.name!r} has {n} classes)")
+        if job.num_images % len(classes):
+            k = job.num_images // len(classes)
+            warnings.warn(
+                f"{job.num_images} images over {len(classes)} classes is not class-balanced: some classes get {k} "
+                f"images, others {k + 1} (give a multiple of {len(classes)})",
+                UserWarning,
+                stacklevel=3,
+            )
     given = SamplingOptions(**{k: v for k, v in job.settings.items() if k != "preset" and v is not None})
     plan = (resolve_text_plan if text else resolve_plan)(bundle.defaults, given, preset_name=job.settings.get("preset"))
     check_mode(plan.mode, bundle.sampling_modes, f"bundle {bundle.name!r}")
