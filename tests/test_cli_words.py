@@ -79,7 +79,10 @@ def test_version_of_each_command():
         # errors raised deep in far_sdk, named by the flags of far generate
         (["--class", "3", "--eta", "0.5"], "--eta 0.5 applies only to --inner-sampler ddim"),
         (["--class", "3", "--mode", "mask", "--steps", "4"], "--mode mask runs the official 11 outer steps"),
-        (["--class", "3", "--mode", "mask", "--steps", "4"], "for --steps 4 give the levels themselves (--levels,"),
+        (
+            ["--class", "3", "--mode", "mask", "--steps", "4"],
+            "for --steps 4 give the levels themselves, e.g. --levels 0,4,8,12",
+        ),
         (["--prompt", "a three"], "is class-conditional: give --class (class ids or names), not --prompt"),
         (["--class", "3", "--steps", "3", "--levels", "0,4"], "--steps 3 disagrees with the 2 levels given"),
         # one wording per rule: out of range below and above

@@ -237,8 +237,8 @@ class TestFastPathCuda:
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_preview_shows_what_each_step_hands_on(backend):
     """preview=True decodes the low-passed latents the next step sees (coarse to fine), "raw" the full estimate."""
+    from far_sdk.images import to_uint8
     from far_sdk.maths.filters import low_pass
-    from far_sdk.pipeline import to_uint8
 
     with far_sdk.Generator(DEMO, backend=backend, **({"device": "cpu"} if backend == "torch" else {})) as gen:
         for mode in (True, "raw"):

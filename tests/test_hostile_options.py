@@ -49,6 +49,6 @@ def test_a_keyword_overrides_options_and_its_other_step_count(gen):
 def test_far_generate_mask_mode_with_another_step_count_says_the_cli_way(tmp_path):
     base = ["generate", "--bundle", str(DEMO), "--class", "1", "--mode", "mask", "--no-progress", "--inner-steps", "1"]
     rc, _, err = run_cli(main, [*base, "--steps", "4", "--out", str(tmp_path / "a.png")])
-    assert rc == EXIT_USAGE and one_line_error(err) and "far generate --levels 0,4,8" in err, err
+    assert rc == EXIT_USAGE and one_line_error(err) and "e.g. --levels 0,4,8,12" in err, err
     rc, out, err = run_cli(main, [*base, "--levels", "0,4,8,12", "--out", str(tmp_path / "b.png")])  # the advice works
     assert rc == EXIT_OK and "mask mode, 4 outer steps" in out, err

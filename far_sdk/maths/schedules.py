@@ -233,7 +233,7 @@ def make_plan(
         if num_steps not in (None, len(OFFICIAL_MASK_LEVELS)):
             raise InvalidArgumentError(
                 f"{arg('mode', 'mask')} runs the official {len(OFFICIAL_MASK_LEVELS)} outer steps at fixed levels; "
-                f"for {arg('num_steps', num_steps)} give the levels themselves ({arg('levels')}, e.g. 0,4,8,12)"
+                f"for {arg('num_steps', num_steps)} give the levels themselves, e.g. {arg('levels', (0, 4, 8, 12))}"
             )
         levels = OFFICIAL_MASK_LEVELS
     else:

@@ -23,8 +23,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -34,45 +33,18 @@ from far_sdk.bundle.bundle import Bundle
 from far_sdk.bundle.hub import locate_bundle
 from far_sdk.compat import diffusers_callback, repeat_each
 from far_sdk.conditioning import ClassCondition, Condition, condition_for
-from far_sdk.errors import EngineProfileError, GeneratorClosedError, InvalidArgumentError, NumericalError, check_choice
+from far_sdk.errors import GeneratorClosedError, InvalidArgumentError, NumericalError, check_choice
 from far_sdk.images import to_pil, to_uint8
 from far_sdk.maths.filters import filter_matrix, tokens_to_grid
 from far_sdk.maths.masking import check_mode, source_orders, step_masks
-from far_sdk.maths.noise import CheckedNoise, NoiseFn, SeededNoise
+from far_sdk.maths.noise import NoiseFn, SeededNoise
 from far_sdk.maths.schedules import SamplingPlan
 from far_sdk.options import SamplingOptions, options_doc, options_from_keywords, resolve_plan, resolve_text_plan
+from far_sdk.pipeline.batching import chunk_size, noise_source
+from far_sdk.pipeline.outputs import OUTPUT_TYPES, PREVIEWS, STAGES, GenerationOutput, OutputType, StepInfo
 from far_sdk.text import TextEncoder
 
 log = logging.getLogger(__name__)
-
-OutputType = Literal["pil", "np", "latent"]
-OUTPUT_TYPES = ("pil", "np", "latent")
-STAGES = ("transformer", "denoise", "filter", "vae_decode")
-PREVIEWS = (False, True, "handed-on", "raw")
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What ``on_step`` receives after each outer step."""
-
-    step: int  # 0-based outer step
-    num_steps: int
-    level: int  # input frequency level of this step
-    latents: np.ndarray  # [B, C, H, W]: this step's full estimate (before low-passing)
-    preview: list | None = None  # decoded RGB previews (PIL images) when preview is on
-    handed_on: np.ndarray | None = None  # [B, C, H, W]: what the next step sees (low-passed; the last step: latents)
-
-
-@dataclass(frozen=True)
-class GenerationOutput:
-    """Result of :meth:`Generator.generate`."""
-
-    images: list | np.ndarray | None  # list[PIL.Image] ("pil"), uint8 [B, H, W, 3] ("np"), None ("latent")
-    latents: np.ndarray  # [B, C, H, W] float32 (C: the model's token channels), sampler scale
-    timings: dict[str, float]  # seconds per stage, plus "total"
-    seeds: tuple[int, ...] | None  # per-image seeds, when drawn from a seed
-    class_labels: tuple[int, ...]  # () for a text bundle
-    plan: SamplingPlan = field(repr=False)
 
 
 class Generator:
@@ -270,8 +242,8 @@ class Generator:
             options_from_keywords(sampling, base=options, where="generate()", other_names=_GENERATE_NAMES),
             preset=preset,
         )
-        chunk = self._chunk_size(len(condition), max_batch, replayed=noise is not None)
-        source, seeds = self._noise_source(noise, seed, len(condition))
+        chunk = chunk_size(self.backend.max_batch, len(condition), max_batch, replayed=noise is not None)
+        source, seeds = noise_source(noise, seed, len(condition))
         timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         t_start = time.perf_counter()
         bar = self._progress(plan, len(condition), progress, chunks=math.ceil(len(condition) / chunk))
@@ -285,38 +257,6 @@ class Generator:
         return GenerationOutput(
             images=images, latents=latents, timings=timings, seeds=seeds, class_labels=labels, plan=plan
         )
-
-    def _chunk_size(self, batch: int, max_batch: int | None, *, replayed: bool) -> int:
-        limit = self.backend.max_batch
-        if max_batch is not None:
-            if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-                raise InvalidArgumentError(f"max_batch must be a positive integer, got {max_batch!r}")
-            if limit is not None and max_batch > limit:
-                raise EngineProfileError(
-                    f"max_batch={max_batch} exceeds this engine's profile (at most {limit} images per "
-                    "call); rebuild the engine with a larger --batch"
-                )
-            limit = max_batch
-        if replayed and limit is not None and batch > limit:
-            raise EngineProfileError(
-                f"a replayed noise source cannot be split across calls; give at most {limit} images"
-            )
-        return batch if limit is None else limit
-
-    @staticmethod
-    def _noise_source(noise: NoiseFn | None, seed: int | None, batch: int) -> tuple[NoiseFn, tuple[int, ...] | None]:
-        """(the noise source, the per-image seeds or None for a replayed source)."""
-        if noise is not None:
-            if not callable(noise):
-                raise InvalidArgumentError(
-                    f"noise must be a callable noise(shape) -> float32 array, got {type(noise).__name__}"
-                )
-            # a SeededNoise is ours: finite, and drawn on the device where it can be
-            return (noise if isinstance(noise, SeededNoise) else CheckedNoise(noise)), None
-        if seed is None:  # a fresh seed, reported in GenerationOutput.seeds so the images can be made again
-            seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> np.uint64(2))
-        source = SeededNoise.from_seed(seed, batch)
-        return source, source.seeds
 
     def _images(
         self, latents: np.ndarray, chunk: int, output_type: str, timings: dict[str, float]
