@@ -4,17 +4,18 @@
 
 Per graph: verify the bundle (sha256 of every file), then, under a file lock on ``bundle/trt/.lock``,
 reuse the plan whose sidecar matches the :class:`~far_sdk.backends.tensorrt.cache.EngineKey` (ONNX sha256,
-precision, batch profile, optimisation level, TensorRT version, GPU) unless ``rebuild``, or build it:
-TensorRT's ONNX parser on the verified file path (external weights resolve next to it), an
-explicit-batch network, one optimisation profile over the batch axis (the transformer's holds the
-2x CFG rows), precision flags, the shared timing cache ``bundle/trt/timing.cache``, then
-``build_serialized_network``. Before anything is written the new engine runs once at the opt batch
-on seeded inputs and is compared with onnxruntime (CPU); non-finite outputs or errors beyond the
-precision's tolerance stop the build. Plans and sidecars are written atomically.
+precision, batch profile, optimisation level, TensorRT version, GPU) unless ``rebuild``, or build it
+(:mod:`export.trt_network`): a strongly typed network parsed from the verified ONNX file (fp32) or from its
+mixed-precision copy (fp16 / bf16: the GEMM trunk reduced, fp32 islands -- the guided DDPM update, the latents,
+the normalisation statistics -- kept fp32 by explicit Casts, :mod:`far_sdk.backends.mixed_precision`), one
+optimisation profile over the batch axis (the transformer's holds the 2x CFG rows), the shared timing cache
+``bundle/trt/timing.cache``, then ``build_serialized_network``. Before anything is written the new engine is
+compared with onnxruntime (CPU, fp32) on seeded inputs at the opt batch (:mod:`export.trt_validate`; the denoiser
+on the t = 999 row, the t = 0 row and a whole outer step); non-finite outputs or errors beyond the precision's
+tolerance stop the build. Plans and sidecars are written atomically; ``backend="auto"`` takes a reduced-precision
+plan only when its sidecar records that validation.
 
-The VAE decoder is built in fp32 unless ``vae_precision`` says otherwise: fp16 VAE decoders
-overflow. TensorRT 11 removed the fp16/bf16 builder flags (strongly typed networks only): there,
-only fp32 engines can be built from the bundle's fp32 graphs.
+The VAE decoder is built in fp32 unless ``vae_precision`` says otherwise: fp16 VAE decoders overflow.
 """
 
 from __future__ import annotations

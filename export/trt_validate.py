@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from far_sdk.backends.tensorrt import cache as tc
-from far_sdk.backends.tensorrt.engine import run_plan_once
+from far_sdk.backends.tensorrt.engine import PlanSession
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.bundle.graphs import GraphSpec
 from far_sdk.errors import ExportError
@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 #: Largest accepted max|engine - onnxruntime| / max|onnxruntime| per precision at build-time validation.
 TOLERANCE_REL = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 6e-2}
 VALIDATION_SEED = 0
+#: Steps of the whole outer step the denoiser is validated on (t = 999 .. 0).
+OUTER_STEPS = 10
 
 
 def sample_feeds(
@@ -56,21 +58,28 @@ def sample_feeds(
     return feeds
 
 
-def onnxruntime_reference(bundle: Bundle, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+def onnxruntime_session(bundle: Bundle, graph: str) -> Any:
+    """An onnxruntime CPU session of the bundle's fp32 graph (the reference), or None without onnxruntime."""
     try:
         import onnxruntime as ort  # noqa: PLC0415 - the backend's runtime: loaded when chosen
     except ImportError:
         logger.warning("onnxruntime is not installed: the %s engine is checked for finite outputs only", graph)
         return None
-    spec = bundle.graph_spec(graph)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(bundle.graph_file(graph)), opts, providers=["CPUExecutionProvider"])
-    return dict(zip(spec.output_names, session.run(spec.output_names, feeds)))
+    return ort.InferenceSession(str(bundle.graph_file(graph)), opts, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_reference(bundle: Bundle, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    session = onnxruntime_session(bundle, graph)
+    if session is None:
+        return None
+    names = bundle.graph_spec(graph).output_names
+    return dict(zip(names, session.run(names, feeds)))
 
 
 def compare_outputs(
-    graph: str, precision: str, got: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None
+    graph: str, precision: str, got: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None, check: str = ""
 ) -> dict[str, Any]:
     """Check an engine's outputs: all finite, and within :data:`TOLERANCE_REL` of ``ref`` (when given).
 
@@ -85,7 +94,7 @@ def compare_outputs(
                     "rebuild with --vae-precision fp32. Nothing was written."
                 )
             raise ExportError(
-                f"the {graph} engine ({precision}) produced NaN/inf in {name} at build-time validation: "
+                f"the {graph} engine ({precision}) produced NaN/inf in {name} at build-time validation{check}: "
                 f"rebuild with {flag} fp32. Nothing was written."
             )
     if ref is None:
@@ -102,17 +111,52 @@ def compare_outputs(
     tol = TOLERANCE_REL[precision]
     if not worst_rel <= tol:
         raise ExportError(
-            f"the {graph} engine ({precision}) disagrees with onnxruntime (CPU): max abs {worst_abs:.3g}, max rel "
-            f"{worst_rel:.3g} "
+            f"the {graph} engine ({precision}) disagrees with onnxruntime (CPU){check}: max abs {worst_abs:.3g}, "
+            f"max rel {worst_rel:.3g} "
             f"> {tol:g}. Rebuild with {flag} fp32, or pass --no-validate to keep it anyway. Nothing was written."
         )
     return {"max_abs": worst_abs, "max_rel": worst_rel, "tolerance_rel": tol, "reference": "onnxruntime-cpu"}
 
 
+def validation_cases(spec: GraphSpec, images: int, manifest: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(name, feeds) per check. The denoiser: the first step row (t = 999, where x0 = a x - b eps with a = b ~ 2e4
+    overflows fp16 once |x| > 3.2), the last (t = 0, no noise), and a whole outer step (feeds[0] and the step table:
+    :data:`OUTER_STEPS` steps from t = 999 to 0, x_prev fed back). Other graphs: one seeded call."""
+    feeds = sample_feeds(spec, images, manifest)
+    if spec.name != "denoiser":
+        return [("call", feeds)]
+    table = denoise_step_table(OUTER_STEPS, 3.0, 1.0)
+    return [
+        ("t=999", {**feeds, "step": table[0].copy()}),
+        ("t=0", {**feeds, "step": table[-1].copy()}),
+        ("outer step", (feeds, table)),
+    ]
+
+
+def _run_case(run: Any, case: Any) -> dict[str, np.ndarray]:
+    """``run(feeds)`` once, or (an outer step) once per step row with x_prev fed back as x."""
+    if isinstance(case, dict):
+        return run(case)
+    feeds, table = case
+    x = feeds["x"]
+    for row in table:
+        x = run({**feeds, "x": x, "step": row.copy()})["x_prev"]
+    return {"x_prev": x}
+
+
 def validate_plan(trt: Any, cudart: Any, bundle: Bundle, key: tc.EngineKey, plan: Any) -> dict[str, Any]:
-    """Run the new plan once at the opt batch and compare with onnxruntime (CPU) on the same seeded inputs."""
+    """Run the new plan at the opt batch on :func:`validation_cases` and compare each with onnxruntime (CPU) on the
+    same inputs; the first failing check raises ExportError (nothing is written). Returns the worst errors and
+    each check's."""
     spec, images = bundle.graph_spec(key.graph), key.profile[1]
-    feeds = sample_feeds(spec, images, bundle.manifest)
-    got = run_plan_once(trt, cudart, plan, spec, images, feeds, what=f"the new {key.graph} engine")
-    result = compare_outputs(key.graph, key.precision, got, onnxruntime_reference(bundle, key.graph, feeds))
-    return {**result, "images": images, "seed": VALIDATION_SEED}
+    session = onnxruntime_session(bundle, key.graph)
+    checks: dict[str, Any] = {}
+    with PlanSession(trt, cudart, plan, spec, images, what=f"the new {key.graph} engine") as engine:
+        for name, case in validation_cases(spec, images, bundle.manifest):
+            got = _run_case(engine.run, case)
+            ref = None
+            if session is not None:
+                ref = _run_case(lambda f: dict(zip(spec.output_names, session.run(spec.output_names, f))), case)
+            checks[name] = compare_outputs(key.graph, key.precision, got, ref, f" ({name})")
+    worst = max(checks.values(), key=lambda c: -1.0 if c["max_rel"] is None else c["max_rel"])
+    return {**worst, "images": images, "seed": VALIDATION_SEED, "checks": checks}

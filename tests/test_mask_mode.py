@@ -232,7 +232,7 @@ def test_tensorrt_backend_mask_mode_on_the_simulator(masked_bundle, tmp_path, mo
     bundle = tmp_path / "b"
     shutil.copytree(masked_bundle, bundle)
     trt_sim.install(monkeypatch)
-    build_engines(bundle, batch=(1, 2, 2), progress=lambda m: None)  # validates the mask input's engine too
+    build_engines(bundle, precision="fp32", batch=(1, 2, 2), progress=lambda m: None)  # validates the mask input
     with far_sdk.Generator(bundle, backend=TensorRTBackend(Bundle.load(bundle))) as gen:
         out = gen.generate([1, 7, 3], seed=3, output_type="latent", **FAST)  # 3 images: split 2 + 1
         with far_sdk.Generator(bundle, backend="onnxruntime", threads=2) as ort_gen:

@@ -309,7 +309,7 @@ def test_tensorrt_backend_runs_a_text_bundle_on_the_simulator(t2i_bundle, tmp_pa
     bundle = tmp_path / "b"
     shutil.copytree(t2i_bundle, bundle)
     trt_sim.install(monkeypatch)
-    build_engines(bundle, batch=(1, 2, 2), progress=lambda m: None)
+    build_engines(bundle, precision="fp32", batch=(1, 2, 2), progress=lambda m: None)
     embeds = np.random.default_rng(0).standard_normal((3, *_embeds_shape(bundle)), dtype=np.float32)
     with far_sdk.Generator(bundle, backend=TensorRTBackend(far_sdk.Bundle.load(bundle))) as gen:
         out = gen.generate(prompt_embeds=embeds, seed=3, output_type="latent")  # 3 images: split 2 + 1

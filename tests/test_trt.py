@@ -169,15 +169,21 @@ class TestSimulatedTensorRT:
         res = build_engines(sim.bundle, batch=(1, 2, 2), progress=msgs.append)
         assert [r.graph for r in res] == list(GRAPH_NAMES) and not any(r.reused for r in res)
         assert [r.key.precision for r in res] == ["fp16", "fp16", "fp32"]  # the VAE decoder stays fp32
+        # strongly typed networks: reduced precision from the graph's Casts (fp32 islands), no FP16/BF16 flags
         flags = {b["graph"]: b["flags"] for b in sim.stats.builds}
-        assert flags == {"transformer": ["FP16", "TF32"], "denoiser": ["FP16", "TF32"], "vae_decoder": []}
+        assert flags == {"transformer": ["TF32"], "denoiser": ["TF32"], "vae_decoder": []}
+        assert all(b["strongly_typed"] for b in sim.stats.builds)
+        casts = {b["graph"]: b["casts_to"] for b in sim.stats.builds}
+        assert casts["denoiser"] == [1, 10] and 10 in casts["transformer"] and 10 not in casts["vae_decoder"]
         tr = next(b for b in sim.stats.builds if b["graph"] == "transformer")
         assert [s[0] for s in tr["profile"]["tokens"]] == [2, 4, 4] and tr["opt_level"] == 3  # 2x CFG rows
         assert "level" not in tr["profile"]  # fixed-shape inputs need no profile
         assert [b["timing_cache_in"] for b in sim.stats.builds] == ["", "+", "++"]  # loaded and saved across builds
-        for r in res:
-            assert r.validation["max_rel"] == 0.0 and r.validation["images"] == 2
+        for r in res:  # the simulator runs the parsed graph in onnxruntime: fp16 engines really compute in fp16
+            v = r.validation
+            assert v["images"] == 2 and (v["max_rel"] == 0.0) is (r.key.precision == "fp32") and v["max_rel"] < 3e-2
             assert tc.check_plan(Bundle.load(sim.bundle), r.key) == r.plan
+        assert set(res[1].validation["checks"]) == {"t=999", "t=0", "outer step"}  # the denoiser's extreme rows
         assert any("transformer: built in" in m for m in msgs)
         index = json.loads((sim.bundle / "trt" / "engines.json").read_text())
         assert len(index["engines"]) == 3
@@ -242,7 +248,7 @@ class TestSimulatedTensorRT:
         from export.trt_build import build_engines
         from far_sdk.backends.tensorrt.backend import TensorRTBackend
 
-        build_engines(sim.bundle, batch=(1, 2, 2), progress=lambda m: None)
+        build_engines(sim.bundle, precision="fp32", batch=(1, 2, 2), progress=lambda m: None)  # exact: fp32
         be = TensorRTBackend(Bundle.load(sim.bundle))
         with far_sdk.Generator(sim.bundle, backend=be) as gen:
             out = gen.generate([1, 7, 3], seed=3, output_type="np", cfg=2.5, **FAST)  # 3 images: split 2 + 1
@@ -349,7 +355,7 @@ class TestSimulatedTensorRT:
             tc.EngineNotBuiltError,
             match=r"vae_decoder.*A100-SXM4-80GB \(8\.0\), this is TensorRT .* H100 80GB HBM3 \(9\.0\)",
         ):
-            TensorRTBackend(bundle)
+            TensorRTBackend(bundle, precision="fp16")  # asked for: unvalidated fp16 plans are taken (auto skips them)
         assert sim.stats.deserialized == loads  # no plan reached TensorRT
         with pytest.raises(tc.EngineNotBuiltError):
             TensorRTBackend(bundle, precision="bf16")

@@ -229,12 +229,22 @@ def test_check_plan_sidecar_without_plan_and_plan_without_sidecar(fake_bundle):
         tc.check_plan(fake_bundle, key)
 
 
-def test_find_plan_picks_this_machine_and_prefers_fp16(fake_bundle):
+PASSED = {"max_abs": 1e-3, "max_rel": 1e-3, "checks": {c: {"max_rel": 1e-3} for c in ("t=999", "t=0", "outer step")}}
+
+
+def test_find_plan_picks_this_machine_and_prefers_fp16_only_when_validated(fake_bundle):
     _record(fake_bundle, _key(fake_bundle, env=OTHER_GPU))
     fp32 = _key(fake_bundle, precision="fp32")
     fp16 = _key(fake_bundle, precision="fp16")
     _record(fake_bundle, fp32)
-    _record(fake_bundle, fp16)
+    _record(fake_bundle, fp16)  # built with --no-validate: never chosen, only taken when asked for
+    assert tc.find_plan(fake_bundle, "denoiser", env=ENV)[0] == fp32
+    assert tc.find_plan(fake_bundle, "denoiser", env=ENV, precision="fp16")[0] == fp16
+    # validated on one row only (a far-sdk before the t = 999 / t = 0 / outer-step checks): still not chosen
+    one_row = {"max_abs": 1e-3, "max_rel": 1e-3}
+    cs.record_plan(fake_bundle, fp16, b"plan bytes", build_seconds=1.5, validation=one_row)
+    assert tc.find_plan(fake_bundle, "denoiser", env=ENV)[0] == fp32
+    cs.record_plan(fake_bundle, fp16, b"plan bytes", build_seconds=1.5, validation=PASSED)
     assert tc.find_plan(fake_bundle, "denoiser", env=ENV)[0] == fp16
     assert tc.find_plan(fake_bundle, "denoiser", env=ENV, precision="fp32")[0] == fp32
     assert tc.find_plan(fake_bundle, "denoiser", env=ENV, prefer=("fp32", "fp16"))[0] == fp32
@@ -367,8 +377,8 @@ def test_build_options_validation():
             BuildOptions(**bad)
 
 
-def test_set_precision_flags_and_tensorrt_11():
-    from export.trt_build import set_precision
+def test_networks_are_strongly_typed_and_no_precision_flag_is_set():
+    from export.trt_network import create_network, set_precision
 
     class Config:
         def __init__(self):
@@ -380,12 +390,19 @@ def test_set_precision_flags_and_tensorrt_11():
         def clear_flag(self, f):
             self.cleared.append(f)
 
-    trt10 = SimpleNamespace(__version__="10.8", BuilderFlag=SimpleNamespace(FP16="FP16", BF16="BF16", TF32="TF32"))
-    c = Config()
-    set_precision(trt10, c, "fp32")
-    assert c.cleared == ["TF32"] and c.set == []
-    set_precision(trt10, c, "bf16")
-    assert c.set == ["BF16"]
-    trt11 = SimpleNamespace(__version__="11.4", BuilderFlag=SimpleNamespace(TF32="TF32"))
-    with pytest.raises(ExportError, match="TensorRT 11 builds strongly typed networks only.*--precision fp32"):
-        set_precision(trt11, Config(), "fp16")
+    class Builder:
+        create_network = staticmethod(lambda flags: flags)
+
+    flags = SimpleNamespace(FP16="FP16", BF16="BF16", TF32="TF32")
+    trt10 = SimpleNamespace(
+        __version__="10.8", BuilderFlag=flags, NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0)
+    )
+    for p in ("fp32", "fp16", "bf16"):
+        c = Config()
+        set_precision(trt10, c, p)
+        assert c.set == [] and c.cleared == (["TF32"] if p == "fp32" else [])  # types come from the graph
+        assert create_network(trt10, Builder(), p) == 1  # 1 << STRONGLY_TYPED
+    trt8 = SimpleNamespace(__version__="8.6", BuilderFlag=flags)
+    assert create_network(trt8, Builder(), "fp32") == 0
+    with pytest.raises(ExportError, match=r"TensorRT 8\.6 cannot build strongly typed networks.*--precision fp32"):
+        create_network(trt8, Builder(), "fp16")

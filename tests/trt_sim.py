@@ -4,6 +4,7 @@ the engine cache (which never parses them). Used by tests/test_trt.py and tests/
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import enum
 import json
@@ -207,6 +208,7 @@ def make_fake_trt(cuda: FakeCuda, *, overflow_vae_fp16=False):
     import onnxruntime as ort
 
     stats = SimpleNamespace(builds=[], deserialized=0)
+    NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 0})
     dtypes = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
 
     class ILogger:
@@ -264,7 +266,9 @@ def make_fake_trt(cuda: FakeCuda, *, overflow_vae_fp16=False):
                 feeds[info.name] = cuda.view(ptr, int(np.prod(shape)) * dt.itemsize).view(dt).reshape(shape).copy()
             outs = self.e.session.run([o.name for o in self.e.outputs], feeds)
             for (_info, shape, ptr), out in zip(io[n_in:], outs):
-                if overflow_vae_fp16 and self.e.plan["graph"] == "vae_decoder" and "FP16" in self.e.plan["flags"]:
+                if (
+                    overflow_vae_fp16 and self.e.plan["graph"] == "vae_decoder" and 10 in self.e.plan["casts_to"]
+                ):  # fp16
                     out = np.full_like(out, np.inf)
                 assert out.shape == shape
                 cuda.view(ptr, out.nbytes)[:] = np.ascontiguousarray(out).view(np.uint8).reshape(-1)
@@ -272,7 +276,8 @@ def make_fake_trt(cuda: FakeCuda, *, overflow_vae_fp16=False):
     class Engine:
         def __init__(self, plan):
             self.plan = plan
-            self.session = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
+            model = base64.b64decode(plan["model"])  # the graph as parsed (a mixed-precision copy is gone by now)
+            self.session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
             self.inputs, self.outputs = self.session.get_inputs(), self.session.get_outputs()
             self.num_io_tensors = len(self.inputs) + len(self.outputs)
             self._by_name = {t.name: t for t in self.inputs + self.outputs}
@@ -349,27 +354,35 @@ def make_fake_trt(cuda: FakeCuda, *, overflow_vae_fp16=False):
             pass
 
         def create_network(self, flags):
-            assert flags == 0
-            return Network()
+            net = Network()
+            net.strongly_typed = bool(flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
+            return net
 
         create_builder_config = lambda self: Config()  # noqa: E731
         create_optimization_profile = lambda self: Profile()  # noqa: E731
 
         def build_serialized_network(self, network, config):
-            graph = Path(network.onnx).stem
+            import onnx
+
+            model = onnx.load(network.onnx)  # external weights resolve beside it, as TensorRT's parser does
+            graph = Path(network.onnx).stem.split("-")[0]
             plan = {
                 "graph": graph,
                 "onnx": network.onnx,
+                "model": base64.b64encode(model.SerializeToString()).decode(),
+                "strongly_typed": network.strongly_typed,
+                "casts_to": sorted({a.i for n in model.graph.node if n.op_type == "Cast" for a in n.attribute}),
                 "profile": config.profiles[0],
                 "flags": sorted(config.flags),
                 "opt_level": config.builder_optimization_level,
                 "timing_cache_in": config.cache.data.decode(),
             }
-            stats.builds.append(plan)
+            stats.builds.append({k: v for k, v in plan.items() if k != "model"})
             return json.dumps(plan).encode()
 
     trt = SimpleNamespace(
         __version__=ENV.tensorrt,
+        NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag,
         ILogger=ILogger,
         Runtime=Runtime,
         Builder=Builder,

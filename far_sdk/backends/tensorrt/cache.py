@@ -245,6 +245,23 @@ def read_plan(bundle: Any, key: EngineKey) -> bytes:
     return data
 
 
+#: The checks of a denoiser plan's build-time validation (export.trt_validate.validation_cases) that make a
+#: reduced-precision plan eligible for automatic choice.
+REQUIRED_CHECKS = {"denoiser": ("t=999", "t=0", "outer step")}
+
+
+def validated(key: EngineKey, side: dict[str, Any]) -> bool:
+    """True for fp32 plans, and for fp16 / bf16 plans whose sidecar records a passed comparison with onnxruntime
+    (fp32) covering :data:`REQUIRED_CHECKS` (``--no-validate`` builds, or builds without onnxruntime, are not)."""
+    if key.precision == "fp32":
+        return True
+    v = side.get("validation")
+    if not isinstance(v, dict) or v.get("max_rel") is None:
+        return False
+    checks = v.get("checks") if isinstance(v.get("checks"), dict) else {}
+    return all(checks.get(c, {}).get("max_rel") is not None for c in REQUIRED_CHECKS.get(key.graph, ()))
+
+
 def find_plan(
     bundle: Any,
     graph: str,
@@ -256,7 +273,8 @@ def find_plan(
     prefer: Sequence[str] = ("fp16", "bf16", "fp32"),
     verify_sha: bool = True,
 ) -> tuple[EngineKey, Path]:
-    """The plan of ``graph`` built for this bundle and ``env``; ``None`` criteria match anything.
+    """The plan of ``graph`` built for this bundle and ``env``; ``None`` criteria match anything (but a ``None``
+    precision takes fp16 / bf16 plans only when :func:`validated`).
 
     Among several matches: the first precision in ``prefer``, then the largest max batch, then the
     newest build. Raises :class:`EngineNotBuiltError` explaining the nearest plan when none matches.
@@ -283,6 +301,8 @@ def find_plan(
         and precision in (None, c[0].precision)
         and profile in (None, c[0].profile)
         and opt_level in (None, c[0].opt_level)
+        # chosen, not asked for: a reduced-precision plan only when it passed build-time validation against fp32
+        and (precision is not None or validated(c[0], c[1]))
     ]
     if ok:
         rank = {p: i for i, p in enumerate(prefer)}

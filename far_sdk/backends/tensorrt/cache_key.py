@@ -15,7 +15,7 @@ from far_sdk.errors import IncompatibleBundleError, InvalidArgumentError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 #: Bumped when far-sdk changes how it builds plans (flags, profiles): old plans then stop matching.
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: strongly typed networks, fp16 / bf16 from mixed-precision graphs with fp32 islands
 DEFAULT_PROFILE = (1, 1, 8)
 DEFAULT_OPT_LEVEL = 3
 #: Rows of the graph's batch axis per image: the transformer runs the CFG batch [cond; uncond].

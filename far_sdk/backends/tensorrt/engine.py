@@ -272,16 +272,29 @@ class EngineRunner:
         self.context = self.engine = self._runtime = None  # context before engine before runtime
 
 
-def run_plan_once(
-    trt: Any, cudart: Any, plan: Any, spec: GraphSpec, images: int, feeds: dict[str, np.ndarray], what: str
-) -> dict[str, np.ndarray]:
-    """Deserialize ``plan``, run it once on host ``feeds`` for ``images`` images, return its outputs (build-time
-    validation)."""
-    stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
-    runner = None
-    try:
-        runner = EngineRunner(trt, cudart, plan, spec, images, what)
-        runner.set_images(images)
+class PlanSession:
+    """One plan deserialized once and run on host feeds any number of times (build-time validation):
+    ``with PlanSession(...) as s: out = s.run(feeds)``."""
+
+    def __init__(self, trt: Any, cudart: Any, plan: Any, spec: GraphSpec, images: int, what: str):
+        self._cudart, self.spec, self.images = cudart, spec, images
+        self._stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._runner = None
+        try:
+            self._runner = EngineRunner(trt, cudart, plan, spec, images, what)
+            self._runner.set_images(images)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> PlanSession:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cudart, spec, images, runner, stream = self._cudart, self.spec, self.images, self._runner, self._stream
         keep = [np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in spec.inputs]
         for t, a in zip(spec.inputs, keep):
             if a.shape != runner.shape(t.name, images):
@@ -299,10 +312,19 @@ def run_plan_once(
         }
         check_cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")  # host sync: outputs are read now
         return out
-    finally:
-        check_cuda_quietly(
-            cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize"
-        )  # nothing queued may outlive the buffers
-        if runner is not None:
-            runner.close()
-        check_cuda_quietly(cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
+
+    def close(self) -> None:
+        cudart = self._cudart
+        check_cuda_quietly(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")  # nothing queued
+        if self._runner is not None:  # may outlive the buffers
+            self._runner.close()
+            self._runner = None
+        check_cuda_quietly(cudart.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+
+
+def run_plan_once(
+    trt: Any, cudart: Any, plan: Any, spec: GraphSpec, images: int, feeds: dict[str, np.ndarray], what: str
+) -> dict[str, np.ndarray]:
+    """Deserialize ``plan``, run it once on host ``feeds`` for ``images`` images, return its outputs."""
+    with PlanSession(trt, cudart, plan, spec, images, what) as s:
+        return s.run(feeds)
