@@ -1,15 +1,16 @@
-"""``far-export trt``: a bundle's ONNX graphs -> TensorRT plans for this GPU, cached in ``bundle/trt``.
+"""``far-export trt``: a bundle's ONNX graphs -> TensorRT plans for this GPU, cached outside the bundle
+(``far_sdk.backends.tensorrt.cache.trt_dir``: the user's far-sdk cache).
 
     far-export trt --bundle engines/far_large --precision fp16 --batch 1:4:8
 
-Per graph: verify the bundle (sha256 of every file), then, under a file lock on ``bundle/trt/.lock``,
+Per graph: verify the bundle (sha256 of every file), then, under a file lock in the engine cache,
 reuse the plan whose sidecar matches the :class:`~far_sdk.backends.tensorrt.cache.EngineKey` (ONNX sha256,
 precision, batch profile, optimisation level, TensorRT version, GPU) unless ``rebuild``, or build it
 (:mod:`export.trt_network`): a strongly typed network parsed from the verified ONNX file (fp32) or from its
 mixed-precision copy (fp16 / bf16: the GEMM trunk reduced, fp32 islands -- the guided DDPM update, the latents,
 the normalisation statistics -- kept fp32 by explicit Casts, :mod:`far_sdk.backends.mixed_precision`), one
 optimisation profile over the batch axis (the transformer's holds the 2x CFG rows), the shared timing cache
-``bundle/trt/timing.cache``, then ``build_serialized_network``. Before anything is written the new engine is
+``timing.cache`` of the engine cache, then ``build_serialized_network``. Before anything is written the new engine is
 compared with onnxruntime (CPU, fp32) on seeded inputs at the opt batch (:mod:`export.trt_validate`; the denoiser
 on the t = 999 row, the t = 0 row and a whole outer step); non-finite outputs or errors beyond the precision's
 tolerance stop the build. Plans and sidecars are written atomically; ``backend="auto"`` takes a reduced-precision
@@ -32,10 +33,11 @@ from typing import Any
 
 import far_sdk
 from export.trt_network import build_plan, format_parser_error, set_precision
-from export.trt_validate import TOLERANCE_REL, VALIDATION_SEED, compare_outputs, sample_feeds, validate_plan
+from export.trt_validate import TOLERANCE_REL, compare_outputs, validate_plan
 from far_sdk.backends.tensorrt import cache as tc
 from far_sdk.backends.tensorrt import cache_store as cs
 from far_sdk.backends.tensorrt.engine import device_env, import_runtime, select_device
+from far_sdk.backends.validation import VALIDATION_SEED, sample_feeds
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.bundle.graphs import GRAPH_NAMES
 from far_sdk.errors import (
@@ -67,7 +69,7 @@ __all__ = [
     "set_precision",
     "validate_plan",
 ]
-TRT_HELP = "build TensorRT engines of a bundle for this GPU (cached under BUNDLE/trt)"
+TRT_HELP = "build TensorRT engines of a bundle for this GPU (cached in ~/.cache/far-sdk/engines, or $FAR_SDK_CACHE)"
 
 
 @dataclass(frozen=True)

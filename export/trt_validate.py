@@ -12,50 +12,14 @@ import numpy as np
 
 from far_sdk.backends.tensorrt import cache as tc
 from far_sdk.backends.tensorrt.engine import PlanSession
+from far_sdk.backends.validation import VALIDATION_SEED, run_case, validation_cases
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.bundle.graphs import GraphSpec
 from far_sdk.errors import ExportError
-from far_sdk.maths.diffusion import denoise_step_table
-from far_sdk.maths.masking import random_mask
 
 logger = logging.getLogger(__name__)
 
 #: Largest accepted max|engine - onnxruntime| / max|onnxruntime| per precision at build-time validation.
 TOLERANCE_REL = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 6e-2}
-VALIDATION_SEED = 0
-#: Steps of the whole outer step the denoiser is validated on (t = 999 .. 0).
-OUTER_STEPS = 10
-
-
-def sample_feeds(
-    spec: GraphSpec, images: int, manifest: dict[str, Any], seed: int = VALIDATION_SEED
-) -> dict[str, np.ndarray]:
-    """Seeded inputs of ``spec`` for ``images`` images: N(0, 1) floats; class ids with the null class
-    in the unconditional half; an integer level; a 0 / 1 mask (far_sdk.maths.masking.random_mask); a step row with
-    non-zero noise (torch-free)."""
-    rng = np.random.Generator(np.random.PCG64(seed))
-    model = manifest["model"]
-    num_classes, grid = int(model.get("num_classes", 1)), int(model["grid_size"])
-    null = int(manifest.get("null_class_id", num_classes))
-    feeds: dict[str, np.ndarray] = {}
-    for t in spec.inputs:
-        shape = tuple(tc.ROWS_PER_IMAGE[d] * images if isinstance(d, str) else d for d in t.shape)
-        if t.name == "class_ids":
-            ids = rng.integers(0, num_classes, size=shape, dtype=np.int64)
-            ids[shape[0] // 2 :] = null
-            feeds[t.name] = ids
-        elif t.name == "level":
-            feeds[t.name] = np.full(shape, rng.integers(0, grid), dtype=np.float32)
-        elif t.name == "null":  # text bundles: the unconditional half uses fake_latent
-            feeds[t.name] = (np.arange(shape[0]) >= shape[0] // 2).astype(np.float32)
-        elif t.name == "mask":
-            feeds[t.name] = random_mask(rng, shape)
-        elif t.name == "step":
-            table = denoise_step_table(10, 3.0, 1.0)
-            feeds[t.name] = table[rng.integers(0, len(table) - 1)].copy()  # the last row has noise scale 0
-        else:
-            feeds[t.name] = rng.standard_normal(shape, dtype=np.float32)
-    return feeds
 
 
 def onnxruntime_session(bundle: Bundle, graph: str) -> Any:
@@ -118,32 +82,6 @@ def compare_outputs(
     return {"max_abs": worst_abs, "max_rel": worst_rel, "tolerance_rel": tol, "reference": "onnxruntime-cpu"}
 
 
-def validation_cases(spec: GraphSpec, images: int, manifest: dict[str, Any]) -> list[tuple[str, Any]]:
-    """(name, feeds) per check. The denoiser: the first step row (t = 999, where x0 = a x - b eps with a = b ~ 2e4
-    overflows fp16 once |x| > 3.2), the last (t = 0, no noise), and a whole outer step (feeds[0] and the step table:
-    :data:`OUTER_STEPS` steps from t = 999 to 0, x_prev fed back). Other graphs: one seeded call."""
-    feeds = sample_feeds(spec, images, manifest)
-    if spec.name != "denoiser":
-        return [("call", feeds)]
-    table = denoise_step_table(OUTER_STEPS, 3.0, 1.0)
-    return [
-        ("t=999", {**feeds, "step": table[0].copy()}),
-        ("t=0", {**feeds, "step": table[-1].copy()}),
-        ("outer step", (feeds, table)),
-    ]
-
-
-def _run_case(run: Any, case: Any) -> dict[str, np.ndarray]:
-    """``run(feeds)`` once, or (an outer step) once per step row with x_prev fed back as x."""
-    if isinstance(case, dict):
-        return run(case)
-    feeds, table = case
-    x = feeds["x"]
-    for row in table:
-        x = run({**feeds, "x": x, "step": row.copy()})["x_prev"]
-    return {"x_prev": x}
-
-
 def validate_plan(trt: Any, cudart: Any, bundle: Bundle, key: tc.EngineKey, plan: Any) -> dict[str, Any]:
     """Run the new plan at the opt batch on :func:`validation_cases` and compare each with onnxruntime (CPU) on the
     same inputs; the first failing check raises ExportError (nothing is written). Returns the worst errors and
@@ -153,10 +91,10 @@ def validate_plan(trt: Any, cudart: Any, bundle: Bundle, key: tc.EngineKey, plan
     checks: dict[str, Any] = {}
     with PlanSession(trt, cudart, plan, spec, images, what=f"the new {key.graph} engine") as engine:
         for name, case in validation_cases(spec, images, bundle.manifest):
-            got = _run_case(engine.run, case)
+            got = run_case(engine.run, case)
             ref = None
             if session is not None:
-                ref = _run_case(lambda f: dict(zip(spec.output_names, session.run(spec.output_names, f))), case)
+                ref = run_case(lambda f: dict(zip(spec.output_names, session.run(spec.output_names, f))), case)
             checks[name] = compare_outputs(key.graph, key.precision, got, ref, f" ({name})")
     worst = max(checks.values(), key=lambda c: -1.0 if c["max_rel"] is None else c["max_rel"])
     return {**worst, "images": images, "seed": VALIDATION_SEED, "checks": checks}

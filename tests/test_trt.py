@@ -44,7 +44,8 @@ def _installed(name: str) -> bool:
 
 
 @pytest.fixture
-def fake_bundle(tmp_path) -> Bundle:
+def fake_bundle(tmp_path, monkeypatch) -> Bundle:
+    monkeypatch.setenv("FAR_SDK_CACHE", str(tmp_path / "cache"))  # the engine cache lives in the user's cache
     return write_fake_bundle(tmp_path / "fake")
 
 
@@ -185,10 +186,10 @@ class TestSimulatedTensorRT:
             assert tc.check_plan(Bundle.load(sim.bundle), r.key) == r.plan
         assert set(res[1].validation["checks"]) == {"t=999", "t=0", "outer step"}  # the denoiser's extreme rows
         assert any("transformer: built in" in m for m in msgs)
-        index = json.loads((sim.bundle / "trt" / "engines.json").read_text())
+        index = json.loads((tc.trt_dir(sim.bundle) / "engines.json").read_text())
         assert len(index["engines"]) == 3
         assert (sim.bundle / "manifest.json").read_bytes() == before
-        assert not [p for p in (sim.bundle / "trt").iterdir() if p.name.endswith(".tmp")]
+        assert not [p for p in tc.trt_dir(sim.bundle).iterdir() if p.name.endswith(".tmp")]
 
     def test_second_build_reuses_rebuild_rebuilds_damage_is_repaired(self, sim):
         from export.trt_build import build_engines
@@ -225,8 +226,8 @@ class TestSimulatedTensorRT:
         sim.install(overflow_vae_fp16=True)
         with pytest.raises(ExportError, match="the VAE decoder overflows in fp16.*--vae-precision fp32"):
             build_engines(sim.bundle, vae_precision="fp16", progress=lambda m: None)
-        assert not list((sim.bundle / "trt").glob("vae_decoder-*"))
-        assert len(list((sim.bundle / "trt").glob("*.plan"))) == 2  # the graphs before it were kept
+        assert not list(tc.trt_dir(sim.bundle).glob("vae_decoder-*"))
+        assert len(list(tc.trt_dir(sim.bundle).glob("*.plan"))) == 2  # the graphs before it were kept
 
     def test_cli_prints_per_graph_build_times(self, sim, capsys):
         from export.trt_build import add_trt_args, run_trt
@@ -347,7 +348,7 @@ class TestSimulatedTensorRT:
         build_engines(sim.bundle, progress=lambda m: None, validate=False)
         loads = sim.stats.deserialized
         bundle = Bundle.load(sim.bundle)
-        vae = next((sim.bundle / "trt").glob("vae_decoder-*.plan.json"))
+        vae = next(tc.trt_dir(sim.bundle).glob("vae_decoder-*.plan.json"))
         side = json.loads(vae.read_text())
         side["key"]["gpu"], side["key"]["compute_capability"] = OTHER_GPU.gpu, OTHER_GPU.compute_capability
         vae.write_text(json.dumps(side))  # the VAE plan now claims another GPU

@@ -27,7 +27,8 @@ OTHER_GPU = tc.BuildEnv("10.8.0.43", "NVIDIA A100-SXM4-80GB", "8.0")
 
 
 @pytest.fixture
-def fake_bundle(tmp_path) -> Bundle:
+def fake_bundle(tmp_path, monkeypatch) -> Bundle:
+    monkeypatch.setenv("FAR_SDK_CACHE", str(tmp_path / "cache"))  # the engine cache lives in the user's cache
     return write_fake_bundle(tmp_path / "fake")
 
 
@@ -261,7 +262,7 @@ def test_index_lists_engines_and_manifest_is_untouched(fake_bundle):
     before = (fake_bundle.path / "manifest.json").read_bytes()
     _record(fake_bundle, _key(fake_bundle))
     _record(fake_bundle, _key(fake_bundle, "vae_decoder", precision="fp32"))
-    index = json.loads((fake_bundle.path / "trt" / tc.INDEX_NAME).read_text())
+    index = json.loads((tc.trt_dir(fake_bundle) / tc.INDEX_NAME).read_text())
     assert sorted((e["graph"], e["precision"], e["profile"]) for e in index["engines"]) == [
         ("denoiser", "fp16", "1:2:4"),
         ("vae_decoder", "fp32", "1:2:4"),
@@ -290,7 +291,7 @@ def test_record_plan_failure_leaves_no_temp_files(fake_bundle, monkeypatch):
     monkeypatch.setattr(fileio.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OSError, match="No space"):
         _record(fake_bundle, key)
-    assert [p.name for p in (fake_bundle.path / "trt").iterdir()] == []
+    assert [p.name for p in tc.trt_dir(fake_bundle).iterdir()] == []
 
 
 def test_build_lock_excludes_a_second_holder(fake_bundle):
@@ -310,7 +311,7 @@ def test_build_lock_excludes_a_second_holder(fake_bundle):
         order.append("first")
     t.join(5)
     assert order == ["first", "second"]
-    assert (fake_bundle.path / "trt" / ".lock").exists()
+    assert (tc.trt_dir(fake_bundle) / ".lock").exists()
 
 
 # ---- build-time validation helpers ---------------------------------------------------------------------

@@ -397,12 +397,18 @@ def make_fake_trt(cuda: FakeCuda, *, overflow_vae_fp16=False):
 
 def install(monkeypatch, **opts) -> SimpleNamespace:
     """Patch a fresh simulated tensorrt + cuda-python into the TensorRT backend and builder.
-    ``fail_capture``: CUDA graph capture fails; other options go to :func:`make_fake_trt`."""
+    ``fail_capture``: CUDA graph capture fails; ``cuda_class``: a FakeCuda subclass (e.g. older bindings); other
+    options go to :func:`make_fake_trt`."""
+    import os
+    import tempfile
+
     import export.trt_build as trt_build
     import far_sdk.backends.tensorrt.backend as trt_backend
     import far_sdk.backends.tensorrt.engine as trt_engine
 
-    cuda = FakeCuda(fail_capture=opts.pop("fail_capture", False))
+    if not os.environ.get("FAR_SDK_CACHE", "").startswith(tempfile.gettempdir()):  # engine caches: never in ~/.cache
+        monkeypatch.setenv("FAR_SDK_CACHE", tempfile.mkdtemp(prefix="far-sim-cache-"))
+    cuda = opts.pop("cuda_class", FakeCuda)(fail_capture=opts.pop("fail_capture", False))
     trt, stats = make_fake_trt(cuda, **opts)
     monkeypatch.setattr(trt_backend, "import_runtime", lambda: (trt, cuda))
     monkeypatch.setattr(trt_build, "import_runtime", lambda: (trt, cuda))

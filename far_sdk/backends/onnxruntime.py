@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from far_sdk.backends import ort_tensorrt
 from far_sdk.backends.base import Backend, check_backend_options
+from far_sdk.backends.tensorrt.cache_key import DEFAULT_PROFILE, format_profile, parse_batch_profile
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.bundle.graphs import GRAPH_NAMES
 from far_sdk.errors import BackendUnavailableError, BundleError, DeviceOutOfMemoryError, InvalidArgumentError
@@ -90,14 +92,15 @@ def _aligned_rows(a: np.ndarray, align: int) -> tuple[np.ndarray, int]:
 class OnnxRuntimeBackend(Backend):
     """One InferenceSession per graph, created once from the verified file path.
 
-    ``device``: "cpu", "cuda", "cuda:N" or "tensorrt" / "tensorrt:N" (EPs, with the TensorRT EP's engine
-    cache under ``bundle/trt/ort-cache``), or "auto" (CUDA when this onnxruntime build offers it, else CPU).
+    ``device``: "cpu", "cuda", "cuda:N" or "tensorrt" / "tensorrt:N" (EPs; the TensorRT EP's set-up, profiles and
+    caches: :mod:`far_sdk.backends.ort_tensorrt`), or "auto" (CUDA when this onnxruntime build offers it, else CPU).
     ``threads``: intra-op threads (default: all cores the process may use).
     ``io_binding``: run the inner loop through IOBinding (None: on for GPU devices, off on CPU where it
     measured no faster; bitwise the same results on CPU). On a GPU, off means plain ``session.run`` with
     host arrays at every step (for comparison).
-    ``trt_fp16``: let the TensorRT EP build fp16 engines (default off: fp32). ``tf32``: allow TF32 math in
-    the CUDA EP (default off, for fp32 parity with the other backends).
+    ``trt_fp16``: TensorRT EP engines in fp16 with fp32 islands, validated before use (default off: fp32);
+    ``batch``: the TensorRT EP's profile, "MIN:OPT:MAX" images per call (default 1:1:8). ``tf32``: allow TF32 math
+    in the CUDA EP (default off, for fp32 parity with the other backends).
     """
 
     name = "onnxruntime"
@@ -111,10 +114,12 @@ class OnnxRuntimeBackend(Backend):
         io_binding: bool | None = None,
         trt_fp16: bool = False,
         tf32: bool = False,
+        batch: Any = None,
         **other: Any,
     ):
         super().__init__(bundle)
-        check_backend_options(self.name, ("device", "threads", "io_binding", "trt_fp16", "tf32"), other, log)
+        check_backend_options(self.name, ("device", "threads", "io_binding", "trt_fp16", "tf32", "batch"), other, log)
+        self._trt_profile = parse_batch_profile(DEFAULT_PROFILE if batch is None else batch)
         ort = _import_ort()
         self._ort = ort
         available = ort.get_available_providers()
@@ -145,12 +150,13 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = self._providers(bundle, wanted)
         self._sessions = {}
         for g in GRAPH_NAMES:
             path = bundle.graph_file(g)  # verified by Bundle.load before any parse
+            if kind == "tensorrt":  # fp16: the mixed-precision copy (ort_tensorrt's docstring)
+                path = ort_tensorrt.model_path(bundle, g, self._trt_fp16 and g != "vae_decoder")
             try:
-                self._sessions[g] = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+                self._sessions[g] = ort.InferenceSession(str(path), sess_options=opts, providers=self._providers(g))
             except Exception as e:  # onnxruntime's own exception classes
                 raise BundleError(
                     f"onnxruntime could not load graph {g!r} from {path}: {str(e).splitlines()[0]}"
@@ -162,32 +168,28 @@ class OnnxRuntimeBackend(Backend):
                     f"{' and TensorRT' if kind == 'tensorrt' else ''} libraries onnxruntime-gpu {ort.__version__} needs"
                 )
         self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self._sessions.items()}
+        self._validation = None
+        if kind == "tensorrt" and self._trt_fp16:  # before first use: fp16 against fp32 at t = 999, t = 0, a loop
+            cpu = ort.InferenceSession(str(bundle.graph_file("denoiser")), providers=["CPUExecutionProvider"])
+            self._validation = ort_tensorrt.validate_denoiser(bundle, self._sessions["denoiser"], cpu, 1)
 
-    def _providers(self, bundle: Bundle, wanted: list[str]) -> list[Any]:
+    def _providers(self, graph: str) -> list[Any]:
         # Option values as the strings onnxruntime parses ("0"/"1" for flags).
-        dev, flag = str(self._device_id), lambda on: "1" if on else "0"
         providers: list[Any] = []
-        for p in wanted:
+        for p in PROVIDER_ALIASES[self._kind]:
             if p == "TensorrtExecutionProvider":
-                cache = bundle.path / "trt" / "ort-cache"
-                cache.mkdir(parents=True, exist_ok=True)
-                providers.append(
-                    (
-                        p,
-                        {
-                            "device_id": dev,
-                            "trt_engine_cache_enable": "1",
-                            "trt_engine_cache_path": str(cache),
-                            "trt_timing_cache_enable": "1",
-                            "trt_fp16_enable": flag(self._trt_fp16),
-                        },
-                    )
-                )
+                fp16 = self._trt_fp16 and graph != "vae_decoder"  # fp16 VAE decoders overflow
+                opts = ort_tensorrt.provider_options(self.bundle, graph, self._device_id, self._trt_profile, fp16)
+                providers.append((p, opts))
             elif p == "CUDAExecutionProvider":
-                providers.append((p, {"device_id": dev, "use_tf32": flag(self._tf32)}))
+                providers.append((p, {"device_id": str(self._device_id), "use_tf32": "1" if self._tf32 else "0"}))
             else:
                 providers.append(p)
         return providers
+
+    @property
+    def max_batch(self) -> int | None:
+        return self._trt_profile[2] if self._kind == "tensorrt" else None
 
     # ---- properties -------------------------------------------------------------------------------
     @property
@@ -208,7 +210,7 @@ class OnnxRuntimeBackend(Backend):
         if self._on_gpu:
             d.update(tf32=self._tf32)
         if self._kind == "tensorrt":
-            d.update(trt_fp16=self._trt_fp16)
+            d.update(trt_fp16=self._trt_fp16, trt_batch=format_profile(self._trt_profile), validation=self._validation)
         return d
 
     # ---- the stages -------------------------------------------------------------------------------

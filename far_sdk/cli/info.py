@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from far_sdk.backends.tensorrt.cache import trt_dir
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.cli.run import add_bundle_argument
 from far_sdk.cli.sampling import flag_of
@@ -100,7 +101,8 @@ def run_info(a: argparse.Namespace) -> int:
         rows.append((g, f"{spec['file']:<22} opset {spec.get('opset')}, {err}"))
     _section("Graphs", rows)
     _section("Files", [(n, f"{f['size'] / 1e6:9.2f} MB  sha256 {_short(f['sha256'])}") for n, f in m["files"].items()])
-    plans = sorted((b.path / "trt").glob("*.plan")) if (b.path / "trt").is_dir() else []
+    engines = trt_dir(b)  # the user's far-sdk cache, not the bundle
+    plans = sorted(engines.glob("*.plan")) if engines.is_dir() else []
     _section(
         "TensorRT",
         [("plans", f"{len(plans)} built on this machine" if plans else "none (build them with far-export trt BUNDLE)")],

@@ -66,7 +66,8 @@ class TrtCondRef:
 
 
 class TensorRTBackend(Backend):
-    """Engines from ``bundle/trt`` built for this GPU and TensorRT (see ``far-export trt``).
+    """Engines from the bundle's engine cache (:func:`~far_sdk.backends.tensorrt.cache.trt_dir`) built for this GPU
+    and TensorRT (see ``far-export trt``).
 
     ``precision``: the transformer's and denoiser's ("fp16" | "bf16" | "fp32"; None: the built one,
     fp16 first); ``vae_precision`` likewise for the VAE decoder (None: fp32 first); ``batch``: the

@@ -5,7 +5,7 @@ precision and batch profile it was built for. Every plan therefore has an :class
 sidecar next to it, and a runtime checks the sidecar **before** it hands the plan to TensorRT
 (``IRuntime.deserialize_cuda_engine`` returns ``None`` for a foreign plan instead of raising).
 
-Layout under ``bundle/trt/`` (machine-local, never committed)::
+Layout of a bundle's engine cache, :func:`trt_dir` (in the user's far-sdk cache, never inside the bundle)::
 
     <graph>-<precision>-<digest12>.plan        the serialized engine
     <graph>-<precision>-<digest12>.plan.json   its sidecar: key, plan sha256 and size, build time, validation
@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
@@ -43,7 +44,9 @@ from far_sdk.backends.tensorrt.cache_key import (
     key_for,
     parse_batch_profile,
 )
-from far_sdk.bundle.bundle import sha256_file
+from far_sdk.backends.validation import DENOISER_CHECKS
+from far_sdk.bundle.bundle import MANIFEST_NAME, sha256_file
+from far_sdk.bundle.hub import cache_dir
 from far_sdk.errors import BackendUnavailableError, IncompatibleBundleError
 
 log = logging.getLogger(__name__)
@@ -76,7 +79,8 @@ LOCK_NAME = ".lock"
 
 
 class EngineNotBuiltError(IncompatibleBundleError, BackendUnavailableError):
-    """No plan in ``bundle/trt`` was built for this graph, precision, profile, TensorRT and GPU.
+    """No plan in the bundle's engine cache (:func:`trt_dir`) was built for this graph, precision, profile,
+    TensorRT and GPU.
 
     Also a :class:`~far_sdk.errors.BackendUnavailableError`, so ``backend="auto"`` moves on to the
     next backend when no engine was built for this machine.
@@ -91,7 +95,14 @@ def _bundle_path(bundle: Any) -> Path:
 
 
 def trt_dir(bundle: Any) -> Path:
-    return _bundle_path(bundle) / "trt"
+    """The engine cache of ``bundle``, outside it (a read-only bundle works; plans belong to this machine):
+    ``<far-sdk cache>/engines/<bundle dir name>-<manifest sha256[:16]>``, the far-sdk cache being
+    ``$FAR_SDK_CACHE``, else ``$XDG_CACHE_HOME/far-sdk``, else ``~/.cache/far-sdk``. Keyed by the manifest's
+    hash (every file's sha256 is in it): a re-exported bundle gets a cache of its own."""
+    path = _bundle_path(bundle)
+    digest = sha256_file(path / MANIFEST_NAME)[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name)[:48] or "bundle"
+    return cache_dir() / "engines" / f"{name}-{digest}"
 
 
 def plan_path(bundle: Any, key: EngineKey) -> Path:
@@ -126,7 +137,7 @@ def read_sidecar(path: Path) -> tuple[EngineKey, dict[str, Any]]:
 
 
 def sidecars(bundle: Any, graph: str | None = None) -> list[tuple[EngineKey, dict[str, Any], Path]]:
-    """Every readable sidecar (of ``graph``) in bundle/trt; unreadable ones are logged and skipped."""
+    """Every readable sidecar (of ``graph``) in the engine cache; unreadable ones are logged and skipped."""
     out = []
     d = trt_dir(bundle)
     if not d.is_dir():
@@ -247,7 +258,7 @@ def read_plan(bundle: Any, key: EngineKey) -> bytes:
 
 #: The checks of a denoiser plan's build-time validation (export.trt_validate.validation_cases) that make a
 #: reduced-precision plan eligible for automatic choice.
-REQUIRED_CHECKS = {"denoiser": ("t=999", "t=0", "outer step")}
+REQUIRED_CHECKS = {"denoiser": DENOISER_CHECKS}
 
 
 def validated(key: EngineKey, side: dict[str, Any]) -> bool:

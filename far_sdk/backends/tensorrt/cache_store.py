@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def build_lock(bundle: Any) -> Iterator[Path]:
-    """Hold an exclusive ``flock`` on ``bundle/trt/.lock``: a second builder waits here, then finds the plan built."""
+    """Hold an exclusive ``flock`` on ``.lock`` in the engine cache: a second builder waits here, then finds the
+    plan built."""
     d = trt_dir(bundle)
     d.mkdir(parents=True, exist_ok=True)
     try:
@@ -93,7 +94,7 @@ def record_plan(
 
 
 def write_index(bundle: Any) -> Path:
-    """Rewrite ``bundle/trt/engines.json`` from the sidecars (so it never disagrees with them)."""
+    """Rewrite ``engines.json`` in the engine cache from the sidecars (so it never disagrees with them)."""
     engines = []
     for key, side, p in sidecars(bundle):
         engines.append(

@@ -14,6 +14,30 @@ from far_sdk.backends.tensorrt.engine import CudaError, check_cuda, check_cuda_q
 log = logging.getLogger(__name__)
 
 
+def instantiate_graph(cudart: Any, graph: Any) -> Any:
+    """cudaGraphExec_t of a captured graph, across cuda-python versions: ``cudaGraphInstantiateWithFlags(graph,
+    0)`` (CUDA >= 11.4 bindings), else ``cudaGraphInstantiate(graph, 0)`` (CUDA 12's two-argument form). The
+    CUDA 11.x bindings' ``cudaGraphInstantiate`` takes an error node and a log buffer instead: a call form that
+    does not fit raises :class:`CudaError` (graphs off, plain launches), never a TypeError."""
+    forms = [("cudaGraphInstantiateWithFlags", (graph, 0)), ("cudaGraphInstantiate", (graph, 0))]
+    tried = []
+    for name, args in forms:
+        fn = getattr(cudart, name, None)
+        if fn is None:
+            continue
+        try:
+            result = fn(*args)
+        except TypeError as e:  # another binding's signature
+            tried.append(f"{name}{args[1:]}: {e}")
+            continue
+        values = check_cuda(result, name)
+        return values[0] if isinstance(values, tuple) else values  # (exec, error node, log) on old bindings
+    raise CudaError(
+        "this cuda-python instantiates CUDA graphs with none of the call forms far-sdk knows "
+        f"({'; '.join(tried) or 'no cudaGraphInstantiate'}); install cuda-python >= 12 for CUDA graphs"
+    )
+
+
 class LoopGraphs:
     """cudaGraphExec_t per key (e.g. (batch, n, addresses)), LRU-bounded; ``enabled`` turns False after a failed
     capture."""
@@ -48,7 +72,7 @@ class LoopGraphs:
                 enqueue()
             finally:
                 graph = check_cuda(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
-            exe = check_cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            exe = instantiate_graph(cudart, graph)
         except CudaError as e:
             cudart.cudaGetLastError()  # clear the capture's error state
             log.warning("CUDA graph capture of %s failed (%s); running the steps as plain launches", what, e)
