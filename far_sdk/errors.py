@@ -57,6 +57,11 @@ class BackendUnavailableError(FarError, RuntimeError):
     """The requested backend's runtime (tensorrt, onnxruntime, torch, a GPU) is not installed or usable."""
 
 
+class CompileError(BackendUnavailableError):
+    """Compiling a stage failed (``torch.compile`` / Inductor): not a CUDA-graph capture failure. Retry with
+    ``compile=False``, or install the compiler toolchain the error names."""
+
+
 class EngineProfileError(FarError, ValueError):
     """A request lies outside what a built engine supports (e.g. a batch beyond its profile)."""
 

@@ -1,23 +1,25 @@
-"""GPU performance check (``scripts/gpu_check.py --perf``): one run that decides issue 10's figures.
+"""GPU performance check (``scripts/gpu_check.py --perf``): one run that decides issue 24's figures (<= 8 min on
+one H100/H200, exports included).
 
     python scripts/gpu_check.py --perf --out DIR                     # FAR-L + FAR-H, batch 1/8/64, bf16
     python scripts/gpu_check.py --perf --smoke-only --out DIR        # the correctness smoke test alone
-    python scripts/gpu_check.py --perf --models far_tiny --vae-config kl16-tiny --batches 1,2 --out DIR   # on a CPU
+    python scripts/gpu_check.py --perf --tiny --out DIR              # the script itself on a CPU (figures meaningless)
 
 Stages, each written to ``DIR/perf.json`` and ``DIR/perf.md`` as soon as it ends (a run killed at its
-time limit keeps what finished), each skipped once ``--budget-s`` is spent:
+time limit keeps what finished; ``DIR`` defaults to ``$OUT``), each skipped once ``--budget-s`` is spent:
 
 1. the machine: versions, GPU, the bf16 matmul peak (8192^3 on random data, median of 10 after 3
    warm-ups) and device copy bandwidth, measured in this run;
 2. smoke test on a random-init far_tiny + kl16-tiny bundle: the fast path (compiled, CUDA graphs,
    device noise) against the eager fp32 torch path and ONNX Runtime on the CPU, device-drawn noise
    against the same draws uploaded from NumPy, and bf16 per call (one transformer call, one denoiser
-   step) against fp32. A failure here stops the run (``--keep-going`` to continue);
-3. per model (random-init, exported with ``far-export``'s ``export_bundle``, no ONNX validation): one
-   Generator (torch backend, ``--precision``, compiled, CUDA graphs) timed at each batch size —
-   warm-up generations (compiles, captures) reported apart, then timed ones: per image median, min and
-   max, stages, images/s, achieved TFLOP/s and its share of the measured peak; then the eager PyTorch
-   reference sampler the official way (fp32, 100 inner steps) at batch 1, and the speed-up.
+   step of the compiled, captured path) against fp32. A failure here stops the run (``--keep-going``);
+3. per model (random-init, no ONNX validation): one Generator (torch backend, ``--precision``, compiled, CUDA
+   graphs) per batch size with the paper schedule and at batch 1 with the ``fast`` preset: ``warmup()`` (the
+   first call without warm-up), the first call after it, then timed calls -- per image median, min and max,
+   stages, images/s, achieved TFLOP/s and its share of the measured peak, peak GPU memory; then the eager
+   baselines at batch 1 (``torch-eager``: the official way, fp16 autocast and 100 inner steps; the same at equal
+   inner steps; fp32 for information) and the speed-ups; then the timed kernels per call against fp32.
 
 On a machine without CUDA every stage runs on the CPU (for testing the script; figures meaningless).
 Exit status 0 when every stage that ran passed, 1 otherwise.
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from gpu_perf_report import markdown  # noqa: E402  (scripts/: the folder of this script)
 from gpu_stages import (
     device_name,
-    eager_baseline,
+    eager_baselines,
     environment,
     export_random,
     per_call_precision,
@@ -98,37 +100,36 @@ class Run:
 # ---- stages ---------------------------------------------------------------------------------------------
 
 
-def bench_model(model: str, vae_config: str, tmp: Path, batches: list[int], precision: str, run: Run) -> dict[str, Any]:
+def bench_model(model: str, a: argparse.Namespace, tmp: Path, run: Run) -> dict[str, Any]:
+    """Export a random-init ``model``, time the fast path (torch backend, compiled, CUDA graphs) at each batch size
+    with the bundle's (paper) plan and at batch 1 with the ``fast`` preset, then the eager baselines and the
+    compiled kernels per call against fp32."""
     import torch
 
     t = time.perf_counter()
-    bundle = export_random(model, vae_config, tmp / model)
-    res: dict[str, Any] = {"model": model, "vae": vae_config, "export_s": time.perf_counter() - t, "rows": []}
+    bundle = export_random(model, a.vae_config, tmp / model)
+    res: dict[str, Any] = {"model": model, "vae": a.vae_config, "export_s": time.perf_counter() - t, "rows": []}
     log(f"{model}: exported in {res['export_s']:.0f} s")
     t = time.perf_counter()
-    gen = far_sdk.Generator(
-        bundle, backend="torch", device=device_name(), precision=precision, compile=True, cuda_graphs=True
-    )
+    gen = far_sdk.Generator(bundle, backend="torch", device=device_name(), precision=a.precision, cuda_graphs=True)
     res["load_s"] = time.perf_counter() - t
-    for B in batches:
+    steps = {"num_steps": a.steps} if a.steps else {}
+    rows = [(B, {**steps}) for B in a.batch_list] + [(1, {"preset": "fast", **steps})]
+    for B, plan_kw in rows:
         if run.left() < 20:
-            res["rows"].append({"batch": B, "status": "skipped", "reason": "budget"})
+            res["rows"].append({"batch": B, "settings": plan_kw, "status": "skipped", "reason": "budget"})
             continue
-        warm, iters = (2, 10) if B == 1 else ((1, 5) if B <= 8 else (1, 3))
+        iters = a.iters if B == 1 else max(2, a.iters // (2 if B <= 8 else 3))
         try:
-            row = time_generation(gen, B, {}, warm, iters, run)
+            row = time_generation(gen, B, plan_kw, iters, run)
         except Exception as e:  # noqa: BLE001 - a failed row is recorded, the run goes on
-            row = {
-                "batch": B,
-                "status": "failed",
-                "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc()[-2000:],
-            }
+            row = {"batch": B, "settings": plan_kw, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+            row["traceback"] = traceback.format_exc()[-2000:]
         res["rows"].append(row)
         log(
-            f"{model} batch {B}: "
+            f"{model} batch {B} {plan_kw or ''}: "
             + (
-                f"{row['ms_per_image']['median']:.1f} ms/image, {row['images_per_s']:.1f} img/s"
+                f"{row['ms_per_image']['median']:.1f} ms/image, first after warm-up {row['warm_ratio']:.2f}x"
                 if "ms_per_image" in row
                 else row.get("error", row.get("reason", ""))
             )
@@ -138,9 +139,11 @@ def bench_model(model: str, vae_config: str, tmp: Path, batches: list[int], prec
     del gen
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    if run.left() > 45:
-        res["eager_official_b1"] = eager_baseline(bundle)
-    res["per_call"] = per_call_precision(bundle, device_name(), precision) if run.left() > 30 else {"skipped": "budget"}
+    if run.left() > a.eager_need_s:
+        res["eager"] = eager_baselines(bundle, iters=2 if a.tiny else 3, num_steps=a.steps)
+    res["per_call"] = (
+        per_call_precision(bundle, device_name(), a.precision) if run.left() > 30 else {"skipped": "budget"}
+    )
     return res
 
 
@@ -151,42 +154,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--perf", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--models", default="far_large,far_huge")
     ap.add_argument("--vae-config", default="kl16")
-    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--batches", default=None, help="images per call (default 1,8,64; --tiny 1,2)")
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-perf-out"))
     ap.add_argument("--budget-s", type=float, default=470.0, help="stop starting stages after this many seconds")
     ap.add_argument("--smoke-only", action="store_true")
     ap.add_argument("--skip-smoke", action="store_true")
     ap.add_argument("--keep-going", action="store_true", help="run the models even when the smoke test fails")
-    return ap.parse_args(argv)
+    ap.add_argument("--iters", type=int, default=10, help="timed generations at batch 1 (fewer at larger batches)")
+    ap.add_argument("--steps", type=int, default=None, help="outer steps (default: the bundle's, 10)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a CPU smoke run of the script itself: far_tiny + kl16-tiny, batches 1,2, few iterations (figures "
+        "meaningless)",
+    )
+    a = ap.parse_args(argv)
+    if a.tiny:
+        a.models, a.vae_config, a.iters, a.budget_s = "far_tiny", "kl16-tiny", 2, min(a.budget_s, 300)
+    a.batches = a.batches or ("1,2" if a.tiny else "1,8,64")
+    a.batch_list = [int(b) for b in a.batches.split(",")]
+    a.eager_need_s = 20 if a.tiny else 60
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     command = " ".join(["python", "scripts/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
     run = Run(Path(a.out), a.budget_s, command)
-    run.stage("machine", environment)
+    run.stage("machine", environment, small=a.tiny)
     with tempfile.TemporaryDirectory(prefix="far-gpu-perf-") as tmp:
         tmp = Path(tmp)
         if not a.skip_smoke:
-            sm = run.stage("smoke", smoke, tmp, a.precision)
+            sm = run.stage("smoke", smoke, tmp, a.precision, compile="auto" if a.tiny else True)
             if sm["status"] != "ok" and not a.keep_going:
                 log("smoke test failed: stopping (pass --keep-going to time the models anyway)")
                 print(markdown(run.data))
                 return 1
         if not a.smoke_only:
             for model in a.models.split(","):
-                run.stage(
-                    f"model {model}",
-                    bench_model,
-                    model,
-                    a.vae_config,
-                    tmp,
-                    [int(b) for b in a.batches.split(",")],
-                    a.precision,
-                    run,
-                    need_s=60,
-                )
+                run.stage(f"model {model}", bench_model, model, a, tmp, run, need_s=20 if a.tiny else 60)
     print(markdown(run.data))
     return 0 if all(v.get("status") in ("ok", "skipped") for v in run.data["stages"].values()) else 1
 

@@ -16,6 +16,7 @@ import numpy as np
 
 import far_sdk
 
+STAGE_NAMES = ("transformer", "denoise", "filter", "vae_decode")
 #: Per-call bounds of reduced precision against fp32: ||a - b|| / ||b|| over one call.
 CALL_TOL = {"bf16": 2e-2, "fp16": 5e-3, "fp32": 1e-5}
 
@@ -36,11 +37,11 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure_peaks() -> dict[str, Any]:
+def measure_peaks(small: bool = False) -> dict[str, Any]:
     import torch
 
     dev = device_name()
-    n = 8192 if dev == "cuda" else 1024
+    n = 8192 if dev == "cuda" else (256 if small else 1024)
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     a, b = (torch.randn(n, n, device=dev, dtype=dt) for _ in range(2))
     for _ in range(3):
@@ -62,7 +63,7 @@ def measure_peaks() -> dict[str, Any]:
         }
     }
     del a, b
-    x = torch.randn(256 << 20, device=dev)  # 1 GiB fp32
+    x = torch.randn((4 if small else 256) << 20, device=dev)  # 1 GiB fp32 (16 MiB when small)
     y = torch.empty_like(x)
     y.copy_(x)
     sync()
@@ -77,7 +78,7 @@ def measure_peaks() -> dict[str, Any]:
     return out
 
 
-def environment() -> dict[str, Any]:
+def environment(small: bool = False) -> dict[str, Any]:
     import torch
 
     env: dict[str, Any] = {
@@ -95,7 +96,7 @@ def environment() -> dict[str, Any]:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
         env["capability"] = "{}.{}".format(*torch.cuda.get_device_capability(0))
-    env["peaks"] = measure_peaks()
+    env["peaks"] = measure_peaks(small)
     return env
 
 
@@ -108,46 +109,55 @@ def export_random(model: str, vae_config: str, dest: Path, seed: int = 0) -> Pat
     return random_bundle(dest, model, vae_config, seed=seed, name=f"random-{model}-{vae_config}", validate=False)
 
 
-def time_generation(
-    gen: far_sdk.Generator, batch: int, plan_kw: dict, warmup: int, iters: int, run: Any = None
-) -> dict[str, Any]:
+def peak_memory_reset() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb() -> float | None:
+    """torch's peak GPU allocation since :func:`peak_memory_reset` (None on the CPU)."""
+    torch = sys.modules.get("torch")
+    return torch.cuda.max_memory_allocated() / 2**30 if torch is not None and torch.cuda.is_available() else None
+
+
+def time_generation(gen: far_sdk.Generator, batch: int, plan_kw: dict, iters: int, run: Any = None) -> dict[str, Any]:
+    """One row: ``gen.warmup([batch])`` (the first call without warm-up: compiles, captures), the first call after
+    it, then ``iters`` timed generations (per image median, min, max; stages; images/s; TFLOP/s), peak GPU memory
+    over the row."""
     from far_sdk.bench.protocol import analytic_flops
     from far_sdk.bench.results import summarize
 
     labels = [i % gen.bundle.num_classes for i in range(batch)]
-    first = []
-    for w in range(warmup):
-        t = time.perf_counter()
-        gen.generate(labels, seed=w, output_type="np", **plan_kw)
-        first.append(time.perf_counter() - t)
+    peak_memory_reset()
+    cold_s = gen.warmup([batch], **plan_kw)[batch]
+    t = time.perf_counter()
+    gen.generate(labels, seed=999, output_type="np", **plan_kw)
+    first_after_warmup_s = time.perf_counter() - t
     its = []
     for i in range(iters):
         if run is not None and i >= 2 and run.left() < 10:
             break  # out of budget: keep what was timed (the row says how many)
         t = time.perf_counter()
         out = gen.generate(labels, seed=1000 + i, output_type="np", **plan_kw)
-        its.append(
-            {
-                **{k: out.timings[k] for k in ("transformer", "denoise", "filter", "vae_decode")},
-                "total": time.perf_counter() - t,
-            }
-        )
+        its.append({**{k: out.timings[k] for k in STAGE_NAMES}, "total": time.perf_counter() - t})
     tot = [r["total"] / batch * 1e3 for r in its]
     med_total = statistics.median(r["total"] for r in its)
     flops = analytic_flops(gen.bundle.manifest, out.plan, batch)
     res = {
         "batch": batch,
-        "warmup_s": first,
+        "settings": plan_kw,
+        "first_call_cold_s": cold_s,
+        "first_after_warmup_ms_per_image": first_after_warmup_s / batch * 1e3,
         "iters": len(its),
         "ms_per_image": summarize(tot).__dict__,
-        "stages_ms_per_image": {
-            k: statistics.median(r[k] for r in its) / batch * 1e3
-            for k in ("transformer", "denoise", "filter", "vae_decode")
-        },
+        "stages_ms_per_image": {k: statistics.median(r[k] for r in its) / batch * 1e3 for k in STAGE_NAMES},
         "images_per_s": batch / med_total,
+        "peak_memory_gb": peak_memory_gb(),
         "backend": gen.backend.describe(),
         "inner_steps": list(out.plan.inner_steps),
     }
+    res["warm_ratio"] = res["first_after_warmup_ms_per_image"] / res["ms_per_image"]["median"]
     if flops is not None:
         res["tflop_per_image"] = flops["total"] / 1e12
         res["achieved_tflops"] = flops["total"] * batch / med_total / 1e12
@@ -157,7 +167,7 @@ def time_generation(
 # ---- correctness ----------------------------------------------------------------------------------
 
 
-def smoke(tmp: Path, precision: str) -> dict[str, Any]:
+def smoke(tmp: Path, precision: str, compile: bool | str = True) -> dict[str, Any]:
     """Correctness of the fast path on a tiny random model (see the module docstring)."""
     import torch
 
@@ -176,7 +186,7 @@ def smoke(tmp: Path, precision: str) -> dict[str, Any]:
         return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
     checks["torch cpu eager vs onnxruntime cpu"] = rel(eager_cpu, ref)
-    fast = far_sdk.Generator(bundle, backend="torch", device=dev, precision="fp32", compile=True, cuda_graphs=True)
+    fast = far_sdk.Generator(bundle, backend="torch", device=dev, precision="fp32", compile=compile, cuda_graphs=True)
     a = fast.generate(labels, seed=3, **kw).latents
     b = fast.generate(labels, seed=3, **kw).latents
     checks["fast fp32 vs onnxruntime cpu"] = rel(a, ref)
@@ -204,12 +214,16 @@ def smoke(tmp: Path, precision: str) -> dict[str, Any]:
 
 
 def per_call_precision(bundle_dir: Path, dev: str, precision: str) -> dict[str, Any]:
-    """One transformer call and one denoiser step in ``precision`` vs fp32, on random non-trivial inputs."""
+    """One transformer call and one denoiser step in ``precision`` vs eager fp32, on random non-trivial inputs; the
+    reduced-precision side runs the timed path itself (compiled and captured on CUDA: ``denoise`` replays the same
+    compiled loop as a generation)."""
     from far_sdk.maths.diffusion import denoise_step_table
 
     gens = {
-        p: far_sdk.Generator(bundle_dir, backend="torch", device=dev, precision=p, cuda_graphs=False, compile=False)
-        for p in ("fp32", precision)
+        "fp32": far_sdk.Generator(
+            bundle_dir, backend="torch", device=dev, precision="fp32", cuda_graphs=False, compile=False
+        ),
+        precision: far_sdk.Generator(bundle_dir, backend="torch", device=dev, precision=precision, cuda_graphs=True),
     }
     b32, blo = gens["fp32"].backend, gens[precision].backend
     m = gens["fp32"].bundle.manifest["model"]
@@ -240,30 +254,45 @@ def per_call_precision(bundle_dir: Path, dev: str, precision: str) -> dict[str, 
     return out
 
 
-def eager_baseline(bundle_dir: Path) -> dict[str, Any]:
-    """The PyTorch reference sampler the official way (fp32, 100 inner steps, MLP condition every step) at batch 1."""
-    import dataclasses
-
-    import torch
-
-    from far_sdk.bench.protocol import bench_backend, bench_plan
+def eager_baselines(
+    bundle_dir: Path, preset: str | None = None, iters: int = 3, num_steps: int | None = None
+) -> dict[str, Any]:
+    """The eager PyTorch baselines at batch 1 (the ``torch-eager`` backend: the official per-step work):
+    "official" -- the official way, fp16 autocast on CUDA (engine_far.py), 100 inner steps per outer step;
+    "equal" -- the same at the fast path's inner steps (the bundle's defaults, or ``preset``); "fp32" -- the official
+    plan in fp32 eager (CUDA only; information). ms per image (median of ``iters`` after one warm-up), peak GPU
+    memory."""
+    from far_sdk.bench.protocol import bench_backend
     from far_sdk.bench.results import summarize
-    from far_sdk.maths.schedules import make_plan
+    from far_sdk.options import SamplingOptions
 
-    bundle = far_sdk.Bundle.load(bundle_dir, verify=False)
-    plan = bench_plan(bundle)
-    official = dataclasses.replace(plan, inner_steps=make_plan(plan.num_steps, inner_steps="official").inner_steps)
-    raw = bench_backend(
-        bundle_dir, "torch-eager", 1, official, warmup=1, iters=3, backend_options={"device": device_name()}
-    )
-    tot = [r["total"] * 1e3 for r in raw["iterations"]]
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {
-        "ms_per_image": summarize(tot).__dict__,
-        "inner_steps": list(official.inner_steps),
-        "stages_ms": {
-            k: statistics.median(r[k] for r in raw["iterations"]) * 1e3
-            for k in ("transformer", "denoise", "filter", "vae_decode")
-        },
-    }
+    official = SamplingOptions(inner_steps="official", inner_sampler="ddpm", num_steps=num_steps)
+    variants = {"official": (None, official, {}), "equal": (preset, SamplingOptions(num_steps=num_steps), {})}
+    if device_name() == "cuda":
+        variants["fp32"] = (None, official, {"precision": "fp32"})
+    gen = far_sdk.Generator(bundle_dir, backend="onnxruntime", device="cpu")  # plans only
+    out = {}
+    for name, (pre, opts, extra) in variants.items():
+        plan = gen.plan(opts, preset=pre)
+        peak_memory_reset()
+        raw = bench_backend(
+            bundle_dir,
+            "torch-eager",
+            1,
+            plan,
+            warmup=1,
+            iters=iters,
+            preset=pre,
+            options=opts,
+            backend_options={"device": device_name(), **extra},
+        )
+        out[name] = {
+            "ms_per_image": summarize([r["total"] * 1e3 for r in raw["iterations"]]).__dict__,
+            "inner_steps_total": sum(plan.inner_steps),
+            "precision": raw["describe"].get("precision"),
+            "autocast": raw["describe"].get("autocast"),
+            "peak_memory_gb": peak_memory_gb(),
+        }
+        gc.collect()
+    gen.close()
+    return out

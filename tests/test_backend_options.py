@@ -240,6 +240,54 @@ def test_gpu_check_quick_runs_on_cpu_and_reports_skipped_gpu_paths(tmp_path):
         assert "no CUDA GPU" in rows["torch-cuda-fp32-graphs"]["reason"]
 
 
+def test_gpu_perf_tiny_runs_on_cpu_and_reports_every_column(tmp_path):
+    """``gpu_check.py --perf`` as it runs on a GPU, shrunk (--tiny: far_tiny, CPU): rows with warm-up and memory
+    columns, the fast preset, the eager baselines (official: 100 inner steps per outer step) and speed-ups."""
+    out = tmp_path / "perf"
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--perf", "--tiny", "--skip-smoke"]
+    r = subprocess.run(
+        [*cmd, "--steps", "1", "--batches", "1", "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "perf.json").read_text())
+    m = data["stages"]["model far_tiny"]
+    assert m["status"] == "ok"
+    paper, fast = m["rows"]
+    assert paper["settings"] == {"num_steps": 1} and fast["settings"] == {"preset": "fast", "num_steps": 1}
+    for row in (paper, fast):
+        assert row["first_call_cold_s"] > 0 and row["warm_ratio"] > 0 and "peak_memory_gb" in row
+        assert row["ms_per_image"]["median"] > 0 and row["backend"]["backend"] == "torch"
+    assert m["eager"]["official"]["inner_steps_total"] == 100 and m["eager"]["official"]["precision"] == "fp32"
+    assert m["eager"]["equal"]["inner_steps_total"] == sum(paper["inner_steps"])
+    md = (out / "perf.md").read_text()
+    assert "first after warmup / steady" in md and "peak GPU GB" in md and "| far_tiny | 1 | fast |" in md
+    official_speedup = m["eager"]["official"]["ms_per_image"]["median"] / paper["ms_per_image"]["median"]
+    assert f"{official_speedup:.1f}x | >= 25x:" in md
+
+
+def test_gpu_perf_report_marks_the_issue_targets():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gpu_perf_report import markdown
+
+    def row(batch, ms, preset=None, tflops=None, warm=1.2):
+        stages = dict(transformer=1.0, denoise=2.0, filter=0.0, vae_decode=3.0)
+        summary = dict(median=ms, min=ms, max=ms)
+        settings = {"preset": preset} if preset else {}
+        timing = dict(ms_per_image=summary, stages_ms_per_image=stages, images_per_s=1e3 / ms, achieved_tflops=tflops)
+        return dict(
+            batch=batch, settings=settings, peak_memory_gb=3.5, first_call_cold_s=9.0, warm_ratio=warm, **timing
+        )
+
+    eager = {"official": dict(ms_per_image=dict(median=1300.0), inner_steps_total=1000, precision="fp16")}
+    model = dict(model="far_large", rows=[row(1, 48.0), row(1, 26.0, "fast", warm=2.5), row(64, 5.0, tflops=500)])
+    peaks = {"matmul": {"tflops_median": 700.0, "dtype": "torch.bfloat16", "n": 8192}, "copy": {"tb_per_s_median": 4}}
+    md = markdown({"stages": {"machine": {"peaks": peaks}, "model far_large": {**model, "eager": eager}}})
+    assert "| far_large | 1 | paper | 48.0 (48.0-48.0) |" in md and "<= 50 ms: met; warm <= 2x: met" in md
+    assert "<= 25 ms: MISSED; warm <= 2x: MISSED" in md  # the fast preset at 26 ms, first call 2.5x steady
+    assert ">= 65% peak: met" in md and "| 71% |" in md  # 500 / 700 TFLOP/s
+    assert "| far_large | eager official (fp16, 1000 inner steps) | 1300.0 | - | 27.1x | >= 25x: met |" in md
+
+
 # ---- GPU -------------------------------------------------------------------------------------------------
 
 

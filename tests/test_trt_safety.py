@@ -144,3 +144,22 @@ def test_ort_fp16_sessions_run_the_mixed_graph_and_are_validated(read_only_bundl
     weak = ort.InferenceSession(everywhere.SerializeToString(), providers=["CPUExecutionProvider"])
     with pytest.raises(NumericalError, match="fails validation at t=999"):  # what trt_fp16_enable may build
         validate_denoiser(bundle, weak, cpu, 1)
+
+
+class NoMemoryCuda(trt_sim.FakeCuda):
+    def cudaMalloc(self, n):  # noqa: N802
+        return 2, 0  # cudaErrorMemoryAllocation
+
+
+def test_tensorrt_out_of_gpu_memory_is_typed(tiny_bundle, tmp_path, monkeypatch):
+    from export.trt_build import build_engines
+    from far_sdk.backends.tensorrt.backend import TensorRTBackend
+    from far_sdk.errors import DeviceOutOfMemoryError
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    trt_sim.install(monkeypatch)
+    build_engines(bundle, precision="fp32", batch=(1, 1, 1), validate=False, progress=lambda m: None)
+    trt_sim.install(monkeypatch, cuda_class=NoMemoryCuda)
+    with pytest.raises(DeviceOutOfMemoryError, match="out of GPU memory.*smaller max_batch"):
+        TensorRTBackend(Bundle.load(bundle), precision="fp32")

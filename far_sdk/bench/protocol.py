@@ -25,7 +25,8 @@ Definitions (all per row, over the timed iterations):
   can pass 100 % where a runtime computes convolutions with fewer multiplies (Winograd) than the
   direct-convolution count, as onnxruntime may for the VAE decoder's 3x3 convolutions;
 - speedup[ref] = baseline per_image_s / row per_image_s, against the eager row of the same batch
-  (refs "eager@100": official 100 inner steps, "eager@equal": the benchmarked plan);
+  (refs "eager@100": official 100 inner steps, "eager@equal": the benchmarked plan; both the official way, fp16
+  autocast on CUDA; "eager@100/fp32", on CUDA, an information row no speed-up is taken against);
 - several settings in one run (``--preset paper,fast``; ``settings=``): every row is run per setting
   (``RowResult.setting``), eager@equal per setting, and speedup["vs <first setting>"] = the first
   setting's per_image_s on the same backend and batch / the row's;
@@ -51,6 +52,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from far_sdk.bench.baselines import (
+    BASELINES,
+    EAGER_EQUAL,
+    EAGER_FP32,
+    EAGER_OFFICIAL,
+    setting_speedups,
+    speedups,
+    torch_cuda,
+)
 from far_sdk.bench.conditions import bench_condition, check_bench_bundle
 from far_sdk.bench.environment import cuda_torch, machine_info, matmul_peak, maxrss_mb, rss_now_mb, versions
 from far_sdk.bench.flops import generation_flops
@@ -68,9 +78,6 @@ from far_sdk.options import SamplingOptions, plan_options, resolve_plan, resolve
 from far_sdk.pipeline import STAGES, Generator
 
 log = logging.getLogger(__name__)
-
-BASELINES = ("none", "eager-torch")  # eager-torch: the torch-eager backend at the official and at the benchmarked plan
-EAGER_OFFICIAL, EAGER_EQUAL = "eager@100", "eager@equal"
 
 
 # ---- machine, memory, FLOPs ----------------------------------------------------------------------
@@ -289,9 +296,9 @@ def run_benchmark(
     if baseline == "eager-torch":
         eager = dict(warmup=warmup, iters=iters, seed=seed, threads=threads, device=device, prompts=prompts)
         rows += _eager_rows(bundle, plans, batches, finish=finish, **eager)
-        _speedups(rows)
+        speedups(rows)
     if len(plans) > 1:
-        _setting_speedups(rows, plans[0].label)
+        setting_speedups(rows, plans[0].label)
     return BenchResult(
         command=command,
         machine=machine_info(),
@@ -325,7 +332,9 @@ def _plan_dict(plan: SamplingPlan) -> dict[str, Any]:
 
 def _eager_rows(bundle, plans, batches, *, warmup, iters, seed, threads, device, finish, prompts) -> list[RowResult]:
     """eager@100 (official inner steps, DDPM) and eager@equal (each benchmarked plan; skipped when identical)
-    per batch: the ``torch-eager`` backend (the official per-step work) through :func:`bench_backend`."""
+    per batch: the ``torch-eager`` backend (the official per-step work) through :func:`bench_backend`, the official
+    way (on CUDA fp16 autocast, as the official evaluation; fp32 on the CPU); on CUDA also eager@100 in fp32
+    (:data:`EAGER_FP32`, an information row)."""
     # the backends' device names ("tensorrt" is an onnxruntime EP) -> the same hardware for torch ("auto": CUDA if any)
     opts: dict[str, Any] = {"device": device if device not in (None, "tensorrt") else "auto"}
     if threads is not None:
@@ -337,9 +346,11 @@ def _eager_rows(bundle, plans, batches, *, warmup, iters, seed, threads, device,
         first.preset,
         dataclasses.replace(first.options, inner_steps="official", inner_sampler="ddpm", eta=None),
     )
-    variants = [(EAGER_OFFICIAL, official)] + [(EAGER_EQUAL, st) for st in plans if st.plan != official.plan]
+    variants = [(EAGER_OFFICIAL, official, {})] + [(EAGER_EQUAL, st, {}) for st in plans if st.plan != official.plan]
+    if torch_cuda(opts["device"]):
+        variants.append((EAGER_FP32, official, {"precision": "fp32"}))
     rows = []
-    for label, st in variants:
+    for label, st, extra in variants:
         for b in batches:
             log.info("bench %s batch %d", label, b)
             raw = bench_backend(
@@ -350,38 +361,17 @@ def _eager_rows(bundle, plans, batches, *, warmup, iters, seed, threads, device,
                 warmup=warmup,
                 iters=iters,
                 seed=seed,
-                backend_options=opts,
+                backend_options={**opts, **extra},
                 options=st.options,
                 preset=st.preset,
                 prompts=prompts,
             )
             raw.update(name=f"eager-torch@{label.split('@')[1]}/{raw['device']}", kind="baseline", baseline=label)
+            if label == EAGER_FP32:
+                raw["name"] = f"eager-torch@100-fp32/{raw['device']}"
             rows.append(_finish_row(raw, plan=st.plan, eager=True, **finish))
             rows[-1].setting = st.label
     return rows
-
-
-def _speedups(rows: list[RowResult]) -> None:
-    """speedup[ref] = baseline per-image time / row per-image time, same batch (eager@equal falls back
-    to eager@100 when the plan already has 100 inner steps everywhere)."""
-    base = {
-        (r.baseline, r.setting if r.baseline == EAGER_EQUAL else None, r.batch): r for r in rows if r.kind == "baseline"
-    }
-    for r in rows:
-        for ref in (EAGER_OFFICIAL, EAGER_EQUAL):
-            b = base.get((ref, r.setting if ref == EAGER_EQUAL else None, r.batch))
-            if b is None and ref == EAGER_EQUAL:
-                b = base.get((EAGER_OFFICIAL, None, r.batch))
-            r.speedup[ref] = b.per_image_s / r.per_image_s if b is not None else None
-
-
-def _setting_speedups(rows: list[RowResult], first: str) -> None:
-    """speedup["vs <first>"] = the first setting's per-image time (same row name and batch) / the row's."""
-    base = {(r.name, r.batch): r for r in rows if r.setting == first}
-    for r in rows:
-        b = base.get((r.name, r.batch))
-        if r.setting is not None:
-            r.speedup[f"vs {first}"] = b.per_image_s / r.per_image_s if b is not None else None
 
 
 def _threads(threads: int | None) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from far_sdk.maths.schedules import SamplingPlan
 from far_sdk.options import SamplingOptions, options_doc, options_from_keywords, resolve_plan, resolve_text_plan
 from far_sdk.pipeline.batching import chunk_size, noise_source
 from far_sdk.pipeline.outputs import OUTPUT_TYPES, PREVIEWS, STAGES, GenerationOutput, OutputType, StepInfo
+from far_sdk.pipeline.warmup import warmup
 from far_sdk.text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,12 @@ class Generator:
         out = self.backend.decode(np.ascontiguousarray(latents, dtype=np.float32))
         self.backend.synchronize()
         return out
+
+    def warmup(self, batch_sizes: Any = (1,), **settings: Any) -> dict[int, float]:
+        """Generate once per batch size now (compiles, CUDA-graph captures, engine set-up) so the first request
+        runs at steady-state speed; ``settings``: the preset / sampling keywords that will be served. Returns the
+        seconds per batch size (:func:`far_sdk.pipeline.warmup.warmup`)."""
+        return warmup(self, batch_sizes, **settings)
 
     def generate(
         self,

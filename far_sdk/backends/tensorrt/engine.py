@@ -16,11 +16,18 @@ import numpy as np
 
 from far_sdk.backends.tensorrt.cache import ROWS_PER_IMAGE, BuildEnv
 from far_sdk.bundle.graphs import GraphSpec
-from far_sdk.errors import BackendUnavailableError, EngineProfileError, IncompatibleBundleError, InvalidArgumentError
+from far_sdk.errors import (
+    BackendUnavailableError,
+    DeviceOutOfMemoryError,
+    EngineProfileError,
+    IncompatibleBundleError,
+    InvalidArgumentError,
+)
 
 log = logging.getLogger(__name__)
 
 ALIGN = 256  # bytes; every address handed to TensorRT is a multiple of this
+CUDA_ERROR_MEMORY_ALLOCATION = 2  # cudaErrorMemoryAllocation
 _TRT_LOGGER = None
 _TRT_LOGGER_LOCK = threading.Lock()
 
@@ -59,6 +66,11 @@ def check_cuda(result: Any, what: str) -> Any:
     """Unpack a cuda-python result ``(err, *values)``; raise :class:`CudaError` naming ``what`` unless err is
     cudaSuccess."""
     err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) == CUDA_ERROR_MEMORY_ALLOCATION:
+        raise DeviceOutOfMemoryError(
+            f"{what} failed: out of GPU memory ({getattr(err, 'name', err)}): pass a smaller max_batch, or build the "
+            "engines for a smaller batch profile"
+        )
     if int(err) != 0:
         raise CudaError(f"{what} failed: {getattr(err, 'name', err)} ({int(err)})")
     return values[0] if len(values) == 1 else (tuple(values) if values else None)

@@ -42,7 +42,15 @@ from far_sdk.backends.base import (
 )
 from far_sdk.backends.torch.fast import resolve_device, step_functions
 from far_sdk.backends.torch.graphs import StageGraphs
-from far_sdk.backends.torch.state import Batch, memory_errors, new_batch, noise_buffer, upload_noise, upload_plan
+from far_sdk.backends.torch.state import (
+    Batch,
+    decode_in_chunks,
+    memory_errors,
+    new_batch,
+    noise_buffer,
+    upload_noise,
+    upload_plan,
+)
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import BackendUnavailableError, InvalidArgumentError
 from far_sdk.maths.diffusion import Step
@@ -215,7 +223,7 @@ class TorchBackend(Backend):
         n = int(steps.shape[0])
         if n == 0:
             return np.array(x, dtype=np.float32)
-        with self._lock, torch.inference_mode(), self._on_device():
+        with self._lock, torch.inference_mode(), self._on_device(), memory_errors(torch, B, "denoising"):
             bb = self._batch(B, L, C, cached=self._use_graphs)
             if not isinstance(cond, torch.Tensor):
                 cond = self._t(np.asarray(cond, dtype=np.float32), self._dtype)
@@ -228,7 +236,7 @@ class TorchBackend(Backend):
     # ---- the loop ----------------------------------------------------------------------------------
     def begin(self, conditioning: dict[str, np.ndarray], batch: int, seq_len: int, channels: int) -> LoopState:
         torch = self._torch
-        with self._lock, torch.inference_mode(), self._on_device():
+        with self._lock, torch.inference_mode(), self._on_device(), memory_errors(torch, batch, "allocating"):
             # graphs read fixed addresses: one cached set of buffers per batch size (one generation at a
             # time); eager runs get their own, so concurrent generations on the CPU never share them
             bb = self._batch(batch, seq_len, channels, cached=self._use_graphs)
@@ -301,10 +309,14 @@ class TorchBackend(Backend):
             return bool(self._torch.isfinite(array).all())  # host sync
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
+        """latents [B, C, h, w] -> images; in smaller chunks when the batch does not fit in memory."""
+        return decode_in_chunks(self._torch, self._decode, latents)
+
+    def _decode(self, latents: np.ndarray) -> np.ndarray:
         torch = self._torch
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device():
             out = self._graphs["vae_decoder"](self._t(latents, torch.float32))
-        return out.cpu().numpy()  # host sync
+            return out.cpu().numpy()  # host sync
 
     # ---- stage bodies: only static buffers in, static buffers out --------------------------------
     def _transformer_body(self, bb: Batch) -> None:

@@ -14,12 +14,33 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from far_sdk.errors import CompileError
+
 log = logging.getLogger(__name__)
 
 #: Eager runs of a stage on the capture stream before its capture (lazy library set-up, autotuning).
 WARMUP_RUNS = 2
 #: PyTorch allows one CUDA graph capture at a time per process (torch.cuda.graph's documented restriction).
 CAPTURE_LOCK = threading.Lock()
+
+
+def compile_failure(e: BaseException) -> bool:
+    """Whether ``e`` comes from torch.compile (Dynamo / Inductor) rather than from running or capturing."""
+    mod = type(e).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor")) or "inductor" in str(e).lower()[:200]
+
+
+def run_compiled(body: Callable[[], None], key: Hashable) -> None:
+    """``body()``, whose first call compiles: a compiler failure becomes CompileError (typed, named as what it is)."""
+    try:
+        body()
+    except Exception as e:
+        if compile_failure(e):
+            raise CompileError(
+                f"torch.compile failed for stage {key} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                "): retry with compile=False"
+            ) from e
+        raise
 
 
 class StageGraphs:
@@ -41,7 +62,7 @@ class StageGraphs:
     def run(self, key: Hashable, body: Callable[[], None]) -> None:
         """Run ``body`` (static buffers in and out): replay its CUDA graph (capturing it first), or eagerly."""
         if not self.enabled:
-            body()
+            run_compiled(body, key)
             return
         graph = self._graphs.get(key)
         if graph is None:
@@ -65,25 +86,27 @@ class StageGraphs:
         torch, s = self._torch, self._stream
         g = torch.cuda.CUDAGraph()
         s.wait_stream(torch.cuda.current_stream(self._device))  # uploads and zero-fills land before the warm-up
-        try:
-            with CAPTURE_LOCK:
-                with torch.cuda.stream(s):
-                    for _ in range(WARMUP_RUNS):  # compiles, lazy cuBLAS set-up: never inside a capture
-                        body()
-                torch.cuda.current_stream(self._device).wait_stream(s)
-                # "thread_local": CUDA calls of other threads may not invalidate this capture.
+        with CAPTURE_LOCK:
+            with torch.cuda.stream(s):
+                for _ in range(WARMUP_RUNS):  # compiles, lazy cuBLAS set-up: never inside a capture
+                    run_compiled(body, key)  # a compiler failure is a CompileError, not a capture failure
+            torch.cuda.current_stream(self._device).wait_stream(s)
+            try:  # "thread_local": CUDA calls of other threads may not invalidate this capture.
                 with torch.cuda.graph(g, pool=self._pool, stream=s, capture_error_mode="thread_local"):
                     body()
-        except RuntimeError as e:
-            log.warning(
-                "CUDA graph capture of %s failed (%s); running eager launches from now on",
-                key,
-                str(e).splitlines()[0] if str(e) else type(e).__name__,
-            )
-            self.enabled = False  # concurrent_generate stays False: the Generator read it at construction
-            self._graphs.clear()
-            torch.cuda.synchronize(self._device)
-            return None
+            except RuntimeError as e:
+                self._give_up(key, e)
+                return None
         self.captures += 1
         log.debug("captured %s (%d graphs cached)", key, len(self._graphs) + 1)
         return g
+
+    def _give_up(self, key: Hashable, e: BaseException) -> None:
+        log.warning(
+            "CUDA graph capture of %s failed (%s); running eager launches from now on",
+            key,
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
+        self.enabled = False  # concurrent_generate stays False: the Generator read it at construction
+        self._graphs.clear()
+        self._torch.cuda.synchronize(self._device)

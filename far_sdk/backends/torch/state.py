@@ -40,28 +40,52 @@ class Batch:
     text: Any = None  # text bundles: (context (2B, T, D_text), null (2B,)) in the network dtype / fp32
 
 
-class memory_errors:
-    """torch's allocation failures (CUDA OOM, the CPU allocator's RuntimeError) -> DeviceOutOfMemoryError."""
+def is_oom(torch: Any, e: BaseException) -> bool:
+    """Whether ``e`` is torch running out of memory (CUDA OOM, the CPU allocator's RuntimeError, MemoryError)."""
+    cuda_oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", MemoryError)
+    text = str(e).lower()
+    return isinstance(e, (MemoryError, cuda_oom)) or (
+        isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    )
 
-    def __init__(self, torch, batch: int):
-        self._torch, self._batch = torch, batch
+
+class memory_errors:
+    """torch's allocation failures in a stage -> DeviceOutOfMemoryError naming the stage and the batch."""
+
+    def __init__(self, torch, batch: int, stage: str = "generating"):
+        self._torch, self._batch, self._stage = torch, batch, stage
 
     def __enter__(self):
         return None
 
     def __exit__(self, typ, e, tb):
-        if e is None:
+        if e is None or isinstance(e, DeviceOutOfMemoryError) or not is_oom(self._torch, e):
             return False
-        oom = isinstance(e, (MemoryError, self._torch.cuda.OutOfMemoryError)) or (
-            isinstance(e, RuntimeError)
-            and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower())
-        )
-        if oom:
-            raise DeviceOutOfMemoryError(
-                f"out of memory generating {self._batch} images per call: pass a smaller max_batch "
-                f"or fewer labels ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-            ) from e
-        return False
+        raise DeviceOutOfMemoryError(
+            f"out of memory {self._stage} {self._batch} images per call: pass a smaller max_batch "
+            f"or fewer labels ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from e
+
+
+def decode_in_chunks(torch: Any, decode: Callable[[np.ndarray], np.ndarray], latents: np.ndarray) -> np.ndarray:
+    """``decode`` the whole batch; when it runs out of memory, free the cache and decode halves (down to one image
+    at a time). DeviceOutOfMemoryError only when a single image does not fit."""
+    n, chunk, out, i = latents.shape[0], latents.shape[0], [], 0
+    while i < n:
+        try:
+            out.append(decode(latents[i : i + chunk]))
+            i += chunk
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is handled: the rest is re-raised
+            if not is_oom(torch, e):
+                raise
+            if chunk == 1:
+                raise DeviceOutOfMemoryError(
+                    f"out of memory decoding one image with the VAE decoder: free GPU memory ({str(e).splitlines()[0]})"
+                ) from e
+            chunk = max(1, chunk // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return np.concatenate(out) if len(out) > 1 else out[0]
 
 
 def new_batch(torch: Any, B: int, L: int, C: int, G: int, W: int, device: Any, dtype: Any) -> Batch:
