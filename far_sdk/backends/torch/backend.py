@@ -40,7 +40,7 @@ from far_sdk.backends.base import (
     SeededDraws,
     check_backend_options,
 )
-from far_sdk.backends.torch.fast import resolve_device, step_functions
+from far_sdk.backends.torch.fast import compile_cache, import_torch, resolve_device, step_functions
 from far_sdk.backends.torch.graphs import StageGraphs
 from far_sdk.backends.torch.state import (
     Batch,
@@ -52,22 +52,12 @@ from far_sdk.backends.torch.state import (
     upload_plan,
 )
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.errors import BackendUnavailableError, InvalidArgumentError
+from far_sdk.errors import CompileError, InvalidArgumentError
 from far_sdk.maths.diffusion import Step
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def _import_torch():
-    try:
-        import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
-    except ImportError as e:
-        raise BackendUnavailableError(
-            "backend 'torch' needs PyTorch: pip install torch (and far-sdk's training package)"
-        ) from e
-    return torch
 
 
 class TorchBackend(Backend):
@@ -95,7 +85,7 @@ class TorchBackend(Backend):
         check_backend_options(
             self.name, ("device", "precision", "threads", "cuda_graphs", "max_cuda_graphs", "compile"), other, log
         )
-        torch = _import_torch()
+        torch = import_torch()
         self._torch = torch
         # training's modules import torch: loaded with this backend, never by `import far_sdk`
         from training.filters import low_pass_tokens  # noqa: PLC0415
@@ -141,6 +131,13 @@ class TorchBackend(Backend):
         from training.torch_noise import philox_normals_torch  # noqa: PLC0415 - imports torch
 
         self._compiled = (compile is True) or (compile == "auto" and on_cuda)
+        if self._compiled and on_cuda:
+            compile_cache()  # Inductor's caches in the far-sdk cache: a restarted server skips recompiling
+        # on CUDA the transformer is compiled too (Inductor's GEMMs and fused elementwise kernels; the stage is then
+        # captured as before); should its compilation fail, it runs uncompiled (outer_step)
+        self._transformer = self._graphs["transformer"]
+        if self._compiled and on_cuda:
+            self._transformer = torch.compile(self._graphs["transformer"], dynamic=False)
         L, C = self._grid**2, int(m["model"]["token_channels"])
         self._step_seeded, self._step_host, self._draw = step_functions(
             torch, self._fused, philox_normals_torch, L * C, self._compiled
@@ -173,6 +170,7 @@ class TorchBackend(Backend):
             latents_dtype="float32",
             cuda_graphs=self._stages.enabled,
             compiled=self._compiled,
+            transformer_compiled=self._transformer is not self._graphs.get("transformer"),
             noise="philox4x32-10 on device",
         )
         if self._device.type == "cuda":
@@ -281,7 +279,14 @@ class TorchBackend(Backend):
                 bb.keep.copy_(
                     torch.from_numpy(np.ascontiguousarray(keep_next, dtype=np.float32)[:, :, None]), non_blocking=True
                 )
-            self._stages.run(("transformer", B), lambda: self._transformer_body(bb))
+            try:
+                self._stages.run(("transformer", B), lambda: self._transformer_body(bb))
+            except CompileError as e:
+                if self._transformer is self._graphs["transformer"]:
+                    raise
+                log.warning("the compiled transformer failed (%s); running it uncompiled", e)
+                self._transformer = self._graphs["transformer"]
+                self._stages.run(("transformer", B), lambda: self._transformer_body(bb))
             mark("transformer")
             if isinstance(draws, SeededDraws) and not self._compiled and self._device.type == "cpu":
                 # eager on the CPU: NumPy draws the stream faster than torch's int64 ops (docs/BENCHMARKS.md, noise)
@@ -324,7 +329,7 @@ class TorchBackend(Backend):
         tok = bb.tokens.to(dt)
         extra = (bb.mask,) if self.takes_mask else ()  # (2B, L) fp32
         cond_in = bb.text if bb.text is not None else (bb.ids,)  # text: (context, null)
-        cond = self._graphs["transformer"](torch.cat([tok, tok]), *cond_in, bb.level.to(dt), *extra)  # (2B, L, W)
+        cond = self._transformer(torch.cat([tok, tok]), *cond_in, bb.level.to(dt), *extra)  # (2B, L, W)
         bb.cond.copy_(cond.reshape(bb.cond.shape))
 
     def _loop_body(self, bb: Batch, n: int, filtered: bool, masked: bool, kind: str) -> None:
@@ -384,7 +389,7 @@ class TorchBackend(Backend):
 
 def eager_backend(bundle: Bundle, **options: Any) -> Backend:
     """``backend="torch-eager"``: the official-way eager baseline (:class:`training.eager.OfficialEagerBackend`)."""
-    _import_torch()
+    import_torch()
     from training.eager import OfficialEagerBackend  # noqa: PLC0415 - imports torch
 
     return OfficialEagerBackend(bundle, **options)

@@ -5,11 +5,33 @@ No torch or ``training`` import here: the backend passes its torch module and th
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from far_sdk.bundle.hub import cache_dir
 from far_sdk.errors import BackendUnavailableError, InvalidArgumentError
+
+
+def import_torch() -> Any:
+    try:
+        import torch  # noqa: PLC0415 - PyTorch is optional for the runtime: loaded when used
+    except ImportError as e:
+        raise BackendUnavailableError(
+            "backend 'torch' needs PyTorch: pip install torch (and far-sdk's training package)"
+        ) from e
+    return torch
+
+
+def compile_cache() -> Path:
+    """Point Inductor's on-disk caches (FX graphs, autotuning, kernels) at ``<far-sdk cache>/inductor`` unless
+    ``TORCHINDUCTOR_CACHE_DIR`` is set: its default lives in /tmp, which a reboot clears, so a server restarted
+    later would compile again (9 to 22 s per batch size)."""
+    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor")))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def resolve_device(torch: Any, device: Any) -> str:
