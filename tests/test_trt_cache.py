@@ -237,8 +237,10 @@ def test_find_plan_picks_this_machine_and_prefers_fp16_only_when_validated(fake_
     _record(fake_bundle, _key(fake_bundle, env=OTHER_GPU))
     fp32 = _key(fake_bundle, precision="fp32")
     fp16 = _key(fake_bundle, precision="fp16")
-    _record(fake_bundle, fp32)
     _record(fake_bundle, fp16)  # built with --no-validate: never chosen, only taken when asked for
+    with pytest.raises(tc.EngineNotBuiltError, match=r"fp16 TensorRT engine .* without validation.*--rebuild"):
+        tc.find_plan(fake_bundle, "denoiser", env=ENV)  # the only plan here
+    _record(fake_bundle, fp32)
     assert tc.find_plan(fake_bundle, "denoiser", env=ENV)[0] == fp32
     assert tc.find_plan(fake_bundle, "denoiser", env=ENV, precision="fp16")[0] == fp16
     # validated on one row only (a far-sdk before the t = 999 / t = 0 / outer-step checks): still not chosen

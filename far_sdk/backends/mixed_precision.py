@@ -47,9 +47,12 @@ FP32_OPS = frozenset(
         "Log",
     }
 )
+#: Ops whose output type an attribute fixes (their float outputs stay fp32; a Cast follows where needed).
+TYPED_BY_ATTRIBUTE = frozenset({"Constant", "ConstantOfShape", "RandomNormal", "RandomUniform", "EyeLike"})
 #: Inputs the ONNX spec types as float32 whatever the data type (Resize's roi and scales).
 FP32_INPUTS = {"Resize": frozenset({1, 2}), "Upsample": frozenset({1})}
 REDUCED = ("fp16", "bf16")
+FLOAT_TYPES = (1, 10, 16)  # TensorProto FLOAT, FLOAT16, BFLOAT16
 
 
 def _onnx():
@@ -63,13 +66,26 @@ def elem_type(precision: str) -> int:
     return {"fp16": tp.FLOAT16, "bf16": tp.BFLOAT16, "fp32": tp.FLOAT}[precision]
 
 
+def _without_weights(model: Any) -> Any:
+    """``model`` with its float initializers turned into typed graph inputs: shape inference needs their types
+    and shapes only, and a model with its weights inline may pass protobuf's 2 GiB limit (FAR-H)."""
+    onnx = _onnx()
+    g = model.graph
+    weights = [t for t in g.initializer if t.data_type in FLOAT_TYPES]
+    inputs = list(g.input) + [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in weights]
+    rest = [t for t in g.initializer if t.data_type not in FLOAT_TYPES]
+    graph = onnx.helper.make_graph(list(g.node), g.name, inputs, list(g.output), rest, value_info=list(g.value_info))
+    return onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
 def float_tensors(model: Any) -> set[str]:
     """Names of the graph's float32 tensors (inputs, initializers, node outputs), by ONNX shape inference."""
     onnx = _onnx()
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    g = model.graph
+    floats = {t.name for t in g.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False)
     g = inferred.graph
-    floats = {v.name for v in list(g.input) + list(g.output) + list(g.value_info) if v.type.tensor_type.elem_type == 1}
-    floats |= {t.name for t in g.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    floats |= {v.name for v in list(g.input) + list(g.output) + list(g.value_info) if v.type.tensor_type.elem_type == 1}
     for n in g.node:  # constants: shape inference may not list them
         if n.op_type == "Constant":
             for a in n.attribute:
@@ -96,7 +112,7 @@ def reduced_nodes(graph: Any, everything: bool = False) -> set[int]:
     for i in range(len(nodes) - 1, -1, -1):
         n = nodes[i]
         up[i] = n.op_type in GEMM_OPS or any(up[j] for o in n.output for j in consumers.get(o, ()))
-    return {i for i, n in enumerate(nodes) if down[i] and up[i] and n.op_type not in FP32_OPS}
+    return {i for i, n in enumerate(nodes) if down[i] and up[i] and n.op_type not in FP32_OPS | TYPED_BY_ATTRIBUTE}
 
 
 def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
@@ -188,7 +204,7 @@ def mixed_precision(model: Any, precision: str, *, everything: bool = False) -> 
 def summary(model: Any) -> dict[str, int]:
     """Node counts of a mixed-precision graph by type of output: {"fp32": ..., "fp16"|"bf16": ..., "casts": ...}."""
     onnx = _onnx()
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=True)
     types = {
         v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)
     }

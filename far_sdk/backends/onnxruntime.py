@@ -171,7 +171,8 @@ class OnnxRuntimeBackend(Backend):
         self._validation = None
         if kind == "tensorrt" and self._trt_fp16:  # before first use: fp16 against fp32 at t = 999, t = 0, a loop
             cpu = ort.InferenceSession(str(bundle.graph_file("denoiser")), providers=["CPUExecutionProvider"])
-            self._validation = ort_tensorrt.validate_denoiser(bundle, self._sessions["denoiser"], cpu, 1)
+            images = self._trt_profile[0]  # inside the engine's profile
+            self._validation = ort_tensorrt.validate_denoiser(bundle, self._sessions["denoiser"], cpu, images)
 
     def _providers(self, graph: str) -> list[Any]:
         # Option values as the strings onnxruntime parses ("0"/"1" for flags).

@@ -329,5 +329,9 @@ def find_plan(
         profile=profile or base.profile,
         opt_level=base.opt_level if opt_level is None else opt_level,
     )
-    check_plan(bundle, wanted)  # raises with the explanation
-    return wanted, plan_path(bundle, wanted)  # pragma: no cover - only if a plan appeared meanwhile
+    check_plan(bundle, wanted)  # raises with the explanation, unless the plan exists but was not validated
+    raise EngineNotBuiltError(
+        f"the {wanted.precision} TensorRT engine of graph {graph!r} ({plan_path(bundle, wanted).name}) was built "
+        "without validation against fp32 (--no-validate, or without onnxruntime), so it is not chosen "
+        f"automatically: rebuild it with {rebuild_hint(bundle, wanted)} --rebuild, or ask for it by precision"
+    )
