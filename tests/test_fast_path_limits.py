@@ -131,3 +131,25 @@ def test_official_eager_baseline_runs_under_fp16_autocast():
     assert np.isfinite(fp16).all() and np.abs(fp16 - fp32).max() > 0  # autocast really changed the arithmetic
     with pytest.raises(InvalidArgumentError, match="torch-eager precision must be"):
         far_sdk.Generator(DEMO, backend="torch-eager", device="cpu", precision="bf16")
+
+
+def test_adaln_modulation_tables_in_chunks_give_the_same_steps(monkeypatch):
+    """The adaLN modulations of k steps are one GEMM before those steps (far_sdk.backends.torch.fast.table_steps):
+    any chunking computes the same inner loop, and the budget picks a whole outer step at FAR-L batch 1 but one
+    step at a time at batch 64."""
+    from far_sdk.backends.torch import fast
+    from far_sdk.maths.diffusion import denoise_step_table
+
+    K = (3 * 3 + 2) * 1024  # FAR-L's diffusion MLP: depth 3, width 1024
+    assert fast.table_steps(70, 2 * 256, K, 2) == 46 and fast.table_steps(10, 512, K, 2) == 10
+    assert fast.table_steps(100, 2 * 64 * 256, K, 2) == 1
+    rng = np.random.default_rng(4)
+    x, noises = rng.standard_normal((2, 256, 4), np.float32), rng.standard_normal((5, 2, 256, 4), np.float32)
+    cond = rng.standard_normal((2, 2, 256, 128), np.float32)
+    steps = denoise_step_table(5, 3.0, 1.0)
+    with far_sdk.Generator(DEMO, backend="torch", device="cpu") as gen:
+        whole = gen.backend.denoise(x, noises, cond, steps)  # one table of 5 steps
+        monkeypatch.setattr(fast, "TABLE_BYTES", 2 * 2 * 512 * 11 * 128 * 4)  # two steps per table
+        assert fast.table_steps(5, 2 * 2 * 256, 11 * 128, 4) == 2
+        chunked = gen.backend.denoise(x, noises, cond, steps)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5 * float(np.abs(whole).max()))

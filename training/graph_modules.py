@@ -178,13 +178,24 @@ class FusedDenoiserStep(nn.Module):
     ) -> torch.Tensor:
         """x, noise [B, L, C] fp32; cond [2, B, L, W]; temb [W] (a :meth:`time_table` row); step [>= 10] fp32 ->
         x_prev fp32."""
-        B, L, C = x.shape
+        return self.step_with_modulations(x, noise, self.modulation_table(cond, temb[None])[0], step)
+
+    def modulation_table(self, cond: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """cond [2, B, L, W], temb [n, W] -> every adaLN modulation of n steps, [n, 2BL, (3 depth + 2) W]: one GEMM
+        with n x 2BL rows (it does not depend on x, so a whole outer step's can be computed before its loop)."""
         W = cond.shape[-1]
+        y = temb[:, None, :] + cond.reshape(1, -1, W)  # (n, 2BL, W): as DenoiserGraph
+        return F.linear(F.silu(y), self.ada_weight, self.ada_bias)  # (n, 2BL, (3 depth + 2) W)
+
+    def step_with_modulations(
+        self, x: torch.Tensor, noise: torch.Tensor, mods: torch.Tensor, step: torch.Tensor
+    ) -> torch.Tensor:
+        """x, noise [B, L, C] fp32; mods [2BL, (3 depth + 2) W] (a :meth:`modulation_table` row); step -> x_prev."""
+        B, L, C = x.shape
+        W = self.ada_weight.shape[1]
         net = self.net
         xf = x.reshape(B * L, C)  # (BL, C)
-        y = temb + cond.reshape(2 * B * L, W)  # (2BL, W): as DenoiserGraph
-        mods = F.linear(F.silu(y), self.ada_weight, self.ada_bias)  # (2BL, (3 depth + 2) W)
-        h = net.input_proj(torch.cat([xf, xf]).to(cond.dtype))  # (2BL, W)
+        h = net.input_proj(torch.cat([xf, xf]).to(mods.dtype))  # (2BL, W)
         off = 0
         for blk in net.res_blocks:
             shift, scale, gate = mods[:, off : off + 3 * W].chunk(3, dim=-1)

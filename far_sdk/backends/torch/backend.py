@@ -4,18 +4,17 @@ exported from. Imports torch and ``training`` only when chosen.
 The whole generation stays on the device between the class ids going in and the latents coming out
 (one host copy per image at the end, plus a few bytes of plan per outer step):
 
-- per outer step two stages: the transformer (``TransformerGraph``) writes ``cond``; then the n-step
-  inner loop (``FusedDenoiserStep``: one adaLN GEMM for all blocks, the time embeddings of all n steps
-  in one call, latents in fp32) and the low-pass filter on the device;
+- per outer step two stages: the transformer (``TransformerGraph``) writes ``cond``; then the n-step inner loop
+  (``FusedDenoiserStep``: the adaLN modulations of many steps in one GEMM before them, the time embeddings of
+  all n steps in one call, latents in fp32) and the low-pass filter on the device;
 - seeded noise (:class:`~far_sdk.backends.base.SeededDraws`) is drawn on the device by the same
   Philox4x32-10 as :mod:`far_sdk.maths.noise` (``training.torch_noise.philox_normals_torch``), inside the step, so
   no noise crosses the bus; replayed noise (:class:`~far_sdk.backends.base.HostDraws`) is uploaded;
 - on CUDA with ``cuda_graphs=True`` (default) each stage is captured once into a
   ``torch.cuda.CUDAGraph`` — the transformer per batch size, the inner loop per (batch, n, filtered,
   noise kind) — and replayed (LRU of ``max_cuda_graphs``);
-- with ``compile=True`` (default on CUDA: "auto") the denoiser step (noise, network, DDPM update) is
-  compiled by ``torch.compile`` (Inductor) into a few fused kernels before capture; on the CPU it is
-  off by default (Inductor's C++ build takes a minute there) and may be switched on.
+- with ``compile=True`` (default on CUDA: "auto") the denoiser step (noise, network, DDPM update) and, on CUDA,
+  the transformer are compiled by ``torch.compile`` (Inductor) before capture; off by default on the CPU.
 
 Static buffers (:class:`~far_sdk.backends.torch.state.Batch`, per batch size) are allocated outside any capture,
 so the graphs (:mod:`~far_sdk.backends.torch.graphs`) only read and write them: one generation at a time
@@ -40,7 +39,7 @@ from far_sdk.backends.base import (
     SeededDraws,
     check_backend_options,
 )
-from far_sdk.backends.torch.fast import compile_cache, import_torch, resolve_device, step_functions
+from far_sdk.backends.torch.fast import compile_cache, import_torch, resolve_device, step_functions, table_steps
 from far_sdk.backends.torch.graphs import StageGraphs
 from far_sdk.backends.torch.state import (
     Batch,
@@ -338,18 +337,23 @@ class TorchBackend(Backend):
         inside the compiled step), "batched" (seeded; all n + 1 draws in one call first, for eager runs where
         per-step drawing would cost hundreds of small ops) or "host" (uploaded draws in ``bb.noise``)."""
         B, L, C = bb.tokens.shape
-        temb = self._fused.time_table(bb.steps[:n, Step.timestep], self._dtype)  # (n, W)
+        fused, S = self._fused, len(Step)
+        temb = fused.time_table(bb.steps[:n, Step.timestep], self._dtype)  # (n, W)
+        k = table_steps(n, 2 * B * L, fused.ada_weight.shape[0], bb.cond.element_size())
+        if kind == "batched":  # stream order: image-major
+            z = self._draw(bb.seeds, bb.pos[0, :1], (n + 1) * L * C).reshape(B, n + 1, L, C)
+            bb.noise[: n + 1].copy_(z.transpose(0, 1))  # (n + 1, B, L, C)
         if kind == "fused":
             x = self._draw(bb.seeds, bb.pos[0, :1], L * C).reshape(B, L, C)  # x_T, fp32
-            for i in range(n):
-                x = self._step_seeded(x, bb.cond, temb[i], bb.steps[i, : len(Step)], bb.seeds, bb.pos[i + 1, :1])
         else:
-            if kind == "batched":  # stream order: image-major
-                z = self._draw(bb.seeds, bb.pos[0, :1], (n + 1) * L * C).reshape(B, n + 1, L, C)
-                bb.noise[: n + 1].copy_(z.transpose(0, 1))  # (n + 1, B, L, C)
             x = bb.noise[0]
-            for i in range(n):
-                x = self._step_host(x, bb.noise[i + 1], bb.cond, temb[i], bb.steps[i, : len(Step)])
+        for j in range(0, n, k):  # the adaLN modulations of k steps in one GEMM, then those k steps
+            mods = fused.modulation_table(bb.cond, temb[j : j + k])  # (k, 2BL, (3 depth + 2) W)
+            for i in range(j, min(n, j + k)):
+                if kind == "fused":
+                    x = self._step_seeded(x, mods[i - j], bb.steps[i, :S], bb.seeds, bb.pos[i + 1, :1])
+                else:
+                    x = self._step_host(x, bb.noise[i + 1], mods[i - j], bb.steps[i, :S])
         bb.raw.copy_(x)
         if filtered:  # M X M^T per channel
             bb.tokens.copy_(self._low_pass_tokens(x, bb.fmat))

@@ -62,15 +62,16 @@ def step_functions(
 ) -> tuple[Callable, Callable, Callable]:
     """(step_seeded, step_host, draw): one inner step drawing its noise on the device, one taking uploaded noise,
     and the Philox draw itself (``training.torch_noise.philox_normals_torch``); each ``torch.compile``-d
-    (fullgraph) when ``compiled``. ``fused`` is the :class:`training.graph_modules.FusedDenoiserStep`."""
+    (fullgraph) when ``compiled``. ``fused`` is the :class:`training.graph_modules.FusedDenoiserStep`; a step takes
+    its adaLN modulations (a row of ``fused.modulation_table``, computed before the loop: :func:`table_steps`)."""
 
-    def step_seeded(x, cond, temb, step, seeds, pos):
+    def step_seeded(x, mods, step, seeds, pos):
         """One inner step whose noise is drawn on the device (positions pos.. of each seed's stream)."""
         noise = draw(seeds, pos, values_per_image).reshape(x.shape)  # (B, L, C) fp32
-        return fused(x, noise, cond, temb, step)
+        return fused.step_with_modulations(x, noise, mods, step)
 
-    def step_host(x, noise, cond, temb, step):
-        return fused(x, noise, cond, temb, step)
+    def step_host(x, noise, mods, step):
+        return fused.step_with_modulations(x, noise, mods, step)
 
     if not compiled:
         return step_seeded, step_host, draw
@@ -79,3 +80,13 @@ def step_functions(
         torch.compile(step_host, fullgraph=True),
         torch.compile(draw, fullgraph=True),  # x_T: one kernel instead of a few hundred
     )
+
+
+#: Largest adaLN modulation table computed at once (bytes): a whole outer step's at small batches (FAR-L, batch 1:
+#: 11.5 MB per step in bf16), one step at a time at batch 64.
+TABLE_BYTES = 512 << 20
+
+
+def table_steps(n: int, rows: int, width: int, itemsize: int) -> int:
+    """Steps per modulation table: as many of the n as fit in :data:`TABLE_BYTES` (at least one)."""
+    return max(1, min(n, TABLE_BYTES // max(1, rows * width * itemsize)))
