@@ -153,3 +153,19 @@ def test_adaln_modulation_tables_in_chunks_give_the_same_steps(monkeypatch):
         assert fast.table_steps(5, 2 * 2 * 256, 11 * 128, 4) == 2
         chunked = gen.backend.denoise(x, noises, cond, steps)
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5 * float(np.abs(whole).max()))
+
+
+def test_bf16_vae_decoder_falls_back_to_fp32_when_compiling_fails():
+    from far_sdk.backends.torch.fast import FastDecoder
+
+    class CompileFailed(RuntimeError):
+        pass
+
+    CompileFailed.__module__ = "torch._inductor.exc"
+    dec = FastDecoder(torch, torch.nn.Conv2d(4, 3, 3, padding=1))
+    z = torch.randn(2, 4, 8, 8)
+    seen = []
+    dec._module = lambda t: seen.append((t.dtype, t.is_contiguous(memory_format=torch.channels_last))) or t[:, :3]
+    assert dec(z).dtype == torch.float32 and seen == [(torch.bfloat16, True)]  # bf16, channels-last in; fp32 out
+    dec._module = lambda t: (_ for _ in ()).throw(CompileFailed("C++ compile error"))
+    assert dec(z) is None and dec.failed and dec(z) is None  # the caller decodes in fp32 from then on

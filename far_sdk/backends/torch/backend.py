@@ -39,7 +39,16 @@ from far_sdk.backends.base import (
     SeededDraws,
     check_backend_options,
 )
-from far_sdk.backends.torch.fast import compile_cache, import_torch, resolve_device, step_functions, table_steps
+from far_sdk.backends.torch.fast import (
+    DTYPES,
+    FastDecoder,
+    check_options,
+    compile_cache,
+    import_torch,
+    resolve_device,
+    step_functions,
+    table_steps,
+)
 from far_sdk.backends.torch.graphs import StageGraphs
 from far_sdk.backends.torch.state import (
     Batch,
@@ -55,8 +64,6 @@ from far_sdk.errors import CompileError, InvalidArgumentError
 from far_sdk.maths.diffusion import Step
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class TorchBackend(Backend):
@@ -98,17 +105,12 @@ class TorchBackend(Backend):
         )
 
         device = resolve_device(torch, device)
-        if precision not in _DTYPES:
-            raise InvalidArgumentError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
-        if isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) or max_cuda_graphs < 1:
-            raise InvalidArgumentError(f"max_cuda_graphs must be a positive integer, got {max_cuda_graphs!r}")
-        if compile not in (True, False, "auto"):
-            raise InvalidArgumentError(f"compile must be True, False or 'auto', got {compile!r}")
+        check_options(precision, max_cuda_graphs, compile)
         if threads:
             torch.set_num_threads(int(threads))
         self._device = torch.device(device)
         self._precision = precision
-        self._dtype = getattr(torch, _DTYPES[precision])
+        self._dtype = getattr(torch, DTYPES[precision])
         on_cuda = self._device.type == "cuda"
 
         m = bundle.manifest
@@ -119,7 +121,7 @@ class TorchBackend(Backend):
             .to(dev, dt)
             .eval(),
             "denoiser": DenoiserGraph(far.diffloss.net).to(dev, dt).eval(),
-            # fp16 VAE decoders overflow in many projects: the decoder always runs in fp32.
+            # fp16 VAE decoders overflow in many projects: fp32 (bf16 in FastDecoder on CUDA)
             "vae_decoder": VAEDecoderGraph(vae, float(m["latent_scale"])).to(dev, torch.float32).eval(),
         }
         self._fused = FusedDenoiserStep(self._graphs["denoiser"].net).eval()  # after the move: copies in place
@@ -134,9 +136,11 @@ class TorchBackend(Backend):
             compile_cache()  # Inductor's caches in the far-sdk cache: a restarted server skips recompiling
         # on CUDA the transformer is compiled too (Inductor's GEMMs and fused elementwise kernels; the stage is then
         # captured as before); should its compilation fail, it runs uncompiled (outer_step)
-        self._transformer = self._graphs["transformer"]
+        self._transformer, self._fast_vae = self._graphs["transformer"], None
         if self._compiled and on_cuda:
-            self._transformer = torch.compile(self._graphs["transformer"], dynamic=False)
+            self._transformer = torch.compile(self._graphs["transformer"])  # automatic dynamic: <= 2 compiles
+            if precision == "bf16":  # the decoder in bf16, channels-last, compiled (fp32 if that fails)
+                self._fast_vae = FastDecoder(torch, self._graphs["vae_decoder"])
         L, C = self._grid**2, int(m["model"]["token_channels"])
         self._step_seeded, self._step_host, self._draw = step_functions(
             torch, self._fused, philox_normals_torch, L * C, self._compiled
@@ -165,7 +169,7 @@ class TorchBackend(Backend):
         d.update(
             torch=self._torch.__version__,
             dtype=str(self._dtype).replace("torch.", ""),
-            vae_dtype="float32",
+            vae_dtype="float32" if self._fast_vae is None or self._fast_vae.failed else "bfloat16",
             latents_dtype="float32",
             cuda_graphs=self._stages.enabled,
             compiled=self._compiled,
@@ -226,7 +230,7 @@ class TorchBackend(Backend):
                 cond = self._t(np.asarray(cond, dtype=np.float32), self._dtype)
             bb.cond.copy_(cond.reshape(bb.cond.shape))
             upload_plan(self._torch, bb, steps, None, None)
-            self._upload_noise(bb, HostDraws(x=np.asarray(x), noises=np.asarray(noises)), n)
+            upload_noise(torch, bb, HostDraws(x=np.asarray(x), noises=np.asarray(noises)), n, self._noise_replaced(B))
             self._stages.run(("loop", B, n, False, False, "host"), lambda: self._loop_body(bb, n, False, False, "host"))
             return bb.raw.to("cpu", copy=True).numpy()  # host sync
 
@@ -293,9 +297,9 @@ class TorchBackend(Backend):
             kind = "host" if isinstance(draws, HostDraws) else ("fused" if self._compiled else "batched")
             upload_plan(self._torch, bb, steps, filter_matrix, draws)
             if kind == "host":
-                self._upload_noise(bb, draws, n)
+                upload_noise(torch, bb, draws, n, self._noise_replaced(B))
             elif kind == "batched":
-                self._noise_buffer(bb, n)
+                noise_buffer(torch, bb, n, self._noise_replaced(bb.B))
             self._stages.run(
                 ("loop", B, n, filtered, masked, kind), lambda: self._loop_body(bb, n, filtered, masked, kind)
             )
@@ -319,7 +323,9 @@ class TorchBackend(Backend):
     def _decode(self, latents: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode(), self._on_device():
-            out = self._graphs["vae_decoder"](self._t(latents, torch.float32))
+            z = self._t(latents, torch.float32)
+            out = self._fast_vae(z) if self._fast_vae is not None else None
+            out = self._graphs["vae_decoder"](z) if out is None else out
             return out.cpu().numpy()  # host sync
 
     # ---- stage bodies: only static buffers in, static buffers out --------------------------------
@@ -377,12 +383,6 @@ class TorchBackend(Backend):
     def _noise_replaced(self, B: int):
         """Forget the graphs of batch B that read ``noise`` (every loop whose draws are not fused)."""
         return lambda: self._stages.drop(lambda k: k[0] == "loop" and k[1] == B and k[-1] != "fused")
-
-    def _noise_buffer(self, bb: Batch, n: int) -> None:
-        noise_buffer(self._torch, bb, n, self._noise_replaced(bb.B))
-
-    def _upload_noise(self, bb: Batch, draws: HostDraws, n: int) -> None:
-        upload_noise(self._torch, bb, draws, n, self._noise_replaced(bb.B))
 
     def close(self) -> None:
         with self._lock:

@@ -5,14 +5,31 @@ No torch or ``training`` import here: the backend passes its torch module and th
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from far_sdk.backends.torch.graphs import compile_failure
 from far_sdk.bundle.hub import cache_dir
 from far_sdk.errors import BackendUnavailableError, InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def check_options(precision: Any, max_cuda_graphs: Any, compile: Any) -> None:
+    """The torch backend's own options, checked before any model is loaded (InvalidArgumentError)."""
+    if precision not in DTYPES:
+        raise InvalidArgumentError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+    if isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) or max_cuda_graphs < 1:
+        raise InvalidArgumentError(f"max_cuda_graphs must be a positive integer, got {max_cuda_graphs!r}")
+    if compile not in (True, False, "auto"):
+        raise InvalidArgumentError(f"compile must be True, False or 'auto', got {compile!r}")
 
 
 def import_torch() -> Any:
@@ -90,3 +107,30 @@ TABLE_BYTES = 512 << 20
 def table_steps(n: int, rows: int, width: int, itemsize: int) -> int:
     """Steps per modulation table: as many of the n as fit in :data:`TABLE_BYTES` (at least one)."""
     return max(1, min(n, TABLE_BYTES // max(1, rows * width * itemsize)))
+
+
+class FastDecoder:
+    """The VAE decoder as the fast path runs it on CUDA with bf16 networks: a bf16, channels-last copy compiled by
+    ``torch.compile`` (bf16 has fp32's range, so it does not overflow as fp16 decoders do). ``__call__`` returns
+    None when compiling it fails (logged once): the caller then decodes with its fp32 module."""
+
+    def __init__(self, torch: Any, module: Any):
+        import copy  # noqa: PLC0415 - only for this copy
+
+        self._torch, self.failed = torch, False
+        low = copy.deepcopy(module).to(dtype=torch.bfloat16, memory_format=torch.channels_last).eval()
+        self._module = torch.compile(low, dynamic=False)
+
+    def __call__(self, latents: Any) -> Any:
+        if self.failed:
+            return None
+        torch = self._torch
+        z = latents.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        try:
+            return self._module(z).float()
+        except Exception as e:
+            if not compile_failure(e):
+                raise
+            log.warning("compiling the bf16 VAE decoder failed (%s); decoding in fp32", str(e).splitlines()[0])
+            self.failed = True
+            return None
