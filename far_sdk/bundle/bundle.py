@@ -141,6 +141,7 @@ class Bundle:
                     "corrupted. Re-copy the bundle."
                 )
         graph_files = {g["file"] for g in self.manifest["graphs"].values()}
+        graph_files |= {e["file"] for e in [(self.text or {}).get("encoder")] if e}  # the text encoder's too
         for name in names:
             if name in graph_files:
                 self._check_external_data(name)

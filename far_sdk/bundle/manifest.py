@@ -262,8 +262,8 @@ def _check_text(m: dict[str, Any], where: str) -> dict[str, Any] | None:
             f"hidden_size / max_length {text['hidden_size']} / {text['max_length']} differ "
             f"from model.context_dim / context_len {model['context_dim']} / {model['context_len']}",
         )
-    for key in ("file", "tokenizer"):
-        if "encoder" in text and text["encoder"][key] not in m["files"]:
+    for key in ("file", "tokenizer", "external_data"):
+        if key in text.get("encoder", {}) and text["encoder"][key] not in m["files"]:
             raise _relation_error(where, f"text.encoder.{key}", f"{text['encoder'][key]!r} is not listed in files")
     return text
 
