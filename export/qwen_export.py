@@ -96,8 +96,8 @@ def store_weights_as(model: Any, weight_dtype: str) -> int:
     for init in list(graph.initializer):
         if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < _MIN_CAST_ELEMENTS:
             continue
-        arr = numpy_helper.to_array(init)
-        low = torch.from_numpy(arr.copy()).to(_TORCH_DTYPES[weight_dtype])
+        arr = np.array(numpy_helper.to_array(init))  # a writable copy
+        low = torch.from_numpy(arr).to(_TORCH_DTYPES[weight_dtype])
         if not torch.equal(low.float(), torch.from_numpy(arr)):
             continue  # e.g. a constant folded from several weights: kept float32
         stored = f"{init.name}__{weight_dtype}"

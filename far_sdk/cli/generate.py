@@ -48,6 +48,14 @@ def add_generate(p: argparse.ArgumentParser) -> None:
         help="text prompt, for a text-conditioned (FAR-T2I) bundle with a bundled text encoder; repeatable",
     )
     what.add_argument(
+        "--negative-prompt",
+        dest="negative_prompts",
+        action="append",
+        metavar="TEXT",
+        help="text bundles: what the unconditional (CFG) rows see instead of the learned null context; once for "
+        "every --prompt, or once per --prompt",
+    )
+    what.add_argument(
         "--from-image",
         metavar="IMAGE.png",
         help="make an image written with --out-dir again from the settings it carries (on its backend); "
@@ -106,6 +114,9 @@ def settings_of(a: argparse.Namespace) -> Settings:
         if (a.classes is None) == (a.prompts is None):
             raise InvalidArgumentError("give --class (class bundles) or --prompt (text bundles), or --from-image")
         labels = [c for c in (a.classes or a.prompts) for _ in range(a.num_per_class)]
+        conditioning = {"class_labels" if a.classes else "prompt": labels}
+        if a.negative_prompts is not None:
+            conditioning["negative_prompt"] = negative_prompt_list(a.negative_prompts, a.prompts, a.num_per_class)
         if a.bundle_spec.startswith(HUB_PREFIX):  # pinned to the commit it resolved to (its local directory's name)
             bundle = f"{HUB_PREFIX}{parse_hub_spec(a.bundle_spec)[0]}@{Path(a.bundle).name}"
         else:
@@ -115,15 +126,17 @@ def settings_of(a: argparse.Namespace) -> Settings:
             manifest_sha256="",
             backend=a.backend or "auto",
             device=a.device,
-            conditioning={"class_labels" if a.classes else "prompt": labels},
+            conditioning=conditioning,
             seed=0 if a.seed is None else a.seed,
             index=0,
             preset=a.preset,
             options=given.to_dict(),
             scale=a.scale or 1,
         )
-    if a.classes or a.prompts:
-        raise InvalidArgumentError("--from-image takes its --class / --prompt from the image; leave them out")
+    if a.classes or a.prompts or a.negative_prompts:
+        raise InvalidArgumentError(
+            "--from-image takes its --class / --prompt / --negative-prompt from the image; leave them out"
+        )
     s = Settings.from_png(a.from_image)
     return Settings(
         bundle=a.bundle_spec or s.bundle,
@@ -137,6 +150,20 @@ def settings_of(a: argparse.Namespace) -> Settings:
         options=given.over(SamplingOptions.from_dict(s.options)).to_dict(),
         scale=a.scale or s.scale,
     )
+
+
+def negative_prompt_list(negatives: list[str], prompts: list[str] | None, n: int) -> list[str]:
+    """--negative-prompt given once (for every image) or once per --prompt -> one per image (-n N repeats each)."""
+    if prompts is None:
+        raise InvalidArgumentError("--negative-prompt goes with --prompt (text bundles)")
+    if len(negatives) == 1:
+        return negatives * (len(prompts) * n)
+    if len(negatives) != len(prompts):
+        raise InvalidArgumentError(
+            f"--negative-prompt given {len(negatives)} times for {len(prompts)} --prompt: give it once (for every "
+            "prompt) or once per --prompt"
+        )
+    return [neg for neg in negatives for _ in range(n)]
 
 
 def run_generate(a: argparse.Namespace) -> int:

@@ -187,6 +187,7 @@ class Generator:
         prompt: str | list[str] | None = None,
         prompt_embeds: np.ndarray | None = None,
         negative_prompt_embeds: np.ndarray | None = None,
+        negative_prompt: str | list[str] | None = None,
         seed: int | None = 0,
         preset: str | None = None,
         options: SamplingOptions | None = None,
@@ -204,7 +205,8 @@ class Generator:
 
         class_labels: class ids or names (the bundle's id2label). prompt: text bundles with a bundled text
           encoder (far_sdk.text); prompt_embeds: [B, T, D] float32 text hidden states instead (diffusers' name);
-          negative_prompt_embeds [B, T, D]: the unconditional rows' context in place of the learned null context.
+          negative_prompt_embeds [B, T, D]: the unconditional rows' context in place of the learned null context;
+          negative_prompt: text encoded like the prompt for that (one string for every image, or one per prompt).
           A text bundle samples in mask mode with the official T2I schedule.
         seed: image i draws its noise from the Philox4x32-10 stream of seed + i (far_sdk.maths.noise); None draws
           a fresh seed from the OS's entropy (``out.seeds`` reports it, so the images can be regenerated): an image
@@ -233,7 +235,13 @@ class Generator:
         if preview not in PREVIEWS:
             raise InvalidArgumentError(f"preview must be one of {PREVIEWS}, got {preview!r}")
         condition = condition_for(
-            self.bundle, self._text_encoder, class_labels, prompt, prompt_embeds, negative_prompt_embeds
+            self.bundle,
+            self._text_encoder,
+            class_labels,
+            prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            negative_prompt,
         )
         condition = repeat_each(condition, num_images_per_prompt)
         if callback_on_step_end is not None:
