@@ -243,7 +243,8 @@ def export_bundle(
         t0 = time.perf_counter()
         encoder = None
         if text_encoder is not None:
-            encoder = export_text_encoder(text_encoder, tmp, opset, **dict(text_encoder_options or {}))
+            opts = dict(text_encoder_options or {})
+            encoder = export_text_encoder(text_encoder, tmp, opset, validate=validate, **opts)
         n = write_weights(far, vae, tmp / WEIGHTS_FILE)
         logger.info("%s: %d tensors written in %.2f s", WEIGHTS_FILE, n, time.perf_counter() - t0)
         manifest: dict[str, Any] = {

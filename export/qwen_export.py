@@ -29,9 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from far_sdk.bundle.graphs import GraphSpec, text_encoder_spec
 from far_sdk.bundle.schema import ENCODER_WEIGHT_DTYPES
 from far_sdk.errors import ExportError, InvalidArgumentError
 from training.text_encoder import prompt_inputs
+
+from .onnx_graphs import check_graph
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +113,21 @@ def store_weights_as(model: Any, weight_dtype: str) -> int:
     for node in reversed(casts):
         graph.node.insert(0, node)
     return n
+
+
+def _declare_io(model: Any, spec: GraphSpec) -> None:
+    """The graph's inputs and outputs get exactly the spec's shapes (the tracer names the sliced T axis)."""
+    by_name = {t.name: t for t in spec.inputs + spec.outputs}
+    for v in [*model.graph.input, *model.graph.output]:
+        if v.name in by_name:
+            dims = v.type.tensor_type.shape.dim
+            del dims[:]
+            for d in by_name[v.name].shape:
+                dim = dims.add()
+                if isinstance(d, str):
+                    dim.dim_param = d
+                else:
+                    dim.dim_value = d
 
 
 def _trace(module: nn.Module, ids: np.ndarray, mask: np.ndarray, path: Path, opset: int) -> None:
@@ -226,15 +244,18 @@ def export_qwen2vl_encoder(
         raise ExportError(f"the text encoder has parameters of {sorted(map(str, bad))}; export needs float32 on CPU")
     round_weights(model, weight_dtype)
     ids, mask, n_sys = _inputs(encoder, list(PROBE_PROMPTS[:2]))
+    spec = text_encoder_spec(encoder.max_length, encoder.hidden_size, n_sys)
     t0 = time.perf_counter()
     final = bundle_dir / TEXT_ENCODER_FILE
     scratch = Path(tempfile.mkdtemp(prefix=".text_encoder.", dir=bundle_dir))
     try:
         _trace(PromptGraph(model, n_sys).eval(), ids, mask, scratch / TEXT_ENCODER_FILE, opset)
         graph = onnx.load(str(scratch / TEXT_ENCODER_FILE))  # also pulls in torch's per-tensor files (> 2 GiB)
+        _declare_io(graph, spec)
         n_cast = store_weights_as(graph, weight_dtype)
         files = _save(graph, final, external_data_threshold)
         del graph
+        check_graph(final, spec)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     logger.info(
@@ -265,6 +286,7 @@ def export_qwen2vl_encoder(
         "num_layers": int(text_cfg.num_hidden_layers),
         "weight_dtype": weight_dtype,
         "opset": int(opset),
+        **spec.to_dict(),
         "validation": val,
     }
     if encoder.system_prompt is not None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from far_sdk.bundle.graphs import text_encoder_spec
 from far_sdk.bundle.schema import ENCODER_KINDS
 from far_sdk.errors import CheckpointError, ExportError, InvalidArgumentError
 from training.far_t2i import FART2I
@@ -93,7 +94,8 @@ def load_text_encoder(spec: str | Path) -> Any:
                 model_type = json.loads((path / "config.json").read_text()).get("model_type")
             except (OSError, ValueError, AttributeError) as e:
                 raise CheckpointError(f"--text-encoder {path}: config.json is not a JSON object ({e})") from None
-            kind = "qwen2-vl" if model_type == "qwen2_vl" else None
+            # qwen2: Qwen2-VL's language model saved on its own (text-only positions are the same under M-RoPE)
+            kind = "qwen2-vl" if model_type in ("qwen2_vl", "qwen2") else None
             if kind is None:
                 raise InvalidArgumentError(
                     f"--text-encoder {path}: config.json's model_type is {model_type!r}; far-export bundles "
@@ -111,11 +113,14 @@ def load_text_encoder(spec: str | Path) -> Any:
     return SmallTextEncoder.from_pretrained(path)
 
 
-def export_text_encoder(text_encoder: Any, bundle_dir: Path, opset: int, **options: Any) -> dict[str, Any]:
-    """Write ``text_encoder.onnx`` and ``tokenizer.json`` into ``bundle_dir``, validated; returns the manifest's
-    ``text.encoder`` entry. ``options`` (weight_dtype, external_data_threshold) go to the Qwen2-VL export."""
+def export_text_encoder(
+    text_encoder: Any, bundle_dir: Path, opset: int, *, validate: bool = True, **options: Any
+) -> dict[str, Any]:
+    """Write ``text_encoder.onnx`` and ``tokenizer.json`` into ``bundle_dir``, validated (a Qwen2-VL encoder: unless
+    ``validate`` is false); returns the manifest's ``text.encoder`` entry. ``options`` (weight_dtype,
+    external_data_threshold) go to the Qwen2-VL export."""
     if text_encoder.kind == "qwen2-vl":
-        return export_qwen2vl_encoder(text_encoder, bundle_dir, opset, **options)
+        return export_qwen2vl_encoder(text_encoder, bundle_dir, opset, validate_graph=validate, **options)
     if options:
         raise InvalidArgumentError(f"{sorted(options)} apply to a Qwen2-VL text encoder only")
     import onnxruntime as ort  # noqa: PLC0415 - the backend's runtime: loaded when chosen
@@ -157,6 +162,7 @@ def export_text_encoder(text_encoder: Any, bundle_dir: Path, opset: int, **optio
         "file": TEXT_ENCODER_FILE,
         "tokenizer": TOKENIZER_FILE,
         "pad_token_id": int(text_encoder.tokenizer.pad_token_id),
+        **text_encoder_spec(text_encoder.context_len, text_encoder.hidden_size).to_dict(),
     }
 
 

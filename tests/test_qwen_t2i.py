@@ -212,8 +212,36 @@ def test_far_generate_with_prompts_runs_where_torch_cannot_be_imported(bundle, t
     out = tmp_path / "grid.png"
     cmd = [sys.executable, "-m", "far_sdk.cli.main", "generate", "--bundle", str(bundle), "--prompt", "a dog"]
     cmd += ["--prompt", LONG, "--negative-prompt", "blurry", "--inner-steps", "2", "--backend", "onnxruntime"]
-    cmd += ["--out", str(out), "--no-progress"]
+    cmd += ["--out", str(out), "--out-dir", str(tmp_path / "pngs"), "--no-progress"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "generated 2 image(s) (2 prompts" in r.stdout and out.is_file()
     assert "tokens were cut" in r.stderr  # the long prompt's warning, one line
+    from far_sdk.cli.outputs import Settings
+
+    settings = Settings.from_png(tmp_path / "pngs" / "prompt-a-dog_seed0.png")  # --from-image reads it back
+    assert settings.conditioning == {"prompt": ["a dog", LONG], "negative_prompt": ["blurry", "blurry"]}
+
+
+def test_far_export_reads_the_encoder_kind_from_the_directory(far, qwen_dir, tmp_path, capsys):
+    from export.cli import main
+    from training.checkpoint import save_official_checkpoint
+
+    ckpt, vae = tmp_path / "checkpoint-last.pth", tmp_path / "vae.ckpt"
+    save_official_checkpoint(ckpt, far)
+    torch.manual_seed(0)
+    torch.save({"model": AutoencoderKL(VAE_CONFIGS["digits-f2"]).state_dict()}, vae)
+    base = ["-q", "onnx", "--checkpoint", str(ckpt), "--vae", str(vae), "--vae-config", "digits-f2", "--no-validate"]
+    out = tmp_path / "bundle"
+    args = [*base, "--text-encoder", str(qwen_dir), "--text-encoder-dtype", "bfloat16", "--out", str(out)]
+    assert main(args) == 0
+    enc = json.loads((out / "manifest.json").read_text())["text"]["encoder"]
+    assert (enc["kind"], enc["weight_dtype"], enc["validation"]) == ("qwen2-vl", "bfloat16", None)
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "llama"}')
+    capsys.readouterr()
+    assert main([*base, "--text-encoder", str(other), "--out", str(tmp_path / "b2")]) == 2
+    assert "model_type is 'llama'" in capsys.readouterr().err
+    assert main([*base, "--text-encoder-dtype", "float16", "--out", str(tmp_path / "b3")]) == 2
+    assert "--text-encoder-dtype goes with --text-encoder" in capsys.readouterr().err

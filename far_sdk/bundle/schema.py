@@ -193,6 +193,8 @@ _ENCODER = _object(
         "num_layers": _int(1, 4096),
         "weight_dtype": {"enum": list(ENCODER_WEIGHT_DTYPES)},
         "opset": _int(7, 100),
+        "inputs": {"type": "array", "items": _TENSOR, "minItems": 2, "maxItems": 2},
+        "outputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1},
         "validation": {
             "oneOf": [
                 {"type": "null"},
@@ -217,6 +219,8 @@ _ENCODER = _object(
         "num_layers",
         "weight_dtype",
         "opset",
+        "inputs",
+        "outputs",
         "validation",
     ),
 )

@@ -135,7 +135,7 @@ def settings_of(a: argparse.Namespace) -> Settings:
         )
     if a.classes or a.prompts or a.negative_prompts:
         raise InvalidArgumentError(
-            "--from-image takes its --class / --prompt / --negative-prompt from the image; leave them out"
+            "--from-image takes its --class / --prompt from the image (and its --negative-prompt); leave them out"
         )
     s = Settings.from_png(a.from_image)
     return Settings(
