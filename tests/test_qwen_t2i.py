@@ -221,6 +221,14 @@ def test_far_generate_with_prompts_runs_where_torch_cannot_be_imported(bundle, t
 
     settings = Settings.from_png(tmp_path / "pngs" / "prompt-a-dog_seed0.png")  # --from-image reads it back
     assert settings.conditioning == {"prompt": ["a dog", LONG], "negative_prompt": ["blurry", "blurry"]}
+    from PIL import Image
+
+    from far_sdk.cli.main import main
+
+    again = tmp_path / "again.png"
+    png = tmp_path / "pngs" / "prompt-a-dog_seed0.png"
+    assert main(["generate", "--from-image", str(png), "--out", str(again), "--no-progress"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(png)))
 
 
 def test_far_export_reads_the_encoder_kind_from_the_directory(far, qwen_dir, tmp_path, capsys):

@@ -176,7 +176,8 @@ def run_generate(a: argparse.Namespace) -> int:
                 "(far generate BUNDLE --from-image ...)"
             )
         a.bundle = str(locate_bundle(call.bundle))
-    cols = a.cols or (1 if a.from_image else min(len(next(iter(call.conditioning.values()))), 8))
+    per_image = next(v for k, v in call.conditioning.items() if k != "negative_prompt")  # the labels or prompts
+    cols = a.cols or (1 if a.from_image else min(len(per_image), 8))
     frames: list = []
 
     def on_step(info):
@@ -203,7 +204,7 @@ def run_generate(a: argparse.Namespace) -> int:
         extra = {"bundle_name": gen.bundle.name, "device_used": used["device"], "far_sdk": far_sdk.__version__}
         id2label = gen.bundle.id2label
     keep = [call.index] if a.from_image else list(range(len(out.images)))
-    labels = list(out.class_labels) or next(iter(call.conditioning.values()))
+    labels = list(out.class_labels) or per_image
     extra["plan"] = {k: v for k, v in out.plan.to_dict().items() if k != "filter_after"}
     # Encode everything first, then write each file atomically: a failure leaves no partial file.
     grid = [] if not a.out else [(Path(a.out), make_image_grid([out.images[i] for i in keep], cols, scale=call.scale))]
