@@ -35,7 +35,7 @@ import far_sdk
 from far_sdk.backends.tensorrt import cache as tc
 from far_sdk.backends.tensorrt.engine import device_env, import_runtime, run_plan_once, select_device, trt_logger
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.bundle.graphs import GRAPH_NAMES, GraphSpec
+from far_sdk.bundle.graphs import GRAPH_NAMES, TEXT_ENCODER, GraphSpec
 from far_sdk.errors import (
     BackendUnavailableError,
     ExportError,
@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 #: Largest accepted max|engine - onnxruntime| / max|onnxruntime| per precision at build-time validation.
 TOLERANCE_REL = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 6e-2}
 VALIDATION_SEED = 0
+#: Every graph an engine can be built for: the three of each bundle, and a text bundle's encoder when it has one.
+ALL_GRAPHS = (*GRAPH_NAMES, TEXT_ENCODER)
 TRT_HELP = "build TensorRT engines of a bundle for this GPU (cached under BUNDLE/trt)"
 
 
@@ -65,7 +67,7 @@ class BuildOptions:
     profile: tuple[int, int, int] = tc.DEFAULT_PROFILE
     opt_level: int = tc.DEFAULT_OPT_LEVEL
     workspace_gb: float | None = None
-    graphs: tuple[str, ...] = GRAPH_NAMES
+    graphs: tuple[str, ...] = ALL_GRAPHS
     rebuild: bool = False
     validate: bool = True
 
@@ -82,10 +84,10 @@ class BuildOptions:
         ):
             raise InvalidArgumentError(f"workspace_gb must be a positive number of GiB or None, got {w!r}")
         graphs = tuple(self.graphs)
-        bad = [g for g in graphs if g not in GRAPH_NAMES]
+        bad = [g for g in graphs if g not in ALL_GRAPHS]
         if bad or not graphs:
-            raise InvalidArgumentError(f"graphs must be a non-empty subset of {GRAPH_NAMES}, got {list(graphs)}")
-        object.__setattr__(self, "graphs", tuple(g for g in GRAPH_NAMES if g in graphs))
+            raise InvalidArgumentError(f"graphs must be a non-empty subset of {ALL_GRAPHS}, got {list(graphs)}")
+        object.__setattr__(self, "graphs", tuple(g for g in ALL_GRAPHS if g in graphs))
 
     def precision_of(self, graph: str) -> str:
         return self.vae_precision if graph == "vae_decoder" else self.precision
@@ -121,7 +123,7 @@ def build_engines(
     batch: Any = tc.DEFAULT_PROFILE,
     workspace_gb: float | None = None,
     opt_level: int = tc.DEFAULT_OPT_LEVEL,
-    graphs: Sequence[str] = GRAPH_NAMES,
+    graphs: Sequence[str] | None = None,
     rebuild: bool = False,
     *,
     vae_precision: str = "fp32",
@@ -143,7 +145,7 @@ def build_engines(
         profile=batch,
         opt_level=opt_level,
         workspace_gb=workspace_gb,
-        graphs=tuple(graphs),
+        graphs=ALL_GRAPHS if graphs is None else tuple(graphs),
         rebuild=rebuild,
         validate=validate,
     )
@@ -155,13 +157,25 @@ def build_engines(
         "call"
     )
     results = []
-    for g in opts.graphs:
+    for g in _graphs_of(bundle, opts.graphs, asked=graphs is not None):
         key = tc.key_for(
             bundle, g, precision=opts.precision_of(g), profile=opts.profile, opt_level=opts.opt_level, env=env
         )
         with tc.build_lock(bundle):  # a second builder waits here, then finds the plan built
             results.append(_build_one(trt, cudart, bundle, key, opts, say))
     return results
+
+
+def _graphs_of(bundle: Bundle, graphs: tuple[str, ...], *, asked: bool) -> tuple[str, ...]:
+    """``graphs`` this bundle has: the text encoder only where the manifest declares its graph (asked for by name
+    and missing: an InvalidArgumentError)."""
+    if bundle.graph_entry(TEXT_ENCODER) is not None:
+        return graphs
+    if asked and TEXT_ENCODER in graphs:
+        raise InvalidArgumentError(
+            f"bundle {bundle.name!r} has no text encoder graph to build (far-export onnx --text-encoder)"
+        )
+    return tuple(g for g in graphs if g != TEXT_ENCODER)
 
 
 def _build_one(
@@ -323,9 +337,20 @@ def sample_feeds(
         elif t.name == "step":
             table = denoise_step_table(10, 3.0, 1.0)
             feeds[t.name] = table[rng.integers(0, len(table) - 1)].copy()  # the last row has noise scale 0
+        elif t.name in ("input_ids", "attention_mask"):  # the text encoder: ids below the pad id, padded tails
+            feeds.update(_text_feeds(rng, shape, manifest))
         else:
             feeds[t.name] = rng.standard_normal(shape, dtype=np.float32)
     return feeds
+
+
+def _text_feeds(rng: np.random.Generator, shape: tuple[int, ...], manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    enc = manifest["text"]["encoder"]
+    pad, S = int(enc["pad_token_id"]), int(enc.get("system_length", 0))
+    ids = rng.integers(0, max(pad, 1), size=shape, dtype=np.int64)
+    for row, n in enumerate(rng.integers(0, shape[1] - S, size=shape[0])):  # prompts of random lengths
+        ids[row, S + n :] = pad
+    return {"input_ids": ids, "attention_mask": (ids != pad).astype(np.int64) | (np.arange(shape[1]) < S)}
 
 
 def onnxruntime_reference(bundle: Bundle, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
@@ -430,7 +455,10 @@ def add_trt_args(p: argparse.ArgumentParser) -> None:
         help="builder optimisation level (default: 3; 5 builds slowest, may run fastest)",
     )
     p.add_argument(
-        "--graphs", nargs="+", choices=GRAPH_NAMES, default=list(GRAPH_NAMES), help="graphs to build (default: all)"
+        "--graphs",
+        nargs="+",
+        choices=ALL_GRAPHS,
+        help="graphs to build (default: all the bundle has, its text encoder included)",
     )
     p.add_argument("--rebuild", action="store_true", help="build even when a matching plan exists")
     p.add_argument("--no-validate", action="store_true", help="skip the engine-vs-onnxruntime check (not recommended)")

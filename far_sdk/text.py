@@ -18,17 +18,29 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from far_sdk.bundle.bundle import Bundle
+from far_sdk.bundle.graphs import TEXT_ENCODER
 from far_sdk.errors import BackendUnavailableError, BundleError, InvalidArgumentError
 
 
 class TextEncoder:
-    """The bundle's ONNX text encoder: ``encode(prompts)`` -> [B, T, D] float32 (sessions made on first use)."""
+    """The bundle's ONNX text encoder: ``encode(prompts)`` -> [B, T, D] float32 (sessions made on first use).
 
-    def __init__(self, bundle: Bundle):
+    ``run``: runs the graph instead of an ONNX Runtime CPU session (a backend's ``run("text_encoder", feeds)``,
+    e.g. TensorRT's engine), on at most ``max_batch`` prompts per call."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+        max_batch: int | None = None,
+    ):
         enc = (bundle.text or {}).get("encoder")
         if enc is None:
             raise InvalidArgumentError(
@@ -41,6 +53,7 @@ class TextEncoder:
         self.system_length = int(enc.get("system_length", 0))
         self._lock = threading.Lock()
         self._tok = self._sess = None
+        self._run, self._max_batch = run, max_batch
         self._system_ids: list[int] = []
 
     def _load(self) -> None:
@@ -61,6 +74,8 @@ class TextEncoder:
         tok.no_truncation()
         self._tok = tok
         self._system_ids = self._system_token_ids()
+        if self._run is not None:
+            return
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         self._sess = ort.InferenceSession(
@@ -115,6 +130,22 @@ class TextEncoder:
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         ids, mask = self.token_ids(prompts)
-        return np.ascontiguousarray(
-            self._sess.run(None, {"input_ids": ids, "attention_mask": mask})[0], dtype=np.float32
-        )
+        if self._run is None:
+            out = self._sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+            return np.ascontiguousarray(out, dtype=np.float32)
+        n = self._max_batch or len(prompts)
+        parts = [
+            self._run({"input_ids": ids[i : i + n], "attention_mask": mask[i : i + n]})["hidden_states"]
+            for i in range(0, len(prompts), n)
+        ]
+        return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def text_encoder_of(bundle: Bundle, backend: Any) -> TextEncoder | None:
+    """The bundle's text encoder (None without one), on the backend when it runs the graph (a TensorRT engine),
+    else on ONNX Runtime (CPU)."""
+    if not (bundle.text or {}).get("encoder"):
+        return None
+    if TEXT_ENCODER not in getattr(backend, "extra_graphs", ()):
+        return TextEncoder(bundle)
+    return TextEncoder(bundle, run=lambda feeds: backend.run(TEXT_ENCODER, feeds), max_batch=backend.max_batch)

@@ -253,3 +253,41 @@ def test_far_export_reads_the_encoder_kind_from_the_directory(far, qwen_dir, tmp
     assert "model_type is 'llama'" in capsys.readouterr().err
     assert main([*base, "--text-encoder-dtype", "float16", "--out", str(tmp_path / "b3")]) == 2
     assert "--text-encoder-dtype goes with --text-encoder" in capsys.readouterr().err
+
+
+def test_far_export_trt_builds_the_text_encoder_and_the_backend_prompts_with_it(bundle, tmp_path, monkeypatch):
+    """On the TensorRT simulator (tests/trt_sim.py: "engines" run the ONNX graphs in onnxruntime)."""
+    import shutil
+
+    import trt_sim
+
+    from export.trt_build import build_engines
+    from far_sdk.backends.tensorrt.backend import TensorRTBackend
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    trt_sim.install(monkeypatch)
+    results = build_engines(b, batch=(1, 2, 2), progress=lambda m: None)
+    assert [r.graph for r in results] == ["transformer", "denoiser", "vae_decoder", "text_encoder"]
+    assert results[-1].plan.is_file() and results[-1].validation["max_rel"] <= 1e-5  # vs onnxruntime at build
+    backend = TensorRTBackend(far_sdk.Bundle.load(b))
+    assert backend.extra_graphs == ("text_encoder",)
+    calls, run = [], backend.run
+
+    def spy(graph, feeds):
+        calls.append((graph, len(next(iter(feeds.values())))))
+        return run(graph, feeds)
+
+    monkeypatch.setattr(backend, "run", spy)
+    prompts = [PROMPTS["ascii"], PROMPTS["cjk"], PROMPTS["emoji"]]
+    with far_sdk.Generator(b, backend=backend) as gen:
+        out = gen.generate(prompt=prompts, negative_prompt="blurry", seed=4, output_type="latent", **FAST)
+    # prompts, then negatives, each split to the engines' 2 images per call
+    assert [c for c in calls if c[0] == "text_encoder"] == [("text_encoder", 2), ("text_encoder", 1)] * 2
+    with far_sdk.Generator(b, backend="onnxruntime", threads=2) as ref_gen:
+        ref = ref_gen.generate(prompt=prompts, negative_prompt="blurry", seed=4, output_type="latent", **FAST)
+    assert rel_err(out.latents, ref.latents) < 1e-5
+    demo = tmp_path / "class-bundle"
+    shutil.copytree(ROOT / "engines" / "far-demo", demo)
+    with pytest.raises(InvalidArgumentError, match="no text encoder graph"):
+        build_engines(demo, graphs=["text_encoder"], progress=lambda m: None)

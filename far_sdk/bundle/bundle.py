@@ -162,13 +162,13 @@ class Bundle:
             raise BundleError(f"{self.path}: manifest lists no file {name!r}")
         return self.path / name
 
-    def _graph_entry(self, name: str) -> dict[str, Any] | None:
+    def graph_entry(self, name: str) -> dict[str, Any] | None:
         """A graph's manifest entry; the text encoder's (``text.encoder``) when it declares its inputs/outputs."""
         enc = (self.text or {}).get("encoder") or {}
         return self.manifest["graphs"].get(name) or (enc if name == TEXT_ENCODER and "inputs" in enc else None)
 
     def graph_spec(self, name: str) -> GraphSpec:
-        g = self._graph_entry(name)
+        g = self.graph_entry(name)
         if g is None:
             raise BundleError(f"{self.path}: manifest has no graph {name!r} (has {sorted(self.manifest['graphs'])})")
         return GraphSpec(
@@ -178,7 +178,7 @@ class Bundle:
         )
 
     def graph_file(self, name: str) -> Path:
-        g = self._graph_entry(name)
+        g = self.graph_entry(name)
         if g is None:
             raise BundleError(f"{self.path}: manifest has no graph {name!r} (has {sorted(self.manifest['graphs'])})")
         return self.file(g["file"])

@@ -42,7 +42,7 @@ from far_sdk.maths.schedules import SamplingPlan
 from far_sdk.options import SamplingOptions, options_doc, options_from_keywords, resolve_plan, resolve_text_plan
 from far_sdk.pipeline.batching import chunk_size, noise_source
 from far_sdk.pipeline.outputs import OUTPUT_TYPES, PREVIEWS, STAGES, GenerationOutput, OutputType, StepInfo
-from far_sdk.text import TextEncoder
+from far_sdk.text import text_encoder_of
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Generator:
         self.grid = int(m["grid_size"])
         self.channels = int(m["token_channels"])
         self.seq_len = self.grid * self.grid
-        self._text_encoder = TextEncoder(self.bundle) if (self.bundle.text or {}).get("encoder") else None
+        self._text_encoder = text_encoder_of(self.bundle, self.backend)
         self._lock = threading.Lock() if not self.backend.concurrent_generate else contextlib.nullcontext()
         log.info("far_sdk.Generator: bundle %s on %s", self.bundle.path, self.backend.describe())
 
