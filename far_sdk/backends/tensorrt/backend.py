@@ -302,8 +302,8 @@ class TensorRTBackend(Backend):
             log.info("no TensorRT text encoder engine (%s): prompts are encoded on ONNX Runtime", e)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if graph not in self._runners:
-            raise InvalidArgumentError(f"graph must be one of {tuple(self._runners)}, got {graph!r}")
+        if graph not in (*GRAPH_NAMES, *self.extra_graphs):
+            raise InvalidArgumentError(f"graph must be one of {(*GRAPH_NAMES, *self.extra_graphs)}, got {graph!r}")
         with self._lock:
             self._enter()
             r = self._runners[graph]
