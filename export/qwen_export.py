@@ -171,13 +171,16 @@ def _check_tokenizer_file(encoder: Any, path: Path) -> None:
     from tokenizers import Tokenizer  # noqa: PLC0415 - text-encoder dependency: loaded when used
 
     raw = Tokenizer.from_file(str(path))
+    raw.no_padding()  # as far_sdk.text reads it
+    raw.no_truncation()
     for text in (*PROBE_PROMPTS, encoder.system_prompt or ""):
         want = list(encoder.tokenizer(text, add_special_tokens=True).input_ids)
         got = raw.encode(text, add_special_tokens=True).ids
         if got != want:
             raise ExportError(
                 f"{path.name} read by the tokenizers library gives other token ids than the transformers tokenizer "
-                f"for {text[:40]!r} ({got[:8]}... vs {want[:8]}...): the directory's tokenizer files disagree"
+                f"for {text[:40]!r} ({len(got)} vs {len(want)} ids, first {got[:6]} vs {want[:6]}): the directory's "
+                "tokenizer files disagree"
             )
 
 
@@ -234,11 +237,6 @@ def export_qwen2vl_encoder(
         raise InvalidArgumentError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
     tok = encoder.tokenizer
     src = Path(getattr(tok, "name_or_path", "") or "") / TOKENIZER_FILE
-    if not src.is_file():
-        raise ExportError(
-            f"the Qwen2-VL tokenizer's tokenizer.json was not found at {src}: load the encoder with "
-            "Qwen2VLPromptEncoder.from_pretrained(DIR) from a directory holding it (as the hub's does)"
-        )
     model = encoder.model.eval()
     bad = {(p.dtype, p.device.type) for p in model.parameters()} - {(torch.float32, "cpu")}
     if bad:
@@ -266,7 +264,10 @@ def export_qwen2vl_encoder(
         n_cast,
         weight_dtype,
     )
-    shutil.copyfile(src, bundle_dir / TOKENIZER_FILE)
+    if src.is_file():  # the directory's own file, as the hub ships it
+        shutil.copyfile(src, bundle_dir / TOKENIZER_FILE)
+    else:  # vocab.json + merges.txt only: the fast tokenizer transformers built from them
+        tok.backend_tokenizer.save(str(bundle_dir / TOKENIZER_FILE))
     _check_tokenizer_file(encoder, bundle_dir / TOKENIZER_FILE)
     val = None
     if validate_graph:

@@ -29,33 +29,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import far_sdk
+from export.trt_network import build_plan, format_parser_error, set_precision
+from export.trt_validate import TOLERANCE_REL, VALIDATION_SEED, compare_outputs, sample_feeds, validate_plan
 from far_sdk.backends.tensorrt import cache as tc
-from far_sdk.backends.tensorrt.engine import device_env, import_runtime, run_plan_once, select_device, trt_logger
+from far_sdk.backends.tensorrt import cache_store as cs
+from far_sdk.backends.tensorrt.engine import device_env, import_runtime, select_device
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.bundle.graphs import GRAPH_NAMES, TEXT_ENCODER, GraphSpec
+from far_sdk.bundle.graphs import GRAPH_NAMES, TEXT_ENCODER
 from far_sdk.errors import (
     BackendUnavailableError,
-    ExportError,
     FarError,
     IncompatibleBundleError,
     InvalidArgumentError,
     exit_code_for,
 )
-from far_sdk.fileio import atomic_write_bytes
-from far_sdk.maths.diffusion import denoise_step_table
-from far_sdk.maths.masking import random_mask
 
 logger = logging.getLogger(__name__)
 
-#: Largest accepted max|engine - onnxruntime| / max|onnxruntime| per precision at build-time validation.
-TOLERANCE_REL = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 6e-2}
-VALIDATION_SEED = 0
+#: Re-exported: the builder's parts live in export.trt_network (the network) and export.trt_validate (the check).
+__all__ = [
+    "TOLERANCE_REL",
+    "TRT_HELP",
+    "VALIDATION_SEED",
+    "BuildOptions",
+    "BuildResult",
+    "add_trt_args",
+    "add_trt_subcommand",
+    "build_engines",
+    "build_plan",
+    "compare_outputs",
+    "format_parser_error",
+    "require_tensorrt",
+    "run_trt",
+    "sample_feeds",
+    "set_precision",
+    "validate_plan",
+]
+TRT_HELP = "build TensorRT engines of a bundle for this GPU (cached under BUNDLE/trt)"
 #: Every graph an engine can be built for: the three of each bundle, and a text bundle's encoder when it has one.
 ALL_GRAPHS = (*GRAPH_NAMES, TEXT_ENCODER)
-TRT_HELP = "build TensorRT engines of a bundle for this GPU (cached under BUNDLE/trt)"
 
 
 @dataclass(frozen=True)
@@ -161,7 +174,7 @@ def build_engines(
         key = tc.key_for(
             bundle, g, precision=opts.precision_of(g), profile=opts.profile, opt_level=opts.opt_level, env=env
         )
-        with tc.build_lock(bundle):  # a second builder waits here, then finds the plan built
+        with cs.build_lock(bundle):  # a second builder waits here, then finds the plan built
             results.append(_build_one(trt, cudart, bundle, key, opts, say))
     return results
 
@@ -198,7 +211,7 @@ def _build_one(
     plan = build_plan(trt, bundle, key, opts.workspace_gb)
     seconds = time.perf_counter() - t0
     validation = validate_plan(trt, cudart, bundle, key, plan) if opts.validate else None
-    path = tc.record_plan(
+    path = cs.record_plan(
         bundle, key, plan, build_seconds=seconds, validation=validation, far_sdk_version=far_sdk.__version__
     )
     check = (
@@ -213,206 +226,6 @@ def _build_one(
     )
     say(f"{g}: built in {seconds:.1f} s -> {path.name} ({path.stat().st_size / 1e6:.1f} MB){check}")
     return BuildResult(g, key, path, False, seconds, validation)
-
-
-def build_plan(trt: Any, bundle: Bundle, key: tc.EngineKey, workspace_gb: float | None) -> Any:
-    """Parse the graph's ONNX file and build the serialized engine (an IHostMemory) for ``key``."""
-    spec, path = bundle.graph_spec(key.graph), bundle.graph_file(key.graph)
-    tlog = trt_logger(trt)
-    tlog.take_errors()
-    builder = trt.Builder(tlog)
-    # TensorRT 10: every network has an explicit batch axis (the old flag is gone), and without the
-    # STRONGLY_TYPED flag the precision flags below decide which kernels may run in fp16/bf16.
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, tlog)
-    if not parser.parse_from_file(str(path)):  # from the path: external weights resolve beside it
-        errors = [format_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ExportError(
-            f"TensorRT {trt.__version__}'s ONNX parser rejected {path.name}:\n  "
-            + "\n  ".join(errors or ["no error reported"])
-        )
-    config = builder.create_builder_config()
-    if workspace_gb is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    config.builder_optimization_level = key.opt_level
-    set_precision(trt, config, key.precision)
-    profile = builder.create_optimization_profile()
-    for t in spec.inputs:
-        if any(isinstance(d, str) for d in t.shape):
-            profile.set_shape(
-                t.name,
-                *(tuple(tc.ROWS_PER_IMAGE[d] * n if isinstance(d, str) else d for d in t.shape) for n in key.profile),
-            )
-    if config.add_optimization_profile(profile) < 0:
-        raise ExportError(
-            f"TensorRT rejected the batch profile {tc.format_profile(key.graph_profile)} of {key.graph}: "
-            f"{tlog.take_errors()}"
-        )
-    cache_path = tc.trt_dir(bundle) / tc.TIMING_CACHE_NAME
-    if not config.set_timing_cache(load_timing_cache(config, cache_path), False):
-        logger.warning("the timing cache %s comes from another GPU or TensorRT: starting a fresh one", cache_path)
-        config.set_timing_cache(config.create_timing_cache(b""), False)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise ExportError(
-            f"TensorRT could not build the {key.graph} engine: {tlog.take_errors() or 'see the TensorRT log above'}"
-        )
-    atomic_write_bytes(cache_path, memoryview(config.get_timing_cache().serialize()))
-    return plan
-
-
-def set_precision(trt: Any, config: Any, precision: str) -> None:
-    if precision == "fp32":
-        if hasattr(trt.BuilderFlag, "TF32"):
-            config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: no TF32 matmuls/convolutions
-        return
-    flag = getattr(trt.BuilderFlag, precision.upper(), None)
-    if flag is None:
-        raise ExportError(
-            f"TensorRT {trt.__version__} has no BuilderFlag.{precision.upper()}: TensorRT 11 builds strongly typed "
-            "networks only "
-            "(reduced precision must come from the ONNX types). Build with --precision fp32, or use TensorRT 10 for "
-            f"{precision} engines."
-        )
-    config.set_flag(flag)
-
-
-def load_timing_cache(config: Any, path: Path) -> Any:
-    """The timing cache saved by earlier builds (a fresh one when absent or unreadable)."""
-    data = b""
-    if path.is_file():
-        data = path.read_bytes()
-    try:
-        cache = config.create_timing_cache(data)
-    except Exception as e:  # noqa: BLE001 - a corrupt cache file: TensorRT's own exception types
-        logger.warning("ignoring the unreadable timing cache %s (%s)", path, e)
-        cache = None
-    return cache if cache is not None else config.create_timing_cache(b"")
-
-
-def format_parser_error(err: Any) -> str:
-    """One line for a TensorRT ONNX parser error: description, node index, name and operator."""
-
-    def get(attr: str) -> Any:
-        fn = getattr(err, attr, None)
-        try:
-            return fn() if callable(fn) else fn
-        except Exception:  # noqa: BLE001 - accessors missing from older TensorRT versions
-            return None
-
-    text = str(get("desc") or err)
-    node = get("node")
-    if isinstance(node, int) and node >= 0:
-        name, op = get("node_name"), get("node_operator")
-        text += f" (node {node}{f' {name!r}' if name else ''}{f', {op}' if op else ''})"
-    return text
-
-
-# ---- build-time validation ---------------------------------------------------------------------------
-
-
-def sample_feeds(
-    spec: GraphSpec, images: int, manifest: dict[str, Any], seed: int = VALIDATION_SEED
-) -> dict[str, np.ndarray]:
-    """Seeded inputs of ``spec`` for ``images`` images: N(0, 1) floats; class ids with the null class
-    in the unconditional half; an integer level; a 0 / 1 mask (far_sdk.maths.masking.random_mask); a step row with
-    non-zero noise (torch-free)."""
-    rng = np.random.Generator(np.random.PCG64(seed))
-    model = manifest["model"]
-    num_classes, grid = int(model.get("num_classes", 1)), int(model["grid_size"])
-    null = int(manifest.get("null_class_id", num_classes))
-    feeds: dict[str, np.ndarray] = {}
-    for t in spec.inputs:
-        shape = tuple(tc.ROWS_PER_IMAGE[d] * images if isinstance(d, str) else d for d in t.shape)
-        if t.name == "class_ids":
-            ids = rng.integers(0, num_classes, size=shape, dtype=np.int64)
-            ids[shape[0] // 2 :] = null
-            feeds[t.name] = ids
-        elif t.name == "level":
-            feeds[t.name] = np.full(shape, rng.integers(0, grid), dtype=np.float32)
-        elif t.name == "null":  # text bundles: the unconditional half uses fake_latent
-            feeds[t.name] = (np.arange(shape[0]) >= shape[0] // 2).astype(np.float32)
-        elif t.name == "mask":
-            feeds[t.name] = random_mask(rng, shape)
-        elif t.name == "step":
-            table = denoise_step_table(10, 3.0, 1.0)
-            feeds[t.name] = table[rng.integers(0, len(table) - 1)].copy()  # the last row has noise scale 0
-        elif t.name in ("input_ids", "attention_mask"):  # the text encoder: ids below the pad id, padded tails
-            feeds.update(_text_feeds(rng, shape, manifest))
-        else:
-            feeds[t.name] = rng.standard_normal(shape, dtype=np.float32)
-    return feeds
-
-
-def _text_feeds(rng: np.random.Generator, shape: tuple[int, ...], manifest: dict[str, Any]) -> dict[str, np.ndarray]:
-    enc = manifest["text"]["encoder"]
-    pad, S = int(enc["pad_token_id"]), int(enc.get("system_length", 0))
-    ids = rng.integers(0, max(pad, 1), size=shape, dtype=np.int64)
-    for row, n in enumerate(rng.integers(0, shape[1] - S, size=shape[0])):  # prompts of random lengths
-        ids[row, S + n :] = pad
-    return {"input_ids": ids, "attention_mask": (ids != pad).astype(np.int64) | (np.arange(shape[1]) < S)}
-
-
-def onnxruntime_reference(bundle: Bundle, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    try:
-        import onnxruntime as ort  # noqa: PLC0415 - the backend's runtime: loaded when chosen
-    except ImportError:
-        logger.warning("onnxruntime is not installed: the %s engine is checked for finite outputs only", graph)
-        return None
-    spec = bundle.graph_spec(graph)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(bundle.graph_file(graph)), opts, providers=["CPUExecutionProvider"])
-    return dict(zip(spec.output_names, session.run(spec.output_names, feeds)))
-
-
-def compare_outputs(
-    graph: str, precision: str, got: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None
-) -> dict[str, Any]:
-    """Check an engine's outputs: all finite, and within :data:`TOLERANCE_REL` of ``ref`` (when given).
-
-    ``max_abs = max |got - ref|``, ``max_rel = max_abs / max |ref|`` (worst over the outputs).
-    """
-    flag = "--vae-precision" if graph == "vae_decoder" else "--precision"
-    for name, g in got.items():
-        if not np.isfinite(g).all():
-            if graph == "vae_decoder" and precision != "fp32":
-                raise ExportError(
-                    f"the VAE decoder overflows in {precision} ({name} has NaN/inf at build-time validation): "
-                    "rebuild with --vae-precision fp32. Nothing was written."
-                )
-            raise ExportError(
-                f"the {graph} engine ({precision}) produced NaN/inf in {name} at build-time validation: "
-                f"rebuild with {flag} fp32. Nothing was written."
-            )
-    if ref is None:
-        return {"max_abs": None, "max_rel": None, "reference": None}
-    worst_abs = worst_rel = 0.0
-    for name, g in got.items():
-        r = np.asarray(ref[name], dtype=np.float64)
-        if g.shape != r.shape:
-            raise ExportError(f"the {graph} engine's {name} has shape {g.shape}, onnxruntime's {r.shape}")
-        err = float(np.abs(g.astype(np.float64) - r).max(initial=0.0))
-        scale = float(np.abs(r).max(initial=0.0))
-        worst_abs = max(worst_abs, err)
-        worst_rel = max(worst_rel, err / scale if scale > 0 else (0.0 if err == 0 else math.inf))
-    tol = TOLERANCE_REL[precision]
-    if not worst_rel <= tol:
-        raise ExportError(
-            f"the {graph} engine ({precision}) disagrees with onnxruntime (CPU): max abs {worst_abs:.3g}, max rel "
-            f"{worst_rel:.3g} "
-            f"> {tol:g}. Rebuild with {flag} fp32, or pass --no-validate to keep it anyway. Nothing was written."
-        )
-    return {"max_abs": worst_abs, "max_rel": worst_rel, "tolerance_rel": tol, "reference": "onnxruntime-cpu"}
-
-
-def validate_plan(trt: Any, cudart: Any, bundle: Bundle, key: tc.EngineKey, plan: Any) -> dict[str, Any]:
-    """Run the new plan once at the opt batch and compare with onnxruntime (CPU) on the same seeded inputs."""
-    spec, images = bundle.graph_spec(key.graph), key.profile[1]
-    feeds = sample_feeds(spec, images, bundle.manifest)
-    got = run_plan_once(trt, cudart, plan, spec, images, feeds, what=f"the new {key.graph} engine")
-    result = compare_outputs(key.graph, key.precision, got, onnxruntime_reference(bundle, key.graph, feeds))
-    return {**result, "images": images, "seed": VALIDATION_SEED}
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------

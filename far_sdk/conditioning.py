@@ -55,10 +55,11 @@ def class_ids(bundle: Bundle, class_labels: Sequence[int | str] | int | str) -> 
     n = bundle.num_classes
     ids = []
     for lab in class_labels:
+        given = lab
         if isinstance(lab, str):
             key = lab.strip().lower()
             if key.isascii() and key.isdigit():
-                lab = int(key)
+                lab = int(key) if len(key) <= 18 else n  # longer digit strings are out of range anyway
             elif key in names:
                 lab = names[key]
             else:
@@ -66,8 +67,13 @@ def class_ids(bundle: Bundle, class_labels: Sequence[int | str] | int | str) -> 
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 known = ", ".join(sorted(names)[:10]) or "none: this bundle has no id2label table"
                 raise InvalidArgumentError(f"unknown class name {lab!r}{hint} (known names include: {known})")
-        if isinstance(lab, bool) or not isinstance(lab, (int, np.integer)) or not 0 <= int(lab) < n:
-            raise InvalidArgumentError(f"class id {lab!r} is outside 0..{n - 1} (this bundle has {n} classes)")
+        if isinstance(lab, (bool, np.bool_)) or not isinstance(lab, (int, np.integer)):
+            raise InvalidArgumentError(
+                f"each class label must be an integer class id or a class name, got {type(lab).__name__} {lab!r:.40}"
+            )
+        if not 0 <= int(lab) < n:
+            shown = str(given) if len(str(given)) <= 40 else f"{str(given)[:20]}... ({len(str(given))} characters)"
+            raise InvalidArgumentError(f"class id {shown} is outside 0..{n - 1} (this bundle has {n} classes)")
         ids.append(int(lab))
     if not ids:
         raise InvalidArgumentError("class_labels is empty: give at least one class id")

@@ -23,6 +23,7 @@ from trt_sim import ENV, write_fake_bundle
 
 import far_sdk
 from far_sdk.backends.tensorrt import cache as tc
+from far_sdk.backends.tensorrt import cache_store as cs
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.bundle.graphs import GRAPH_NAMES
 from far_sdk.errors import (
@@ -359,7 +360,7 @@ class TestSimulatedTensorRT:
 
         bundle = Bundle.load(sim.bundle)
         for g in GRAPH_NAMES:  # sidecars that match, plans TensorRT cannot read
-            tc.record_plan(
+            cs.record_plan(
                 bundle,
                 tc.key_for(bundle, g, precision="fp32", profile=(1, 1, 2), opt_level=3, env=ENV),
                 b"\x00garbage",

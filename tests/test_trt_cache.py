@@ -17,6 +17,7 @@ from trt_sim import ENV, write_fake_bundle
 
 from far_sdk import fileio
 from far_sdk.backends.tensorrt import cache as tc
+from far_sdk.backends.tensorrt import cache_store as cs
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import BackendUnavailableError, ExportError, IncompatibleBundleError, InvalidArgumentError
 from far_sdk.fileio import atomic_write_bytes, atomic_writer
@@ -36,7 +37,7 @@ def _key(bundle, graph="denoiser", env=ENV, **kw) -> tc.EngineKey:
 
 
 def _record(bundle, key, data=b"plan bytes") -> Path:
-    return tc.record_plan(bundle, key, data, build_seconds=1.5, validation=None)
+    return cs.record_plan(bundle, key, data, build_seconds=1.5, validation=None)
 
 
 # ---- profiles --------------------------------------------------------------------------------------
@@ -288,12 +289,12 @@ def test_build_lock_excludes_a_second_holder(fake_bundle):
 
     def second():
         first_in.wait()
-        with tc.build_lock(fake_bundle):
+        with cs.build_lock(fake_bundle):
             order.append("second")
 
     t = threading.Thread(target=second)
     t.start()
-    with tc.build_lock(fake_bundle):
+    with cs.build_lock(fake_bundle):
         first_in.set()
         time.sleep(0.2)  # the second holder must still be waiting
         order.append("first")

@@ -22,7 +22,6 @@ Generator) per thread.
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 from dataclasses import dataclass
@@ -41,18 +40,9 @@ from far_sdk.backends.tensorrt.cache import (
     parse_batch_profile,
     read_plan,
 )
-from far_sdk.backends.tensorrt.engine import (
-    CudaError,
-    EngineRunner,
-    aligned,
-    check_cuda,
-    check_cuda_quietly,
-    copy_to_device,
-    copy_to_host,
-    device_env,
-    import_runtime,
-    select_device,
-)
+from far_sdk.backends.tensorrt.engine import EngineRunner, check_cuda, device_env, import_runtime, select_device
+from far_sdk.backends.tensorrt.graphs import LoopGraphs
+from far_sdk.backends.tensorrt.transfers import StreamIO
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.bundle.graphs import GRAPH_NAMES, TEXT_ENCODER
 from far_sdk.errors import BackendUnavailableError, EngineProfileError, IncompatibleBundleError, InvalidArgumentError
@@ -116,7 +106,6 @@ class TensorRTBackend(Backend):
                 raise InvalidArgumentError(f"{label} must be one of {PRECISIONS} or None, got {p!r}")
         if isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) or max_cuda_graphs < 1:
             raise InvalidArgumentError(f"max_cuda_graphs must be a positive integer, got {max_cuda_graphs!r}")
-        self._max_graphs = max_cuda_graphs
         self._trt, self._cudart = trt, cudart = import_runtime()
         self._device = select_device(cudart, device)
         self.env = device_env(trt, cudart, self._device)
@@ -143,15 +132,11 @@ class TensorRTBackend(Backend):
                 f"the engines' batch profiles do not overlap ({self._profiles()}): rebuild them with one --batch"
             )
         self._runners: dict[str, EngineRunner] = {}
-        self._blocks: dict[str, tuple[int, int]] = {}  # name -> (device ptr, bytes)
-        self._graphs: collections.OrderedDict = collections.OrderedDict()  # loop key -> cudaGraphExec_t
-        self._pending: list[np.ndarray] = []  # host arrays kept alive until the next sync
-        self._use_graphs, self._cond_generation, self._stream = bool(cuda_graphs), 0, None
+        self._graphs = LoopGraphs(cudart, max_cuda_graphs, enabled=cuda_graphs)  # the denoiser loop's, by key
+        self._cond_generation, self._io = 0, None
         self._closed = False
         try:
-            self._stream = check_cuda(
-                cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
-            )
+            self._io = StreamIO(cudart)
             for g in self.keys:
                 key = self.keys[g]
                 self._runners[g] = EngineRunner(
@@ -166,6 +151,24 @@ class TensorRTBackend(Backend):
             self.close()
             raise
         log.info("TensorRT backend on %s: %s", self.env.describe(), self._profiles())
+
+    def _find_text_encoder(self, bundle: Bundle, precision: str | None, profile: Any, opt_level: int | None) -> None:
+        """A text bundle's encoder engine, when one was built (far-export trt); else prompts run on ONNX Runtime."""
+        if bundle.graph_entry(TEXT_ENCODER) is None:
+            return
+        try:
+            self.keys[TEXT_ENCODER], _ = find_plan(
+                bundle,
+                TEXT_ENCODER,
+                env=self.env,
+                precision=precision,
+                profile=profile,
+                opt_level=opt_level,
+                verify_sha=False,
+            )
+            self.extra_graphs = (TEXT_ENCODER,)
+        except EngineNotBuiltError as e:
+            log.info("no TensorRT text encoder engine (%s): prompts are encoded on ONNX Runtime", e)
 
     # ---- properties ---------------------------------------------------------------------------------
     @property
@@ -190,7 +193,7 @@ class TensorRTBackend(Backend):
             gpu=self.env.gpu,
             compute_capability=self.env.compute_capability,
             batch=f"{self._min_images}..{self._max_images}",
-            cuda_graphs=self._use_graphs,
+            cuda_graphs=self._graphs.enabled,
             cuda_graphs_cached=len(self._graphs),
             engines={
                 g: {
@@ -205,19 +208,10 @@ class TensorRTBackend(Backend):
         return d
 
     # ---- small steps (call with the lock held) ----------------------------------------------------------
-    @property
-    def _sh(self) -> int:
-        return int(self._stream)
-
     def _enter(self) -> None:
         if self._closed:
             raise BackendUnavailableError("this TensorRT backend was closed")
         check_cuda(self._cudart.cudaSetDevice(self._device), "cudaSetDevice")  # the current device is per host thread
-
-    def _sync(self) -> None:
-        """Host sync: wait for the stream; host arrays handed to copies may go afterwards."""
-        check_cuda(self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        self._pending.clear()
 
     def _check_images(self, images: int, what: str) -> None:
         if not self._min_images <= images <= self._max_images:
@@ -229,10 +223,6 @@ class TensorRTBackend(Backend):
                 f"1:{max(1, min(images, self._max_images))}:{max(images, self._max_images)} --rebuild`"
             )
 
-    def _upload(self, dst: int, array: np.ndarray, what: str) -> None:
-        self._pending.append(array)
-        copy_to_device(self._cudart, dst, array, self._stream, what)
-
     def _upload_input(self, r: EngineRunner, name: str, value: Any, images: int) -> None:
         """Validate ``value``'s shape for ``images`` images and queue its copy into ``r``'s buffer ``name``."""
         array = np.ascontiguousarray(value, dtype=r.tensors[name].dtype)
@@ -240,67 +230,9 @@ class TensorRTBackend(Backend):
             raise InvalidArgumentError(
                 f"{r.spec.name}.{name}: expected shape {r.shape(name, images)} for {images} images, got {array.shape}"
             )
-        self._upload(r.buffers[name], array, f"{r.spec.name}.{name}")
-
-    def _download(self, src: int, shape: tuple[int, ...], dtype: str, what: str) -> np.ndarray:
-        out = copy_to_host(self._cudart, src, shape, dtype, self._stream, what)
-        self._pending.append(out)
-        return out
-
-    def _upload_slots(self, name: str, array: np.ndarray) -> tuple[int, int]:
-        """Upload array [n, ...] into a device block, one ALIGN-ed slot per row; returns (block ptr, slot stride)."""
-        n, row = array.shape[0], array[0].nbytes
-        stride = aligned(row)
-        ptr, size = self._blocks.get(name, (0, 0))
-        if size < n * stride:
-            if ptr:
-                self._sync()  # no queued work may still read the old block
-                self._drop_graphs()
-                check_cuda(self._cudart.cudaFree(ptr), f"cudaFree({name} block)")
-                del self._blocks[name]
-            size = aligned(n * stride)
-            ptr = int(check_cuda(self._cudart.cudaMalloc(size), f"cudaMalloc({size} bytes for {name})"))
-            self._blocks[name] = (ptr, size)
-        self._pending.append(array)
-        check_cuda(
-            self._cudart.cudaMemcpy2DAsync(
-                ptr,
-                stride,
-                array.ctypes.data,
-                row,
-                row,
-                n,
-                self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                self._stream,
-            ),
-            f"copy of {n} {name} rows to the GPU",
-        )
-        return ptr, stride
-
-    def _drop_graphs(self) -> None:
-        while self._graphs:
-            _, exe = self._graphs.popitem(last=False)
-            check_cuda_quietly(self._cudart.cudaGraphExecDestroy(exe), "cudaGraphExecDestroy")
+        self._io.upload(r.buffers[name], array, f"{r.spec.name}.{name}")
 
     # ---- the stages -------------------------------------------------------------------------------------
-    def _find_text_encoder(self, bundle: Bundle, precision: str | None, profile: Any, opt_level: int | None) -> None:
-        """A text bundle's encoder engine, when one was built (far-export trt); else prompts run on ONNX Runtime."""
-        if bundle.graph_entry(TEXT_ENCODER) is None:
-            return
-        try:
-            self.keys[TEXT_ENCODER], _ = find_plan(
-                bundle,
-                TEXT_ENCODER,
-                env=self.env,
-                precision=precision,
-                profile=profile,
-                opt_level=opt_level,
-                verify_sha=False,
-            )
-            self.extra_graphs = (TEXT_ENCODER,)
-        except EngineNotBuiltError as e:
-            log.info("no TensorRT text encoder engine (%s): prompts are encoded on ONNX Runtime", e)
-
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if graph not in (*GRAPH_NAMES, *self.extra_graphs):
             raise InvalidArgumentError(f"graph must be one of {(*GRAPH_NAMES, *self.extra_graphs)}, got {graph!r}")
@@ -316,18 +248,18 @@ class TensorRTBackend(Backend):
                 )
             self._check_images(images, f"graph {graph!r}")
             if r.set_images(images):
-                self._drop_graphs()
+                self._graphs.drop()
             for t in r.spec.inputs:
                 self._upload_input(r, t.name, feeds[t.name], images)
             r.bind()
-            r.enqueue(self._sh)
+            r.enqueue(self._io.handle)
             if graph == "transformer":
                 self._cond_generation += 1  # its cond buffer was overwritten
             out = {
-                t.name: self._download(r.buffers[t.name], r.shape(t.name, images), t.dtype, f"{graph}.{t.name}")
+                t.name: self._io.download(r.buffers[t.name], r.shape(t.name, images), t.dtype, f"{graph}.{t.name}")
                 for t in r.spec.outputs
             }
-            self._sync()  # host sync: the outputs are read now
+            self._io.sync()  # host sync: the outputs are read now
             return out
 
     def transformer(
@@ -353,7 +285,7 @@ class TensorRTBackend(Backend):
             for name, value in self._mask_feed(mask, rows, int(np.shape(tokens)[1])).items():
                 self._upload_input(r, name, value, images)
             r.bind()
-            r.enqueue(self._sh)
+            r.enqueue(self._io.handle)
             self._cond_generation += 1
             return TrtCondRef(ptr=r.buffers["cond"], images=images, generation=self._cond_generation, owner=id(self))
 
@@ -376,11 +308,11 @@ class TensorRTBackend(Backend):
             if n == 0:
                 return x.copy()
             if r.set_images(B):
-                self._drop_graphs()
+                self._graphs.drop()
             cond_ptr = self._cond_ptr(r, cond, B)
             self._upload_input(r, "x", x, B)
-            noise_ptr, noise_stride = self._upload_slots("noise", noises)
-            step_ptr, step_stride = self._upload_slots("step", steps)
+            noise_ptr, noise_stride = self._io.upload_slots("noise", noises, self._graphs.drop)
+            step_ptr, step_stride = self._io.upload_slots("step", steps, self._graphs.drop)
             xs = (r.buffers["x"], r.buffers["x_prev"])  # ping-pong: step i reads xs[i % 2], writes the other
 
             def addresses(i: int) -> dict[str, int]:
@@ -393,8 +325,8 @@ class TensorRTBackend(Backend):
                 }
 
             self._run_steps(r, n, (B, n, cond_ptr, noise_ptr, noise_stride, step_ptr, step_stride), addresses)
-            out = self._download(xs[n % 2], x.shape, "float32", "denoiser.x_prev")
-            self._sync()  # the one host sync of the inner loop
+            out = self._io.download(xs[n % 2], x.shape, "float32", "denoiser.x_prev")
+            self._io.sync()  # the one host sync of the inner loop
             return out
 
     def _cond_ptr(self, r: EngineRunner, cond: Any, images: int) -> int:
@@ -415,65 +347,31 @@ class TensorRTBackend(Backend):
         return r.buffers["cond"]
 
     def _run_steps(self, r: EngineRunner, n: int, key: tuple, addresses) -> None:
-        if self._use_graphs:
-            exe = self._graphs.get(key)
-            if exe is None:
-                exe = self._capture(r, n, key, addresses)
-            else:
-                self._graphs.move_to_end(key)
-            if exe is not None:
-                check_cuda(self._cudart.cudaGraphLaunch(exe, self._stream), "cudaGraphLaunch")
+        """The n steps: replay their captured graph (capturing it first), or plain launches."""
+        graphs, stream = self._graphs, self._io.stream
+        if graphs.enabled and graphs.launch(key, stream):
+            return
+        if graphs.enabled:
+            if r.needs_warmup:
+                # TensorRT finishes shape-dependent setup in the first enqueue after a shape change, which must
+                # not happen inside a capture. Step 0 reads xs[0] and writes xs[1]: harmless, the graph redoes it.
+                self._enqueue_steps(r, 1, addresses)
+                self._io.sync()
+            what = f"the {n}-step denoiser loop"
+            if graphs.capture(key, stream, lambda: self._enqueue_steps(r, n, addresses), what):
+                graphs.launch(key, stream)
                 return
         self._enqueue_steps(r, n, addresses)
 
     def _enqueue_steps(self, r: EngineRunner, n: int, addresses) -> None:
         for i in range(n):
             r.bind(addresses(i))
-            r.enqueue(self._sh)
-
-    def _capture(self, r: EngineRunner, n: int, key: tuple, addresses) -> Any:
-        """Capture the n-step loop into a CUDA graph; None (and plain launches from now on) if capture fails."""
-        cudart = self._cudart
-        if r.needs_warmup:
-            # TensorRT finishes shape-dependent setup in the first enqueue after a shape change, which must
-            # not happen inside a capture. Step 0 reads xs[0] and writes xs[1]: harmless, the graph redoes it.
-            self._enqueue_steps(r, 1, addresses)
-            self._sync()
-        graph = None
-        try:
-            check_cuda(
-                cudart.cudaStreamBeginCapture(
-                    self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-                ),
-                "cudaStreamBeginCapture",
-            )
-            try:
-                self._enqueue_steps(r, n, addresses)
-            finally:
-                graph = check_cuda(cudart.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
-            exe = check_cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-        except CudaError as e:
-            cudart.cudaGetLastError()  # clear the capture's error state
-            log.warning(
-                "CUDA graph capture of the %d-step denoiser loop failed (%s); running the steps as plain launches", n, e
-            )
-            self._use_graphs = False
-            return None
-        finally:
-            if graph is not None:
-                check_cuda_quietly(
-                    cudart.cudaGraphDestroy(graph), "cudaGraphDestroy"
-                )  # the instantiated graph does not need it
-        self._graphs[key] = exe
-        while len(self._graphs) > self._max_graphs:
-            _, old = self._graphs.popitem(last=False)
-            check_cuda_quietly(cudart.cudaGraphExecDestroy(old), "cudaGraphExecDestroy")
-        return exe
+            r.enqueue(self._io.handle)
 
     def synchronize(self) -> None:
         with self._lock:
             self._enter()
-            self._sync()
+            self._io.sync()
 
     def close(self) -> None:
         """Free graphs, buffers, contexts, engines and the stream. Idempotent; the backend is unusable afterwards."""
@@ -481,17 +379,12 @@ class TensorRTBackend(Backend):
             if self._closed:
                 return
             self._closed = True
-            cudart = self._cudart
-            if self._stream is not None:
-                check_cuda_quietly(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-            self._drop_graphs()
+            if self._io is not None:
+                self._io.sync_quietly()
+            self._graphs.drop()
             for r in self._runners.values():
                 r.close()
             self._runners.clear()
-            for name, (ptr, _) in self._blocks.items():
-                check_cuda_quietly(cudart.cudaFree(ptr), f"cudaFree({name} block)")
-            self._blocks.clear()
-            self._pending.clear()
-            if self._stream is not None:
-                check_cuda_quietly(cudart.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
-                self._stream = None
+            if self._io is not None:
+                self._io.close()
+                self._io = None

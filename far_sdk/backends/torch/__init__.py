@@ -1,4 +1,5 @@
-"""The PyTorch backends: :mod:`~far_sdk.backends.torch.backend` (the fast path: captured CUDA graphs, the
-compiled denoiser step, on-device noise; and the official-way eager baseline) and
-:mod:`~far_sdk.backends.torch.state` (per-batch device buffers). The only place far_sdk reaches into
-``training``; importing this package imports neither torch nor training."""
+"""The PyTorch backends: :mod:`~far_sdk.backends.torch.backend` (the fast path and the official-way eager
+baseline; the only place far_sdk reaches into ``training``), :mod:`~far_sdk.backends.torch.fast` (device and the
+compiled inner step), :mod:`~far_sdk.backends.torch.graphs` (captured CUDA graphs) and
+:mod:`~far_sdk.backends.torch.state` (per-batch device buffers). Importing this package imports neither torch nor
+training."""

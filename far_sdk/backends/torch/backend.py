@@ -17,17 +17,15 @@ The whole generation stays on the device between the class ids going in and the 
   compiled by ``torch.compile`` (Inductor) into a few fused kernels before capture; on the CPU it is
   off by default (Inductor's C++ build takes a minute there) and may be switched on.
 
-Static buffers (:class:`_Batch`, per batch size) are allocated outside any capture, so the graphs only
-read and write them; intermediates live in one shared graph pool, safe (PyTorch documents) when graphs
-never replay concurrently: one generation at a time (``concurrent_generate`` is False with graphs).
+Static buffers (:class:`~far_sdk.backends.torch.state.Batch`, per batch size) are allocated outside any capture,
+so the graphs (:mod:`~far_sdk.backends.torch.graphs`) only read and write them: one generation at a time
+(``concurrent_generate`` is False with graphs).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
-import re
 import threading
 from typing import Any
 
@@ -42,8 +40,9 @@ from far_sdk.backends.base import (
     SeededDraws,
     check_backend_options,
 )
-from far_sdk.backends.torch.state import Batch as _Batch
-from far_sdk.backends.torch.state import memory_errors
+from far_sdk.backends.torch.fast import resolve_device, step_functions
+from far_sdk.backends.torch.graphs import StageGraphs
+from far_sdk.backends.torch.state import Batch, memory_errors, new_batch, noise_buffer, upload_noise, upload_plan
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import BackendUnavailableError, InvalidArgumentError
 from far_sdk.maths.diffusion import Step
@@ -51,15 +50,6 @@ from far_sdk.maths.diffusion import Step
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-#: Eager runs of a stage on the capture stream before its capture (lazy library set-up, autotuning).
-WARMUP_RUNS = 2
-#: Largest inner-step count (far_sdk.maths.diffusion.respaced_timesteps allows 1..1000).
-MAX_INNER_STEPS = 1000
-#: Row stride of the static step table (floats): 64-byte rows keep every row view 16-byte aligned,
-#: which Inductor's kernels assume for their inputs.
-STEP_STRIDE = 16
-#: PyTorch allows one CUDA graph capture at a time per process (torch.cuda.graph's documented restriction).
-_CAPTURE_LOCK = threading.Lock()
 
 
 def _import_torch():
@@ -110,25 +100,7 @@ class TorchBackend(Backend):
             VAEDecoderGraph,
         )
 
-        if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
-            raise InvalidArgumentError(
-                f"torch backend device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
-            )
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise BackendUnavailableError(
-                    f"backend 'torch' with device {device!r} needs a CUDA build of PyTorch and a GPU (this torch "
-                    f"{torch.__version__} sees none); use device='cpu'"
-                )
-            index = int(device[5:]) if ":" in device else torch.cuda.current_device()
-            if index >= torch.cuda.device_count():
-                raise BackendUnavailableError(
-                    f"backend 'torch': CUDA device {index} requested, {torch.cuda.device_count()} "
-                    "visible (check CUDA_VISIBLE_DEVICES)"
-                )
-            device = f"cuda:{index}"
+        device = resolve_device(torch, device)
         if precision not in _DTYPES:
             raise InvalidArgumentError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
         if isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) or max_cuda_graphs < 1:
@@ -160,36 +132,18 @@ class TorchBackend(Backend):
 
         from training.torch_noise import philox_normals_torch  # noqa: PLC0415 - imports torch
 
-        fused, L, C = self._fused, int(m["model"]["grid_size"]) ** 2, int(m["model"]["token_channels"])
-
-        def step_seeded(x, cond, temb, step, seeds, pos):
-            """One inner step whose noise is drawn on the device (positions pos.. of each seed's stream)."""
-            noise = philox_normals_torch(seeds, pos, L * C).reshape(x.shape)  # (B, L, C) fp32
-            return fused(x, noise, cond, temb, step)
-
-        def step_host(x, noise, cond, temb, step):
-            return fused(x, noise, cond, temb, step)
-
         self._compiled = (compile is True) or (compile == "auto" and on_cuda)
-        draw = philox_normals_torch
-        if self._compiled:
-            step_seeded = torch.compile(step_seeded, fullgraph=True)
-            step_host = torch.compile(step_host, fullgraph=True)
-            draw = torch.compile(draw, fullgraph=True)  # x_T: one kernel instead of a few hundred
-        self._step_seeded, self._step_host, self._draw = step_seeded, step_host, draw
+        L, C = self._grid**2, int(m["model"]["token_channels"])
+        self._step_seeded, self._step_host, self._draw = step_functions(
+            torch, self._fused, philox_normals_torch, L * C, self._compiled
+        )
 
         # CUDA graphs (CUDA only)
-        self._use_graphs = bool(cuda_graphs) and on_cuda
-        self._max_graphs = max_cuda_graphs
-        self._lru: collections.OrderedDict[tuple, None] = collections.OrderedDict()
-        self._batches: dict[int, _Batch] = {}
+        self._stages = StageGraphs(torch, self._device, max_cuda_graphs, enabled=bool(cuda_graphs) and on_cuda)
+        self._use_graphs = self._stages.enabled  # as constructed: static buffers, one generation at a time
+        self._batches: dict[int, Batch] = {}
         # graphs: one generation at a time (static buffers); eager: per-generation buffers, no lock needed
         self._lock = threading.RLock() if self._use_graphs else contextlib.nullcontext()
-        self._captures = 0
-        if self._use_graphs:
-            with torch.cuda.device(self._device):
-                self._pool = torch.cuda.graph_pool_handle()
-                self._capture_stream = torch.cuda.Stream(self._device)
         # The static buffers and graphs serve one generation at a time (see the module docstring).
         self.concurrent_generate = not self._use_graphs
 
@@ -209,7 +163,7 @@ class TorchBackend(Backend):
             dtype=str(self._dtype).replace("torch.", ""),
             vae_dtype="float32",
             latents_dtype="float32",
-            cuda_graphs=self._use_graphs,
+            cuda_graphs=self._stages.enabled,
             compiled=self._compiled,
             noise="philox4x32-10 on device",
         )
@@ -217,8 +171,8 @@ class TorchBackend(Backend):
             d.update(
                 gpu=self._torch.cuda.get_device_name(self._device),
                 cuda=self._torch.version.cuda,
-                cuda_graphs_cached=len(self._lru),
-                cuda_graph_captures=self._captures,
+                cuda_graphs_cached=len(self._stages),
+                cuda_graph_captures=self._stages.captures,
             )
         return d
 
@@ -266,11 +220,9 @@ class TorchBackend(Backend):
             if not isinstance(cond, torch.Tensor):
                 cond = self._t(np.asarray(cond, dtype=np.float32), self._dtype)
             bb.cond.copy_(cond.reshape(bb.cond.shape))
-            self._upload_plan(bb, steps, None, None)
+            upload_plan(self._torch, bb, steps, None, None)
             self._upload_noise(bb, HostDraws(x=np.asarray(x), noises=np.asarray(noises)), n)
-            self._run_stage(
-                bb, ("loop", B, n, False, False, "host"), lambda: self._loop_body(bb, n, False, False, "host")
-            )
+            self._stages.run(("loop", B, n, False, False, "host"), lambda: self._loop_body(bb, n, False, False, "host"))
             return bb.raw.to("cpu", copy=True).numpy()  # host sync
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -321,19 +273,19 @@ class TorchBackend(Backend):
                 bb.keep.copy_(
                     torch.from_numpy(np.ascontiguousarray(keep_next, dtype=np.float32)[:, :, None]), non_blocking=True
                 )
-            self._run_stage(bb, ("transformer", B), lambda: self._transformer_body(bb))
+            self._stages.run(("transformer", B), lambda: self._transformer_body(bb))
             mark("transformer")
             if isinstance(draws, SeededDraws) and not self._compiled and self._device.type == "cpu":
                 # eager on the CPU: NumPy draws the stream faster than torch's int64 ops (docs/BENCHMARKS.md, noise)
                 draws = draws.materialize(n, L, C)
             kind = "host" if isinstance(draws, HostDraws) else ("fused" if self._compiled else "batched")
-            self._upload_plan(bb, steps, filter_matrix, draws)
+            upload_plan(self._torch, bb, steps, filter_matrix, draws)
             if kind == "host":
                 self._upload_noise(bb, draws, n)
             elif kind == "batched":
                 self._noise_buffer(bb, n)
-            self._run_stage(
-                bb, ("loop", B, n, filtered, masked, kind), lambda: self._loop_body(bb, n, filtered, masked, kind)
+            self._stages.run(
+                ("loop", B, n, filtered, masked, kind), lambda: self._loop_body(bb, n, filtered, masked, kind)
             )
             mark("denoise")  # the filter runs inside the loop's stage
         state.tokens, state.raw = bb.tokens, bb.raw
@@ -355,7 +307,7 @@ class TorchBackend(Backend):
         return out.cpu().numpy()  # host sync
 
     # ---- stage bodies: only static buffers in, static buffers out --------------------------------
-    def _transformer_body(self, bb: _Batch) -> None:
+    def _transformer_body(self, bb: Batch) -> None:
         torch, dt = self._torch, self._dtype
         tok = bb.tokens.to(dt)
         extra = (bb.mask,) if self.takes_mask else ()  # (2B, L) fp32
@@ -363,7 +315,7 @@ class TorchBackend(Backend):
         cond = self._graphs["transformer"](torch.cat([tok, tok]), *cond_in, bb.level.to(dt), *extra)  # (2B, L, W)
         bb.cond.copy_(cond.reshape(bb.cond.shape))
 
-    def _loop_body(self, bb: _Batch, n: int, filtered: bool, masked: bool, kind: str) -> None:
+    def _loop_body(self, bb: Batch, n: int, filtered: bool, masked: bool, kind: str) -> None:
         """x_T and n inner steps, then the low-pass (and, ``masked``, the zeroing of the tokens the next
         step masks: ``bb.keep``). kind: "fused" (seeded; each step draws its own noise
         inside the compiled step), "batched" (seeded; all n + 1 draws in one call first, for eager runs where
@@ -393,118 +345,27 @@ class TorchBackend(Backend):
     def _on_device(self):
         return self._torch.cuda.device(self._device) if self._device.type == "cuda" else contextlib.nullcontext()
 
-    def _batch(self, B: int, L: int, C: int, cached: bool) -> _Batch:
+    def _batch(self, B: int, L: int, C: int, cached: bool) -> Batch:
         bb = self._batches.get(B) if cached else None
         if bb is None:
-            torch, dev, G, W = self._torch, self._device, self._grid, self._width
-            f32 = dict(device=dev, dtype=torch.float32)
-            bb = _Batch(
-                B=B,
-                tokens=torch.zeros(B, L, C, **f32),
-                raw=torch.zeros(B, L, C, **f32),
-                cond=torch.zeros(2, B, L, W, device=dev, dtype=self._dtype),
-                ids=torch.zeros(2 * B, device=dev, dtype=torch.long),
-                seeds=torch.zeros(B, device=dev, dtype=torch.long),
-                level=torch.zeros(1, **f32),
-                steps=torch.zeros(MAX_INNER_STEPS, STEP_STRIDE, **f32),
-                pos=torch.zeros(MAX_INNER_STEPS + 1, 2, device=dev, dtype=torch.long),
-                fmat=torch.eye(G, **f32),
-                mask=torch.ones(2 * B, L, **f32),
-                keep=torch.ones(B, L, 1, **f32),
-            )
+            bb = new_batch(self._torch, B, L, C, self._grid, self._width, self._device, self._dtype)
             if cached:
                 self._batches[B] = bb
         return bb
 
-    def _upload_plan(self, bb: _Batch, steps: np.ndarray, fmat: np.ndarray | None, draws: Any) -> None:
-        """Copy this outer step's plan into the static buffers (pageable sources: staged before return)."""
-        torch = self._torch
-        n, L, C = int(steps.shape[0]), bb.tokens.shape[1], bb.tokens.shape[2]
-        if n > MAX_INNER_STEPS:
-            raise InvalidArgumentError(f"at most {MAX_INNER_STEPS} inner steps per outer step, got {n}")
-        bb.steps[:n, : steps.shape[1]].copy_(
-            torch.from_numpy(np.ascontiguousarray(steps, dtype=np.float32)), non_blocking=True
-        )
-        if fmat is not None:
-            bb.fmat.copy_(torch.from_numpy(np.ascontiguousarray(fmat, dtype=np.float32)), non_blocking=True)
-        if isinstance(draws, SeededDraws):
-            pos = draws.start + np.arange(n + 1, dtype=np.int64) * (L * C)
-            bb.pos[: n + 1, 0].copy_(torch.from_numpy(pos), non_blocking=True)
-            bb.seeds.copy_(torch.tensor(draws.seeds, dtype=torch.long), non_blocking=True)
+    def _noise_replaced(self, B: int):
+        """Forget the graphs of batch B that read ``noise`` (every loop whose draws are not fused)."""
+        return lambda: self._stages.drop(lambda k: k[0] == "loop" and k[1] == B and k[-1] != "fused")
 
-    def _noise_buffer(self, bb: _Batch, n: int) -> None:
-        """Make ``bb.noise`` hold at least n + 1 draws (a larger buffer drops the graphs that read the old one)."""
-        if bb.noise is None or bb.noise.shape[0] < n + 1:
-            for key in [k for k in bb.graphs if k[0] == "loop" and k[-1] != "fused"]:
-                bb.graphs.pop(key)
-                self._lru.pop(key, None)
-            bb.noise = self._torch.empty(
-                (n + 1,) + tuple(bb.tokens.shape), device=self._device, dtype=self._torch.float32
-            )
+    def _noise_buffer(self, bb: Batch, n: int) -> None:
+        noise_buffer(self._torch, bb, n, self._noise_replaced(bb.B))
 
-    def _upload_noise(self, bb: _Batch, draws: HostDraws, n: int) -> None:
-        torch = self._torch
-        shape = (n + 1,) + tuple(bb.tokens.shape)
-        self._noise_buffer(bb, n)
-        bb.noise[0].copy_(torch.from_numpy(np.ascontiguousarray(draws.x, dtype=np.float32)), non_blocking=True)
-        bb.noise[1 : n + 1].copy_(
-            torch.from_numpy(np.ascontiguousarray(draws.noises, dtype=np.float32).reshape(shape[0] - 1, *shape[1:])),
-            non_blocking=True,
-        )
-
-    def _run_stage(self, bb: _Batch, key: tuple, body) -> None:
-        """Run ``body`` (static buffers in and out): replay its CUDA graph (capturing it first), or eagerly."""
-        if not self._use_graphs:
-            body()
-            return
-        graph = bb.graphs.get(key)
-        if graph is None:
-            graph = self._capture(body, key)
-            if graph is None:
-                body()
-                return
-            bb.graphs[key] = graph
-            self._lru[key] = None
-            while len(self._lru) > self._max_graphs:
-                old, _ = self._lru.popitem(last=False)
-                self._batches[old[1]].graphs.pop(old, None)  # its graph goes; its pool blocks return to the pool
-        else:
-            self._lru.move_to_end(key)
-        graph.replay()
-
-    def _capture(self, body, key: tuple):
-        torch = self._torch
-        s = self._capture_stream
-        g = torch.cuda.CUDAGraph()
-        s.wait_stream(torch.cuda.current_stream(self._device))  # uploads and zero-fills land before the warm-up
-        try:
-            with _CAPTURE_LOCK:
-                with torch.cuda.stream(s):
-                    for _ in range(WARMUP_RUNS):  # compiles, lazy cuBLAS set-up: never inside a capture
-                        body()
-                torch.cuda.current_stream(self._device).wait_stream(s)
-                # "thread_local": CUDA calls of other threads may not invalidate this capture.
-                with torch.cuda.graph(g, pool=self._pool, stream=s, capture_error_mode="thread_local"):
-                    body()
-        except RuntimeError as e:
-            log.warning(
-                "CUDA graph capture of %s failed (%s); running eager launches from now on",
-                key,
-                str(e).splitlines()[0] if str(e) else type(e).__name__,
-            )
-            self._use_graphs = False  # concurrent_generate stays False: the Generator read it at construction
-            for bb in self._batches.values():
-                bb.graphs.clear()
-            self._lru.clear()
-            torch.cuda.synchronize(self._device)
-            return None
-        self._captures += 1
-        log.debug("captured %s (%d graphs cached)", key, len(self._lru) + 1)
-        return g
+    def _upload_noise(self, bb: Batch, draws: HostDraws, n: int) -> None:
+        upload_noise(self._torch, bb, draws, n, self._noise_replaced(bb.B))
 
     def close(self) -> None:
         with self._lock:
-            self._lru.clear()
+            self._stages.drop()
             self._batches.clear()
             self._graphs.clear()
 
