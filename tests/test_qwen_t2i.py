@@ -202,6 +202,7 @@ sys.meta_path.insert(0, _Blocked())
 """
 
 
+@pytest.mark.slow
 def test_far_generate_with_prompts_runs_where_torch_cannot_be_imported(bundle, tmp_path):
     hide = tmp_path / "hide"
     hide.mkdir()
@@ -231,6 +232,7 @@ def test_far_generate_with_prompts_runs_where_torch_cannot_be_imported(bundle, t
     np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(png)))
 
 
+@pytest.mark.slow
 def test_far_export_reads_the_encoder_kind_from_the_directory(far, qwen_dir, tmp_path, capsys):
     from export.cli import main
     from training.checkpoint import save_official_checkpoint
@@ -255,6 +257,7 @@ def test_far_export_reads_the_encoder_kind_from_the_directory(far, qwen_dir, tmp
     assert "--text-encoder-dtype goes with --text-encoder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_far_export_trt_builds_the_text_encoder_and_the_backend_prompts_with_it(bundle, tmp_path, monkeypatch):
     """On the TensorRT simulator (tests/trt_sim.py: "engines" run the ONNX graphs in onnxruntime)."""
     import shutil
