@@ -294,3 +294,20 @@ def test_far_export_trt_builds_the_text_encoder_and_the_backend_prompts_with_it(
     shutil.copytree(ROOT / "engines" / "far-demo", demo)
     with pytest.raises(InvalidArgumentError, match="no text encoder graph"):
         build_engines(demo, graphs=["text_encoder"], progress=lambda m: None)
+
+
+def test_an_altered_text_section_is_refused_saying_what_differs(bundle, tmp_path):
+    import shutil
+
+    from hostile import reseal
+
+    from far_sdk.errors import BundleError
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    reseal(b, lambda m: m["text"]["encoder"].update(system_prompt="a shorter system prompt"))
+    with pytest.raises(BundleError, match="its system prompt is 12 tokens .* exported for 162"):
+        TextEncoder(far_sdk.Bundle.load(b)).encode(["a dog"])
+    reseal(b, lambda m: m["text"]["encoder"]["inputs"][0].update(shape=["B", 300]))
+    with pytest.raises(BundleError, match=r"text\.encoder\.inputs"):
+        far_sdk.Bundle.load(b)
