@@ -162,6 +162,7 @@ def export_bundle(
     validate: bool = True,
     defaults: SamplingOptions | Mapping[str, Any] | None = None,
     text_encoder: Any = None,
+    text_encoder_options: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the bundle for ``far`` + ``vae`` to ``out_dir`` atomically; returns its path.
 
@@ -174,7 +175,9 @@ def export_bundle(
     (a misspelt option or a bad value is an InvalidArgumentError here, before any work).
     A FAR-T2I model (:class:`training.far_t2i.FART2I`) gives a text-conditioned bundle (export.t2i_export):
     its defaults go over the official T2I sampler's (far_sdk.options.T2I_DEFAULTS); ``text_encoder`` (a
-    :class:`training.text_encoder.SmallTextEncoder`) is bundled as ``text_encoder.onnx`` + ``tokenizer.json``.
+    :class:`training.text_encoder.SmallTextEncoder`, or the official Qwen2VLPromptEncoder) is bundled as
+    ``text_encoder.onnx`` + ``tokenizer.json``; ``text_encoder_options`` (a Qwen2-VL encoder's weight_dtype,
+    external_data_threshold) go to :func:`export.qwen_export.export_qwen2vl_encoder`.
     """
 
     t2i = isinstance(far, FART2I)
@@ -238,7 +241,10 @@ def export_bundle(
                 entry["validation"] = None
             graphs[gname] = entry
         t0 = time.perf_counter()
-        encoder = export_text_encoder(text_encoder, tmp, opset) if text_encoder is not None else None
+        encoder = None
+        if text_encoder is not None:
+            opts = dict(text_encoder_options or {})
+            encoder = export_text_encoder(text_encoder, tmp, opset, validate=validate, **opts)
         n = write_weights(far, vae, tmp / WEIGHTS_FILE)
         logger.info("%s: %d tensors written in %.2f s", WEIGHTS_FILE, n, time.perf_counter() - t0)
         manifest: dict[str, Any] = {

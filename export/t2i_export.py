@@ -6,6 +6,10 @@ attention_mask [B, T] int64 -> hidden_states [B, T, H], the last hidden state as
 beside a copy of its ``tokenizer.json``; the runtime (far_sdk.text) tokenises with the ``tokenizers`` library,
 pads / truncates to T with the pad id and masks ``id == pad``, as :func:`training.text_encoder.encode_prompts`.
 The exported graph is validated against PyTorch on prompts of other batch sizes than the traced one.
+
+The official encoder (:class:`training.text_encoder.Qwen2VLPromptEncoder`, Qwen2-VL's language model behind the
+official system prompt) is exported by :mod:`export.qwen_export`; :func:`load_text_encoder` reads either kind
+from a directory (``qwen2-vl:DIR``, ``small:DIR``, or ``DIR`` with the kind read from its files).
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from far_sdk.errors import ExportError, InvalidArgumentError
+from far_sdk.bundle.graphs import text_encoder_spec
+from far_sdk.bundle.schema import ENCODER_KINDS
+from far_sdk.errors import CheckpointError, ExportError, InvalidArgumentError
 from training.far_t2i import FART2I
+
+from .qwen_export import export_qwen2vl_encoder
 
 TEXT_ENCODER_FILE = "text_encoder.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -44,9 +52,10 @@ def check_text_encoder(far: Any, text_encoder: Any) -> None:
         raise InvalidArgumentError(
             "text_encoder= goes with a FAR-T2I model only; a class-conditional bundle has no text side"
         )
-    if not hasattr(text_encoder, "tokenizer") or not hasattr(text_encoder, "context_len"):
+    if getattr(text_encoder, "kind", None) not in ENCODER_KINDS or not hasattr(text_encoder, "tokenizer"):
         raise InvalidArgumentError(
-            f"text_encoder must be a training.text_encoder.SmallTextEncoder, got {type(text_encoder).__name__}"
+            "text_encoder must be a training.text_encoder.SmallTextEncoder or Qwen2VLPromptEncoder, got "
+            f"{type(text_encoder).__name__}"
         )
     cfg = far.config
     if (text_encoder.context_len, text_encoder.hidden_size) != (cfg.context_len, cfg.context_dim):
@@ -65,9 +74,55 @@ def _ids(text_encoder: Any, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]
     return ids, (ids != tok.pad_token_id).astype(np.int64)
 
 
-def export_text_encoder(text_encoder: Any, bundle_dir: Path, opset: int) -> dict[str, Any]:
-    """Write ``text_encoder.onnx`` and ``tokenizer.json`` into ``bundle_dir``, validated; returns the manifest's
-    ``text.encoder`` entry."""
+def load_text_encoder(spec: str | Path) -> Any:
+    """``qwen2-vl:DIR`` | ``small:DIR`` | ``DIR`` (the kind read from the directory: a ``far_text_encoder.json``
+    is a small encoder, a config.json of model_type ``qwen2_vl`` the official one) -> the loaded encoder."""
+    import json  # noqa: PLC0415 - only here
+
+    from training.text_encoder import Qwen2VLPromptEncoder, SmallTextEncoder  # noqa: PLC0415 - needs transformers
+
+    text = str(spec)
+    kind, sep, rest = text.partition(":")
+    if sep and kind in ENCODER_KINDS:
+        path = Path(rest)
+    else:
+        kind, path = None, Path(text)
+        if (path / "far_text_encoder.json").is_file():
+            kind = "small"
+        elif (path / "config.json").is_file():
+            try:
+                model_type = json.loads((path / "config.json").read_text()).get("model_type")
+            except (OSError, ValueError, AttributeError) as e:
+                raise CheckpointError(f"--text-encoder {path}: config.json is not a JSON object ({e})") from None
+            # qwen2: Qwen2-VL's language model saved on its own (text-only positions are the same under M-RoPE)
+            kind = "qwen2-vl" if model_type in ("qwen2_vl", "qwen2") else None
+            if kind is None:
+                raise InvalidArgumentError(
+                    f"--text-encoder {path}: config.json's model_type is {model_type!r}; far-export bundles "
+                    "Qwen2-VL (model_type qwen2_vl, the official FAR-T2I encoder) or a SmallTextEncoder directory"
+                )
+        elif not path.is_dir():
+            raise CheckpointError(f"--text-encoder {path} does not exist: pass qwen2-vl:DIR or small:DIR")
+        else:
+            raise InvalidArgumentError(
+                f"--text-encoder {path} holds neither config.json nor far_text_encoder.json: pass qwen2-vl:DIR "
+                "(a Qwen2-VL-Instruct directory) or small:DIR (SmallTextEncoder.save_pretrained)"
+            )
+    if kind == "qwen2-vl":
+        return Qwen2VLPromptEncoder.from_pretrained(path)
+    return SmallTextEncoder.from_pretrained(path)
+
+
+def export_text_encoder(
+    text_encoder: Any, bundle_dir: Path, opset: int, *, validate: bool = True, **options: Any
+) -> dict[str, Any]:
+    """Write ``text_encoder.onnx`` and ``tokenizer.json`` into ``bundle_dir``, validated (a Qwen2-VL encoder: unless
+    ``validate`` is false); returns the manifest's ``text.encoder`` entry. ``options`` (weight_dtype,
+    external_data_threshold) go to the Qwen2-VL export."""
+    if text_encoder.kind == "qwen2-vl":
+        return export_qwen2vl_encoder(text_encoder, bundle_dir, opset, validate_graph=validate, **options)
+    if options:
+        raise InvalidArgumentError(f"{sorted(options)} apply to a Qwen2-VL text encoder only")
     import onnxruntime as ort  # noqa: PLC0415 - the backend's runtime: loaded when chosen
 
     model = _LastHidden(text_encoder.model.eval()).eval()
@@ -103,9 +158,11 @@ def export_text_encoder(text_encoder: Any, bundle_dir: Path, opset: int) -> dict
                 "written"
             )
     return {
+        "kind": "small",
         "file": TEXT_ENCODER_FILE,
         "tokenizer": TOKENIZER_FILE,
         "pad_token_id": int(text_encoder.tokenizer.pad_token_id),
+        **text_encoder_spec(text_encoder.context_len, text_encoder.hidden_size).to_dict(),
     }
 
 

@@ -39,7 +39,7 @@ from far_sdk.backends.tensorrt import cache_store as cs
 from far_sdk.backends.tensorrt.engine import device_env, import_runtime, select_device
 from far_sdk.backends.validation import VALIDATION_SEED, sample_feeds
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.bundle.graphs import GRAPH_NAMES
+from far_sdk.bundle.graphs import GRAPH_NAMES, TEXT_ENCODER
 from far_sdk.errors import (
     BackendUnavailableError,
     FarError,
@@ -70,6 +70,8 @@ __all__ = [
     "validate_plan",
 ]
 TRT_HELP = "build TensorRT engines of a bundle for this GPU (cached in ~/.cache/far-sdk/engines, or $FAR_SDK_CACHE)"
+#: Every graph an engine can be built for: the three of each bundle, and a text bundle's encoder when it has one.
+ALL_GRAPHS = (*GRAPH_NAMES, TEXT_ENCODER)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class BuildOptions:
     profile: tuple[int, int, int] = tc.DEFAULT_PROFILE
     opt_level: int = tc.DEFAULT_OPT_LEVEL
     workspace_gb: float | None = None
-    graphs: tuple[str, ...] = GRAPH_NAMES
+    graphs: tuple[str, ...] = ALL_GRAPHS
     rebuild: bool = False
     validate: bool = True
 
@@ -98,10 +100,10 @@ class BuildOptions:
         ):
             raise InvalidArgumentError(f"workspace_gb must be a positive number of GiB or None, got {w!r}")
         graphs = tuple(self.graphs)
-        bad = [g for g in graphs if g not in GRAPH_NAMES]
+        bad = [g for g in graphs if g not in ALL_GRAPHS]
         if bad or not graphs:
-            raise InvalidArgumentError(f"graphs must be a non-empty subset of {GRAPH_NAMES}, got {list(graphs)}")
-        object.__setattr__(self, "graphs", tuple(g for g in GRAPH_NAMES if g in graphs))
+            raise InvalidArgumentError(f"graphs must be a non-empty subset of {ALL_GRAPHS}, got {list(graphs)}")
+        object.__setattr__(self, "graphs", tuple(g for g in ALL_GRAPHS if g in graphs))
 
     def precision_of(self, graph: str) -> str:
         return self.vae_precision if graph == "vae_decoder" else self.precision
@@ -137,7 +139,7 @@ def build_engines(
     batch: Any = tc.DEFAULT_PROFILE,
     workspace_gb: float | None = None,
     opt_level: int = tc.DEFAULT_OPT_LEVEL,
-    graphs: Sequence[str] = GRAPH_NAMES,
+    graphs: Sequence[str] | None = None,
     rebuild: bool = False,
     *,
     vae_precision: str = "fp32",
@@ -159,7 +161,7 @@ def build_engines(
         profile=batch,
         opt_level=opt_level,
         workspace_gb=workspace_gb,
-        graphs=tuple(graphs),
+        graphs=ALL_GRAPHS if graphs is None else tuple(graphs),
         rebuild=rebuild,
         validate=validate,
     )
@@ -171,13 +173,25 @@ def build_engines(
         "call"
     )
     results = []
-    for g in opts.graphs:
+    for g in _graphs_of(bundle, opts.graphs, asked=graphs is not None):
         key = tc.key_for(
             bundle, g, precision=opts.precision_of(g), profile=opts.profile, opt_level=opts.opt_level, env=env
         )
         with cs.build_lock(bundle):  # a second builder waits here, then finds the plan built
             results.append(_build_one(trt, cudart, bundle, key, opts, say))
     return results
+
+
+def _graphs_of(bundle: Bundle, graphs: tuple[str, ...], *, asked: bool) -> tuple[str, ...]:
+    """``graphs`` this bundle has: the text encoder only where the manifest declares its graph (asked for by name
+    and missing: an InvalidArgumentError)."""
+    if bundle.graph_entry(TEXT_ENCODER) is not None:
+        return graphs
+    if asked and TEXT_ENCODER in graphs:
+        raise InvalidArgumentError(
+            f"bundle {bundle.name!r} has no text encoder graph to build (far-export onnx --text-encoder)"
+        )
+    return tuple(g for g in graphs if g != TEXT_ENCODER)
 
 
 def _build_one(
@@ -257,7 +271,10 @@ def add_trt_args(p: argparse.ArgumentParser) -> None:
         help="builder optimisation level (default: 3; 5 builds slowest, may run fastest)",
     )
     p.add_argument(
-        "--graphs", nargs="+", choices=GRAPH_NAMES, default=list(GRAPH_NAMES), help="graphs to build (default: all)"
+        "--graphs",
+        nargs="+",
+        choices=ALL_GRAPHS,
+        help="graphs to build (default: all the bundle has, its text encoder included)",
     )
     p.add_argument("--rebuild", action="store_true", help="build even when a matching plan exists")
     p.add_argument("--no-validate", action="store_true", help="skip the engine-vs-onnxruntime check (not recommended)")

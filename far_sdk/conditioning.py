@@ -1,13 +1,14 @@
 """What an image is conditioned on: class labels (:class:`ClassCondition`) or text (:class:`TextCondition`, FAR-T2I).
 
 ``Generator.generate`` turns what it was given (``class_labels``; ``prompt`` / ``prompt_embeds`` /
-``negative_prompt_embeds``) into one of these, checked where it enters (:func:`condition_for`). The sampling loop
-only asks a condition for its length, a slice of it (batch splitting) and :meth:`cfg_feeds`: the transformer's
-conditioning inputs for the classifier-free-guidance batch (conditional rows first), by graph input name:
+``negative_prompt`` / ``negative_prompt_embeds``) into one of these, checked where it enters
+(:func:`condition_for`). The sampling loop only asks a condition for its length, a slice of it (batch splitting)
+and :meth:`cfg_feeds`: the transformer's conditioning inputs for the classifier-free-guidance batch (conditional
+rows first), by graph input name:
 
 - a class bundle: ``{"class_ids": [2B] int64}`` = the labels, then B null ids (the learned ``fake_latent`` row);
 - a text bundle: ``{"context": [2B, T, D] float32, "null": [2B] float32}``: the prompts' text hidden states, then
-  the unconditional rows (null = 1: the graph's learned null context; or ``negative_prompt_embeds``, null = 0).
+  the unconditional rows (null = 1: the graph's learned null context; or the negative prompts' states, null = 0).
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ def class_ids(bundle: Bundle, class_labels: Sequence[int | str] | int | str) -> 
     n = bundle.num_classes
     ids = []
     for lab in class_labels:
+        given = lab
         if isinstance(lab, str):
             key = lab.strip().lower()
             if key.isascii() and key.isdigit():
-                lab = int(key)
+                lab = int(key) if len(key) <= 18 else n  # longer digit strings are out of range anyway
             elif key in names:
                 lab = names[key]
             else:
@@ -65,8 +67,13 @@ def class_ids(bundle: Bundle, class_labels: Sequence[int | str] | int | str) -> 
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 known = ", ".join(sorted(names)[:10]) or "none: this bundle has no id2label table"
                 raise InvalidArgumentError(f"unknown class name {lab!r}{hint} (known names include: {known})")
-        if isinstance(lab, bool) or not isinstance(lab, (int, np.integer)) or not 0 <= int(lab) < n:
-            raise InvalidArgumentError(f"class id {lab!r} is outside 0..{n - 1} (this bundle has {n} classes)")
+        if isinstance(lab, (bool, np.bool_)) or not isinstance(lab, (int, np.integer)):
+            raise InvalidArgumentError(
+                f"each class label must be an integer class id or a class name, got {type(lab).__name__} {lab!r:.40}"
+            )
+        if not 0 <= int(lab) < n:
+            shown = str(given) if len(str(given)) <= 40 else f"{str(given)[:20]}... ({len(str(given))} characters)"
+            raise InvalidArgumentError(f"class id {shown} is outside 0..{n - 1} (this bundle has {n} classes)")
         ids.append(int(lab))
     if not ids:
         raise InvalidArgumentError("class_labels is empty: give at least one class id")
@@ -130,6 +137,23 @@ def check_prompts(prompt: Any) -> list[str]:
     return list(prompts)
 
 
+def negative_prompts(negative_prompt: Any, batch: int) -> list[str]:
+    """``negative_prompt`` (one string for every image, or one per prompt) -> ``batch`` strings."""
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * batch
+    if (
+        not isinstance(negative_prompt, (list, tuple))
+        or len(negative_prompt) != batch
+        or not all(isinstance(p, str) for p in negative_prompt)
+    ):
+        got = f"{len(negative_prompt)} items" if isinstance(negative_prompt, (list, tuple)) else repr(negative_prompt)
+        raise InvalidArgumentError(
+            f"{arg('negative_prompt')} must be one string (used for every image) or a list of {batch} strings (one "
+            f"per prompt), got {got}"
+        )
+    return list(negative_prompt)
+
+
 def text_condition(
     bundle: Bundle,
     encoder: TextEncoder | None,
@@ -137,8 +161,12 @@ def text_condition(
     prompt: Any,
     prompt_embeds: Any,
     negative_prompt_embeds: Any,
+    negative_prompt: Any = None,
 ) -> TextCondition:
-    """What a text bundle's ``generate`` was given -> its :class:`TextCondition` (typed errors saying what to pass)."""
+    """What a text bundle's ``generate`` was given -> its :class:`TextCondition` (typed errors saying what to pass).
+
+    ``negative_prompt`` is encoded like the prompt (the bundle's text encoder) and, as ``negative_prompt_embeds``,
+    takes the unconditional rows' place of the learned null context."""
     if class_labels is not None:
         raise InvalidArgumentError(
             f"bundle {bundle.name!r} is text-conditioned (FAR-T2I): give {arg('prompt')} (or prompt_embeds "
@@ -153,14 +181,25 @@ def text_condition(
     else:
         embeds = check_embeds(prompt_embeds, bundle, "prompt_embeds")
     neg = None
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise InvalidArgumentError("pass negative_prompt= (text) or negative_prompt_embeds= [B, T, D], not both")
+    if negative_prompt is not None:
+        neg = (encoder or TextEncoder(bundle)).encode(negative_prompts(negative_prompt, embeds.shape[0]))
     if negative_prompt_embeds is not None:
         neg = check_embeds(negative_prompt_embeds, bundle, "negative_prompt_embeds", batch=embeds.shape[0])
     return TextCondition(embeds, neg)
 
 
-def refuse_text(bundle: Bundle, prompt: Any, prompt_embeds: Any, negative_prompt_embeds: Any) -> None:
+def refuse_text(
+    bundle: Bundle, prompt: Any, prompt_embeds: Any, negative_prompt_embeds: Any, negative_prompt: Any = None
+) -> None:
     """A class bundle given text conditioning: InvalidArgumentError saying to pass class labels."""
-    text = {"prompt": prompt, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+    text = {
+        "prompt": prompt,
+        "prompt_embeds": prompt_embeds,
+        "negative_prompt": negative_prompt,
+        "negative_prompt_embeds": negative_prompt_embeds,
+    }
     given = [name for name, value in text.items() if value is not None]
     if given:
         raise InvalidArgumentError(
@@ -180,12 +219,15 @@ def condition_for(
     prompt: Any,
     prompt_embeds: Any,
     negative_prompt_embeds: Any,
+    negative_prompt: Any = None,
 ) -> Condition:
     """The :class:`Condition` of one ``generate`` call, by the bundle's conditioning; typed errors saying what to
     pass."""
     if bundle.conditioning == "text":
-        return text_condition(bundle, encoder, class_labels, prompt, prompt_embeds, negative_prompt_embeds)
-    refuse_text(bundle, prompt, prompt_embeds, negative_prompt_embeds)
+        return text_condition(
+            bundle, encoder, class_labels, prompt, prompt_embeds, negative_prompt_embeds, negative_prompt
+        )
+    refuse_text(bundle, prompt, prompt_embeds, negative_prompt_embeds, negative_prompt)
     if class_labels is None:
         raise InvalidArgumentError(f"{arg('class_labels')} must be given: one class id or name per image")
     return ClassCondition(class_ids(bundle, class_labels), bundle.null_class_id)

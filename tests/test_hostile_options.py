@@ -29,6 +29,11 @@ def gen():
         (dict(levels=5), "levels must be a list of integer frequency levels in 0..15, got 5"),
         (dict(class_labels=["³"]), "unknown class name '³'"),
         (dict(class_labels=["٣"]), "unknown class name '٣'"),  # an Arabic-Indic 3: a digit to str.isdigit()
+        # past Python's 4,300-digit int() limit: still the range error, the id shortened
+        (dict(class_labels=["9" * 5000]), r"class id 9{20}\.\.\. \(5000 characters\) is outside 0\.\.9"),
+        (dict(class_labels=[True]), "each class label must be an integer class id or a class name, got bool True"),
+        (dict(class_labels=[3.0]), "each class label must be an integer class id or a class name, got float 3.0"),
+        (dict(class_labels=[[1]]), "got list"),
     ],
 )
 def test_a_bad_sampling_argument_is_a_typed_error_saying_what_to_pass(gen, kw, why):

@@ -111,7 +111,7 @@ def test_a_malicious_pickle_is_refused_without_suggesting_an_unsafe_load(tmp_pat
         (dict(class_labels=[1], inner_steps=3.5), "inner_steps must be"),
         (dict(class_labels=[1], inner_steps="3"), "inner_steps must be"),
         (dict(class_labels=[1], noise=3), "noise must be a callable"),
-        (dict(class_labels=[1.5]), "class id 1.5"),
+        (dict(class_labels=[1.5]), "must be an integer class id or a class name, got float 1.5"),
         (dict(class_labels=[]), "empty"),
     ],
 )

@@ -105,34 +105,48 @@ def _token_ids(tokenizer: Any, text: str, max_length: int, padding: str) -> torc
     return tokenizer(text, return_tensors="pt", padding=padding, max_length=max_length, truncation=True).input_ids[0]
 
 
+def prompt_inputs(
+    tokenizer: Any, prompts: Sequence[str], max_length: int, system_prompt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The official prompt path's model inputs: (ids [B, S + max_length] int64, mask [B, S + max_length] bool, S).
+
+    ids_b = tokenizer(prompt_b) padded to / truncated at max_length (the tokenizer's padding and truncation sides);
+    mask_b = ids_b != pad id. With a system prompt: its ids (truncated at max_length, unpadded), S of them, lead
+    every row with mask 1; without one S = 0.
+    """
+    prompts = _check_prompts(prompts)
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("the text tokenizer has no pad token; the prompt path pads every prompt to max_length")
+    ids = torch.stack([_token_ids(tokenizer, s, max_length, "max_length") for s in prompts])  # (B, T)
+    mask = ids != tokenizer.pad_token_id
+    if system_prompt is None:
+        return ids, mask, 0
+    sys_ids = _token_ids(tokenizer, system_prompt, max_length, "longest")[None]  # (1, S)
+    n_sys = sys_ids.shape[1]
+    ids = torch.cat([sys_ids.expand(ids.shape[0], -1), ids], dim=1)  # (B, S + T)
+    mask = torch.cat([torch.ones(ids.shape[0], n_sys, dtype=torch.bool), mask], dim=1)
+    return ids, mask, n_sys
+
+
 @torch.no_grad()
 def encode_prompts(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_length: int, system_prompt: str | None = None
 ) -> torch.Tensor:
     """The official prompt path -> float32 [B, max_length, hidden] (spec §11; ``models/tools.encode_prompts``).
 
-    ids_b = tokenizer(prompt_b) padded to / truncated at max_length; mask_b = ids_b != pad id. With a system
-    prompt: S = its ids (truncated at max_length, unpadded), every row's input is [S; ids_b] with mask
-    [1..1; mask_b], and the first len(S) positions of the last hidden state are dropped.
+    The model reads :func:`prompt_inputs` (the system ids, then each prompt's ids padded to max_length); the last
+    hidden state is taken and its first S (system) positions dropped.
     """
-    prompts = _check_prompts(prompts)
-    if tokenizer.pad_token_id is None:
-        raise ConfigError("the text tokenizer has no pad token; the prompt path pads every prompt to max_length")
+    ids, mask, n_sys = prompt_inputs(tokenizer, prompts, max_length, system_prompt)
     device = next(model.parameters()).device
-    ids = torch.stack([_token_ids(tokenizer, s, max_length, "max_length") for s in prompts]).to(device)  # (B, T)
-    mask = ids != tokenizer.pad_token_id
-    n_sys = 0
-    if system_prompt is not None:
-        sys_ids = _token_ids(tokenizer, system_prompt, max_length, "longest").to(device)[None]  # (1, S)
-        n_sys = sys_ids.shape[1]
-        ids = torch.cat([sys_ids.expand(ids.shape[0], -1), ids], dim=1)  # (B, S + T)
-        mask = torch.cat([torch.ones(ids.shape[0], n_sys, dtype=torch.bool, device=device), mask], dim=1)
-    out = model(ids, attention_mask=mask.long(), output_hidden_states=True)
+    out = model(ids.to(device), attention_mask=mask.long().to(device), output_hidden_states=True)
     return out.hidden_states[-1][:, n_sys:].float()  # (B, T, H)
 
 
 class Qwen2VLPromptEncoder:
     """The official FAR-T2I text encoder: ``encode(prompts)`` -> [B, 300, hidden] float32."""
+
+    kind = "qwen2-vl"  # the bundle manifest's text.encoder.kind
 
     def __init__(
         self,
@@ -204,6 +218,8 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Any:
 class SmallTextEncoder:
     """A transformers ``Qwen2Model`` + byte-level BPE tokenizer: ``encode(prompts)`` -> [B, context_len, hidden]
     (each prompt padded / truncated to ``context_len``, padding masked in the encoder, no system prompt)."""
+
+    kind = "small"  # the bundle manifest's text.encoder.kind
 
     def __init__(self, model: Any, tokenizer: Any, context_len: int):
         self.model, self.tokenizer, self.context_len = model, tokenizer, int(context_len)

@@ -109,6 +109,8 @@ class Backend(ABC):
     #: False when one backend instance cannot serve two generations at once (e.g. TensorRT keeps one
     #: cond and one CUDA graph per context): the Generator then serialises its calls with a lock.
     concurrent_generate: bool = True
+    #: graphs :meth:`run` takes besides the three of every bundle (TensorRT: "text_encoder" when its engine is built)
+    extra_graphs: tuple[str, ...] = ()
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle

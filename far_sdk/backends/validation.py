@@ -47,9 +47,20 @@ def sample_feeds(
         elif t.name == "step":
             table = denoise_step_table(10, 3.0, 1.0)
             feeds[t.name] = table[rng.integers(0, len(table) - 1)].copy()  # the last row has noise scale 0
+        elif t.name in ("input_ids", "attention_mask"):  # the text encoder: ids below the pad id, padded tails
+            feeds.update(_text_feeds(rng, shape, manifest))
         else:
             feeds[t.name] = rng.standard_normal(shape, dtype=np.float32)
     return feeds
+
+
+def _text_feeds(rng: np.random.Generator, shape: tuple[int, ...], manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    enc = manifest["text"]["encoder"]
+    pad, S = int(enc["pad_token_id"]), int(enc.get("system_length", 0))
+    ids = rng.integers(0, max(pad, 1), size=shape, dtype=np.int64)
+    for row, n in enumerate(rng.integers(0, shape[1] - S, size=shape[0])):  # prompts of random lengths
+        ids[row, S + n :] = pad
+    return {"input_ids": ids, "attention_mask": (ids != pad).astype(np.int64) | (np.arange(shape[1]) < S)}
 
 
 def validation_cases(spec: GraphSpec, images: int, manifest: dict[str, Any]) -> list[tuple[str, Any]]:

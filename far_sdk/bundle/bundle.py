@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from far_sdk.bundle.graphs import GRAPH_NAMES, GraphSpec, TensorSpec
+from far_sdk.bundle.graphs import GRAPH_NAMES, TEXT_ENCODER, GraphSpec, TensorSpec
 from far_sdk.bundle.manifest import MAX_MANIFEST_BYTES, dump_manifest, read_manifest
 from far_sdk.bundle.onnx_external_data import external_data_files
 from far_sdk.bundle.schema import BUNDLE_FORMAT, FORMAT_VERSION
@@ -141,6 +141,7 @@ class Bundle:
                     "corrupted. Re-copy the bundle."
                 )
         graph_files = {g["file"] for g in self.manifest["graphs"].values()}
+        graph_files |= {e["file"] for e in [(self.text or {}).get("encoder")] if e}  # the text encoder's too
         for name in names:
             if name in graph_files:
                 self._check_external_data(name)
@@ -161,8 +162,13 @@ class Bundle:
             raise BundleError(f"{self.path}: manifest lists no file {name!r}")
         return self.path / name
 
+    def graph_entry(self, name: str) -> dict[str, Any] | None:
+        """A graph's manifest entry; the text encoder's (``text.encoder``) when it declares its inputs/outputs."""
+        enc = (self.text or {}).get("encoder") or {}
+        return self.manifest["graphs"].get(name) or (enc if name == TEXT_ENCODER and "inputs" in enc else None)
+
     def graph_spec(self, name: str) -> GraphSpec:
-        g = self.manifest["graphs"].get(name)
+        g = self.graph_entry(name)
         if g is None:
             raise BundleError(f"{self.path}: manifest has no graph {name!r} (has {sorted(self.manifest['graphs'])})")
         return GraphSpec(
@@ -172,7 +178,10 @@ class Bundle:
         )
 
     def graph_file(self, name: str) -> Path:
-        return self.file(self.manifest["graphs"][name]["file"])
+        g = self.graph_entry(name)
+        if g is None:
+            raise BundleError(f"{self.path}: manifest has no graph {name!r} (has {sorted(self.manifest['graphs'])})")
+        return self.file(g["file"])
 
     def load_torch_weights(self) -> dict[str, Any]:
         """The bundle's weights as torch tensors on CPU, after :func:`far_sdk.bundle.weights.load_torch_state`'s checks

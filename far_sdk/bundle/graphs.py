@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from far_sdk.maths.diffusion import Step
 
 GRAPH_NAMES = ("transformer", "denoiser", "vae_decoder")
+#: A text bundle's optional fourth graph (manifest ``text.encoder``): see :func:`text_encoder_spec`.
+TEXT_ENCODER = "text_encoder"
 
 
 @dataclass(frozen=True)
@@ -111,3 +113,14 @@ def graph_specs(
             (TensorSpec("image", f32, ("B", 3, image_size, image_size)),),
         ),
     }
+
+
+def text_encoder_spec(max_length: int, hidden_size: int, system_length: int = 0) -> GraphSpec:
+    """The bundled text encoder: input_ids, attention_mask [B, S + T] int64 (S system-prompt ids, then the T
+    prompt ids) -> hidden_states [B, T, H] float32 (the prompt rows of the last hidden state)."""
+    n = int(system_length) + int(max_length)
+    return GraphSpec(
+        TEXT_ENCODER,
+        (TensorSpec("input_ids", "int64", ("B", n)), TensorSpec("attention_mask", "int64", ("B", n))),
+        (TensorSpec("hidden_states", "float32", ("B", int(max_length), int(hidden_size))),),
+    )

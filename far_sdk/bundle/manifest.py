@@ -27,7 +27,7 @@ import hashlib
 import json
 from typing import Any
 
-from far_sdk.bundle.graphs import GRAPH_NAMES, graph_specs
+from far_sdk.bundle.graphs import GRAPH_NAMES, graph_specs, text_encoder_spec
 from far_sdk.bundle.schema import BUNDLE_FORMAT, DIGEST_KEY, FORMAT_VERSION, schema_error
 from far_sdk.errors import BundleError, IncompatibleBundleError, IntegrityError, InvalidArgumentError
 from far_sdk.maths.masking import sampling_modes
@@ -262,9 +262,16 @@ def _check_text(m: dict[str, Any], where: str) -> dict[str, Any] | None:
             f"hidden_size / max_length {text['hidden_size']} / {text['max_length']} differ "
             f"from model.context_dim / context_len {model['context_dim']} / {model['context_len']}",
         )
-    for key in ("file", "tokenizer"):
-        if "encoder" in text and text["encoder"][key] not in m["files"]:
-            raise _relation_error(where, f"text.encoder.{key}", f"{text['encoder'][key]!r} is not listed in files")
+    enc = text.get("encoder", {})
+    for key in ("file", "tokenizer", "external_data"):
+        if key in enc and enc[key] not in m["files"]:
+            raise _relation_error(where, f"text.encoder.{key}", f"{enc[key]!r} is not listed in files")
+    want = text_encoder_spec(text["max_length"], text["hidden_size"], enc.get("system_length", 0)).to_dict()
+    for io in ("inputs", "outputs"):
+        if io in enc and enc[io] != want[io]:
+            raise _relation_error(
+                where, f"text.encoder.{io}", f"{_short(json.dumps(enc[io]), 200)} differ from {json.dumps(want[io])}"
+            )
     return text
 
 

@@ -171,13 +171,62 @@ _MODEL_T2I = _object(
         "num_sampling_steps": _int(1, 10_000),
     }
 )
+#: The kinds of bundled text encoder (manifest ``text.encoder.kind``; absent: "small", the first format):
+#: "small": training.text_encoder.SmallTextEncoder, the prompt alone; "qwen2-vl": the official FAR-T2I path,
+#: Qwen2-VL's language model behind a system prompt (export.qwen_export).
+ENCODER_KINDS = ("small", "qwen2-vl")
+#: How a bundled Qwen2-VL encoder stores its weights (it computes and returns float32 in each case).
+ENCODER_WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+_SIDE = {"enum": ["left", "right"]}
+_ENCODER = _object(
+    {
+        "kind": {"enum": list(ENCODER_KINDS)},
+        "file": _FILE,
+        "external_data": _FILE,
+        "tokenizer": _FILE,
+        "pad_token_id": _int(0, 2**31 - 1),
+        "padding_side": _SIDE,
+        "truncation_side": _SIDE,
+        "system_prompt": {"type": "string", "maxLength": 100_000},
+        "system_length": _int(0, 65536),
+        "model_type": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}\Z"},
+        "num_layers": _int(1, 4096),
+        "weight_dtype": {"enum": list(ENCODER_WEIGHT_DTYPES)},
+        "opset": _int(7, 100),
+        "inputs": {"type": "array", "items": _TENSOR, "minItems": 2, "maxItems": 2},
+        "outputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1},
+        "validation": {
+            "oneOf": [
+                {"type": "null"},
+                _object(
+                    {
+                        "max_abs": _num(0.0, 1e30),
+                        "max_rel": _num(0.0, 1e30),
+                        "batch_sizes": {"type": "array", "items": _int(1, 1 << 20), "maxItems": 16},
+                    }
+                ),
+            ]
+        },
+    },
+    optional=(
+        "kind",
+        "external_data",
+        "padding_side",
+        "truncation_side",
+        "system_prompt",
+        "system_length",
+        "model_type",
+        "num_layers",
+        "weight_dtype",
+        "opset",
+        "inputs",
+        "outputs",
+        "validation",
+    ),
+)
 #: A text-conditioned bundle's text side: the context the transformer takes, and optionally a bundled encoder.
 _TEXT_SECTION = _object(
-    {
-        "hidden_size": _int(1, 65536),
-        "max_length": _int(1, 65536),
-        "encoder": _object({"file": _FILE, "tokenizer": _FILE, "pad_token_id": _int(0, 2**31 - 1)}),
-    },
+    {"hidden_size": _int(1, 65536), "max_length": _int(1, 65536), "encoder": _ENCODER},
     optional=("encoder",),
 )
 #: The manifest of bundle format :data:`FORMAT_VERSION`, declared once (JSON Schema 2020-12).

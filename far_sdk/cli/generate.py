@@ -48,6 +48,14 @@ def add_generate(p: argparse.ArgumentParser) -> None:
         help="text prompt, for a text-conditioned (FAR-T2I) bundle with a bundled text encoder; repeatable",
     )
     what.add_argument(
+        "--negative-prompt",
+        dest="negative_prompts",
+        action="append",
+        metavar="TEXT",
+        help="text bundles: what the unconditional (CFG) rows see instead of the learned null context; once for "
+        "every --prompt, or once per --prompt",
+    )
+    what.add_argument(
         "--from-image",
         metavar="IMAGE.png",
         help="make an image written with --out-dir again from the settings it carries (on its backend); "
@@ -106,6 +114,9 @@ def settings_of(a: argparse.Namespace) -> Settings:
         if (a.classes is None) == (a.prompts is None):
             raise InvalidArgumentError("give --class (class bundles) or --prompt (text bundles), or --from-image")
         labels = [c for c in (a.classes or a.prompts) for _ in range(a.num_per_class)]
+        conditioning = {"class_labels" if a.classes else "prompt": labels}
+        if a.negative_prompts is not None:
+            conditioning["negative_prompt"] = negative_prompt_list(a.negative_prompts, a.prompts, a.num_per_class)
         if a.bundle_spec.startswith(HUB_PREFIX):  # pinned to the commit it resolved to (its local directory's name)
             bundle = f"{HUB_PREFIX}{parse_hub_spec(a.bundle_spec)[0]}@{Path(a.bundle).name}"
         else:
@@ -115,15 +126,17 @@ def settings_of(a: argparse.Namespace) -> Settings:
             manifest_sha256="",
             backend=a.backend or "auto",
             device=a.device,
-            conditioning={"class_labels" if a.classes else "prompt": labels},
+            conditioning=conditioning,
             seed=0 if a.seed is None else a.seed,
             index=0,
             preset=a.preset,
             options=given.to_dict(),
             scale=a.scale or 1,
         )
-    if a.classes or a.prompts:
-        raise InvalidArgumentError("--from-image takes its --class / --prompt from the image; leave them out")
+    if a.classes or a.prompts or a.negative_prompts:
+        raise InvalidArgumentError(
+            "--from-image takes its --class / --prompt from the image (and its --negative-prompt); leave them out"
+        )
     s = Settings.from_png(a.from_image)
     return Settings(
         bundle=a.bundle_spec or s.bundle,
@@ -139,6 +152,20 @@ def settings_of(a: argparse.Namespace) -> Settings:
     )
 
 
+def negative_prompt_list(negatives: list[str], prompts: list[str] | None, n: int) -> list[str]:
+    """--negative-prompt given once (for every image) or once per --prompt -> one per image (-n N repeats each)."""
+    if prompts is None:
+        raise InvalidArgumentError("--negative-prompt goes with --prompt (text bundles)")
+    if len(negatives) == 1:
+        return negatives * (len(prompts) * n)
+    if len(negatives) != len(prompts):
+        raise InvalidArgumentError(
+            f"--negative-prompt given {len(negatives)} times for {len(prompts)} --prompt: give it once (for every "
+            "prompt) or once per --prompt"
+        )
+    return [neg for neg in negatives for _ in range(n)]
+
+
 def run_generate(a: argparse.Namespace) -> int:
     check_outputs(a)
     call = settings_of(a)
@@ -149,7 +176,8 @@ def run_generate(a: argparse.Namespace) -> int:
                 "(far generate BUNDLE --from-image ...)"
             )
         a.bundle = str(locate_bundle(call.bundle))
-    cols = a.cols or (1 if a.from_image else min(len(next(iter(call.conditioning.values()))), 8))
+    per_image = next(v for k, v in call.conditioning.items() if k != "negative_prompt")  # the labels or prompts
+    cols = a.cols or (1 if a.from_image else min(len(per_image), 8))
     frames: list = []
 
     def on_step(info):
@@ -176,7 +204,7 @@ def run_generate(a: argparse.Namespace) -> int:
         extra = {"bundle_name": gen.bundle.name, "device_used": used["device"], "far_sdk": far_sdk.__version__}
         id2label = gen.bundle.id2label
     keep = [call.index] if a.from_image else list(range(len(out.images)))
-    labels = list(out.class_labels) or next(iter(call.conditioning.values()))
+    labels = list(out.class_labels) or per_image
     extra["plan"] = {k: v for k, v in out.plan.to_dict().items() if k != "filter_after"}
     # Encode everything first, then write each file atomically: a failure leaves no partial file.
     grid = [] if not a.out else [(Path(a.out), make_image_grid([out.images[i] for i in keep], cols, scale=call.scale))]

@@ -32,6 +32,29 @@ def _short(sha: str) -> str:
     return f"{sha[:12]}…"
 
 
+def _encoder_rows(text: dict) -> list[tuple[str, object]]:
+    """The bundled text encoder: its type, shapes, the wrapping of a prompt (the template) and its validation."""
+    enc, T, D = text["encoder"], text["max_length"], text["hidden_size"]
+    kind = enc.get("kind", "small")
+    about = [enc.get("model_type"), f"{enc['num_layers']} layers" if "num_layers" in enc else None]
+    about.append(f"{enc['weight_dtype']} weights" if "weight_dtype" in enc else None)
+    detail = ", ".join(a for a in about if a)
+    rows: list[tuple[str, object]] = [("type", f"{kind}{f' ({detail})' if detail else ''}, {T} tokens x {D}")]
+    system = enc.get("system_prompt")
+    wrap = f"prompt cut at {T} tokens, padded {enc.get('padding_side', 'right')} with id {enc['pad_token_id']}"
+    if system is not None:
+        start = system[:30].replace("\n", " ")
+        wrap = (
+            f"system prompt: {len(system)} characters, {enc.get('system_length')} tokens ({start!r}…), then the " + wrap
+        )
+    rows.append(("template", wrap))
+    rows.append(("files", " + ".join(f for f in (enc["file"], enc.get("external_data"), enc["tokenizer"]) if f)))
+    val = enc.get("validation")
+    if val:
+        rows.append(("validation", f"max rel error vs transformers {val['max_rel']:.2e}"))
+    return rows
+
+
 def run_info(a: argparse.Namespace) -> int:
     b = Bundle.load(a.bundle, verify=not a.no_verify)
     m = b.manifest
@@ -80,6 +103,8 @@ def run_info(a: argparse.Namespace) -> int:
         shown = ",".join(map(str, shown)) if isinstance(shown, tuple) else shown
         rows.append((flag_of(name), f"{shown}{'' if name in given or value is None else '   (built-in)'}"))
     _section("Sampling defaults (far generate flags; the bundle's unless marked built-in)", rows)
+    if text and "encoder" in text:
+        _section("Text encoder (far generate --prompt)", _encoder_rows(text))
     src = m.get("source") or {}
     rows = [("kind", src.get("kind", "unspecified"))]
     if "file" in src:

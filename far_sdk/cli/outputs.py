@@ -54,8 +54,13 @@ class Settings:
             if d.pop("version") != SETTINGS_VERSION:
                 raise ValueError("unknown settings version")
             s = cls(**{k: d[k] for k in cls.__dataclass_fields__})
-            (kind, labels), *more = s.conditioning.items()
-            if more or kind not in ("class_labels", "prompt") or not isinstance(labels, list):
+            cond = dict(s.conditioning)
+            negative = cond.pop("negative_prompt", None)  # text bundles: one per image, beside "prompt"
+            (kind, labels), *more = cond.items()
+            bad_negative = negative is not None and (
+                kind != "prompt" or not isinstance(negative, list) or len(negative) != len(labels)
+            )
+            if more or bad_negative or kind not in ("class_labels", "prompt") or not isinstance(labels, list):
                 raise ValueError(f"conditioning {s.conditioning!r}")
             ints = (s.seed, s.index, s.scale)
             if not all(type(v) is int and v >= 0 for v in ints) or s.index >= len(labels) or s.scale < 1:

@@ -27,6 +27,7 @@ CLI_FLAGS: dict[str, str] = {
     **{name: flag_of(name) for name in SPECS},
     "class_labels": "--class",
     "prompt": "--prompt",
+    "negative_prompt": "--negative-prompt",
     "seed": "--seed",
     "preset": "--preset",
     "num_images_per_prompt": "-n",

@@ -43,7 +43,7 @@ from far_sdk.options import SamplingOptions, options_doc, options_from_keywords,
 from far_sdk.pipeline.batching import chunk_size, noise_source
 from far_sdk.pipeline.outputs import OUTPUT_TYPES, PREVIEWS, STAGES, GenerationOutput, OutputType, StepInfo
 from far_sdk.pipeline.warmup import warmup
-from far_sdk.text import TextEncoder
+from far_sdk.text import text_encoder_of
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Generator:
         self.grid = int(m["grid_size"])
         self.channels = int(m["token_channels"])
         self.seq_len = self.grid * self.grid
-        self._text_encoder = TextEncoder(self.bundle) if (self.bundle.text or {}).get("encoder") else None
+        self._text_encoder = text_encoder_of(self.bundle, self.backend)
         self._lock = threading.Lock() if not self.backend.concurrent_generate else contextlib.nullcontext()
         log.info("far_sdk.Generator: bundle %s on %s", self.bundle.path, self.backend.describe())
 
@@ -194,6 +194,7 @@ class Generator:
         prompt: str | list[str] | None = None,
         prompt_embeds: np.ndarray | None = None,
         negative_prompt_embeds: np.ndarray | None = None,
+        negative_prompt: str | list[str] | None = None,
         seed: int | None = 0,
         preset: str | None = None,
         options: SamplingOptions | None = None,
@@ -211,7 +212,8 @@ class Generator:
 
         class_labels: class ids or names (the bundle's id2label). prompt: text bundles with a bundled text
           encoder (far_sdk.text); prompt_embeds: [B, T, D] float32 text hidden states instead (diffusers' name);
-          negative_prompt_embeds [B, T, D]: the unconditional rows' context in place of the learned null context.
+          negative_prompt_embeds [B, T, D]: the unconditional rows' context in place of the learned null context;
+          negative_prompt: text encoded like the prompt for that (one string for every image, or one per prompt).
           A text bundle samples in mask mode with the official T2I schedule.
         seed: image i draws its noise from the Philox4x32-10 stream of seed + i (far_sdk.maths.noise); None draws
           a fresh seed from the OS's entropy (``out.seeds`` reports it, so the images can be regenerated): an image
@@ -240,7 +242,13 @@ class Generator:
         if preview not in PREVIEWS:
             raise InvalidArgumentError(f"preview must be one of {PREVIEWS}, got {preview!r}")
         condition = condition_for(
-            self.bundle, self._text_encoder, class_labels, prompt, prompt_embeds, negative_prompt_embeds
+            self.bundle,
+            self._text_encoder,
+            class_labels,
+            prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            negative_prompt,
         )
         condition = repeat_each(condition, num_images_per_prompt)
         if callback_on_step_end is not None:

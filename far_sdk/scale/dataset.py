@@ -34,6 +34,7 @@ from far_sdk.maths.masking import check_mode
 from far_sdk.options import FIELDS, SamplingOptions, preset, resolve_plan, resolve_text_plan
 from far_sdk.pipeline import Generator
 from far_sdk.scale.captions import check_captions
+from far_sdk.scale.cluster import init_ray
 from far_sdk.scale.dataset_dir import check_contents, clear_temporaries, exclusive, sync_job_file
 from far_sdk.scale.npzfile import stream_array, write_array
 from far_sdk.scale.shards import canonical_sha256, merge, shard_path, verify_shard, write_shard
@@ -378,13 +379,11 @@ def _run_ray(layout: ShardLayout, out: Path, pending: list[int], workers: int, a
         import ray  # noqa: PLC0415 - far serve's optional dependency
         from ray.util import ActorPool  # noqa: PLC0415 - far serve's optional dependency
     except ImportError as e:
-        raise BackendUnavailableError(
-            f"--workers needs Ray ({e}); install it with: pip install 'far-sdk[serve]', "
-            "or use --workers 0 (one process)"
-        ) from e
+        msg = f"--workers needs Ray ({e}); install it with: pip install 'far-sdk[serve]', or use --workers 0"
+        raise BackendUnavailableError(msg) from e
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        init_ray(ray, address, include_dashboard=False, log_to_driver=False)
     records = {}
     try:
         cpus = float(layout.job.backend_options.get("threads", 1))

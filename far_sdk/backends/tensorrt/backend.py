@@ -34,6 +34,7 @@ from far_sdk.backends.tensorrt.cache import (
     PRECISIONS,
     ROWS_PER_IMAGE,
     EngineKey,
+    EngineNotBuiltError,
     find_plan,
     format_profile,
     parse_batch_profile,
@@ -43,7 +44,7 @@ from far_sdk.backends.tensorrt.engine import EngineRunner, check_cuda, device_en
 from far_sdk.backends.tensorrt.graphs import LoopGraphs
 from far_sdk.backends.tensorrt.transfers import StreamIO
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.bundle.graphs import GRAPH_NAMES
+from far_sdk.bundle.graphs import GRAPH_NAMES, TEXT_ENCODER
 from far_sdk.errors import BackendUnavailableError, EngineProfileError, IncompatibleBundleError, InvalidArgumentError
 from far_sdk.maths.diffusion import Step
 
@@ -124,6 +125,7 @@ class TensorRTBackend(Backend):
                 prefer=("fp32", "bf16", "fp16") if vae else ("fp16", "bf16", "fp32"),
                 verify_sha=False,
             )  # read_plan below hashes the bytes it loads
+        self._find_text_encoder(bundle, precision, profile, opt_level)
         self._min_images = max(k.profile[0] for k in self.keys.values())
         self._max_images = min(k.profile[2] for k in self.keys.values())
         if self._min_images > self._max_images:
@@ -136,7 +138,7 @@ class TensorRTBackend(Backend):
         self._closed = False
         try:
             self._io = StreamIO(cudart)
-            for g in GRAPH_NAMES:
+            for g in self.keys:
                 key = self.keys[g]
                 self._runners[g] = EngineRunner(
                     trt,
@@ -150,6 +152,24 @@ class TensorRTBackend(Backend):
             self.close()
             raise
         log.info("TensorRT backend on %s: %s", self.env.describe(), self._profiles())
+
+    def _find_text_encoder(self, bundle: Bundle, precision: str | None, profile: Any, opt_level: int | None) -> None:
+        """A text bundle's encoder engine, when one was built (far-export trt); else prompts run on ONNX Runtime."""
+        if bundle.graph_entry(TEXT_ENCODER) is None:
+            return
+        try:
+            self.keys[TEXT_ENCODER], _ = find_plan(
+                bundle,
+                TEXT_ENCODER,
+                env=self.env,
+                precision=precision,
+                profile=profile,
+                opt_level=opt_level,
+                verify_sha=False,
+            )
+            self.extra_graphs = (TEXT_ENCODER,)
+        except EngineNotBuiltError as e:
+            log.info("no TensorRT text encoder engine (%s): prompts are encoded on ONNX Runtime", e)
 
     # ---- properties ---------------------------------------------------------------------------------
     @property
@@ -215,8 +235,8 @@ class TensorRTBackend(Backend):
 
     # ---- the stages -------------------------------------------------------------------------------------
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if graph not in GRAPH_NAMES:
-            raise InvalidArgumentError(f"graph must be one of {GRAPH_NAMES}, got {graph!r}")
+        if graph not in (*GRAPH_NAMES, *self.extra_graphs):
+            raise InvalidArgumentError(f"graph must be one of {(*GRAPH_NAMES, *self.extra_graphs)}, got {graph!r}")
         with self._lock:
             self._enter()
             r = self._runners[graph]

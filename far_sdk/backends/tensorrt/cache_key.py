@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from far_sdk.bundle.graphs import GRAPH_NAMES
+from far_sdk.bundle.graphs import GRAPH_NAMES, TEXT_ENCODER
 from far_sdk.errors import IncompatibleBundleError, InvalidArgumentError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -20,7 +20,7 @@ DEFAULT_PROFILE = (1, 1, 8)
 DEFAULT_OPT_LEVEL = 3
 #: Rows of the graph's batch axis per image: the transformer runs the CFG batch [cond; uncond].
 ROWS_PER_IMAGE = {"N": 2, "B": 1}
-_GRAPH_ROWS = {"transformer": 2, "denoiser": 1, "vae_decoder": 1}
+_GRAPH_ROWS = {"transformer": 2, "denoiser": 1, "vae_decoder": 1, TEXT_ENCODER: 1}  # text: one row per prompt
 
 
 # ---- batch profiles ------------------------------------------------------------------------------
@@ -102,8 +102,8 @@ class EngineKey:
     key_version: int = KEY_VERSION
 
     def __post_init__(self) -> None:
-        if self.graph not in GRAPH_NAMES:
-            raise InvalidArgumentError(f"graph must be one of {GRAPH_NAMES}, got {self.graph!r}")
+        if self.graph not in (*GRAPH_NAMES, TEXT_ENCODER):
+            raise InvalidArgumentError(f"graph must be one of {(*GRAPH_NAMES, TEXT_ENCODER)}, got {self.graph!r}")
         if self.precision not in PRECISIONS:
             raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         object.__setattr__(self, "profile", parse_batch_profile(tuple(self.profile)))
@@ -150,7 +150,7 @@ def key_for(
     bundle: Any, graph: str, *, precision: str, profile: Sequence[int], opt_level: int, env: BuildEnv
 ) -> EngineKey:
     """The key of ``graph`` of ``bundle`` (a :class:`~far_sdk.bundle.bundle.Bundle`); hashes come from its manifest."""
-    entry = bundle.manifest["graphs"][graph]
+    entry = bundle.graph_entry(graph)  # the text encoder's is the manifest's text.encoder
     files = bundle.manifest["files"]
     data = entry.get("external_data")
     return EngineKey(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import BackendUnavailableError, InvalidArgumentError
+from far_sdk.scale.cluster import init_ray
 from far_sdk.scale.serve.config import ServeConfig, deployment_options
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,9 @@ def start(cfg: ServeConfig, *, address: str | None = None, num_cpus: int | None 
     check_servable(cfg.bundle)
     started = not ray.is_initialized()
     if started:
-        ray.init(
-            address=address,
+        init_ray(
+            ray,
+            address,
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=False,
