@@ -240,6 +240,7 @@ def test_gpu_check_quick_runs_on_cpu_and_reports_skipped_gpu_paths(tmp_path):
         assert "no CUDA GPU" in rows["torch-cuda-fp32-graphs"]["reason"]
 
 
+@pytest.mark.slow
 def test_gpu_perf_tiny_runs_on_cpu_and_reports_every_column(tmp_path):
     """``gpu_check.py --perf`` as it runs on a GPU, shrunk (--tiny: far_tiny, CPU): rows with warm-up and memory
     columns, the fast preset, the eager baselines (official: 100 inner steps per outer step) and speed-ups."""
