@@ -112,6 +112,11 @@ def _add_onnx_args(p: argparse.ArgumentParser) -> None:
         "returns float32; default float32: a 6.2 GB graph for the 1.5B model, float16 3.1 GB)",
     )
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch check (not recommended)")
+    p.add_argument(
+        "--no-vae-encoder",
+        action="store_true",
+        help="leave out the optional vae_encoder graph (image-to-image: generate(image=...), far generate --init-image)",
+    )
 
 
 def _run_onnx(args: argparse.Namespace) -> int:
@@ -165,6 +170,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
         opset=args.opset,
         validate=not args.no_validate,
         defaults={"cfg": args.cfg},
+        vae_encoder=not args.no_vae_encoder,
     )
     if args.random_init and vae_path is None:
         path = random_bundle(

@@ -28,11 +28,12 @@ import torch
 
 import far_sdk
 from far_sdk.bundle.bundle import atomic_bundle_dir, sha256_file, write_manifest
-from far_sdk.bundle.graphs import GRAPH_NAMES, graph_specs
+from far_sdk.bundle.graphs import GRAPH_NAMES, VAE_ENCODER, VAE_ENCODER_WEIGHTS, graph_specs
 from far_sdk.errors import ConfigError, ExportError, InvalidArgumentError
 from far_sdk.maths.masking import sampling_modes
 from far_sdk.options import DEFAULTS, T2I_DEFAULTS, SamplingOptions, resolve_plan, resolve_text_plan
 from training.far import FAR
+from training.encoder_fit import save_encoder
 from training.far_t2i import FART2I
 from training.vae import AutoencoderKL
 
@@ -163,6 +164,7 @@ def export_bundle(
     defaults: SamplingOptions | Mapping[str, Any] | None = None,
     text_encoder: Any = None,
     text_encoder_options: Mapping[str, Any] | None = None,
+    vae_encoder: bool = True,
 ) -> Path:
     """Write the bundle for ``far`` + ``vae`` to ``out_dir`` atomically; returns its path.
 
@@ -178,6 +180,8 @@ def export_bundle(
     :class:`training.text_encoder.SmallTextEncoder`, or the official Qwen2VLPromptEncoder) is bundled as
     ``text_encoder.onnx`` + ``tokenizer.json``; ``text_encoder_options`` (a Qwen2-VL encoder's weight_dtype,
     external_data_threshold) go to :func:`export.qwen_export.export_qwen2vl_encoder`.
+    ``vae_encoder``: also write the optional ``vae_encoder`` graph (image-to-image, far_sdk.bundle.graphs) and its
+    weights ``vae_encoder.safetensors`` (``vae``'s encode half; the decode half stays in weights.safetensors).
     """
 
     t2i = isinstance(far, FART2I)
@@ -208,7 +212,7 @@ def export_bundle(
     dims = {"num_classes": 1 if t2i else cfg.num_classes, "grid_size": cfg.grid_size}
     graphs: dict[str, Any] = {}
     with atomic_bundle_dir(out_dir, overwrite=overwrite) as tmp:
-        for gname in GRAPH_NAMES:
+        for gname in GRAPH_NAMES + ((VAE_ENCODER,) if vae_encoder else ()):
             spec = specs[gname]
             logger.info("%s: exporting (opset %d)", gname, opset)
             t0 = time.perf_counter()
@@ -246,6 +250,8 @@ def export_bundle(
             opts = dict(text_encoder_options or {})
             encoder = export_text_encoder(text_encoder, tmp, opset, validate=validate, **opts)
         n = write_weights(far, vae, tmp / WEIGHTS_FILE)
+        if vae_encoder:
+            save_encoder(vae, tmp / VAE_ENCODER_WEIGHTS, {"format": "pt", "far_sdk": far_sdk.__version__})
         logger.info("%s: %d tensors written in %.2f s", WEIGHTS_FILE, n, time.perf_counter() - t0)
         manifest: dict[str, Any] = {
             "name": name,

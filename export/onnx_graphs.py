@@ -24,7 +24,13 @@ from far_sdk.maths.diffusion import denoise_step_table
 from far_sdk.maths.masking import random_mask
 from training.far import FAR
 from training.far_t2i import FART2I
-from training.graph_modules import DenoiserGraph, TextTransformerGraph, TransformerGraph, VAEDecoderGraph
+from training.graph_modules import (
+    DenoiserGraph,
+    TextTransformerGraph,
+    TransformerGraph,
+    VAEDecoderGraph,
+    VAEEncoderGraph,
+)
 from training.vae import AutoencoderKL
 
 logger = logging.getLogger(__name__)
@@ -58,6 +64,7 @@ TOLERANCES: dict[str, Tolerance] = {
     "transformer": Tolerance(max_rel=1e-4),
     "denoiser": Tolerance(max_rel=1e-4),
     "vae_decoder": Tolerance(max_abs=2e-3),
+    "vae_encoder": Tolerance(max_rel=1e-4),  # posterior mean and std at the sampler scale
 }
 
 
@@ -70,6 +77,7 @@ def graph_modules(far: FAR, vae: AutoencoderKL, latent_scale: float) -> dict[str
         "transformer": (TextTransformerGraph(far) if isinstance(far, FART2I) else TransformerGraph(far)).eval(),
         "denoiser": DenoiserGraph(far.diffloss.net).eval(),
         "vae_decoder": VAEDecoderGraph(vae, latent_scale).eval(),
+        "vae_encoder": VAEEncoderGraph(vae, latent_scale).eval(),
     }
 
 

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from far_sdk.bundle.bundle import Bundle  # noqa: E402
+from far_sdk.bundle.graphs import VAE_ENCODER, VAE_ENCODER_WEIGHTS  # noqa: E402
 from far_sdk.bundle.manifest import manifest_digest, parse_json  # noqa: E402
 from far_sdk.bundle.schema import BUNDLE_FORMAT, DIGEST_KEY  # noqa: E402
 from far_sdk.errors import BundleError  # noqa: E402
@@ -62,7 +63,12 @@ def main() -> int:
     before = tensor_hashes(old.file(m["weights"]["file"]))
     far, vae = load_bundle_models(old)  # the VAE's encoder stays on the meta device: a bundle carries none
     decode = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
-    vae = AutoencoderKL(VAEConfig.from_dict(m["vae"])).eval()  # encoder: unused fresh init, not exported
+    vae = AutoencoderKL(VAEConfig.from_dict(m["vae"])).eval()  # encoder: the bundle's, or a fresh init not exported
+    keep_encoder = VAE_ENCODER in m["graphs"]
+    if keep_encoder:  # the optional encoder (image-to-image) is carried over from vae_encoder.safetensors
+        from safetensors.torch import load_file
+
+        decode.update(load_file(str(old.file(VAE_ENCODER_WEIGHTS))))
     missing, unexpected = vae.load_state_dict(decode, strict=False)
     assert not unexpected and not [k for k in missing if k.startswith(("decoder.", "post_quant_conv."))]
     out = a.out or a.bundle
@@ -82,6 +88,7 @@ def main() -> int:
         source=m["source"],
         defaults=m["defaults"],
         overwrite=True,
+        vae_encoder=keep_encoder,
     )
     for name, data in extras.items():
         if not (out / name).exists():

@@ -97,6 +97,7 @@ def test_manifest_records_every_file_with_its_size_and_sha256(bundle, manifest):
         on_disk
         == set(manifest["files"])
         == {"transformer.onnx", "denoiser.onnx", "vae_decoder.onnx", "weights.safetensors"}
+        | {"vae_encoder.onnx", "vae_encoder.safetensors"}  # the optional encoder (image-to-image), on by default
     )
     for name, entry in manifest["files"].items():
         data = (bundle / name).read_bytes()

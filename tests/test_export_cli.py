@@ -57,7 +57,7 @@ def test_cli_random_init_writes_a_loadable_bundle(cli_bundle, capsys):
     b = Bundle.load(out)
     assert b.name == "tiny-cli" and b.null_class_id == 10 and b.defaults.cfg == 2.5
     assert b.manifest["source"] == {"kind": "random-init", "seed": 3}
-    assert set(b.manifest["graphs"]) == set(GRAPH_NAMES)
+    assert set(b.manifest["graphs"]) == {*GRAPH_NAMES, "vae_encoder"}  # the optional encoder: on by default
     assert not [p for p in out.parent.iterdir() if p != out]  # no temporary directories left
 
 

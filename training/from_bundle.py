@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from far_sdk.bundle.bundle import Bundle
+from far_sdk.bundle.graphs import VAE_ENCODER, VAE_ENCODER_WEIGHTS
+from far_sdk.bundle.weights import load_torch_state
 from far_sdk.errors import BundleError
 
 from .config import FARConfig
@@ -18,7 +20,7 @@ from .config_t2i import T2IConfig
 from .config_vae import VAEConfig
 from .far import FAR
 from .far_t2i import FART2I
-from .graph_modules import VAEDecoderGraph
+from .graph_modules import VAEDecoderGraph, VAEEncoderGraph
 from .vae import AutoencoderKL
 
 
@@ -56,3 +58,26 @@ def load_bundle_models(bundle: Bundle) -> tuple[FAR, AutoencoderKL]:
 def load_bundle_decoder(bundle: Bundle, vae: AutoencoderKL) -> VAEDecoderGraph:
     """The bundle's decode graph module (sampler-scale latents -> RGB) around ``vae``."""
     return VAEDecoderGraph(vae, bundle.latent_scale).eval()
+
+
+def load_bundle_encoder(bundle: Bundle, vae: AutoencoderKL) -> VAEEncoderGraph | None:
+    """The bundle's encode graph module (image in [-1, 1] -> sampler-scale posterior mean, std) with ``vae``'s encoder
+    given the bundle's ``vae_encoder.safetensors`` (checked like the other weights), or None for a bundle without the
+    ``vae_encoder`` graph."""
+    if bundle.graph_entry(VAE_ENCODER) is None:
+        return None
+    state = load_torch_state(bundle.file(VAE_ENCODER_WEIGHTS))
+    enc = {k: v for k, v in state.items() if k.startswith(("encoder.", "quant_conv."))}
+    try:
+        missing, unexpected = vae.load_state_dict(enc, strict=False, assign=True)
+    except RuntimeError as e:
+        raise BundleError(
+            f"{bundle.path}/{VAE_ENCODER_WEIGHTS} does not match the manifest's VAE config: {str(e).splitlines()[0]}"
+        ) from e
+    bad = [k for k in missing if k.startswith(("encoder.", "quant_conv."))]
+    if bad or len(enc) != len(state):
+        raise BundleError(
+            f"{bundle.path}/{VAE_ENCODER_WEIGHTS}: encoder keys missing {bad[:5]} / unexpected "
+            f"{sorted(set(state) - set(enc))[:5]}; re-export the bundle"
+        )
+    return VAEEncoderGraph(vae, bundle.latent_scale).eval()

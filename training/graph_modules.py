@@ -25,7 +25,7 @@ from far_sdk.maths.diffusion import Step as S
 
 from .diffloss import SimpleMLPAdaLN, timestep_features
 from .far import FAR
-from .vae import AutoencoderKL
+from .vae import AutoencoderKL, DiagonalGaussian
 
 
 class TransformerGraph(nn.Module):
@@ -227,6 +227,24 @@ class VAEDecoderGraph(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         # = AutoencoderKL.decode(latents / latent_scale)
         return self.decoder(self.post_quant_conv(latents / self.latent_scale))  # (B, 3, f H, f W)
+
+
+class VAEEncoderGraph(nn.Module):
+    """(mean, std) = the posterior of vae.encode(image), both x latent_scale: an image in [-1, 1] -> the posterior
+    at the sampler's scale (mean + std * eps is a posterior sample). Holds only the encode half."""
+
+    input_names = ("image",)
+    output_names = ("mean", "std")
+
+    def __init__(self, vae: AutoencoderKL, latent_scale: float):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
+        self.latent_scale = float(latent_scale)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        post = DiagonalGaussian(self.quant_conv(self.encoder(image)))  # = AutoencoderKL.encode(image)
+        return post.mean * self.latent_scale, post.std * self.latent_scale  # (B, C, H / f, W / f) each
 
 
 @torch.no_grad()

@@ -20,6 +20,10 @@ manifest's model config by :func:`graph_specs`.
   x_prev [B, L, C].
 - ``vae_decoder``: latents [B, C, H, W] (sampler scale; the graph divides by the latent scale)
   -> image [B, 3, 16 H, 16 W] in about [-1, 1].
+- ``vae_encoder`` (optional: :data:`OPTIONAL_GRAPHS`; image-to-image): image [B, 3, S, S] float32 in [-1, 1]
+  (the host converts uint8 pixels, :mod:`far_sdk.pipeline.img2img`) -> mean, std [B, C, H, W]: the VAE posterior's
+  mean and standard deviation at the sampler's scale (both multiplied by the latent scale), so mean + std * eps is
+  a posterior sample. Its weights (``encoder.*``, ``quant_conv.*``) are the bundle's :data:`VAE_ENCODER_WEIGHTS`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ from dataclasses import dataclass
 from far_sdk.maths.diffusion import Step
 
 GRAPH_NAMES = ("transformer", "denoiser", "vae_decoder")
+#: The VAE encoder (image-to-image): optional, old bundles load without it.
+VAE_ENCODER = "vae_encoder"
+#: Graphs a bundle may list besides :data:`GRAPH_NAMES` (each checked against its spec when present).
+OPTIONAL_GRAPHS = (VAE_ENCODER,)
+#: The VAE encoder's weights in a bundle that has the graph (for backend="torch" and re-exports).
+VAE_ENCODER_WEIGHTS = "vae_encoder.safetensors"
 #: A text bundle's optional fourth graph (manifest ``text.encoder``): see :func:`text_encoder_spec`.
 TEXT_ENCODER = "text_encoder"
 
@@ -84,7 +94,7 @@ def graph_specs(
     masked: bool = False,
     text: tuple[int, int] | None = None,
 ) -> dict[str, GraphSpec]:
-    """The three graphs' specs; ``masked``: the transformer takes the mask (a model built with mask=True);
+    """The graphs' specs (the three of every bundle and the optional ones); ``masked``: the transformer takes the mask (a model built with mask=True);
     ``text`` = (max text length T, text hidden size): a text-conditioned transformer (context, null)."""
     L, C, W, G = seq_len, token_channels, mlp_width, grid_size
     f32 = "float32"
@@ -111,6 +121,11 @@ def graph_specs(
             "vae_decoder",
             (TensorSpec("latents", f32, ("B", C, G, G)),),
             (TensorSpec("image", f32, ("B", 3, image_size, image_size)),),
+        ),
+        VAE_ENCODER: GraphSpec(
+            VAE_ENCODER,
+            (TensorSpec("image", f32, ("B", 3, image_size, image_size)),),
+            (TensorSpec("mean", f32, ("B", C, G, G)), TensorSpec("std", f32, ("B", C, G, G))),
         ),
     }
 

@@ -27,7 +27,7 @@ import hashlib
 import json
 from typing import Any
 
-from far_sdk.bundle.graphs import GRAPH_NAMES, graph_specs, text_encoder_spec
+from far_sdk.bundle.graphs import GRAPH_NAMES, OPTIONAL_GRAPHS, graph_specs, text_encoder_spec
 from far_sdk.bundle.schema import BUNDLE_FORMAT, DIGEST_KEY, FORMAT_VERSION, schema_error
 from far_sdk.errors import BundleError, IncompatibleBundleError, IntegrityError, InvalidArgumentError
 from far_sdk.maths.masking import sampling_modes
@@ -225,7 +225,7 @@ def _check_relations(m: dict[str, Any], where: str) -> None:
         masked=masked,
         text=None if text is None else (text["max_length"], text["hidden_size"]),
     )
-    for g in GRAPH_NAMES:
+    for g in GRAPH_NAMES + tuple(g for g in OPTIONAL_GRAPHS if g in m["graphs"]):
         want = specs[g].to_dict()
         for io in ("inputs", "outputs"):
             if m["graphs"][g][io] != want[io]:

@@ -11,7 +11,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
-from far_sdk.bundle.graphs import GRAPH_NAMES
+from far_sdk.bundle.graphs import GRAPH_NAMES, OPTIONAL_GRAPHS
 from far_sdk.maths.schedules import MODES
 from far_sdk.options import options_json_schema
 
@@ -263,7 +263,7 @@ SCHEMA: dict[str, Any] = {
                 "uniqueItems": True,
             },
             "defaults": options_json_schema(),
-            "graphs": _object({g: _GRAPH for g in GRAPH_NAMES}),
+            "graphs": _object({g: _GRAPH for g in GRAPH_NAMES + OPTIONAL_GRAPHS}, optional=OPTIONAL_GRAPHS),
             "weights": _object({"file": _FILE, "prefixes": _object({"far": _TEXT, "vae": _TEXT})}),
             "source": _SOURCE,
             "format": {"const": BUNDLE_FORMAT},
