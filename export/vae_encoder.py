@@ -97,9 +97,15 @@ def add_vae_encoder(bundle_dir: str | os.PathLike, encoder_file: str | os.PathLi
         validation = validate_graph(module, onnx_path, spec, **dims)
         save_encoder(vae, scratch / VAE_ENCODER_WEIGHTS)
         new = dict(m)
-        new["graphs"] = {**m["graphs"], VAE_ENCODER: {"file": files[0], "opset": opset, **spec.to_dict(),
-                                                        "validation": validation}}
-        listed = {**m["files"], files[0]: file_entry(onnx_path), VAE_ENCODER_WEIGHTS: file_entry(scratch / VAE_ENCODER_WEIGHTS)}
+        new["graphs"] = {
+            **m["graphs"],
+            VAE_ENCODER: {"file": files[0], "opset": opset, **spec.to_dict(), "validation": validation},
+        }
+        listed = {
+            **m["files"],
+            files[0]: file_entry(onnx_path),
+            VAE_ENCODER_WEIGHTS: file_entry(scratch / VAE_ENCODER_WEIGHTS),
+        }
         new["files"] = dict(sorted(listed.items()))
         data = dump_manifest(new)
         read_manifest(data, str(path / MANIFEST_NAME))  # never write what the reader refuses

@@ -53,6 +53,10 @@ class IncompatibleBundleError(BundleError):
     """The bundle (or engine plan) was built for another format version, runtime or GPU."""
 
 
+class MissingEncoderError(IncompatibleBundleError, InvalidArgumentError):
+    """An image input (image-to-image) needs the bundle's optional ``vae_encoder`` graph, which it does not carry."""
+
+
 class BackendUnavailableError(FarError, RuntimeError):
     """The requested backend's runtime (tensorrt, onnxruntime, torch, a GPU) is not installed or usable."""
 

@@ -106,7 +106,13 @@ def fit_encoder(
         window.append(float(loss.detach()))
         done = step
         if step % log_every == 0:
-            log.info("encoder fit step %d/%d loss %.5f (%.0f s)", step, steps, sum(window) / len(window), time.perf_counter() - t0)
+            log.info(
+                "encoder fit step %d/%d loss %.5f (%.0f s)",
+                step,
+                steps,
+                sum(window) / len(window),
+                time.perf_counter() - t0,
+            )
             window = window[-log_every:]
         if budget_s is not None and time.perf_counter() - t0 > budget_s:
             log.info("encoder fit: time budget of %.0f s reached at step %d", budget_s, step)
@@ -158,9 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     vae.encoder.to_empty(device="cpu")
     vae.quant_conv.to_empty(device="cpu")
     train, held, _ = digits_for(bundle)
-    stats = fit_encoder(
-        vae, train, steps=a.steps, lr=a.lr, batch_size=a.batch, seed=a.seed, budget_s=a.budget_min * 60
-    )
+    stats = fit_encoder(vae, train, steps=a.steps, lr=a.lr, batch_size=a.batch, seed=a.seed, budget_s=a.budget_min * 60)
     stats.update(reconstruction_error(vae, held), held_out_images=len(held))
     meta = {"far_sdk_encoder_fit": json.dumps(stats | {"lr": a.lr, "batch": a.batch, "seed": a.seed})}
     save_encoder(vae, a.out, meta)

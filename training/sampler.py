@@ -102,6 +102,7 @@ def iter_reference(
     seed: int = 0,
     noise: NoiseFn | None = None,
     orders: np.ndarray | None = None,
+    start: tuple[torch.Tensor, int] | None = None,
     **plan_options,
 ) -> Iterator[ReferenceStep]:
     """Run the reference sampler, yielding each outer step's result.
@@ -113,6 +114,9 @@ def iter_reference(
     (image i uses seed + i). ``orders`` [B, L] sets mask mode's token orders (default: ``noise.orders``).
     As in the official code, a model built with mask=True samples in mask mode only, and one built
     with mask=False also runs mask mode, its transformer ignoring the mask (it sees zeros there).
+    ``start`` = (latents [B, C, H, W] at the sampler scale, outer step k): image-to-image
+    (far_sdk.pipeline.img2img): the latents stand in for step k - 1's sample (filtered and masked as that step's
+    output is), steps before k draw nothing (a seeded source skips their draws), steps k.. run as usual.
     """
     if plan is None:
         plan = resolve_plan(given=SamplingOptions(**plan_options))
@@ -120,7 +124,7 @@ def iter_reference(
         raise InvalidArgumentError(f"pass either plan or plan options, not both (got {sorted(plan_options)})")
     labels = _check_labels(class_labels, model.config.num_classes)
     emb = model.cfg_class_embedding(labels.to(next(model.parameters()).device))  # (2B, D)
-    yield from iter_conditioned(model, emb, plan, seed=seed, noise=noise, orders=orders)
+    yield from iter_conditioned(model, emb, plan, seed=seed, noise=noise, orders=orders, start=start)
 
 
 @torch.no_grad()
@@ -132,6 +136,7 @@ def iter_conditioned(
     seed: int = 0,
     noise: NoiseFn | None = None,
     orders: np.ndarray | None = None,
+    start: tuple[torch.Tensor, int] | None = None,
 ) -> Iterator[ReferenceStep]:
     """The sampling loop of :func:`iter_reference` for any FAR whose ``condition(tokens, emb, mask)`` takes
     the CFG batch's conditioning ``emb`` (2B rows, conditional half first): class embeddings [2B, D]
@@ -150,7 +155,7 @@ def iter_conditioned(
         return torch.from_numpy(np.ascontiguousarray(noise((B, L, C)))).to(device=device, dtype=dtype).reshape(B * L, C)
 
     tokens = torch.zeros(B, L, C, device=device, dtype=dtype)
-    mask = None
+    mask = orders_t = still_masked = None
     if plan.mode == "mask":
         if orders is None:
             orders = noise.orders(B, L)
@@ -158,8 +163,19 @@ def iter_conditioned(
         mask = torch.ones(B, L, device=device, dtype=dtype)
         still_masked = mask_keep_counts(plan.num_steps, L)
 
-    for s in range(plan.num_steps):
+    first = 0 if start is None else int(start[1])
+    if not 0 <= first <= plan.num_steps:
+        raise InvalidArgumentError(f"start step must lie in 0..{plan.num_steps}, got {first}")
+    if first and isinstance(noise, SeededNoise):  # the skipped steps' x_T and inner draws
+        noise.skip(sum((plan.inner_steps[s] + 1) * L * C for s in range(first)))
+    for s in range(max(first - 1, 0), plan.num_steps):
         level, cfg_s, temp_s = plan.levels[s], plan.cfg[s], plan.temperature[s]
+        if s < first:  # step first - 1: its sample is the input image's latents
+            raw = start[0].to(device=device, dtype=dtype).reshape(B, C, G, G)
+            nxt, mask = _hand_on(raw, s, plan, mask, orders_t, still_masked)
+            yield ReferenceStep(step=s, level=level, raw=raw, latents=nxt)
+            tokens = grid_to_tokens(nxt)
+            continue
         m2 = torch.cat([mask, mask]) if mask is not None else None
         z = model.condition(torch.cat([tokens, tokens]), emb, m2)  # (2B, L, D)
         z = z.reshape(2 * B * L, -1)
@@ -176,18 +192,25 @@ def iter_conditioned(
             else:
                 x = ddpm_update(out, x, nz, row).to(dtype)  # the one DDPM step (Step's formula)
         raw = tokens_to_grid(x.reshape(B, L, C), G)  # (B, C, H, W)
-        nxt = raw
-        after = plan.filter_after[s]
-        if after is not None:
-            nxt = official_low_pass(raw, after, plan.filter)
-        if mask is not None and s < plan.num_steps - 1:
-            m = still_masked[s]
-            mask = torch.zeros(B, L, device=device, dtype=dtype)
-            mask.scatter_(1, orders_t[:, :m], 1.0)
-            nxt_tok = grid_to_tokens(nxt) * (1 - mask)[:, :, None]
-            nxt = tokens_to_grid(nxt_tok, G)
+        nxt, mask = _hand_on(raw, s, plan, mask, orders_t, still_masked)
         tokens = grid_to_tokens(nxt)
         yield ReferenceStep(step=s, level=level, raw=raw, latents=nxt)
+
+
+def _hand_on(raw: torch.Tensor, s: int, plan: SamplingPlan, mask, orders_t, still_masked):
+    """What step s hands on from its sample raw [B, C, H, W]: low-passed to ``plan.filter_after[s]``; mask mode:
+    zeroed where step s + 1's mask (the first ``still_masked[s]`` tokens of each order) drops tokens.
+    Returns (latents [B, C, H, W], the next step's mask [B, L] or the unchanged ``mask``)."""
+    nxt = raw
+    after = plan.filter_after[s]
+    if after is not None:
+        nxt = official_low_pass(raw, after, plan.filter)
+    if mask is not None and s < plan.num_steps - 1:
+        B, L = mask.shape
+        mask = torch.zeros(B, L, device=raw.device, dtype=raw.dtype)
+        mask.scatter_(1, orders_t[:, : still_masked[s]], 1.0)
+        nxt = tokens_to_grid(grid_to_tokens(nxt) * (1 - mask)[:, :, None], raw.shape[-1])
+    return nxt, mask
 
 
 def sample_reference(model: FAR, class_labels, **kwargs) -> torch.Tensor:

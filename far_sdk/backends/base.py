@@ -214,6 +214,11 @@ class Backend(ABC):
         state.tokens = nxt if keep_next is None else nxt * keep_next[:, :, None].astype(np.float32)
         mark("filter")
 
+    def set_start(self, state: LoopState, raw: np.ndarray, tokens: np.ndarray) -> None:
+        """Image-to-image (far_sdk.pipeline.img2img): put host arrays [B, L, C] in ``state`` as if an outer step had
+        sampled ``raw`` and handed on ``tokens``."""
+        state.raw, state.tokens = raw, tokens
+
     def fetch(self, array: Any) -> np.ndarray:
         """A backend array (``LoopState.tokens`` / ``.raw``) as a host float32 array (a host sync on devices)."""
         return np.asarray(array, dtype=np.float32)

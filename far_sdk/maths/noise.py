@@ -47,6 +47,8 @@ device from (seed, position) alone. The definition, which every backend implemen
   few float32 ulps, not bitwise.
 - Token orders (mask mode): the first L words of stream 1, r_0..r_{L-1}; the order is
   ``argsort(r, stable)``. They do not consume the normal stream.
+- Image-to-image's posterior sample (``Generator.encode(..., sample=True)``): normals 0..C*H*W-1 of stream 2
+  (the same Box-Muller on stream 2's words), row-major over [C, H, W]; not the sampler's stream either.
 
 Because the numbers are a function of (seed, position), an image depends only on its seed — not
 on the batch it is generated in — and a backend that draws on its device only tells the host
@@ -70,7 +72,7 @@ PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 PHILOX_ROUNDS = 10
 #: Counter word c2 of each stream.
-NORMAL_STREAM, ORDER_STREAM = 0, 1
+NORMAL_STREAM, ORDER_STREAM, ENCODE_STREAM = 0, 1, 2
 #: 2pi rounded to float32, the Box-Muller angle factor.
 TWO_PI_F32 = np.float32(2.0 * math.pi)
 #: Philox blocks computed per pass: the working arrays stay in the CPU cache (64k blocks ~ 3 MB).
@@ -180,8 +182,9 @@ def philox_uint32(seeds, start: int, count: int, stream: int = NORMAL_STREAM) ->
     return np.ascontiguousarray(np.moveaxis(c, 0, -1).reshape(len(seeds), -1)[:, off : off + count])
 
 
-def philox_normals(seeds, start: int, count: int) -> np.ndarray:
-    """float32 [B, count]: standard normals start..start+count-1 of each seed's stream.
+def philox_normals(seeds, start: int, count: int, stream: int = NORMAL_STREAM) -> np.ndarray:
+    """float32 [B, count]: standard normals start..start+count-1 of each seed's stream (``stream``: the counter's
+    word c2, 0 for the sampler's normals).
 
     Block b of stream 0 gives normals 4b..4b+3 by Box-Muller on u_i = ((r_i >> 9) + 1/2) 2**-23:
     z = sqrt(-2 ln u0) (cos 2pi u1, sin 2pi u1), sqrt(-2 ln u2) (cos 2pi u3, sin 2pi u3), in float32.
@@ -195,7 +198,7 @@ def philox_normals(seeds, start: int, count: int) -> np.ndarray:
     per_pass = max(1, _BLOCKS_PER_PASS // max(B, 1))
     for first in range(0, nblocks, per_pass):
         n = min(per_pass, nblocks - first)
-        _box_muller(_words(seeds, block0 + first, n, NORMAL_STREAM), out[:, first : first + n])
+        _box_muller(_words(seeds, block0 + first, n, int(stream)), out[:, first : first + n])
     flat = out.reshape(B, 4 * nblocks)
     if off == 0 and count == 4 * nblocks:
         return flat

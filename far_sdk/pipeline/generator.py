@@ -40,6 +40,7 @@ from far_sdk.maths.masking import check_mode, source_orders, step_masks
 from far_sdk.maths.noise import NoiseFn, SeededNoise
 from far_sdk.maths.schedules import SamplingPlan
 from far_sdk.options import SamplingOptions, options_doc, options_from_keywords, resolve_plan, resolve_text_plan
+from far_sdk.pipeline import img2img
 from far_sdk.pipeline.batching import chunk_size, noise_source
 from far_sdk.pipeline.outputs import OUTPUT_TYPES, PREVIEWS, STAGES, GenerationOutput, OutputType, StepInfo
 from far_sdk.pipeline.warmup import warmup
@@ -82,6 +83,7 @@ class Generator:
         self.channels = int(m["token_channels"])
         self.seq_len = self.grid * self.grid
         self._text_encoder = text_encoder_of(self.bundle, self.backend)
+        self._image_encoder = img2img.ImageEncoder(self.bundle, self.backend)
         self._lock = threading.Lock() if not self.backend.concurrent_generate else contextlib.nullcontext()
         log.info("far_sdk.Generator: bundle %s on %s", self.bundle.path, self.backend.describe())
 
@@ -107,7 +109,12 @@ class Generator:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def iter_steps(
-        self, condition: Condition, plan: SamplingPlan, noise: NoiseFn, timings: dict[str, float] | None = None
+        self,
+        condition: Condition,
+        plan: SamplingPlan,
+        noise: NoiseFn,
+        timings: dict[str, float] | None = None,
+        start: img2img.Start | None = None,
     ) -> Iterator[tuple[int, LoopState]]:
         """The sampling loop. Yields (step, state) after each outer step; ``self.backend.fetch(state.raw)``
         is that step's sample [B, L, C] before low-passing, ``state.tokens`` what the next step sees.
@@ -116,14 +123,20 @@ class Generator:
         draw per inner step; mask mode first takes one token order per image (``noise.orders``).
         A :class:`SeededNoise` is handed to the backend as stream positions (:class:`SeededDraws`),
         so a GPU backend draws the same numbers on the device; any other source is called on the host.
-        Stage times are added to ``timings`` (device-synchronised).
+        Stage times are added to ``timings`` (device-synchronised). ``start`` (image-to-image,
+        :mod:`far_sdk.pipeline.img2img`): the input's latents take the place of step ``start.step - 1``'s sample,
+        yielded first as that step; the loop runs from ``start.step`` on.
         Raises :class:`NumericalError` when a step's sample is not finite.
         """
         be, B, L, C = self.backend, len(condition), self.seq_len, self.channels
         t = timings if timings is not None else {}
         state = be.begin(condition.cfg_feeds(), B, L, C)
         masks = list(step_masks(source_orders(noise, B, L), plan.num_steps)) if plan.mode == "mask" else None
-        for s in range(plan.num_steps):
+        first = 0 if start is None else start.step
+        if first:
+            img2img.begin_at(be, state, start, plan, masks, noise)
+            yield first - 1, state
+        for s in range(first, plan.num_steps):
             last = [0.0]
 
             def mark(stage: str, last=last) -> None:
@@ -175,6 +188,19 @@ class Generator:
         raw = self.backend.fetch(state.raw if which == "raw" else state.tokens)
         return np.ascontiguousarray(tokens_to_grid(raw, self.grid))
 
+    def encode(self, images: Any, *, sample: bool = False, seed: int = 0) -> np.ndarray:
+        """Images (a PIL image, a uint8 array [H, W, 3] / [B, H, W, 3], or a list) -> latents [B, C, H, W] at the
+        sampler's scale, through the bundle's ``vae_encoder`` graph: the posterior mean, or (``sample``) a posterior
+        sample with image i's noise from seed + i (:mod:`far_sdk.pipeline.img2img`: resizing, the noise stream).
+        A bundle without the graph raises :class:`~far_sdk.errors.MissingEncoderError` (re-export it)."""
+        if self._closed:
+            raise GeneratorClosedError("this Generator is closed; create a new far_sdk.Generator to encode again")
+        size = int(self.bundle.manifest["image_size"])
+        n = len(img2img.image_batch(images, size)) if sample else 0
+        seeds = tuple(range(seed, seed + n)) if sample else None
+        with self._lock:
+            return img2img.encode(self._image_encoder, images, size, sample=sample, seeds=seeds)
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """latents [B, C, H, W] -> float RGB [B, 3, H', W'] in about [-1, 1]."""
         out = self.backend.decode(np.ascontiguousarray(latents, dtype=np.float32))
@@ -206,6 +232,9 @@ class Generator:
         max_batch: int | None = None,
         num_images_per_prompt: int = 1,
         callback_on_step_end: Callable[..., Any] | None = None,
+        image: Any = None,
+        start_level: int | None = None,
+        strength: float | None = None,
         **sampling: Any,
     ) -> GenerationOutput:
         """Generate one image per class label (class bundles) or per prompt (text bundles, FAR-T2I).
@@ -231,6 +260,10 @@ class Generator:
           guidance_scale = cfg; callback_on_step_end(generator, step, level, {"latents": [B, C, H, W]}) -> dict is
           called after each outer step (the level stands for diffusers' timestep; returning changed latents is an
           error: they are not fed back; stop early with on_step returning False).
+        image (image-to-image, :mod:`far_sdk.pipeline.img2img`): a PIL image or uint8 array (one for every output, one
+          per label / prompt, or one per output), encoded by the bundle's vae_encoder (posterior mean) and put in
+          the loop low-passed as at outer step ``start_level`` (0..num_steps; 0: from scratch, bit for bit today's
+          output) or ``strength`` in [0, 1] (start_level = round((1 - strength) num_steps); 1: from scratch).
 
         Sampling keywords (None or left out: the bundle's default; see ``far info``):
         """
@@ -258,12 +291,14 @@ class Generator:
             preset=preset,
         )
         chunk = chunk_size(self.backend.max_batch, len(condition), max_batch, replayed=noise is not None)
+        start = self._start(image, start_level, strength, plan, len(condition), num_images_per_prompt)
         source, seeds = noise_source(noise, seed, len(condition))
         timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         t_start = time.perf_counter()
-        bar = self._progress(plan, len(condition), progress, chunks=math.ceil(len(condition) / chunk))
+        steps = plan.num_steps + (1 - start.step if start is not None else 0)
+        bar = self._progress(plan, len(condition), progress, chunks=math.ceil(len(condition) / chunk), steps=steps)
         with self._lock:
-            latents = self._run_chunks(condition, plan, source, chunk, timings, bar, on_step, preview)
+            latents = self._run_chunks(condition, plan, source, chunk, timings, bar, on_step, preview, start)
         if bar is not None:
             bar.close()
         images = None if output_type == "latent" else self._images(latents, chunk, output_type, timings)
@@ -283,7 +318,26 @@ class Generator:
         u8 = to_uint8(rgb)
         return to_pil(u8) if output_type == "pil" else u8
 
-    def _run_chunks(self, condition, plan, source, chunk, timings, bar, on_step, preview) -> np.ndarray:
+    def _start(self, image, start_level, strength, plan, batch: int, per_prompt: int) -> img2img.Start | None:
+        """The image-to-image start (None: from scratch; the image is then not even encoded)."""
+        if image is None:
+            if start_level is not None or strength is not None:
+                raise InvalidArgumentError("start_level and strength go with image= (the picture to start from)")
+            return None
+        if start_level is None and strength is None:
+            raise InvalidArgumentError(
+                "image= needs start_level= (the outer step to start from, 1..num_steps) or strength= (in [0, 1]; "
+                "1: from scratch): how much of the image to keep"
+            )
+        k = img2img.start_step(plan, start_level, strength)
+        if k == 0:
+            return None
+        size = int(self.bundle.manifest["image_size"])
+        with self._lock:
+            z = img2img.encode(self._image_encoder, image, size)
+        return img2img.Start(img2img.match_batch(z, batch, per_prompt), k)
+
+    def _run_chunks(self, condition, plan, source, chunk, timings, bar, on_step, preview, begin=None) -> np.ndarray:
         """The loop over batches of at most ``chunk`` images; their final latents [B', C, H, W] (B' < B after a
         stop)."""
         parts = []
@@ -291,7 +345,8 @@ class Generator:
             part = condition[start : start + chunk]
             part_noise = source.split(start, start + len(part)) if isinstance(source, SeededNoise) else source
             state, stopped = None, False
-            for s, state in self.iter_steps(part, plan, part_noise, timings):
+            at = None if begin is None else begin.part(start, start + len(part))
+            for s, state in self.iter_steps(part, plan, part_noise, timings, at):
                 if bar is not None:
                     bar.update(1)
                 if on_step is not None and on_step(self._step_info(s, state, plan, preview, timings)) is False:
@@ -314,14 +369,12 @@ class Generator:
         )
 
     @staticmethod
-    def _progress(plan: SamplingPlan, batch: int, enabled: bool, chunks: int):
+    def _progress(plan: SamplingPlan, batch: int, enabled: bool, chunks: int, steps: int):
         if not enabled:
             return None
         from tqdm.auto import tqdm  # noqa: PLC0415 - loaded on first use: `import far_sdk` stays light
 
-        return tqdm(
-            total=plan.num_steps * chunks, desc=f"FAR {plan.num_steps} steps x{batch}", unit="step", leave=False
-        )
+        return tqdm(total=steps * chunks, desc=f"FAR {plan.num_steps} steps x{batch}", unit="step", leave=False)
 
     _closed = False
 

@@ -95,7 +95,7 @@ class TorchBackend(Backend):
         self._torch = torch
         # training's modules import torch: loaded with this backend, never by `import far_sdk`
         from training.filters import low_pass_tokens  # noqa: PLC0415
-        from training.from_bundle import load_bundle_models  # noqa: PLC0415
+        from training.from_bundle import load_bundle_encoder, load_bundle_models  # noqa: PLC0415
         from training.graph_modules import (  # noqa: PLC0415
             DenoiserGraph,
             FusedDenoiserStep,
@@ -115,6 +115,7 @@ class TorchBackend(Backend):
 
         m = bundle.manifest
         far, vae = load_bundle_models(bundle)
+        encoder = load_bundle_encoder(bundle, vae)  # None without the optional vae_encoder graph
         dev, dt = self._device, self._dtype
         self._graphs = {
             "transformer": (TextTransformerGraph(far) if bundle.conditioning == "text" else TransformerGraph(far))
@@ -124,6 +125,9 @@ class TorchBackend(Backend):
             # fp16 VAE decoders overflow in many projects: fp32 (bf16 in FastDecoder on CUDA)
             "vae_decoder": VAEDecoderGraph(vae, float(m["latent_scale"])).to(dev, torch.float32).eval(),
         }
+        if encoder is not None:  # image-to-image; fp32 like the decoder
+            self._graphs["vae_encoder"] = encoder.to(dev, torch.float32)
+            self.extra_graphs = ("vae_encoder",)
         self._fused = FusedDenoiserStep(self._graphs["denoiser"].net).eval()  # after the move: copies in place
         self._grid = int(m["model"]["grid_size"])
         self._low_pass_tokens = low_pass_tokens
@@ -199,12 +203,12 @@ class TorchBackend(Backend):
         if graph not in self._graphs:
             raise InvalidArgumentError(f"graph must be one of {tuple(self._graphs) or '(closed)'}, got {graph!r}")
         mod = self._graphs[graph]
-        dt = torch.float32 if graph == "vae_decoder" else self._dtype
+        dt = torch.float32 if graph.startswith("vae_") else self._dtype
         with torch.inference_mode():
             # the step vector (timestep, coefficients) always stays fp32
             out = mod(*(self._t(feeds[n], torch.float32 if n == "step" else dt) for n in mod.input_names))
-        name = mod.output_names[0]
-        return {name: out.float().cpu().numpy()}  # host sync
+        outs = out if isinstance(out, tuple) else (out,)
+        return {n: o.float().cpu().numpy() for n, o in zip(mod.output_names, outs)}  # host sync
 
     def transformer(self, tokens, conditioning, level, mask=None):
         """tokens [2B, L, C], mask [2B, L] (a masking transformer) -> cond [2B, L, W] as a device tensor (eager: the
@@ -311,6 +315,11 @@ class TorchBackend(Backend):
             return array.to(
                 "cpu", dtype=self._torch.float32, copy=True
             ).numpy()  # host sync; a copy: the buffer is reused
+
+    def set_start(self, state: LoopState, raw: np.ndarray, tokens: np.ndarray) -> None:
+        with self._lock, self._torch.inference_mode():
+            state.buffers.raw.copy_(self._t(raw))
+            state.buffers.tokens.copy_(self._t(tokens))
 
     def all_finite(self, array: Any) -> bool:
         with self._lock:
