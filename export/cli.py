@@ -115,7 +115,8 @@ def _add_onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-vae-encoder",
         action="store_true",
-        help="leave out the optional vae_encoder graph (image-to-image: generate(image=...), far generate --init-image)",
+        help="leave out the optional vae_encoder graph (image-to-image: generate(image=...), "
+        "far generate --init-image)",
     )
 
 

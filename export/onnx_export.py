@@ -32,8 +32,8 @@ from far_sdk.bundle.graphs import GRAPH_NAMES, VAE_ENCODER, VAE_ENCODER_WEIGHTS,
 from far_sdk.errors import ConfigError, ExportError, InvalidArgumentError
 from far_sdk.maths.masking import sampling_modes
 from far_sdk.options import DEFAULTS, T2I_DEFAULTS, SamplingOptions, resolve_plan, resolve_text_plan
-from training.far import FAR
 from training.encoder_fit import save_encoder
+from training.far import FAR
 from training.far_t2i import FART2I
 from training.vae import AutoencoderKL
 

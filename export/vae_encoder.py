@@ -1,4 +1,4 @@
-"""Add the optional ``vae_encoder`` graph (image-to-image) to an existing bundle, keeping every other file byte-identical.
+"""Add the optional ``vae_encoder`` graph (image-to-image) to an existing bundle; every other file stays as it is.
 
 ``far-export onnx`` writes the encoder into new bundles (``--no-vae-encoder`` leaves it out). An older bundle, or
 one whose weights keep only the decoder (the committed demos: their encoder was recovered by
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch

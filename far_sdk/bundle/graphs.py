@@ -94,7 +94,8 @@ def graph_specs(
     masked: bool = False,
     text: tuple[int, int] | None = None,
 ) -> dict[str, GraphSpec]:
-    """The graphs' specs (the three of every bundle and the optional ones); ``masked``: the transformer takes the mask (a model built with mask=True);
+    """The graphs' specs (the three of every bundle and the optional ones); ``masked``: the transformer takes the
+    mask (a model built with mask=True);
     ``text`` = (max text length T, text hidden size): a text-conditioned transformer (context, null)."""
     L, C, W, G = seq_len, token_channels, mlp_width, grid_size
     f32 = "float32"
