@@ -94,6 +94,32 @@ def read_png_text(path: str | Path) -> tuple[Any, dict[str, str]]:
         raise InvalidArgumentError(f"cannot read image {path}: {e}") from e
 
 
+#: Largest side of an input image (image-to-image), checked from the header before any pixel is decoded.
+MAX_IMAGE_SIDE = 4096
+
+
+def read_image(source: str | Path | bytes, where: str) -> Any:
+    """An input picture (a file path or the file's bytes: PNG, JPEG, WebP, ...) as an RGB PIL image;
+    InvalidArgumentError naming ``where`` for anything unreadable or with a side over :data:`MAX_IMAGE_SIDE`."""
+    import warnings  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+                if max(im.size) > MAX_IMAGE_SIDE:
+                    raise InvalidArgumentError(
+                        f"{where}: an image of {im.size[0]} x {im.size[1]} pixels; at most {MAX_IMAGE_SIDE} a side"
+                    )
+                return im.convert("RGB")
+    except InvalidArgumentError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types (OSError, SyntaxError, ...)
+        raise InvalidArgumentError(f"{where}: not a readable image ({type(e).__name__}: {e})") from e
+
+
 def encode_image(image: Any, path: str | Path, **save_options: Any) -> bytes:
     """The bytes of ``image`` in the format of ``path``'s suffix (write them atomically with far_sdk.fileio)."""
     fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())

@@ -23,7 +23,7 @@ from far_sdk.cli.run import (
 from far_sdk.cli.sampling import add_sampling_args, options_from_args
 from far_sdk.errors import InvalidArgumentError
 from far_sdk.fileio import atomic_write_bytes
-from far_sdk.images import IMAGE_SUFFIXES, encode_image, make_image_grid
+from far_sdk.images import IMAGE_SUFFIXES, encode_image, make_image_grid, read_image
 from far_sdk.options import SamplingOptions
 from far_sdk.pipeline import GenerationOutput, Generator
 
@@ -70,6 +70,21 @@ def add_generate(p: argparse.ArgumentParser) -> None:
         help="images per --class or --prompt (diffusers' num_images_per_prompt)",
     )
     what.add_argument("--seed", type=non_negative_int, help="image i uses seed + i (default: 0)")
+    i2i = p.add_argument_group("image-to-image (a bundle with the vae_encoder graph; docs/IMAGE_TO_IMAGE.md)")
+    i2i.add_argument("--init-image", metavar="PICTURE", help="start every image from this picture (PNG, JPEG, ...)")
+    how = i2i.add_mutually_exclusive_group()
+    how.add_argument(
+        "--strength",
+        type=float,
+        metavar="S",
+        help="with --init-image: 0..1, how much may change (1: from scratch; starts at step round((1 - S) steps))",
+    )
+    how.add_argument(
+        "--start-level",
+        type=non_negative_int,
+        metavar="K",
+        help="with --init-image: the outer step to start from, 1..steps (the picture low-passed to that step's level)",
+    )
     run = p.add_argument_group("where it runs")
     run.add_argument("--backend", choices=BACKEND_NAMES, help="default: auto (TensorRT plans, else ONNX Runtime)")
     run.add_argument("--device", help="backend device (cpu, cuda, ...; default: the backend's)")
@@ -166,8 +181,23 @@ def negative_prompt_list(negatives: list[str], prompts: list[str] | None, n: int
     return [neg for neg in negatives for _ in range(n)]
 
 
+def init_image(a: argparse.Namespace) -> dict:
+    """generate()'s image-to-image keywords from --init-image / --strength / --start-level (checked first)."""
+    if a.init_image is None:
+        if a.strength is not None or a.start_level is not None:
+            raise InvalidArgumentError("--strength and --start-level go with --init-image PICTURE")
+        return {}
+    if a.from_image is not None:
+        raise InvalidArgumentError("--init-image cannot be combined with --from-image (its settings do not record it)")
+    if a.strength is None and a.start_level is None:
+        raise InvalidArgumentError("--init-image needs --strength S (0..1) or --start-level K: how much may change")
+    kw = {"image": read_image(a.init_image, f"--init-image {a.init_image}")}
+    return kw | ({"strength": a.strength} if a.strength is not None else {"start_level": a.start_level})
+
+
 def run_generate(a: argparse.Namespace) -> int:
     check_outputs(a)
+    start = init_image(a)
     call = settings_of(a)
     if a.bundle is None:  # --from-image: the bundle the image came from
         if not call.bundle.startswith(HUB_PREFIX) and not Path(call.bundle).is_dir():
@@ -198,10 +228,13 @@ def run_generate(a: argparse.Namespace) -> int:
             progress=not a.no_progress,
             on_step=on_step if a.preview_gif else None,
             preview=bool(a.preview_gif),
+            **start,
         )
         used = gen.backend.describe()
         call = dataclasses.replace(call, backend=used["backend"], manifest_sha256=digest)
         extra = {"bundle_name": gen.bundle.name, "device_used": used["device"], "far_sdk": far_sdk.__version__}
+        if start:  # provenance only: --from-image does not replay a start picture
+            extra["init_image"] = {"file": Path(a.init_image).name, **{k: v for k, v in start.items() if k != "image"}}
         id2label = gen.bundle.id2label
     keep = [call.index] if a.from_image else list(range(len(out.images)))
     labels = list(out.class_labels) or per_image

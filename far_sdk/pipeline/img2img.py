@@ -33,12 +33,11 @@ import numpy as np
 
 from far_sdk.bundle.graphs import VAE_ENCODER
 from far_sdk.errors import BackendUnavailableError, InvalidArgumentError, MissingEncoderError
+from far_sdk.images import MAX_IMAGE_SIDE
 from far_sdk.maths.filters import filter_matrix, grid_to_tokens, low_pass_tokens
 from far_sdk.maths.noise import ENCODE_STREAM, SeededNoise, philox_normals
 from far_sdk.maths.schedules import SamplingPlan
 
-#: Largest input image side accepted (pixels) before resizing: a guard against decompression bombs.
-MAX_IMAGE_SIDE = 4096
 #: Most images per encoder call.
 ENCODE_CHUNK = 64
 
@@ -76,8 +75,8 @@ def start_step(plan: SamplingPlan, start_level: Any, strength: Any) -> int:
     return int(start_level)
 
 
-def _one_image(im: Any, size: int, where: str) -> np.ndarray:
-    """One image -> uint8 [size, size, 3]."""
+def to_pixels(im: Any, size: int, where: str) -> np.ndarray:
+    """One image (PIL or uint8 array) -> uint8 [size, size, 3], cropped and resized as the module docstring says."""
     from PIL import Image  # noqa: PLC0415 - loaded on first image: `import far_sdk` stays light
 
     if isinstance(im, Image.Image):
@@ -123,7 +122,7 @@ def image_batch(images: Any, size: int, where: str = "image") -> np.ndarray:
         items = [images]
     if not items:
         raise InvalidArgumentError(f"{where} is empty")
-    u8 = np.stack([_one_image(im, size, f"{where}[{i}]") for i, im in enumerate(items)])  # (B, S, S, 3)
+    u8 = np.stack([to_pixels(im, size, f"{where}[{i}]") for i, im in enumerate(items)])  # (B, S, S, 3)
     return np.ascontiguousarray(u8.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
 
 

@@ -41,6 +41,8 @@ class Job:
     prompts: tuple[str, ...] = ()
     negative_prompts: tuple[str, ...] | None = None
     output_format: str = "json"
+    image: np.ndarray | None = None  # image-to-image: uint8 [S, S, 3] every image of the job starts from
+    start: tuple[str, Any] | None = None  # with image: ("start_level", k) or ("strength", s)
     preview: PreviewSink | None = None  # set for a streamed request
     cancelled: threading.Event = field(default_factory=threading.Event)  # its client has gone
     arrived: float = field(default_factory=time.perf_counter)
@@ -54,7 +56,7 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        return (self.settings, self.negative_prompts is not None)
+        return (self.settings, self.negative_prompts is not None, self.start)
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,8 @@ def run_group(gen: Generator, jobs: list[Job], negative_keyword: str = "negative
         cond: dict[str, Any] = {"prompt": prompts[a:b]} if prompts else {"class_labels": labels[a:b]}
         if negative is not None:
             cond[negative_keyword] = negative[a:b]
+        if jobs[0].start is not None:  # one start picture per image (each job's, repeated)
+            cond.update([jobs[0].start], image=[j.image for j in jobs for _ in range(len(j))][a:b])
         out = gen.generate(
             **cond, noise=SeededNoise(seeds[a:b]), output_type="np", on_step=on_step, **settings
         )  # an engine's profile caps one call; a seed stream never depends on the split

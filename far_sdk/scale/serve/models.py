@@ -9,6 +9,8 @@ The other fields (class labels, prompts, seed, preset, output format) are checke
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import json
 from typing import Annotated, Any
@@ -72,6 +74,29 @@ def _seed(value: Any) -> int:
     return value
 
 
+def _image(value: Any) -> bytes:
+    """A base64 image (PNG, JPEG, ...; a data: URL prefix allowed) -> its bytes (decoded and checked in make_job)."""
+    if not isinstance(value, str) or not value:
+        raise InvalidArgumentError("image must be a base64-encoded PNG or JPEG file (a non-empty string)")
+    text = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        return base64.b64decode(text, validate=True)
+    except (ValueError, binascii.Error) as e:
+        raise InvalidArgumentError(f"image is not valid base64 ({e}); send the file's bytes base64-encoded") from None
+
+
+def _start_level(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise InvalidArgumentError(f"start_level must be an outer step (integer >= 0), got {json.dumps(value)[:40]}")
+    return value
+
+
+def _strength(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise InvalidArgumentError(f"strength must be a number in [0, 1] (1: from scratch), got {value!r:.40}")
+    return float(value)
+
+
 def _option_field(name: str) -> tuple[Any, Any]:
     spec = SPECS[name]
     schema = spec.json_schema()
@@ -120,6 +145,22 @@ _REQUEST_FIELDS: dict[str, tuple[Any, Any]] = {
             Any, WithJsonSchema({"enum": list(PRESETS)}), _far(lambda v: check_choice("preset", v, tuple(PRESETS)))
         ],
         Field(None, description="A named setting (far_sdk.options.PRESETS) over the bundle's defaults."),
+    ),
+    "image": (
+        Annotated[Any, WithJsonSchema({"type": "string", "contentEncoding": "base64"}), _far(_image)],
+        Field(
+            None,
+            description="Image-to-image (docs/IMAGE_TO_IMAGE.md): a base64 PNG or JPEG every image of the request "
+            "starts from (centre-cropped and resized to the bundle's size); needs start_level or strength.",
+        ),
+    ),
+    "start_level": (
+        Annotated[Any, WithJsonSchema({"type": "integer", "minimum": 0}), _far(_start_level)],
+        Field(None, description="With image: the outer step to start from (0: from scratch .. num_steps: the input)."),
+    ),
+    "strength": (
+        Annotated[Any, WithJsonSchema({"type": "number", "minimum": 0, "maximum": 1}), _far(_strength)],
+        Field(None, description="With image: 0..1, how much may change (start_level = round((1 - s) num_steps))."),
     ),
     **{name: _option_field(name) for name in SPECS},
     "output_format": (

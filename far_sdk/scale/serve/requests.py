@@ -7,9 +7,10 @@ import inspect
 from typing import Any
 
 from far_sdk.conditioning import class_ids
-from far_sdk.errors import InvalidArgumentError
+from far_sdk.errors import InvalidArgumentError, MissingEncoderError
+from far_sdk.images import read_image
 from far_sdk.options import DEFAULTS, PRESETS, SPECS, T2I_DEFAULTS
-from far_sdk.pipeline import Generator
+from far_sdk.pipeline import Generator, img2img
 from far_sdk.scale.serve.batching import Job
 from far_sdk.scale.serve.models import MAX_SEED, SAMPLING_FIELDS
 
@@ -85,7 +86,8 @@ def make_job(req: Any, gen: Generator, *, max_images: int, streamed: bool = Fals
     settings = {name: getattr(req, name) for name in SAMPLING_FIELDS if getattr(req, name) is not None}
     if req.preset is not None:
         settings["preset"] = req.preset
-    gen.plan(**settings)  # far_sdk's checks across fields (eta with ddim only, the bundle's modes, ...)
+    plan = gen.plan(**settings)  # far_sdk's checks across fields (eta with ddim only, the bundle's modes, ...)
+    image, start = start_image(req, gen, plan)
     return Job(
         seed=seed,
         settings=tuple(sorted(settings.items())),
@@ -93,7 +95,34 @@ def make_job(req: Any, gen: Generator, *, max_images: int, streamed: bool = Fals
         prompts=prompts,
         negative_prompts=negative,
         output_format=fmt,
+        image=image,
+        start=start,
     )
+
+
+def start_image(req: Any, gen: Generator, plan: Any) -> tuple[Any, tuple[str, Any] | None]:
+    """(uint8 [S, S, 3], ("start_level" | "strength", value)) of an image-to-image request, or (None, None)."""
+    if req.image is None:
+        for name in ("start_level", "strength"):
+            if getattr(req, name) is not None:
+                raise BadRequestError(f"{name} goes with image (the picture to start from)", name)
+        return None, None
+    if (req.start_level is None) == (req.strength is None):
+        raise BadRequestError("image needs one of start_level (an outer step) or strength (0..1)", "image")
+    try:
+        img2img.ImageEncoder(gen.bundle, gen.backend).check()  # a bundle without the encoder: far_sdk's message
+    except MissingEncoderError as e:
+        raise BadRequestError(str(e), "image") from None
+    name = "start_level" if req.start_level is not None else "strength"
+    try:
+        img2img.start_step(plan, req.start_level, req.strength)
+    except InvalidArgumentError as e:
+        raise BadRequestError(str(e), name) from None
+    try:
+        pixels = img2img.to_pixels(read_image(req.image, "image"), int(gen.bundle.manifest["image_size"]), "image")
+    except InvalidArgumentError as e:
+        raise BadRequestError(str(e), "image") from None
+    return pixels, (name, getattr(req, name))
 
 
 def bundle_defaults(gen: Generator) -> dict[str, Any]:
