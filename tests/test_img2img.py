@@ -229,3 +229,19 @@ def test_bundle_without_encoder_loads_and_asks_for_a_re_export(tiny_bundle, tmp_
                 gen.generate([1], image=pictures[0], start_level=2, **FAST)
             with pytest.raises(MissingEncoderError, match="scripts/add_vae_encoder.py"):
                 gen.encode(pictures[0])
+
+
+def test_a_vae_encoder_entry_that_disagrees_with_the_model_is_refused(tiny_bundle, tmp_path):
+    from far_sdk.errors import BundleError
+
+    b = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["graphs"]["vae_encoder"]["outputs"][0]["shape"] = ["B", 16, 8, 8]
+    (b / "manifest.json").write_bytes(dump_manifest(m))
+    with pytest.raises(BundleError, match=r"graphs.vae_encoder.outputs"):
+        far_sdk.Bundle.load(b)
+    m["graphs"]["vae_encoderx"] = m["graphs"].pop("vae_encoder")
+    (b / "manifest.json").write_bytes(dump_manifest(m))
+    with pytest.raises(BundleError, match="vae_encoderx"):
+        far_sdk.Bundle.load(b)
