@@ -73,7 +73,7 @@ def evaluate(gen, net, u8, y, levels, seed: int, preset: str, max_batch: int) ->
 
 def markdown(rows: list[dict], num_steps: int) -> str:
     lines = [
-        "| start level K | strength | image level seen | kept (own class) | L1 own | reached (other class) | L1 other |",
+        "| start level K | strength | level seen | kept (own class) | L1 own | reached (other class) | L1 other |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

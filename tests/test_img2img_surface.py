@@ -213,20 +213,25 @@ def test_far_export_writes_the_encoder_by_default_and_no_vae_encoder_leaves_it_o
     assert "vae_encoder" not in b.manifest["graphs"] and not (out / "vae_encoder.onnx").exists()
 
 
-def test_encoder_fit_learns_the_frozen_decoders_inverse_on_its_latents():
+def test_encoder_fit_reconstructs_and_only_the_cycle_term_pins_the_decoders_latents():
     torch = pytest.importorskip("torch")
+    from training_helpers import MICRO_VAE, smooth_field
+
     from training.encoder_fit import cycle_error, fit_encoder, reconstruction_error
     from training.vae import AutoencoderKL
-    from training_helpers import MICRO_VAE
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(MICRO_VAE).eval()
-    decoder = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
-    lat = torch.randn(64, 4, 8, 8)
-    with torch.no_grad():
-        images = vae.decode(lat).clamp(-1, 1)
-    before = reconstruction_error(vae, images[:16])["l1"], cycle_error(vae, lat[:16], 1.0)
-    fit_encoder(vae, images[16:], steps=60, lr=3e-3, batch_size=16, cycle=lat[16:], log_every=1000)
-    after = reconstruction_error(vae, images[:16])["l1"], cycle_error(vae, lat[:16], 1.0)
-    assert all(torch.equal(vae.state_dict()[k], v) for k, v in decoder.items())  # the decoder stays frozen
-    assert after[0] < 0.7 * before[0] and after[1] < 0.8 * before[1], (before, after)
+    got = {}
+    for cycle in (False, True):  # the same start, data and seed; with and without the cycle term
+        torch.manual_seed(0)
+        vae = AutoencoderKL(MICRO_VAE).eval()
+        decoder = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant"))}
+        lat = smooth_field(torch.Generator().manual_seed(1), (64, 4), 3, size=8)
+        with torch.no_grad():
+            images = vae.decode(lat).clamp(-1, 1)
+        before = reconstruction_error(vae, images)["l1"]
+        fit_encoder(vae, images, steps=40, lr=3e-3, batch_size=16, cycle=lat if cycle else None, cycle_weight=10)
+        assert all(torch.equal(vae.state_dict()[k], v) for k, v in decoder.items())  # the decoder stays frozen
+        got[cycle] = reconstruction_error(vae, images)["l1"], cycle_error(vae, lat, 1.0)
+        assert got[cycle][0] < 0.8 * before, (before, got)
+    # reconstruction alone drifts off the decoder's latents (the demo's 90 %); the cycle term pins them
+    assert got[True][1] < 0.75 * got[False][1], got
