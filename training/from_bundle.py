@@ -60,12 +60,12 @@ def load_bundle_decoder(bundle: Bundle, vae: AutoencoderKL) -> VAEDecoderGraph:
     return VAEDecoderGraph(vae, bundle.latent_scale).eval()
 
 
-def load_bundle_encoder(bundle: Bundle, vae: AutoencoderKL) -> VAEEncoderGraph | None:
-    """The bundle's encode graph module (image in [-1, 1] -> sampler-scale posterior mean, std) with ``vae``'s encoder
-    given the bundle's ``vae_encoder.safetensors`` (checked like the other weights), or None for a bundle without the
-    ``vae_encoder`` graph."""
+def encoder_graphs(bundle: Bundle, vae: AutoencoderKL) -> dict[str, VAEEncoderGraph]:
+    """{"vae_encoder": the bundle's encode graph module} (image in [-1, 1] -> sampler-scale posterior mean, std) with
+    ``vae``'s encoder given the bundle's ``vae_encoder.safetensors`` (checked like the other weights); {} for a bundle
+    without the optional graph."""
     if bundle.graph_entry(VAE_ENCODER) is None:
-        return None
+        return {}
     state = load_torch_state(bundle.file(VAE_ENCODER_WEIGHTS))
     enc = {k: v for k, v in state.items() if k.startswith(("encoder.", "quant_conv."))}
     try:
@@ -80,4 +80,4 @@ def load_bundle_encoder(bundle: Bundle, vae: AutoencoderKL) -> VAEEncoderGraph |
             f"{bundle.path}/{VAE_ENCODER_WEIGHTS}: encoder keys missing {bad[:5]} / unexpected "
             f"{sorted(set(state) - set(enc))[:5]}; re-export the bundle"
         )
-    return VAEEncoderGraph(vae, bundle.latent_scale).eval()
+    return {VAE_ENCODER: VAEEncoderGraph(vae, bundle.latent_scale).eval()}

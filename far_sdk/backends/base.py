@@ -216,7 +216,7 @@ class Backend(ABC):
 
     def set_start(self, state: LoopState, raw: np.ndarray, tokens: np.ndarray) -> None:
         """Image-to-image (far_sdk.pipeline.img2img): put host arrays [B, L, C] in ``state`` as if an outer step had
-        sampled ``raw`` and handed on ``tokens``."""
+        sampled ``raw`` and handed on ``tokens`` (a device backend uploads host ``tokens`` in its next outer step)."""
         state.raw, state.tokens = raw, tokens
 
     def fetch(self, array: Any) -> np.ndarray:

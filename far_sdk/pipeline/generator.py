@@ -185,7 +185,8 @@ class Generator:
     def latents_of(self, state: LoopState, which: str = "raw") -> np.ndarray:
         """The last outer step's sample ("raw") or what it hands on ("tokens": low-passed) as host latents
         [B, C, H, W] (a host sync on GPUs)."""
-        raw = self.backend.fetch(state.raw if which == "raw" else state.tokens)
+        raw = state.raw if which == "raw" else state.tokens
+        raw = raw if isinstance(raw, np.ndarray) else self.backend.fetch(raw)  # an image-to-image start: on the host
         return np.ascontiguousarray(tokens_to_grid(raw, self.grid))
 
     def encode(self, images: Any, *, sample: bool = False, seed: int = 0) -> np.ndarray:
@@ -291,7 +292,7 @@ class Generator:
             preset=preset,
         )
         chunk = chunk_size(self.backend.max_batch, len(condition), max_batch, replayed=noise is not None)
-        start = self._start(image, start_level, strength, plan, len(condition), num_images_per_prompt)
+        start = img2img.start_for(self, image, start_level, strength, plan, len(condition), num_images_per_prompt)
         source, seeds = noise_source(noise, seed, len(condition))
         timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         t_start = time.perf_counter()
@@ -317,25 +318,6 @@ class Generator:
         timings["vae_decode"] += time.perf_counter() - t0
         u8 = to_uint8(rgb)
         return to_pil(u8) if output_type == "pil" else u8
-
-    def _start(self, image, start_level, strength, plan, batch: int, per_prompt: int) -> img2img.Start | None:
-        """The image-to-image start (None: from scratch; the image is then not even encoded)."""
-        if image is None:
-            if start_level is not None or strength is not None:
-                raise InvalidArgumentError("start_level and strength go with image= (the picture to start from)")
-            return None
-        if start_level is None and strength is None:
-            raise InvalidArgumentError(
-                "image= needs start_level= (the outer step to start from, 1..num_steps) or strength= (in [0, 1]; "
-                "1: from scratch): how much of the image to keep"
-            )
-        k = img2img.start_step(plan, start_level, strength)
-        if k == 0:
-            return None
-        size = int(self.bundle.manifest["image_size"])
-        with self._lock:
-            z = img2img.encode(self._image_encoder, image, size)
-        return img2img.Start(img2img.match_batch(z, batch, per_prompt), k)
 
     def _run_chunks(self, condition, plan, source, chunk, timings, bar, on_step, preview, begin=None) -> np.ndarray:
         """The loop over batches of at most ``chunk`` images; their final latents [B', C, H, W] (B' < B after a

@@ -219,3 +219,23 @@ def begin_at(backend: Any, state: Any, start: Start, plan: SamplingPlan, masks: 
     backend.set_start(state, np.ascontiguousarray(raw), np.ascontiguousarray(tokens, dtype=np.float32))
     if isinstance(noise, SeededNoise):
         noise.skip(sum((plan.inner_steps[s] + 1) * L * C for s in range(k)))
+
+
+def start_for(gen: Any, image: Any, start_level: Any, strength: Any, plan: SamplingPlan, batch: int, per_prompt: int):
+    """generate()'s image-to-image start: a :class:`Start`, or None from scratch (the image is then not even
+    encoded)."""
+    if image is None:
+        if start_level is not None or strength is not None:
+            raise InvalidArgumentError("start_level and strength go with image= (the picture to start from)")
+        return None
+    if start_level is None and strength is None:
+        raise InvalidArgumentError(
+            "image= needs start_level= (the outer step to start from, 1..num_steps) or strength= (in [0, 1]; "
+            "1: from scratch): how much of the image to keep"
+        )
+    k = start_step(plan, start_level, strength)
+    if k == 0:
+        return None
+    with gen._lock:
+        z = encode(gen._image_encoder, image, int(gen.bundle.manifest["image_size"]))
+    return Start(match_batch(z, batch, per_prompt), k)

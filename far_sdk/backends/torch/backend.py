@@ -74,6 +74,7 @@ class TorchBackend(Backend):
     ``compile``: True | False | "auto" (CUDA only) — compile the denoiser step with torch.compile."""
 
     name = "torch"
+    extra_graphs = ("vae_encoder",)  # image-to-image, for a bundle that has it (far_sdk.pipeline.img2img)
 
     def __init__(
         self,
@@ -95,7 +96,7 @@ class TorchBackend(Backend):
         self._torch = torch
         # training's modules import torch: loaded with this backend, never by `import far_sdk`
         from training.filters import low_pass_tokens  # noqa: PLC0415
-        from training.from_bundle import load_bundle_encoder, load_bundle_models  # noqa: PLC0415
+        from training.from_bundle import encoder_graphs, load_bundle_models  # noqa: PLC0415
         from training.graph_modules import (  # noqa: PLC0415
             DenoiserGraph,
             FusedDenoiserStep,
@@ -115,7 +116,6 @@ class TorchBackend(Backend):
 
         m = bundle.manifest
         far, vae = load_bundle_models(bundle)
-        encoder = load_bundle_encoder(bundle, vae)  # None without the optional vae_encoder graph
         dev, dt = self._device, self._dtype
         self._graphs = {
             "transformer": (TextTransformerGraph(far) if bundle.conditioning == "text" else TransformerGraph(far))
@@ -125,9 +125,7 @@ class TorchBackend(Backend):
             # fp16 VAE decoders overflow in many projects: fp32 (bf16 in FastDecoder on CUDA)
             "vae_decoder": VAEDecoderGraph(vae, float(m["latent_scale"])).to(dev, torch.float32).eval(),
         }
-        if encoder is not None:  # image-to-image; fp32 like the decoder
-            self._graphs["vae_encoder"] = encoder.to(dev, torch.float32)
-            self.extra_graphs = ("vae_encoder",)
+        self._graphs.update({k: g.to(dev, torch.float32) for k, g in encoder_graphs(bundle, vae).items()})  # img2img
         self._fused = FusedDenoiserStep(self._graphs["denoiser"].net).eval()  # after the move: copies in place
         self._grid = int(m["model"]["grid_size"])
         self._low_pass_tokens = low_pass_tokens
@@ -156,7 +154,6 @@ class TorchBackend(Backend):
         self._batches: dict[int, Batch] = {}
         # graphs: one generation at a time (static buffers); eager: per-generation buffers, no lock needed
         self._lock = threading.RLock() if self._use_graphs else contextlib.nullcontext()
-        # The static buffers and graphs serve one generation at a time (see the module docstring).
         self.concurrent_generate = not self._use_graphs
 
     # ---- properties ----------------------------------------------------------------------------
@@ -274,11 +271,11 @@ class TorchBackend(Backend):
         B, n = state.batch, int(steps.shape[0])
         L, C = state.tokens.shape[1], state.tokens.shape[2]
         filtered, masked = filter_matrix is not None, keep_next is not None
-        mask_feed = self._mask_feed(
-            None if mask is None else np.concatenate([mask, mask]), 2 * B, L
-        )  # {"mask": (2B, L)} or {}
+        mask_feed = self._mask_feed(None if mask is None else np.concatenate([mask, mask]), 2 * B, L)  # {"mask"} or {}
         with self._lock, torch.inference_mode(), self._on_device(), memory_errors(torch, B):
             bb = state.buffers
+            if isinstance(state.tokens, np.ndarray):  # an image-to-image start (Backend.set_start)
+                bb.tokens.copy_(self._t(state.tokens))
             bb.level.fill_(float(level))
             if mask_feed:
                 bb.mask.copy_(torch.from_numpy(mask_feed["mask"]), non_blocking=True)
@@ -315,11 +312,6 @@ class TorchBackend(Backend):
             return array.to(
                 "cpu", dtype=self._torch.float32, copy=True
             ).numpy()  # host sync; a copy: the buffer is reused
-
-    def set_start(self, state: LoopState, raw: np.ndarray, tokens: np.ndarray) -> None:
-        with self._lock, self._torch.inference_mode():
-            state.buffers.raw.copy_(self._t(raw))
-            state.buffers.tokens.copy_(self._t(tokens))
 
     def all_finite(self, array: Any) -> bool:
         with self._lock:
