@@ -50,16 +50,18 @@ def held_out(per_class: int) -> tuple[np.ndarray, np.ndarray]:
     return to_u8(x[pick]), y[pick].numpy()
 
 
-def evaluate(gen, net, u8, y, levels, seed: int, preset: str, max_batch: int) -> list[dict]:
+def evaluate(gen, net, u8, y, levels, seed: int, preset: str, max_batch: int, which=("own", "other"), **opts):
     rows = []
     target = (y + 5) % 10
     for k in levels:
-        row = {"start_level": k}
+        row = {"start_level": k, **opts}
         t0 = time.time()
         for name, labels in (("own", y), ("other", target)):
+            if name not in which:
+                continue
             kw = {} if k == 0 else {"image": list(u8), "start_level": k}
             out = gen.generate(
-                [int(c) for c in labels], seed=seed, preset=preset, output_type="np", max_batch=max_batch, **kw
+                [int(c) for c in labels], seed=seed, preset=preset, output_type="np", max_batch=max_batch, **kw, **opts
             )
             pred, _ = classify(net, images_to_tensor(out.images))
             row["kept" if name == "own" else "reached"] = float((pred == labels).mean())
@@ -78,6 +80,8 @@ def markdown(rows: list[dict], num_steps: int) -> str:
     ]
     for r in rows:
         k = r["start_level"]
+        if "kept" not in r or "reached" not in r:
+            continue
         lines.append(
             f"| {k} | {1 - k / num_steps:.1f} | {r['plan_level'] if 0 < k < num_steps else ('-' if k == 0 else 'all')} "
             f"| {r['kept']:.3f} | {r['l1_own']:.4f} | {r['reached']:.3f} | {r['l1_other']:.4f} |"
@@ -115,6 +119,8 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--figure", default=None, help="also write the picture grid here (PNG)")
+    ap.add_argument("--which", default="own,other", help="which halves to run: own, other or both")
+    ap.add_argument("--cfg", type=float, default=None, help="CFG scale for every run (default: the preset's)")
     a = ap.parse_args()
     gen = far_sdk.Generator(a.bundle, backend=a.backend)
     if a.figure:
@@ -127,7 +133,9 @@ def main() -> None:
     u8, labels = held_out(a.per_class)
     own, _ = classify(net, images_to_tensor(u8))
     print(f"{len(u8)} held-out digits; the classifier labels {float((own == labels).mean()):.3f} of the inputs right")
-    rows = evaluate(gen, net, u8, labels, [int(v) for v in a.levels.split(",")], a.seed, a.preset, a.max_batch)
+    levels = [int(v) for v in a.levels.split(",")]
+    opts = {} if a.cfg is None else {"cfg": a.cfg}
+    rows = evaluate(gen, net, u8, labels, levels, a.seed, a.preset, a.max_batch, a.which.split(","), **opts)
     num_steps = gen.plan(preset=a.preset).num_steps
     if a.markdown:
         print(markdown(rows, num_steps))

@@ -113,7 +113,7 @@ def test_encode_on_torch_and_simulated_tensorrt_equals_onnxruntime(
 # ---- the start state and runs against the reference sampler -----------------------------------------------------
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 3])
 def test_start_state_is_the_inputs_latents_low_passed_as_the_reference_does(tiny_models, ort_gen, pictures, k):
     far, _ = tiny_models
     seen = []
@@ -129,8 +129,7 @@ def test_start_state_is_the_inputs_latents_low_passed_as_the_reference_does(tiny
     assert [s.step for s in seen] == list(range(k - 1, 4))
 
 
-@pytest.mark.parametrize("backend", ["ort", "torch"])
-@pytest.mark.parametrize("k", [1, 3, 4])
+@pytest.mark.parametrize(("backend", "k"), [("ort", 1), ("ort", 3), ("ort", 4), ("torch", 2), ("torch", 4)])
 def test_image_conditioned_runs_equal_the_reference_sampler(tiny_models, ort_gen, torch_gen, pictures, backend, k):
     far, _ = tiny_models
     gen = ort_gen if backend == "ort" else torch_gen
