@@ -91,6 +91,7 @@ def run_info(a: argparse.Namespace) -> int:
             ("latents", f"{grid} x {grid} tokens of {ch} channels (out.latents: [B, {ch}, {grid}, {grid}])"),
             ("images", f"{m.get('image_size')} x {m.get('image_size')} px (VAE latent scale {b.latent_scale})"),
             ("VAE decoder", f"{vae.get('ch')} channels x {vae.get('ch_mult')}, {vae.get('num_res_blocks')} res blocks"),
+            ("image-to-image", "yes (vae_encoder)" if "vae_encoder" in m["graphs"] else "no: re-export the bundle"),
             ("sampling modes", modes),
         ],
     )
