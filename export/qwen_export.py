@@ -130,7 +130,10 @@ def _declare_io(model: Any, spec: GraphSpec) -> None:
                     dim.dim_value = d
 
 
-def _trace(module: nn.Module, ids: np.ndarray, mask: np.ndarray, path: Path, opset: int) -> None:
+def trace_text_encoder(
+    module: nn.Module, ids: np.ndarray, mask: np.ndarray, path: Path, opset: int, what: str = "Qwen2-VL"
+) -> None:
+    """Trace a text encoder (token ids + attention mask -> hidden states, batch dynamic) to ONNX at ``path``."""
     axes = {"input_ids": {0: "B"}, "attention_mask": {0: "B"}, "hidden_states": {0: "B"}}
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -147,7 +150,7 @@ def _trace(module: nn.Module, ids: np.ndarray, mask: np.ndarray, path: Path, ops
                 dynamo=False,
             )
     except Exception as e:
-        raise ExportError(f"torch.onnx.export of the Qwen2-VL text encoder failed: {type(e).__name__}: {e}") from e
+        raise ExportError(f"torch.onnx.export of the {what} text encoder failed: {type(e).__name__}: {e}") from e
 
 
 def _save(model: Any, final: Path, threshold: int) -> list[str]:
@@ -248,7 +251,7 @@ def export_qwen2vl_encoder(
     final = bundle_dir / TEXT_ENCODER_FILE
     scratch = Path(tempfile.mkdtemp(prefix=".text_encoder.", dir=bundle_dir))
     try:
-        _trace(PromptGraph(model, n_sys).eval(), ids, mask, scratch / TEXT_ENCODER_FILE, opset)
+        trace_text_encoder(PromptGraph(model, n_sys).eval(), ids, mask, scratch / TEXT_ENCODER_FILE, opset)
         graph = onnx.load(str(scratch / TEXT_ENCODER_FILE))  # also pulls in torch's per-tensor files (> 2 GiB)
         _declare_io(graph, spec)
         n_cast = store_weights_as(graph, weight_dtype)

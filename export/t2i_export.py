@@ -14,7 +14,6 @@ from a directory (``qwen2-vl:DIR``, ``small:DIR``, or ``DIR`` with the kind read
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from far_sdk.bundle.schema import ENCODER_KINDS
 from far_sdk.errors import CheckpointError, ExportError, InvalidArgumentError
 from training.far_t2i import FART2I
 
-from .qwen_export import export_qwen2vl_encoder
+from .qwen_export import export_qwen2vl_encoder, trace_text_encoder
 
 TEXT_ENCODER_FILE = "text_encoder.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -128,23 +127,7 @@ def export_text_encoder(
     model = _LastHidden(text_encoder.model.eval()).eval()
     ids, am = _ids(text_encoder, list(_PROBE_PROMPTS[:2]))
     path = bundle_dir / TEXT_ENCODER_FILE
-    axes = {"input_ids": {0: "B"}, "attention_mask": {0: "B"}, "hidden_states": {0: "B"}}
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (torch.from_numpy(ids), torch.from_numpy(am)),
-                str(path),
-                input_names=["input_ids", "attention_mask"],
-                output_names=["hidden_states"],
-                dynamic_axes=axes,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-    except Exception as e:
-        raise ExportError(f"torch.onnx.export of the text encoder failed: {type(e).__name__}: {e}") from e
+    trace_text_encoder(model, ids, am, path, opset, "bundled")
     text_encoder.tokenizer.backend_tokenizer.save(str(bundle_dir / TOKENIZER_FILE))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (1, 3, 5):
