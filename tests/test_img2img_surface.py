@@ -235,3 +235,23 @@ def test_encoder_fit_reconstructs_and_only_the_cycle_term_pins_the_decoders_late
         assert got[cycle][0] < 0.8 * before, (before, got)
     # reconstruction alone drifts off the decoder's latents (the demo's 90 %); the cycle term pins them
     assert got[True][1] < 0.75 * got[False][1], got
+
+
+def test_text_bundle_starts_from_an_image_in_mask_mode(digits):
+    pytest.importorskip("tokenizers")
+    u8, _ = digits
+    with far_sdk.Generator(ROOT / "engines" / "far-t2i-demo", backend="onnxruntime", threads=1) as t2i:
+        plan = t2i.plan(inner_steps=3)
+        assert plan.mode == "mask"
+        seen = []
+        prompt = ["please draw a 3"]
+        out = t2i.generate(prompt=prompt, seed=1, image=u8[1], start_level=6, inner_steps=3, on_step=seen.append)
+        z = t2i.encode(u8[1])
+        first = seen[0]
+        assert [s.step for s in seen] == [5, 6, 7, 8, 9] and np.array_equal(first.latents, z)
+        lp = low_pass(z, plan.filter_after[5])
+        dropped = first.handed_on == 0  # mask mode: step 6's masked tokens are zeroed, the rest is the low-pass
+        assert 0 < dropped.mean() < 1 and np.allclose(first.handed_on[~dropped], lp[~dropped], atol=1e-5)
+        scratch = t2i.generate(prompt=prompt, seed=1, inner_steps=3, output_type="latent").latents
+        again = t2i.generate(prompt=prompt, seed=1, image=u8[1], strength=1.0, inner_steps=3, output_type="latent")
+        assert np.array_equal(again.latents, scratch) and not np.array_equal(out.latents, scratch)
