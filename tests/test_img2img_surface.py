@@ -75,10 +75,13 @@ def test_far_generate_init_image_equals_the_python_call(gen, digits, tmp_path):
     out = tmp_path / "out.png"
     argv = ["generate", str(DEMO), "--class", "8", "--seed", "4", "--steps", "10", "--inner-steps", "4"]
     argv += ["--backend", "onnxruntime", "--no-progress", "--init-image", str(pic), "--strength", "0.3"]
-    rc, _, err = run_cli(main, [*argv, "--out", str(out)])
+    rc, _, err = run_cli(main, [*argv, "--out", str(out), "--out-dir", str(tmp_path / "each")])
     assert rc == 0, err
     want = gen.generate([8], seed=4, image=u8[1], start_level=7, output_type="np", **CHEAP).images[0]
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), want)
+    (one,) = (tmp_path / "each").iterdir()  # its settings name the start picture, which --from-image cannot repeat
+    rc, _, err = run_cli(main, ["generate", "--from-image", str(one), "--out", str(tmp_path / "again.png")])
+    assert rc != 0 and "made from a start picture" in err and one_line_error(err), err
     for extra, match in (
         (["--init-image", str(tmp_path / "none.png"), "--strength", "0.5"], "not a readable image"),
         (["--init-image", str(pic)], "needs --strength"),

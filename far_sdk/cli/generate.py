@@ -12,7 +12,7 @@ from pathlib import Path
 import far_sdk
 from far_sdk.backends.create import BACKEND_NAMES
 from far_sdk.bundle.hub import HUB_PREFIX, locate_bundle, parse_hub_spec
-from far_sdk.cli.outputs import Settings, encode_png, image_name
+from far_sdk.cli.outputs import SETTINGS_KEY, Settings, encode_png, image_name
 from far_sdk.cli.run import (
     add_bundle_argument,
     check_writable_dir,
@@ -23,7 +23,7 @@ from far_sdk.cli.run import (
 from far_sdk.cli.sampling import add_sampling_args, options_from_args
 from far_sdk.errors import InvalidArgumentError
 from far_sdk.fileio import atomic_write_bytes
-from far_sdk.images import IMAGE_SUFFIXES, encode_image, make_image_grid, read_image
+from far_sdk.images import IMAGE_SUFFIXES, encode_image, make_image_grid, read_image, read_png_text
 from far_sdk.options import SamplingOptions
 from far_sdk.pipeline import GenerationOutput, Generator
 
@@ -153,6 +153,11 @@ def settings_of(a: argparse.Namespace) -> Settings:
             "--from-image takes its --class / --prompt from the image (and its --negative-prompt); leave them out"
         )
     s = Settings.from_png(a.from_image)
+    if "init_image" in read_png_text(a.from_image)[1][SETTINGS_KEY]:  # its settings do not carry the start picture
+        raise InvalidArgumentError(
+            f"--from-image {a.from_image} was made from a start picture (--init-image), which its settings do not "
+            "carry: repeat that far generate --init-image call instead"
+        )
     return Settings(
         bundle=a.bundle_spec or s.bundle,
         manifest_sha256=s.manifest_sha256,
