@@ -200,6 +200,7 @@ def test_http_generate_with_an_image_end_to_end(ray_local, gen, digits):
         got = decode_pngs(json.loads(payload)["images"])
         bad, _, err = request(url, "/generate", {**body, "image": "@@"})
         assert bad == 400 and json.loads(err)["field"] == "image"
+        assert json.loads(request(url, "/info")[2])["image_to_image"] is True
     want = gen.generate([3], seed=2, image=u8[1], start_level=7, output_type="np", **CHEAP).images
     assert np.array_equal(got, want)
 

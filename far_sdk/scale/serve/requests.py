@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from far_sdk.bundle.graphs import VAE_ENCODER
 from far_sdk.conditioning import class_ids
 from far_sdk.errors import InvalidArgumentError, MissingEncoderError
 from far_sdk.images import read_image
@@ -147,5 +148,6 @@ def bundle_summary(gen: Generator) -> dict[str, Any]:
         "defaults": bundle_defaults(gen),
         "presets": {name: p.to_dict() for name, p in PRESETS.items()},
         "negative_prompt": b.conditioning == "text" and NEGATIVE_PROMPT,
+        "image_to_image": b.graph_entry(VAE_ENCODER) is not None,  # the image / strength / start_level fields
         "backend": gen.backend.describe(),
     }
