@@ -57,6 +57,7 @@ class Tolerance:
 TOLERANCES: dict[str, Tolerance] = {
     "transformer": Tolerance(max_rel=1e-4),
     "denoiser": Tolerance(max_rel=1e-4),
+    "denoiser_fewstep": Tolerance(max_rel=1e-4),
     "vae_decoder": Tolerance(max_abs=2e-3),
 }
 

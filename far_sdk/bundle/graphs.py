@@ -18,6 +18,7 @@ manifest's model config by :func:`graph_specs`.
   far_sdk.maths.diffusion.DDIMTables). x [B, L, C] (conditional half), noise [B, L, C],
   cond [2, B, L, W] (conditional rows first), step [10] (the columns of :class:`far_sdk.maths.diffusion.Step`) ->
   x_prev [B, L, C].
+- ``denoiser_fewstep`` (optional): the denoiser's signature, a distilled student's weights (1, 2 or 4 steps).
 - ``vae_decoder``: latents [B, C, H, W] (sampler scale; the graph divides by the latent scale)
   -> image [B, 3, 16 H, 16 W] in about [-1, 1].
 """
@@ -29,6 +30,11 @@ from dataclasses import dataclass
 from far_sdk.maths.diffusion import Step
 
 GRAPH_NAMES = ("transformer", "denoiser", "vae_decoder")
+#: A distilled few-step student of the denoiser (``far-export fewstep``; manifest ``fewstep``): the denoiser's
+#: inputs and outputs (:func:`fewstep_spec`), run with :mod:`far_sdk.maths.distilled`'s step rows.
+DENOISER_FEWSTEP = "denoiser_fewstep"
+#: Graphs a bundle may add to the three; older bundles have none of them.
+OPTIONAL_GRAPHS: tuple[str, ...] = (DENOISER_FEWSTEP,)
 #: A text bundle's optional fourth graph (manifest ``text.encoder``): see :func:`text_encoder_spec`.
 TEXT_ENCODER = "text_encoder"
 
@@ -113,6 +119,11 @@ def graph_specs(
             (TensorSpec("image", f32, ("B", 3, image_size, image_size)),),
         ),
     }
+
+
+def fewstep_spec(specs: dict[str, GraphSpec]) -> GraphSpec:
+    """The few-step student's graph: the denoiser's signature (``specs`` from :func:`graph_specs`) under its name."""
+    return GraphSpec(DENOISER_FEWSTEP, specs["denoiser"].inputs, specs["denoiser"].outputs)
 
 
 def text_encoder_spec(max_length: int, hidden_size: int, system_length: int = 0) -> GraphSpec:

@@ -29,9 +29,10 @@ from far_sdk.errors import InvalidArgumentError
 
 NUM_TRAIN_TIMESTEPS = 1000
 
-InnerSampler = Literal["ddpm", "ddim"]
-#: The inner (per-token diffusion) samplers: "ddpm" is the official sampler, "ddim" Song et al. 2021.
-INNER_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+InnerSampler = Literal["ddpm", "ddim", "distilled"]
+#: The inner (per-token diffusion) samplers: "ddpm" is the official sampler, "ddim" Song et al. 2021,
+#: "distilled" a few-step student (a bundle's optional ``denoiser_fewstep`` graph; far_sdk.maths.distilled).
+INNER_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "distilled")
 
 
 def cosine_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS, max_beta: float = 0.999) -> np.ndarray:
@@ -208,6 +209,10 @@ def denoise_step_table(
     elif inner_sampler == "ddim":
         tab = ddim_tables(num_steps, eta)
         noisy = tab.sigmas > 0
+    elif inner_sampler == "distilled":
+        from far_sdk.maths.distilled import distilled_step_table  # noqa: PLC0415 - it imports this module
+
+        return distilled_step_table(num_steps, cfg_scale, temperature, x0_clip)
     else:
         raise InvalidArgumentError(f"inner_sampler must be one of {INNER_SAMPLERS}, got {inner_sampler!r}")
     ks = np.arange(tab.num_steps)[::-1]
