@@ -129,9 +129,17 @@ def distill(model: FAR, cfg: DistillConfig, *, source: str, defaults: Any = DEFA
     """Train a student of ``model`` (the teacher, frozen) and write the outputs; returns the run's summary."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dist_info = init_distributed(use_cuda=False)
+    try:
+        return _distill(model, cfg, dist_info, source=source, defaults=defaults, resume=resume)
+    finally:
+        if dist_info.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _distill(model: FAR, cfg: DistillConfig, dist_info: Any, *, source: str, defaults: Any, resume: bool) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dist_info = init_distributed(use_cuda=False)
     model = model.float().eval().requires_grad_(False)
     plan = teacher_plan(defaults, cfg.context_steps)
     data_file = out / f"teacher-rank{dist_info.rank}.safetensors"
