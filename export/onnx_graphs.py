@@ -81,8 +81,8 @@ def sample_inputs(spec: GraphSpec, batch: int, *, num_classes: int, grid_size: i
     Floats are N(0, 1); ``class_ids`` covers real classes and ends with the null id
     ``num_classes``; ``level`` is an integer level; ``mask`` (1 = dropped) drops a different number of
     tokens per row, the first row all of them (mask mode's first step); ``step`` is a row from the less noisy half
-    of a 10-step, cfg 3 denoise table with a non-zero noise scale (``denoiser_fewstep``: a middle 4-step jump) (at the noisiest steps
-    x0_hat = 2e4 (x - eps) swamps the output of an untrained network).
+    of a 10-step, cfg 3 denoise table with a non-zero noise scale (at the noisiest steps x0_hat = 2e4 (x - eps)
+    swamps the output of an untrained network; ``denoiser_fewstep``: a middle jump of the 4-step student).
     """
     rng = np.random.Generator(np.random.PCG64(seed))
     feeds: dict[str, np.ndarray] = {}

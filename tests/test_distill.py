@@ -9,8 +9,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import plan_of, rel_err
+
 from far_sdk.errors import BackendUnavailableError, IncompatibleBundleError, InvalidArgumentError
 from far_sdk.maths.diffusion import Step, cosine_betas, respaced_timesteps
 from far_sdk.maths.distilled import DISTILLED_STEPS, TEACHER_STEPS, distilled_step_table, teacher_boundaries
