@@ -155,9 +155,10 @@ def test_bundle_files_and_idempotence(distilled, teacher_bundle):
     assert (bundle / "manifest.json").read_bytes() == before
 
 
-def test_distilled_preset_matches_the_reference_sampler(distilled):
-    """ONNX Runtime with preset "distilled" (and 1 / 2 steps) equals the PyTorch reference sampler running the
-    student's weights through the same plan, same seeds."""
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_distilled_preset_matches_the_reference_sampler(distilled, backend):
+    """ONNX Runtime and the torch backend with preset "distilled" (and 1 / 2 steps) equal the PyTorch reference
+    sampler running the student's weights through the same plan, same seeds."""
     import far_sdk
     from export.fewstep import read_student
     from far_sdk.bundle.bundle import Bundle
@@ -168,12 +169,15 @@ def test_distilled_preset_matches_the_reference_sampler(distilled):
     bundle, run, _ = distilled
     far, _vae = load_bundle_models(Bundle.load(bundle))
     far.diffloss.net.load_state_dict(read_student(run / "student.safetensors")[0])
-    with far_sdk.Generator(bundle, backend="onnxruntime", threads=1) as gen:
+    with far_sdk.Generator(bundle, backend=backend, threads=1) as gen:
+        assert gen.backend.runs_fewstep
         for k in (4, 1, 2):
             out = gen.generate(class_labels=[1, 3], seed=5, preset="distilled", inner_steps=k, output_type="latent")
             assert out.plan.inner_sampler == "distilled" and sum(out.plan.inner_steps) == 10 * k
             ref = sample_reference(far, [1, 3], plan=out.plan, noise=SeededNoise.from_seed(5, 2)).numpy()
             assert rel_err(out.latents, ref) < 1e-4
+        teacher = gen.generate(class_labels=[1, 3], seed=5, preset="fast", output_type="latent")  # the teacher's
+        assert rel_err(teacher.latents, out.latents) > 1e-3  # graph still runs the other presets
 
 
 def test_refusals(distilled, tiny_bundle):
@@ -186,8 +190,8 @@ def test_refusals(distilled, tiny_bundle):
             gen.generate(class_labels=[1], preset="distilled")
         gen.generate(class_labels=[1], preset="fast", output_type="latent")  # still works
     bundle, run, _ = distilled
-    with far_sdk.Generator(bundle, backend="torch") as gen:
-        with pytest.raises(BackendUnavailableError, match="torch"):
+    with far_sdk.Generator(bundle, backend="torch-eager") as gen:  # the official-way baseline runs DDPM only
+        with pytest.raises(BackendUnavailableError, match="torch-eager backend"):
             gen.generate(class_labels=[1], preset="distilled")
     with pytest.raises(CheckpointError, match="far-train distill"):
         add_fewstep(bundle, tiny_bundle / "weights.safetensors")  # not a student file

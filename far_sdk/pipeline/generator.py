@@ -126,7 +126,7 @@ class Generator:
         if not self.backend.runs_fewstep:
             raise BackendUnavailableError(
                 f"the {self.backend.name} backend does not run the distilled few-step denoiser "
-                f"(inner_sampler 'distilled', preset 'distilled'); use backend='onnxruntime' on the CPU or CUDA"
+                f"(inner_sampler 'distilled', preset 'distilled'); use backend 'onnxruntime' or 'torch'"
             )
 
     # ---- the loop ---------------------------------------------------------------------------------

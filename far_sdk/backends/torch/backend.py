@@ -60,6 +60,7 @@ from far_sdk.backends.torch.state import (
     upload_plan,
 )
 from far_sdk.bundle.bundle import Bundle
+from far_sdk.bundle.graphs import DENOISER_FEWSTEP
 from far_sdk.errors import CompileError, InvalidArgumentError
 from far_sdk.maths.diffusion import Step
 
@@ -95,7 +96,7 @@ class TorchBackend(Backend):
         self._torch = torch
         # training's modules import torch: loaded with this backend, never by `import far_sdk`
         from training.filters import low_pass_tokens  # noqa: PLC0415
-        from training.from_bundle import load_bundle_models  # noqa: PLC0415
+        from training.from_bundle import load_bundle_models, load_bundle_student  # noqa: PLC0415
         from training.graph_modules import (  # noqa: PLC0415
             DenoiserGraph,
             FusedDenoiserStep,
@@ -131,7 +132,7 @@ class TorchBackend(Backend):
 
         from training.torch_noise import philox_normals_torch  # noqa: PLC0415 - imports torch
 
-        self._compiled = (compile is True) or (compile == "auto" and on_cuda)
+        self._compiled = compiled = (compile is True) or (compile == "auto" and on_cuda)
         if self._compiled and on_cuda:
             compile_cache()  # Inductor's caches in the far-sdk cache: a restarted server skips recompiling
         # on CUDA the transformer is compiled too (Inductor's GEMMs and fused elementwise kernels; the stage is then
@@ -142,9 +143,14 @@ class TorchBackend(Backend):
             if precision == "bf16":  # the decoder in bf16, channels-last, compiled (fp32 if that fails)
                 self._fast_vae = FastDecoder(torch, self._graphs["vae_decoder"])
         L, C = self._grid**2, int(m["model"]["token_channels"])
-        self._step_seeded, self._step_host, self._draw = step_functions(
-            torch, self._fused, philox_normals_torch, L * C, self._compiled
-        )
+        steps = lambda fused: step_functions(torch, fused, philox_normals_torch, L * C, compiled)  # noqa: E731
+        seeded, host, self._draw = steps(self._fused)
+        self._steps = {"denoiser": (self._fused, seeded, host)}  # the inner loop's (fused step, functions) per graph
+        student = load_bundle_student(bundle, far.diffloss.net)  # the distilled few-step denoiser, if any
+        if student is not None:
+            self._graphs[DENOISER_FEWSTEP], few = DenoiserGraph(student).eval(), FusedDenoiserStep(student).eval()
+            self._steps[DENOISER_FEWSTEP] = (few, *steps(few)[:2])
+        self.runs_fewstep = DENOISER_FEWSTEP in self._steps
 
         # CUDA graphs (CUDA only)
         self._stages = StageGraphs(torch, self._device, max_cuda_graphs, enabled=bool(cuda_graphs) and on_cuda)
@@ -216,7 +222,7 @@ class TorchBackend(Backend):
             cond_in = [self._t(v, self._dtype if k == "context" else None) for k, v in conditioning.items()]
             return self._graphs["transformer"](self._t(tokens, self._dtype), *cond_in, lv, *extra)  # (2B, L, W)
 
-    def denoise(self, x, noises, cond, steps):
+    def denoise(self, x, noises, cond, steps, denoiser="denoiser"):
         """n guided steps from host x [B, L, C] with host noises [n, B, L, C] -> host x_0 (through the same
         captured / compiled inner loop as :meth:`outer_step`)."""
         torch = self._torch
@@ -231,7 +237,8 @@ class TorchBackend(Backend):
             bb.cond.copy_(cond.reshape(bb.cond.shape))
             upload_plan(self._torch, bb, steps, None, None)
             upload_noise(torch, bb, HostDraws(x=np.asarray(x), noises=np.asarray(noises)), n, self._noise_replaced(B))
-            self._stages.run(("loop", B, n, False, False, "host"), lambda: self._loop_body(bb, n, False, False, "host"))
+            key = ("loop", B, n, False, False, denoiser, "host")
+            self._stages.run(key, lambda: self._loop_body(bb, n, False, False, "host", denoiser))
             return bb.raw.to("cpu", copy=True).numpy()  # host sync
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -265,6 +272,7 @@ class TorchBackend(Backend):
         mark: Mark,
         mask: np.ndarray | None = None,
         keep_next: np.ndarray | None = None,
+        denoiser: str = "denoiser",
     ) -> None:
         torch = self._torch
         B, n = state.batch, int(steps.shape[0])
@@ -301,7 +309,8 @@ class TorchBackend(Backend):
             elif kind == "batched":
                 noise_buffer(torch, bb, n, self._noise_replaced(bb.B))
             self._stages.run(
-                ("loop", B, n, filtered, masked, kind), lambda: self._loop_body(bb, n, filtered, masked, kind)
+                ("loop", B, n, filtered, masked, denoiser, kind),
+                lambda: self._loop_body(bb, n, filtered, masked, kind, denoiser),
             )
             mark("denoise")  # the filter runs inside the loop's stage
         state.tokens, state.raw = bb.tokens, bb.raw
@@ -337,13 +346,13 @@ class TorchBackend(Backend):
         cond = self._transformer(torch.cat([tok, tok]), *cond_in, bb.level.to(dt), *extra)  # (2B, L, W)
         bb.cond.copy_(cond.reshape(bb.cond.shape))
 
-    def _loop_body(self, bb: Batch, n: int, filtered: bool, masked: bool, kind: str) -> None:
+    def _loop_body(self, bb: Batch, n: int, filtered: bool, masked: bool, kind: str, denoiser: str) -> None:
         """x_T and n inner steps, then the low-pass (and, ``masked``, the zeroing of the tokens the next
         step masks: ``bb.keep``). kind: "fused" (seeded; each step draws its own noise
         inside the compiled step), "batched" (seeded; all n + 1 draws in one call first, for eager runs where
         per-step drawing would cost hundreds of small ops) or "host" (uploaded draws in ``bb.noise``)."""
         B, L, C = bb.tokens.shape
-        fused, S = self._fused, len(Step)
+        (fused, step_seeded, step_host), S = self._steps[denoiser], len(Step)  # the graph's weights (few-step)
         temb = fused.time_table(bb.steps[:n, Step.timestep], self._dtype)  # (n, W)
         k = table_steps(n, 2 * B * L, fused.ada_weight.shape[0], bb.cond.element_size())
         if kind == "batched":  # stream order: image-major
@@ -357,9 +366,9 @@ class TorchBackend(Backend):
             mods = fused.modulation_table(bb.cond, temb[j : j + k])  # (k, 2BL, (3 depth + 2) W)
             for i in range(j, min(n, j + k)):
                 if kind == "fused":
-                    x = self._step_seeded(x, mods[i - j], bb.steps[i, :S], bb.seeds, bb.pos[i + 1, :1])
+                    x = step_seeded(x, mods[i - j], bb.steps[i, :S], bb.seeds, bb.pos[i + 1, :1])
                 else:
-                    x = self._step_host(x, bb.noise[i + 1], mods[i - j], bb.steps[i, :S])
+                    x = step_host(x, bb.noise[i + 1], mods[i - j], bb.steps[i, :S])
         bb.raw.copy_(x)
         if filtered:  # M X M^T per channel
             bb.tokens.copy_(self._low_pass_tokens(x, bb.fmat))
@@ -389,11 +398,3 @@ class TorchBackend(Backend):
             self._stages.drop()
             self._batches.clear()
             self._graphs.clear()
-
-
-def eager_backend(bundle: Bundle, **options: Any) -> Backend:
-    """``backend="torch-eager"``: the official-way eager baseline (:class:`training.eager.OfficialEagerBackend`)."""
-    import_torch()
-    from training.eager import OfficialEagerBackend  # noqa: PLC0415 - imports torch
-
-    return OfficialEagerBackend(bundle, **options)
