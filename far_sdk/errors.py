@@ -53,6 +53,11 @@ class IncompatibleBundleError(BundleError):
     """The bundle (or engine plan) was built for another format version, runtime or GPU."""
 
 
+class MissingGraphError(IncompatibleBundleError, InvalidArgumentError):
+    """A sampling option needs an optional graph the bundle lacks (``preset="distilled"`` without
+    ``denoiser_fewstep``): the bundle is fine, the request is not for it (``far serve``: HTTP 400)."""
+
+
 class BackendUnavailableError(FarError, RuntimeError):
     """The requested backend's runtime (tensorrt, onnxruntime, torch, a GPU) is not installed or usable."""
 

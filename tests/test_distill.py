@@ -186,8 +186,9 @@ def test_refusals(distilled, tiny_bundle):
     from far_sdk.errors import CheckpointError
 
     with far_sdk.Generator(tiny_bundle, backend="onnxruntime") as gen:  # an older bundle: no few-step graph
-        with pytest.raises(IncompatibleBundleError, match="far-export fewstep"):
+        with pytest.raises(IncompatibleBundleError, match="far-export fewstep") as e:
             gen.generate(class_labels=[1], preset="distilled")
+        assert isinstance(e.value, InvalidArgumentError)  # bad input for this bundle: far serve answers 400
         gen.generate(class_labels=[1], preset="fast", output_type="latent")  # still works
     bundle, run, _ = distilled
     with far_sdk.Generator(bundle, backend="torch-eager") as gen:  # the official-way baseline runs DDPM only

@@ -37,7 +37,7 @@ from far_sdk.conditioning import ClassCondition, Condition, condition_for
 from far_sdk.errors import (
     BackendUnavailableError,
     GeneratorClosedError,
-    IncompatibleBundleError,
+    MissingGraphError,
     InvalidArgumentError,
     NumericalError,
     check_choice,
@@ -118,7 +118,7 @@ class Generator:
     def _check_fewstep(self) -> None:
         """inner_sampler "distilled" needs the bundle's few-step graph and a backend that runs it."""
         if self.bundle.graph_entry(DENOISER_FEWSTEP) is None:
-            raise IncompatibleBundleError(
+            raise MissingGraphError(
                 f"bundle {self.bundle.name!r} has no distilled few-step denoiser (graph {DENOISER_FEWSTEP!r}): make "
                 f"one with `far-train distill --bundle {self.bundle.path} --out RUN`, then `far-export fewstep "
                 f"{self.bundle.path} --student RUN/student.safetensors`; or use preset 'fast'"
