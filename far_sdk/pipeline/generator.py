@@ -37,8 +37,8 @@ from far_sdk.conditioning import ClassCondition, Condition, condition_for
 from far_sdk.errors import (
     BackendUnavailableError,
     GeneratorClosedError,
-    MissingGraphError,
     InvalidArgumentError,
+    MissingGraphError,
     NumericalError,
     check_choice,
 )
