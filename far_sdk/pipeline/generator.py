@@ -125,7 +125,7 @@ class Generator:
             )
         if not self.backend.runs_fewstep:
             raise BackendUnavailableError(
-                f"the {self.backend.name} backend does not run the distilled few-step denoiser "
+                f"the {self.backend.name} backend ({self.backend.device}) does not run the distilled few-step denoiser "
                 f"(inner_sampler 'distilled', preset 'distilled'); use backend 'onnxruntime' or 'torch'"
             )
 
