@@ -14,7 +14,7 @@ times it through the same pipeline, stage marks and timers as every other backen
 
 Numerically it is the reference sampler (:func:`training.sampler.iter_reference`): same draws, same
 order, same step; tests hold the two together. It is created through the torch backend's module
-(``far_sdk.backends.torch.fast.eager_backend``), the only place ``far_sdk`` reaches into ``training``.
+(``far_sdk.backends.torch.backend.eager_backend``), the only place ``far_sdk`` reaches into ``training``.
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@ from typing import Literal
 from far_sdk.backends.base import Backend
 from far_sdk.backends.onnxruntime import OnnxRuntimeBackend
 from far_sdk.backends.tensorrt.backend import TensorRTBackend
-from far_sdk.backends.torch.backend import TorchBackend
-from far_sdk.backends.torch.fast import eager_backend
+from far_sdk.backends.torch.backend import TorchBackend, eager_backend
 from far_sdk.bundle.bundle import Bundle
 from far_sdk.errors import BackendUnavailableError, InvalidArgumentError
 

@@ -209,12 +209,10 @@ def denoise_step_table(
     elif inner_sampler == "ddim":
         tab = ddim_tables(num_steps, eta)
         noisy = tab.sigmas > 0
-    elif inner_sampler == "distilled":
-        from far_sdk.maths.distilled import distilled_step_table  # noqa: PLC0415 - it imports this module
-
-        return distilled_step_table(num_steps, cfg_scale, temperature, x0_clip)
     else:
-        raise InvalidArgumentError(f"inner_sampler must be one of {INNER_SAMPLERS}, got {inner_sampler!r}")
+        raise InvalidArgumentError(
+            f"inner_sampler must be 'ddpm' or 'ddim' here ('distilled': far_sdk.maths.distilled), got {inner_sampler!r}"
+        )
     ks = np.arange(tab.num_steps)[::-1]
     out = np.empty((tab.num_steps, len(Step)), dtype=np.float32)
     out[:, Step.timestep] = tab.timesteps[ks]

@@ -19,7 +19,7 @@ import numpy as np
 
 from far_sdk.errors import InvalidArgumentError, arg, check_choice, check_range
 from far_sdk.maths.diffusion import INNER_SAMPLERS, InnerSampler, check_eta, denoise_step_table
-from far_sdk.maths.distilled import check_distilled_steps
+from far_sdk.maths.distilled import check_distilled_steps, distilled_step_table
 from far_sdk.maths.filters import FILTER_TYPES, GRID, FilterType
 
 #: The official no-mask sampler's levels (10 outer steps; level 1 skipped).
@@ -170,7 +170,10 @@ class SamplingPlan:
 
     def step_table(self, s: int) -> np.ndarray:
         """float32 [n_s, 10]: the denoiser's ``step`` rows of outer step ``s`` in execution order, for
-        this plan's inner sampler (:func:`far_sdk.maths.diffusion.denoise_step_table`)."""
+        this plan's inner sampler (:func:`far_sdk.maths.diffusion.denoise_step_table`; "distilled":
+        :func:`far_sdk.maths.distilled.distilled_step_table`)."""
+        if self.inner_sampler == "distilled":
+            return distilled_step_table(self.inner_steps[s], self.cfg[s], self.temperature[s], self.x0_clip)
         return denoise_step_table(
             self.inner_steps[s],
             self.cfg[s],

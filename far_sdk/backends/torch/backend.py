@@ -1,24 +1,21 @@
-"""PyTorch backend: runs the bundle's weights through the same graph modules the ONNX graphs were
-exported from. Imports torch and ``training`` only when chosen.
-
-The whole generation stays on the device between the class ids going in and the latents coming out
-(one host copy per image at the end, plus a few bytes of plan per outer step):
+"""PyTorch backend: runs the bundle's weights through the same graph modules the ONNX graphs were exported from.
+Imports torch and ``training`` only when chosen. The whole generation stays on the device between the class ids
+going in and the latents coming out (one host copy per image at the end, plus a few bytes of plan per outer step):
 
 - per outer step two stages: the transformer (``TransformerGraph``) writes ``cond``; then the n-step inner loop
   (``FusedDenoiserStep``: the adaLN modulations of many steps in one GEMM before them, the time embeddings of
-  all n steps in one call, latents in fp32) and the low-pass filter on the device;
-- seeded noise (:class:`~far_sdk.backends.base.SeededDraws`) is drawn on the device by the same
-  Philox4x32-10 as :mod:`far_sdk.maths.noise` (``training.torch_noise.philox_normals_torch``), inside the step, so
-  no noise crosses the bus; replayed noise (:class:`~far_sdk.backends.base.HostDraws`) is uploaded;
-- on CUDA with ``cuda_graphs=True`` (default) each stage is captured once into a
-  ``torch.cuda.CUDAGraph`` — the transformer per batch size, the inner loop per (batch, n, filtered,
-  noise kind) — and replayed (LRU of ``max_cuda_graphs``);
+  all n steps in one call, latents in fp32; the bundle's distilled student for ``denoiser_fewstep``) and the
+  low-pass filter on the device;
+- seeded noise (:class:`~far_sdk.backends.base.SeededDraws`) is drawn on the device by the same Philox4x32-10 as
+  :mod:`far_sdk.maths.noise` (``training.torch_noise.philox_normals_torch``), inside the step, so no noise crosses
+  the bus; replayed noise (:class:`~far_sdk.backends.base.HostDraws`) is uploaded;
+- on CUDA with ``cuda_graphs=True`` (default) each stage is captured once into a ``torch.cuda.CUDAGraph`` — the
+  transformer per batch size, the inner loop per (batch, n, filtered, denoiser, noise kind) — and replayed (LRU);
 - with ``compile=True`` (default on CUDA: "auto") the denoiser step (noise, network, DDPM update) and, on CUDA,
   the transformer are compiled by ``torch.compile`` (Inductor) before capture; off by default on the CPU.
 
-Static buffers (:class:`~far_sdk.backends.torch.state.Batch`, per batch size) are allocated outside any capture,
-so the graphs (:mod:`~far_sdk.backends.torch.graphs`) only read and write them: one generation at a time
-(``concurrent_generate`` is False with graphs).
+Static buffers (:class:`~far_sdk.backends.torch.state.Batch`, per batch size) are allocated outside any capture, so
+the graphs (:mod:`~far_sdk.backends.torch.graphs`) only read and write them: one generation at a time.
 """
 
 from __future__ import annotations
@@ -68,11 +65,10 @@ log = logging.getLogger(__name__)
 
 
 class TorchBackend(Backend):
-    """``device``: "cpu", "cuda", "cuda:N" or "auto"; ``precision``: "fp32" | "bf16" | "fp16" (networks
-    only: latents, noise and the DDPM arithmetic stay fp32, the VAE decoder runs in fp32);
-    ``threads``: CPU intra-op threads; ``cuda_graphs``: on CUDA, replay captured CUDA graphs (falls back
-    to eager launches if a capture fails); ``max_cuda_graphs``: captured graphs kept (LRU);
-    ``compile``: True | False | "auto" (CUDA only) — compile the denoiser step with torch.compile."""
+    """``device``: "cpu", "cuda", "cuda:N" or "auto"; ``precision``: "fp32" | "bf16" | "fp16" (networks only:
+    latents, noise and the DDPM arithmetic stay fp32, the VAE decoder runs in fp32); ``threads``: CPU intra-op
+    threads; ``cuda_graphs``: on CUDA, replay captured CUDA graphs (falls back to eager launches if a capture
+    fails); ``max_cuda_graphs``: captured graphs kept (LRU); ``compile``: True | False | "auto" (CUDA only)."""
 
     name = "torch"
 
@@ -104,6 +100,7 @@ class TorchBackend(Backend):
             TransformerGraph,
             VAEDecoderGraph,
         )
+        from training.torch_noise import philox_normals_torch  # noqa: PLC0415
 
         device = resolve_device(torch, device)
         check_options(precision, max_cuda_graphs, compile)
@@ -130,8 +127,6 @@ class TorchBackend(Backend):
         self._low_pass_tokens = low_pass_tokens
         self._width = int(m["mlp_width"])
 
-        from training.torch_noise import philox_normals_torch  # noqa: PLC0415 - imports torch
-
         self._compiled = compiled = (compile is True) or (compile == "auto" and on_cuda)
         if self._compiled and on_cuda:
             compile_cache()  # Inductor's caches in the far-sdk cache: a restarted server skips recompiling
@@ -151,14 +146,11 @@ class TorchBackend(Backend):
             self._graphs[DENOISER_FEWSTEP], few = DenoiserGraph(student).eval(), FusedDenoiserStep(student).eval()
             self._steps[DENOISER_FEWSTEP] = (few, *steps(few)[:2])
         self.runs_fewstep = DENOISER_FEWSTEP in self._steps
-
-        # CUDA graphs (CUDA only)
         self._stages = StageGraphs(torch, self._device, max_cuda_graphs, enabled=bool(cuda_graphs) and on_cuda)
         self._use_graphs = self._stages.enabled  # as constructed: static buffers, one generation at a time
         self._batches: dict[int, Batch] = {}
         # graphs: one generation at a time (static buffers); eager: per-generation buffers, no lock needed
         self._lock = threading.RLock() if self._use_graphs else contextlib.nullcontext()
-        # The static buffers and graphs serve one generation at a time (see the module docstring).
         self.concurrent_generate = not self._use_graphs
 
     # ---- properties ----------------------------------------------------------------------------
@@ -398,3 +390,11 @@ class TorchBackend(Backend):
             self._stages.drop()
             self._batches.clear()
             self._graphs.clear()
+
+
+def eager_backend(bundle: Bundle, **options: Any) -> Backend:
+    """``backend="torch-eager"``: the official-way eager baseline (:class:`training.eager.OfficialEagerBackend`)."""
+    import_torch()
+    from training.eager import OfficialEagerBackend  # noqa: PLC0415 - imports torch
+
+    return OfficialEagerBackend(bundle, **options)

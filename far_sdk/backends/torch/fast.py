@@ -134,11 +134,3 @@ class FastDecoder:
             log.warning("compiling the bf16 VAE decoder failed (%s); decoding in fp32", str(e).splitlines()[0])
             self.failed = True
             return None
-
-
-def eager_backend(bundle: Any, **options: Any) -> Any:
-    """``backend="torch-eager"``: the official-way eager baseline (:class:`training.eager.OfficialEagerBackend`)."""
-    import_torch()
-    from training.eager import OfficialEagerBackend  # noqa: PLC0415 - imports torch
-
-    return OfficialEagerBackend(bundle, **options)
