@@ -238,6 +238,20 @@ def _report(path: Path) -> int:
     return 0
 
 
+def _add_fewstep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="the bundle directory to add the few-step denoiser to (in place)")
+    p.add_argument("--student", required=True, help="far-train distill's student.safetensors")
+    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+
+
+def _run_fewstep(args: argparse.Namespace) -> int:
+    from export.fewstep import add_fewstep
+
+    changed = add_fewstep(args.bundle, args.student, validate=not args.no_validate)
+    print(f"{args.bundle}: denoiser_fewstep {'added' if changed else 'already present (unchanged)'}")
+    return 0
+
+
 # ---- dispatch ------------------------------------------------------------------------------------
 
 Subcommand = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -246,6 +260,11 @@ Subcommand = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[arg
 SUBCOMMANDS: dict[str, Subcommand] = {
     "onnx": ("export a checkpoint (or random weights) to a verified ONNX bundle", _add_onnx_args, _run_onnx),
     "trt": (TRT_HELP, add_trt_args, run_trt),
+    "fewstep": (
+        "add a distilled few-step denoiser (far-train distill's student) to a bundle, in place",
+        _add_fewstep_args,
+        _run_fewstep,
+    ),
 }
 
 

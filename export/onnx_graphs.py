@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from far_sdk.bundle.graphs import GraphSpec
+from far_sdk.bundle.graphs import DENOISER_FEWSTEP, GraphSpec
 from far_sdk.errors import ExportError
 from far_sdk.maths.diffusion import denoise_step_table
+from far_sdk.maths.distilled import distilled_step_table
 from far_sdk.maths.masking import random_mask
 from training.far import FAR
 from training.far_t2i import FART2I
@@ -63,6 +64,7 @@ class Tolerance:
 TOLERANCES: dict[str, Tolerance] = {
     "transformer": Tolerance(max_rel=1e-4),
     "denoiser": Tolerance(max_rel=1e-4),
+    "denoiser_fewstep": Tolerance(max_rel=1e-4),
     "vae_decoder": Tolerance(max_abs=2e-3),
     "vae_encoder": Tolerance(max_rel=1e-4),  # posterior mean and std at the sampler scale
 }
@@ -87,8 +89,8 @@ def sample_inputs(spec: GraphSpec, batch: int, *, num_classes: int, grid_size: i
     Floats are N(0, 1); ``class_ids`` covers real classes and ends with the null id
     ``num_classes``; ``level`` is an integer level; ``mask`` (1 = dropped) drops a different number of
     tokens per row, the first row all of them (mask mode's first step); ``step`` is a row from the less noisy half
-    of a 10-step, cfg 3 denoise table with a non-zero noise scale (at the noisiest steps
-    x0_hat = 2e4 (x - eps) swamps the output of an untrained network).
+    of a 10-step, cfg 3 denoise table with a non-zero noise scale (at the noisiest steps x0_hat = 2e4 (x - eps)
+    swamps the output of an untrained network; ``denoiser_fewstep``: a middle jump of the 4-step student).
     """
     rng = np.random.Generator(np.random.PCG64(seed))
     feeds: dict[str, np.ndarray] = {}
@@ -104,6 +106,8 @@ def sample_inputs(spec: GraphSpec, batch: int, *, num_classes: int, grid_size: i
             feeds[t.name] = np.full(shape, rng.integers(0, grid_size), dtype=np.float32)
         elif t.name == "mask":
             feeds[t.name] = random_mask(rng, shape)
+        elif t.name == "step" and spec.name == DENOISER_FEWSTEP:  # a distilled student's own (middle) jump
+            feeds[t.name] = distilled_step_table(4, 3.0, 1.0, None)[rng.integers(1, 3)].copy()
         elif t.name == "step":
             table = denoise_step_table(10, 3.0, 1.0)
             feeds[t.name] = table[rng.integers(len(table) // 2, len(table) - 1)].copy()  # last row: noise scale 0

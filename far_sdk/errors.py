@@ -57,6 +57,11 @@ class MissingEncoderError(IncompatibleBundleError, InvalidArgumentError):
     """An image input (image-to-image) needs the bundle's optional ``vae_encoder`` graph, which it does not carry."""
 
 
+class MissingGraphError(IncompatibleBundleError, InvalidArgumentError):
+    """A sampling option needs an optional graph the bundle lacks (``preset="distilled"`` without
+    ``denoiser_fewstep``): the bundle is fine, the request is not for it (``far serve``: HTTP 400)."""
+
+
 class BackendUnavailableError(FarError, RuntimeError):
     """The requested backend's runtime (tensorrt, onnxruntime, torch, a GPU) is not installed or usable."""
 

@@ -165,7 +165,8 @@ class SamplingOptions:
         "inner_steps",
     )
     inner_sampler: InnerSampler | None = _option(
-        "'ddpm': the official sampler (learned variance); 'ddim': deterministic or eta-noised DDIM.",
+        "'ddpm': the official sampler (learned variance); 'ddim': deterministic or eta-noised DDIM; 'distilled': the "
+        "bundle's few-step student (inner_steps 1, 2 or 4; far-export fewstep adds it).",
         "choice",
         choices=INNER_SAMPLERS,
     )
@@ -252,6 +253,8 @@ PRESETS: dict[str, SamplingOptions] = {
     "paper": SamplingOptions(inner_sampler="ddpm", inner_steps="frequency-aware"),  # 700 DDPM steps (10 outer)
     "official": SamplingOptions(inner_sampler="ddpm", inner_steps="official"),  # 1000 DDPM steps (10 outer)
     "fast": SamplingOptions(inner_sampler="ddpm", inner_steps=15),  # 150 DDPM steps (10 outer)
+    # 40 steps of the bundle's distilled student (docs/DISTILLATION.md): needs its denoiser_fewstep graph
+    "distilled": SamplingOptions(inner_sampler="distilled", inner_steps=4),
 }
 
 #: The official FAR-T2I sampler's settings (shared/spec §11): 10 outer steps at these levels, constant CFG 3,

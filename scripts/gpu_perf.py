@@ -15,7 +15,8 @@ time limit keeps what finished; ``DIR`` defaults to ``$OUT``), each skipped once
    against the same draws uploaded from NumPy, and bf16 per call (one transformer call, one denoiser
    step of the compiled, captured path) against fp32. A failure here stops the run (``--keep-going``);
 3. per model (random-init, no ONNX validation): one Generator (torch backend, ``--precision``, compiled, CUDA
-   graphs) per batch size with the paper schedule and at batch 1 with the ``fast`` preset: ``warmup()`` (the
+   graphs) per batch size with the paper schedule and at batch 1 with the ``fast`` and ``distilled`` presets (the
+   latter runs a stand-in student, the teacher's own MLP added by ``far-export fewstep``: speed only): ``warmup()`` (the
    first call without warm-up), the first call after it, then timed calls -- per image median, min and max,
    stages, images/s, achieved TFLOP/s and its share of the measured peak, peak GPU memory; then the eager
    baselines at batch 1 (``torch-eager``: the official way, fp16 autocast and 100 inner steps; the same at equal
@@ -102,19 +103,20 @@ class Run:
 
 def bench_model(model: str, a: argparse.Namespace, tmp: Path, run: Run) -> dict[str, Any]:
     """Export a random-init ``model``, time the fast path (torch backend, compiled, CUDA graphs) at each batch size
-    with the bundle's (paper) plan and at batch 1 with the ``fast`` preset, then the eager baselines and the
-    compiled kernels per call against fp32."""
+    with the bundle's (paper) plan and at batch 1 with the ``fast`` and ``distilled`` presets, then the eager
+    baselines and the compiled kernels per call against fp32."""
     import torch
 
     t = time.perf_counter()
     bundle = export_random(model, a.vae_config, tmp / model)
+    add_stand_in_student(bundle, tmp / f"{model}-student.safetensors")
     res: dict[str, Any] = {"model": model, "vae": a.vae_config, "export_s": time.perf_counter() - t, "rows": []}
     log(f"{model}: exported in {res['export_s']:.0f} s")
     t = time.perf_counter()
     gen = far_sdk.Generator(bundle, backend="torch", device=device_name(), precision=a.precision, cuda_graphs=True)
     res["load_s"] = time.perf_counter() - t
     steps = {"num_steps": a.steps} if a.steps else {}
-    rows = [(B, {**steps}) for B in a.batch_list] + [(1, {"preset": "fast", **steps})]
+    rows = [(B, {**steps}) for B in a.batch_list] + [(1, {"preset": p, **steps}) for p in ("fast", "distilled")]
     for B, plan_kw in rows:
         if run.left() < 20:
             res["rows"].append({"batch": B, "settings": plan_kw, "status": "skipped", "reason": "budget"})
@@ -145,6 +147,21 @@ def bench_model(model: str, a: argparse.Namespace, tmp: Path, run: Run) -> dict[
         per_call_precision(bundle, device_name(), a.precision) if run.left() > 30 else {"skipped": "budget"}
     )
     return res
+
+
+def add_stand_in_student(bundle: Path, path: Path) -> None:
+    """Give a random-init bundle a few-step denoiser for timing ``preset="distilled"`` (speed only): the teacher's own
+    diffusion MLP saved as the student (far-train distill's file format) and added by ``far-export fewstep``."""
+    from export.fewstep import add_fewstep
+    from far_sdk.bundle.bundle import Bundle
+    from far_sdk.maths.distilled import DISTILLED_STEPS, TEACHER_STEPS
+    from training.distill.train import save_student
+    from training.from_bundle import load_bundle_models
+
+    far, _vae = load_bundle_models(Bundle.load(bundle))
+    info = {"steps": list(DISTILLED_STEPS), "teacher_steps": TEACHER_STEPS, "method": "random-init stand-in (speed)"}
+    save_student(far.diffloss.net, path, info)
+    add_fewstep(bundle, path, validate=False)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -243,7 +243,8 @@ def test_gpu_check_quick_runs_on_cpu_and_reports_skipped_gpu_paths(tmp_path):
 @pytest.mark.slow
 def test_gpu_perf_tiny_runs_on_cpu_and_reports_every_column(tmp_path):
     """``gpu_check.py --perf`` as it runs on a GPU, shrunk (--tiny: far_tiny, CPU): rows with warm-up and memory
-    columns, the fast preset, the eager baselines (official: 100 inner steps per outer step) and speed-ups."""
+    columns, the fast and distilled presets, the eager baselines (official: 100 inner steps per outer step) and
+    speed-ups."""
     out = tmp_path / "perf"
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--perf", "--tiny", "--skip-smoke"]
     r = subprocess.run(
@@ -253,15 +254,18 @@ def test_gpu_perf_tiny_runs_on_cpu_and_reports_every_column(tmp_path):
     data = json.loads((out / "perf.json").read_text())
     m = data["stages"]["model far_tiny"]
     assert m["status"] == "ok"
-    paper, fast = m["rows"]
+    paper, fast, distilled = m["rows"]
     assert paper["settings"] == {"num_steps": 1} and fast["settings"] == {"preset": "fast", "num_steps": 1}
-    for row in (paper, fast):
+    assert distilled["settings"] == {"preset": "distilled", "num_steps": 1}  # a stand-in student: speed only
+    assert distilled["inner_steps"] == [4]
+    for row in (paper, fast, distilled):
         assert row["first_call_cold_s"] > 0 and row["warm_ratio"] > 0 and "peak_memory_gb" in row
         assert row["ms_per_image"]["median"] > 0 and row["backend"]["backend"] == "torch"
     assert m["eager"]["official"]["inner_steps_total"] == 100 and m["eager"]["official"]["precision"] == "fp32"
     assert m["eager"]["equal"]["inner_steps_total"] == sum(paper["inner_steps"])
     md = (out / "perf.md").read_text()
     assert "first after warmup / steady" in md and "peak GPU GB" in md and "| far_tiny | 1 | fast |" in md
+    assert "| far_tiny | 1 | distilled |" in md
     official_speedup = m["eager"]["official"]["ms_per_image"]["median"] / paper["ms_per_image"]["median"]
     assert f"{official_speedup:.1f}x | >= 25x:" in md
 

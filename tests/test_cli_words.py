@@ -93,7 +93,7 @@ def test_version_of_each_command():
             ["--class", "3", "--inner-sampeler", "ddim"],
             "unknown flag --inner-sampeler (did you mean '--inner-sampler'?)",
         ),
-        (["--class", "3", "--preset", "fats"], "--preset must be one of 'fast', 'official', 'paper', got 'fats' (did"),
+        (["--class", "3", "--preset", "fats"], "one of 'distilled', 'fast', 'official', 'paper', got 'fats' (did"),
         (["--class", "3", "--filter", "fourir"], "got 'fourir' (did you mean 'fourier'?)"),
         (["--class", "3", "--bundle", str(DEMO.parent / "far-dmeo")], "two bundles given"),
     ],
@@ -153,8 +153,8 @@ def test_far_info_prints_sections_with_the_model_s_own_latent_shape():
     assert json.loads(out) == m
 
 
-_SECTIONS = ["Sampling defaults (far generate flags; the bundle's unless marked built-in)", "Source", "Graphs", "Files",
-             "TensorRT"]  # fmt: skip
+_SECTIONS = ["Sampling defaults (far generate flags; the bundle's unless marked built-in)", "Source", "Graphs",
+             "Few-step denoiser", "Files", "TensorRT"]  # fmt: skip
 
 
 def test_random_init_small_model_without_vae_config_is_refused_with_the_decoder_size(tmp_path):

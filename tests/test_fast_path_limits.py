@@ -50,7 +50,8 @@ def _oom(*_a, **_k):
 
 def test_out_of_memory_in_the_inner_loop_is_typed():
     with far_sdk.Generator(DEMO, backend="torch", device="cpu") as gen:
-        gen.backend._step_host = _oom
+        fused, seeded, _host = gen.backend._steps["denoiser"]
+        gen.backend._steps["denoiser"] = (fused, seeded, _oom)
         x = np.zeros((1, 256, 4), np.float32)
         cond = np.zeros((2, 1, 256, 128), np.float32)
         from far_sdk.maths.diffusion import denoise_step_table

@@ -25,7 +25,7 @@ def gen():
     [
         (dict(preset=["fast"]), r"preset must be one preset name \(a string\), got list \['fast'\]"),
         (dict(preset={"inner_steps": 15}), r"preset must be one preset name \(a string\), got dict"),
-        (dict(preset="quick"), r"unknown preset 'quick'; choose one of \['fast', 'official', 'paper'\]"),
+        (dict(preset="quick"), r"unknown preset 'quick'; choose one of \['distilled', 'fast', 'official', 'paper'\]"),
         (dict(levels=5), "levels must be a list of integer frequency levels in 0..15, got 5"),
         (dict(class_labels=["³"]), "unknown class name '³'"),
         (dict(class_labels=["٣"]), "unknown class name '٣'"),  # an Arabic-Indic 3: a digit to str.isdigit()

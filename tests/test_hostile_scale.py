@@ -301,7 +301,7 @@ def test_a_job_the_free_space_cannot_hold_is_refused_before_any_work(tmp_path, m
         (["--mode", "mask", "--steps", "4"], 6, "--levels"),
         (["--seed", str(2**63 - 3)], 6, "--seed"),
         ([], 2**41, "-n) must be at most 2**40"),
-        (["--preset", "turbo"], 6, "--preset must be one of 'fast', 'official', 'paper', got 'turbo'"),
+        (["--preset", "turbo"], 6, "--preset must be one of 'distilled', 'fast', 'official', 'paper', got 'turbo'"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_is_written(tmp_path, extra, n, why):

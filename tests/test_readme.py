@@ -158,8 +158,9 @@ def test_the_readme_s_numbers_are_the_code_s():
     text = " ".join(README.split())
     # presets: "paper" 700, "official" 1,000, "fast" 150 inner steps over the 10 default outer steps
     totals = {name: sum(resolve_plan(DEFAULTS, preset_name=name).inner_steps) for name in PRESETS}
-    assert totals == {"paper": 700, "official": 1000, "fast": 150}
+    assert totals == {"paper": 700, "official": 1000, "fast": 150, "distilled": 40}
     assert '`"paper"` (700 DDPM steps' in text and '`"official"` (1,000' in text and '`"fast"` (150' in text
+    assert '`"distilled"` (40' in text
     # the official temperature ramp 0.80 -> 1.0 at temperature 1 over 10 steps
     ramp = temperature_schedule_values(1.0, 10)
     assert f"{ramp[0]:.2f} -> {ramp[-1]:.1f}" == "0.80 -> 1.0" and "0.80 -> 1.0 at temperature 1" in text

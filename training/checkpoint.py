@@ -107,8 +107,10 @@ def save_official_checkpoint(
     epoch: int = 0,
     scaler_state: dict | None = None,
     args: argparse.Namespace | dict | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``path`` in the official layout, atomically (temp file in the same directory, fsync, rename).
+    ``extra``: more top-level entries beside the official ones (e.g. ``far-train distill``'s ``student``).
 
     ``args`` defaults to a Namespace describing ``model.config`` with the official flag names,
     plus ``far_sdk_config`` (our full config) so our own loader needs no preset.
@@ -147,6 +149,7 @@ def save_official_checkpoint(
         "epoch": int(epoch),
         "scaler": scaler_state or {},
         "args": args,
+        **(extra or {}),
     }
     atomic_torch_save(obj, path)
     return path

@@ -5,6 +5,7 @@ torchrun --nproc_per_node 8 -m training.cli train --data latents.safetensors --m
 far-train train --data text_latents.npz --model far_t2i_demo --steps 3000 --out runs/t2i   # text-to-image
 far-train cache-latents --image-root imagenet/train --vae kl16.ckpt --out latents.safetensors
 far-train train-vae --image-root images/ --vae-config kl16-small --steps 20000 --out vae.pth
+far-train distill --bundle engines/far-demo --images 256 --steps 2000 --out runs/distill   # few-step student
 """
 
 from __future__ import annotations
@@ -230,10 +231,62 @@ def _run_vae(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_distill(p: argparse.ArgumentParser) -> None:
+    teacher = p.add_argument_group("teacher (one of --bundle or --checkpoint)")
+    teacher.add_argument("--bundle", help="a far-sdk bundle directory (its weights and sampling defaults)")
+    teacher.add_argument("--checkpoint", help="a FAR checkpoint (official layout, ours included)")
+    p.add_argument("--out", required=True, help="output directory (checkpoint-last.pth, student.safetensors)")
+    p.add_argument("--images", type=positive_int, default=256, help="teacher images per process")
+    p.add_argument(
+        "--keep-tokens", type=positive_int, default=32, help="tokens per image and outer step on the 100-step chain"
+    )
+    p.add_argument(
+        "--context-steps", type=positive_int, default=15, help="inner steps of the other tokens (the next input)"
+    )
+    p.add_argument("--teacher-batch", type=positive_int, default=32, help="images per teacher sampling batch")
+    p.add_argument("--steps", type=positive_int, default=2000, help="optimiser steps")
+    p.add_argument("--batch-size", type=positive_int, default=2048, help="rows per step and process")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the teacher's classes and noise")
+    p.add_argument("--save-every", type=positive_int, default=500, help="steps between checkpoints")
+    p.add_argument("--log-every", type=positive_int, default=50, help="steps between loss log lines")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint and teacher data")
+
+
+def _run_distill(a: argparse.Namespace) -> int:
+    from .distill.train import DistillConfig, distill, load_teacher
+
+    check_writable_dir(a.out, "--out")
+    model, defaults, source = load_teacher(a.bundle, a.checkpoint)
+    cfg = DistillConfig(
+        out_dir=a.out,
+        images=a.images,
+        keep_tokens=a.keep_tokens,
+        context_steps=a.context_steps,
+        teacher_batch=a.teacher_batch,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        save_every=a.save_every,
+        log_every=a.log_every,
+        threads=a.threads,
+    )
+    info = distill(model, cfg, source=source, defaults=defaults, resume=a.resume)
+    print(
+        f"distilled {info['train_steps']} steps in {info['seconds']:.0f} s (teacher data {info['teacher_seconds']:.0f}"
+        f" s); held-out loss {info['val_loss']:.4f} (teacher-initialised {info['val_loss_teacher_init']:.4f}); "
+        f"student: {a.out}/student.safetensors"
+    )
+    return 0
+
+
 COMMANDS = {
     "train": (_add_train, _run_train, "train a class-conditional FAR model"),
     "cache-latents": (_add_cache, _run_cache, "encode an ImageFolder tree into a latents file"),
     "train-vae": (_add_vae, _run_vae, "train a KL autoencoder (tokenizer) and estimate its latent scale"),
+    "distill": (_add_distill, _run_distill, "distil a FAR denoiser into a 1-, 2- or 4-step student"),
 }
 
 

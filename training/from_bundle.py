@@ -6,6 +6,7 @@ so every one of them reads the manifest's own weight prefixes the same way and f
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from far_sdk.errors import BundleError
 from .config import FARConfig
 from .config_t2i import T2IConfig
 from .config_vae import VAEConfig
+from .diffloss import SimpleMLPAdaLN
 from .far import FAR
 from .far_t2i import FART2I
 from .graph_modules import VAEDecoderGraph, VAEEncoderGraph
@@ -53,6 +55,21 @@ def load_bundle_models(bundle: Bundle) -> tuple[FAR, AutoencoderKL]:
             f"{bundle.path}/weights.safetensors: VAE decoder keys missing {bad[:5]} / unexpected {unexpected[:5]}"
         )
     return far.eval(), vae.eval()
+
+
+def load_bundle_student(bundle: Bundle, net: SimpleMLPAdaLN) -> SimpleMLPAdaLN | None:
+    """The bundle's distilled few-step student (manifest ``fewstep``, far-export fewstep) as a copy of ``net`` (the
+    teacher's diffusion MLP: same architecture) holding the student's weights; None when the bundle has none."""
+    fs = bundle.manifest.get("fewstep")
+    if fs is None:
+        return None
+    state = load_torch_state(bundle.file(fs["student"]["file"]))
+    student = copy.deepcopy(net)
+    try:
+        student.load_state_dict(state)  # strict; copied into the net's dtype and device
+    except RuntimeError as e:
+        raise BundleError(f"{bundle.path}/{fs['student']['file']} does not fit the bundle's denoiser: {e}") from e
+    return student.eval()
 
 
 def load_bundle_decoder(bundle: Bundle, vae: AutoencoderKL) -> VAEDecoderGraph:

@@ -111,6 +111,9 @@ class Backend(ABC):
     concurrent_generate: bool = True
     #: graphs :meth:`run` takes besides the three of every bundle (TensorRT: "text_encoder" when its engine is built)
     extra_graphs: tuple[str, ...] = ()
+    #: whether :meth:`denoise` / :meth:`outer_step` run the bundle's distilled ``denoiser_fewstep`` graph
+    #: (``denoiser="denoiser_fewstep"``); the Generator refuses ``inner_sampler="distilled"`` otherwise
+    runs_fewstep: bool = False
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
@@ -167,12 +170,15 @@ class Backend(ABC):
             raise InvalidArgumentError(f"transformer mask must have shape {(rows, length)}, got {mask.shape}")
         return {"mask": mask}
 
-    def denoise(self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray) -> np.ndarray:
-        """Run len(steps) guided DDPM steps from x [B, L, C]; noises [n, B, L, C], steps [n, 10] -> x_0 [B, L, C]."""
+    def denoise(
+        self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray, denoiser: str = "denoiser"
+    ) -> np.ndarray:
+        """Run len(steps) guided steps of graph ``denoiser`` ("denoiser", or "denoiser_fewstep" where
+        :attr:`runs_fewstep`) from x [B, L, C]; noises [n, B, L, C], steps [n, 10] -> x_0 [B, L, C]."""
         B = x.shape[0]
         cond2 = np.asarray(cond).reshape(2, B, *np.asarray(cond).shape[1:])  # [2B, L, W] -> [2, B, L, W], no copy
         for i in range(steps.shape[0]):
-            x = self.run("denoiser", {"x": x, "noise": noises[i], "cond": cond2, "step": steps[i]})["x_prev"]
+            x = self.run(denoiser, {"x": x, "noise": noises[i], "cond": cond2, "step": steps[i]})["x_prev"]
         return x
 
     # ---- one outer step (the loop calls these; fast backends override them) ---------------------
@@ -194,10 +200,12 @@ class Backend(ABC):
         mark: Mark,
         mask: np.ndarray | None = None,
         keep_next: np.ndarray | None = None,
+        denoiser: str = "denoiser",
     ) -> None:
-        """One outer step, in place on ``state``: cond = transformer([tokens; tokens]); x = n guided DDPM
-        steps from x_T; state.raw = x; state.tokens = M x M^T per channel (``filter_matrix`` M [G, G];
-        None: not filtered). steps [n, len(Step)] (far_sdk.maths.diffusion.Step rows, noisiest first).
+        """One outer step, in place on ``state``: cond = transformer([tokens; tokens]); x = n guided steps of
+        graph ``denoiser`` (:meth:`denoise`) from x_T; state.raw = x; state.tokens = M x M^T per channel
+        (``filter_matrix`` M [G, G]; None: not filtered). steps [n, len(Step)] (far_sdk.maths.diffusion.Step rows,
+        noisiest first).
         Mask mode (:mod:`far_sdk.maths.masking`): ``mask`` [B, L] (1 = dropped) goes to the transformer as
         [mask; mask]; ``keep_next`` [B, L] multiplies the handed-on tokens (None: all kept)."""
         tokens = state.tokens
@@ -207,7 +215,8 @@ class Backend(ABC):
         mark("transformer")
         n = int(steps.shape[0])
         host = draws if isinstance(draws, HostDraws) else draws.materialize(n, L, C)
-        x = self.denoise(host.x, host.noises, cond, steps)  # (B, L, C), host
+        kw = {} if denoiser == "denoiser" else {"denoiser": denoiser}  # overrides may predate the keyword
+        x = self.denoise(host.x, host.noises, cond, steps, **kw)  # (B, L, C), host
         mark("denoise")
         state.raw = x
         nxt = x if filter_matrix is None else low_pass_tokens(x, filter_matrix)

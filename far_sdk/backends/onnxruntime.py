@@ -32,7 +32,7 @@ from far_sdk.backends import ort_tensorrt
 from far_sdk.backends.base import Backend, check_backend_options
 from far_sdk.backends.tensorrt.cache_key import DEFAULT_PROFILE, format_profile, parse_batch_profile
 from far_sdk.bundle.bundle import Bundle
-from far_sdk.bundle.graphs import GRAPH_NAMES
+from far_sdk.bundle.graphs import DENOISER_FEWSTEP, GRAPH_NAMES
 from far_sdk.errors import BackendUnavailableError, BundleError, DeviceOutOfMemoryError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,16 @@ class OnnxRuntimeBackend(Backend):
                     f"onnxruntime could not start {wanted[0]} for graph {g!r} (it runs on {got}); check the CUDA, cuDNN"
                     f"{' and TensorRT' if kind == 'tensorrt' else ''} libraries onnxruntime-gpu {ort.__version__} needs"
                 )
+        if kind != "tensorrt" and bundle.graph_entry(DENOISER_FEWSTEP) is not None:  # TensorRT: no profile for it
+            try:
+                self._sessions[DENOISER_FEWSTEP] = ort.InferenceSession(
+                    str(bundle.graph_file(DENOISER_FEWSTEP)), sess_options=opts, providers=self._providers("denoiser")
+                )
+            except Exception as e:  # onnxruntime's own exception classes
+                raise BundleError(
+                    f"onnxruntime could not load graph {DENOISER_FEWSTEP!r}: {str(e).splitlines()[0]}"
+                ) from e
+        self.runs_fewstep = DENOISER_FEWSTEP in self._sessions
         self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self._sessions.items()}
         self._validation = None
         if kind == "tensorrt" and self._trt_fp16:  # before first use: fp16 against fp32 at t = 999, t = 0, a loop
@@ -217,7 +227,7 @@ class OnnxRuntimeBackend(Backend):
     # ---- the stages -------------------------------------------------------------------------------
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if graph not in self._sessions:
-            raise InvalidArgumentError(f"graph must be one of {GRAPH_NAMES}, got {graph!r}")
+            raise InvalidArgumentError(f"graph must be one of {tuple(self._sessions)}, got {graph!r}")
         sess = self._sessions[graph]
         try:
             outs = sess.run(self._outputs[graph], feeds)
@@ -250,16 +260,20 @@ class OnnxRuntimeBackend(Backend):
         self._run_bound(sess, b, "transformer")
         return OrtValueCond(cond, rows // 2)
 
-    def denoise(self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray) -> np.ndarray:
-        """n guided DDPM steps: x [B, L, C], noises [n, B, L, C], cond [2B, L, W], steps [n, 10] -> x_0 [B, L, C] (a
-        new array)."""
+    def denoise(
+        self, x: np.ndarray, noises: np.ndarray, cond: Any, steps: np.ndarray, denoiser: str = "denoiser"
+    ) -> np.ndarray:
+        """n guided steps of graph ``denoiser``: x [B, L, C], noises [n, B, L, C], cond [2B, L, W], steps [n, 10] ->
+        x_0 [B, L, C] (a new array)."""
         if steps.shape[0] == 0:
             return np.array(x, dtype=np.float32)
+        if denoiser not in self._sessions:
+            raise InvalidArgumentError(f"graph must be one of {tuple(self._sessions)}, got {denoiser!r}")
         if not self._io_binding:
-            return super().denoise(x, noises, self._host_cond(cond), steps)
+            return super().denoise(x, noises, self._host_cond(cond), steps, denoiser)
         if self._on_gpu:
-            return self._denoise_device(x, noises, cond, steps)
-        return self._denoise_cpu(x, noises, cond, steps)
+            return self._denoise_device(x, noises, cond, steps, denoiser)
+        return self._denoise_cpu(x, noises, cond, steps, denoiser)
 
     def _host_cond(self, cond: Any) -> np.ndarray:
         return cond.value.numpy() if isinstance(cond, OrtValueCond) else cond
@@ -270,8 +284,8 @@ class OnnxRuntimeBackend(Backend):
         except Exception as e:
             raise _run_error(e, graph, None) from e
 
-    def _denoise_cpu(self, x, noises, cond, steps) -> np.ndarray:
-        sess = self._sessions["denoiser"]
+    def _denoise_cpu(self, x, noises, cond, steps, denoiser="denoiser") -> np.ndarray:
+        sess = self._sessions[denoiser]
         x = np.ascontiguousarray(x, dtype=np.float32)
         noises = np.ascontiguousarray(noises, dtype=np.float32)
         steps = np.ascontiguousarray(steps, dtype=np.float32)
@@ -293,12 +307,12 @@ class OnnxRuntimeBackend(Backend):
             b.bind_input("noise", "cpu", 0, f32, shape, nz0 + i * nz_stride)
             b.bind_input("step", "cpu", 0, f32, [steps.shape[1]], st0 + i * st_stride)
             b.bind_output("x_prev", "cpu", 0, f32, shape, bufs[i % 2].ctypes.data)
-            self._run_bound(sess, b, "denoiser")
+            self._run_bound(sess, b, denoiser)
             src = bufs[i % 2].ctypes.data
         return bufs[(n - 1) % 2]
 
-    def _denoise_device(self, x, noises, cond, steps) -> np.ndarray:
-        sess, OrtValue, mem, dev = self._sessions["denoiser"], self._ort.OrtValue, self._mem, self._device_id
+    def _denoise_device(self, x, noises, cond, steps, denoiser="denoiser") -> np.ndarray:
+        sess, OrtValue, mem, dev = self._sessions[denoiser], self._ort.OrtValue, self._mem, self._device_id
         x = np.array(x, dtype=np.float32)  # a copy: in CPU memory ortvalue_from_numpy wraps it, and step 1 writes it
         B, n = x.shape[0], steps.shape[0]
         shape, f32 = list(x.shape), np.float32
@@ -324,7 +338,7 @@ class OnnxRuntimeBackend(Backend):
             b.bind_input("noise", mem, dev, f32, shape, nz.data_ptr() + i * nz_stride)
             b.bind_input("step", mem, dev, f32, [steps.shape[1]], st.data_ptr() + i * st_stride)
             b.bind_output("x_prev", mem, dev, f32, shape, xs[(i + 1) % 2].data_ptr())
-            self._run_bound(sess, b, "denoiser")
+            self._run_bound(sess, b, denoiser)
         # The one download (the runs above synchronised their stream). In CPU memory numpy() is a view of a
         # buffer that dies with this frame, hence the copy (a few KB per image).
         return xs[n % 2].numpy().copy()

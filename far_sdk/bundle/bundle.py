@@ -25,13 +25,13 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from far_sdk.bundle.graphs import GRAPH_NAMES, TEXT_ENCODER, GraphSpec, TensorSpec
+from far_sdk.bundle.graphs import GRAPH_NAMES, OPTIONAL_GRAPHS, TEXT_ENCODER, GraphSpec, TensorSpec
 from far_sdk.bundle.manifest import MAX_MANIFEST_BYTES, dump_manifest, read_manifest
 from far_sdk.bundle.onnx_external_data import external_data_files
 from far_sdk.bundle.schema import BUNDLE_FORMAT, FORMAT_VERSION
@@ -337,15 +337,19 @@ def atomic_bundle_dir(dest: str | os.PathLike, *, overwrite: bool = False) -> It
         raise
 
 
-def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
-    """Fill ``files`` with size and sha256 of every graph/weight file present, add the format, version and
-    digest, check the result against the schema, and write manifest.json."""
+def write_manifest(bundle_dir: Path, manifest: dict[str, Any], names: Collection[str] | None = None) -> None:
+    """Fill ``files`` with size and sha256 of every graph/weight file present (``names``: only those), add the
+    format, version and digest, check the result against the schema, and write manifest.json."""
     files = {}
     for p in sorted(bundle_dir.iterdir()):
-        if p.is_file() and p.name != MANIFEST_NAME:
+        if p.is_file() and p.name != MANIFEST_NAME and (names is None or p.name in names):
             files[p.name] = file_entry(p)
     manifest = dict(manifest, format=BUNDLE_FORMAT, format_version=FORMAT_VERSION, files=files)
-    missing = [g for g in GRAPH_NAMES if g in manifest.get("graphs", {}) and manifest["graphs"][g]["file"] not in files]
+    missing = [
+        g
+        for g in (*GRAPH_NAMES, *OPTIONAL_GRAPHS)
+        if g in manifest.get("graphs", {}) and manifest["graphs"][g]["file"] not in files
+    ]
     if missing:
         raise BundleError(f"graphs {missing} have no file in {bundle_dir}")
     data = dump_manifest(manifest)

@@ -18,6 +18,7 @@ manifest's model config by :func:`graph_specs`.
   far_sdk.maths.diffusion.DDIMTables). x [B, L, C] (conditional half), noise [B, L, C],
   cond [2, B, L, W] (conditional rows first), step [10] (the columns of :class:`far_sdk.maths.diffusion.Step`) ->
   x_prev [B, L, C].
+- ``denoiser_fewstep`` (optional): the denoiser's signature, a distilled student's weights (1, 2 or 4 steps).
 - ``vae_decoder``: latents [B, C, H, W] (sampler scale; the graph divides by the latent scale)
   -> image [B, 3, 16 H, 16 W] in about [-1, 1].
 - ``vae_encoder`` (optional: :data:`OPTIONAL_GRAPHS`; image-to-image): image [B, 3, S, S] float32 in [-1, 1]
@@ -35,10 +36,14 @@ from far_sdk.maths.diffusion import Step
 GRAPH_NAMES = ("transformer", "denoiser", "vae_decoder")
 #: The VAE encoder (image-to-image): optional, old bundles load without it.
 VAE_ENCODER = "vae_encoder"
-#: Graphs a bundle may list besides :data:`GRAPH_NAMES` (each checked against its spec when present).
-OPTIONAL_GRAPHS = (VAE_ENCODER,)
 #: The VAE encoder's weights in a bundle that has the graph (for backend="torch" and re-exports).
 VAE_ENCODER_WEIGHTS = "vae_encoder.safetensors"
+#: A distilled few-step student of the denoiser (``far-export fewstep``; manifest ``fewstep``): the denoiser's
+#: inputs and outputs (:func:`fewstep_spec`), run with :mod:`far_sdk.maths.distilled`'s step rows.
+DENOISER_FEWSTEP = "denoiser_fewstep"
+#: Graphs a bundle may list besides :data:`GRAPH_NAMES` (each checked against its spec when present); older
+#: bundles have none of them.
+OPTIONAL_GRAPHS: tuple[str, ...] = (VAE_ENCODER, DENOISER_FEWSTEP)
 #: A text bundle's optional fourth graph (manifest ``text.encoder``): see :func:`text_encoder_spec`.
 TEXT_ENCODER = "text_encoder"
 
@@ -129,6 +134,11 @@ def graph_specs(
             (TensorSpec("mean", f32, ("B", C, G, G)), TensorSpec("std", f32, ("B", C, G, G))),
         ),
     }
+
+
+def fewstep_spec(specs: dict[str, GraphSpec]) -> GraphSpec:
+    """The few-step student's graph: the denoiser's signature (``specs`` from :func:`graph_specs`) under its name."""
+    return GraphSpec(DENOISER_FEWSTEP, specs["denoiser"].inputs, specs["denoiser"].outputs)
 
 
 def text_encoder_spec(max_length: int, hidden_size: int, system_length: int = 0) -> GraphSpec:

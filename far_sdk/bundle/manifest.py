@@ -27,7 +27,14 @@ import hashlib
 import json
 from typing import Any
 
-from far_sdk.bundle.graphs import GRAPH_NAMES, OPTIONAL_GRAPHS, graph_specs, text_encoder_spec
+from far_sdk.bundle.graphs import (
+    DENOISER_FEWSTEP,
+    GRAPH_NAMES,
+    OPTIONAL_GRAPHS,
+    fewstep_spec,
+    graph_specs,
+    text_encoder_spec,
+)
 from far_sdk.bundle.schema import BUNDLE_FORMAT, DIGEST_KEY, FORMAT_VERSION, schema_error
 from far_sdk.errors import BundleError, IncompatibleBundleError, IntegrityError, InvalidArgumentError
 from far_sdk.maths.masking import sampling_modes
@@ -225,7 +232,12 @@ def _check_relations(m: dict[str, Any], where: str) -> None:
         masked=masked,
         text=None if text is None else (text["max_length"], text["hidden_size"]),
     )
-    for g in GRAPH_NAMES + tuple(g for g in OPTIONAL_GRAPHS if g in m["graphs"]):
+    if (DENOISER_FEWSTEP in m["graphs"]) != ("fewstep" in m):
+        raise _relation_error(
+            where, "fewstep", f"the graph {DENOISER_FEWSTEP!r} and the 'fewstep' section come together (one is missing)"
+        )
+    specs[DENOISER_FEWSTEP] = fewstep_spec(specs)
+    for g in (*GRAPH_NAMES, *(o for o in OPTIONAL_GRAPHS if o in m["graphs"])):
         want = specs[g].to_dict()
         for io in ("inputs", "outputs"):
             if m["graphs"][g][io] != want[io]:

@@ -11,7 +11,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
-from far_sdk.bundle.graphs import GRAPH_NAMES, OPTIONAL_GRAPHS
+from far_sdk.bundle.graphs import DENOISER_FEWSTEP, GRAPH_NAMES, OPTIONAL_GRAPHS
 from far_sdk.maths.schedules import MODES
 from far_sdk.options import options_json_schema
 
@@ -125,6 +125,18 @@ _GRAPH = _object(
         "validation": _VALIDATION,
     },
     optional=("external_data",),
+)
+#: The distilled few-step denoiser (graph ``denoiser_fewstep``): its step counts and how it was made.
+_FEWSTEP = _object(
+    {
+        "graph": {"const": DENOISER_FEWSTEP},
+        "steps": {"type": "array", "items": _int(1, 1000), "minItems": 1, "maxItems": 16, "uniqueItems": True},
+        "teacher_steps": _int(1, 1000),
+        "method": _TEXT,
+        "made_by": _TEXT,
+        "student": _object({"file": _FILE, "sha256": _SHA256}),
+        "training": {"type": "object"},
+    }
 )
 #: A file fetched from the Hugging Face Hub: its repository, the commit it resolved to, its path there.
 _SOURCE_HUB = _object(
@@ -264,6 +276,7 @@ SCHEMA: dict[str, Any] = {
             },
             "defaults": options_json_schema(),
             "graphs": _object({g: _GRAPH for g in GRAPH_NAMES + OPTIONAL_GRAPHS}, optional=OPTIONAL_GRAPHS),
+            "fewstep": _FEWSTEP,
             "weights": _object({"file": _FILE, "prefixes": _object({"far": _TEXT, "vae": _TEXT})}),
             "source": _SOURCE,
             "format": {"const": BUNDLE_FORMAT},
@@ -277,7 +290,7 @@ SCHEMA: dict[str, Any] = {
             },
             DIGEST_KEY: _SHA256,
         },
-        optional=("id2label", "weights", "conditioning", "text", "null_class_id"),
+        optional=("id2label", "weights", "conditioning", "text", "null_class_id", "fewstep"),
     ),
     "if": {"properties": {"conditioning": {"const": "text"}}, "required": ["conditioning"]},
     "then": {"properties": {"model": _MODEL_T2I}},

@@ -126,6 +126,19 @@ def run_info(a: argparse.Namespace) -> int:
         err = f"max abs error vs PyTorch {val['max_abs']:.2e}" if "max_abs" in val else "not validated"
         rows.append((g, f"{spec['file']:<22} opset {spec.get('opset')}, {err}"))
     _section("Graphs", rows)
+    fs = m.get("fewstep")
+    if fs is not None:  # far-export fewstep's distilled student (inner_sampler "distilled", preset "distilled")
+        tr = fs.get("training", {})
+        rows = [
+            ("inner steps", ", ".join(map(str, fs["steps"])) + " (--preset distilled; --inner-sampler distilled)"),
+            ("teacher chain", f"{fs['teacher_steps']} DDPM steps per outer step"),
+            ("method", fs["method"]),
+            ("student", f"{fs['student']['file']} (sha256 {_short(fs['student']['sha256'])})"),
+            ("training", f"{tr.get('train_steps', '?')} steps, {tr.get('seconds', '?')} s, {tr.get('teacher', '?')}"),
+        ]
+    else:
+        rows = [("none", "add one with far-train distill, then far-export fewstep BUNDLE")]
+    _section("Few-step denoiser", rows)
     _section("Files", [(n, f"{f['size'] / 1e6:9.2f} MB  sha256 {_short(f['sha256'])}") for n, f in m["files"].items()])
     engines = trt_dir(b)  # the user's far-sdk cache, not the bundle
     plans = sorted(engines.glob("*.plan")) if engines.is_dir() else []

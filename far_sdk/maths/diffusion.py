@@ -29,9 +29,10 @@ from far_sdk.errors import InvalidArgumentError
 
 NUM_TRAIN_TIMESTEPS = 1000
 
-InnerSampler = Literal["ddpm", "ddim"]
-#: The inner (per-token diffusion) samplers: "ddpm" is the official sampler, "ddim" Song et al. 2021.
-INNER_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+InnerSampler = Literal["ddpm", "ddim", "distilled"]
+#: The inner (per-token diffusion) samplers: "ddpm" is the official sampler, "ddim" Song et al. 2021,
+#: "distilled" a few-step student (a bundle's optional ``denoiser_fewstep`` graph; far_sdk.maths.distilled).
+INNER_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "distilled")
 
 
 def cosine_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS, max_beta: float = 0.999) -> np.ndarray:
@@ -209,7 +210,9 @@ def denoise_step_table(
         tab = ddim_tables(num_steps, eta)
         noisy = tab.sigmas > 0
     else:
-        raise InvalidArgumentError(f"inner_sampler must be one of {INNER_SAMPLERS}, got {inner_sampler!r}")
+        raise InvalidArgumentError(
+            f"inner_sampler must be 'ddpm' or 'ddim' here ('distilled': far_sdk.maths.distilled), got {inner_sampler!r}"
+        )
     ks = np.arange(tab.num_steps)[::-1]
     out = np.empty((tab.num_steps, len(Step)), dtype=np.float32)
     out[:, Step.timestep] = tab.timesteps[ks]

@@ -19,6 +19,7 @@ import numpy as np
 
 from far_sdk.errors import InvalidArgumentError, arg, check_choice, check_range
 from far_sdk.maths.diffusion import INNER_SAMPLERS, InnerSampler, check_eta, denoise_step_table
+from far_sdk.maths.distilled import check_distilled_steps, distilled_step_table
 from far_sdk.maths.filters import FILTER_TYPES, GRID, FilterType
 
 #: The official no-mask sampler's levels (10 outer steps; level 1 skipped).
@@ -159,7 +160,8 @@ class SamplingPlan:
     filter: FilterType
     filter_after: tuple[int | None, ...]
     x0_clip: float | None = None  # clamp x0_hat to [-x0_clip, x0_clip] (None: the official sampler, no clip)
-    inner_sampler: InnerSampler = "ddpm"  # "ddpm" (official) | "ddim" (far_sdk.maths.diffusion.DDIMTables)
+    # "ddpm" (official) | "ddim" (far_sdk.maths.diffusion.DDIMTables) | "distilled" (far_sdk.maths.distilled)
+    inner_sampler: InnerSampler = "ddpm"
     eta: float = 0.0  # DDIM's noise level in [0, 1]; always 0.0 (unused) for "ddpm"
 
     @property
@@ -168,7 +170,10 @@ class SamplingPlan:
 
     def step_table(self, s: int) -> np.ndarray:
         """float32 [n_s, 10]: the denoiser's ``step`` rows of outer step ``s`` in execution order, for
-        this plan's inner sampler (:func:`far_sdk.maths.diffusion.denoise_step_table`)."""
+        this plan's inner sampler (:func:`far_sdk.maths.diffusion.denoise_step_table`; "distilled":
+        :func:`far_sdk.maths.distilled.distilled_step_table`)."""
+        if self.inner_sampler == "distilled":
+            return distilled_step_table(self.inner_steps[s], self.cfg[s], self.temperature[s], self.x0_clip)
         return denoise_step_table(
             self.inner_steps[s],
             self.cfg[s],
@@ -204,12 +209,13 @@ def make_plan(
     :data:`OFFICIAL_MASK_LEVELS` unless ``levels`` are given). With ``inner_steps=100`` (or "official") and
     the built-in defaults otherwise, the plan equals the official evaluated sampler (``sample_tokens_nomask``;
     ``mode="mask"``: ``sample_tokens_mask``). ``inner_sampler="ddim"`` runs each outer step's inner loop as
-    DDIM with noise level ``eta`` (None: 0, deterministic). ``x0_clip`` False or None: no clipping.
+    DDIM with noise level ``eta`` (None: 0, deterministic); ``"distilled"`` runs a bundle's few-step student
+    (1, 2 or 4 inner steps, :mod:`far_sdk.maths.distilled`). ``x0_clip`` False or None: no clipping.
     """
     check_choice("mode", mode, MODES)
     check_choice("inner_sampler", inner_sampler, INNER_SAMPLERS)
     check_choice("filter", filter, FILTER_TYPES)
-    if inner_sampler == "ddpm":
+    if inner_sampler in ("ddpm", "distilled"):
         if eta is not None:
             raise InvalidArgumentError(
                 f"{arg('eta', eta)} applies only to {arg('inner_sampler', 'ddim')} (DDPM's noise is the model's "
@@ -239,12 +245,16 @@ def make_plan(
     else:
         levels = outer_levels(len(OFFICIAL_LEVELS) if num_steps is None else num_steps)
     S = len(levels)
+    counts = inner_step_schedule(inner_steps, S)
+    if inner_sampler == "distilled":
+        for n in counts:
+            check_distilled_steps(n)
     return SamplingPlan(
         mode=mode,
         levels=levels,
         cfg=tuple(float(c) for c in cfg_schedule_values(cfg, S, cfg_schedule)),
         temperature=tuple(float(t) for t in temperature_schedule_values(temperature, S, temperature_schedule, mode)),
-        inner_steps=inner_step_schedule(inner_steps, S),
+        inner_steps=counts,
         filter=filter,
         filter_after=filter_after(levels, mode),
         x0_clip=clip,

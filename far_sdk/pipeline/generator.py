@@ -30,10 +30,18 @@ import numpy as np
 from far_sdk.backends.base import Backend, HostDraws, LoopState, SeededDraws
 from far_sdk.backends.create import create_backend
 from far_sdk.bundle.bundle import Bundle
+from far_sdk.bundle.graphs import DENOISER_FEWSTEP
 from far_sdk.bundle.hub import locate_bundle
 from far_sdk.compat import diffusers_callback, repeat_each
 from far_sdk.conditioning import ClassCondition, Condition, condition_for
-from far_sdk.errors import GeneratorClosedError, InvalidArgumentError, NumericalError, check_choice
+from far_sdk.errors import (
+    BackendUnavailableError,
+    GeneratorClosedError,
+    InvalidArgumentError,
+    MissingGraphError,
+    NumericalError,
+    check_choice,
+)
 from far_sdk.images import to_pil, to_uint8
 from far_sdk.maths.filters import filter_matrix, tokens_to_grid
 from far_sdk.maths.masking import check_mode, source_orders, step_masks
@@ -105,7 +113,23 @@ class Generator:
                 UserWarning,
                 stacklevel=3,
             )
+        if plan.inner_sampler == "distilled":
+            self._check_fewstep()
         return plan
+
+    def _check_fewstep(self) -> None:
+        """inner_sampler "distilled" needs the bundle's few-step graph and a backend that runs it."""
+        if self.bundle.graph_entry(DENOISER_FEWSTEP) is None:
+            raise MissingGraphError(
+                f"bundle {self.bundle.name!r} has no distilled few-step denoiser (graph {DENOISER_FEWSTEP!r}): make "
+                f"one with `far-train distill --bundle {self.bundle.path} --out RUN`, then `far-export fewstep "
+                f"{self.bundle.path} --student RUN/student.safetensors`; or use preset 'fast'"
+            )
+        if not self.backend.runs_fewstep:
+            raise BackendUnavailableError(
+                f"the {self.backend.name} backend ({self.backend.device}) does not run the distilled few-step denoiser "
+                f"(inner_sampler 'distilled', preset 'distilled'); use backend 'onnxruntime' or 'torch'"
+            )
 
     # ---- the loop ---------------------------------------------------------------------------------
     def iter_steps(
@@ -162,6 +186,7 @@ class Generator:
                 draws=draws,
                 mark=mark,
                 **mask_kw,
+                **({"denoiser": DENOISER_FEWSTEP} if plan.inner_sampler == "distilled" else {}),
             )
             if not be.all_finite(state.raw):
                 raise NumericalError(

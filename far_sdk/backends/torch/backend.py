@@ -1,25 +1,21 @@
-"""PyTorch backend: runs the bundle's weights through the same graph modules the ONNX graphs were
-exported from. Imports torch and ``training`` only when chosen.
-
-The whole generation stays on the device between the class ids going in and the latents coming out
-(one host copy per image at the end, plus a few bytes of plan per outer step):
+"""PyTorch backend: runs the bundle's weights through the same graph modules the ONNX graphs were exported from.
+Imports torch and ``training`` only when chosen. The whole generation stays on the device between the class ids
+going in and the latents coming out (one host copy per image at the end, plus a few bytes of plan per outer step):
 
 - per outer step two stages: the transformer (``TransformerGraph``) writes ``cond``; then the n-step inner loop
   (``FusedDenoiserStep``: the adaLN modulations of many steps in one GEMM before them, the time embeddings of
-  all n steps in one call, latents in fp32) and the low-pass filter on the device;
-- seeded noise (:class:`~far_sdk.backends.base.SeededDraws`) is drawn on the device by the same
-  Philox4x32-10 as :mod:`far_sdk.maths.noise` (``training.torch_noise.philox_normals_torch``), inside the step, so
-  no noise crosses the bus; replayed noise (:class:`~far_sdk.backends.base.HostDraws`) is uploaded;
-- on CUDA with ``cuda_graphs=True`` (default) each stage is captured once into a
-  ``torch.cuda.CUDAGraph`` — the transformer per batch size, the inner loop per (batch, n, filtered,
-  noise kind) — and replayed (LRU of ``max_cuda_graphs``);
-- with ``compile=True`` (default on CUDA: "auto") the denoiser step (noise, network, DDPM update) and, on CUDA,
-  the transformer are compiled by ``torch.compile`` (Inductor) before capture; off by default on the CPU.
+  all n steps in one call, latents in fp32; the bundle's distilled student for ``denoiser_fewstep``) and the
+  low-pass filter on the device;
+- seeded noise (:class:`~far_sdk.backends.base.SeededDraws`) is drawn on the device by the same Philox4x32-10 as
+  :mod:`far_sdk.maths.noise` (``training.torch_noise.philox_normals_torch``), inside the step, so no noise crosses
+  the bus; replayed noise (:class:`~far_sdk.backends.base.HostDraws`) is uploaded;
+- on CUDA with ``cuda_graphs=True`` (default) each stage is captured once into a ``torch.cuda.CUDAGraph`` (the
+  transformer per batch size, the inner loop per (batch, n, filtered, denoiser, noise kind)), replayed (LRU);
+- ``compile=True`` (default on CUDA: "auto"): the denoiser step (noise, network, DDPM update) and, on CUDA, the
+  transformer compiled by ``torch.compile`` (Inductor) before capture; off by default on the CPU.
 
-Static buffers (:class:`~far_sdk.backends.torch.state.Batch`, per batch size) are allocated outside any capture,
-so the graphs (:mod:`~far_sdk.backends.torch.graphs`) only read and write them: one generation at a time
-(``concurrent_generate`` is False with graphs).
-"""
+Static buffers (:class:`~far_sdk.backends.torch.state.Batch`, per batch size) are allocated outside any capture:
+the graphs (:mod:`~far_sdk.backends.torch.graphs`) only read and write them; one generation at a time."""
 
 from __future__ import annotations
 
@@ -60,6 +56,7 @@ from far_sdk.backends.torch.state import (
     upload_plan,
 )
 from far_sdk.bundle.bundle import Bundle
+from far_sdk.bundle.graphs import DENOISER_FEWSTEP
 from far_sdk.errors import CompileError, InvalidArgumentError
 from far_sdk.maths.diffusion import Step
 
@@ -67,11 +64,10 @@ log = logging.getLogger(__name__)
 
 
 class TorchBackend(Backend):
-    """``device``: "cpu", "cuda", "cuda:N" or "auto"; ``precision``: "fp32" | "bf16" | "fp16" (networks
-    only: latents, noise and the DDPM arithmetic stay fp32, the VAE decoder runs in fp32);
-    ``threads``: CPU intra-op threads; ``cuda_graphs``: on CUDA, replay captured CUDA graphs (falls back
-    to eager launches if a capture fails); ``max_cuda_graphs``: captured graphs kept (LRU);
-    ``compile``: True | False | "auto" (CUDA only) — compile the denoiser step with torch.compile."""
+    """``device``: "cpu", "cuda", "cuda:N" or "auto"; ``precision``: "fp32" | "bf16" | "fp16" (networks only:
+    latents, noise and the DDPM arithmetic stay fp32, the VAE decoder runs in fp32); ``threads``: CPU intra-op
+    threads; ``cuda_graphs``: on CUDA, replay captured CUDA graphs (falls back to eager launches if a capture
+    fails); ``max_cuda_graphs``: captured graphs kept (LRU); ``compile``: True | False | "auto" (CUDA only)."""
 
     name = "torch"
     extra_graphs = ("vae_encoder",)  # image-to-image, for a bundle that has it (far_sdk.pipeline.img2img)
@@ -96,7 +92,7 @@ class TorchBackend(Backend):
         self._torch = torch
         # training's modules import torch: loaded with this backend, never by `import far_sdk`
         from training.filters import low_pass_tokens  # noqa: PLC0415
-        from training.from_bundle import encoder_graphs, load_bundle_models  # noqa: PLC0415
+        from training.from_bundle import encoder_graphs, load_bundle_models, load_bundle_student  # noqa: PLC0415
         from training.graph_modules import (  # noqa: PLC0415
             DenoiserGraph,
             FusedDenoiserStep,
@@ -104,6 +100,7 @@ class TorchBackend(Backend):
             TransformerGraph,
             VAEDecoderGraph,
         )
+        from training.torch_noise import philox_normals_torch  # noqa: PLC0415
 
         device = resolve_device(torch, device)
         check_options(precision, max_cuda_graphs, compile)
@@ -131,9 +128,7 @@ class TorchBackend(Backend):
         self._low_pass_tokens = low_pass_tokens
         self._width = int(m["mlp_width"])
 
-        from training.torch_noise import philox_normals_torch  # noqa: PLC0415 - imports torch
-
-        self._compiled = (compile is True) or (compile == "auto" and on_cuda)
+        self._compiled = compiled = (compile is True) or (compile == "auto" and on_cuda)
         if self._compiled and on_cuda:
             compile_cache()  # Inductor's caches in the far-sdk cache: a restarted server skips recompiling
         # on CUDA the transformer is compiled too (Inductor's GEMMs and fused elementwise kernels; the stage is then
@@ -144,11 +139,14 @@ class TorchBackend(Backend):
             if precision == "bf16":  # the decoder in bf16, channels-last, compiled (fp32 if that fails)
                 self._fast_vae = FastDecoder(torch, self._graphs["vae_decoder"])
         L, C = self._grid**2, int(m["model"]["token_channels"])
-        self._step_seeded, self._step_host, self._draw = step_functions(
-            torch, self._fused, philox_normals_torch, L * C, self._compiled
-        )
-
-        # CUDA graphs (CUDA only)
+        steps = lambda fused: step_functions(torch, fused, philox_normals_torch, L * C, compiled)  # noqa: E731
+        seeded, host, self._draw = steps(self._fused)
+        self._steps = {"denoiser": (self._fused, seeded, host)}  # the inner loop's (fused step, functions) per graph
+        student = load_bundle_student(bundle, far.diffloss.net)  # the distilled few-step denoiser, if any
+        if student is not None:
+            self._graphs[DENOISER_FEWSTEP], few = DenoiserGraph(student).eval(), FusedDenoiserStep(student).eval()
+            self._steps[DENOISER_FEWSTEP] = (few, *steps(few)[:2])
+        self.runs_fewstep = DENOISER_FEWSTEP in self._steps
         self._stages = StageGraphs(torch, self._device, max_cuda_graphs, enabled=bool(cuda_graphs) and on_cuda)
         self._use_graphs = self._stages.enabled  # as constructed: static buffers, one generation at a time
         self._batches: dict[int, Batch] = {}
@@ -208,8 +206,7 @@ class TorchBackend(Backend):
         return {n: o.float().cpu().numpy() for n, o in zip(mod.output_names, outs)}  # host sync
 
     def transformer(self, tokens, conditioning, level, mask=None):
-        """tokens [2B, L, C], mask [2B, L] (a masking transformer) -> cond [2B, L, W] as a device tensor (eager: the
-        loop uses :meth:`outer_step`)."""
+        """tokens [2B, L, C], mask [2B, L] (masking) -> cond [2B, L, W], a device tensor (the loop: outer_step)."""
         torch = self._torch
         extra = [self._t(v) for v in self._mask_feed(mask, tokens.shape[0], tokens.shape[1]).values()]  # fp32: 0 / 1
         with torch.inference_mode():
@@ -217,7 +214,7 @@ class TorchBackend(Backend):
             cond_in = [self._t(v, self._dtype if k == "context" else None) for k, v in conditioning.items()]
             return self._graphs["transformer"](self._t(tokens, self._dtype), *cond_in, lv, *extra)  # (2B, L, W)
 
-    def denoise(self, x, noises, cond, steps):
+    def denoise(self, x, noises, cond, steps, denoiser="denoiser"):
         """n guided steps from host x [B, L, C] with host noises [n, B, L, C] -> host x_0 (through the same
         captured / compiled inner loop as :meth:`outer_step`)."""
         torch = self._torch
@@ -232,7 +229,8 @@ class TorchBackend(Backend):
             bb.cond.copy_(cond.reshape(bb.cond.shape))
             upload_plan(self._torch, bb, steps, None, None)
             upload_noise(torch, bb, HostDraws(x=np.asarray(x), noises=np.asarray(noises)), n, self._noise_replaced(B))
-            self._stages.run(("loop", B, n, False, False, "host"), lambda: self._loop_body(bb, n, False, False, "host"))
+            key = ("loop", B, n, False, False, denoiser, "host")
+            self._stages.run(key, lambda: self._loop_body(bb, n, False, False, "host", denoiser))
             return bb.raw.to("cpu", copy=True).numpy()  # host sync
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -266,6 +264,7 @@ class TorchBackend(Backend):
         mark: Mark,
         mask: np.ndarray | None = None,
         keep_next: np.ndarray | None = None,
+        denoiser: str = "denoiser",
     ) -> None:
         torch = self._torch
         B, n = state.batch, int(steps.shape[0])
@@ -302,7 +301,8 @@ class TorchBackend(Backend):
             elif kind == "batched":
                 noise_buffer(torch, bb, n, self._noise_replaced(bb.B))
             self._stages.run(
-                ("loop", B, n, filtered, masked, kind), lambda: self._loop_body(bb, n, filtered, masked, kind)
+                ("loop", B, n, filtered, masked, denoiser, kind),
+                lambda: self._loop_body(bb, n, filtered, masked, kind, denoiser),
             )
             mark("denoise")  # the filter runs inside the loop's stage
         state.tokens, state.raw = bb.tokens, bb.raw
@@ -338,13 +338,13 @@ class TorchBackend(Backend):
         cond = self._transformer(torch.cat([tok, tok]), *cond_in, bb.level.to(dt), *extra)  # (2B, L, W)
         bb.cond.copy_(cond.reshape(bb.cond.shape))
 
-    def _loop_body(self, bb: Batch, n: int, filtered: bool, masked: bool, kind: str) -> None:
+    def _loop_body(self, bb: Batch, n: int, filtered: bool, masked: bool, kind: str, denoiser: str) -> None:
         """x_T and n inner steps, then the low-pass (and, ``masked``, the zeroing of the tokens the next
         step masks: ``bb.keep``). kind: "fused" (seeded; each step draws its own noise
         inside the compiled step), "batched" (seeded; all n + 1 draws in one call first, for eager runs where
         per-step drawing would cost hundreds of small ops) or "host" (uploaded draws in ``bb.noise``)."""
         B, L, C = bb.tokens.shape
-        fused, S = self._fused, len(Step)
+        (fused, step_seeded, step_host), S = self._steps[denoiser], len(Step)  # the graph's weights (few-step)
         temb = fused.time_table(bb.steps[:n, Step.timestep], self._dtype)  # (n, W)
         k = table_steps(n, 2 * B * L, fused.ada_weight.shape[0], bb.cond.element_size())
         if kind == "batched":  # stream order: image-major
@@ -358,9 +358,9 @@ class TorchBackend(Backend):
             mods = fused.modulation_table(bb.cond, temb[j : j + k])  # (k, 2BL, (3 depth + 2) W)
             for i in range(j, min(n, j + k)):
                 if kind == "fused":
-                    x = self._step_seeded(x, mods[i - j], bb.steps[i, :S], bb.seeds, bb.pos[i + 1, :1])
+                    x = step_seeded(x, mods[i - j], bb.steps[i, :S], bb.seeds, bb.pos[i + 1, :1])
                 else:
-                    x = self._step_host(x, bb.noise[i + 1], mods[i - j], bb.steps[i, :S])
+                    x = step_host(x, bb.noise[i + 1], mods[i - j], bb.steps[i, :S])
         bb.raw.copy_(x)
         if filtered:  # M X M^T per channel
             bb.tokens.copy_(self._low_pass_tokens(x, bb.fmat))

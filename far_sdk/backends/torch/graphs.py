@@ -1,5 +1,5 @@
 """The torch backend's captured CUDA graphs (no torch import here: the backend passes its torch module in): one
-``torch.cuda.CUDAGraph`` per stage key — ("transformer", B) or ("loop", B, n, filtered, masked, noise kind) —
+``torch.cuda.CUDAGraph`` per stage key — ("transformer", B) or ("loop", B, n, filtered, masked, denoiser, noise) —
 captured on a side stream after warm-up runs, replayed from then on, least recently used dropped beyond
 ``max_graphs``. A failed capture switches graphs off for the backend (eager launches from then on).
 
