@@ -35,10 +35,8 @@ from far_sdk.bundle.hub import locate_bundle
 from far_sdk.compat import diffusers_callback, repeat_each
 from far_sdk.conditioning import ClassCondition, Condition, condition_for
 from far_sdk.errors import (
-    BackendUnavailableError,
     GeneratorClosedError,
     InvalidArgumentError,
-    MissingGraphError,
     NumericalError,
     check_choice,
 )
@@ -50,6 +48,7 @@ from far_sdk.maths.schedules import SamplingPlan
 from far_sdk.options import SamplingOptions, options_doc, options_from_keywords, resolve_plan, resolve_text_plan
 from far_sdk.pipeline import img2img
 from far_sdk.pipeline.batching import chunk_size, noise_source
+from far_sdk.pipeline.fewstep import check_fewstep
 from far_sdk.pipeline.outputs import OUTPUT_TYPES, PREVIEWS, STAGES, GenerationOutput, OutputType, StepInfo
 from far_sdk.pipeline.warmup import warmup
 from far_sdk.text import text_encoder_of
@@ -114,22 +113,8 @@ class Generator:
                 stacklevel=3,
             )
         if plan.inner_sampler == "distilled":
-            self._check_fewstep()
+            check_fewstep(self.bundle, self.backend)
         return plan
-
-    def _check_fewstep(self) -> None:
-        """inner_sampler "distilled" needs the bundle's few-step graph and a backend that runs it."""
-        if self.bundle.graph_entry(DENOISER_FEWSTEP) is None:
-            raise MissingGraphError(
-                f"bundle {self.bundle.name!r} has no distilled few-step denoiser (graph {DENOISER_FEWSTEP!r}): make "
-                f"one with `far-train distill --bundle {self.bundle.path} --out RUN`, then `far-export fewstep "
-                f"{self.bundle.path} --student RUN/student.safetensors`; or use preset 'fast'"
-            )
-        if not self.backend.runs_fewstep:
-            raise BackendUnavailableError(
-                f"the {self.backend.name} backend ({self.backend.device}) does not run the distilled few-step denoiser "
-                f"(inner_sampler 'distilled', preset 'distilled'); use backend 'onnxruntime' or 'torch'"
-            )
 
     # ---- the loop ---------------------------------------------------------------------------------
     def iter_steps(
